@@ -1,0 +1,24 @@
+"""kdops: exact, memory-lean knowledge-distillation losses for LLMs (Triton kernels + PyTorch reference)."""
+
+from . import reference
+from .api import kd_loss
+from .divergences import (
+    DIVERGENCES,
+    AlphaBeta,
+    Divergence,
+    ForwardKL,
+    GeneralizedJSD,
+    ReverseKL,
+    SkewForwardKL,
+    SkewReverseKL,
+    TVD,
+    as_divergence,
+)
+from .modules import KDLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "kd_loss", "KDLoss", "reference", "Divergence", "ForwardKL", "ReverseKL", "GeneralizedJSD",
+    "SkewForwardKL", "SkewReverseKL", "TVD", "AlphaBeta", "DIVERGENCES", "as_divergence",
+]

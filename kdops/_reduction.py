@@ -1,0 +1,29 @@
+"""Masking and reduction of per-row losses, shared by the reference and the kernels' paths."""
+
+from __future__ import annotations
+
+import torch
+
+
+def row_mask(labels, ignore_index: int, leading_shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """m_i = (labels_i != ignore_index), or all ones without labels."""
+    if labels is None:
+        return torch.ones(leading_shape, dtype=torch.bool, device=device)
+    return labels != ignore_index
+
+
+def reduce_rows(rows: torch.Tensor, mask: torch.Tensor, reduction: str, num_items_in_batch=None) -> torch.Tensor:
+    """Reduce per-row losses that are already 0 where the mask is False (SPEC "Reductions").
+
+    batchmean: Σ m_i ℓ_i / max(Σ m_i, 1), or / num_items_in_batch; sum: Σ m_i ℓ_i; none: the rows.
+    """
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if num_items_in_batch is None:
+        return total / mask.sum().clamp_min(1)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(device=total.device, dtype=total.dtype)
+    return total / num_items_in_batch

@@ -1,0 +1,129 @@
+"""Input checks shared by every public entry point: each raises before any kernel runs and names the
+argument, what was expected and what was given."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+
+import torch
+
+REDUCTIONS = ("batchmean", "sum", "none")
+BACKENDS = ("auto", "triton", "torch")
+
+
+def check_tensor(name: str, value, *, floating: bool = True, min_dim: int = 1) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if floating and not value.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {value.dtype}")
+    if value.dim() < min_dim:
+        raise ValueError(f"{name}: expected at least {min_dim} dimension(s), got shape {tuple(value.shape)}")
+
+
+def check_same_device(**tensors) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listed}")
+
+
+def check_labels(labels, leading_shape: torch.Size) -> None:
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels: expected an integer torch.Tensor or None, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels: expected an integer dtype, got {labels.dtype}")
+    if labels.shape != leading_shape:
+        raise ValueError(
+            f"labels: expected shape {tuple(leading_shape)} (the leading dimensions of the logits / hidden "
+            f"states), got {tuple(labels.shape)}"
+        )
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature: expected a positive finite number, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature: expected a positive finite number, got {temperature!r}")
+    return temperature
+
+
+def check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_num_items(num_items_in_batch) -> None:
+    if num_items_in_batch is None or isinstance(num_items_in_batch, torch.Tensor):
+        if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.numel() != 1:
+            raise ValueError(
+                f"num_items_in_batch: expected a number or a one-element tensor, got shape "
+                f"{tuple(num_items_in_batch.shape)}"
+            )
+        return
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
+        raise TypeError(f"num_items_in_batch: expected a positive number or None, got "
+                        f"{type(num_items_in_batch).__name__}")
+    if not num_items_in_batch > 0:
+        raise ValueError(f"num_items_in_batch: expected a positive number, got {num_items_in_batch!r}")
+
+
+def check_ignore_index(ignore_index) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+
+
+def check_loss_options(labels, leading_shape, temperature, ignore_index, reduction, num_items_in_batch) -> float:
+    """The checks common to kd_loss and fused_linear_kd_loss; returns the temperature as a float."""
+    check_labels(labels, leading_shape)
+    check_ignore_index(ignore_index)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_num_items(num_items_in_batch)
+    return check_temperature(temperature)
+
+
+def check_logits_pair(student_logits, teacher_logits) -> None:
+    check_tensor("student_logits", student_logits)
+    check_tensor("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student_logits and teacher_logits: expected the same shape [..., V], got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    if student_logits.shape[-1] == 0:
+        raise ValueError("student_logits: the vocabulary (last dimension) is empty")
+    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend, device: torch.device) -> str:
+    """'triton' or 'torch' for `backend` on `device`; ValueError if Triton was asked for and cannot run."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_importable() else "torch"
+    if backend == "triton":
+        runnable = _triton_importable() and (
+            device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled())
+        )
+        if not runnable:
+            raise ValueError(
+                f"backend='triton': cannot run Triton on {device} tensors here (needs triton and CUDA "
+                "tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported); "
+                "use backend='torch' or backend='auto'"
+            )
+    return backend

@@ -1,0 +1,100 @@
+"""Plain-PyTorch reference losses: the oracle the kernels are tested against, and what kdops drops in for.
+
+They materialize the float32 log-softmax of both models (float64 for float64 inputs) and are written to
+be read. The canonical divergences D(P ‖ Q) of log-probabilities lp, lq (see `kdops.divergences`) are
+defined here once; the chunked `backend="torch"` path runs these same functions.
+
+Terms where a probability is 0 contribute 0, and their gradients are 0 too: the masked values are
+replaced *before* the arithmetic, so no nan · 0 reaches autograd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._reduction import reduce_rows, row_mask
+from ._validation import check_choice, check_logits_pair, check_loss_options, BACKENDS
+from .divergences import Canonical, Divergence, Kind, as_divergence
+
+NEG_INF = float("-inf")
+
+
+def _log(w: float) -> float:
+    return math.log(w) if w > 0 else NEG_INF
+
+
+def kl(lp: torch.Tensor, lq: torch.Tensor, c: Canonical | None = None) -> torch.Tensor:
+    """KL(P ‖ Q) = Σ p (log p − log q) over the last dimension (0 where p = 0)."""
+    seen = lp > NEG_INF
+    lp = torch.where(seen, lp, 0.0)
+    lq = torch.where(seen, lq, 0.0)
+    return torch.where(seen, lp.exp() * (lp - lq), 0.0).sum(-1)
+
+
+def log_mix(lp: torch.Tensor, lq: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w·p + (1 − w)·q) as a log-add-exp of log-probabilities."""
+    empty = (lp == NEG_INF) & (lq == NEG_INF)
+    lp = torch.where(empty, 0.0, lp)
+    lq = torch.where(empty, 0.0, lq)
+    return torch.where(empty, NEG_INF, torch.logaddexp(lp + _log(w), lq + _log(1.0 - w)))
+
+
+def jsd(lp: torch.Tensor, lq: torch.Tensor, c: Canonical) -> torch.Tensor:
+    """β·KL(P ‖ M) + (1 − β)·KL(Q ‖ M), M = βP + (1 − β)Q, β = c.c1."""
+    lm = log_mix(lp, lq, c.c1)
+    return c.c1 * kl(lp, lm) + (1.0 - c.c1) * kl(lq, lm)
+
+
+def skew_kl(lp: torch.Tensor, lq: torch.Tensor, c: Canonical) -> torch.Tensor:
+    """KL(P ‖ αP + (1 − α)Q), α = c.c1."""
+    return kl(lp, log_mix(lp, lq, c.c1))
+
+
+def tvd(lp: torch.Tensor, lq: torch.Tensor, c: Canonical | None = None) -> torch.Tensor:
+    """½ Σ |p − q|."""
+    return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
+
+
+def alpha_beta(lp: torch.Tensor, lq: torch.Tensor, c: Canonical) -> torch.Tensor:
+    """−1/(αβ) Σ (p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)), α = c.c1, β = c.c2."""
+    a, b = c.c1, c.c2
+    terms = (a * lp + b * lq).exp() - a / (a + b) * ((a + b) * lp).exp() - b / (a + b) * ((a + b) * lq).exp()
+    return -terms.sum(-1) / (a * b)
+
+
+CANONICAL = {Kind.KL: kl, Kind.JSD: jsd, Kind.SKEW: skew_kl, Kind.TVD: tvd, Kind.ALPHA_BETA: alpha_beta}
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32, or float64 when an input is float64."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def divergence_rows(divergence: Divergence, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """Per-row divergence ℓ [...] between softmax(student / T) and softmax(teacher / T), [..., V] logits."""
+    c = divergence.canonical()
+    dtype = compute_dtype(student_logits, teacher_logits)
+    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    if c.student_is_p:
+        log_p, log_q = log_q, log_p
+    return CANONICAL[c.kind](log_p, log_q, c)
+
+
+def kd_loss(student_logits, teacher_logits, labels=None, *, divergence="forward_kl", temperature=1.0,
+            ignore_index=-100, reduction="batchmean", num_items_in_batch=None, backend="auto"):
+    """Reference for `kdops.kd_loss` (same signature; `backend` is accepted and ignored)."""
+    divergence = as_divergence(divergence)
+    check_logits_pair(student_logits, teacher_logits)
+    leading = student_logits.shape[:-1]
+    temperature = check_loss_options(labels, leading, temperature, ignore_index, reduction, num_items_in_batch)
+    check_choice("backend", backend, BACKENDS)
+    mask = row_mask(labels, ignore_index, leading, student_logits.device)
+    rows = divergence_rows(divergence, student_logits, teacher_logits, temperature)
+    return reduce_rows(torch.where(mask, rows, 0.0), mask, reduction, num_items_in_batch)
