@@ -89,7 +89,7 @@ def _common_args(x, y, canon: Canonical, inv_temp: float):
 
 
 def logits_forward(x: torch.Tensor, y: torch.Tensor, canon: Canonical, inv_temp: float):
-    """Per-row losses D(P ‖ Q) [rows] and statistics [rows, 5] for logits x (P) and y (Q), [..., V]."""
+    """Per-row losses D(P ‖ Q) [rows] and statistics [rows, 7] for logits x (P) and y (Q), [..., V]."""
     _, divergences, logits = _kernels()
     x, y, args, kind, acc = _common_args(x, y, canon, inv_temp)
     n_rows = x.numel() // x.shape[-1]

@@ -25,5 +25,5 @@ def reduce_rows(rows: torch.Tensor, mask: torch.Tensor, reduction: str, num_item
     if num_items_in_batch is None:
         return total / mask.sum().clamp_min(1)
     if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(device=total.device, dtype=total.dtype)
+        num_items_in_batch = num_items_in_batch.to(device=total.device, dtype=total.dtype).reshape(())
     return total / num_items_in_batch

@@ -29,7 +29,7 @@ def check_same_device(**tensors) -> None:
         raise ValueError(f"all tensors must be on one device, got {listed}")
 
 
-def check_labels(labels, leading_shape: torch.Size) -> None:
+def check_labels(labels, leading_shape: torch.Size, device: torch.device) -> None:
     if labels is None:
         return
     if not isinstance(labels, torch.Tensor):
@@ -41,6 +41,8 @@ def check_labels(labels, leading_shape: torch.Size) -> None:
             f"labels: expected shape {tuple(leading_shape)} (the leading dimensions of the logits / hidden "
             f"states), got {tuple(labels.shape)}"
         )
+    if labels.device != device:
+        raise ValueError(f"labels: expected a tensor on {device} (where the logits are), got one on {labels.device}")
 
 
 def check_temperature(temperature) -> float:
@@ -58,18 +60,27 @@ def check_choice(name: str, value, choices) -> None:
 
 
 def check_num_items(num_items_in_batch) -> None:
-    if num_items_in_batch is None or isinstance(num_items_in_batch, torch.Tensor):
-        if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.numel() != 1:
+    """A positive finite number, or a one-element tensor (as transformers passes it). A tensor's value is
+    checked when it lives on the CPU; on an accelerator that would cost a synchronization, so it is used
+    as given."""
+    if num_items_in_batch is None:
+        return
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
             raise ValueError(
                 f"num_items_in_batch: expected a number or a one-element tensor, got shape "
                 f"{tuple(num_items_in_batch.shape)}"
             )
-        return
-    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
+        if num_items_in_batch.device.type != "cpu":
+            return
+        value = num_items_in_batch.item()
+    elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
         raise TypeError(f"num_items_in_batch: expected a positive number or None, got "
                         f"{type(num_items_in_batch).__name__}")
-    if not num_items_in_batch > 0:
-        raise ValueError(f"num_items_in_batch: expected a positive number, got {num_items_in_batch!r}")
+    else:
+        value = num_items_in_batch
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"num_items_in_batch: expected a positive finite number, got {value!r}")
 
 
 def check_ignore_index(ignore_index) -> None:
@@ -77,9 +88,10 @@ def check_ignore_index(ignore_index) -> None:
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
 
 
-def check_loss_options(labels, leading_shape, temperature, ignore_index, reduction, num_items_in_batch) -> float:
+def check_loss_options(labels, leading_shape, device, temperature, ignore_index, reduction,
+                       num_items_in_batch) -> float:
     """The checks common to kd_loss and fused_linear_kd_loss; returns the temperature as a float."""
-    check_labels(labels, leading_shape)
+    check_labels(labels, leading_shape, device)
     check_ignore_index(ignore_index)
     check_choice("reduction", reduction, REDUCTIONS)
     check_num_items(num_items_in_batch)
@@ -95,7 +107,8 @@ def check_logits_pair(student_logits, teacher_logits) -> None:
             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
         )
     if student_logits.shape[-1] == 0:
-        raise ValueError("student_logits: the vocabulary (last dimension) is empty")
+        raise ValueError(f"student_logits: the vocabulary (last dimension) is empty, got shape "
+                         f"{tuple(student_logits.shape)}")
     check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
 
 

@@ -38,9 +38,8 @@ def kd_loss(
     divergence = as_divergence(divergence)
     check_logits_pair(student_logits, teacher_logits)
     leading = student_logits.shape[:-1]
-    temperature = check_loss_options(labels, leading, temperature, ignore_index, reduction, num_items_in_batch)
-    if labels is not None and labels.device != student_logits.device:
-        raise ValueError(f"labels: expected a tensor on {student_logits.device}, got one on {labels.device}")
+    temperature = check_loss_options(labels, leading, student_logits.device, temperature, ignore_index, reduction,
+                                     num_items_in_batch)
     backend = resolve_backend(backend, student_logits.device)
 
     mask = row_mask(labels, ignore_index, leading, student_logits.device).reshape(-1)

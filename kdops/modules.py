@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from ._validation import BACKENDS, REDUCTIONS, check_choice, check_ignore_index, check_temperature
 from .api import kd_loss
 from .divergences import as_divergence
+
+
+def _check_options(temperature, ignore_index, reduction, backend) -> None:
+    """Options are checked when the module is built, not at its first forward."""
+    check_temperature(temperature)
+    check_ignore_index(ignore_index)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("backend", backend, BACKENDS)
 
 
 class KDLoss(torch.nn.Module):
@@ -15,6 +24,7 @@ class KDLoss(torch.nn.Module):
                  backend="auto"):
         super().__init__()
         self.divergence = as_divergence(divergence)
+        _check_options(temperature, ignore_index, reduction, backend)
         self.options = dict(temperature=temperature, ignore_index=ignore_index, reduction=reduction,
                             backend=backend)
 

@@ -27,7 +27,7 @@ def _log(w: float) -> float:
 
 def kl(lp: torch.Tensor, lq: torch.Tensor, c: Canonical | None = None) -> torch.Tensor:
     """KL(P ‖ Q) = Σ p (log p − log q) over the last dimension (0 where p = 0)."""
-    seen = lp > NEG_INF
+    seen = lp != NEG_INF  # NaN stays in (it propagates); only exact zeros of p drop out
     lp = torch.where(seen, lp, 0.0)
     lq = torch.where(seen, lq, 0.0)
     return torch.where(seen, lp.exp() * (lp - lq), 0.0).sum(-1)
@@ -93,7 +93,8 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, divergence="forward_
     divergence = as_divergence(divergence)
     check_logits_pair(student_logits, teacher_logits)
     leading = student_logits.shape[:-1]
-    temperature = check_loss_options(labels, leading, temperature, ignore_index, reduction, num_items_in_batch)
+    temperature = check_loss_options(labels, leading, student_logits.device, temperature, ignore_index, reduction,
+                                     num_items_in_batch)
     check_choice("backend", backend, BACKENDS)
     mask = row_mask(labels, ignore_index, leading, student_logits.device)
     rows = divergence_rows(divergence, student_logits, teacher_logits, temperature)

@@ -18,7 +18,7 @@ the others need the log-normalizers X = lse(x), Y = lse(y) first and then one mo
 All functions work on 2-D tiles [rows, vocab] with per-row vectors [rows], so that the kernels on
 existing logits and the fused lm_head kernels share them. Per-row results of a row are
 
-    X, Y       log-normalizers of x and y
+    m_x, ls_x  running max and log-sum of exp(x − m_x): log-normalizer X = m_x + ls_x (and so for y)
     L          the loss of the row
     aux1..3    the per-row scalars the gradient needs (see `gradient_terms`)
 """
@@ -125,26 +125,36 @@ def first_pass_merge(KIND: tl.constexpr, m_x, s_x, m_y, s_y, acc1, acc2, acc3, n
 
 @triton.jit
 def first_pass_finish(KIND: tl.constexpr, m_x, s_x, m_y, s_y, acc1, acc2, acc3, c1, c2):
-    """(X, Y, L, aux1, aux2, aux3) of each row; L and aux are only meaningful for one-pass kinds."""
-    X = m_x + tl.log(s_x)
-    Y = m_y + tl.log(s_y)
-    L = tl.zeros_like(X)
-    aux1 = tl.zeros_like(X)
-    aux2 = tl.zeros_like(X)
-    aux3 = tl.zeros_like(X)
+    """(log s_x, log s_y, L, aux1, aux2, aux3) of each row; L and aux only for the one-pass kinds.
+
+    X = m_x + log s_x is kept in two parts: log p = (x − m_x) − log s_x rounds like log_softmax does,
+    where x − X with X rounded to float32 would lose the low bits of large logits.
+    """
+    ls_x = tl.log(s_x)
+    ls_y = tl.log(s_y)
+    L = tl.zeros_like(ls_x)
+    aux1 = tl.zeros_like(ls_x)
+    aux2 = tl.zeros_like(ls_x)
+    aux3 = tl.zeros_like(ls_x)
     if KIND == KL:
-        L = acc1 / s_x - X + Y
+        L = acc1 / s_x - (m_x - m_y) - (ls_x - ls_y)
     elif KIND == ALPHA_BETA:
         # aux1 = Σ p^α q^β, aux2 = Σ p^(α+β), aux3 = Σ q^(α+β)
-        aux1 = acc1 * tl.exp(c1 * (m_x - X) + c2 * (m_y - Y))
-        aux2 = acc2 * tl.exp((c1 + c2) * (m_x - X))
-        aux3 = acc3 * tl.exp((c1 + c2) * (m_y - Y))
+        aux1 = acc1 * tl.exp(-c1 * ls_x - c2 * ls_y)
+        aux2 = acc2 * tl.exp(-(c1 + c2) * ls_x)
+        aux3 = acc3 * tl.exp(-(c1 + c2) * ls_y)
         L = -(aux1 - c1 / (c1 + c2) * aux2 - c2 / (c1 + c2) * aux3) / (c1 * c2)
-    return X, Y, L, aux1, aux2, aux3
+    return ls_x, ls_y, L, aux1, aux2, aux3
+
+
+@triton.jit
+def log_probs(x, m, ls):
+    """log-softmax of a tile from its rows' running max m and log-sum ls."""
+    return (x - m[:, None]) - ls[:, None]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Second pass (JSD, SKEW, TVD): elementwise terms of log-probabilities lp = x − X, lq = y − Y, which the
+# Second pass (JSD, SKEW, TVD): elementwise terms of log-probabilities lp, lq (`log_probs`), which the
 # caller sums over the vocabulary (plain sums: every term is already normalized).
 # ----------------------------------------------------------------------------------------------------
 
@@ -191,7 +201,7 @@ def second_pass_finish(KIND: tl.constexpr, y1, y2, y3, c1, c2):
 
 @triton.jit
 def gradient_terms(KIND: tl.constexpr, lp, lq, L, aux1, aux2, aux3, c1, c2):
-    """(∂ℓ/∂x, ∂ℓ/∂y) on a tile, given its rows' X, Y (inside lp, lq), L and aux [rows]."""
+    """(∂ℓ/∂x, ∂ℓ/∂y) on a tile of log-probabilities, given its rows' L and aux [rows]."""
     p = tl.exp(lp)
     q = tl.exp(lq)
     L = L[:, None]

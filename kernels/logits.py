@@ -17,12 +17,13 @@ from .divergences import (
     first_pass_finish,
     first_pass_update,
     gradient_terms,
+    log_probs,
     second_pass_finish,
     second_pass_terms,
 )
 
-# Per-row statistics saved by the forward for the backward: X, Y, aux1, aux2, aux3.
-NUM_STATS = tl.constexpr(5)
+# Per-row statistics saved by the forward for the backward: m_x, ls_x, m_y, ls_y, aux1, aux2, aux3.
+NUM_STATS = tl.constexpr(7)
 
 
 @triton.jit
@@ -46,7 +47,7 @@ def kd_logits_forward_kernel(
     KIND: tl.constexpr, TWO_PASS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """loss[r] = D(softmax(x_r / T) ‖ softmax(y_r / T)); stats[r] = (X, Y, aux1, aux2, aux3)."""
+    """loss[r] = D(softmax(x_r / T) ‖ softmax(y_r / T)); stats[r] = (m_x, ls_x, m_y, ls_y, aux1..3)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     # Rows past the end re-read the last row (never stored), so no lane ever sees an empty row.
@@ -68,7 +69,7 @@ def kd_logits_forward_kernel(
         y = load_scaled(y_ptr + v0, y_off, cols, col_ok, inv_temp, ACC)
         m_x, s_x, m_y, s_y, acc1, acc2, acc3 = first_pass_update(KIND, x, y, m_x, s_x, m_y, s_y, acc1, acc2,
                                                                  acc3, c1, c2)
-    X, Y, L, aux1, aux2, aux3 = first_pass_finish(KIND, m_x, s_x, m_y, s_y, acc1, acc2, acc3, c1, c2)
+    ls_x, ls_y, L, aux1, aux2, aux3 = first_pass_finish(KIND, m_x, s_x, m_y, s_y, acc1, acc2, acc3, c1, c2)
 
     if TWO_PASS:
         y1 = tl.zeros([BLOCK_R], ACC)
@@ -76,8 +77,8 @@ def kd_logits_forward_kernel(
         y3 = tl.zeros([BLOCK_R], ACC)
         for v0 in range(0, V, BLOCK_V):
             col_ok = v0 + cols < V
-            lp = load_scaled(x_ptr + v0, x_off, cols, col_ok, inv_temp, ACC) - X[:, None]
-            lq = load_scaled(y_ptr + v0, y_off, cols, col_ok, inv_temp, ACC) - Y[:, None]
+            lp = log_probs(load_scaled(x_ptr + v0, x_off, cols, col_ok, inv_temp, ACC), m_x, ls_x)
+            lq = log_probs(load_scaled(y_ptr + v0, y_off, cols, col_ok, inv_temp, ACC), m_y, ls_y)
             t1, t2, t3 = second_pass_terms(KIND, lp, lq, c1, c2)
             y1 += tl.sum(t1, axis=1)
             y2 += tl.sum(t2, axis=1)
@@ -86,11 +87,13 @@ def kd_logits_forward_kernel(
 
     tl.store(loss_ptr + rows, L, mask=row_ok)
     stats = stats_ptr + rows.to(tl.int64) * NUM_STATS
-    tl.store(stats + 0, X, mask=row_ok)
-    tl.store(stats + 1, Y, mask=row_ok)
-    tl.store(stats + 2, aux1, mask=row_ok)
-    tl.store(stats + 3, aux2, mask=row_ok)
-    tl.store(stats + 4, aux3, mask=row_ok)
+    tl.store(stats + 0, m_x, mask=row_ok)
+    tl.store(stats + 1, ls_x, mask=row_ok)
+    tl.store(stats + 2, m_y, mask=row_ok)
+    tl.store(stats + 3, ls_y, mask=row_ok)
+    tl.store(stats + 4, aux1, mask=row_ok)
+    tl.store(stats + 5, aux2, mask=row_ok)
+    tl.store(stats + 6, aux3, mask=row_ok)
 
 
 @triton.jit
@@ -114,11 +117,13 @@ def kd_logits_backward_kernel(
     cols = tl.arange(0, BLOCK_V)
 
     stats = stats_ptr + safe_rows.to(tl.int64) * NUM_STATS
-    X = tl.load(stats + 0)
-    Y = tl.load(stats + 1)
-    aux1 = tl.load(stats + 2)
-    aux2 = tl.load(stats + 3)
-    aux3 = tl.load(stats + 4)
+    m_x = tl.load(stats + 0)
+    ls_x = tl.load(stats + 1)
+    m_y = tl.load(stats + 2)
+    ls_y = tl.load(stats + 3)
+    aux1 = tl.load(stats + 4)
+    aux2 = tl.load(stats + 5)
+    aux3 = tl.load(stats + 6)
     L = tl.load(loss_ptr + safe_rows)
     scale = tl.load(row_scale_ptr + safe_rows).to(ACC)
     live = (scale != 0)[:, None]
@@ -126,8 +131,8 @@ def kd_logits_backward_kernel(
 
     for v0 in range(0, V, BLOCK_V):
         col_ok = v0 + cols < V
-        lp = load_scaled(x_ptr + v0, x_off, cols, col_ok, inv_temp, ACC) - X[:, None]
-        lq = load_scaled(y_ptr + v0, y_off, cols, col_ok, inv_temp, ACC) - Y[:, None]
+        lp = log_probs(load_scaled(x_ptr + v0, x_off, cols, col_ok, inv_temp, ACC), m_x, ls_x)
+        lq = log_probs(load_scaled(y_ptr + v0, y_off, cols, col_ok, inv_temp, ACC), m_y, ls_y)
         g_x, g_y = gradient_terms(KIND, lp, lq, L, aux1, aux2, aux3, c1, c2)
         out_mask = row_ok[:, None] & col_ok[None, :]
         if GRAD_X:

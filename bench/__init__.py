@@ -1,0 +1,1 @@
+"""kdops benchmarks: `python -m bench` (see README)."""
