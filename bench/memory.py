@@ -31,8 +31,12 @@ def _inside_triton_interpreter(depth: int = 40) -> bool:
 
 
 class AllocationTracker(TorchDispatchMode):
-    def __init__(self):
+    """`count_meta=True` also counts tensors on the "meta" device: a computation on meta tensors allocates
+    nothing, so it gives the exact allocation profile of a size that would not fit in memory."""
+
+    def __init__(self, count_meta: bool = False):
         super().__init__()
+        self.count_meta = count_meta
         self.live = 0
         self.peak = 0
         self.allocations: list[tuple[int, str]] = []  # (bytes, operator) of every new storage
@@ -46,7 +50,7 @@ class AllocationTracker(TorchDispatchMode):
         inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            if not isinstance(t, torch.Tensor) or (t.device.type == "meta" and not self.count_meta):
                 continue
             storage = t.untyped_storage()
             key = id(storage)

@@ -1,0 +1,212 @@
+"""Timing and peak memory of one competitor on one case.
+
+Per repetition, after `warmup` untimed runs: forward (autograd on), then backward, each timed on its own
+(CUDA events on a GPU, `time.perf_counter` on the CPU); total = forward + backward of the same repetition,
+unless the competitor times a single fused pass for it (the floor of `kd_loss`). Reported: the median and
+the spread IQR = q75 − q25 of each phase.
+
+Memory, in one more untimed forward + backward: `peak` = the most bytes live at once beyond the inputs
+(`torch.cuda.max_memory_allocated` − bytes allocated before the call on CUDA; `bench.memory.AllocationTracker`
+on the CPU). The gradients are part of that peak, so `extra = peak − grad_bytes` is what the loss costs
+beyond its inputs and the gradients it must return.
+
+Out of memory (torch.OutOfMemoryError, or a RuntimeError saying so) → status "oom"; any other exception →
+status "error" with its message; either way the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .cases import FUSED, Case
+from .memory import AllocationTracker
+
+PHASES = ("forward", "backward", "total")
+OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
+OOM_MESSAGES = ("out of memory", "can't allocate memory")
+
+
+@dataclass
+class Inputs:
+    """Positional arguments of the loss (logits or hidden/weight pairs, then labels) and the student's
+    tensors that require grad. The teacher is frozen."""
+
+    args: tuple
+    trainable: tuple
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.args if isinstance(t, torch.Tensor))
+
+    def grad_bytes(self) -> int:
+        return sum(t.grad.numel() * t.grad.element_size() for t in self.trainable if t.grad is not None)
+
+    def clear_grads(self) -> None:
+        for t in self.trainable:
+            t.grad = None
+
+
+def make_inputs(case: Case, device) -> Inputs:
+    """Fresh random inputs: logits randn·4; hidden states randn, weights randn/√H; labels all valid."""
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, device=device, dtype=case.torch_dtype).mul_(scale)
+
+    labels = torch.randint(0, case.vocab, (case.tokens,), device=device)
+    if case.function == FUSED:
+        hs, ht = case.hidden_student, case.hidden_teacher
+        student = (randn(case.tokens, hs), randn(case.vocab, hs, scale=hs ** -0.5))
+        teacher = (randn(case.tokens, ht), randn(case.vocab, ht, scale=ht ** -0.5))
+        args = (*student, *teacher, labels)
+    else:
+        student = (randn(case.tokens, case.vocab, scale=4.0),)
+        args = (student[0], randn(case.tokens, case.vocab, scale=4.0), labels)
+    for t in student:
+        t.requires_grad_(True)
+    return Inputs(args, student)
+
+
+@dataclass
+class Phases:
+    """What a competitor runs: forward() → state, backward(state). `total`, when given, is a single pass
+    timed as the total instead of forward then backward. `loss` marks a loss whose memory is measured."""
+
+    forward: Callable[[], Any]
+    backward: Callable[[Any], Any]
+    total: Callable[[], Any] | None = None
+    loss: bool = False
+
+    @classmethod
+    def of_loss(cls, loss_fn: Callable[[], torch.Tensor]) -> "Phases":
+        return cls(loss_fn, lambda loss: loss.backward(), loss=True)
+
+
+@dataclass
+class Result:
+    """Status ("ok", "oom", "error", "skipped"), `message` for the others; figures in ms and bytes."""
+
+    competitor: str
+    status: str = "ok"
+    message: str = ""
+    median_ms: dict = field(default_factory=dict)  # phase → median
+    iqr_ms: dict = field(default_factory=dict)  # phase → q75 − q25
+    peak_bytes: int | None = None
+    grad_bytes: int | None = None
+    input_bytes: int | None = None
+    loss: float | None = None
+
+    @property
+    def extra_bytes(self) -> int | None:
+        """Peak memory beyond the inputs and the gradients: peak − grad_bytes."""
+        return None if self.peak_bytes is None else self.peak_bytes - self.grad_bytes
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _mark(cuda: bool):
+    """A point in time: a recorded CUDA event on the GPU's stream, else perf_counter seconds."""
+    if not cuda:
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def time_steps(steps, device) -> list[float]:
+    """Milliseconds of each step, run back to back; each step receives the previous step's return value."""
+    cuda = torch.device(device).type == "cuda"
+    _sync(device)
+    marks, value = [_mark(cuda)], None
+    for i, step in enumerate(steps):
+        value = step() if i == 0 else step(value)
+        marks.append(_mark(cuda))
+    _sync(device)
+    if cuda:
+        return [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
+    return [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
+
+
+def median_iqr(samples) -> tuple[float, float]:
+    q25, q50, q75 = np.percentile(np.asarray(samples, dtype=float), [25, 50, 75])
+    return float(q50), float(q75 - q25)
+
+
+def _timings(phases: Phases, inputs: Inputs, device, reps: int, warmup: int) -> dict[str, list[float]]:
+    samples = {p: [] for p in PHASES}
+    for rep in range(warmup + reps):
+        inputs.clear_grads()
+        forward, backward = time_steps([phases.forward, phases.backward], device)
+        total = time_steps([phases.total], device)[0] if phases.total else forward + backward
+        if rep >= warmup:
+            for phase, ms in zip(PHASES, (forward, backward, total)):
+                samples[phase].append(ms)
+    return samples
+
+
+def _peak_memory(phases: Phases, inputs: Inputs, device) -> tuple[int, float]:
+    """(peak bytes beyond the inputs, loss value) of one forward + backward."""
+    inputs.clear_grads()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        loss = phases.forward()
+        phases.backward(loss)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before, float(loss.detach())
+    with AllocationTracker() as tracker:
+        loss = phases.forward()
+        phases.backward(loss)
+    return tracker.peak, float(loss.detach())
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, OOM_ERRORS) or (
+        isinstance(error, RuntimeError) and any(m in str(error) for m in OOM_MESSAGES))
+
+
+def free_memory(device) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def failure(name: str, error: BaseException) -> Result:
+    """The Result of a run that raised: "oom", or "error" with the exception's first line."""
+    if is_oom(error):
+        return Result(name, "oom", "out of memory")
+    first_line = (str(error).strip().splitlines() or [""])[0][:200]
+    return Result(name, "error", f"{type(error).__name__}: {first_line}")
+
+
+def _measure(name: str, build: Callable[[], Phases], inputs: Inputs, device, reps: int, warmup: int) -> Result:
+    phases = build()
+    result = Result(name, input_bytes=inputs.input_bytes)
+    for phase, values in _timings(phases, inputs, device, reps, warmup).items():
+        result.median_ms[phase], result.iqr_ms[phase] = median_iqr(values)
+    if phases.loss:
+        result.peak_bytes, result.loss = _peak_memory(phases, inputs, device)
+        result.grad_bytes = inputs.grad_bytes()
+        if not math.isfinite(result.loss):
+            result.message, result.loss = f"loss is {result.loss}", None
+    return result
+
+
+def measure(name: str, build: Callable[[], Phases], inputs: Inputs, device, reps: int, warmup: int) -> Result:
+    """Time `build()`'s phases and, for a loss, its peak memory; failures become an "oom" / "error" Result."""
+    try:
+        result = _measure(name, build, inputs, device, reps, warmup)
+    except Exception as error:  # noqa: BLE001 - any competitor failure is a record, never the end of the sweep
+        result = failure(name, error)
+    inputs.clear_grads()
+    free_memory(device)  # after the except block: the traceback no longer holds the competitor's tensors
+    return result

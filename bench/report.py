@@ -1,0 +1,217 @@
+"""Records and the stdout table: ratios to the floor and to kdops, run metadata, JSON lines, progress.
+
+For each phase (forward, backward, total) of a competitor c on one case:
+    ratio_floor_<phase> = median_ms(c) / median_ms(floor)
+    ratio_kdops_<phase> = median_ms(c) / median_ms(kdops)
+    loss_rel_diff       = |loss(c) − loss(reference)| / |loss(reference)|
+None where a side did not run. The floor's own work (bytes or flops, `bench.floor`) is in every record.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import kdops
+
+from .cases import CASE_FIELDS, Case
+from .competitors import FLOOR, KDOPS, REFERENCE
+from .floor import floor_work
+from .measure import PHASES, Result
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MiB = 2**20
+
+META_FIELDS = ("run_id", "timestamp", "commit", "dirty", "device", "device_type", "torch", "triton", "kdops",
+               "liger_kernel", "python", "preset", "reps", "warmup")
+FIGURE_FIELDS = (
+    tuple(f"{p}_ms" for p in PHASES) + tuple(f"{p}_iqr_ms" for p in PHASES)
+    + ("peak_bytes", "input_bytes", "grad_bytes", "extra_bytes", "loss", "loss_rel_diff", "floor_unit")
+    + tuple(f"floor_{p}" for p in PHASES)
+    + tuple(f"ratio_{base}_{p}" for base in (FLOOR, KDOPS) for p in PHASES)
+)
+RECORD_FIELDS = META_FIELDS + CASE_FIELDS + ("label", "competitor", "status", "message") + FIGURE_FIELDS
+
+
+# --- arithmetic ----------------------------------------------------------------------------------------------
+
+def ratio(result: Result, baseline: Result | None, phase: str) -> float | None:
+    """median_ms(result) / median_ms(baseline) for `phase`; None unless both ran and the baseline took time."""
+    if baseline is None or result.status != "ok" or baseline.status != "ok":
+        return None
+    denominator = baseline.median_ms.get(phase)
+    numerator = result.median_ms.get(phase)
+    return None if not denominator or numerator is None else numerator / denominator
+
+
+def relative_difference(value: float | None, reference: float | None) -> float | None:
+    if value is None or reference is None:
+        return None
+    return abs(value - reference) / max(abs(reference), 1e-30)
+
+
+def case_records(case: Case, results: list[Result], meta: dict) -> list[dict]:
+    """One flat record per competitor, with every figure and its ratios to the floor and to kdops."""
+    by_name = {r.competitor: r for r in results}
+    reference = by_name.get(REFERENCE)
+    work = floor_work(case)
+    records = []
+    for r in results:
+        record = {**meta, **case.fields(), "label": case.label, "competitor": r.competitor, "status": r.status,
+                  "message": r.message, "peak_bytes": r.peak_bytes, "input_bytes": r.input_bytes,
+                  "grad_bytes": r.grad_bytes, "extra_bytes": r.extra_bytes, "loss": r.loss,
+                  "loss_rel_diff": relative_difference(r.loss, reference.loss if reference else None),
+                  "floor_unit": work.unit,
+                  **{f"floor_{p}": w for p, w in zip(PHASES, (work.forward, work.backward, work.total))}}
+        for p in PHASES:
+            record[f"{p}_ms"] = r.median_ms.get(p)
+            record[f"{p}_iqr_ms"] = r.iqr_ms.get(p)
+            for base in (FLOOR, KDOPS):
+                record[f"ratio_{base}_{p}"] = ratio(r, by_name.get(base), p)
+        records.append(record)
+    return records
+
+
+# --- metadata --------------------------------------------------------------------------------------------------
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _version(module: str) -> str | None:
+    try:
+        from importlib.metadata import version
+        return version(module)
+    except Exception:  # noqa: BLE001 - not installed
+        return None
+
+
+def device_name(device) -> str:
+    """torch.cuda.get_device_name on CUDA; the CPU model (from /proc/cpuinfo where there is one) otherwise."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{model or platform.processor() or platform.machine() or 'cpu'} ({os.cpu_count()} cores)"
+
+
+def slug(text: str) -> str:
+    """'NVIDIA H100 80GB HBM3' → 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+def run_metadata(device, preset: str, reps: int, warmup: int) -> dict:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {
+        "run_id": now.strftime("%Y%m%dT%H%M%S.%fZ"), "timestamp": now.isoformat(timespec="seconds"),
+        "commit": _git("rev-parse", "HEAD") or "unknown", "dirty": bool(_git("status", "--porcelain")),
+        "device": device_name(device), "device_type": torch.device(device).type,
+        "torch": torch.__version__, "triton": _version("triton"), "kdops": kdops.__version__,
+        "liger_kernel": _version("liger-kernel"), "python": platform.python_version(),
+        "preset": preset, "reps": reps, "warmup": warmup,
+    }
+
+
+def results_path(results_dir: Path, device: str) -> Path:
+    return Path(results_dir) / f"{slug(device)}.jsonl"
+
+
+def append_jsonl(records: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+# --- the table -------------------------------------------------------------------------------------------------
+
+COLUMNS = (("case", 0), ("competitor", 22), ("fwd ms", 9), ("bwd ms", 9), ("total ms", 9), ("±IQR", 7),
+           ("extra MiB", 9), ("×floor", 7), ("×kdops", 7), ("Δloss", 7))
+
+
+def _number(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def header(label_width: int) -> str:
+    """Column titles; the case column is `label_width` wide (the longest label of the sweep)."""
+    left = f"{'case':<{label_width}}  {'competitor':<{COLUMNS[1][1]}}"
+    return left + "".join(f"  {name:>{width}}" for name, width in COLUMNS[2:])
+
+
+def cells(record: dict) -> list[str]:
+    """The figures of an "ok" record as table cells, in the order of COLUMNS[2:]."""
+    extra = None if record["extra_bytes"] is None else record["extra_bytes"] / MiB
+    return [_number(record["forward_ms"], ".2f"), _number(record["backward_ms"], ".2f"),
+            _number(record["total_ms"], ".2f"), _number(record["total_iqr_ms"], ".2f"), _number(extra, ".1f"),
+            _number(record["ratio_floor_total"], ".2f"), _number(record["ratio_kdops_total"], ".2f"),
+            _number(record["loss_rel_diff"], ".0e")]
+
+
+def status_text(record: dict) -> str:
+    return record["status"].upper() + (f": {record['message']}" if record["message"] else "")
+
+
+def format_row(record: dict, label_width: int) -> str:
+    left = f"{record['label']:<{label_width}}  {record['competitor']:<{COLUMNS[1][1]}}"
+    if record["status"] != "ok":
+        return f"{left}  {status_text(record)}"
+    row = left + "".join(f"  {cell:>{width}}" for cell, (_, width) in zip(cells(record), COLUMNS[2:]))
+    return row + (f"  ({record['message']})" if record["message"] else "")
+
+
+def format_case(records: list[dict], label_width: int) -> str:
+    """The rows of one case; skipped competitors on one line, grouped by reason."""
+    lines = [format_row(r, label_width) for r in records if r["status"] != "skipped"]
+    reasons: dict[str, list[str]] = {}
+    for r in records:
+        if r["status"] == "skipped":
+            reasons.setdefault(r["message"], []).append(r["competitor"])
+    if reasons:
+        lines.append("    skipped: " + "; ".join(f"{', '.join(names)} ({why})" for why, names in reasons.items()))
+    return "\n".join(lines)
+
+
+def describe_inputs(case: Case, records: list[dict]) -> str:
+    ran = next((r for r in records if r["input_bytes"] is not None and r["grad_bytes"] is not None), None)
+    if ran is None:
+        return ""
+    return (f"    inputs {ran['input_bytes'] / MiB:.1f} MiB, student gradients {ran['grad_bytes'] / MiB:.1f} MiB "
+            f"(extra = peak − gradients); floor {ran['floor_total']:.3g} {ran['floor_unit']}s")
+
+
+class Progress:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, total: int, stream=None):
+        self.total, self.done = max(total, 1), 0
+        self.stream = stream or sys.stderr
+        self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def step(self, text: str) -> None:
+        if self.enabled:
+            filled = 20 * self.done // self.total
+            self.stream.write(f"\r\033[K[{'#' * filled}{'.' * (20 - filled)}] {self.done}/{self.total} {text}")
+            self.stream.flush()
+        self.done += 1
+
+    def clear(self) -> None:
+        if self.enabled:
+            self.stream.write("\r\033[K")
+            self.stream.flush()

@@ -1,0 +1,185 @@
+"""The benchmark harness (bench/): records, floor and ratio arithmetic, failures, charts — on tiny CPU cases."""
+
+import io
+import json
+import sys
+
+import pytest
+import torch
+
+import kdops
+import kdops.reference
+from bench.__main__ import main
+from bench.cases import FUSED, KD_LOSS, QUICK, Case, parse_shape, select
+from bench.competitors import COMPETITORS, FLOOR, KDOPS, REFERENCE, Competitor, liger_beta
+from bench.floor import chunk_rows, floor_work
+from bench.measure import Phases, Result, failure
+from bench.report import RECORD_FIELDS, case_records, results_path
+from bench.sweep import run_sweep
+
+KD = Case(KD_LOSS, "forward_kl", 16, 100)
+KD_JSD = Case(KD_LOSS, "generalized_jsd", 16, 100)
+FUSED_KL = Case(FUSED, "forward_kl", 16, 100, 8, 12)
+BY_NAME = {c.name: c for c in COMPETITORS}
+
+
+def _sweep(cases, tmp_path=None, competitors=COMPETITORS):
+    out = io.StringIO()
+    records = run_sweep(cases, device="cpu", reps=1, warmup=0, competitors=competitors, results_dir=tmp_path, out=out)
+    return records, out.getvalue()
+
+
+def _stand_in(module):
+    """fused_linear_kd_loss from materialized logits, for when kdops does not have it yet."""
+    def fused(hs, ws, ht, wt, labels=None, *, impl="auto", backend="auto", **kwargs):
+        if module is kdops:
+            kwargs["backend"] = backend
+        return module.kd_loss(hs @ ws.T, ht @ wt.T, labels, **kwargs)
+    return fused
+
+
+@pytest.fixture
+def with_fused(monkeypatch):
+    for module in (kdops, kdops.reference):
+        if not hasattr(module, FUSED):
+            monkeypatch.setattr(module, FUSED, _stand_in(module), raising=False)
+
+
+def _by(records, label, competitor):
+    return next(r for r in records if r["label"] == label and r["competitor"] == competitor)
+
+
+def test_tiny_run_writes_well_formed_records(tmp_path):
+    records, table = _sweep([KD, KD_JSD, FUSED_KL], tmp_path)
+    lines = results_path(tmp_path, records[0]["device"]).read_text().splitlines()
+    assert [json.loads(line) for line in lines] == json.loads(json.dumps(records))
+    for record in records:
+        assert set(RECORD_FIELDS) <= set(record), set(RECORD_FIELDS) - set(record)
+        assert record["status"] in {"ok", "skipped"}, record
+        assert record["commit"] and record["torch"] == torch.__version__ and record["device_type"] == "cpu"
+    for case in (KD, KD_JSD):
+        kd = _by(records, case.label, KDOPS)
+        assert kd["status"] == "ok" and kd["total_ms"] > 0 and kd["forward_ms"] > 0
+        assert kd["input_bytes"] == 2 * 16 * 100 * 4 + 16 * 8  # both logits and the int64 labels
+        assert kd["grad_bytes"] == 16 * 100 * 4
+        assert kd["extra_bytes"] == kd["peak_bytes"] - kd["grad_bytes"]
+        assert kd["loss_rel_diff"] < 1e-5
+        assert _by(records, case.label, FLOOR)["ratio_floor_total"] == 1.0
+        compiled = _by(records, case.label, "reference-compiled")
+        assert (compiled["status"], compiled["message"]) == ("skipped", "needs CUDA")
+    fused = _by(records, FUSED_KL.label, KDOPS)
+    if not hasattr(kdops, FUSED):
+        assert (fused["status"], fused["message"]) == ("skipped", "not available")
+    assert KD.label in table and "floor" in table and "skipped:" in table
+
+
+def test_fused_cases_run_against_the_matmul_floor(with_fused):
+    records, _ = _sweep([FUSED_KL])
+    for name in (FLOOR, KDOPS, REFERENCE):
+        assert _by(records, FUSED_KL.label, name)["status"] == "ok"
+    kd = _by(records, FUSED_KL.label, KDOPS)
+    assert kd["floor_unit"] == "flop" and kd["floor_total"] == 2 * 16 * 100 * (3 * 8 + 12)
+    assert kd["grad_bytes"] == (16 * 8 + 100 * 8) * 4  # student hidden and weight
+    assert kd["ratio_floor_total"] == pytest.approx(kd["total_ms"] / _by(records, FUSED_KL.label, FLOOR)["total_ms"])
+
+
+def test_floor_work_formulas():
+    fused = floor_work(Case(FUSED, "forward_kl", 2, 3, 5, 7))
+    assert (fused.forward, fused.backward, fused.total, fused.unit) == (144, 120, 264, "flop")  # 2·2·3·(3·5 + 7)
+    kd = floor_work(Case(KD_LOSS, "forward_kl", 4, 10))
+    assert (kd.forward, kd.backward, kd.total, kd.unit) == (320, 160, 480, "byte")  # 2, 1, 3 × N·V·4
+    assert floor_work(Case(KD_LOSS, "forward_kl", 4, 10, dtype="bfloat16")).total == 240
+    assert chunk_rows(vocab=1000, itemsize=2, budget_bytes=10_000) == 5 and chunk_rows(10**9, 4) == 1
+
+
+def _ok(name, forward, backward, loss):
+    return Result(name, median_ms={"forward": forward, "backward": backward, "total": forward + backward},
+                  iqr_ms={"forward": 0.0, "backward": 0.0, "total": 0.0}, loss=loss)
+
+
+def test_ratio_arithmetic():
+    results = [_ok(FLOOR, 1.0, 1.0, None), _ok(KDOPS, 3.0, 5.0, 2.0), _ok(REFERENCE, 6.0, 14.0, 2.5),
+               Result("liger-jsd", "oom", "out of memory")]
+    records = {r["competitor"]: r for r in case_records(KD, results, {})}
+    reference = records[REFERENCE]
+    assert (reference["ratio_floor_forward"], reference["ratio_floor_backward"], reference["ratio_floor_total"]) \
+        == (6.0, 14.0, 10.0)
+    assert (reference["ratio_kdops_forward"], reference["ratio_kdops_backward"], reference["ratio_kdops_total"]) \
+        == (2.0, 2.8, 2.5)
+    assert records[KDOPS]["ratio_kdops_total"] == 1.0 and records[KDOPS]["ratio_floor_total"] == 4.0
+    assert records[KDOPS]["loss_rel_diff"] == pytest.approx(0.2)  # |2 − 2.5| / 2.5
+    assert records["liger-jsd"]["ratio_floor_total"] is None and records["liger-jsd"]["total_ms"] is None
+    no_floor = {r["competitor"]: r for r in case_records(KD, results[1:], {})}
+    assert no_floor[KDOPS]["ratio_floor_total"] is None
+
+
+def _raising(error):
+    def build(case, inputs):
+        def forward():
+            raise error
+        return Phases.of_loss(forward)
+    return build
+
+
+def test_oom_and_errors_are_recorded_and_the_sweep_goes_on():
+    competitors = (BY_NAME[FLOOR], Competitor("oom", (KD_LOSS,), _raising(torch.OutOfMemoryError("CUDA oom"))),
+                   Competitor("oom-message", (KD_LOSS,), _raising(RuntimeError("CUDA out of memory. Tried"))),
+                   Competitor("broken", (KD_LOSS,), _raising(ValueError("bad\nsecond line"))), BY_NAME[KDOPS])
+    records, table = _sweep([KD, KD_JSD], competitors=competitors)
+    for case in (KD, KD_JSD):
+        assert _by(records, case.label, "oom")["status"] == "oom"
+        assert _by(records, case.label, "oom-message")["status"] == "oom"
+        assert (_by(records, case.label, "broken")["status"], _by(records, case.label, "broken")["message"]) \
+            == ("error", "ValueError: bad")
+        assert _by(records, case.label, KDOPS)["status"] == "ok"
+    assert "OOM" in table and "ERROR: ValueError: bad" in table
+    assert failure("x", MemoryError()).status == "oom"
+
+
+def test_missing_liger_is_skipped_never_an_error(monkeypatch, with_fused):
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # import liger_kernel → ImportError
+    liger = tuple(c for c in COMPETITORS if c.name.startswith("liger-"))
+    for competitor in liger:
+        for case in (KD, FUSED_KL):
+            if case.function in competitor.functions:
+                assert competitor.applies(case, "cuda") == (False, "liger-kernel not installed")
+    records, _ = _sweep([KD, FUSED_KL], competitors=(BY_NAME[FLOOR], *liger))
+    statuses = {(r["competitor"], r["status"]) for r in records if r["competitor"] != FLOOR}
+    assert statuses == {("liger-jsd", "skipped"), ("liger-fused-linear-jsd", "skipped"),
+                        ("liger-chunked-jsd", "skipped")}
+    assert _by(records, FUSED_KL.label, "liger-chunked-jsd")["message"] == "liger-kernel not installed"
+    assert BY_NAME["liger-chunked-jsd"].applies(Case(FUSED, "tvd", 16, 100, 8, 12), "cpu") \
+        == (False, "liger-kernel has no tvd")
+
+
+def test_liger_beta_matches_kdops_conventions():
+    assert (liger_beta("forward_kl"), liger_beta("reverse_kl"), liger_beta("generalized_jsd")) == (0.0, 1.0, 0.5)
+    assert liger_beta(kdops.GeneralizedJSD(beta=0.2)) == 0.2 and liger_beta("tvd") is None
+
+
+def test_chart_and_summary(tmp_path, with_fused):
+    pytest.importorskip("matplotlib")
+    from bench.plot import plot
+
+    records, _ = _sweep([KD, Case(KD_LOSS, "forward_kl", 32, 100), FUSED_KL], tmp_path / "results")
+    written = plot([results_path(tmp_path / "results", records[0]["device"])], tmp_path / "charts")
+    charts = [p for p in written if p.suffix == ".png"]
+    assert len(charts) == 2  # kd forward_kl V=100 (two token counts), fused forward_kl
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in charts)
+    summary = (tmp_path / "charts" / "SUMMARY.md").read_text()
+    assert records[0]["device"] in summary and f"| {KD.label} | {KDOPS} |" in summary
+    assert all(f"]({p.name})" in summary for p in charts)
+
+
+def test_cli_filters_and_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
+    assert parse_shape("512x32000") == (512, 32000)
+    with pytest.raises(ValueError, match="TOKENSxVOCAB"):
+        parse_shape("512")
+    assert select(QUICK.cases(), shapes=["512x32000"]) == [c for c in QUICK.cases() if c.function == KD_LOSS]
+    with pytest.raises(SystemExit):
+        main(["--quick", "--impl", "nobody"])
+    with pytest.raises(SystemExit):
+        main(["--quick", "--divergence", "not_a_divergence"])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["plot", "--input", str(tmp_path / "none.jsonl"), "--output", str(tmp_path)]) == 2
+    assert "pip install matplotlib" in capsys.readouterr().err
