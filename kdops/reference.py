@@ -15,7 +15,7 @@ import math
 import torch
 
 from ._reduction import reduce_rows, row_mask
-from ._validation import check_choice, check_logits_pair, check_loss_options, BACKENDS
+from ._validation import BACKENDS, check_choice, check_fused_inputs, check_logits_pair, check_loss_options
 from .divergences import Canonical, Divergence, Kind, as_divergence
 
 NEG_INF = float("-inf")
@@ -98,4 +98,38 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, divergence="forward_
     check_choice("backend", backend, BACKENDS)
     mask = row_mask(labels, ignore_index, leading, student_logits.device)
     rows = divergence_rows(divergence, student_logits, teacher_logits, temperature)
+    return reduce_rows(torch.where(mask, rows, 0.0), mask, reduction, num_items_in_batch)
+
+
+def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, vocab: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """hidden · weight[:vocab]ᵀ + bias[:vocab] in `dtype` (the rows past the shared vocabulary are padding)."""
+    bias = None if bias is None else bias[:vocab].to(dtype)
+    return torch.nn.functional.linear(hidden.to(dtype), weight[:vocab].to(dtype), bias)
+
+
+def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
+                         divergence="forward_kl", temperature=1.0, ignore_index=-100, reduction="batchmean",
+                         num_items_in_batch=None, student_bias=None, teacher_bias=None, hard_weight=0.0,
+                         soft_weight=1.0, impl="auto", backend="auto"):
+    """Reference for `kdops.fused_linear_kd_loss`: the logits of both models in float32 over the shared
+    vocabulary [0, min(Vs, Vt)), then per token soft_weight · D(teacher ‖ student at T)
+    + hard_weight · CE(student logits at T = 1, label), masked and reduced like `kd_loss`.
+    (`impl` and `backend` are accepted and ignored.)"""
+    divergence = as_divergence(divergence)
+    vocab = check_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                               student_bias, teacher_bias, hard_weight, soft_weight, impl)
+    leading = student_hidden.shape[:-1]
+    temperature = check_loss_options(labels, leading, student_hidden.device, temperature, ignore_index, reduction,
+                                     num_items_in_batch)
+    check_choice("backend", backend, BACKENDS)
+    dtype = compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    student_logits = linear_logits(student_hidden, student_weight, student_bias, vocab, dtype)
+    teacher_logits = linear_logits(teacher_hidden, teacher_weight, teacher_bias, vocab, dtype)
+    rows = soft_weight * divergence_rows(divergence, student_logits, teacher_logits, temperature)
+    mask = row_mask(labels, ignore_index, leading, student_hidden.device)
+    if hard_weight > 0:
+        ce = torch.nn.functional.cross_entropy(student_logits.reshape(-1, vocab), labels.reshape(-1),
+                                               ignore_index=ignore_index, reduction="none")
+        rows = rows + hard_weight * ce.view(leading)
     return reduce_rows(torch.where(mask, rows, 0.0), mask, reduction, num_items_in_batch)
