@@ -29,6 +29,10 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return out
 
 
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -99,7 +103,7 @@ def logits_forward(x: torch.Tensor, y: torch.Tensor, canon: Canonical, inv_temp:
     if n_rows == 0:
         return loss, stats
     config = logits_config(n_rows, x.shape[-1], x.device)
-    grid = (triton_cdiv(n_rows, config["BLOCK_R"]),)
+    grid = (_cdiv(n_rows, config["BLOCK_R"]),)
     logits.kd_logits_forward_kernel[grid](
         x, y, loss, stats, n_rows, *args, KIND=kind,
         TWO_PASS=int(canon.kind) in divergences.TWO_PASS_KINDS, ACC=acc, **config,
@@ -119,14 +123,10 @@ def logits_backward(x, y, loss, stats, row_scale, canon: Canonical, inv_temp: fl
     if n_rows == 0 or not (grad_x or grad_y):
         return out_x, out_y
     config = logits_config(n_rows, x.shape[-1], x.device)
-    grid = (triton_cdiv(n_rows, config["BLOCK_R"]),)
+    grid = (_cdiv(n_rows, config["BLOCK_R"]),)
     # An absent gradient still needs a pointer argument; the constexpr flag keeps it unused.
     logits.kd_logits_backward_kernel[grid](
         x, y, out_x if grad_x else loss, out_y if grad_y else loss, loss, stats, row_scale.contiguous(),
         n_rows, *args, KIND=kind, GRAD_X=grad_x, GRAD_Y=grad_y, ACC=acc, **config,
     )
     return out_x, out_y
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
