@@ -80,53 +80,79 @@ def logits_config(n_rows: int, vocab: int, device: torch.device) -> dict:
 
 
 def _acc(tl, *tensors):
-    return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
+    return tl.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else tl.float32
 
 
-def _common_args(x, y, canon: Canonical, inv_temp: float):
-    tl, divergences, _ = _kernels()
-    x, (x_inner, x_outer, x_stride) = _rows_of(x)
-    y, (y_inner, y_outer, y_stride) = _rows_of(y)
-    args = (x.shape[-1], x_inner, x_outer, x_stride, y_inner, y_outer, y_stride, inv_temp, canon.c1, canon.c2)
-    kind = getattr(divergences, canon.kind.name)
-    return x, y, args, kind, _acc(tl, x, y)
+def _acc_torch(acc) -> torch.dtype:
+    return torch.float64 if acc.primitive_bitwidth == 64 else torch.float32
 
 
-def logits_forward(x: torch.Tensor, y: torch.Tensor, canon: Canonical, inv_temp: float):
-    """Per-row losses D(P ‖ Q) [rows] and statistics [rows, 7] for logits x (P) and y (Q), [..., V]."""
-    _, divergences, logits = _kernels()
-    x, y, args, kind, acc = _common_args(x, y, canon, inv_temp)
-    n_rows = x.numel() // x.shape[-1]
-    out_dtype = torch.float64 if acc.primitive_bitwidth == 64 else torch.float32
-    loss = _empty((n_rows,), out_dtype, x.device)
-    stats = _empty((n_rows, logits.NUM_STATS.value), out_dtype, x.device)
+def kind_of(canon: Canonical):
+    """The constexpr kind of `canon` and whether it needs a second pass."""
+    _, divergences, _ = _kernels()
+    return getattr(divergences, canon.kind.name), int(canon.kind) in divergences.TWO_PASS_KINDS
+
+
+def _logits_args(student, teacher, labels, canon: Canonical, inv_temp: float, soft: float, hard: float):
+    """Row layouts, scalars and constexprs common to both kernels on logits."""
+    tl, _, _ = _kernels()
+    student, (s_inner, s_outer, s_stride) = _rows_of(student)
+    teacher, (t_inner, t_outer, t_stride) = _rows_of(teacher)
+    args = (student.shape[-1], s_inner, s_outer, s_stride, t_inner, t_outer, t_stride, inv_temp, canon.c1,
+            canon.c2, soft, hard)
+    kind, two_pass = kind_of(canon)
+    constexprs = dict(KIND=kind, HARD=hard > 0, STUDENT_IS_P=canon.student_is_p, ACC=_acc(tl, student, teacher))
+    return student, teacher, _flat_labels(labels, hard), args, constexprs, two_pass
+
+
+def _flat_labels(labels, hard: float):
+    """Labels as one contiguous row vector, only where the hard-label term reads them."""
+    return labels.reshape(-1).contiguous() if hard > 0 else None
+
+
+def logits_forward(student: torch.Tensor, teacher: torch.Tensor, labels, canon: Canonical, inv_temp: float,
+                   soft: float = 1.0, hard: float = 0.0):
+    """Per-row losses soft·D + hard·CE [rows] and statistics [rows, NUM_STATS] of [..., V] logits."""
+    _, _, logits = _kernels()
+    student, teacher, labels, args, constexprs, two_pass = _logits_args(student, teacher, labels, canon,
+                                                                         inv_temp, soft, hard)
+    n_rows = student.numel() // student.shape[-1]
+    out_dtype = _acc_torch(constexprs["ACC"])
+    loss = _empty((n_rows,), out_dtype, student.device)
+    stats = _empty((n_rows, logits.NUM_STATS.value), out_dtype, student.device)
     if n_rows == 0:
         return loss, stats
-    config = logits_config(n_rows, x.shape[-1], x.device)
+    config = logits_config(n_rows, student.shape[-1], student.device)
     grid = (_cdiv(n_rows, config["BLOCK_R"]),)
     logits.kd_logits_forward_kernel[grid](
-        x, y, loss, stats, n_rows, *args, KIND=kind,
-        TWO_PASS=int(canon.kind) in divergences.TWO_PASS_KINDS, ACC=acc, **config,
+        student, teacher, loss if labels is None else labels, loss, stats, n_rows, *args, TWO_PASS=two_pass,
+        **constexprs, **config,
     )
     return loss, stats
 
 
-def logits_backward(x, y, loss, stats, row_scale, canon: Canonical, inv_temp: float, grad_x: bool,
-                    grad_y: bool):
-    """(∂/∂x, ∂/∂y) of Σ_r row_scale[r]·loss[r], contiguous like x, in x's and y's dtypes (None where not
-    asked for)."""
+def logits_backward(student, teacher, labels, stats, row_scale, canon: Canonical, inv_temp: float, grad_s: bool,
+                    grad_t: bool, soft: float = 1.0, hard: float = 0.0, out_s=None, out_t=None):
+    """(∂/∂student, ∂/∂teacher) of Σ_r row_scale[r]·loss[r], contiguous [..., V] in the logits' dtypes (None
+    where not asked for). `out_s` / `out_t` receive them instead when given: contiguous buffers of the
+    logits' shape, which may be the logits themselves (the gradient then overwrites them)."""
     _, _, logits = _kernels()
-    x, y, args, kind, acc = _common_args(x, y, canon, inv_temp)
-    n_rows = loss.shape[0]
-    out_x = _empty(x.shape, x.dtype, x.device) if grad_x else None
-    out_y = _empty(y.shape, y.dtype, y.device) if grad_y else None
-    if n_rows == 0 or not (grad_x or grad_y):
-        return out_x, out_y
-    config = logits_config(n_rows, x.shape[-1], x.device)
+    student, teacher, labels, args, constexprs, _ = _logits_args(student, teacher, labels, canon, inv_temp,
+                                                                  soft, hard)
+    n_rows = stats.shape[0]
+    if grad_s and out_s is None:
+        out_s = _empty(student.shape, student.dtype, student.device)
+    if grad_t and out_t is None:
+        out_t = _empty(teacher.shape, teacher.dtype, teacher.device)
+    out_s, out_t = (out_s if grad_s else None), (out_t if grad_t else None)
+    if n_rows == 0 or not (grad_s or grad_t):
+        return out_s, out_t
+    config = logits_config(n_rows, student.shape[-1], student.device)
     grid = (_cdiv(n_rows, config["BLOCK_R"]),)
-    # An absent gradient still needs a pointer argument; the constexpr flag keeps it unused.
+    # An absent gradient or label vector still needs a pointer argument; constexpr flags keep it unused.
     logits.kd_logits_backward_kernel[grid](
-        x, y, out_x if grad_x else loss, out_y if grad_y else loss, loss, stats, row_scale.contiguous(),
-        n_rows, *args, KIND=kind, GRAD_X=grad_x, GRAD_Y=grad_y, ACC=acc, **config,
+        student, teacher, stats if labels is None else labels, stats if out_s is None else out_s,
+        stats if out_t is None else out_t, stats, row_scale.contiguous(), n_rows, *args,
+        GRAD_S=grad_s, GRAD_T=grad_t, **constexprs, **config,
     )
-    return out_x, out_y
+    return out_s, out_t

@@ -1,9 +1,10 @@
-"""Divergence kernels on logits that already exist: row-parallel, vocabulary-blocked.
+"""Distillation kernels on logits that already exist: row-parallel, vocabulary-blocked.
 
 Each program owns BLOCK_R rows and walks the vocabulary in BLOCK_V columns. The forward keeps only
 per-row statistics (one pass for KL / ALPHA_BETA, two for the others); the backward recomputes the
 log-probabilities of each tile from the saved statistics and writes each gradient once, in the dtype of
-its logits. The math is in `divergences.py`; these kernels only move data.
+its output (which may be the logits buffer itself: each element is read before it is overwritten, by the
+same program). The math is in `passes.py`; these kernels only move data.
 
 Rows of a [..., V] tensor are addressed as (row // n_inner)·stride_outer + (row % n_inner)·stride_inner,
 so two leading dimensions with arbitrary strides (e.g. `logits[:, :-1]`) need no copy.
@@ -12,18 +13,18 @@ so two leading dimensions with arbitrary strides (e.g. `logits[:, :-1]`) need no
 import triton
 import triton.language as tl
 
-from .divergences import (
-    NEG_INF,
-    first_pass_finish,
-    first_pass_update,
-    gradient_terms,
-    log_probs,
-    second_pass_finish,
-    second_pass_terms,
+from .divergences import NEG_INF
+from .passes import (
+    NUM_STATS,  # noqa: F401  (re-exported for the launchers)
+    first_pass_results,
+    first_pass_tile,
+    gradient_tile,
+    load_stats,
+    scale_rows,
+    second_pass_results,
+    second_pass_tile,
+    store_stats,
 )
-
-# Per-row statistics saved by the forward for the backward: m_x, ls_x, m_y, ls_y, aux1, aux2, aux3.
-NUM_STATS = tl.constexpr(7)
 
 
 @triton.jit
@@ -33,43 +34,50 @@ def row_offsets(rows, n_inner, stride_outer, stride_inner):
 
 
 @triton.jit
-def load_scaled(ptr, row_off, cols, col_ok, inv_temp, ACC: tl.constexpr):
-    """A tile of logits / T in the accumulation dtype; columns past V read as -inf (probability 0)."""
-    tile = tl.load(ptr + row_off[:, None] + cols[None, :], mask=col_ok[None, :], other=NEG_INF)
-    return tile.to(ACC) * inv_temp
+def load_tile(ptr, row_off, cols, col_ok, ACC: tl.constexpr):
+    """A tile of raw logits in the accumulation dtype; columns past V read as -inf (probability 0)."""
+    return tl.load(ptr + row_off[:, None] + cols[None, :], mask=col_ok[None, :], other=NEG_INF).to(ACC)
 
 
 @triton.jit
 def kd_logits_forward_kernel(
-    x_ptr, y_ptr, loss_ptr, stats_ptr,
-    n_rows, V, x_inner, x_stride_outer, x_stride_inner, y_inner, y_stride_outer, y_stride_inner,
-    inv_temp, c1, c2,
-    KIND: tl.constexpr, TWO_PASS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
-    ACC: tl.constexpr,
+    s_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr,
+    n_rows, V, s_inner, s_stride_outer, s_stride_inner, t_inner, t_stride_outer, t_stride_inner,
+    inv_temp, c1, c2, soft, hard,
+    KIND: tl.constexpr, TWO_PASS: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
-    """loss[r] = D(softmax(x_r / T) ‖ softmax(y_r / T)); stats[r] = (m_x, ls_x, m_y, ls_y, aux1..3)."""
+    """loss[r] = soft·D(teacher_r ‖ student_r at T) + hard·CE(student_r, label_r); stats[r] as in passes.py."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     # Rows past the end re-read the last row (never stored), so no lane ever sees an empty row.
     safe_rows = tl.minimum(rows, n_rows - 1)
-    x_off = row_offsets(safe_rows, x_inner, x_stride_outer, x_stride_inner)
-    y_off = row_offsets(safe_rows, y_inner, y_stride_outer, y_stride_inner)
+    s_off = row_offsets(safe_rows, s_inner, s_stride_outer, s_stride_inner)
+    t_off = row_offsets(safe_rows, t_inner, t_stride_outer, t_stride_inner)
+    labels = tl.zeros([BLOCK_R], tl.int64)
+    if HARD:
+        labels = tl.load(labels_ptr + safe_rows).to(tl.int64)
     cols = tl.arange(0, BLOCK_V)
 
     m_x = tl.full([BLOCK_R], NEG_INF, ACC)
     m_y = tl.full([BLOCK_R], NEG_INF, ACC)
+    m_c = tl.full([BLOCK_R], NEG_INF, ACC)
     s_x = tl.zeros([BLOCK_R], ACC)
     s_y = tl.zeros([BLOCK_R], ACC)
+    s_c = tl.zeros([BLOCK_R], ACC)
+    s_lab = tl.zeros([BLOCK_R], ACC)
     acc1 = tl.zeros([BLOCK_R], ACC)
     acc2 = tl.zeros([BLOCK_R], ACC)
     acc3 = tl.zeros([BLOCK_R], ACC)
     for v0 in range(0, V, BLOCK_V):
         col_ok = v0 + cols < V
-        x = load_scaled(x_ptr + v0, x_off, cols, col_ok, inv_temp, ACC)
-        y = load_scaled(y_ptr + v0, y_off, cols, col_ok, inv_temp, ACC)
-        m_x, s_x, m_y, s_y, acc1, acc2, acc3 = first_pass_update(KIND, x, y, m_x, s_x, m_y, s_y, acc1, acc2,
-                                                                 acc3, c1, c2)
-    ls_x, ls_y, L, aux1, aux2, aux3 = first_pass_finish(KIND, m_x, s_x, m_y, s_y, acc1, acc2, acc3, c1, c2)
+        s = load_tile(s_ptr + v0, s_off, cols, col_ok, ACC)
+        t = load_tile(t_ptr + v0, t_off, cols, col_ok, ACC)
+        m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab = first_pass_tile(
+            KIND, HARD, STUDENT_IS_P, s, t, v0 + cols, labels, inv_temp, m_x, s_x, m_y, s_y, acc1, acc2, acc3,
+            m_c, s_c, s_lab, c1, c2)
+    ls_x, ls_y, aux1, aux2, aux3, L, ls_c, loss = first_pass_results(
+        KIND, HARD, m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab, labels, V, c1, c2, soft, hard)
 
     if TWO_PASS:
         y1 = tl.zeros([BLOCK_R], ACC)
@@ -77,69 +85,56 @@ def kd_logits_forward_kernel(
         y3 = tl.zeros([BLOCK_R], ACC)
         for v0 in range(0, V, BLOCK_V):
             col_ok = v0 + cols < V
-            lp = log_probs(load_scaled(x_ptr + v0, x_off, cols, col_ok, inv_temp, ACC), m_x, ls_x)
-            lq = log_probs(load_scaled(y_ptr + v0, y_off, cols, col_ok, inv_temp, ACC), m_y, ls_y)
-            t1, t2, t3 = second_pass_terms(KIND, lp, lq, c1, c2)
-            y1 += tl.sum(t1, axis=1)
-            y2 += tl.sum(t2, axis=1)
-            y3 += tl.sum(t3, axis=1)
-        L, aux1, aux2, aux3 = second_pass_finish(KIND, y1, y2, y3, c1, c2)
+            s = load_tile(s_ptr + v0, s_off, cols, col_ok, ACC)
+            t = load_tile(t_ptr + v0, t_off, cols, col_ok, ACC)
+            t1, t2, t3 = second_pass_tile(KIND, STUDENT_IS_P, s, t, inv_temp, m_x, ls_x, m_y, ls_y, c1, c2)
+            y1 += t1
+            y2 += t2
+            y3 += t3
+        aux1, aux2, aux3, L = second_pass_results(KIND, y1, y2, y3, c1, c2)
+        loss += soft * L
 
-    tl.store(loss_ptr + rows, L, mask=row_ok)
-    stats = stats_ptr + rows.to(tl.int64) * NUM_STATS
-    tl.store(stats + 0, m_x, mask=row_ok)
-    tl.store(stats + 1, ls_x, mask=row_ok)
-    tl.store(stats + 2, m_y, mask=row_ok)
-    tl.store(stats + 3, ls_y, mask=row_ok)
-    tl.store(stats + 4, aux1, mask=row_ok)
-    tl.store(stats + 5, aux2, mask=row_ok)
-    tl.store(stats + 6, aux3, mask=row_ok)
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
+    store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c)
 
 
 @triton.jit
 def kd_logits_backward_kernel(
-    x_ptr, y_ptr, grad_x_ptr, grad_y_ptr, loss_ptr, stats_ptr, row_scale_ptr,
-    n_rows, V, x_inner, x_stride_outer, x_stride_inner, y_inner, y_stride_outer, y_stride_inner,
-    inv_temp, c1, c2,
-    KIND: tl.constexpr, GRAD_X: tl.constexpr, GRAD_Y: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    s_ptr, t_ptr, labels_ptr, grad_s_ptr, grad_t_ptr, stats_ptr, row_scale_ptr,
+    n_rows, V, s_inner, s_stride_outer, s_stride_inner, t_inner, t_stride_outer, t_stride_inner,
+    inv_temp, c1, c2, soft, hard,
+    KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, GRAD_S: tl.constexpr,
+    GRAD_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
-    """grad_x[r] = row_scale[r] / T · ∂ℓ_r/∂x_r (and grad_y likewise); gradients are contiguous [rows, V].
+    """grad_s[r] = row_scale[r] · ∂ℓ_r/∂s_r (and grad_t likewise); gradients are contiguous [rows, V].
 
     A row whose scale is 0 (ignored, or zero upstream gradient) gets exact zeros, whatever its logits.
     """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     safe_rows = tl.minimum(rows, n_rows - 1)
-    x_off = row_offsets(safe_rows, x_inner, x_stride_outer, x_stride_inner)
-    y_off = row_offsets(safe_rows, y_inner, y_stride_outer, y_stride_inner)
+    s_off = row_offsets(safe_rows, s_inner, s_stride_outer, s_stride_inner)
+    t_off = row_offsets(safe_rows, t_inner, t_stride_outer, t_stride_inner)
     g_off = safe_rows.to(tl.int64) * V
+    labels = tl.zeros([BLOCK_R], tl.int64)
+    if HARD:
+        labels = tl.load(labels_ptr + safe_rows).to(tl.int64)
     cols = tl.arange(0, BLOCK_V)
 
-    stats = stats_ptr + safe_rows.to(tl.int64) * NUM_STATS
-    m_x = tl.load(stats + 0)
-    ls_x = tl.load(stats + 1)
-    m_y = tl.load(stats + 2)
-    ls_y = tl.load(stats + 3)
-    aux1 = tl.load(stats + 4)
-    aux2 = tl.load(stats + 5)
-    aux3 = tl.load(stats + 6)
-    L = tl.load(loss_ptr + safe_rows)
+    m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
     scale = tl.load(row_scale_ptr + safe_rows).to(ACC)
-    live = (scale != 0)[:, None]
-    scale = (scale * inv_temp)[:, None]
+    live = scale != 0
 
     for v0 in range(0, V, BLOCK_V):
         col_ok = v0 + cols < V
-        lp = log_probs(load_scaled(x_ptr + v0, x_off, cols, col_ok, inv_temp, ACC), m_x, ls_x)
-        lq = log_probs(load_scaled(y_ptr + v0, y_off, cols, col_ok, inv_temp, ACC), m_y, ls_y)
-        g_x, g_y = gradient_terms(KIND, lp, lq, L, aux1, aux2, aux3, c1, c2)
+        s = load_tile(s_ptr + v0, s_off, cols, col_ok, ACC)
+        t = load_tile(t_ptr + v0, t_off, cols, col_ok, ACC)
+        g_s, g_t = gradient_tile(KIND, HARD, STUDENT_IS_P, s, t, v0 + cols, labels, inv_temp, m_x, ls_x, m_y,
+                                 ls_y, aux1, aux2, aux3, L, m_c, ls_c, c1, c2, soft, hard)
         out_mask = row_ok[:, None] & col_ok[None, :]
-        if GRAD_X:
-            g_x = tl.where(live, g_x * scale, 0.0)
-            tl.store(grad_x_ptr + v0 + g_off[:, None] + cols[None, :], g_x.to(grad_x_ptr.dtype.element_ty),
-                     mask=out_mask)
-        if GRAD_Y:
-            g_y = tl.where(live, g_y * scale, 0.0)
-            tl.store(grad_y_ptr + v0 + g_off[:, None] + cols[None, :], g_y.to(grad_y_ptr.dtype.element_ty),
-                     mask=out_mask)
+        if GRAD_S:
+            tl.store(grad_s_ptr + v0 + g_off[:, None] + cols[None, :],
+                     scale_rows(g_s, scale, live).to(grad_s_ptr.dtype.element_ty), mask=out_mask)
+        if GRAD_T:
+            tl.store(grad_t_ptr + v0 + g_off[:, None] + cols[None, :],
+                     scale_rows(g_t, scale, live).to(grad_t_ptr.dtype.element_ty), mask=out_mask)

@@ -1,0 +1,53 @@
+"""Hard-label cross-entropy of the raw student logits s (T = 1), folded into the divergence's passes.
+
+    CE = lse(s) − s_label          ∂CE/∂s_j = softmax(s)_j − [j = label]      (MATH.md)
+
+lse(s) is one more online log-sum-exp (running max m_c, rescaled sum s_c) and s_label a gather that
+exactly one vocabulary tile contributes to. A label outside [0, V) gives a NaN loss rather than a
+silently wrong one (rows whose label is ignore_index are masked out by the caller).
+"""
+
+import triton
+import triton.language as tl
+
+from .divergences import finite_or_zero
+
+
+@triton.jit
+def is_label(cols, labels):
+    """[rows, block] mask of the tile entries that are their row's label."""
+    return cols[None, :] == labels[:, None]
+
+
+@triton.jit
+def hard_label_update(HARD: tl.constexpr, s, cols, labels, m_c, s_c, s_lab):
+    """Fold a tile of raw student logits into the running (m_c, s_c) of lse(s) and into s_label."""
+    if HARD:
+        m_new = tl.maximum(m_c, tl.max(s, axis=1))
+        ref = finite_or_zero(m_new)
+        s_c = s_c * tl.exp(m_c - ref) + tl.sum(tl.exp(s - ref[:, None]), axis=1)
+        m_c = m_new
+        s_lab += tl.sum(tl.where(is_label(cols, labels), s, 0.0), axis=1)
+    return m_c, s_c, s_lab
+
+
+@triton.jit
+def hard_label_merge(m_c, s_c, s_lab, n_c, t_c, t_lab):
+    """Merge the statistics of two disjoint vocabulary ranges of the same rows."""
+    m_new = tl.maximum(m_c, n_c)
+    ref = finite_or_zero(m_new)
+    return m_new, s_c * tl.exp(m_c - ref) + t_c * tl.exp(n_c - ref), s_lab + t_lab
+
+
+@triton.jit
+def hard_label_finish(m_c, s_c, s_lab, labels, V):
+    """(log s_c, CE) of each row; lse(s) = m_c + log s_c is kept in two parts, as for the divergences."""
+    ls_c = tl.log(s_c)
+    ce = (m_c - s_lab) + ls_c
+    return ls_c, tl.where((labels >= 0) & (labels < V), ce, float("nan"))
+
+
+@triton.jit
+def hard_label_gradient(s, m_c, ls_c, cols, labels):
+    """∂CE/∂s on a tile: softmax(s) − onehot(label)."""
+    return tl.exp((s - m_c[:, None]) - ls_c[:, None]) - tl.where(is_label(cols, labels), 1.0, 0.0)

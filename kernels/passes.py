@@ -1,0 +1,121 @@
+"""One vocabulary tile of each pass, for a student and a teacher tile of raw logits: what the kernels on
+logits and the fused lm_head kernels share. The math itself is in `divergences.py` (the divergence,
+canonical D(P ‖ Q)) and `cross_entropy.py` (the hard-label term); here it is put together for the row
+loss
+
+    ℓ = soft · D(teacher ‖ student at temperature T) + hard · CE(student at T = 1, label)
+
+Per-row state of the first pass (10 values): m_x, s_x, m_y, s_y, acc1..3 (divergence, `divergences.py`)
+and m_c, s_c, s_lab (cross-entropy). Per-row statistics saved for the gradient (NUM_STATS):
+
+    0 m_x  1 ls_x  2 m_y  3 ls_y  4..6 aux1..3  7 L (the divergence alone)  8 m_c  9 ls_c
+"""
+
+import triton
+import triton.language as tl
+
+from .cross_entropy import hard_label_finish, hard_label_gradient, hard_label_update
+from .divergences import (
+    first_pass_finish,
+    first_pass_update,
+    gradient_terms,
+    log_probs,
+    second_pass_finish,
+    second_pass_terms,
+)
+
+NUM_STATS = tl.constexpr(10)
+
+
+@triton.jit
+def as_pq(STUDENT_IS_P: tl.constexpr, student, teacher):
+    """(P side, Q side) of the canonical divergence; the map is its own inverse (gradients go back)."""
+    x = teacher
+    y = student
+    if STUDENT_IS_P:
+        x = student
+        y = teacher
+    return x, y
+
+
+@triton.jit
+def first_pass_tile(KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, s, t, cols, labels,
+                    inv_temp, m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab, c1, c2):
+    """Fold raw logit tiles s (student), t (teacher) [rows, block] into the first-pass state."""
+    x, y = as_pq(STUDENT_IS_P, s * inv_temp, t * inv_temp)
+    m_x, s_x, m_y, s_y, acc1, acc2, acc3 = first_pass_update(KIND, x, y, m_x, s_x, m_y, s_y, acc1, acc2, acc3,
+                                                             c1, c2)
+    m_c, s_c, s_lab = hard_label_update(HARD, s, cols, labels, m_c, s_c, s_lab)
+    return m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab
+
+
+@triton.jit
+def first_pass_results(KIND: tl.constexpr, HARD: tl.constexpr, m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c,
+                       s_lab, labels, V, c1, c2, soft, hard):
+    """(ls_x, ls_y, aux1..3, L, ls_c, loss) of each row from its complete first-pass state. For the
+    two-pass kinds L is 0 here and `loss` holds only the hard-label part."""
+    ls_x, ls_y, L, aux1, aux2, aux3 = first_pass_finish(KIND, m_x, s_x, m_y, s_y, acc1, acc2, acc3, c1, c2)
+    loss = soft * L
+    ls_c = tl.zeros_like(ls_x)
+    if HARD:
+        ls_c, ce = hard_label_finish(m_c, s_c, s_lab, labels, V)
+        loss += hard * ce
+    return ls_x, ls_y, aux1, aux2, aux3, L, ls_c, loss
+
+
+@triton.jit
+def second_pass_tile(KIND: tl.constexpr, STUDENT_IS_P: tl.constexpr, s, t, inv_temp, m_x, ls_x, m_y, ls_y, c1,
+                     c2):
+    """The second-pass sums (y1, y2, y3) [rows] of one tile."""
+    x, y = as_pq(STUDENT_IS_P, s * inv_temp, t * inv_temp)
+    t1, t2, t3 = second_pass_terms(KIND, log_probs(x, m_x, ls_x), log_probs(y, m_y, ls_y), c1, c2)
+    return tl.sum(t1, axis=1), tl.sum(t2, axis=1), tl.sum(t3, axis=1)
+
+
+@triton.jit
+def second_pass_results(KIND: tl.constexpr, y1, y2, y3, c1, c2):
+    """(aux1..3, L) of each row from its summed second-pass terms."""
+    L, aux1, aux2, aux3 = second_pass_finish(KIND, y1, y2, y3, c1, c2)
+    return aux1, aux2, aux3, L
+
+
+@triton.jit
+def gradient_tile(KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, s, t, cols, labels,
+                  inv_temp, m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c, c1, c2, soft, hard):
+    """(∂ℓ/∂s, ∂ℓ/∂t) on raw logit tiles: soft/T · ∂D/∂(logits/T), plus hard · ∂CE/∂s for the student."""
+    x, y = as_pq(STUDENT_IS_P, s * inv_temp, t * inv_temp)
+    g_x, g_y = gradient_terms(KIND, log_probs(x, m_x, ls_x), log_probs(y, m_y, ls_y), L, aux1, aux2, aux3, c1,
+                              c2)
+    g_s, g_t = as_pq(STUDENT_IS_P, g_x * (soft * inv_temp), g_y * (soft * inv_temp))
+    if HARD:
+        g_s += hard * hard_label_gradient(s, m_c, ls_c, cols, labels)
+    return g_s, g_t
+
+
+@triton.jit
+def scale_rows(g, scale, live):
+    """g · scale per row, and exact zeros in rows that are not live (ignored, or past the end)."""
+    return tl.where(live[:, None], g * scale[:, None], 0.0)
+
+
+@triton.jit
+def load_stats(stats_ptr, rows):
+    """The NUM_STATS saved statistics of `rows` (see the module docstring for their order)."""
+    p = stats_ptr + rows.to(tl.int64) * NUM_STATS
+    return (tl.load(p + 0), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3), tl.load(p + 4), tl.load(p + 5),
+            tl.load(p + 6), tl.load(p + 7), tl.load(p + 8), tl.load(p + 9))
+
+
+@triton.jit
+def store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c):
+    p = stats_ptr + rows.to(tl.int64) * NUM_STATS
+    tl.store(p + 0, m_x, mask=row_ok)
+    tl.store(p + 1, ls_x, mask=row_ok)
+    tl.store(p + 2, m_y, mask=row_ok)
+    tl.store(p + 3, ls_y, mask=row_ok)
+    tl.store(p + 4, aux1, mask=row_ok)
+    tl.store(p + 5, aux2, mask=row_ok)
+    tl.store(p + 6, aux3, mask=row_ok)
+    tl.store(p + 7, L, mask=row_ok)
+    tl.store(p + 8, m_c, mask=row_ok)
+    tl.store(p + 9, ls_c, mask=row_ok)
