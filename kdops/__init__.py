@@ -1,7 +1,7 @@
 """kdops: exact, memory-lean knowledge-distillation losses for LLMs (Triton kernels + PyTorch reference)."""
 
 from . import reference
-from .api import kd_loss
+from .api import fused_linear_kd_loss, kd_loss
 from .divergences import (
     DIVERGENCES,
     AlphaBeta,
@@ -19,6 +19,6 @@ from .modules import KDLoss
 __version__ = "0.1.0"
 
 __all__ = [
-    "kd_loss", "KDLoss", "reference", "Divergence", "ForwardKL", "ReverseKL", "GeneralizedJSD",
+    "kd_loss", "fused_linear_kd_loss", "KDLoss", "reference", "Divergence", "ForwardKL", "ReverseKL", "GeneralizedJSD",
     "SkewForwardKL", "SkewReverseKL", "TVD", "AlphaBeta", "DIVERGENCES", "as_divergence",
 ]

@@ -25,3 +25,39 @@ class KDLogitsFunction(torch.autograd.Function):
         grad_student, grad_teacher = _launch.logits_backward(student, teacher, None, stats, row_scale, ctx.canon,
                                                              1.0 / ctx.temperature, *ctx.needs_input_grad[:2])
         return grad_student, grad_teacher, None, None, None
+
+
+class FusedLinearKDFunction(torch.autograd.Function):
+    """The fused-linear loss of a prepared `problem` (`_fused.FusedProblem` or `_chunked.ChunkedProblem`).
+
+    Returns the per-row losses [rows] (0 where the mask is False), whose gradients the backward computes
+    with the upstream gradient as row scale. With `row_weight` (an eager problem and a scalar reduction)
+    it returns Σ_r w_r ℓ_r instead: the gradients are computed in the forward, while the chunk's logits
+    exist, and the backward only multiplies them by the upstream scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, problem, mask, row_weight, hs, ws, bs, ht, wt, bt):
+        needs = tuple(ctx.needs_input_grad[3:])
+        ctx.problem, ctx.needs, ctx.shapes = problem, needs, [None if x is None else x.shape for x in
+                                                              (hs, ws, bs, ht, wt, bt)]
+        if row_weight is not None:
+            rows, ctx.eager_grads = problem.loss_and_grads(row_weight if any(needs) else None, needs)
+            return (torch.where(mask, rows, 0.0) * row_weight).sum()
+        rows, saved = problem.forward()
+        ctx.save_for_backward(mask, *saved)
+        return torch.where(mask, rows, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if hasattr(ctx, "eager_grads"):
+            grads = ctx.__dict__.pop("eager_grads", None)
+            if grads is None:
+                raise RuntimeError("kdops: this loss's gradients were computed in its forward and have been used; "
+                                   "a second backward through it (retain_graph=True) is not supported")
+            grads = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads]
+        else:
+            mask, *saved = ctx.saved_tensors
+            grads = ctx.problem.backward(saved, torch.where(mask, grad_out, 0.0), ctx.needs)
+        grads = [None if g is None else g.view(shape) for g, shape in zip(grads, ctx.shapes)]
+        return (None, None, None, *grads)

@@ -27,3 +27,16 @@ def reduce_rows(rows: torch.Tensor, mask: torch.Tensor, reduction: str, num_item
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = num_items_in_batch.to(device=total.device, dtype=total.dtype).reshape(())
     return total / num_items_in_batch
+
+
+def row_weights(mask: torch.Tensor, reduction: str, num_items_in_batch=None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """w with Σ_i w_i ℓ_i equal to `reduce_rows` of a scalar reduction: m_i / divisor, or m_i for "sum"."""
+    weights = mask.to(dtype)
+    if reduction == "sum":
+        return weights
+    if num_items_in_batch is None:
+        return weights / weights.sum().clamp_min(1)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(device=weights.device, dtype=weights.dtype).reshape(())
+    return weights / num_items_in_batch

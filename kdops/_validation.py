@@ -192,3 +192,36 @@ def check_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_w
         raise ValueError("hard_weight: a hard-label loss (hard_weight > 0) needs labels, got labels=None")
     check_choice("impl", impl, IMPLS)
     return vocab
+
+
+def check_chunk_bytes(chunk_bytes) -> None:
+    if chunk_bytes is None:
+        return
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, numbers.Integral):
+        raise TypeError(f"chunk_bytes: expected a positive int (bytes) or None, got {type(chunk_bytes).__name__}")
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes: expected a positive number of bytes, got {chunk_bytes!r}")
+
+
+def check_label_range(labels, ignore_index: int, vocab: int) -> None:
+    """Labels of the hard-label term must index the shared vocabulary. Checked for CPU tensors; on an
+    accelerator the check would synchronize, and the kernels give a NaN loss for such a label instead."""
+    if labels.device.type != "cpu":
+        return
+    valid = labels[labels != ignore_index]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab):
+        raise ValueError(f"labels: expected values in [0, {vocab}) (the shared vocabulary) or ignore_index="
+                         f"{ignore_index}, got values in [{int(valid.min())}, {int(valid.max())}]")
+
+
+def resolve_impl(impl: str, backend: str, fits_chunk: bool) -> str:
+    """'fused' or 'chunked' for the fused API (see `kdops.fused_linear_kd_loss` for the rule of "auto")."""
+    if backend == "torch":
+        if impl == "fused":
+            raise ValueError("impl='fused': the fused kernels need backend='triton' (CUDA tensors, or CPU tensors "
+                             "with TRITON_INTERPRET=1); backend='torch' runs the chunked path (impl='chunked' or "
+                             "'auto')")
+        return "chunked"
+    if impl == "auto":
+        return "chunked" if fits_chunk else "fused"
+    return impl

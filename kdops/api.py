@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import torch
 
-from ._autograd import KDLogitsFunction
-from ._reduction import reduce_rows, row_mask
+from . import _chunked
+from ._autograd import FusedLinearKDFunction, KDLogitsFunction
+from ._fused import FusedProblem
+from ._reduction import reduce_rows, row_mask, row_weights
 from ._torch_backend import ChunkedKDFunction
-from ._validation import check_logits_pair, check_loss_options, resolve_backend
+from ._validation import (
+    check_chunk_bytes,
+    check_fused_inputs,
+    check_label_range,
+    check_logits_pair,
+    check_loss_options,
+    resolve_backend,
+    resolve_impl,
+)
 from .divergences import Divergence, as_divergence
+from .reference import compute_dtype
 
 
 def kd_loss(
@@ -49,4 +60,83 @@ def kd_loss(
         vocab = student_logits.shape[-1]
         rows = ChunkedKDFunction.apply(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab), mask,
                                        divergence, temperature)
+    return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)
+
+
+#: impl="auto" takes the chunked path when a chunk of at least this many rows (or all rows) fits the budget.
+AUTO_CHUNK_MIN_ROWS = 128
+
+
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    divergence: str | Divergence = "forward_kl",
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    num_items_in_batch=None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    impl: str = "auto",
+    backend: str = "auto",
+    chunk_bytes: int | None = None,
+) -> torch.Tensor:
+    """Distillation loss from hidden states and lm_head weights, without the [tokens, V] logits in memory.
+
+    Logits s = student_hidden · student_weightᵀ (+ student_bias) and t likewise for the teacher, over the
+    shared vocabulary [0, min(Vs, Vt)) (rows of the larger weight past it are padding). Per row,
+
+        ℓ = soft_weight · D(softmax(t / T), softmax(s / T)) + hard_weight · CE(s, label)   (CE at T = 1)
+
+    masked and reduced like `kd_loss`. Hidden states are [..., Hs] and [..., Ht] (Hs != Ht is fine),
+    weights [V, H]; all logit math is float32 whatever the input dtype. Gradients flow to every input that
+    requires grad, and are returned in its dtype.
+
+    `impl`: "fused" computes the logits inside Triton kernels, vocabulary block by block (extra memory
+    O(rows) statistics plus float32 gradient scratch bounded by `kdops._fused.SCRATCH_BYTES`); "chunked"
+    runs matmuls on token chunks with float32 [chunk, V] logits and the kernels on logits (extra memory
+    at most `chunk_bytes`, default `kdops._chunked.CHUNK_BYTES` = 256 MiB); "auto" takes "chunked" when a
+    chunk of at least AUTO_CHUNK_MIN_ROWS rows (or every row) fits in `chunk_bytes` — its four matmuls are
+    cheaper than the fused path's recomputation — and "fused" otherwise. `backend="torch"` (the default
+    off CUDA) runs the chunked path with the reference math instead of the kernels.
+
+    With reduction "batchmean" or "sum", the chunked paths compute the gradients during the forward
+    (the backward multiplies them by the upstream gradient), so the loss supports a single backward.
+    """
+    divergence = as_divergence(divergence)
+    vocab = check_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                               student_bias, teacher_bias, hard_weight, soft_weight, impl)
+    leading = student_hidden.shape[:-1]
+    device = student_hidden.device
+    temperature = check_loss_options(labels, leading, device, temperature, ignore_index, reduction,
+                                     num_items_in_batch)
+    check_chunk_bytes(chunk_bytes)
+    backend = resolve_backend(backend, device)
+    hard_weight, soft_weight = float(hard_weight), float(soft_weight)
+    if hard_weight > 0:
+        check_label_range(labels, ignore_index, vocab)
+    tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+    engine = "triton" if backend == "triton" else "torch"
+    n_rows = student_hidden.numel() // student_hidden.shape[-1]
+    per_row = _chunked.bytes_per_row(vocab, engine, (student_weight.dtype, teacher_weight.dtype),
+                                     compute_dtype(*tensors[:2], *tensors[3:5]))
+    fits = _chunked.chunk_rows(n_rows, per_row, chunk_bytes) >= min(n_rows, AUTO_CHUNK_MIN_ROWS)
+    if resolve_impl(impl, backend, fits) == "fused":
+        problem = FusedProblem(*tensors, labels, divergence.canonical(), 1.0 / temperature, vocab, soft_weight,
+                               hard_weight)
+    else:
+        problem = _chunked.ChunkedProblem(*tensors, labels, divergence, temperature, vocab, soft_weight,
+                                          hard_weight, ignore_index, engine, chunk_bytes)
+
+    mask = row_mask(labels, ignore_index, leading, device).reshape(-1)
+    if problem.eager and reduction != "none":
+        weights = row_weights(mask, reduction, num_items_in_batch, problem.acc_dtype)
+        return FusedLinearKDFunction.apply(problem, mask, weights, *tensors)
+    rows = FusedLinearKDFunction.apply(problem, mask, None, *tensors)
     return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)

@@ -126,10 +126,19 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
     dtype = compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
     student_logits = linear_logits(student_hidden, student_weight, student_bias, vocab, dtype)
     teacher_logits = linear_logits(teacher_hidden, teacher_weight, teacher_bias, vocab, dtype)
-    rows = soft_weight * divergence_rows(divergence, student_logits, teacher_logits, temperature)
+    rows = linear_kd_rows(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab),
+                          None if labels is None else labels.reshape(-1), divergence, temperature, soft_weight,
+                          hard_weight, ignore_index).view(leading)
     mask = row_mask(labels, ignore_index, leading, student_hidden.device)
-    if hard_weight > 0:
-        ce = torch.nn.functional.cross_entropy(student_logits.reshape(-1, vocab), labels.reshape(-1),
-                                               ignore_index=ignore_index, reduction="none")
-        rows = rows + hard_weight * ce.view(leading)
     return reduce_rows(torch.where(mask, rows, 0.0), mask, reduction, num_items_in_batch)
+
+
+def linear_kd_rows(student_logits, teacher_logits, labels, divergence: Divergence, temperature: float,
+                   soft_weight: float, hard_weight: float, ignore_index: int) -> torch.Tensor:
+    """Per-row soft_weight · D(teacher ‖ student at T) + hard_weight · CE(student at T = 1, label) of float
+    logits [rows, V] (CE is 0 where the label is ignore_index)."""
+    rows = soft_weight * divergence_rows(divergence, student_logits, teacher_logits, temperature)
+    if hard_weight > 0:
+        rows = rows + hard_weight * torch.nn.functional.cross_entropy(student_logits, labels,
+                                                                      ignore_index=ignore_index, reduction="none")
+    return rows

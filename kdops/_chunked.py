@@ -1,0 +1,195 @@
+"""impl="chunked" (Triton) and backend="torch" of the fused API: token chunks with float32 logits.
+
+Per chunk of C rows: the logits of both models by matmuls into reused float32 [C, V] buffers (on CUDA,
+cuBLAS with a float32 output: no bf16 rounding before the softmax); the loss and the logit gradient
+G = ∂ℓ/∂logits of the chunk from them, by the kernels on logits writing G over the logits (engine
+"triton") or by the reference math under autograd (engine "torch"); then dH[chunk] = G·W and
+dW += Gᵀ·h_chunk by matmuls. Extra memory is the chunk's buffers, sized from a budget in bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _launch
+from .reference import linear_kd_rows
+
+#: Default bytes for one chunk's buffers (`chunk_bytes` of the fused API overrides it).
+CHUNK_BYTES = 256 * 2**20
+
+# Float32 [C, V] temporaries of the torch engine's autograd, on top of the two logits buffers (JSD, the
+# worst divergence, peaks at 14; tests/test_memory.py checks the bound).
+TORCH_TEMPORARIES = 16
+
+
+def bytes_per_row(vocab: int, engine: str, weight_dtypes, acc_dtype: torch.dtype) -> int:
+    """Bytes one row of a chunk needs: two float32 logits rows, plus the casts of G to each weight dtype
+    (engine "triton") or the autograd temporaries (engine "torch")."""
+    acc = torch.empty((), dtype=acc_dtype).element_size()
+    if engine == "torch":
+        return vocab * acc * (2 + TORCH_TEMPORARIES)
+    casts = sum(torch.empty((), dtype=d).element_size() for d in weight_dtypes if d != acc_dtype)
+    return vocab * (2 * acc + casts)
+
+
+def chunk_rows(n_rows: int, per_row: int, budget: int | None) -> int:
+    """Rows per chunk under `budget` bytes (default CHUNK_BYTES), a multiple of 16 when at least 16."""
+    rows = max(1, (CHUNK_BYTES if budget is None else budget) // per_row)
+    if rows >= 16:
+        rows -= rows % 16
+    return min(rows, max(n_rows, 1))
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = a · b in out's dtype, for a, b of one dtype: cuBLAS with a float32 output for bf16 / fp16 on
+    CUDA, a plain mm when the dtypes already agree."""
+    if a.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    return torch.mm(a, b, out_dtype=out.dtype, out=out)
+
+
+class _Side:
+    """One model's lm_head over the shared vocabulary, with row access to its hidden states."""
+
+    def __init__(self, hidden, weight, bias, vocab: int, acc_dtype: torch.dtype):
+        self.width, self.weight_rows = hidden.shape[-1], weight.shape[0]
+        self.weight = weight[:vocab]
+        self.bias = None if bias is None else bias[:vocab]
+        self.leading = hidden.shape[:-1]
+        try:
+            self.flat = hidden.view(-1, self.width)
+        except RuntimeError:  # a strided view such as hidden[:, :-1]: chunks are gathered, never the whole
+            self.flat = None
+        self.hidden = hidden
+        # The matmul's operands: one dtype, float32 output. Where cuBLAS cannot produce that directly
+        # (CPU, or mixed dtypes), the weight is upcast once per pass.
+        fast = hidden.dtype == self.weight.dtype and (hidden.dtype == acc_dtype or hidden.is_cuda)
+        self.mm_dtype = hidden.dtype if fast else acc_dtype
+        self._mm_weight = self.weight if fast else None
+
+    @property
+    def mm_weight(self) -> torch.Tensor:
+        if self._mm_weight is None:
+            self._mm_weight = self.weight.to(self.mm_dtype)
+        return self._mm_weight
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        if self.flat is not None:
+            return self.flat[start:end]
+        index = torch.arange(start, end, device=self.hidden.device)
+        return self.hidden[torch.unravel_index(index, self.leading)]
+
+    def logits(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        _mm_fp32(h.to(self.mm_dtype), self.mm_weight.t(), out)
+        if self.bias is not None:
+            out += self.bias
+        return out
+
+    def backprop(self, h, g, r0: int, r1: int, grad_h, grad_w, grad_b) -> None:
+        """Accumulate the chunk's logit gradient g [C, V] into the hidden, weight and bias gradients."""
+        if grad_b is not None:
+            grad_b += g.sum(0)
+        if grad_h is None and grad_w is None:
+            return
+        g = g.to(self.weight.dtype)
+        if grad_h is not None:
+            grad_h[r0:r1] = torch.mm(g, self.weight)
+        if grad_w is not None:
+            grad_w[: g.shape[1]].addmm_(g.t(), h.to(self.weight.dtype))
+
+
+class ChunkedProblem:
+    """The inputs of one fused-linear loss, prepared for chunked passes."""
+
+    def __init__(self, hs, ws, bs, ht, wt, bt, labels, divergence, temperature: float, vocab: int, soft: float,
+                 hard: float, ignore_index: int, engine: str, budget: int | None):
+        from .reference import compute_dtype
+
+        self.acc_dtype = compute_dtype(hs, ws, ht, wt)
+        self.student = _Side(hs, ws, bs, vocab, self.acc_dtype)
+        self.teacher = _Side(ht, wt, bt, vocab, self.acc_dtype)
+        self.n_rows, self.vocab, self.device = hs.numel() // hs.shape[-1], vocab, hs.device
+        self.labels = None if labels is None else labels.reshape(-1)
+        self.divergence, self.temperature = divergence, temperature
+        self.soft, self.hard, self.ignore_index, self.engine = soft, hard, ignore_index, engine
+        per_row = bytes_per_row(vocab, engine, (ws.dtype, wt.dtype), self.acc_dtype)
+        self.chunk = chunk_rows(self.n_rows, per_row, budget)
+
+    eager = True  # each chunk's logits are there in the forward: its gradients are computed at once
+
+    def forward(self):
+        return self.run(None, (False,) * 6)[0], []
+
+    def backward(self, saved, row_scale, needs):
+        return self.run(row_scale, needs)[1]
+
+    def loss_and_grads(self, row_scale, needs):
+        return self.run(row_scale, needs)
+
+    def _loss_and_logit_grads(self, zs, zt, labels, scale, need_s: bool, need_t: bool):
+        """Per-row losses of a chunk and, where asked for, the row-scaled gradients of its logits."""
+        if self.engine == "triton":
+            canon, inv_temp = self.divergence.canonical(), 1.0 / self.temperature
+            loss, stats = _launch.logits_forward(zs, zt, labels, canon, inv_temp, self.soft, self.hard)
+            if need_s or need_t:
+                _launch.logits_backward(zs, zt, labels, stats, scale, canon, inv_temp, need_s, need_t, self.soft,
+                                        self.hard, out_s=zs, out_t=zt)
+            return loss, zs, zt
+        if not (need_s or need_t):
+            with torch.no_grad():
+                return linear_kd_rows(zs, zt, labels, self.divergence, self.temperature, self.soft, self.hard,
+                                      self.ignore_index), None, None
+        zs, zt = zs.detach().requires_grad_(need_s), zt.detach().requires_grad_(need_t)
+        with torch.enable_grad():
+            loss = linear_kd_rows(zs, zt, labels, self.divergence, self.temperature, self.soft, self.hard,
+                                  self.ignore_index)
+            inputs = [z for z, need in ((zs, need_s), (zt, need_t)) if need]
+            grads = list(torch.autograd.grad(loss, inputs, scale))
+        live = (scale != 0)[:, None]
+        g_s = torch.where(live, grads.pop(0), 0.0) if need_s else None
+        g_t = torch.where(live, grads.pop(0), 0.0) if need_t else None
+        return loss.detach(), g_s, g_t
+
+    def run(self, row_scale, needs):
+        """(per-row losses [rows], gradients (hs, ws, bs, ht, wt, bt)) of Σ_r row_scale[r]·loss[r]; gradients
+        only where `needs` says (row_scale may be None when none is needed)."""
+        need_hs, need_ws, need_bs, need_ht, need_wt, need_bt = needs if row_scale is not None else (False,) * 6
+        s, t = self.student, self.teacher
+        need_bs = need_bs and s.bias is not None
+        need_bt = need_bt and t.bias is not None
+        need_s, need_t = need_hs or need_ws or need_bs, need_ht or need_wt or need_bt
+        device, acc = self.device, self.acc_dtype
+
+        def zeros(shape, dtype, need):
+            return torch.zeros(shape, dtype=dtype, device=device) if need else None
+
+        g_hs = zeros((self.n_rows, s.width), s.hidden.dtype, need_hs)
+        g_ht = zeros((self.n_rows, t.width), t.hidden.dtype, need_ht)
+        g_ws = zeros((s.weight_rows, s.width), s.weight.dtype, need_ws)
+        g_wt = zeros((t.weight_rows, t.width), t.weight.dtype, need_wt)
+        g_bs, g_bt = zeros((self.vocab,), acc, need_bs), zeros((self.vocab,), acc, need_bt)
+        rows = torch.empty(self.n_rows, dtype=acc, device=device)
+        chunk = self.chunk
+        zs_buf = torch.empty((chunk, self.vocab), dtype=acc, device=device)
+        zt_buf = torch.empty((chunk, self.vocab), dtype=acc, device=device)
+        for r0 in range(0, self.n_rows, chunk):
+            r1 = min(r0 + chunk, self.n_rows)
+            h_s, h_t = s.rows(r0, r1), t.rows(r0, r1)
+            zs, zt = s.logits(h_s, zs_buf[: r1 - r0]), t.logits(h_t, zt_buf[: r1 - r0])
+            labels = None if self.labels is None else self.labels[r0:r1]
+            scale = None if row_scale is None else row_scale[r0:r1]
+            rows[r0:r1], gs, gt = self._loss_and_logit_grads(zs, zt, labels, scale, need_s, need_t)
+            if need_s:
+                s.backprop(h_s, gs, r0, r1, g_hs, g_ws, g_bs)
+            if need_t:
+                t.backprop(h_t, gt, r0, r1, g_ht, g_wt, g_bt)
+        return rows, (g_hs, g_ws, self._bias_grad(g_bs, s), g_ht, g_wt, self._bias_grad(g_bt, t))
+
+    @staticmethod
+    def _bias_grad(g, side: _Side):
+        """The float32 sums over the shared vocabulary as a gradient of the whole bias (zeros past it)."""
+        if g is None:
+            return None
+        full = torch.zeros(side.weight_rows, dtype=side.bias.dtype, device=g.device)
+        full[: g.shape[0]] = g
+        return full

@@ -1,0 +1,194 @@
+"""Launchers of the fused lm_head kernels (`kdops.kernels.linear`): block sizes, vocabulary splits,
+scratch groups under a memory budget. They return tensors; the math is in the kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _launch
+from ._launch import _cdiv, _empty, _next_pow2, _rows_of
+from .divergences import Canonical
+
+#: Bytes of float32 scratch the backward may hold at once for dH (per row group) and dW (per vocabulary
+#: group). Gradients whose own dtype is the accumulation dtype are accumulated in place and need none.
+SCRATCH_BYTES = 32 * 2**20
+
+
+def _linear():
+    from .kernels import linear
+
+    return linear
+
+
+def fused_config(n_rows: int, vocab: int, device: torch.device) -> dict:
+    """Tile sizes and the number of vocabulary splits of the forward. On GPU: tensor-core tiles and enough
+    (row block, split) programs to fill the device twice; under the interpreter, few large tiles, and
+    several splits so that the merge is exercised."""
+    if device.type == "cuda":
+        tiles = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
+        programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        splits = max(1, programs // _cdiv(n_rows, tiles["BLOCK_N"]))
+    else:
+        tiles = dict(BLOCK_N=min(32, max(16, _next_pow2(n_rows))), BLOCK_V=128, BLOCK_H=64)
+        splits = 3
+    split_size = _cdiv(_cdiv(vocab, splits), tiles["BLOCK_V"]) * tiles["BLOCK_V"]
+    return dict(tiles, split_size=split_size)
+
+
+def _dot_dtype(tl, hidden, weight):
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+            torch.float64: tl.float64}[dtype]
+
+
+def _precision(dot) -> str | None:
+    """fp32 / fp64 operands are multiplied exactly ("ieee"), not through TF32; lower ones by default."""
+    return "ieee" if dot.primitive_bitwidth >= 32 else None
+
+
+def _side(tl, hidden, weight):
+    """(hidden, its row layout, weight with unit stride along H, dot dtype, precision) of one model."""
+    hidden, layout = _rows_of(hidden)
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    dot = _dot_dtype(tl, hidden, weight)
+    return hidden, layout, weight, dot, _precision(dot)
+
+
+class FusedProblem:
+    """Everything the fused kernels take besides the per-call row scale: the inputs, prepared once."""
+
+    def __init__(self, hs, ws, bs, ht, wt, bt, labels, canon: Canonical, inv_temp: float, vocab: int, soft: float,
+                 hard: float):
+        tl, _, _ = _launch._kernels()
+        self.n_rows = hs.numel() // hs.shape[-1]
+        self.vocab, self.canon = vocab, canon
+        self.hs, s_layout, self.ws, dot_s, prec_s = _side(tl, hs, ws)
+        self.ht, t_layout, self.wt, dot_t, prec_t = _side(tl, ht, wt)
+        self.bs, self.bt = bs, bt
+        self.labels = labels.reshape(-1).contiguous() if hard > 0 else None
+        self.acc = _launch._acc(tl, hs, ws, bs, ht, wt, bt)
+        kind, self.two_pass = _launch.kind_of(canon)
+        self.device = hs.device
+        self.shape_args = (self.hs.shape[-1], self.ht.shape[-1])
+        self.layout_args = (*s_layout, *t_layout, self.ws.stride(0), self.wt.stride(0))
+        self.scalars = (inv_temp, canon.c1, canon.c2)
+        self.weights = (soft, hard)
+        self.constexprs = dict(KIND=kind, HARD=hard > 0, STUDENT_IS_P=canon.student_is_p, HAS_BS=bs is not None,
+                               HAS_BT=bt is not None, DOT_S=dot_s, DOT_T=dot_t, PREC_S=prec_s, PREC_T=prec_t,
+                               ACC=self.acc)
+
+    @property
+    def acc_dtype(self) -> torch.dtype:
+        return _launch._acc_torch(self.acc)
+
+    eager = False  # gradients need the final statistics: they are computed in the backward
+
+    def forward(self):
+        loss, stats = fused_forward(self)
+        return loss, [stats]
+
+    def backward(self, saved, row_scale, needs):
+        return fused_backward(self, saved[0], row_scale, needs)
+
+    def pointers(self, stats):
+        """The input pointers, with a stand-in for absent biases and labels (constexpr flags skip them)."""
+        return (self.hs, self.ws, stats if self.bs is None else self.bs, self.ht, self.wt,
+                stats if self.bt is None else self.bt, stats if self.labels is None else self.labels)
+
+
+def fused_forward(problem: FusedProblem):
+    """Per-row losses soft·D + hard·CE [rows] and statistics [rows, NUM_STATS]."""
+    linear, logits = _linear(), _launch._kernels()[2]
+    n, dtype, device = problem.n_rows, problem.acc_dtype, problem.device
+    loss = _empty((n,), dtype, device)
+    stats = _empty((n, logits.NUM_STATS.value), dtype, device)
+    if n == 0:
+        return loss, stats
+    config = fused_config(n, problem.vocab, device)
+    split_size = config.pop("split_size")
+    n_splits = _cdiv(problem.vocab, split_size)
+    partial = _empty((n, n_splits, linear.NUM_PARTIAL.value), dtype, device)
+    *inputs, labels = problem.pointers(stats)
+    merge_block = min(128, _next_pow2(n))
+    for second in (False, True) if problem.two_pass else (False,):
+        linear.fused_forward_kernel[(_cdiv(n, config["BLOCK_N"]), n_splits)](
+            *inputs, labels, partial, stats, n, problem.vocab, *problem.shape_args, split_size, n_splits,
+            *problem.layout_args, *problem.scalars, SECOND_PASS=second, **problem.constexprs, **config,
+        )
+        linear.fused_merge_kernel[(_cdiv(n, merge_block),)](
+            partial, labels, loss, stats, n, n_splits, problem.vocab, *problem.scalars[1:], *problem.weights,
+            KIND=problem.constexprs["KIND"], SECOND_PASS=second, HARD=problem.constexprs["HARD"],
+            BLOCK_N=merge_block, ACC=problem.acc,
+        )
+    return loss, stats
+
+
+def _groups(total: int, block: int, bytes_per_item: int):
+    """[start, end) ranges of `total` items, whole blocks each, with scratch of at most SCRATCH_BYTES."""
+    per_group = max(block, SCRATCH_BYTES // max(1, bytes_per_item) // block * block)
+    return [(start, min(total, start + per_group)) for start in range(0, total, per_group)]
+
+
+def _scratch(grad: torch.Tensor | None, start: int, end: int, acc_dtype: torch.dtype, device):
+    """Where a group's float32 (ACC) sums go: the gradient's own rows when they already have that dtype."""
+    if grad is None:
+        return None
+    if grad.dtype == acc_dtype:
+        return grad[start:end]
+    return torch.zeros((end - start, grad.shape[1]), dtype=acc_dtype, device=device)
+
+
+def _flush(grad, scratch, start: int, end: int) -> None:
+    """Cast a group's sums into the gradient (nothing to do where they were accumulated in place)."""
+    if grad is not None and scratch.dtype != grad.dtype:
+        grad[start:end].copy_(scratch)
+
+
+def fused_backward(problem: FusedProblem, stats, row_scale, needs):
+    """Gradients (hs, ws, bs, ht, wt, bt) of Σ_r row_scale[r]·loss[r]; `needs` says which (None for the
+    others). Weight and bias rows past the shared vocabulary get zeros."""
+    linear = _linear()
+    need_hs, need_ws, need_bs, need_ht, need_wt, need_bt = needs
+    device, acc_dtype = problem.device, problem.acc_dtype
+    n, vocab = problem.n_rows, problem.vocab
+    (Hs, Ht), hs, ht = problem.shape_args, problem.hs, problem.ht
+
+    def zeros_like(t, need):
+        return torch.zeros(t.shape, dtype=t.dtype, device=device) if need else None
+
+    g_hs = torch.zeros((n, Hs), dtype=hs.dtype, device=device) if need_hs else None
+    g_ht = torch.zeros((n, Ht), dtype=ht.dtype, device=device) if need_ht else None
+    g_ws, g_wt = zeros_like(problem.ws, need_ws), zeros_like(problem.wt, need_wt)
+    g_bs = zeros_like(problem.bs, need_bs and problem.bs is not None)
+    g_bt = zeros_like(problem.bt, need_bt and problem.bt is not None)
+    if n == 0:
+        return g_hs, g_ws, g_bs, g_ht, g_wt, g_bt
+
+    config = fused_config(n, vocab, device)
+    config.pop("split_size")
+    row_scale = row_scale.contiguous()
+    *inputs, labels = problem.pointers(stats)
+    common = (*problem.layout_args, *problem.scalars, *problem.weights)
+    if need_hs or need_ht:
+        for start, end in _groups(n, config["BLOCK_N"], 4 * (Hs * need_hs + Ht * need_ht)):
+            s_hs, s_ht = _scratch(g_hs, start, end, acc_dtype, device), _scratch(g_ht, start, end, acc_dtype, device)
+            linear.fused_grad_hidden_kernel[(_cdiv(end - start, config["BLOCK_N"]),)](
+                *inputs, labels, stats, row_scale, stats if s_hs is None else s_hs, stats if s_ht is None else s_ht,
+                start, end, vocab, Hs, Ht, *common, GRAD_HS=need_hs, GRAD_HT=need_ht, **problem.constexprs,
+                **config,
+            )
+            _flush(g_hs, s_hs, start, end)
+            _flush(g_ht, s_ht, start, end)
+    if need_ws or need_wt or g_bs is not None or g_bt is not None:
+        for start, end in _groups(vocab, config["BLOCK_V"], 4 * (Hs * need_ws + Ht * need_wt)):
+            s_ws, s_wt = _scratch(g_ws, start, end, acc_dtype, device), _scratch(g_wt, start, end, acc_dtype, device)
+            linear.fused_grad_weight_kernel[(_cdiv(end - start, config["BLOCK_V"]),)](
+                *inputs, labels, stats, row_scale, stats if s_ws is None else s_ws, stats if g_bs is None else g_bs,
+                stats if s_wt is None else s_wt, stats if g_bt is None else g_bt, start, end, n, Hs, Ht, *common,
+                GRAD_WS=need_ws, GRAD_BS=g_bs is not None, GRAD_WT=need_wt, GRAD_BT=g_bt is not None,
+                **problem.constexprs, **config,
+            )
+            _flush(g_ws, s_ws, start, end)
+            _flush(g_wt, s_wt, start, end)
+    return g_hs, g_ws, g_bs, g_ht, g_wt, g_bt

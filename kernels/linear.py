@@ -1,0 +1,325 @@
+"""Fused lm_head distillation kernels: logit tiles h · Wᵀ (+ b) are computed inside the kernel, vocabulary
+block by vocabulary block, and fed to the per-tile math of `passes.py`; the [rows, V] logits never exist.
+
+Forward (lock-free, deterministic, as in verl's fused log-prob kernel): a grid of row blocks × vocabulary
+splits. `fused_forward_kernel` writes each (row, split)'s partial first-pass state; `fused_merge_kernel`
+merges the splits of each row (`first_pass_merge`, `hard_label_merge`) and finishes its statistics. The
+two-pass divergences run both kernels once more with SECOND_PASS, whose partial sums merge by addition.
+
+Backward: every program recomputes its logit tiles from the saved statistics and turns them into
+gradient tiles G = ∂ℓ/∂logits (row-scaled). Two ownership patterns keep it free of atomics:
+`fused_grad_hidden_kernel` owns row blocks and walks the vocabulary (dH[rows] += G · W[cols]);
+`fused_grad_weight_kernel` owns vocabulary blocks and walks the rows (dW[cols] += Gᵀ · h[rows],
+db[cols] += Σ_rows G). Both accumulate in float32 scratch that the launcher sizes to a memory budget.
+
+Hidden states are addressed by rows like the kernels on logits (two leading dims, arbitrary strides);
+weights are [V, H] with unit stride along H. Matmul operands are cast to the side's dot dtype (DOT_S,
+DOT_T: bf16/fp16 for tensor cores, or fp32 / fp64 with PRECISION "ieee" so fp32 stays exact).
+"""
+
+import triton
+import triton.language as tl
+
+from .cross_entropy import hard_label_merge
+from .divergences import NEG_INF, first_pass_merge
+from .logits import row_offsets
+from .passes import (
+    first_pass_results,
+    first_pass_tile,
+    gradient_tile,
+    load_stats,
+    scale_rows,
+    second_pass_results,
+    second_pass_tile,
+    store_stats,
+)
+
+# Partial per-(row, split) state of the first pass: m_x, s_x, m_y, s_y, acc1..3, m_c, s_c, s_lab.
+NUM_PARTIAL = tl.constexpr(10)
+
+
+@triton.jit
+def linear_tile(h_ptr, h_off, row_ok, w_ptr, w_stride, b_ptr, cols, col_ok, H, HAS_BIAS: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT: tl.constexpr,
+                PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """Raw logits h[rows] · W[cols]ᵀ + b[cols] [BLOCK_N, BLOCK_V] in ACC; columns outside are -inf."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], ACC)
+    w_rows = cols.to(tl.int64) * w_stride
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_ok = ks < H
+        h = tl.load(h_ptr + h_off[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + w_rows[None, :] + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(h.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    return tl.where(col_ok[None, :], acc, NEG_INF)
+
+
+@triton.jit
+def add_hidden_grad(g_ptr, g_off, row_ok, g, w_ptr, w_stride, cols, col_ok, H, BLOCK_H: tl.constexpr,
+                    DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """g_ptr[rows, :] += g · W[cols, :] (read-modify-write: the calling program owns these rows)."""
+    g = g.to(DOT)
+    w_rows = cols.to(tl.int64) * w_stride
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_ok = ks < H
+        w = tl.load(w_ptr + w_rows[:, None] + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        ptrs = g_ptr + g_off[:, None] + ks[None, :]
+        keep = row_ok[:, None] & k_ok[None, :]
+        acc = tl.dot(g, w.to(DOT), tl.load(ptrs, mask=keep, other=0.0), input_precision=PRECISION)
+        tl.store(ptrs, acc, mask=keep)
+
+
+@triton.jit
+def add_weight_grad(g_ptr, g_off, col_ok, g, h_ptr, h_off, row_ok, H, BLOCK_H: tl.constexpr, DOT: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """g_ptr[cols, :] += gᵀ · h[rows, :] (read-modify-write: the calling program owns these columns)."""
+    g_t = tl.trans(g.to(DOT))
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_ok = ks < H
+        h = tl.load(h_ptr + h_off[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        ptrs = g_ptr + g_off[:, None] + ks[None, :]
+        keep = col_ok[:, None] & k_ok[None, :]
+        acc = tl.dot(g_t, h.to(DOT), tl.load(ptrs, mask=keep, other=0.0), input_precision=PRECISION)
+        tl.store(ptrs, acc, mask=keep)
+
+
+@triton.jit
+def fused_forward_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, partial_ptr, stats_ptr,
+    n_rows, V, Hs, Ht, split_size, n_splits,
+    hs_inner, hs_outer, hs_stride, ht_inner, ht_outer, ht_stride, ws_stride, wt_stride,
+    inv_temp, c1, c2,
+    KIND: tl.constexpr, SECOND_PASS: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr,
+    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr, PREC_S: tl.constexpr,
+    PREC_T: tl.constexpr, ACC: tl.constexpr,
+):
+    """partial[row, split] = the pass's state of the row over vocabulary [split·split_size, +split_size).
+
+    SECOND_PASS reads the merged (m_x, ls_x, m_y, ls_y) of the first from `stats` and writes (y1, y2, y3).
+    """
+    pid_s = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    safe_rows = tl.minimum(rows, n_rows - 1)
+    hs_off = row_offsets(safe_rows, hs_inner, hs_outer, hs_stride)
+    ht_off = row_offsets(safe_rows, ht_inner, ht_outer, ht_stride)
+    v_lo = pid_s * split_size
+    v_hi = tl.minimum(V, v_lo + split_size)
+    vcols = tl.arange(0, BLOCK_V)
+    part = partial_ptr + (rows.to(tl.int64) * n_splits + pid_s) * NUM_PARTIAL
+
+    if SECOND_PASS:
+        m_x, ls_x, m_y, ls_y, _a1, _a2, _a3, _L, _mc, _lc = load_stats(stats_ptr, safe_rows)
+        y1 = tl.zeros([BLOCK_N], ACC)
+        y2 = tl.zeros([BLOCK_N], ACC)
+        y3 = tl.zeros([BLOCK_N], ACC)
+        for v0 in range(v_lo, v_hi, BLOCK_V):
+            cols = v0 + vcols
+            col_ok = cols < v_hi
+            s = linear_tile(hs_ptr, hs_off, row_ok, ws_ptr, ws_stride, bs_ptr, cols, col_ok, Hs, HAS_BS, BLOCK_N,
+                            BLOCK_V, BLOCK_H, DOT_S, PREC_S, ACC)
+            t = linear_tile(ht_ptr, ht_off, row_ok, wt_ptr, wt_stride, bt_ptr, cols, col_ok, Ht, HAS_BT, BLOCK_N,
+                            BLOCK_V, BLOCK_H, DOT_T, PREC_T, ACC)
+            t1, t2, t3 = second_pass_tile(KIND, STUDENT_IS_P, s, t, inv_temp, m_x, ls_x, m_y, ls_y, c1, c2)
+            y1 += t1
+            y2 += t2
+            y3 += t3
+        tl.store(part + 0, y1, mask=row_ok)
+        tl.store(part + 1, y2, mask=row_ok)
+        tl.store(part + 2, y3, mask=row_ok)
+    else:
+        labels = tl.zeros([BLOCK_N], tl.int64)
+        if HARD:
+            labels = tl.load(labels_ptr + safe_rows).to(tl.int64)
+        m_x = tl.full([BLOCK_N], NEG_INF, ACC)
+        m_y = tl.full([BLOCK_N], NEG_INF, ACC)
+        m_c = tl.full([BLOCK_N], NEG_INF, ACC)
+        s_x = tl.zeros([BLOCK_N], ACC)
+        s_y = tl.zeros([BLOCK_N], ACC)
+        s_c = tl.zeros([BLOCK_N], ACC)
+        s_lab = tl.zeros([BLOCK_N], ACC)
+        acc1 = tl.zeros([BLOCK_N], ACC)
+        acc2 = tl.zeros([BLOCK_N], ACC)
+        acc3 = tl.zeros([BLOCK_N], ACC)
+        for v0 in range(v_lo, v_hi, BLOCK_V):
+            cols = v0 + vcols
+            col_ok = cols < v_hi
+            s = linear_tile(hs_ptr, hs_off, row_ok, ws_ptr, ws_stride, bs_ptr, cols, col_ok, Hs, HAS_BS, BLOCK_N,
+                            BLOCK_V, BLOCK_H, DOT_S, PREC_S, ACC)
+            t = linear_tile(ht_ptr, ht_off, row_ok, wt_ptr, wt_stride, bt_ptr, cols, col_ok, Ht, HAS_BT, BLOCK_N,
+                            BLOCK_V, BLOCK_H, DOT_T, PREC_T, ACC)
+            m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab = first_pass_tile(
+                KIND, HARD, STUDENT_IS_P, s, t, cols, labels, inv_temp, m_x, s_x, m_y, s_y, acc1, acc2, acc3,
+                m_c, s_c, s_lab, c1, c2)
+        tl.store(part + 0, m_x, mask=row_ok)
+        tl.store(part + 1, s_x, mask=row_ok)
+        tl.store(part + 2, m_y, mask=row_ok)
+        tl.store(part + 3, s_y, mask=row_ok)
+        tl.store(part + 4, acc1, mask=row_ok)
+        tl.store(part + 5, acc2, mask=row_ok)
+        tl.store(part + 6, acc3, mask=row_ok)
+        tl.store(part + 7, m_c, mask=row_ok)
+        tl.store(part + 8, s_c, mask=row_ok)
+        tl.store(part + 9, s_lab, mask=row_ok)
+
+
+@triton.jit
+def fused_merge_kernel(
+    partial_ptr, labels_ptr, loss_ptr, stats_ptr, n_rows, n_splits, V, c1, c2, soft, hard,
+    KIND: tl.constexpr, SECOND_PASS: tl.constexpr, HARD: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+):
+    """Merge each row's splits: stats[row] and loss[row] (the second pass adds soft·L to the loss)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    safe_rows = tl.minimum(rows, n_rows - 1)
+    part = partial_ptr + safe_rows.to(tl.int64) * n_splits * NUM_PARTIAL
+    if SECOND_PASS:
+        y1 = tl.zeros([BLOCK_N], ACC)
+        y2 = tl.zeros([BLOCK_N], ACC)
+        y3 = tl.zeros([BLOCK_N], ACC)
+        for j in range(0, n_splits):
+            y1 += tl.load(part + j * NUM_PARTIAL + 0)
+            y2 += tl.load(part + j * NUM_PARTIAL + 1)
+            y3 += tl.load(part + j * NUM_PARTIAL + 2)
+        m_x, ls_x, m_y, ls_y, _a1, _a2, _a3, _L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
+        aux1, aux2, aux3, L = second_pass_results(KIND, y1, y2, y3, c1, c2)
+        store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c)
+        tl.store(loss_ptr + rows, tl.load(loss_ptr + safe_rows) + soft * L, mask=row_ok)
+    else:
+        m_x = tl.load(part + 0)
+        s_x = tl.load(part + 1)
+        m_y = tl.load(part + 2)
+        s_y = tl.load(part + 3)
+        acc1 = tl.load(part + 4)
+        acc2 = tl.load(part + 5)
+        acc3 = tl.load(part + 6)
+        m_c = tl.load(part + 7)
+        s_c = tl.load(part + 8)
+        s_lab = tl.load(part + 9)
+        for j in range(1, n_splits):
+            p = part + j * NUM_PARTIAL
+            m_x, s_x, m_y, s_y, acc1, acc2, acc3 = first_pass_merge(
+                KIND, m_x, s_x, m_y, s_y, acc1, acc2, acc3, tl.load(p + 0), tl.load(p + 1), tl.load(p + 2),
+                tl.load(p + 3), tl.load(p + 4), tl.load(p + 5), tl.load(p + 6), c1, c2)
+            if HARD:
+                m_c, s_c, s_lab = hard_label_merge(m_c, s_c, s_lab, tl.load(p + 7), tl.load(p + 8), tl.load(p + 9))
+        labels = tl.zeros([BLOCK_N], tl.int64)
+        if HARD:
+            labels = tl.load(labels_ptr + safe_rows).to(tl.int64)
+        ls_x, ls_y, aux1, aux2, aux3, L, ls_c, loss = first_pass_results(
+            KIND, HARD, m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab, labels, V, c1, c2, soft, hard)
+        store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c)
+        tl.store(loss_ptr + rows, loss, mask=row_ok)
+
+
+@triton.jit
+def gradient_tiles(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, labels, stats_ptr,
+    safe_rows, scale, Hs, Ht, ws_stride, wt_stride, inv_temp, c1, c2, soft, hard,
+    KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, HAS_BS: tl.constexpr,
+    HAS_BT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_S: tl.constexpr, DOT_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr, ACC: tl.constexpr,
+):
+    """Recomputed logit tiles → row-scaled gradient tiles (G_s, G_t), exactly 0 outside rows / cols."""
+    s = linear_tile(hs_ptr, hs_off, row_ok, ws_ptr, ws_stride, bs_ptr, cols, col_ok, Hs, HAS_BS, BLOCK_N, BLOCK_V,
+                    BLOCK_H, DOT_S, PREC_S, ACC)
+    t = linear_tile(ht_ptr, ht_off, row_ok, wt_ptr, wt_stride, bt_ptr, cols, col_ok, Ht, HAS_BT, BLOCK_N, BLOCK_V,
+                    BLOCK_H, DOT_T, PREC_T, ACC)
+    m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
+    g_s, g_t = gradient_tile(KIND, HARD, STUDENT_IS_P, s, t, cols, labels, inv_temp, m_x, ls_x, m_y, ls_y, aux1,
+                             aux2, aux3, L, m_c, ls_c, c1, c2, soft, hard)
+    live = (scale != 0) & row_ok
+    g_s = tl.where(col_ok[None, :], scale_rows(g_s, scale, live), 0.0)
+    g_t = tl.where(col_ok[None, :], scale_rows(g_t, scale, live), 0.0)
+    return g_s, g_t
+
+
+@triton.jit
+def fused_grad_hidden_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, stats_ptr, row_scale_ptr, ghs_ptr, ght_ptr,
+    row_start, row_end, V, Hs, Ht,
+    hs_inner, hs_outer, hs_stride, ht_inner, ht_outer, ht_stride, ws_stride, wt_stride,
+    inv_temp, c1, c2, soft, hard,
+    KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, HAS_BS: tl.constexpr,
+    HAS_BT: tl.constexpr, GRAD_HS: tl.constexpr, GRAD_HT: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr, ACC: tl.constexpr,
+):
+    """ghs[row − row_start] += Σ_v G_s[row, v] · W_s[v] (and ght likewise) for rows [row_start, row_end)."""
+    rows = row_start + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < row_end
+    safe_rows = tl.minimum(rows, row_end - 1)
+    hs_off = row_offsets(safe_rows, hs_inner, hs_outer, hs_stride)
+    ht_off = row_offsets(safe_rows, ht_inner, ht_outer, ht_stride)
+    local = (safe_rows - row_start).to(tl.int64)
+    labels = tl.zeros([BLOCK_N], tl.int64)
+    if HARD:
+        labels = tl.load(labels_ptr + safe_rows).to(tl.int64)
+    scale = tl.load(row_scale_ptr + safe_rows).to(ACC)
+    vcols = tl.arange(0, BLOCK_V)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + vcols
+        col_ok = cols < V
+        g_s, g_t = gradient_tiles(
+            hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, labels, stats_ptr,
+            safe_rows, scale, Hs, Ht, ws_stride, wt_stride, inv_temp, c1, c2, soft, hard, KIND, HARD, STUDENT_IS_P,
+            HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, PREC_S, PREC_T, ACC)
+        if GRAD_HS:
+            add_hidden_grad(ghs_ptr, local * Hs, row_ok, g_s, ws_ptr, ws_stride, cols, col_ok, Hs, BLOCK_H, DOT_S,
+                            PREC_S)
+        if GRAD_HT:
+            add_hidden_grad(ght_ptr, local * Ht, row_ok, g_t, wt_ptr, wt_stride, cols, col_ok, Ht, BLOCK_H, DOT_T,
+                            PREC_T)
+
+
+@triton.jit
+def fused_grad_weight_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, stats_ptr, row_scale_ptr,
+    gws_ptr, gbs_ptr, gwt_ptr, gbt_ptr,
+    col_start, col_end, n_rows, Hs, Ht,
+    hs_inner, hs_outer, hs_stride, ht_inner, ht_outer, ht_stride, ws_stride, wt_stride,
+    inv_temp, c1, c2, soft, hard,
+    KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, HAS_BS: tl.constexpr,
+    HAS_BT: tl.constexpr, GRAD_WS: tl.constexpr, GRAD_BS: tl.constexpr, GRAD_WT: tl.constexpr,
+    GRAD_BT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_S: tl.constexpr, DOT_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr, ACC: tl.constexpr,
+):
+    """gws[v − col_start] += Σ_rows G_s[row, v] · h_s[row], gbs[v] = Σ_rows G_s[row, v] (teacher likewise),
+    for vocabulary entries [col_start, col_end). Bias gradients are indexed by v itself."""
+    cols = col_start + tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < col_end
+    local = (cols - col_start).to(tl.int64)
+    db_s = tl.zeros([BLOCK_V], ACC)
+    db_t = tl.zeros([BLOCK_V], ACC)
+    rvec = tl.arange(0, BLOCK_N)
+    for r0 in range(0, n_rows, BLOCK_N):
+        rows = r0 + rvec
+        row_ok = rows < n_rows
+        safe_rows = tl.minimum(rows, n_rows - 1)
+        hs_off = row_offsets(safe_rows, hs_inner, hs_outer, hs_stride)
+        ht_off = row_offsets(safe_rows, ht_inner, ht_outer, ht_stride)
+        labels = tl.zeros([BLOCK_N], tl.int64)
+        if HARD:
+            labels = tl.load(labels_ptr + safe_rows).to(tl.int64)
+        scale = tl.load(row_scale_ptr + safe_rows).to(ACC)
+        g_s, g_t = gradient_tiles(
+            hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, labels, stats_ptr,
+            safe_rows, scale, Hs, Ht, ws_stride, wt_stride, inv_temp, c1, c2, soft, hard, KIND, HARD, STUDENT_IS_P,
+            HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, PREC_S, PREC_T, ACC)
+        if GRAD_WS:
+            add_weight_grad(gws_ptr, local * Hs, col_ok, g_s, hs_ptr, hs_off, row_ok, Hs, BLOCK_H, DOT_S, PREC_S)
+        if GRAD_WT:
+            add_weight_grad(gwt_ptr, local * Ht, col_ok, g_t, ht_ptr, ht_off, row_ok, Ht, BLOCK_H, DOT_T, PREC_T)
+        if GRAD_BS:
+            db_s += tl.sum(g_s, axis=0)
+        if GRAD_BT:
+            db_t += tl.sum(g_t, axis=0)
+    if GRAD_BS:
+        tl.store(gbs_ptr + cols, db_s.to(gbs_ptr.dtype.element_ty), mask=col_ok)
+    if GRAD_BT:
+        tl.store(gbt_ptr + cols, db_t.to(gbt_ptr.dtype.element_ty), mask=col_ok)
