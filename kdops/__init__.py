@@ -14,11 +14,11 @@ from .divergences import (
     TVD,
     as_divergence,
 )
-from .modules import KDLoss
+from .modules import FusedLinearKDLoss, KDLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "kd_loss", "fused_linear_kd_loss", "KDLoss", "reference", "Divergence", "ForwardKL", "ReverseKL", "GeneralizedJSD",
+    "kd_loss", "fused_linear_kd_loss", "KDLoss", "FusedLinearKDLoss", "reference", "Divergence", "ForwardKL", "ReverseKL", "GeneralizedJSD",
     "SkewForwardKL", "SkewReverseKL", "TVD", "AlphaBeta", "DIVERGENCES", "as_divergence",
 ]

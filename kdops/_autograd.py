@@ -41,7 +41,8 @@ class FusedLinearKDFunction(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[3:])
         ctx.problem, ctx.needs, ctx.shapes = problem, needs, [None if x is None else x.shape for x in
                                                               (hs, ws, bs, ht, wt, bt)]
-        if row_weight is not None:
+        ctx.eager = row_weight is not None
+        if ctx.eager:
             rows, ctx.eager_grads = problem.loss_and_grads(row_weight if any(needs) else None, needs)
             return (torch.where(mask, rows, 0.0) * row_weight).sum()
         rows, saved = problem.forward()
@@ -50,7 +51,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if hasattr(ctx, "eager_grads"):
+        if ctx.eager:
             grads = ctx.__dict__.pop("eager_grads", None)
             if grads is None:
                 raise RuntimeError("kdops: this loss's gradients were computed in its forward and have been used; "

@@ -35,9 +35,9 @@ def bytes_per_row(vocab: int, engine: str, weight_dtypes, acc_dtype: torch.dtype
 def chunk_rows(n_rows: int, per_row: int, budget: int | None) -> int:
     """Rows per chunk under `budget` bytes (default CHUNK_BYTES), a multiple of 16 when at least 16."""
     rows = max(1, (CHUNK_BYTES if budget is None else budget) // per_row)
-    if rows >= 16:
-        rows -= rows % 16
-    return min(rows, max(n_rows, 1))
+    if rows >= n_rows:
+        return max(n_rows, 1)
+    return rows - rows % 16 if rows >= 16 else rows
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -47,12 +47,14 @@ def _precision(dot) -> str | None:
 
 
 def _side(tl, hidden, weight):
-    """(hidden, its row layout, weight with unit stride along H, dot dtype, precision) of one model."""
+    """(hidden, its row layout, weight with unit stride along H, dot dtype, multiply dtype, precision)."""
     hidden, layout = _rows_of(hidden)
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     dot = _dot_dtype(tl, hidden, weight)
-    return hidden, layout, weight, dot, _precision(dot)
+    # The interpreter's 16-bit dot is wrong (Triton 3.9): multiply the rounded operands in fp32 there.
+    mma = tl.float32 if hidden.device.type != "cuda" and dot.primitive_bitwidth < 32 else dot
+    return hidden, layout, weight, dot, mma, _precision(dot)
 
 
 class FusedProblem:
@@ -63,8 +65,8 @@ class FusedProblem:
         tl, _, _ = _launch._kernels()
         self.n_rows = hs.numel() // hs.shape[-1]
         self.vocab, self.canon = vocab, canon
-        self.hs, s_layout, self.ws, dot_s, prec_s = _side(tl, hs, ws)
-        self.ht, t_layout, self.wt, dot_t, prec_t = _side(tl, ht, wt)
+        self.hs, s_layout, self.ws, dot_s, mma_s, prec_s = _side(tl, hs, ws)
+        self.ht, t_layout, self.wt, dot_t, mma_t, prec_t = _side(tl, ht, wt)
         self.bs, self.bt = bs, bt
         self.labels = labels.reshape(-1).contiguous() if hard > 0 else None
         self.acc = _launch._acc(tl, hs, ws, bs, ht, wt, bt)
@@ -75,7 +77,8 @@ class FusedProblem:
         self.scalars = (inv_temp, canon.c1, canon.c2)
         self.weights = (soft, hard)
         self.constexprs = dict(KIND=kind, HARD=hard > 0, STUDENT_IS_P=canon.student_is_p, HAS_BS=bs is not None,
-                               HAS_BT=bt is not None, DOT_S=dot_s, DOT_T=dot_t, PREC_S=prec_s, PREC_T=prec_t,
+                               HAS_BT=bt is not None, DOT_S=dot_s, DOT_T=dot_t, MMA_S=mma_s, MMA_T=mma_t,
+                               PREC_S=prec_s, PREC_T=prec_t,
                                ACC=self.acc)
 
     @property

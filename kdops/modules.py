@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import BACKENDS, REDUCTIONS, check_choice, check_ignore_index, check_temperature
-from .api import kd_loss
+from ._validation import (
+    BACKENDS,
+    IMPLS,
+    REDUCTIONS,
+    _check_weight_factor,
+    check_choice,
+    check_chunk_bytes,
+    check_ignore_index,
+    check_temperature,
+)
+from .api import fused_linear_kd_loss, kd_loss
 from .divergences import as_divergence
 
 
@@ -31,6 +40,35 @@ class KDLoss(torch.nn.Module):
     def forward(self, student_logits, teacher_logits, labels=None, num_items_in_batch=None):
         return kd_loss(student_logits, teacher_logits, labels, divergence=self.divergence,
                        num_items_in_batch=num_items_in_batch, **self.options)
+
+    def extra_repr(self) -> str:
+        return f"divergence={self.divergence}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class FusedLinearKDLoss(torch.nn.Module):
+    """`kdops.fused_linear_kd_loss` as a module: the constructor takes the options, forward the tensors.
+
+    ``FusedLinearKDLoss(divergence="generalized_jsd", hard_weight=0.5)(student_hidden, student_weight,
+    teacher_hidden, teacher_weight, labels)``; biases and `num_items_in_batch` are forward arguments.
+    """
+
+    def __init__(self, *, divergence="forward_kl", temperature=1.0, ignore_index=-100, reduction="batchmean",
+                 hard_weight=0.0, soft_weight=1.0, impl="auto", backend="auto", chunk_bytes=None):
+        super().__init__()
+        self.divergence = as_divergence(divergence)
+        _check_options(temperature, ignore_index, reduction, backend)
+        check_choice("impl", impl, IMPLS)
+        check_chunk_bytes(chunk_bytes)
+        self.options = dict(temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+                            hard_weight=_check_weight_factor("hard_weight", hard_weight),
+                            soft_weight=_check_weight_factor("soft_weight", soft_weight), impl=impl, backend=backend,
+                            chunk_bytes=chunk_bytes)
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
+                student_bias=None, teacher_bias=None, num_items_in_batch=None):
+        return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                                    divergence=self.divergence, student_bias=student_bias, teacher_bias=teacher_bias,
+                                    num_items_in_batch=num_items_in_batch, **self.options)
 
     def extra_repr(self) -> str:
         return f"divergence={self.divergence}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -14,7 +14,8 @@ db[cols] += Σ_rows G). Both accumulate in float32 scratch that the launcher siz
 
 Hidden states are addressed by rows like the kernels on logits (two leading dims, arbitrary strides);
 weights are [V, H] with unit stride along H. Matmul operands are cast to the side's dot dtype (DOT_S,
-DOT_T: bf16/fp16 for tensor cores, or fp32 / fp64 with PRECISION "ieee" so fp32 stays exact).
+DOT_T: bf16/fp16 for tensor cores, or fp32 / fp64 with PRECISION "ieee" so fp32 stays exact; see
+`operand` for MMA_S, MMA_T).
 """
 
 import triton
@@ -39,9 +40,17 @@ NUM_PARTIAL = tl.constexpr(10)
 
 
 @triton.jit
+def operand(x, DOT: tl.constexpr, MMA: tl.constexpr):
+    """A matmul operand rounded to DOT, multiplied as MMA: MMA is DOT itself except under Triton's
+    interpreter, whose bf16 dot is broken; there 16-bit operands are rounded, then multiplied in fp32
+    (the products are exact, so the result is what the GPU computes, up to summation order)."""
+    return x.to(DOT).to(MMA)
+
+
+@triton.jit
 def linear_tile(h_ptr, h_off, row_ok, w_ptr, w_stride, b_ptr, cols, col_ok, H, HAS_BIAS: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT: tl.constexpr,
-                PRECISION: tl.constexpr, ACC: tl.constexpr):
+                MMA: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """Raw logits h[rows] · W[cols]ᵀ + b[cols] [BLOCK_N, BLOCK_V] in ACC; columns outside are -inf."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], ACC)
     w_rows = cols.to(tl.int64) * w_stride
@@ -50,7 +59,7 @@ def linear_tile(h_ptr, h_off, row_ok, w_ptr, w_stride, b_ptr, cols, col_ok, H, H
         k_ok = ks < H
         h = tl.load(h_ptr + h_off[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + w_rows[None, :] + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(h.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
+        acc = tl.dot(operand(h, DOT, MMA), operand(w, DOT, MMA), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     return tl.where(col_ok[None, :], acc, NEG_INF)
@@ -58,9 +67,9 @@ def linear_tile(h_ptr, h_off, row_ok, w_ptr, w_stride, b_ptr, cols, col_ok, H, H
 
 @triton.jit
 def add_hidden_grad(g_ptr, g_off, row_ok, g, w_ptr, w_stride, cols, col_ok, H, BLOCK_H: tl.constexpr,
-                    DOT: tl.constexpr, PRECISION: tl.constexpr):
+                    DOT: tl.constexpr, MMA: tl.constexpr, PRECISION: tl.constexpr):
     """g_ptr[rows, :] += g · W[cols, :] (read-modify-write: the calling program owns these rows)."""
-    g = g.to(DOT)
+    g = operand(g, DOT, MMA)
     w_rows = cols.to(tl.int64) * w_stride
     for k0 in range(0, H, BLOCK_H):
         ks = k0 + tl.arange(0, BLOCK_H)
@@ -68,22 +77,22 @@ def add_hidden_grad(g_ptr, g_off, row_ok, g, w_ptr, w_stride, cols, col_ok, H, B
         w = tl.load(w_ptr + w_rows[:, None] + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         ptrs = g_ptr + g_off[:, None] + ks[None, :]
         keep = row_ok[:, None] & k_ok[None, :]
-        acc = tl.dot(g, w.to(DOT), tl.load(ptrs, mask=keep, other=0.0), input_precision=PRECISION)
+        acc = tl.dot(g, operand(w, DOT, MMA), tl.load(ptrs, mask=keep, other=0.0), input_precision=PRECISION)
         tl.store(ptrs, acc, mask=keep)
 
 
 @triton.jit
 def add_weight_grad(g_ptr, g_off, col_ok, g, h_ptr, h_off, row_ok, H, BLOCK_H: tl.constexpr, DOT: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    MMA: tl.constexpr, PRECISION: tl.constexpr):
     """g_ptr[cols, :] += gᵀ · h[rows, :] (read-modify-write: the calling program owns these columns)."""
-    g_t = tl.trans(g.to(DOT))
+    g_t = tl.trans(operand(g, DOT, MMA))
     for k0 in range(0, H, BLOCK_H):
         ks = k0 + tl.arange(0, BLOCK_H)
         k_ok = ks < H
         h = tl.load(h_ptr + h_off[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         ptrs = g_ptr + g_off[:, None] + ks[None, :]
         keep = col_ok[:, None] & k_ok[None, :]
-        acc = tl.dot(g_t, h.to(DOT), tl.load(ptrs, mask=keep, other=0.0), input_precision=PRECISION)
+        acc = tl.dot(g_t, operand(h, DOT, MMA), tl.load(ptrs, mask=keep, other=0.0), input_precision=PRECISION)
         tl.store(ptrs, acc, mask=keep)
 
 
@@ -95,7 +104,8 @@ def fused_forward_kernel(
     inv_temp, c1, c2,
     KIND: tl.constexpr, SECOND_PASS: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr,
     HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr, PREC_S: tl.constexpr,
+    BLOCK_H: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr, MMA_S: tl.constexpr, MMA_T: tl.constexpr,
+    PREC_S: tl.constexpr,
     PREC_T: tl.constexpr, ACC: tl.constexpr,
 ):
     """partial[row, split] = the pass's state of the row over vocabulary [split·split_size, +split_size).
@@ -122,9 +132,9 @@ def fused_forward_kernel(
             cols = v0 + vcols
             col_ok = cols < v_hi
             s = linear_tile(hs_ptr, hs_off, row_ok, ws_ptr, ws_stride, bs_ptr, cols, col_ok, Hs, HAS_BS, BLOCK_N,
-                            BLOCK_V, BLOCK_H, DOT_S, PREC_S, ACC)
+                            BLOCK_V, BLOCK_H, DOT_S, MMA_S, PREC_S, ACC)
             t = linear_tile(ht_ptr, ht_off, row_ok, wt_ptr, wt_stride, bt_ptr, cols, col_ok, Ht, HAS_BT, BLOCK_N,
-                            BLOCK_V, BLOCK_H, DOT_T, PREC_T, ACC)
+                            BLOCK_V, BLOCK_H, DOT_T, MMA_T, PREC_T, ACC)
             t1, t2, t3 = second_pass_tile(KIND, STUDENT_IS_P, s, t, inv_temp, m_x, ls_x, m_y, ls_y, c1, c2)
             y1 += t1
             y2 += t2
@@ -150,9 +160,9 @@ def fused_forward_kernel(
             cols = v0 + vcols
             col_ok = cols < v_hi
             s = linear_tile(hs_ptr, hs_off, row_ok, ws_ptr, ws_stride, bs_ptr, cols, col_ok, Hs, HAS_BS, BLOCK_N,
-                            BLOCK_V, BLOCK_H, DOT_S, PREC_S, ACC)
+                            BLOCK_V, BLOCK_H, DOT_S, MMA_S, PREC_S, ACC)
             t = linear_tile(ht_ptr, ht_off, row_ok, wt_ptr, wt_stride, bt_ptr, cols, col_ok, Ht, HAS_BT, BLOCK_N,
-                            BLOCK_V, BLOCK_H, DOT_T, PREC_T, ACC)
+                            BLOCK_V, BLOCK_H, DOT_T, MMA_T, PREC_T, ACC)
             m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab = first_pass_tile(
                 KIND, HARD, STUDENT_IS_P, s, t, cols, labels, inv_temp, m_x, s_x, m_y, s_y, acc1, acc2, acc3,
                 m_c, s_c, s_lab, c1, c2)
@@ -223,13 +233,14 @@ def gradient_tiles(
     safe_rows, scale, Hs, Ht, ws_stride, wt_stride, inv_temp, c1, c2, soft, hard,
     KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, HAS_BS: tl.constexpr,
     HAS_BT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_S: tl.constexpr, DOT_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr, ACC: tl.constexpr,
+    DOT_S: tl.constexpr, DOT_T: tl.constexpr, MMA_S: tl.constexpr, MMA_T: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr, ACC: tl.constexpr,
 ):
     """Recomputed logit tiles → row-scaled gradient tiles (G_s, G_t), exactly 0 outside rows / cols."""
     s = linear_tile(hs_ptr, hs_off, row_ok, ws_ptr, ws_stride, bs_ptr, cols, col_ok, Hs, HAS_BS, BLOCK_N, BLOCK_V,
-                    BLOCK_H, DOT_S, PREC_S, ACC)
+                    BLOCK_H, DOT_S, MMA_S, PREC_S, ACC)
     t = linear_tile(ht_ptr, ht_off, row_ok, wt_ptr, wt_stride, bt_ptr, cols, col_ok, Ht, HAS_BT, BLOCK_N, BLOCK_V,
-                    BLOCK_H, DOT_T, PREC_T, ACC)
+                    BLOCK_H, DOT_T, MMA_T, PREC_T, ACC)
     m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
     g_s, g_t = gradient_tile(KIND, HARD, STUDENT_IS_P, s, t, cols, labels, inv_temp, m_x, ls_x, m_y, ls_y, aux1,
                              aux2, aux3, L, m_c, ls_c, c1, c2, soft, hard)
@@ -247,8 +258,8 @@ def fused_grad_hidden_kernel(
     inv_temp, c1, c2, soft, hard,
     KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, HAS_BS: tl.constexpr,
     HAS_BT: tl.constexpr, GRAD_HS: tl.constexpr, GRAD_HT: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr,
-    PREC_S: tl.constexpr, PREC_T: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr, MMA_S: tl.constexpr,
+    MMA_T: tl.constexpr,     PREC_S: tl.constexpr, PREC_T: tl.constexpr, ACC: tl.constexpr,
 ):
     """ghs[row − row_start] += Σ_v G_s[row, v] · W_s[v] (and ght likewise) for rows [row_start, row_end)."""
     rows = row_start + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -268,13 +279,13 @@ def fused_grad_hidden_kernel(
         g_s, g_t = gradient_tiles(
             hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, labels, stats_ptr,
             safe_rows, scale, Hs, Ht, ws_stride, wt_stride, inv_temp, c1, c2, soft, hard, KIND, HARD, STUDENT_IS_P,
-            HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, PREC_S, PREC_T, ACC)
+            HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S, MMA_T, PREC_S, PREC_T, ACC)
         if GRAD_HS:
             add_hidden_grad(ghs_ptr, local * Hs, row_ok, g_s, ws_ptr, ws_stride, cols, col_ok, Hs, BLOCK_H, DOT_S,
-                            PREC_S)
+                            MMA_S, PREC_S)
         if GRAD_HT:
             add_hidden_grad(ght_ptr, local * Ht, row_ok, g_t, wt_ptr, wt_stride, cols, col_ok, Ht, BLOCK_H, DOT_T,
-                            PREC_T)
+                            MMA_T, PREC_T)
 
 
 @triton.jit
@@ -287,7 +298,8 @@ def fused_grad_weight_kernel(
     KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, HAS_BS: tl.constexpr,
     HAS_BT: tl.constexpr, GRAD_WS: tl.constexpr, GRAD_BS: tl.constexpr, GRAD_WT: tl.constexpr,
     GRAD_BT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_S: tl.constexpr, DOT_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr, ACC: tl.constexpr,
+    DOT_S: tl.constexpr, DOT_T: tl.constexpr, MMA_S: tl.constexpr, MMA_T: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr, ACC: tl.constexpr,
 ):
     """gws[v − col_start] += Σ_rows G_s[row, v] · h_s[row], gbs[v] = Σ_rows G_s[row, v] (teacher likewise),
     for vocabulary entries [col_start, col_end). Bias gradients are indexed by v itself."""
@@ -310,11 +322,13 @@ def fused_grad_weight_kernel(
         g_s, g_t = gradient_tiles(
             hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, labels, stats_ptr,
             safe_rows, scale, Hs, Ht, ws_stride, wt_stride, inv_temp, c1, c2, soft, hard, KIND, HARD, STUDENT_IS_P,
-            HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, PREC_S, PREC_T, ACC)
+            HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S, MMA_T, PREC_S, PREC_T, ACC)
         if GRAD_WS:
-            add_weight_grad(gws_ptr, local * Hs, col_ok, g_s, hs_ptr, hs_off, row_ok, Hs, BLOCK_H, DOT_S, PREC_S)
+            add_weight_grad(gws_ptr, local * Hs, col_ok, g_s, hs_ptr, hs_off, row_ok, Hs, BLOCK_H, DOT_S, MMA_S,
+                            PREC_S)
         if GRAD_WT:
-            add_weight_grad(gwt_ptr, local * Ht, col_ok, g_t, ht_ptr, ht_off, row_ok, Ht, BLOCK_H, DOT_T, PREC_T)
+            add_weight_grad(gwt_ptr, local * Ht, col_ok, g_t, ht_ptr, ht_off, row_ok, Ht, BLOCK_H, DOT_T, MMA_T,
+                            PREC_T)
         if GRAD_BS:
             db_s += tl.sum(g_s, axis=0)
         if GRAD_BT:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import kdops
+import kdops._chunked
 import kdops._torch_backend
 from bench.memory import AllocationTracker
 from oracle import logit_pair
@@ -44,3 +45,46 @@ def test_torch_backend_temporaries_within_budget(divergence, monkeypatch):
     student, teacher = logit_pair((rows, vocab), torch.float32, DEVICE)
     tracker, grad_bytes = _measure(student, teacher, divergence=divergence, backend="torch", teacher_grad=True)
     assert tracker.peak - grad_bytes <= budget
+
+
+def _measure_fused(x, **kwargs):
+    """Allocations of forward + backward of fused_linear_kd_loss, and the bytes of the gradients."""
+    inputs = {k: (v.detach().requires_grad_(True) if v.is_floating_point() else v) for k, v in x.items()}
+    with AllocationTracker() as tracker:
+        kdops.fused_linear_kd_loss(**inputs, **kwargs).backward()
+        grad_bytes = sum(v.grad.numel() * v.grad.element_size() for v in inputs.values() if v.grad is not None)
+    return tracker, grad_bytes
+
+
+def _fused_inputs(rows, vocab, hs, ht, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = dict(student_hidden=torch.randn(rows, hs, generator=g), student_weight=torch.randn(vocab, hs, generator=g),
+             teacher_hidden=torch.randn(rows, ht, generator=g), teacher_weight=torch.randn(vocab, ht, generator=g),
+             student_bias=torch.randn(vocab, generator=g), labels=torch.randint(0, vocab, (rows,), generator=g))
+    return {k: v.to(DEVICE, dtype) if v.is_floating_point() else v.to(DEVICE) for k, v in x.items()}
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "generalized_jsd"])
+def test_fused_impl_never_allocates_rows_by_vocab(divergence):
+    """impl="fused": no tensor of N·V/4 elements or more, ever (the weights are smaller than that here)."""
+    rows, vocab = 1024, 1000
+    x = _fused_inputs(rows, vocab, 24, 40, torch.bfloat16)
+    tracker, _ = _measure_fused(x, divergence=divergence, impl="fused", backend="triton", hard_weight=0.5)
+    element_bytes = 1  # the smallest element: any tensor of N·V/4 elements has at least this many bytes
+    assert tracker.allocations, "the tracker saw nothing"
+    assert tracker.largest < rows * vocab // 4 * element_bytes
+    assert x["teacher_weight"].numel() * 4 <= tracker.largest  # the float32 dW scratch was seen
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "generalized_jsd"])
+def test_chunked_impl_stays_within_its_chunk_budget(divergence, backend):
+    """impl="chunked": beyond the inputs' gradients, peak memory ≤ chunk_bytes plus per-row vectors."""
+    rows, vocab, budget = 300, 1000, 2**20
+    x = _fused_inputs(rows, vocab, 24, 40, torch.float32)
+    tracker, grad_bytes = _measure_fused(x, divergence=divergence, impl="chunked", backend=backend,
+                                         chunk_bytes=budget, hard_weight=0.5)
+    largest_chunk = kdops._chunked.chunk_rows(rows, kdops._chunked.bytes_per_row(
+        vocab, backend, (torch.float32, torch.float32), torch.float32), budget)
+    assert largest_chunk * 2 < rows  # several chunks
+    assert tracker.peak - grad_bytes <= budget + rows * 64 + vocab * 16

@@ -77,10 +77,10 @@ def test_gradcheck(divergence):
     assert torch.autograd.gradcheck(loss, args)
 
 
-def _call(**overrides):
+def _call(fn=reference.fused_linear_kd_loss, **overrides):
     x = _inputs(torch.float32)
     x.update(overrides)
-    return reference.fused_linear_kd_loss(**x)
+    return fn(**x)
 
 
 @pytest.mark.parametrize("overrides, error, match", [
@@ -97,7 +97,12 @@ def _call(**overrides):
     (dict(teacher_weight=torch.randn(V, HT, device="meta"), teacher_bias=None), ValueError, r"one device"),
     (dict(student_hidden=torch.randint(0, 3, (N, HS))), TypeError, r"student_hidden.*floating"),
     (dict(labels=torch.zeros(N + 1, dtype=torch.long)), ValueError, r"labels.*shape"),
+    (dict(temperature=0.0), ValueError, r"temperature"),
+    (dict(reduction="mean"), ValueError, r"reduction.*'mean'"),
+    (dict(backend="cuda"), ValueError, r"backend.*'cuda'"),
 ])
-def test_errors(overrides, error, match):
+@pytest.mark.parametrize("fn", [reference.fused_linear_kd_loss, kdops.fused_linear_kd_loss],
+                         ids=["reference", "kdops"])
+def test_errors(fn, overrides, error, match):
     with pytest.raises(error, match=match):
-        _call(**overrides)
+        _call(fn, **overrides)

@@ -1,0 +1,238 @@
+"""kdops.fused_linear_kd_loss: both impls (Triton through the interpreter on CPU) and the torch backend,
+against the float64 oracle `reference.fused_linear_kd_loss`, for the loss and every gradient."""
+
+import pytest
+import torch
+
+import kdops
+import kdops._autograd
+import kdops._chunked
+import kdops._fused
+from kdops import reference
+from conftest import DEVICE
+from oracle import TOLERANCE, rel_error
+
+N, HS, HT, V = 37, 67, 96, 1000
+DIVERGENCES = list(kdops.DIVERGENCES)
+IMPLS = [("fused", "triton"), ("chunked", "triton"), ("chunked", "torch")]
+IMPL_IDS = ["fused", "chunked", "torch"]
+TENSORS = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight", "teacher_bias")
+
+
+def make_inputs(dtype=torch.float32, leading=(N,), hs=HS, ht=HT, vs=V, vt=V + 64, seed=0, bias=True):
+    """Hidden states and weights whose logits have a realistic spread (std ≈ 4) and some peaked rows;
+    every fourth label ignored."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE, dtype)
+
+    x = dict(student_hidden=randn(*leading, hs), student_weight=randn(vs, hs, scale=4 * hs ** -0.5),
+             teacher_hidden=randn(*leading, ht), teacher_weight=randn(vt, ht, scale=4 * ht ** -0.5),
+             student_bias=randn(vs) if bias else None, teacher_bias=randn(vt) if bias else None)
+    # Peaked rows: the teacher's hidden state aligned with one vocabulary row.
+    flat = x["teacher_hidden"].view(-1, ht)
+    for r in range(0, flat.shape[0], 5):
+        flat[r] = x["teacher_weight"][(r * 7) % min(vs, vt)] * 3
+    labels = torch.randint(0, min(vs, vt), leading, generator=g)
+    labels.view(-1)[::4] = -100
+    x["labels"] = labels.to(DEVICE)
+    return x
+
+
+def run(fn, x, teacher_grad=True, dtype=None, **options):
+    """Loss and the gradients of every tensor input that is given (teacher ones if teacher_grad)."""
+    inputs = {}
+    for name, value in x.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            value = value.detach().clone().to(dtype or value.dtype)
+            value.requires_grad_(name.startswith("student") or teacher_grad)
+        inputs[name] = value
+    loss = fn(**inputs, **options)
+    wrt = [inputs[name] for name in TENSORS if inputs.get(name) is not None and inputs[name].requires_grad]
+    grads = torch.autograd.grad(loss, wrt, torch.ones_like(loss))
+    return [loss, *grads]
+
+
+def assert_matches_oracle(x, teacher_grad=True, **options):
+    dtype = x["student_hidden"].dtype
+    oracle = run(reference.fused_linear_kd_loss, x, teacher_grad, torch.float64, **options)
+    same_dtype = run(reference.fused_linear_kd_loss, x, teacher_grad, **options)
+    ours = run(kdops.fused_linear_kd_loss, x, teacher_grad, **options)
+    assert len(ours) == len(oracle)
+    for i, (o, r, k) in enumerate(zip(oracle, same_dtype, ours)):
+        assert k.dtype == r.dtype and k.shape == r.shape
+        err, ref_err = rel_error(k, o), rel_error(r, o)
+        assert err <= ref_err + TOLERANCE[dtype], f"output {i}: error {err:.3g} vs reference {ref_err:.3g}"
+    return ours
+
+
+@pytest.mark.parametrize("impl, backend", IMPLS, ids=IMPL_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_matches_oracle(divergence, dtype, impl, backend):
+    """Every divergence, T = 2, hard_weight > 0, ignored rows, biases, Hs != Ht, Vt = V + 64, all grads."""
+    assert_matches_oracle(make_inputs(dtype), divergence=divergence, temperature=2.0, hard_weight=0.3,
+                          soft_weight=0.7, impl=impl, backend=backend)
+
+
+@pytest.mark.parametrize("impl, backend", IMPLS, ids=IMPL_IDS)
+@pytest.mark.parametrize("reduction, num_items", [("sum", None), ("none", None), ("batchmean", 50),
+                                                  ("batchmean", "tensor")])
+def test_reductions(reduction, num_items, impl, backend):
+    if num_items == "tensor":
+        num_items = torch.tensor(50.0, device=DEVICE)
+    x = make_inputs(vt=V, seed=1)
+    assert_matches_oracle(x, divergence="reverse_kl", reduction=reduction, num_items_in_batch=num_items,
+                          impl=impl, backend=backend)
+
+
+@pytest.mark.parametrize("impl, backend", IMPLS, ids=IMPL_IDS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "generalized_jsd"])
+def test_leading_dims_and_strided_hidden(divergence, impl, backend):
+    """[B, L, H] hidden states that are views (hidden[:, :-1]), student vocabulary larger than the
+    teacher's, no biases, fp16."""
+    x = make_inputs(torch.float16, leading=(3, 14), vs=V + 5, vt=V, seed=2, bias=False)
+    for name in ("student_hidden", "teacher_hidden"):
+        x[name] = x[name][:, :-1]
+    x["labels"] = x["labels"][:, :-1]
+    assert not x["student_hidden"].is_contiguous()
+    assert_matches_oracle(x, teacher_grad=False, divergence=divergence, hard_weight=0.5, impl=impl,
+                          backend=backend)
+
+
+@pytest.mark.parametrize("impl, backend", IMPLS, ids=IMPL_IDS)
+def test_mixed_dtypes(impl, backend):
+    """bf16 hidden states against float32 weights (e.g. an fp32 master lm_head): math in float32."""
+    x = make_inputs(seed=3)
+    x["student_hidden"] = x["student_hidden"].bfloat16()
+    x["teacher_hidden"] = x["teacher_hidden"].bfloat16()
+    got = run(kdops.fused_linear_kd_loss, x, impl=impl, backend=backend, hard_weight=0.2)
+    want = run(reference.fused_linear_kd_loss, x, hard_weight=0.2)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        assert rel_error(g, w) < 2e-2 if g.dtype == torch.bfloat16 else rel_error(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("impl, backend", IMPLS, ids=IMPL_IDS)
+def test_frozen_teacher_gets_nothing(impl, backend):
+    x = make_inputs(seed=4)
+    inputs = {k: v.requires_grad_(k.startswith("student")) if k != "labels" else v for k, v in x.items()}
+    kdops.fused_linear_kd_loss(**inputs, impl=impl, backend=backend).backward()
+    assert all(inputs[k].grad is None for k in TENSORS if k.startswith("teacher"))
+    assert all(inputs[k].grad is not None for k in TENSORS if k.startswith("student"))
+    # Weight rows past the shared vocabulary are padding: zero gradient.
+    assert torch.count_nonzero(inputs["student_weight"].grad[V:]) == 0
+
+
+@pytest.mark.parametrize("impl, backend", IMPLS, ids=IMPL_IDS)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_all_ignored_batch_is_zero(impl, backend, reduction):
+    x = make_inputs(seed=5)
+    x["labels"] = torch.full_like(x["labels"], -100)
+    loss, *grads = run(kdops.fused_linear_kd_loss, x, impl=impl, backend=backend, reduction=reduction,
+                       hard_weight=1.0)
+    assert torch.count_nonzero(loss) == 0 and not loss.isnan().any()
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+@pytest.mark.parametrize("impl, backend", IMPLS, ids=IMPL_IDS)
+def test_hard_loss_alone_is_cross_entropy(impl, backend):
+    """soft_weight = 0, hard_weight = 1: exactly torch's cross-entropy of the student's logits."""
+    x = make_inputs(seed=6)
+    loss = kdops.fused_linear_kd_loss(**x, soft_weight=0.0, hard_weight=1.0, impl=impl, backend=backend)
+    logits = x["student_hidden"] @ x["student_weight"].T + x["student_bias"]
+    expected = torch.nn.functional.cross_entropy(logits.double(), x["labels"])
+    assert rel_error(loss, expected) < 1e-5
+
+
+def test_several_chunks_splits_and_scratch_groups(monkeypatch):
+    """Small budgets: the chunked path takes many chunks, the fused backward many scratch groups, the
+    fused forward many vocabulary splits, each with a partial last one."""
+    monkeypatch.setattr(kdops._fused, "SCRATCH_BYTES", 16 * HT * 4)
+    original = kdops._fused.fused_config
+
+    def small(n_rows, vocab, device):
+        return dict(original(n_rows, vocab, device), BLOCK_N=16, BLOCK_V=64, BLOCK_H=32, split_size=192)
+
+    monkeypatch.setattr(kdops._fused, "fused_config", small)
+    x = make_inputs(torch.bfloat16, seed=7)
+    for impl in ("fused", "chunked"):
+        assert_matches_oracle(x, divergence="skew_reverse_kl", hard_weight=0.4, impl=impl, backend="triton",
+                              chunk_bytes=7 * V * 10, temperature=0.7)
+    for reduction in ("sum", "none"):
+        assert_matches_oracle(x, divergence="tvd", impl="chunked", backend="torch", reduction=reduction,
+                              chunk_bytes=5 * V * 4 * 18)
+
+
+@pytest.mark.parametrize("impl, backend", IMPLS, ids=IMPL_IDS)
+def test_gradcheck(impl, backend):
+    g = torch.Generator().manual_seed(8)
+    args = [(torch.randn(*shape, generator=g, dtype=torch.float64) * 2).requires_grad_()
+            for shape in ((5, 6), (9, 6), (9,), (5, 4), (11, 4), (11,))]
+    labels = torch.tensor([1, -100, 8, 0, 3])
+
+    def loss(hs, ws, bs, ht, wt, bt):
+        return kdops.fused_linear_kd_loss(hs, ws, ht, wt, labels, divergence="generalized_jsd", student_bias=bs,
+                                          teacher_bias=bt, hard_weight=0.5, temperature=1.3, impl=impl,
+                                          backend=backend, reduction="none")
+
+    assert torch.autograd.gradcheck(loss, args)
+
+
+def test_eager_gradients_allow_one_backward():
+    """The chunked paths compute gradients in the forward for scalar reductions; a second backward
+    through the same graph would reuse scaled gradients, so it raises."""
+    x = make_inputs(seed=9)
+    inputs = {k: v.requires_grad_() if k != "labels" else v for k, v in x.items()}
+    loss = kdops.fused_linear_kd_loss(**inputs, impl="chunked", backend="torch")
+    (2 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+def test_upstream_gradient_scales_eager_gradients():
+    x = make_inputs(seed=10)
+    a = run(lambda **k: 3.0 * kdops.fused_linear_kd_loss(**k, impl="chunked", backend="triton"), x)
+    b = run(lambda **k: 3.0 * kdops.fused_linear_kd_loss(**k, impl="fused", backend="triton"), x)
+    for u, w in zip(a, b):
+        assert rel_error(u, w) < 1e-5
+
+
+def test_auto_impl_rule(monkeypatch):
+    """auto: chunked when AUTO_CHUNK_MIN_ROWS rows (or all rows) fit in chunk_bytes, else fused."""
+    chosen = []
+    monkeypatch.setattr(kdops._autograd.FusedLinearKDFunction, "apply",
+                        staticmethod(lambda problem, *a: chosen.append(type(problem).__name__) or
+                                     torch.zeros(N)))
+    x = make_inputs(seed=11)
+    per_row = V * 8  # two float32 logits rows; the weights are float32, so no cast buffers
+    for chunk_bytes, expected in ((N * per_row, "ChunkedProblem"), (N * per_row - 1, "FusedProblem")):
+        kdops.fused_linear_kd_loss(**x, backend="triton", chunk_bytes=chunk_bytes, reduction="none")
+        assert chosen.pop() == expected
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (dict(impl="fused", backend="torch"), ValueError, r"impl='fused'.*backend='triton'"),
+    (dict(chunk_bytes=0), ValueError, r"chunk_bytes"),
+    (dict(chunk_bytes=1.5), TypeError, r"chunk_bytes"),
+    (dict(hard_weight=1.0, labels=torch.full((N,), V)), ValueError, r"labels.*\[0, 1000\)"),
+])
+def test_errors(overrides, error, match):
+    x = make_inputs(seed=12)
+    x.update(overrides)
+    with pytest.raises(error, match=match):
+        kdops.fused_linear_kd_loss(**x)
+
+
+def test_module_matches_function():
+    x = make_inputs(seed=13)
+    labels = x.pop("labels")
+    module = kdops.FusedLinearKDLoss(divergence="tvd", hard_weight=0.5, backend="torch")
+    got = module(x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"], labels,
+                 x["student_bias"], x["teacher_bias"])
+    want = kdops.reference.fused_linear_kd_loss(**x, labels=labels, divergence="tvd", hard_weight=0.5)
+    assert rel_error(got, want) < 1e-6
+    assert "hard_weight=0.5" in repr(module)
+    with pytest.raises(ValueError, match="impl"):
+        kdops.FusedLinearKDLoss(impl="cce")
