@@ -32,12 +32,17 @@ def _log(w: float) -> float:
     return math.log(w) if w > 0 else NEG_INF
 
 
-def kl(lp: torch.Tensor, lq: torch.Tensor, c: Canonical | None = None) -> torch.Tensor:
-    """KL(P ‖ Q) = Σ p (log p − log q) over the last dimension (0 where p = 0)."""
+def kl_terms(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """The summands p (log p − log q) of KL(P ‖ Q) (0 where p = 0)."""
     seen = lp != NEG_INF  # NaN stays in (it propagates); only exact zeros of p drop out
     lp = torch.where(seen, lp, 0.0)
     lq = torch.where(seen, lq, 0.0)
-    return torch.where(seen, lp.exp() * (lp - lq), 0.0).sum(-1)
+    return torch.where(seen, lp.exp() * (lp - lq), 0.0)
+
+
+def kl(lp: torch.Tensor, lq: torch.Tensor, c: Canonical | None = None) -> torch.Tensor:
+    """KL(P ‖ Q) = Σ p (log p − log q) over the last dimension (0 where p = 0)."""
+    return kl_terms(lp, lq).sum(-1)
 
 
 def log_mix(lp: torch.Tensor, lq: torch.Tensor, w: float) -> torch.Tensor:

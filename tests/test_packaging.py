@@ -29,5 +29,5 @@ def test_wheel_contents(tmp_path):
     (wheel,) = tmp_path.glob("kdops-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "kdops/kernels/logits.py" in names and "kdops/kernels/divergences.py" in names
-    assert "kdops/api.py" in names
+    assert "kdops/api.py" in names and "kdops/compat/trl.py" in names
     assert not any(name.startswith(("kernels/", "bench/", "tests/")) for name in names)
