@@ -1,0 +1,1 @@
+"""Integrations with trainers: `kdops.integrations.transformers` (needs the `transformers` extra)."""

@@ -1,0 +1,140 @@
+"""Distillation of Hugging Face causal LMs without their logits: the decoders' final hidden states and
+the lm_head weights go straight into `kdops.fused_linear_kd_loss`.
+
+    loss = distillation_loss(student, teacher, batch, divergence="reverse_kl", hard_weight=0.5)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=..., train_dataset=...)
+
+The loss equals, on full logits, the divergence between ``student(ids).logits[:, :-1]`` and
+``teacher(ids).logits[:, :-1]`` masked by ``labels[:, 1:]`` (plus hard_weight × the causal LM
+cross-entropy): labels are shifted left with ignore_index appended, and every hidden position is used,
+so no hidden state is copied.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..api import fused_linear_kd_loss
+
+IGNORE_INDEX = -100
+
+# Config options that post-process the logits after the lm_head: folded into the hidden states (a
+# multiplier m turns logits into m · h · Wᵀ), or rejected (softcapping is not supported by the kernels).
+_MULTIPLIERS = {"logit_scale": lambda v: v, "logits_scaling": lambda v: 1.0 / v}
+_UNSUPPORTED = ("final_logit_softcapping",)
+# Options with "logit" in their name that do not touch the output logits.
+_HARMLESS = ("attn_logit_softcapping", "output_logits", "logits_to_keep", "num_logits_to_keep")
+
+
+def _unwrap(model):
+    """The causal LM under a PEFT / DDP wrapper (attribute access reaches it through the wrappers)."""
+    if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP
+        model = model.module
+    return model
+
+
+def logit_multiplier(model) -> float:
+    """The factor the model applies to its logits after the lm_head (1.0 for most models).
+
+    Raises ValueError, naming the model and the option, where the logits are post-processed in a way
+    the fused loss cannot reproduce (final-logit softcapping) or that kdops does not know.
+    """
+    config = _unwrap(model).config
+    name = type(_unwrap(model)).__name__
+    multiplier = 1.0
+    for key, value in config.to_dict().items():
+        if "logit" not in key or key in _HARMLESS or value is None or value is False:
+            continue
+        if key in _MULTIPLIERS:
+            multiplier *= float(_MULTIPLIERS[key](value))
+        elif key in _UNSUPPORTED:
+            raise ValueError(f"{name}: config.{key}={value!r} post-processes the logits nonlinearly, which "
+                             "kdops' fused loss does not support; set it to None (and check that the model "
+                             "still behaves) or distill on logits with kdops.kd_loss")
+        else:
+            raise ValueError(f"{name}: config.{key}={value!r} may change the logits after the lm_head, and kdops "
+                             "does not know this option; distill on logits with kdops.kd_loss instead")
+    return multiplier
+
+
+def final_hidden_and_head(model, input_ids, attention_mask=None):
+    """(final hidden states [B, L, H] with the logit multiplier folded in, lm_head weight, lm_head bias)."""
+    lm = _unwrap(model)
+    head = lm.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"{type(lm).__name__}: the output embeddings are a {type(head).__name__}, not an "
+                         "nn.Linear; kdops' fused loss needs the lm_head weight")
+    multiplier = logit_multiplier(model)
+    hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    if multiplier != 1.0:
+        hidden = hidden * multiplier
+    return hidden, head.weight, head.bias
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """labels[:, 1:] with ignore_index appended: position t of the hidden states predicts token t + 1."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], dim=1)
+
+
+def distillation_loss(student, teacher, batch, *, divergence="forward_kl", temperature=1.0, hard_weight=0.0,
+                      soft_weight=1.0, impl="auto", num_items_in_batch=None, ignore_index=IGNORE_INDEX,
+                      backend="auto"):
+    """The distillation loss of a causal-LM batch (``input_ids``, ``labels``, optional ``attention_mask``):
+    per predicted token, soft_weight · D(teacher ‖ student at T) + hard_weight · CE(student, next token),
+    averaged over tokens whose shifted label is not ignore_index (or summed and divided by
+    `num_items_in_batch`). The teacher runs in eval mode under no_grad, in its own dtype and on its own
+    device (its hidden states and lm_head are moved to the student's device if they differ).
+    """
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    attention_mask = batch.get("attention_mask")
+    hidden, weight, bias = final_hidden_and_head(student, input_ids, attention_mask)
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        with torch.no_grad():
+            t_device = next(teacher.parameters()).device
+            t_hidden, t_weight, t_bias = final_hidden_and_head(
+                teacher, input_ids.to(t_device), None if attention_mask is None else attention_mask.to(t_device))
+    finally:
+        teacher.train(was_training)
+    device = hidden.device
+    t_hidden, t_weight = t_hidden.to(device), t_weight.to(device)
+    t_bias = None if t_bias is None else t_bias.to(device)
+    with torch.autocast(device.type, enabled=False):  # the kernels take each tensor in its own dtype
+        return fused_linear_kd_loss(hidden, weight, t_hidden, t_weight, shift_labels(labels, ignore_index).to(device),
+                                    divergence=divergence, temperature=temperature, ignore_index=ignore_index,
+                                    num_items_in_batch=num_items_in_batch, student_bias=bias, teacher_bias=t_bias,
+                                    hard_weight=hard_weight, soft_weight=soft_weight, impl=impl, backend=backend)
+
+
+def _trainer_class():
+    import transformers
+
+    class DistillationTrainer(transformers.Trainer):
+        """`transformers.Trainer` whose loss is `distillation_loss` against `teacher_model` (`model` is the
+        student). Keyword arguments besides the Trainer's own: divergence, temperature, hard_weight,
+        soft_weight, impl. Gradient accumulation: the loss is divided by the `num_items_in_batch` the
+        Trainer passes, as a transformers model's own loss is.
+        """
+
+        def __init__(self, *args, teacher_model, divergence="forward_kl", temperature=1.0, hard_weight=0.0,
+                     soft_weight=1.0, impl="auto", **kwargs):
+            super().__init__(*args, **kwargs)
+            self.teacher_model = teacher_model.eval().requires_grad_(False)
+            self.distillation_options = dict(divergence=divergence, temperature=temperature,
+                                             hard_weight=hard_weight, soft_weight=soft_weight, impl=impl)
+            # compute_loss normalizes by num_items_in_batch itself: the Trainer must not divide again.
+            self.model_accepts_loss_kwargs = True
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = distillation_loss(model, self.teacher_model, inputs, num_items_in_batch=num_items_in_batch,
+                                     **self.distillation_options)
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    return DistillationTrainer
+
+
+def __getattr__(name):
+    if name == "DistillationTrainer":  # built on first use: importing this module needs no transformers
+        return _trainer_class()
+    raise AttributeError(name)

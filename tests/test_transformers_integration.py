@@ -1,0 +1,148 @@
+"""kdops.integrations.transformers: the loss from decoder hidden states equals the reference on full
+logits, for tiny random Llama models (and Cohere / Granite / Gemma-2 for logit post-processing)."""
+
+import copy
+
+import pytest
+import torch
+
+from kdops import reference
+from kdops.integrations import transformers as kd_tf
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 311
+
+
+def tiny(cls_name="Llama", hidden=32, layers=2, vocab=VOCAB, seed=0, **extra):
+    torch.manual_seed(seed)
+    config = getattr(transformers, f"{cls_name}Config")(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **extra)
+    return getattr(transformers, f"{cls_name}ForCausalLM")(config)
+
+
+def batch(seed=1, padded=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (3, 19), generator=g)
+    labels = ids.clone()
+    labels[0, :6] = -100  # a prompt
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[2, -4:] = 0
+        labels[2, -4:] = -100
+    return dict(input_ids=ids, labels=labels, attention_mask=mask)
+
+
+def reference_loss(student, teacher, b, divergence="forward_kl", temperature=1.0, hard_weight=0.0,
+                   soft_weight=1.0, num_items_in_batch=None):
+    """On full logits: the divergence of logits[:, :-1] masked by labels[:, 1:], plus the causal LM CE."""
+    s = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+    with torch.no_grad():
+        t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+    labels = b["labels"][:, 1:]
+    mask = labels != -100
+    rows = soft_weight * reference.divergence_rows(reference.as_divergence(divergence), s, t, temperature)
+    if hard_weight:
+        ce = torch.nn.functional.cross_entropy(s.reshape(-1, s.shape[-1]).float(), labels.reshape(-1),
+                                               reduction="none").view(labels.shape)
+        rows = rows + hard_weight * ce
+    total = torch.where(mask, rows, 0.0).sum()
+    return total / (mask.sum().clamp_min(1) if num_items_in_batch is None else num_items_in_batch)
+
+
+def _loss_and_grads(fn, student, *args, **kwargs):
+    student.zero_grad()
+    loss = fn(student, *args, **kwargs)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+
+def _assert_same(a, b, tol=2e-5):
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    torch.testing.assert_close(loss_a, loss_b, rtol=tol, atol=tol)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("divergence, hard_weight, temperature", [
+    ("forward_kl", 0.0, 1.0), ("reverse_kl", 0.5, 2.0), ("generalized_jsd", 0.3, 1.5), ("tvd", 0.0, 1.0),
+])
+def test_matches_reference_on_full_logits(divergence, hard_weight, temperature):
+    student, teacher = tiny(seed=0), tiny(hidden=48, layers=3, seed=1)
+    b = batch()
+    options = dict(divergence=divergence, hard_weight=hard_weight, temperature=temperature, soft_weight=0.8)
+    _assert_same(_loss_and_grads(kd_tf.distillation_loss, student, teacher, b, **options),
+                 _loss_and_grads(reference_loss, student, teacher, b, **options))
+
+
+def test_num_items_in_batch_and_tied_embeddings():
+    student = tiny(seed=2, tie_word_embeddings=True)
+    teacher = tiny(hidden=48, seed=3)
+    assert student.get_output_embeddings().weight is student.get_input_embeddings().weight
+    b = batch(seed=4)
+    _assert_same(_loss_and_grads(kd_tf.distillation_loss, student, teacher, b, num_items_in_batch=100),
+                 _loss_and_grads(reference_loss, student, teacher, b, num_items_in_batch=100))
+
+
+def test_label_shift():
+    labels = torch.tensor([[5, 6, 7], [-100, 8, 9]])
+    assert kd_tf.shift_labels(labels).tolist() == [[6, 7, -100], [8, 9, -100]]
+
+
+@pytest.mark.parametrize("family, option, value", [("Cohere", "logit_scale", 0.5), ("Granite", "logits_scaling", 4.0)])
+def test_logit_multipliers_are_folded_in(family, option, value):
+    student = tiny(family, seed=5, **{option: value})
+    teacher = tiny(family, hidden=48, seed=6, **{option: value})
+    assert kd_tf.logit_multiplier(student) != 1.0
+    b = batch(seed=7)
+    _assert_same(_loss_and_grads(kd_tf.distillation_loss, student, teacher, b, hard_weight=0.5),
+                 _loss_and_grads(reference_loss, student, teacher, b, hard_weight=0.5))
+
+
+def test_softcapping_is_a_clear_error():
+    teacher = tiny("Gemma2", seed=8, head_dim=8, final_logit_softcapping=30.0)
+    with pytest.raises(ValueError, match=r"Gemma2ForCausalLM.*final_logit_softcapping"):
+        kd_tf.distillation_loss(tiny(seed=9), teacher, batch())
+
+
+def test_peft_wrapped_student():
+    peft = pytest.importorskip("peft")
+    student = peft.get_peft_model(tiny(seed=10), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    teacher = tiny(hidden=48, seed=11)
+    b = batch(seed=12)
+    _assert_same(_loss_and_grads(kd_tf.distillation_loss, student, teacher, b),
+                 _loss_and_grads(reference_loss, student, teacher, b))
+
+
+def _train(trainer_cls, student, teacher, steps, tmp_path, **kwargs):
+    data = [batch(seed=20 + i, padded=False) for i in range(steps * 2)]
+    dataset = [{k: v[0] for k, v in d.items()} for d in data]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2,
+                                          gradient_accumulation_steps=2, max_steps=steps, learning_rate=1e-3,
+                                          logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                                          dataloader_num_workers=0, seed=0)
+    trainer = trainer_cls(model=student, teacher_model=teacher, args=args, train_dataset=dataset, **kwargs)
+    trainer.train()
+    return [log["loss"] for log in trainer.state.log_history if "loss" in log], student
+
+
+def test_trainer_steps_match_a_full_logits_trainer(tmp_path):
+    """A few optimizer steps with gradient accumulation: same logged losses and same weights as a Trainer
+    whose loss is computed on full logits."""
+    student, teacher = tiny(seed=13), tiny(hidden=48, seed=14)
+    Trainer = kd_tf.DistillationTrainer
+
+    class FullLogitsTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            options = {k: v for k, v in self.distillation_options.items() if k != "impl"}
+            return reference_loss(model, self.teacher_model, inputs, num_items_in_batch=num_items_in_batch,
+                                  **options)
+
+    ours, s1 = _train(Trainer, copy.deepcopy(student), teacher, 3, tmp_path / "a", hard_weight=0.5)
+    theirs, s2 = _train(FullLogitsTrainer, copy.deepcopy(student), teacher, 3, tmp_path / "b", hard_weight=0.5)
+    assert len(ours) == 3
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=1e-4)
+    for (n, p), (_, q) in zip(s1.named_parameters(), s2.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4, msg=n)
