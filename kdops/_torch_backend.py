@@ -63,3 +63,16 @@ class ChunkedKDFunction(torch.autograd.Function):
                 if need:
                     out[start:end] = torch.where(live[:, None], grads.pop(0), 0.0)
         return grad_student, grad_teacher, None, None, None
+
+
+def checkpointed_rows(fn, rows: int, chunk: int, *row_tensors) -> torch.Tensor:
+    """torch.cat of fn(*chunk_slices) over row chunks, each under activation checkpointing: what the torch
+    backend runs inside torch.compile, where the autograd Functions above cannot be traced. Only the
+    chunks' inputs are kept for the backward, which recomputes one chunk at a time."""
+    from torch.utils.checkpoint import checkpoint
+
+    parts = []
+    for start in range(0, rows, chunk):
+        sliced = [None if t is None else t[start:start + chunk] for t in row_tensors]
+        parts.append(checkpoint(fn, *sliced, use_reentrant=False))
+    return torch.cat(parts)

@@ -19,7 +19,7 @@ from ._validation import (
     resolve_impl,
 )
 from .divergences import Divergence, as_divergence
-from .reference import compute_dtype
+from .reference import compute_dtype, divergence_rows, linear_kd_rows, linear_logits
 
 
 def kd_loss(
@@ -54,13 +54,37 @@ def kd_loss(
     backend = resolve_backend(backend, student_logits.device)
 
     mask = row_mask(labels, ignore_index, leading, student_logits.device).reshape(-1)
-    if backend == "triton":
-        rows = KDLogitsFunction.apply(student_logits, teacher_logits, mask, divergence.canonical(), temperature)
+    if torch.compiler.is_compiling():
+        rows = _compiled_kd_rows(student_logits, teacher_logits, mask, divergence, temperature, backend)
     else:
-        vocab = student_logits.shape[-1]
-        rows = ChunkedKDFunction.apply(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab), mask,
-                                       divergence, temperature)
+        rows = kd_loss_rows_eager(student_logits, teacher_logits, mask, divergence, temperature, backend)
     return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)
+
+
+def _compiled_kd_rows(student_logits, teacher_logits, mask, divergence, temperature, backend):
+    """kd_loss's per-row losses inside torch.compile: the Triton custom op, or the traced torch backend."""
+    from . import _ops
+    from ._torch_backend import checkpointed_rows, chunk_rows
+
+    if backend == "triton":
+        return _ops.kd_loss_rows(student_logits, teacher_logits, mask, _ops.divergence_repr(divergence), temperature)
+    vocab = student_logits.shape[-1]
+
+    def rows(s, t, m):
+        return torch.where(m, divergence_rows(divergence, s, t, temperature), 0.0)
+
+    return checkpointed_rows(rows, mask.numel(), chunk_rows(vocab), student_logits.reshape(-1, vocab),
+                             teacher_logits.reshape(-1, vocab), mask)
+
+
+def kd_loss_rows_eager(student_logits, teacher_logits, mask, divergence: Divergence, temperature: float,
+                       backend: str) -> torch.Tensor:
+    """Per-row losses [rows] (0 where the mask is False) of validated inputs, by the chosen backend."""
+    if backend == "triton":
+        return KDLogitsFunction.apply(student_logits, teacher_logits, mask, divergence.canonical(), temperature)
+    vocab = student_logits.shape[-1]
+    return ChunkedKDFunction.apply(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab), mask,
+                                   divergence, temperature)
 
 
 #: impl="auto" takes the chunked path when a chunk of at least this many rows (or all rows) fits the budget.
@@ -122,21 +146,55 @@ def fused_linear_kd_loss(
     if hard_weight > 0:
         check_label_range(labels, ignore_index, vocab)
     tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
-    engine = "triton" if backend == "triton" else "torch"
-    n_rows = student_hidden.numel() // student_hidden.shape[-1]
-    per_row = _chunked.bytes_per_row(vocab, engine, (student_weight.dtype, teacher_weight.dtype),
-                                     compute_dtype(*tensors[:2], *tensors[3:5]))
-    fits = _chunked.chunk_rows(n_rows, per_row, chunk_bytes) >= min(n_rows, AUTO_CHUNK_MIN_ROWS)
-    if resolve_impl(impl, backend, fits) == "fused":
-        problem = FusedProblem(*tensors, labels, divergence.canonical(), 1.0 / temperature, vocab, soft_weight,
-                               hard_weight)
-    else:
-        problem = _chunked.ChunkedProblem(*tensors, labels, divergence, temperature, vocab, soft_weight,
-                                          hard_weight, ignore_index, engine, chunk_bytes)
-
     mask = row_mask(labels, ignore_index, leading, device).reshape(-1)
+    options = dict(divergence=divergence, temperature=temperature, vocab=vocab, soft_weight=soft_weight,
+                   hard_weight=hard_weight, ignore_index=ignore_index, impl=impl, backend=backend,
+                   chunk_bytes=chunk_bytes)
+    if torch.compiler.is_compiling():
+        rows = _compiled_fused_rows(tensors, labels, mask, options)
+        return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)
+    problem = _fused_problem(*tensors, labels, **options)
     if problem.eager and reduction != "none":
         weights = row_weights(mask, reduction, num_items_in_batch, problem.acc_dtype)
         return FusedLinearKDFunction.apply(problem, mask, weights, *tensors)
     rows = FusedLinearKDFunction.apply(problem, mask, None, *tensors)
     return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)
+
+
+def _fused_problem(hs, ws, bs, ht, wt, bt, labels, *, divergence, temperature, vocab, soft_weight, hard_weight,
+                   ignore_index, impl, backend, chunk_bytes):
+    """The prepared inputs of the implementation that `impl` (resolved) and `backend` select."""
+    engine = "triton" if backend == "triton" else "torch"
+    n_rows = hs.numel() // hs.shape[-1]
+    per_row = _chunked.bytes_per_row(vocab, engine, (ws.dtype, wt.dtype), compute_dtype(hs, ws, ht, wt))
+    fits = _chunked.chunk_rows(n_rows, per_row, chunk_bytes) >= min(n_rows, AUTO_CHUNK_MIN_ROWS)
+    if resolve_impl(impl, backend, fits) == "fused":
+        return FusedProblem(hs, ws, bs, ht, wt, bt, labels, divergence.canonical(), 1.0 / temperature, vocab,
+                            soft_weight, hard_weight)
+    return _chunked.ChunkedProblem(hs, ws, bs, ht, wt, bt, labels, divergence, temperature, vocab, soft_weight,
+                                   hard_weight, ignore_index, engine, chunk_bytes)
+
+
+def _compiled_fused_rows(tensors, labels, mask, options):
+    """fused_linear_kd_loss's per-row losses inside torch.compile: the Triton custom op, or the traced torch
+    backend (reference math on float32 chunk logits)."""
+    from . import _ops
+    from ._torch_backend import checkpointed_rows
+
+    if options["backend"] == "triton":
+        return _ops.fused_linear_kd_rows(*tensors, labels, mask, _ops.fused_options(options))
+    hs, ws, bs, ht, wt, bt = tensors
+    vocab, dtype = options["vocab"], compute_dtype(hs, ws, ht, wt)
+    per_row = _chunked.bytes_per_row(vocab, "torch", (ws.dtype, wt.dtype), dtype)
+    n_rows = mask.numel()
+
+    def rows(h_s, h_t, y, m):
+        s = linear_logits(h_s, ws, bs, vocab, dtype)
+        t = linear_logits(h_t, wt, bt, vocab, dtype)
+        loss = linear_kd_rows(s, t, y, options["divergence"], options["temperature"], options["soft_weight"],
+                              options["hard_weight"], options["ignore_index"])
+        return torch.where(m, loss, 0.0)
+
+    return checkpointed_rows(rows, n_rows, _chunked.chunk_rows(n_rows, per_row, options["chunk_bytes"]),
+                             hs.reshape(n_rows, -1), ht.reshape(n_rows, -1),
+                             None if labels is None else labels.reshape(-1), mask)

@@ -82,7 +82,7 @@ def second_pass_results(KIND: tl.constexpr, y1, y2, y3, c1, c2):
 @triton.jit
 def gradient_tile(KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, s, t, cols, labels,
                   inv_temp, m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c, c1, c2, soft, hard):
-    """(∂ℓ/∂s, ∂ℓ/∂t) on raw logit tiles: soft/T · ∂D/∂(logits/T), plus hard · ∂CE/∂s for the student"""
+    """(∂ℓ/∂s, ∂ℓ/∂t) on raw logit tiles: soft/T · ∂D/∂(logits/T), plus hard · ∂CE/∂s (student)."""
     x, y = as_pq(STUDENT_IS_P, s * inv_temp, t * inv_temp)
     g_x, g_y = gradient_terms(KIND, log_probs(x, m_x, ls_x), log_probs(y, m_y, ls_y), L, aux1, aux2, aux3, c1,
                               c2)

@@ -146,3 +146,23 @@ def test_trainer_steps_match_a_full_logits_trainer(tmp_path):
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=1e-4)
     for (n, p), (_, q) in zip(s1.named_parameters(), s2.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4, msg=n)
+
+
+def test_bf16_teacher_and_autocast_student():
+    """Mixed precision: the student under CPU autocast (bf16 hidden states, fp32 lm_head), the teacher in
+    bfloat16; the same loss as the reference on full logits computed the same way, to bf16 accuracy."""
+    student, teacher = tiny(seed=15), tiny(hidden=48, seed=16).to(torch.bfloat16)
+    b = batch(seed=17)
+
+    def under_autocast(fn):
+        def run(*args, **kwargs):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(*args, **kwargs).float()
+        return run
+
+    ours = _loss_and_grads(under_autocast(kd_tf.distillation_loss), student, teacher, b, hard_weight=0.5)
+    theirs = _loss_and_grads(under_autocast(reference_loss), student, teacher, b, hard_weight=0.5)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=2e-2, atol=2e-2)
+    for name in ours[1]:
+        g, h = ours[1][name], theirs[1][name]
+        assert float((g - h).norm() / h.norm().clamp_min(1e-12)) < 5e-2, name
