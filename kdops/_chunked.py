@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import _launch
-from .reference import linear_kd_rows
+from .reference import compute_dtype, linear_kd_rows
 
 #: Default bytes for one chunk's buffers (`chunk_bytes` of the fused API overrides it).
 CHUNK_BYTES = 256 * 2**20
@@ -93,7 +93,10 @@ class _Side:
             return
         g = g.to(self.weight.dtype)
         if grad_h is not None:
-            grad_h[r0:r1] = torch.mm(g, self.weight)
+            if grad_h.dtype == g.dtype:
+                torch.mm(g, self.weight, out=grad_h[r0:r1])
+            else:
+                grad_h[r0:r1] = torch.mm(g, self.weight)
         if grad_w is not None:
             grad_w[: g.shape[1]].addmm_(g.t(), h.to(self.weight.dtype))
 
@@ -103,8 +106,6 @@ class ChunkedProblem:
 
     def __init__(self, hs, ws, bs, ht, wt, bt, labels, divergence, temperature: float, vocab: int, soft: float,
                  hard: float, ignore_index: int, engine: str, budget: int | None):
-        from .reference import compute_dtype
-
         self.acc_dtype = compute_dtype(hs, ws, ht, wt)
         self.student = _Side(hs, ws, bs, vocab, self.acc_dtype)
         self.teacher = _Side(ht, wt, bt, vocab, self.acc_dtype)

@@ -18,6 +18,7 @@ import torch
 
 from . import _launch
 from . import divergences as _divergences
+from .reference import compute_dtype
 
 _REPR = re.compile(r"^(\w+)\((.*)\)$")
 
@@ -41,10 +42,6 @@ def divergence_from_repr(text: str) -> _divergences.Divergence:
     return cls(**kwargs)
 
 
-def _acc_dtype(*tensors) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _or_empty(grad, like):
     """Custom ops return tensors only: an absent gradient travels as an empty tensor."""
     return like.new_empty(0) if grad is None else grad
@@ -62,7 +59,7 @@ def kd_loss_rows(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tenso
 
 @kd_loss_rows.register_fake
 def _(student, teacher, mask, divergence, temperature):
-    return student.new_empty((mask.numel(),), dtype=_acc_dtype(student, teacher))
+    return student.new_empty((mask.numel(),), dtype=compute_dtype(student, teacher))
 
 
 @torch.library.custom_op("kdops::kd_loss_rows_backward", mutates_args=())
@@ -119,7 +116,7 @@ def fused_linear_kd_rows(hs: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor | 
 
 @fused_linear_kd_rows.register_fake
 def _(hs, ws, bs, ht, wt, bt, labels, mask, options):
-    return hs.new_empty(mask.shape, dtype=_acc_dtype(hs, ws, ht, wt))
+    return hs.new_empty(mask.shape, dtype=compute_dtype(hs, ws, ht, wt))
 
 
 @torch.library.custom_op("kdops::fused_linear_kd_rows_backward", mutates_args=())

@@ -22,21 +22,20 @@ def reduce_rows(rows: torch.Tensor, mask: torch.Tensor, reduction: str, num_item
     total = rows.sum()
     if reduction == "sum":
         return total
+    return total / _divisor(mask, num_items_in_batch, total)
+
+
+def _divisor(mask: torch.Tensor, num_items_in_batch, like: torch.Tensor):
+    """max(Σ m_i, 1), or num_items_in_batch (a tensor moved to `like`'s device and dtype)."""
     if num_items_in_batch is None:
-        return total / mask.sum().clamp_min(1)
+        return mask.sum().clamp_min(1)
     if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(device=total.device, dtype=total.dtype).reshape(())
-    return total / num_items_in_batch
+        return num_items_in_batch.to(device=like.device, dtype=like.dtype).reshape(())
+    return num_items_in_batch
 
 
 def row_weights(mask: torch.Tensor, reduction: str, num_items_in_batch=None,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """w with Σ_i w_i ℓ_i equal to `reduce_rows` of a scalar reduction: m_i / divisor, or m_i for "sum"."""
     weights = mask.to(dtype)
-    if reduction == "sum":
-        return weights
-    if num_items_in_batch is None:
-        return weights / weights.sum().clamp_min(1)
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(device=weights.device, dtype=weights.dtype).reshape(())
-    return weights / num_items_in_batch
+    return weights if reduction == "sum" else weights / _divisor(mask, num_items_in_batch, weights)

@@ -25,9 +25,11 @@ from .cross_entropy import hard_label_merge
 from .divergences import NEG_INF, first_pass_merge
 from .logits import row_offsets
 from .passes import (
+    first_pass_init,
     first_pass_results,
     first_pass_tile,
     gradient_tile,
+    load_labels,
     load_stats,
     scale_rows,
     second_pass_results,
@@ -66,33 +68,32 @@ def linear_tile(h_ptr, h_off, row_ok, w_ptr, w_stride, b_ptr, cols, col_ok, H, H
 
 
 @triton.jit
-def add_hidden_grad(g_ptr, g_off, row_ok, g, w_ptr, w_stride, cols, col_ok, H, BLOCK_H: tl.constexpr,
-                    DOT: tl.constexpr, MMA: tl.constexpr, PRECISION: tl.constexpr):
-    """g_ptr[rows, :] += g · W[cols, :] (read-modify-write: the calling program owns these rows)."""
-    g = operand(g, DOT, MMA)
-    w_rows = cols.to(tl.int64) * w_stride
-    for k0 in range(0, H, BLOCK_H):
-        ks = k0 + tl.arange(0, BLOCK_H)
-        k_ok = ks < H
-        w = tl.load(w_ptr + w_rows[:, None] + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        ptrs = g_ptr + g_off[:, None] + ks[None, :]
-        keep = row_ok[:, None] & k_ok[None, :]
-        acc = tl.dot(g, operand(w, DOT, MMA), tl.load(ptrs, mask=keep, other=0.0), input_precision=PRECISION)
-        tl.store(ptrs, acc, mask=keep)
+def both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, Hs, Ht,
+               ws_stride, wt_stride, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr,
+               MMA_S: tl.constexpr, MMA_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+               ACC: tl.constexpr):
+    """The raw logit tiles (s, t) of the student and the teacher for the same rows and columns."""
+    s = linear_tile(hs_ptr, hs_off, row_ok, ws_ptr, ws_stride, bs_ptr, cols, col_ok, Hs, HAS_BS, BLOCK_N, BLOCK_V,
+                    BLOCK_H, DOT_S, MMA_S, PREC_S, ACC)
+    t = linear_tile(ht_ptr, ht_off, row_ok, wt_ptr, wt_stride, bt_ptr, cols, col_ok, Ht, HAS_BT, BLOCK_N, BLOCK_V,
+                    BLOCK_H, DOT_T, MMA_T, PREC_T, ACC)
+    return s, t
 
 
 @triton.jit
-def add_weight_grad(g_ptr, g_off, col_ok, g, h_ptr, h_off, row_ok, H, BLOCK_H: tl.constexpr, DOT: tl.constexpr,
-                    MMA: tl.constexpr, PRECISION: tl.constexpr):
-    """g_ptr[cols, :] += gᵀ · h[rows, :] (read-modify-write: the calling program owns these columns)."""
-    g_t = tl.trans(operand(g, DOT, MMA))
+def add_product(out_ptr, out_off, out_ok, lhs, rhs_ptr, rhs_off, rhs_ok, H, BLOCK_H: tl.constexpr,
+                DOT: tl.constexpr, MMA: tl.constexpr, PRECISION: tl.constexpr):
+    """out[i, :] += Σ_j lhs[i, j] · rhs[j, :], rhs rows at rhs_ptr + rhs_off[j] (read-modify-write: the
+    calling program owns the output rows). dH: lhs = G, rhs = W[cols]; dW: lhs = Gᵀ, rhs = h[rows]."""
+    lhs = operand(lhs, DOT, MMA)
     for k0 in range(0, H, BLOCK_H):
         ks = k0 + tl.arange(0, BLOCK_H)
         k_ok = ks < H
-        h = tl.load(h_ptr + h_off[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        ptrs = g_ptr + g_off[:, None] + ks[None, :]
-        keep = col_ok[:, None] & k_ok[None, :]
-        acc = tl.dot(g_t, operand(h, DOT, MMA), tl.load(ptrs, mask=keep, other=0.0), input_precision=PRECISION)
+        rhs = tl.load(rhs_ptr + rhs_off[:, None] + ks[None, :], mask=rhs_ok[:, None] & k_ok[None, :], other=0.0)
+        ptrs = out_ptr + out_off[:, None] + ks[None, :]
+        keep = out_ok[:, None] & k_ok[None, :]
+        acc = tl.dot(lhs, operand(rhs, DOT, MMA), tl.load(ptrs, mask=keep, other=0.0), input_precision=PRECISION)
         tl.store(ptrs, acc, mask=keep)
 
 
@@ -131,10 +132,9 @@ def fused_forward_kernel(
         for v0 in range(v_lo, v_hi, BLOCK_V):
             cols = v0 + vcols
             col_ok = cols < v_hi
-            s = linear_tile(hs_ptr, hs_off, row_ok, ws_ptr, ws_stride, bs_ptr, cols, col_ok, Hs, HAS_BS, BLOCK_N,
-                            BLOCK_V, BLOCK_H, DOT_S, MMA_S, PREC_S, ACC)
-            t = linear_tile(ht_ptr, ht_off, row_ok, wt_ptr, wt_stride, bt_ptr, cols, col_ok, Ht, HAS_BT, BLOCK_N,
-                            BLOCK_V, BLOCK_H, DOT_T, MMA_T, PREC_T, ACC)
+            s, t = both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, Hs,
+                              Ht, ws_stride, wt_stride, HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S,
+                              MMA_T, PREC_S, PREC_T, ACC)
             t1, t2, t3 = second_pass_tile(KIND, STUDENT_IS_P, s, t, inv_temp, m_x, ls_x, m_y, ls_y, c1, c2)
             y1 += t1
             y2 += t2
@@ -143,26 +143,14 @@ def fused_forward_kernel(
         tl.store(part + 1, y2, mask=row_ok)
         tl.store(part + 2, y3, mask=row_ok)
     else:
-        labels = tl.zeros([BLOCK_N], tl.int64)
-        if HARD:
-            labels = tl.load(labels_ptr + safe_rows).to(tl.int64)
-        m_x = tl.full([BLOCK_N], NEG_INF, ACC)
-        m_y = tl.full([BLOCK_N], NEG_INF, ACC)
-        m_c = tl.full([BLOCK_N], NEG_INF, ACC)
-        s_x = tl.zeros([BLOCK_N], ACC)
-        s_y = tl.zeros([BLOCK_N], ACC)
-        s_c = tl.zeros([BLOCK_N], ACC)
-        s_lab = tl.zeros([BLOCK_N], ACC)
-        acc1 = tl.zeros([BLOCK_N], ACC)
-        acc2 = tl.zeros([BLOCK_N], ACC)
-        acc3 = tl.zeros([BLOCK_N], ACC)
+        labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_N)
+        m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab = first_pass_init(BLOCK_N, ACC)
         for v0 in range(v_lo, v_hi, BLOCK_V):
             cols = v0 + vcols
             col_ok = cols < v_hi
-            s = linear_tile(hs_ptr, hs_off, row_ok, ws_ptr, ws_stride, bs_ptr, cols, col_ok, Hs, HAS_BS, BLOCK_N,
-                            BLOCK_V, BLOCK_H, DOT_S, MMA_S, PREC_S, ACC)
-            t = linear_tile(ht_ptr, ht_off, row_ok, wt_ptr, wt_stride, bt_ptr, cols, col_ok, Ht, HAS_BT, BLOCK_N,
-                            BLOCK_V, BLOCK_H, DOT_T, MMA_T, PREC_T, ACC)
+            s, t = both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, Hs,
+                              Ht, ws_stride, wt_stride, HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S,
+                              MMA_T, PREC_S, PREC_T, ACC)
             m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab = first_pass_tile(
                 KIND, HARD, STUDENT_IS_P, s, t, cols, labels, inv_temp, m_x, s_x, m_y, s_y, acc1, acc2, acc3,
                 m_c, s_c, s_lab, c1, c2)
@@ -218,9 +206,7 @@ def fused_merge_kernel(
                 tl.load(p + 3), tl.load(p + 4), tl.load(p + 5), tl.load(p + 6), c1, c2)
             if HARD:
                 m_c, s_c, s_lab = hard_label_merge(m_c, s_c, s_lab, tl.load(p + 7), tl.load(p + 8), tl.load(p + 9))
-        labels = tl.zeros([BLOCK_N], tl.int64)
-        if HARD:
-            labels = tl.load(labels_ptr + safe_rows).to(tl.int64)
+        labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_N)
         ls_x, ls_y, aux1, aux2, aux3, L, ls_c, loss = first_pass_results(
             KIND, HARD, m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab, labels, V, c1, c2, soft, hard)
         store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c)
@@ -237,10 +223,9 @@ def gradient_tiles(
     PREC_S: tl.constexpr, PREC_T: tl.constexpr, ACC: tl.constexpr,
 ):
     """Recomputed logit tiles → row-scaled gradient tiles (G_s, G_t), exactly 0 outside rows / cols."""
-    s = linear_tile(hs_ptr, hs_off, row_ok, ws_ptr, ws_stride, bs_ptr, cols, col_ok, Hs, HAS_BS, BLOCK_N, BLOCK_V,
-                    BLOCK_H, DOT_S, MMA_S, PREC_S, ACC)
-    t = linear_tile(ht_ptr, ht_off, row_ok, wt_ptr, wt_stride, bt_ptr, cols, col_ok, Ht, HAS_BT, BLOCK_N, BLOCK_V,
-                    BLOCK_H, DOT_T, MMA_T, PREC_T, ACC)
+    s, t = both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, Hs, Ht,
+                      ws_stride, wt_stride, HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S, MMA_T,
+                      PREC_S, PREC_T, ACC)
     m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
     g_s, g_t = gradient_tile(KIND, HARD, STUDENT_IS_P, s, t, cols, labels, inv_temp, m_x, ls_x, m_y, ls_y, aux1,
                              aux2, aux3, L, m_c, ls_c, c1, c2, soft, hard)
@@ -268,9 +253,7 @@ def fused_grad_hidden_kernel(
     hs_off = row_offsets(safe_rows, hs_inner, hs_outer, hs_stride)
     ht_off = row_offsets(safe_rows, ht_inner, ht_outer, ht_stride)
     local = (safe_rows - row_start).to(tl.int64)
-    labels = tl.zeros([BLOCK_N], tl.int64)
-    if HARD:
-        labels = tl.load(labels_ptr + safe_rows).to(tl.int64)
+    labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_N)
     scale = tl.load(row_scale_ptr + safe_rows).to(ACC)
     vcols = tl.arange(0, BLOCK_V)
     for v0 in range(0, V, BLOCK_V):
@@ -281,11 +264,11 @@ def fused_grad_hidden_kernel(
             safe_rows, scale, Hs, Ht, ws_stride, wt_stride, inv_temp, c1, c2, soft, hard, KIND, HARD, STUDENT_IS_P,
             HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S, MMA_T, PREC_S, PREC_T, ACC)
         if GRAD_HS:
-            add_hidden_grad(ghs_ptr, local * Hs, row_ok, g_s, ws_ptr, ws_stride, cols, col_ok, Hs, BLOCK_H, DOT_S,
-                            MMA_S, PREC_S)
+            add_product(ghs_ptr, local * Hs, row_ok, g_s, ws_ptr, cols.to(tl.int64) * ws_stride, col_ok, Hs, BLOCK_H,
+                        DOT_S, MMA_S, PREC_S)
         if GRAD_HT:
-            add_hidden_grad(ght_ptr, local * Ht, row_ok, g_t, wt_ptr, wt_stride, cols, col_ok, Ht, BLOCK_H, DOT_T,
-                            MMA_T, PREC_T)
+            add_product(ght_ptr, local * Ht, row_ok, g_t, wt_ptr, cols.to(tl.int64) * wt_stride, col_ok, Ht, BLOCK_H,
+                        DOT_T, MMA_T, PREC_T)
 
 
 @triton.jit
@@ -315,20 +298,18 @@ def fused_grad_weight_kernel(
         safe_rows = tl.minimum(rows, n_rows - 1)
         hs_off = row_offsets(safe_rows, hs_inner, hs_outer, hs_stride)
         ht_off = row_offsets(safe_rows, ht_inner, ht_outer, ht_stride)
-        labels = tl.zeros([BLOCK_N], tl.int64)
-        if HARD:
-            labels = tl.load(labels_ptr + safe_rows).to(tl.int64)
+        labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_N)
         scale = tl.load(row_scale_ptr + safe_rows).to(ACC)
         g_s, g_t = gradient_tiles(
             hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, labels, stats_ptr,
             safe_rows, scale, Hs, Ht, ws_stride, wt_stride, inv_temp, c1, c2, soft, hard, KIND, HARD, STUDENT_IS_P,
             HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S, MMA_T, PREC_S, PREC_T, ACC)
         if GRAD_WS:
-            add_weight_grad(gws_ptr, local * Hs, col_ok, g_s, hs_ptr, hs_off, row_ok, Hs, BLOCK_H, DOT_S, MMA_S,
-                            PREC_S)
+            add_product(gws_ptr, local * Hs, col_ok, tl.trans(g_s), hs_ptr, hs_off, row_ok, Hs, BLOCK_H, DOT_S, MMA_S,
+                        PREC_S)
         if GRAD_WT:
-            add_weight_grad(gwt_ptr, local * Ht, col_ok, g_t, ht_ptr, ht_off, row_ok, Ht, BLOCK_H, DOT_T, MMA_T,
-                            PREC_T)
+            add_product(gwt_ptr, local * Ht, col_ok, tl.trans(g_t), ht_ptr, ht_off, row_ok, Ht, BLOCK_H, DOT_T, MMA_T,
+                        PREC_T)
         if GRAD_BS:
             db_s += tl.sum(g_s, axis=0)
         if GRAD_BT:

@@ -16,9 +16,11 @@ import triton.language as tl
 from .divergences import NEG_INF
 from .passes import (
     NUM_STATS,  # noqa: F401  (re-exported for the launchers)
+    first_pass_init,
     first_pass_results,
     first_pass_tile,
     gradient_tile,
+    load_labels,
     load_stats,
     scale_rows,
     second_pass_results,
@@ -54,21 +56,10 @@ def kd_logits_forward_kernel(
     safe_rows = tl.minimum(rows, n_rows - 1)
     s_off = row_offsets(safe_rows, s_inner, s_stride_outer, s_stride_inner)
     t_off = row_offsets(safe_rows, t_inner, t_stride_outer, t_stride_inner)
-    labels = tl.zeros([BLOCK_R], tl.int64)
-    if HARD:
-        labels = tl.load(labels_ptr + safe_rows).to(tl.int64)
+    labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_R)
     cols = tl.arange(0, BLOCK_V)
 
-    m_x = tl.full([BLOCK_R], NEG_INF, ACC)
-    m_y = tl.full([BLOCK_R], NEG_INF, ACC)
-    m_c = tl.full([BLOCK_R], NEG_INF, ACC)
-    s_x = tl.zeros([BLOCK_R], ACC)
-    s_y = tl.zeros([BLOCK_R], ACC)
-    s_c = tl.zeros([BLOCK_R], ACC)
-    s_lab = tl.zeros([BLOCK_R], ACC)
-    acc1 = tl.zeros([BLOCK_R], ACC)
-    acc2 = tl.zeros([BLOCK_R], ACC)
-    acc3 = tl.zeros([BLOCK_R], ACC)
+    m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab = first_pass_init(BLOCK_R, ACC)
     for v0 in range(0, V, BLOCK_V):
         col_ok = v0 + cols < V
         s = load_tile(s_ptr + v0, s_off, cols, col_ok, ACC)
@@ -116,9 +107,7 @@ def kd_logits_backward_kernel(
     s_off = row_offsets(safe_rows, s_inner, s_stride_outer, s_stride_inner)
     t_off = row_offsets(safe_rows, t_inner, t_stride_outer, t_stride_inner)
     g_off = safe_rows.to(tl.int64) * V
-    labels = tl.zeros([BLOCK_R], tl.int64)
-    if HARD:
-        labels = tl.load(labels_ptr + safe_rows).to(tl.int64)
+    labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_R)
     cols = tl.arange(0, BLOCK_V)
 
     m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c = load_stats(stats_ptr, safe_rows)

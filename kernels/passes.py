@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .cross_entropy import hard_label_finish, hard_label_gradient, hard_label_update
 from .divergences import (
+    NEG_INF,
     first_pass_finish,
     first_pass_update,
     gradient_terms,
@@ -36,6 +37,23 @@ def as_pq(STUDENT_IS_P: tl.constexpr, student, teacher):
         x = student
         y = teacher
     return x, y
+
+
+@triton.jit
+def first_pass_init(BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """The empty first-pass state of BLOCK rows: m_x, s_x, m_y, s_y, acc1..3, m_c, s_c, s_lab."""
+    neg = tl.full([BLOCK], NEG_INF, ACC)
+    zero = tl.zeros([BLOCK], ACC)
+    return neg, zero, neg, zero, zero, zero, zero, neg, zero, zero
+
+
+@triton.jit
+def load_labels(HARD: tl.constexpr, labels_ptr, rows, BLOCK: tl.constexpr):
+    """The rows' labels where the hard-label term reads them (zeros otherwise: never used)."""
+    labels = tl.zeros([BLOCK], tl.int64)
+    if HARD:
+        labels = tl.load(labels_ptr + rows).to(tl.int64)
+    return labels
 
 
 @triton.jit
@@ -82,7 +100,7 @@ def second_pass_results(KIND: tl.constexpr, y1, y2, y3, c1, c2):
 @triton.jit
 def gradient_tile(KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, s, t, cols, labels,
                   inv_temp, m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c, c1, c2, soft, hard):
-    """(∂ℓ/∂s, ∂ℓ/∂t) on raw logit tiles: soft/T · ∂D/∂(logits/T), plus hard · ∂CE/∂s (student)."""
+    """(∂ℓ/∂s, ∂ℓ/∂t) on raw logit tiles: soft/T · ∂D/∂(logits/T), + hard · ∂CE/∂s (student)."""
     x, y = as_pq(STUDENT_IS_P, s * inv_temp, t * inv_temp)
     g_x, g_y = gradient_terms(KIND, log_probs(x, m_x, ls_x), log_probs(y, m_y, ls_y), L, aux1, aux2, aux3, c1,
                               c2)

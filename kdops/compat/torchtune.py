@@ -94,9 +94,7 @@ class SymmetricKLLoss(torch.nn.Module):
 
     def __init__(self, sym_kd_ratio: float = 0.5, ignore_index: int = -100):
         super().__init__()
-        if sym_kd_ratio < 0.0 or sym_kd_ratio > 1.0:
-            raise ValueError("sym_kd_ratio must be in the range [0, 1]")
-        self.ignore_index, self.sym_kd_ratio = ignore_index, sym_kd_ratio
+        self.ignore_index, self.sym_kd_ratio = ignore_index, _check_ratio(sym_kd_ratio)
         self.fkl, self.rkl = ForwardKLLoss(ignore_index), ReverseKLLoss(ignore_index)
 
     def forward(self, student_logits, teacher_logits, labels, normalize: bool = True):
@@ -104,41 +102,50 @@ class SymmetricKLLoss(torch.nn.Module):
                 + (1 - self.sym_kd_ratio) * self.rkl(student_logits, teacher_logits, labels, normalize))
 
 
+def _mixed_sum(forward_ratio: float, student, teacher, labels, ignore_index: int):
+    """r · (forward sum) + (1 − r) · (reverse sum), computing only the terms whose weight is not 0."""
+    total = 0.0
+    if forward_ratio != 0:
+        total = total + forward_ratio * _masked_sum("forward", student, teacher, labels, ignore_index)
+    if forward_ratio != 1:
+        total = total + (1 - forward_ratio) * _masked_sum("reverse", student, teacher, labels, ignore_index)
+    return total
+
+
+def _check_ratio(sym_kd_ratio: float) -> float:
+    if sym_kd_ratio < 0.0 or sym_kd_ratio > 1.0:
+        raise ValueError("sym_kd_ratio must be in the range [0, 1]")
+    return sym_kd_ratio
+
+
 class _ChunkedOutputLoss(torch.nn.Module):
-    """The loss summed over lists of [B, L/k, V] logit chunks, divided by the valid tokens of [B, L] labels."""
+    """The loss summed over lists of [B, L/k, V] logit chunks, divided by the valid tokens of [B, L] labels;
+    `forward_ratio` weighs the forward (cross-entropy) form against the reverse KL."""
+
+    forward_ratio = 1.0
 
     def __init__(self, num_output_chunks: int = 8, ignore_index: int = -100):
         super().__init__()
         self.num_output_chunks, self.ignore_index = num_output_chunks, ignore_index
 
-    def chunk_loss(self, student, teacher, labels):
-        raise NotImplementedError
-
     def forward(self, student_logits, teacher_logits, labels):
         label_chunks = labels.chunk(self.num_output_chunks, dim=1)
-        total = sum(self.chunk_loss(s, t, y) for s, t, y in zip(student_logits, teacher_logits, label_chunks))
+        total = sum(_mixed_sum(self.forward_ratio, s, t, y, self.ignore_index)
+                    for s, t, y in zip(student_logits, teacher_logits, label_chunks))
         if (labels != self.ignore_index).sum() == 0:
             return torch.tensor(0.0, device=student_logits[0].device)
         return total / (labels != self.ignore_index).sum()
 
 
 class ForwardKLWithChunkedOutputLoss(_ChunkedOutputLoss):
-    def chunk_loss(self, student, teacher, labels):
-        return _masked_sum("forward", student, teacher, labels, self.ignore_index)
+    forward_ratio = 1.0
 
 
 class ReverseKLWithChunkedOutputLoss(_ChunkedOutputLoss):
-    def chunk_loss(self, student, teacher, labels):
-        return _masked_sum("reverse", student, teacher, labels, self.ignore_index)
+    forward_ratio = 0.0
 
 
 class SymmetricKLWithChunkedOutputLoss(_ChunkedOutputLoss):
     def __init__(self, num_output_chunks: int = 8, sym_kd_ratio: float = 0.5, ignore_index: int = -100):
         super().__init__(num_output_chunks, ignore_index)
-        if sym_kd_ratio < 0.0 or sym_kd_ratio > 1.0:
-            raise ValueError("sym_kd_ratio must be in the range [0, 1]")
-        self.sym_kd_ratio = sym_kd_ratio
-
-    def chunk_loss(self, student, teacher, labels):
-        return (self.sym_kd_ratio * _masked_sum("forward", student, teacher, labels, self.ignore_index)
-                + (1 - self.sym_kd_ratio) * _masked_sum("reverse", student, teacher, labels, self.ignore_index))
+        self.sym_kd_ratio = self.forward_ratio = _check_ratio(sym_kd_ratio)
