@@ -15,10 +15,11 @@ from .divergences import (
     as_divergence,
 )
 from .modules import FusedLinearKDLoss, KDLoss
+from .parallel import VocabParallel
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "kd_loss", "fused_linear_kd_loss", "KDLoss", "FusedLinearKDLoss", "reference", "Divergence", "ForwardKL", "ReverseKL", "GeneralizedJSD",
+    "kd_loss", "fused_linear_kd_loss", "KDLoss", "FusedLinearKDLoss", "VocabParallel", "reference", "Divergence", "ForwardKL", "ReverseKL", "GeneralizedJSD",
     "SkewForwardKL", "SkewReverseKL", "TVD", "AlphaBeta", "DIVERGENCES", "as_divergence",
 ]

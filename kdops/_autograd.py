@@ -12,8 +12,8 @@ class KDLogitsFunction(torch.autograd.Function):
     """Per-row losses [rows] (0 where the mask is False) of [..., V] logits, by the Triton kernels."""
 
     @staticmethod
-    def forward(ctx, student, teacher, mask, canon: Canonical, temperature: float):
-        loss, stats = _launch.logits_forward(student, teacher, None, canon, 1.0 / temperature)
+    def forward(ctx, student, teacher, mask, canon: Canonical, temperature: float, shards=None):
+        loss, stats = _launch.logits_forward(student, teacher, None, canon, 1.0 / temperature, shards=shards)
         ctx.save_for_backward(student, teacher, mask, stats)
         ctx.canon, ctx.temperature = canon, temperature
         return torch.where(mask, loss, 0.0)
@@ -24,7 +24,7 @@ class KDLogitsFunction(torch.autograd.Function):
         row_scale = torch.where(mask, grad_rows, 0.0)
         grad_student, grad_teacher = _launch.logits_backward(student, teacher, None, stats, row_scale, ctx.canon,
                                                              1.0 / ctx.temperature, *ctx.needs_input_grad[:2])
-        return grad_student, grad_teacher, None, None, None
+        return grad_student, grad_teacher, None, None, None, None
 
 
 class FusedLinearKDFunction(torch.autograd.Function):

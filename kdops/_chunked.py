@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import _launch
+from .parallel import vocab_parallel_rows
 from .reference import compute_dtype, linear_kd_rows
 
 #: Default bytes for one chunk's buffers (`chunk_bytes` of the fused API overrides it).
@@ -105,7 +106,7 @@ class ChunkedProblem:
     """The inputs of one fused-linear loss, prepared for chunked passes."""
 
     def __init__(self, hs, ws, bs, ht, wt, bt, labels, divergence, temperature: float, vocab: int, soft: float,
-                 hard: float, ignore_index: int, engine: str, budget: int | None):
+                 hard: float, ignore_index: int, engine: str, budget: int | None, shards=None):
         self.acc_dtype = compute_dtype(hs, ws, ht, wt)
         self.student = _Side(hs, ws, bs, vocab, self.acc_dtype)
         self.teacher = _Side(ht, wt, bt, vocab, self.acc_dtype)
@@ -113,7 +114,11 @@ class ChunkedProblem:
         self.labels = None if labels is None else labels.reshape(-1)
         self.divergence, self.temperature = divergence, temperature
         self.soft, self.hard, self.ignore_index, self.engine = soft, hard, ignore_index, engine
-        per_row = bytes_per_row(vocab, engine, (ws.dtype, wt.dtype), self.acc_dtype)
+        self.shards = shards
+        # Under vocabulary parallelism every rank must run the same chunks (each chunk communicates): they
+        # are sized for the widest shard.
+        width = vocab if shards is None else shards.max_width
+        per_row = bytes_per_row(width, engine, (ws.dtype, wt.dtype), self.acc_dtype)
         self.chunk = chunk_rows(self.n_rows, per_row, budget)
 
     eager = True  # each chunk's logits are there in the forward: its gradients are computed at once
@@ -131,25 +136,30 @@ class ChunkedProblem:
         """Per-row losses of a chunk and, where asked for, the row-scaled gradients of its logits."""
         if self.engine == "triton":
             canon, inv_temp = self.divergence.canonical(), 1.0 / self.temperature
-            loss, stats = _launch.logits_forward(zs, zt, labels, canon, inv_temp, self.soft, self.hard)
+            loss, stats = _launch.logits_forward(zs, zt, labels, canon, inv_temp, self.soft, self.hard, self.shards)
             if need_s or need_t:
                 _launch.logits_backward(zs, zt, labels, stats, scale, canon, inv_temp, need_s, need_t, self.soft,
-                                        self.hard, out_s=zs, out_t=zt)
+                                        self.hard, out_s=zs, out_t=zt, shards=self.shards)
             return loss, zs, zt
         if not (need_s or need_t):
             with torch.no_grad():
-                return linear_kd_rows(zs, zt, labels, self.divergence, self.temperature, self.soft, self.hard,
-                                      self.ignore_index), None, None
+                return self._reference_rows(zs, zt, labels), None, None
         zs, zt = zs.detach().requires_grad_(need_s), zt.detach().requires_grad_(need_t)
         with torch.enable_grad():
-            loss = linear_kd_rows(zs, zt, labels, self.divergence, self.temperature, self.soft, self.hard,
-                                  self.ignore_index)
+            loss = self._reference_rows(zs, zt, labels)
             inputs = [z for z, need in ((zs, need_s), (zt, need_t)) if need]
             grads = list(torch.autograd.grad(loss, inputs, scale))
         live = (scale != 0)[:, None]
         g_s = torch.where(live, grads.pop(0), 0.0) if need_s else None
         g_t = torch.where(live, grads.pop(0), 0.0) if need_t else None
         return loss.detach(), g_s, g_t
+
+    def _reference_rows(self, zs, zt, labels):
+        if self.shards is None:
+            return linear_kd_rows(zs, zt, labels, self.divergence, self.temperature, self.soft, self.hard,
+                                  self.ignore_index)
+        return vocab_parallel_rows(self.shards, zs, zt, labels, self.divergence, self.temperature, self.soft,
+                                   self.hard)
 
     def run(self, row_scale, needs):
         """(per-row losses [rows], gradients (hs, ws, bs, ht, wt, bt)) of Σ_r row_scale[r]·loss[r]; gradients
@@ -184,6 +194,8 @@ class ChunkedProblem:
                 s.backprop(h_s, gs, r0, r1, g_hs, g_ws, g_bs)
             if need_t:
                 t.backprop(h_t, gt, r0, r1, g_ht, g_wt, g_bt)
+        if self.shards is not None:
+            self.shards.reduce_hidden(g_hs, g_ht)
         return rows, (g_hs, g_ws, self._bias_grad(g_bs, s), g_ht, g_wt, self._bias_grad(g_bt, t))
 
     @staticmethod

@@ -61,14 +61,17 @@ class FusedProblem:
     """Everything the fused kernels take besides the per-call row scale: the inputs, prepared once."""
 
     def __init__(self, hs, ws, bs, ht, wt, bt, labels, canon: Canonical, inv_temp: float, vocab: int, soft: float,
-                 hard: float):
-        tl, _, _ = _launch._kernels()
+                 hard: float, shards=None):
+        tl, *_ = _launch._kernels()
         self.n_rows = hs.numel() // hs.shape[-1]
         self.vocab, self.canon = vocab, canon
         self.hs, s_layout, self.ws, dot_s, mma_s, prec_s = _side(tl, hs, ws)
         self.ht, t_layout, self.wt, dot_t, mma_t, prec_t = _side(tl, ht, wt)
         self.bs, self.bt = bs, bt
-        self.labels = labels.reshape(-1).contiguous() if hard > 0 else None
+        self.shards = shards
+        # Global token ids (the labels' range check), and as indices into this rank's vocabulary shard.
+        self.global_labels = _launch.flat_labels(labels, hard)
+        self.labels = self.global_labels if shards is None else shards.local_labels(self.global_labels)
         self.acc = _launch._acc(tl, hs, ws, bs, ht, wt, bt)
         kind, self.two_pass = _launch.kind_of(canon)
         self.device = hs.device
@@ -92,7 +95,10 @@ class FusedProblem:
         return loss, [stats]
 
     def backward(self, saved, row_scale, needs):
-        return fused_backward(self, saved[0], row_scale, needs)
+        g_hs, g_ws, g_bs, g_ht, g_wt, g_bt = fused_backward(self, saved[0], row_scale, needs)
+        if self.shards is not None:
+            self.shards.reduce_hidden(g_hs, g_ht)
+        return g_hs, g_ws, g_bs, g_ht, g_wt, g_bt
 
     def pointers(self, stats):
         """The input pointers, with a stand-in for absent biases and labels (constexpr flags skip them)."""
@@ -101,30 +107,25 @@ class FusedProblem:
 
 
 def fused_forward(problem: FusedProblem):
-    """Per-row losses soft·D + hard·CE [rows] and statistics [rows, NUM_STATS]."""
-    linear, logits = _linear(), _launch._kernels()[2]
-    n, dtype, device = problem.n_rows, problem.acc_dtype, problem.device
-    loss = _empty((n,), dtype, device)
-    stats = _empty((n, logits.NUM_STATS.value), dtype, device)
-    if n == 0:
-        return loss, stats
-    config = fused_config(n, problem.vocab, device)
+    """Per-row losses soft·D + hard·CE [rows] and statistics [rows, NUM_STATS] (of the group's vocabulary
+    under `problem.shards`)."""
+    linear = _linear()
+    n = problem.n_rows
+    config = fused_config(n, problem.vocab, problem.device)
     split_size = config.pop("split_size")
     n_splits = _cdiv(problem.vocab, split_size)
-    partial = _empty((n, n_splits, linear.NUM_PARTIAL.value), dtype, device)
-    *inputs, labels = problem.pointers(stats)
-    merge_block = min(128, _next_pow2(n))
-    for second in (False, True) if problem.two_pass else (False,):
+    *inputs, labels = problem.pointers(problem.hs)
+
+    def launch_pass(second, partial, stats):
         linear.fused_forward_kernel[(_cdiv(n, config["BLOCK_N"]), n_splits)](
             *inputs, labels, partial, stats, n, problem.vocab, *problem.shape_args, split_size, n_splits,
             *problem.layout_args, *problem.scalars, SECOND_PASS=second, **problem.constexprs, **config,
         )
-        linear.fused_merge_kernel[(_cdiv(n, merge_block),)](
-            partial, labels, loss, stats, n, n_splits, problem.vocab, *problem.scalars[1:], *problem.weights,
-            KIND=problem.constexprs["KIND"], SECOND_PASS=second, HARD=problem.constexprs["HARD"],
-            BLOCK_N=merge_block, ACC=problem.acc,
-        )
-    return loss, stats
+
+    shards = problem.shards
+    return _launch.staged_forward(launch_pass, n, n_splits, problem.canon, *problem.weights, problem.global_labels,
+                                  problem.vocab if shards is None else shards.vocab, problem.constexprs,
+                                  problem.device, shards)
 
 
 def _groups(total: int, block: int, bytes_per_item: int):

@@ -17,9 +17,9 @@ POISON_OUTPUTS = False
 def _kernels():
     import triton.language as tl
 
-    from .kernels import divergences, logits
+    from .kernels import divergences, logits, partials
 
-    return tl, divergences, logits
+    return tl, divergences, logits, partials
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -89,56 +89,132 @@ def _acc_torch(acc) -> torch.dtype:
 
 def kind_of(canon: Canonical):
     """The constexpr kind of `canon` and whether it needs a second pass."""
-    _, divergences, _ = _kernels()
+    _, divergences, *_ = _kernels()
     return getattr(divergences, canon.kind.name), int(canon.kind) in divergences.TWO_PASS_KINDS
 
 
-def _logits_args(student, teacher, labels, canon: Canonical, inv_temp: float, soft: float, hard: float):
-    """Row layouts, scalars and constexprs common to both kernels on logits."""
-    tl, _, _ = _kernels()
+def _logits_args(student, teacher, labels, canon: Canonical, inv_temp: float, soft: float, hard: float, shards):
+    """Row layouts, scalars and constexprs common to both kernels on logits (labels as indices into the
+    vocabulary shard under `shards`)."""
+    tl, *_ = _kernels()
     student, (s_inner, s_outer, s_stride) = _rows_of(student)
     teacher, (t_inner, t_outer, t_stride) = _rows_of(teacher)
     args = (student.shape[-1], s_inner, s_outer, s_stride, t_inner, t_outer, t_stride, inv_temp, canon.c1,
             canon.c2, soft, hard)
     kind, two_pass = kind_of(canon)
     constexprs = dict(KIND=kind, HARD=hard > 0, STUDENT_IS_P=canon.student_is_p, ACC=_acc(tl, student, teacher))
-    return student, teacher, _flat_labels(labels, hard), args, constexprs, two_pass
+    labels = flat_labels(labels, hard)
+    return student, teacher, labels if shards is None else shards.local_labels(labels), args, constexprs, two_pass
 
 
-def _flat_labels(labels, hard: float):
+def flat_labels(labels, hard: float):
     """Labels as one contiguous row vector, only where the hard-label term reads them."""
     return labels.reshape(-1).contiguous() if hard > 0 else None
 
 
 def logits_forward(student: torch.Tensor, teacher: torch.Tensor, labels, canon: Canonical, inv_temp: float,
-                   soft: float = 1.0, hard: float = 0.0):
-    """Per-row losses soft·D + hard·CE [rows] and statistics [rows, NUM_STATS] of [..., V] logits."""
-    _, _, logits = _kernels()
-    student, teacher, labels, args, constexprs, two_pass = _logits_args(student, teacher, labels, canon,
-                                                                         inv_temp, soft, hard)
+                   soft: float = 1.0, hard: float = 0.0, shards=None):
+    """Per-row losses soft·D + hard·CE [rows] and statistics [rows, NUM_STATS] of [..., V] logits; with
+    `shards` (`kdops.parallel.VocabShards`), of the group's logits, this rank holding its shard of them."""
+    logits = _kernels()[2]
+    student, teacher, tile_labels, args, constexprs, two_pass = _logits_args(student, teacher, labels, canon,
+                                                                              inv_temp, soft, hard, shards)
     n_rows = student.numel() // student.shape[-1]
+    config = logits_config(n_rows, student.shape[-1], student.device)
+    grid = (_cdiv(n_rows, config["BLOCK_R"]),)
     out_dtype = _acc_torch(constexprs["ACC"])
+    if shards is not None:
+        def launch_pass(second, partial, stats):
+            logits.kd_logits_forward_kernel[grid](
+                student, teacher, stats if tile_labels is None else tile_labels, stats, stats, partial, n_rows,
+                *args, TWO_PASS=two_pass, STAGE=logits.SECOND_PARTIAL if second else logits.FIRST_PARTIAL,
+                **constexprs, **config,
+            )
+
+        return staged_forward(launch_pass, n_rows, 1, canon, soft, hard, flat_labels(labels, hard), shards.vocab,
+                              constexprs, student.device, shards)
     loss = _empty((n_rows,), out_dtype, student.device)
     stats = _empty((n_rows, logits.NUM_STATS.value), out_dtype, student.device)
     if n_rows == 0:
         return loss, stats
-    config = logits_config(n_rows, student.shape[-1], student.device)
-    grid = (_cdiv(n_rows, config["BLOCK_R"]),)
     logits.kd_logits_forward_kernel[grid](
-        student, teacher, loss if labels is None else labels, loss, stats, n_rows, *args, TWO_PASS=two_pass,
-        **constexprs, **config,
+        student, teacher, loss if tile_labels is None else tile_labels, loss, stats, loss, n_rows, *args,
+        TWO_PASS=two_pass, STAGE=logits.FULL, **constexprs, **config,
     )
     return loss, stats
 
 
+# Columns of the first-pass partial state (kernels/partials.py) that the group combines: the maxima
+# (all-reduce MAX) and, per kind, the sums (all-reduce SUM); the hard-label CE adds its own.
+_MAX_COLUMNS, _CE_MAX_COLUMNS = (0, 2), (7,)
+_SUM_COLUMNS = {"KL": (1, 3, 4), "ALPHA_BETA": (1, 3, 4, 5, 6)}
+_TWO_PASS_SUM_COLUMNS, _CE_SUM_COLUMNS = (1, 3), (8, 9)
+_SECOND_PASS_COLUMNS = (0, 1, 2)
+
+
+def merge_partials(partial, labels, loss, stats, canon: Canonical, vocab: int, soft: float, hard: float, constexprs,
+                   second: bool, maxima=None, out=None):
+    """Launch `merge_partials_kernel` on partial [rows, parts, NUM_PARTIAL]: finish loss and stats, or with
+    `maxima` [rows, 3] re-express the merged state relative to them into `out` [rows, 1, NUM_PARTIAL]."""
+    partials = _kernels()[3]
+    n, parts = partial.shape[:2]
+    block = min(128, _next_pow2(n))
+    partials.merge_partials_kernel[(_cdiv(n, block),)](
+        partial, partial if maxima is None else maxima, partial if out is None else out,
+        partial if labels is None else labels, loss, stats, n, parts, vocab, canon.c1, canon.c2, soft, hard,
+        KIND=constexprs["KIND"], SECOND_PASS=second, RESCALE=maxima is not None, HARD=constexprs["HARD"],
+        BLOCK_N=block, ACC=constexprs["ACC"],
+    )
+
+
+def _combine_over_group(partial, canon: Canonical, constexprs, second: bool, shards, stats):
+    """This rank's partial state [rows, parts, NUM_PARTIAL] → the group's [rows, 1, NUM_PARTIAL], by
+    all-reduces of the columns the pass needs."""
+    n = partial.shape[0]
+    combined = torch.zeros((n, 1, partial.shape[2]), dtype=partial.dtype, device=partial.device)
+    if second:
+        combined[:, 0, :3] = shards.all_reduce_sum(partial[:, :, :3].sum(1))
+        return combined
+    hard = bool(constexprs["HARD"])
+    max_columns = list(_MAX_COLUMNS + (_CE_MAX_COLUMNS if hard else ()))
+    maxima = torch.zeros((n, 3), dtype=partial.dtype, device=partial.device)
+    maxima[:, : len(max_columns)] = shards.all_reduce_max(partial[:, :, max_columns].amax(1))
+    merge_partials(partial, None, stats, stats, canon, shards.vocab, 0.0, 0.0, constexprs, False, maxima=maxima,
+                   out=combined)
+    sum_columns = list(_SUM_COLUMNS.get(canon.kind.name, _TWO_PASS_SUM_COLUMNS) + (_CE_SUM_COLUMNS if hard else ()))
+    combined[:, 0, sum_columns] = shards.all_reduce_sum(combined[:, 0, sum_columns])
+    return combined
+
+
+def staged_forward(launch_pass, n_rows: int, n_parts: int, canon: Canonical, soft: float, hard: float, labels,
+                   vocab: int, constexprs, device, shards=None):
+    """Loss and statistics of a forward whose kernel writes partial states: launch_pass(second, partial,
+    stats) fills partial [rows, n_parts, NUM_PARTIAL] for the first pass (second=False) and, for the two-pass
+    kinds, the second; each pass's parts are merged (over the group first, under `shards`) and finished.
+    `labels` (global token ids) and `vocab` (the whole vocabulary) serve the labels' range check only."""
+    _, divergences, logits, partials = _kernels()
+    dtype = _acc_torch(constexprs["ACC"])
+    loss = _empty((n_rows,), dtype, device)
+    stats = _empty((n_rows, logits.NUM_STATS.value), dtype, device)
+    if n_rows == 0:
+        return loss, stats
+    partial = _empty((n_rows, n_parts, partials.NUM_PARTIAL.value), dtype, device)
+    two_pass = int(canon.kind) in divergences.TWO_PASS_KINDS
+    for second in (False, True) if two_pass else (False,):
+        launch_pass(second, partial, stats)
+        merged = partial if shards is None else _combine_over_group(partial, canon, constexprs, second, shards, stats)
+        merge_partials(merged, labels, loss, stats, canon, vocab, soft, hard, constexprs, second)
+    return loss, stats
+
+
 def logits_backward(student, teacher, labels, stats, row_scale, canon: Canonical, inv_temp: float, grad_s: bool,
-                    grad_t: bool, soft: float = 1.0, hard: float = 0.0, out_s=None, out_t=None):
+                    grad_t: bool, soft: float = 1.0, hard: float = 0.0, out_s=None, out_t=None, shards=None):
     """(∂/∂student, ∂/∂teacher) of Σ_r row_scale[r]·loss[r], contiguous [..., V] in the logits' dtypes (None
     where not asked for). `out_s` / `out_t` receive them instead when given: contiguous buffers of the
     logits' shape, which may be the logits themselves (the gradient then overwrites them)."""
-    _, _, logits = _kernels()
+    logits = _kernels()[2]
     student, teacher, labels, args, constexprs, _ = _logits_args(student, teacher, labels, canon, inv_temp,
-                                                                  soft, hard)
+                                                                  soft, hard, shards)
     n_rows = stats.shape[0]
     if grad_s and out_s is None:
         out_s = _empty(student.shape, student.dtype, student.device)

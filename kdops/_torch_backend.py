@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .divergences import Divergence
+from .parallel import vocab_parallel_rows
 from .reference import divergence_rows
 
 #: Default budget for one chunk's temporaries, in bytes (`chunk_rows` sizes chunks from it).
@@ -30,15 +31,17 @@ class ChunkedKDFunction(torch.autograd.Function):
     """Per-row losses [rows] (0 where the mask is False) of 2-D logits, computed chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, student, teacher, mask, divergence: Divergence, temperature: float):
+    def forward(ctx, student, teacher, mask, divergence: Divergence, temperature: float, shards=None):
         rows, vocab = student.shape
-        chunk = chunk_rows(vocab, itemsize=max(4, student.element_size()))
+        # Under vocabulary parallelism each chunk communicates: every rank sizes them for the widest shard.
+        width = vocab if shards is None else shards.max_width
+        chunk = chunk_rows(width, itemsize=max(4, student.element_size()))
         out = torch.zeros(rows, dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
         for start in range(0, rows, chunk):
             end = min(start + chunk, rows)
-            out[start:end] = divergence_rows(divergence, student[start:end], teacher[start:end], temperature)
+            out[start:end] = _rows(divergence, student[start:end], teacher[start:end], temperature, shards)
         ctx.save_for_backward(student, teacher, mask)
-        ctx.divergence, ctx.temperature, ctx.chunk = divergence, temperature, chunk
+        ctx.divergence, ctx.temperature, ctx.chunk, ctx.shards = divergence, temperature, chunk, shards
         return torch.where(mask, out, 0.0)
 
     @staticmethod
@@ -56,13 +59,20 @@ class ChunkedKDFunction(torch.autograd.Function):
             s = student[start:end].detach().requires_grad_(need_student)
             t = teacher[start:end].detach().requires_grad_(need_teacher)
             with torch.enable_grad():
-                loss = divergence_rows(ctx.divergence, s, t, ctx.temperature)
+                loss = _rows(ctx.divergence, s, t, ctx.temperature, ctx.shards)
                 inputs = [x for x, need in ((s, need_student), (t, need_teacher)) if need]
                 grads = list(torch.autograd.grad(loss, inputs, grad_rows[start:end]))
             for out, need in ((grad_student, need_student), (grad_teacher, need_teacher)):
                 if need:
                     out[start:end] = torch.where(live[:, None], grads.pop(0), 0.0)
-        return grad_student, grad_teacher, None, None, None
+        return grad_student, grad_teacher, None, None, None, None
+
+
+def _rows(divergence: Divergence, student, teacher, temperature: float, shards):
+    """The reference per-row divergence, over the group's vocabulary under `shards`."""
+    if shards is None:
+        return divergence_rows(divergence, student, teacher, temperature)
+    return vocab_parallel_rows(shards, student, teacher, None, divergence, temperature)
 
 
 def checkpointed_rows(fn, rows: int, chunk: int, *row_tensors) -> torch.Tensor:

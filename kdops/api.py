@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _chunked
+from . import _chunked, parallel
 from ._autograd import FusedLinearKDFunction, KDLogitsFunction
 from ._fused import FusedProblem
 from ._reduction import reduce_rows, row_mask, row_weights
@@ -19,6 +19,7 @@ from ._validation import (
     resolve_impl,
 )
 from .divergences import Divergence, as_divergence
+from .parallel import VocabParallel
 from .reference import compute_dtype, divergence_rows, linear_kd_rows, linear_logits
 
 
@@ -33,6 +34,7 @@ def kd_loss(
     reduction: str = "batchmean",
     num_items_in_batch=None,
     backend: str = "auto",
+    vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor:
     """Distillation loss between student and teacher logits of shape [..., V], in float32.
 
@@ -45,6 +47,10 @@ def kd_loss(
     `backend`: "triton" (vocabulary-blocked kernels: extra memory O(rows)), "torch" (the reference math
     chunked over rows: extra memory bounded by `kdops._torch_backend.BUDGET_BYTES`), "auto" (Triton on
     CUDA, torch elsewhere).
+
+    `vocab_parallel`: a `kdops.VocabParallel(start, stop, group)` when the logits are this rank's shard
+    [..., stop − start] of the vocabulary (see `kdops.parallel`): the loss is the whole vocabulary's, the
+    same on every rank, and each rank's gradient is that of its shard.
     """
     divergence = as_divergence(divergence)
     check_logits_pair(student_logits, teacher_logits)
@@ -54,7 +60,12 @@ def kd_loss(
     backend = resolve_backend(backend, student_logits.device)
 
     mask = row_mask(labels, ignore_index, leading, student_logits.device).reshape(-1)
-    if torch.compiler.is_compiling():
+    if vocab_parallel is not None:
+        options = parallel.options_of(divergence, temperature=temperature, reduction=reduction, backend=backend,
+                                      grads=(student_logits.requires_grad, teacher_logits.requires_grad))
+        rows = _vocab_parallel_kd_rows(student_logits, teacher_logits, mask, divergence, temperature, backend,
+                                       vocab_parallel, options)
+    elif torch.compiler.is_compiling():
         rows = _compiled_kd_rows(student_logits, teacher_logits, mask, divergence, temperature, backend)
     else:
         rows = kd_loss_rows_eager(student_logits, teacher_logits, mask, divergence, temperature, backend)
@@ -78,13 +89,23 @@ def _compiled_kd_rows(student_logits, teacher_logits, mask, divergence, temperat
 
 
 def kd_loss_rows_eager(student_logits, teacher_logits, mask, divergence: Divergence, temperature: float,
-                       backend: str) -> torch.Tensor:
+                       backend: str, shards=None) -> torch.Tensor:
     """Per-row losses [rows] (0 where the mask is False) of validated inputs, by the chosen backend."""
     if backend == "triton":
-        return KDLogitsFunction.apply(student_logits, teacher_logits, mask, divergence.canonical(), temperature)
+        return KDLogitsFunction.apply(student_logits, teacher_logits, mask, divergence.canonical(), temperature,
+                                      shards)
     vocab = student_logits.shape[-1]
     return ChunkedKDFunction.apply(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab), mask,
-                                   divergence, temperature)
+                                   divergence, temperature, shards)
+
+
+@torch.compiler.disable
+def _vocab_parallel_kd_rows(student_logits, teacher_logits, mask, divergence, temperature, backend, vocab_parallel,
+                            options):
+    """kd_loss's per-row losses over the group's vocabulary (eager: torch.compile breaks the graph here)."""
+    shards = parallel.resolve(vocab_parallel, width=student_logits.shape[-1], rows=mask.numel(),
+                              device=student_logits.device, options=options)
+    return kd_loss_rows_eager(student_logits, teacher_logits, mask, divergence, temperature, backend, shards)
 
 
 #: impl="auto" takes the chunked path when a chunk of at least this many rows (or all rows) fits the budget.
@@ -110,6 +131,7 @@ def fused_linear_kd_loss(
     impl: str = "auto",
     backend: str = "auto",
     chunk_bytes: int | None = None,
+    vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor:
     """Distillation loss from hidden states and lm_head weights, without the [tokens, V] logits in memory.
 
@@ -132,6 +154,12 @@ def fused_linear_kd_loss(
 
     With reduction "batchmean" or "sum", the chunked paths compute the gradients during the forward
     (the backward multiplies them by the upstream gradient), so the loss supports a single backward.
+
+    `vocab_parallel`: a `kdops.VocabParallel(start, stop, group)` when the weights (and biases) are this
+    rank's shard of the vocabulary, rows [start, stop) (rows past stop − start are padding); hidden states
+    and labels (global token ids) are the same on every rank. The loss is the whole vocabulary's, the same
+    on every rank; weight and bias gradients are the shard's, and the hidden-state gradients are summed over
+    the group unless `VocabParallel(reduce_hidden_grad=False)` (see `kdops.parallel`).
     """
     divergence = as_divergence(divergence)
     vocab = check_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
@@ -143,17 +171,24 @@ def fused_linear_kd_loss(
     check_chunk_bytes(chunk_bytes)
     backend = resolve_backend(backend, device)
     hard_weight, soft_weight = float(hard_weight), float(soft_weight)
-    if hard_weight > 0:
-        check_label_range(labels, ignore_index, vocab)
     tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
     mask = row_mask(labels, ignore_index, leading, device).reshape(-1)
     options = dict(divergence=divergence, temperature=temperature, vocab=vocab, soft_weight=soft_weight,
                    hard_weight=hard_weight, ignore_index=ignore_index, impl=impl, backend=backend,
                    chunk_bytes=chunk_bytes)
+    if vocab_parallel is not None:
+        return _vocab_parallel_fused_loss(tensors, labels, mask, options, reduction, num_items_in_batch, leading,
+                                          vocab_parallel)
+    if hard_weight > 0:
+        check_label_range(labels, ignore_index, vocab)
     if torch.compiler.is_compiling():
         rows = _compiled_fused_rows(tensors, labels, mask, options)
         return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)
-    problem = _fused_problem(*tensors, labels, **options)
+    return _fused_loss_eager(tensors, labels, mask, options, reduction, num_items_in_batch, leading)
+
+
+def _fused_loss_eager(tensors, labels, mask, options, reduction, num_items_in_batch, leading, shards=None):
+    problem = _fused_problem(*tensors, labels, **options, shards=shards)
     if problem.eager and reduction != "none":
         weights = row_weights(mask, reduction, num_items_in_batch, problem.acc_dtype)
         return FusedLinearKDFunction.apply(problem, mask, weights, *tensors)
@@ -161,18 +196,36 @@ def fused_linear_kd_loss(
     return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)
 
 
+@torch.compiler.disable
+def _vocab_parallel_fused_loss(tensors, labels, mask, options, reduction, num_items_in_batch, leading,
+                               vocab_parallel):
+    """fused_linear_kd_loss over the group's vocabulary (eager: torch.compile breaks the graph here)."""
+    hs, ws, _, ht, wt, _ = tensors
+    signature = parallel.options_of(**{k: v for k, v in options.items() if k != "vocab"}, reduction=reduction,
+                                    grads=tuple(t is not None and t.requires_grad for t in tensors))
+    shards = parallel.resolve(vocab_parallel, width=None, weight_rows=(ws.shape[0], wt.shape[0]), rows=mask.numel(),
+                              device=hs.device, options=signature)
+    if options["hard_weight"] > 0:
+        check_label_range(labels, options["ignore_index"], shards.vocab)
+    options = dict(options, vocab=shards.width)
+    return _fused_loss_eager(tensors, labels, mask, options, reduction, num_items_in_batch, leading, shards)
+
+
 def _fused_problem(hs, ws, bs, ht, wt, bt, labels, *, divergence, temperature, vocab, soft_weight, hard_weight,
-                   ignore_index, impl, backend, chunk_bytes):
-    """The prepared inputs of the implementation that `impl` (resolved) and `backend` select."""
+                   ignore_index, impl, backend, chunk_bytes, shards=None):
+    """The prepared inputs of the implementation that `impl` (resolved) and `backend` select. Under
+    `shards`, `vocab` is this rank's shard, and the choice of "auto" is the widest shard's, so that every
+    rank takes the same path."""
     engine = "triton" if backend == "triton" else "torch"
     n_rows = hs.numel() // hs.shape[-1]
-    per_row = _chunked.bytes_per_row(vocab, engine, (ws.dtype, wt.dtype), compute_dtype(hs, ws, ht, wt))
+    width = vocab if shards is None else shards.max_width
+    per_row = _chunked.bytes_per_row(width, engine, (ws.dtype, wt.dtype), compute_dtype(hs, ws, ht, wt))
     fits = _chunked.chunk_rows(n_rows, per_row, chunk_bytes) >= min(n_rows, AUTO_CHUNK_MIN_ROWS)
     if resolve_impl(impl, backend, fits) == "fused":
         return FusedProblem(hs, ws, bs, ht, wt, bt, labels, divergence.canonical(), 1.0 / temperature, vocab,
-                            soft_weight, hard_weight)
+                            soft_weight, hard_weight, shards)
     return _chunked.ChunkedProblem(hs, ws, bs, ht, wt, bt, labels, divergence, temperature, vocab, soft_weight,
-                                   hard_weight, ignore_index, engine, chunk_bytes)
+                                   hard_weight, ignore_index, engine, chunk_bytes, shards)
 
 
 def _compiled_fused_rows(tensors, labels, mask, options):

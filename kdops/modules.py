@@ -16,10 +16,13 @@ from ._validation import (
 )
 from .api import fused_linear_kd_loss, kd_loss
 from .divergences import as_divergence
+from .parallel import VocabParallel
 
 
-def _check_options(temperature, ignore_index, reduction, backend) -> None:
+def _check_options(temperature, ignore_index, reduction, backend, vocab_parallel) -> None:
     """Options are checked when the module is built, not at its first forward."""
+    if vocab_parallel is not None and not isinstance(vocab_parallel, VocabParallel):
+        raise TypeError(f"vocab_parallel: expected a kdops.VocabParallel or None, got {type(vocab_parallel).__name__}")
     check_temperature(temperature)
     check_ignore_index(ignore_index)
     check_choice("reduction", reduction, REDUCTIONS)
@@ -30,12 +33,12 @@ class KDLoss(torch.nn.Module):
     """`kdops.kd_loss` as a module: ``KDLoss(divergence="reverse_kl", temperature=2.0)(s, t, labels)``."""
 
     def __init__(self, *, divergence="forward_kl", temperature=1.0, ignore_index=-100, reduction="batchmean",
-                 backend="auto"):
+                 backend="auto", vocab_parallel=None):
         super().__init__()
         self.divergence = as_divergence(divergence)
-        _check_options(temperature, ignore_index, reduction, backend)
+        _check_options(temperature, ignore_index, reduction, backend, vocab_parallel)
         self.options = dict(temperature=temperature, ignore_index=ignore_index, reduction=reduction,
-                            backend=backend)
+                            backend=backend, vocab_parallel=vocab_parallel)
 
     def forward(self, student_logits, teacher_logits, labels=None, num_items_in_batch=None):
         return kd_loss(student_logits, teacher_logits, labels, divergence=self.divergence,
@@ -53,16 +56,17 @@ class FusedLinearKDLoss(torch.nn.Module):
     """
 
     def __init__(self, *, divergence="forward_kl", temperature=1.0, ignore_index=-100, reduction="batchmean",
-                 hard_weight=0.0, soft_weight=1.0, impl="auto", backend="auto", chunk_bytes=None):
+                 hard_weight=0.0, soft_weight=1.0, impl="auto", backend="auto", chunk_bytes=None,
+                 vocab_parallel=None):
         super().__init__()
         self.divergence = as_divergence(divergence)
-        _check_options(temperature, ignore_index, reduction, backend)
+        _check_options(temperature, ignore_index, reduction, backend, vocab_parallel)
         check_choice("impl", impl, IMPLS)
         check_chunk_bytes(chunk_bytes)
         self.options = dict(temperature=temperature, ignore_index=ignore_index, reduction=reduction,
                             hard_weight=_check_weight_factor("hard_weight", hard_weight),
                             soft_weight=_check_weight_factor("soft_weight", soft_weight), impl=impl, backend=backend,
-                            chunk_bytes=chunk_bytes)
+                            chunk_bytes=chunk_bytes, vocab_parallel=vocab_parallel)
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
                 student_bias=None, teacher_bias=None, num_items_in_batch=None):

@@ -2,9 +2,9 @@
 block by vocabulary block, and fed to the per-tile math of `passes.py`; the [rows, V] logits never exist.
 
 Forward (lock-free, deterministic, as in verl's fused log-prob kernel): a grid of row blocks × vocabulary
-splits. `fused_forward_kernel` writes each (row, split)'s partial first-pass state; `fused_merge_kernel`
-merges the splits of each row (`first_pass_merge`, `hard_label_merge`) and finishes its statistics. The
-two-pass divergences run both kernels once more with SECOND_PASS, whose partial sums merge by addition.
+splits. `fused_forward_kernel` writes each (row, split)'s partial first-pass state; `merge_partials_kernel`
+(`partials.py`) merges the splits of each row and finishes its statistics. The two-pass divergences run
+both kernels once more with SECOND_PASS, whose partial sums merge by addition.
 
 Backward: every program recomputes its logit tiles from the saved statistics and turns them into
 gradient tiles G = ∂ℓ/∂logits (row-scaled). Two ownership patterns keep it free of atomics:
@@ -21,24 +21,18 @@ DOT_T: bf16/fp16 for tensor cores, or fp32 / fp64 with PRECISION "ieee" so fp32 
 import triton
 import triton.language as tl
 
-from .cross_entropy import hard_label_merge
-from .divergences import NEG_INF, first_pass_merge
+from .divergences import NEG_INF
 from .logits import row_offsets
+from .partials import NUM_PARTIAL, store_partial, store_second_partial
 from .passes import (
     first_pass_init,
-    first_pass_results,
     first_pass_tile,
     gradient_tile,
     load_labels,
     load_stats,
     scale_rows,
-    second_pass_results,
     second_pass_tile,
-    store_stats,
 )
-
-# Partial per-(row, split) state of the first pass: m_x, s_x, m_y, s_y, acc1..3, m_c, s_c, s_lab.
-NUM_PARTIAL = tl.constexpr(10)
 
 
 @triton.jit
@@ -139,9 +133,7 @@ def fused_forward_kernel(
             y1 += t1
             y2 += t2
             y3 += t3
-        tl.store(part + 0, y1, mask=row_ok)
-        tl.store(part + 1, y2, mask=row_ok)
-        tl.store(part + 2, y3, mask=row_ok)
+        store_second_partial(part, row_ok, y1, y2, y3)
     else:
         labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_N)
         m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab = first_pass_init(BLOCK_N, ACC)
@@ -154,63 +146,7 @@ def fused_forward_kernel(
             m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab = first_pass_tile(
                 KIND, HARD, STUDENT_IS_P, s, t, cols, labels, inv_temp, m_x, s_x, m_y, s_y, acc1, acc2, acc3,
                 m_c, s_c, s_lab, c1, c2)
-        tl.store(part + 0, m_x, mask=row_ok)
-        tl.store(part + 1, s_x, mask=row_ok)
-        tl.store(part + 2, m_y, mask=row_ok)
-        tl.store(part + 3, s_y, mask=row_ok)
-        tl.store(part + 4, acc1, mask=row_ok)
-        tl.store(part + 5, acc2, mask=row_ok)
-        tl.store(part + 6, acc3, mask=row_ok)
-        tl.store(part + 7, m_c, mask=row_ok)
-        tl.store(part + 8, s_c, mask=row_ok)
-        tl.store(part + 9, s_lab, mask=row_ok)
-
-
-@triton.jit
-def fused_merge_kernel(
-    partial_ptr, labels_ptr, loss_ptr, stats_ptr, n_rows, n_splits, V, c1, c2, soft, hard,
-    KIND: tl.constexpr, SECOND_PASS: tl.constexpr, HARD: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
-):
-    """Merge each row's splits: stats[row] and loss[row] (the second pass adds soft·L to the loss)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    safe_rows = tl.minimum(rows, n_rows - 1)
-    part = partial_ptr + safe_rows.to(tl.int64) * n_splits * NUM_PARTIAL
-    if SECOND_PASS:
-        y1 = tl.zeros([BLOCK_N], ACC)
-        y2 = tl.zeros([BLOCK_N], ACC)
-        y3 = tl.zeros([BLOCK_N], ACC)
-        for j in range(0, n_splits):
-            y1 += tl.load(part + j * NUM_PARTIAL + 0)
-            y2 += tl.load(part + j * NUM_PARTIAL + 1)
-            y3 += tl.load(part + j * NUM_PARTIAL + 2)
-        m_x, ls_x, m_y, ls_y, _a1, _a2, _a3, _L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
-        aux1, aux2, aux3, L = second_pass_results(KIND, y1, y2, y3, c1, c2)
-        store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c)
-        tl.store(loss_ptr + rows, tl.load(loss_ptr + safe_rows) + soft * L, mask=row_ok)
-    else:
-        m_x = tl.load(part + 0)
-        s_x = tl.load(part + 1)
-        m_y = tl.load(part + 2)
-        s_y = tl.load(part + 3)
-        acc1 = tl.load(part + 4)
-        acc2 = tl.load(part + 5)
-        acc3 = tl.load(part + 6)
-        m_c = tl.load(part + 7)
-        s_c = tl.load(part + 8)
-        s_lab = tl.load(part + 9)
-        for j in range(1, n_splits):
-            p = part + j * NUM_PARTIAL
-            m_x, s_x, m_y, s_y, acc1, acc2, acc3 = first_pass_merge(
-                KIND, m_x, s_x, m_y, s_y, acc1, acc2, acc3, tl.load(p + 0), tl.load(p + 1), tl.load(p + 2),
-                tl.load(p + 3), tl.load(p + 4), tl.load(p + 5), tl.load(p + 6), c1, c2)
-            if HARD:
-                m_c, s_c, s_lab = hard_label_merge(m_c, s_c, s_lab, tl.load(p + 7), tl.load(p + 8), tl.load(p + 9))
-        labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_N)
-        ls_x, ls_y, aux1, aux2, aux3, L, ls_c, loss = first_pass_results(
-            KIND, HARD, m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab, labels, V, c1, c2, soft, hard)
-        store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c)
-        tl.store(loss_ptr + rows, loss, mask=row_ok)
+        store_partial(part, row_ok, m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab)
 
 
 @triton.jit

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .divergences import NEG_INF
+from .partials import NUM_PARTIAL, store_partial, store_second_partial
 from .passes import (
     NUM_STATS,  # noqa: F401  (re-exported for the launchers)
     first_pass_init,
@@ -41,15 +42,26 @@ def load_tile(ptr, row_off, cols, col_ok, ACC: tl.constexpr):
     return tl.load(ptr + row_off[:, None] + cols[None, :], mask=col_ok[None, :], other=NEG_INF).to(ACC)
 
 
+# Stages of the forward kernel: the whole loss, or one pass's partial state over this (vocabulary-shard)
+# part of each row, for a merge across ranks (`partials.py`).
+FULL = tl.constexpr(0)
+FIRST_PARTIAL = tl.constexpr(1)
+SECOND_PARTIAL = tl.constexpr(2)
+
+
 @triton.jit
 def kd_logits_forward_kernel(
-    s_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr,
+    s_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, partial_ptr,
     n_rows, V, s_inner, s_stride_outer, s_stride_inner, t_inner, t_stride_outer, t_stride_inner,
     inv_temp, c1, c2, soft, hard,
     KIND: tl.constexpr, TWO_PASS: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    STAGE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
-    """loss[r] = soft·D(teacher_r ‖ student_r at T) + hard·CE(student_r, label_r); stats[r] as in passes.py."""
+    """loss[r] = soft·D(teacher_r ‖ student_r at T) + hard·CE(student_r, label_r); stats[r] as in passes.py.
+
+    FIRST_PARTIAL stores the rows' first-pass state to partial[r] instead; SECOND_PARTIAL reads the merged
+    statistics from stats[r] and stores the second-pass sums (y1, y2, y3) to partial[r].
+    """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     # Rows past the end re-read the last row (never stored), so no lane ever sees an empty row.
@@ -58,19 +70,26 @@ def kd_logits_forward_kernel(
     t_off = row_offsets(safe_rows, t_inner, t_stride_outer, t_stride_inner)
     labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_R)
     cols = tl.arange(0, BLOCK_V)
+    part = partial_ptr + rows.to(tl.int64) * NUM_PARTIAL
 
-    m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab = first_pass_init(BLOCK_R, ACC)
-    for v0 in range(0, V, BLOCK_V):
-        col_ok = v0 + cols < V
-        s = load_tile(s_ptr + v0, s_off, cols, col_ok, ACC)
-        t = load_tile(t_ptr + v0, t_off, cols, col_ok, ACC)
-        m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab = first_pass_tile(
-            KIND, HARD, STUDENT_IS_P, s, t, v0 + cols, labels, inv_temp, m_x, s_x, m_y, s_y, acc1, acc2, acc3,
-            m_c, s_c, s_lab, c1, c2)
-    ls_x, ls_y, aux1, aux2, aux3, L, ls_c, loss = first_pass_results(
-        KIND, HARD, m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab, labels, V, c1, c2, soft, hard)
+    if STAGE == SECOND_PARTIAL:
+        m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
+    else:
+        m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab = first_pass_init(BLOCK_R, ACC)
+        for v0 in range(0, V, BLOCK_V):
+            col_ok = v0 + cols < V
+            s = load_tile(s_ptr + v0, s_off, cols, col_ok, ACC)
+            t = load_tile(t_ptr + v0, t_off, cols, col_ok, ACC)
+            m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab = first_pass_tile(
+                KIND, HARD, STUDENT_IS_P, s, t, v0 + cols, labels, inv_temp, m_x, s_x, m_y, s_y, acc1, acc2, acc3,
+                m_c, s_c, s_lab, c1, c2)
+        if STAGE == FIRST_PARTIAL:
+            store_partial(part, row_ok, m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab)
+        else:
+            ls_x, ls_y, aux1, aux2, aux3, L, ls_c, loss = first_pass_results(
+                KIND, HARD, m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab, labels, V, c1, c2, soft, hard)
 
-    if TWO_PASS:
+    if TWO_PASS and STAGE != FIRST_PARTIAL:
         y1 = tl.zeros([BLOCK_R], ACC)
         y2 = tl.zeros([BLOCK_R], ACC)
         y3 = tl.zeros([BLOCK_R], ACC)
@@ -82,11 +101,15 @@ def kd_logits_forward_kernel(
             y1 += t1
             y2 += t2
             y3 += t3
-        aux1, aux2, aux3, L = second_pass_results(KIND, y1, y2, y3, c1, c2)
-        loss += soft * L
+        if STAGE == SECOND_PARTIAL:
+            store_second_partial(part, row_ok, y1, y2, y3)
+        else:
+            aux1, aux2, aux3, L = second_pass_results(KIND, y1, y2, y3, c1, c2)
+            loss += soft * L
 
-    tl.store(loss_ptr + rows, loss, mask=row_ok)
-    store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c)
+    if STAGE == FULL:
+        tl.store(loss_ptr + rows, loss, mask=row_ok)
+        store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c)
 
 
 @triton.jit

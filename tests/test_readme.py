@@ -1,4 +1,7 @@
-"""README.md stays true: its Python examples run, and CI runs exactly its test command."""
+"""README.md stays true: its Python examples run, and CI runs exactly its test command.
+
+Fences marked `py` instead of `python` are fragments that need a process group (distributed training);
+tests/test_vocab_parallel.py and tests/test_data_parallel.py run what they show."""
 
 import pathlib
 import re

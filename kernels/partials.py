@@ -1,0 +1,113 @@
+"""Partial per-row state of a pass over part of the vocabulary, and its merge.
+
+A kernel that sees only part of a row's vocabulary (a split of the fused forward, or a rank's shard under
+vocabulary parallelism) writes the row's unfinished state there, NUM_PARTIAL values per (row, part):
+
+    first pass    m_x, s_x, m_y, s_y, acc1..3, m_c, s_c, s_lab   (sums relative to the maxima, as in
+                                                                 `divergences.py` / `cross_entropy.py`)
+    second pass   y1, y2, y3                                    (plain sums of normalized terms)
+
+`merge_partials_kernel` merges a row's parts (`first_pass_merge`, `hard_label_merge`; second-pass sums
+add) and finishes the row's statistics and loss. Across ranks the merge is two all-reduces instead (max
+of the maxima, then sum of the sums re-expressed relative to them): its RESCALE mode does the
+re-expression, by merging the row's parts into the empty state at the global maxima.
+"""
+
+import triton
+import triton.language as tl
+
+from .cross_entropy import hard_label_merge
+from .divergences import first_pass_merge
+from .passes import first_pass_results, load_labels, load_stats, second_pass_results, store_stats
+
+NUM_PARTIAL = tl.constexpr(10)
+
+
+@triton.jit
+def store_partial(part, row_ok, m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab):
+    """Store a first-pass state at `part` (per-row pointers to NUM_PARTIAL values)."""
+    tl.store(part + 0, m_x, mask=row_ok)
+    tl.store(part + 1, s_x, mask=row_ok)
+    tl.store(part + 2, m_y, mask=row_ok)
+    tl.store(part + 3, s_y, mask=row_ok)
+    tl.store(part + 4, acc1, mask=row_ok)
+    tl.store(part + 5, acc2, mask=row_ok)
+    tl.store(part + 6, acc3, mask=row_ok)
+    tl.store(part + 7, m_c, mask=row_ok)
+    tl.store(part + 8, s_c, mask=row_ok)
+    tl.store(part + 9, s_lab, mask=row_ok)
+
+
+@triton.jit
+def store_second_partial(part, row_ok, y1, y2, y3):
+    tl.store(part + 0, y1, mask=row_ok)
+    tl.store(part + 1, y2, mask=row_ok)
+    tl.store(part + 2, y3, mask=row_ok)
+
+
+@triton.jit
+def merge_partials_kernel(
+    partial_ptr, maxima_ptr, out_ptr, labels_ptr, loss_ptr, stats_ptr, n_rows, n_parts, V, c1, c2, soft, hard,
+    KIND: tl.constexpr, SECOND_PASS: tl.constexpr, RESCALE: tl.constexpr, HARD: tl.constexpr,
+    BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+):
+    """Merge each row's n_parts partial states [rows, n_parts, NUM_PARTIAL].
+
+    Default: finish the row: stats[row] and loss[row] (the second pass adds soft·L to the loss). `labels`
+    and V are the global ones: they only check the label's range.
+    RESCALE (first pass): merge the parts into the empty state at the maxima (m_x, m_y, m_c) [rows, 3] —
+    the group's maxima, at least the row's own — and store that state to out[row] (NUM_PARTIAL values).
+    """
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    safe_rows = tl.minimum(rows, n_rows - 1)
+    part = partial_ptr + safe_rows.to(tl.int64) * n_parts * NUM_PARTIAL
+    if SECOND_PASS:
+        y1 = tl.zeros([BLOCK_N], ACC)
+        y2 = tl.zeros([BLOCK_N], ACC)
+        y3 = tl.zeros([BLOCK_N], ACC)
+        for j in range(0, n_parts):
+            y1 += tl.load(part + j * NUM_PARTIAL + 0)
+            y2 += tl.load(part + j * NUM_PARTIAL + 1)
+            y3 += tl.load(part + j * NUM_PARTIAL + 2)
+        m_x, ls_x, m_y, ls_y, _a1, _a2, _a3, _L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
+        aux1, aux2, aux3, L = second_pass_results(KIND, y1, y2, y3, c1, c2)
+        store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c)
+        tl.store(loss_ptr + rows, tl.load(loss_ptr + safe_rows) + soft * L, mask=row_ok)
+    else:
+        zero = tl.zeros([BLOCK_N], ACC)
+        if RESCALE:
+            maxima = maxima_ptr + safe_rows.to(tl.int64) * 3
+            m_x = tl.load(maxima + 0)
+            m_y = tl.load(maxima + 1)
+            m_c = tl.load(maxima + 2)
+            s_x, s_y, acc1, acc2, acc3, s_c, s_lab = zero, zero, zero, zero, zero, zero, zero
+            first = 0
+        else:
+            m_x = tl.load(part + 0)
+            s_x = tl.load(part + 1)
+            m_y = tl.load(part + 2)
+            s_y = tl.load(part + 3)
+            acc1 = tl.load(part + 4)
+            acc2 = tl.load(part + 5)
+            acc3 = tl.load(part + 6)
+            m_c = tl.load(part + 7)
+            s_c = tl.load(part + 8)
+            s_lab = tl.load(part + 9)
+            first = 1
+        for j in range(first, n_parts):
+            p = part + j * NUM_PARTIAL
+            m_x, s_x, m_y, s_y, acc1, acc2, acc3 = first_pass_merge(
+                KIND, m_x, s_x, m_y, s_y, acc1, acc2, acc3, tl.load(p + 0), tl.load(p + 1), tl.load(p + 2),
+                tl.load(p + 3), tl.load(p + 4), tl.load(p + 5), tl.load(p + 6), c1, c2)
+            if HARD:
+                m_c, s_c, s_lab = hard_label_merge(m_c, s_c, s_lab, tl.load(p + 7), tl.load(p + 8), tl.load(p + 9))
+        if RESCALE:
+            store_partial(out_ptr + rows.to(tl.int64) * NUM_PARTIAL, row_ok, m_x, s_x, m_y, s_y, acc1, acc2, acc3,
+                          m_c, s_c, s_lab)
+        else:
+            labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_N)
+            ls_x, ls_y, aux1, aux2, aux3, L, ls_c, loss = first_pass_results(
+                KIND, HARD, m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab, labels, V, c1, c2, soft, hard)
+            store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c)
+            tl.store(loss_ptr + rows, loss, mask=row_ok)

@@ -1,0 +1,51 @@
+"""Run a test body in several processes joined by a gloo process group (CPU, `torch.multiprocessing`).
+
+The workers are fresh interpreters that inherit TRITON_INTERPRET (set off CUDA); each poisons kernel outputs like conftest does, seeds torch, and uses one thread (the machine has
+two cores for all of them). An exception in any worker fails the test with that worker's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _entry(rank: int, world_size: int, store_path: str, errors, body, args) -> None:
+    import torch.distributed as dist
+
+    import kdops._launch
+
+    kdops._launch.POISON_OUTPUTS = True
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    try:
+        body(rank, world_size, *args)
+    except BaseException:
+        errors.put((rank, traceback.format_exc()))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(body, world_size: int, *args) -> None:
+    """body(rank, world_size, *args) in `world_size` processes; `body` must be a module-level function."""
+    # Set in the parent: a worker imports body's module (and so triton, through torch) before _entry runs.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    context = mp.get_context("spawn")
+    errors = context.SimpleQueue()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            mp.start_processes(_entry, args=(world_size, os.path.join(tmp, "store"), errors, body, args),
+                               nprocs=world_size, start_method="spawn")
+        except Exception as failure:
+            reports = []
+            while not errors.empty():
+                rank, text = errors.get()
+                reports.append(f"--- rank {rank} ---\n{text}")
+            raise AssertionError("\n".join(reports) or str(failure)) from None
