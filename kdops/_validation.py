@@ -13,9 +13,26 @@ REDUCTIONS = ("batchmean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
 
 
+def _is_dtensor(value: torch.Tensor) -> bool:
+    if type(value) in (torch.Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
 def check_tensor(name: str, value, *, floating: bool = True, min_dim: int = 1) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if _is_dtensor(value):
+        raise TypeError(
+            f"{name}: got a DTensor (placements {tuple(value.placements)}); kdops' kernels read plain local "
+            "tensors. Under FSDP2 (fully_shard) a parameter read outside its module's forward is still sharded: "
+            "compute the loss inside the forward of the FSDP unit that owns the lm_head, where the weight is "
+            "gathered and its gradient is reduce-scattered afterwards (README, 'Data parallelism'); for a frozen "
+            "teacher, pass weight.full_tensor() under torch.no_grad(). For a tensor-parallel weight sharded "
+            "along the vocabulary, pass its local shard (.to_local()) with vocab_parallel=kdops.VocabParallel(...)"
+        )
     if floating and not value.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {value.dtype}")
     if value.dim() < min_dim:
