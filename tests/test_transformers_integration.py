@@ -166,3 +166,31 @@ def test_bf16_teacher_and_autocast_student():
     for name in ours[1]:
         g, h = ours[1][name], theirs[1][name]
         assert float((g - h).norm() / h.norm().clamp_min(1e-12)) < 5e-2, name
+
+
+def ddp_distillation_body(rank, world_size):
+    """Each rank distills on its half of a batch through a DDP-wrapped student: DDP's forward must run, or
+    the gradients are never averaged; the averaged gradients equal one process's on the full batch."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from oracle import rel_error
+
+    student, teacher = tiny(seed=0), tiny(hidden=48, seed=1)
+    plain = copy.deepcopy(student)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, VOCAB, (4, 11), generator=g)
+    full = dict(input_ids=ids, labels=ids.clone())  # every half has the same number of predicted tokens
+    half = {k: v.chunk(world_size)[rank] for k, v in full.items()}
+    options = dict(divergence="generalized_jsd", hard_weight=0.4, backend="torch")
+
+    kd_tf.distillation_loss(plain, teacher, full, **options).backward()
+    ddp = DistributedDataParallel(student)
+    kd_tf.distillation_loss(ddp, teacher, half, **options).backward()
+    for (name, got), want in zip(student.named_parameters(), plain.parameters()):
+        assert rel_error(got.grad, want.grad) < 1e-5, f"{name}: not the full batch's gradient"
+
+
+def test_ddp_student_gradients_are_averaged():
+    from spawn import spawn
+
+    spawn(ddp_distillation_body, 2)

@@ -65,7 +65,13 @@ def final_hidden_and_head(model, input_ids, attention_mask=None):
         raise ValueError(f"{type(lm).__name__}: the output embeddings are a {type(head).__name__}, not an "
                          "nn.Linear; kdops' fused loss needs the lm_head weight")
     multiplier = logit_multiplier(model)
-    hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    if model is not lm:
+        # A DistributedDataParallel wrapper: its forward must run, or its hooks never average the
+        # gradients. The whole model runs, with logits for the last position only.
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                       logits_to_keep=1).hidden_states[-1]
+    else:
+        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     if multiplier != 1.0:
         hidden = hidden * multiplier
     return hidden, head.weight, head.bias
