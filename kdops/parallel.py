@@ -136,12 +136,12 @@ def resolve(spec, *, width: int, rows: int, device: torch.device, options: tuple
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=spec.group)
     table = [tuple(int(v) for v in t.tolist()) for t in gathered]
-    _check_table(table, spec)
+    _check_table(table)
     vocab = max(stop for _, stop, *_ in table)
     return VocabShards(spec, vocab, max(stop - start for start, stop, *_ in table))
 
 
-def _check_table(table, spec: VocabParallel) -> None:
+def _check_table(table) -> None:
     """The all-gathered (start, stop, vocab_size, rows, width, problem, signature) of each rank."""
     def fail(what: str):
         listed = ", ".join(f"rank {r}: [{start}, {stop})" for r, (start, stop, *_) in enumerate(table))
