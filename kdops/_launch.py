@@ -149,7 +149,6 @@ def logits_forward(student: torch.Tensor, teacher: torch.Tensor, labels, canon: 
 _MAX_COLUMNS, _CE_MAX_COLUMNS = (0, 2), (7,)
 _SUM_COLUMNS = {"KL": (1, 3, 4), "ALPHA_BETA": (1, 3, 4, 5, 6)}
 _TWO_PASS_SUM_COLUMNS, _CE_SUM_COLUMNS = (1, 3), (8, 9)
-_SECOND_PASS_COLUMNS = (0, 1, 2)
 
 
 def merge_partials(partial, labels, loss, stats, canon: Canonical, vocab: int, soft: float, hard: float, constexprs,
@@ -172,7 +171,7 @@ def _combine_over_group(partial, canon: Canonical, constexprs, second: bool, sha
     all-reduces of the columns the pass needs."""
     n = partial.shape[0]
     combined = torch.zeros((n, 1, partial.shape[2]), dtype=partial.dtype, device=partial.device)
-    if second:
+    if second:  # (y1, y2, y3): plain sums
         combined[:, 0, :3] = shards.all_reduce_sum(partial[:, :, :3].sum(1))
         return combined
     hard = bool(constexprs["HARD"])

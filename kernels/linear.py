@@ -123,29 +123,27 @@ def fused_forward_kernel(
         y1 = tl.zeros([BLOCK_N], ACC)
         y2 = tl.zeros([BLOCK_N], ACC)
         y3 = tl.zeros([BLOCK_N], ACC)
-        for v0 in range(v_lo, v_hi, BLOCK_V):
-            cols = v0 + vcols
-            col_ok = cols < v_hi
-            s, t = both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, Hs,
-                              Ht, ws_stride, wt_stride, HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S,
-                              MMA_T, PREC_S, PREC_T, ACC)
+    else:
+        labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_N)
+        m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab = first_pass_init(BLOCK_N, ACC)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + vcols
+        col_ok = cols < v_hi
+        s, t = both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, Hs, Ht,
+                          ws_stride, wt_stride, HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S, MMA_T,
+                          PREC_S, PREC_T, ACC)
+        if SECOND_PASS:
             t1, t2, t3 = second_pass_tile(KIND, STUDENT_IS_P, s, t, inv_temp, m_x, ls_x, m_y, ls_y, c1, c2)
             y1 += t1
             y2 += t2
             y3 += t3
-        store_second_partial(part, row_ok, y1, y2, y3)
-    else:
-        labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_N)
-        m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab = first_pass_init(BLOCK_N, ACC)
-        for v0 in range(v_lo, v_hi, BLOCK_V):
-            cols = v0 + vcols
-            col_ok = cols < v_hi
-            s, t = both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, Hs,
-                              Ht, ws_stride, wt_stride, HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S,
-                              MMA_T, PREC_S, PREC_T, ACC)
+        else:
             m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab = first_pass_tile(
                 KIND, HARD, STUDENT_IS_P, s, t, cols, labels, inv_temp, m_x, s_x, m_y, s_y, acc1, acc2, acc3,
                 m_c, s_c, s_lab, c1, c2)
+    if SECOND_PASS:
+        store_second_partial(part, row_ok, y1, y2, y3)
+    else:
         store_partial(part, row_ok, m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab)
 
 

@@ -246,7 +246,9 @@ def readme_table():
     return {name: tuple(map(int, values)) for name, *values in rows}
 
 
-def count_collectives(monkeypatch_like, record):
+def count_collectives(restore, record):
+    """Wrap torch.distributed's all_reduce and all_gather so that each call appends (name, op, numel) to
+    `record`; `restore` receives the originals."""
     dist = torch.distributed
     originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather")}
 
@@ -258,7 +260,7 @@ def count_collectives(monkeypatch_like, record):
         return call
 
     for name in originals:
-        monkeypatch_like.append((name, originals[name]))
+        restore.append((name, originals[name]))
         setattr(dist, name, counted(name))
 
 
@@ -280,6 +282,8 @@ def communication_body(rank, world, table):
                     gathers = [numel for name, _, numel in record if name == "all_gather"]
                     all_reduces = [numel for name, _, numel in record if name == "all_reduce"]
                     assert gathers == [7], record
+                    max_first = [op for name, op, _ in record if name == "all_reduce"][0]
+                    assert max_first == str(torch.distributed.ReduceOp.MAX), record
                     # The table's all-reduces of per-row statistics, and one of the student's hidden-state
                     # gradient (the teacher is frozen); the chunked path does it during the forward.
                     assert len(all_reduces) == reduces + 1, (divergence, hard, impl, record)
@@ -292,12 +296,13 @@ def communication_body(rank, world, table):
             assert len(all_reduces) == reduces and sum(all_reduces) == floats * N, (divergence, record)
         # The torch backend: 3 all-reduces per chunk in the forward (maxima, normalizers, the loss's shares)
         # and 1 in the backward (the normalizers' gradient), whatever the divergence.
-        record.clear()
-        inputs = {k: (v.detach().requires_grad_(k.startswith("student")) if k in TENSORS else v)
-                  for k, v in shard_of(x, start, stop).items()}
-        kdops.fused_linear_kd_loss(**inputs, divergence="alpha_beta", backend="torch", vocab_parallel=vp).backward()
-        ops = Counter(name for name, *_ in record)
-        assert ops == Counter(all_gather=1, all_reduce=3 + 1 + 1), record
+        for divergence in ("alpha_beta", "tvd"):
+            record.clear()
+            inputs = {k: (v.detach().requires_grad_(k.startswith("student")) if k in TENSORS else v)
+                      for k, v in shard_of(x, start, stop).items()}
+            kdops.fused_linear_kd_loss(**inputs, divergence=divergence, backend="torch", vocab_parallel=vp).backward()
+            ops = Counter(name for name, *_ in record)
+            assert ops == Counter(all_gather=1, all_reduce=3 + 1 + 1), record
     finally:
         for name, original in restore:
             setattr(torch.distributed, name, original)
