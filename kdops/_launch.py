@@ -144,17 +144,21 @@ def logits_forward(student: torch.Tensor, teacher: torch.Tensor, labels, canon: 
     return loss, stats
 
 
-# Columns of the first-pass partial state (kernels/partials.py) that the group combines: the maxima
-# (all-reduce MAX) and, per kind, the sums (all-reduce SUM); the hard-label CE adds its own.
+# Columns of the first-pass partial state (kernels/partials.py) that the group combines: the maxima (an
+# all-reduce MAX), then in one all-reduce SUM the sums (per kind; the hard-label CE adds its own) and the
+# flags "this rank holds the max" that the merge kernel leaves in the max columns. Their sum k completes the
+# excesses at that max: u = Σ addends + (k − 1) (columns 5, 6 are ALPHA_BETA's; unused by other kinds).
 _MAX_COLUMNS, _CE_MAX_COLUMNS = (0, 2), (7,)
 _SUM_COLUMNS = {"KL": (1, 3, 4), "ALPHA_BETA": (1, 3, 4, 5, 6)}
 _TWO_PASS_SUM_COLUMNS, _CE_SUM_COLUMNS = (1, 3), (8, 9)
+_EXCESS_COLUMNS = {0: [1, 5], 2: [3, 6], 7: [8]}
 
 
 def merge_partials(partial, labels, loss, stats, canon: Canonical, vocab: int, soft: float, hard: float, constexprs,
                    second: bool, maxima=None, out=None):
     """Launch `merge_partials_kernel` on partial [rows, parts, NUM_PARTIAL]: finish loss and stats, or with
-    `maxima` [rows, 3] re-express the merged state relative to them into `out` [rows, 1, NUM_PARTIAL]."""
+    `maxima` [rows, 3] re-express the merged state relative to them into `out` [rows, 1, NUM_PARTIAL], as
+    this rank's addends of the group's sums (and flags, in the max columns, of the maxima it holds)."""
     partials = _kernels()[3]
     n, parts = partial.shape[:2]
     block = min(128, _next_pow2(n))
@@ -180,8 +184,13 @@ def _combine_over_group(partial, canon: Canonical, constexprs, second: bool, sha
     maxima[:, : len(max_columns)] = shards.all_reduce_max(partial[:, :, max_columns].amax(1))
     merge_partials(partial, None, stats, stats, canon, shards.vocab, 0.0, 0.0, constexprs, False, maxima=maxima,
                    out=combined)
-    sum_columns = list(_SUM_COLUMNS.get(canon.kind.name, _TWO_PASS_SUM_COLUMNS) + (_CE_SUM_COLUMNS if hard else ()))
+    sum_columns = max_columns + list(_SUM_COLUMNS.get(canon.kind.name, _TWO_PASS_SUM_COLUMNS) +
+                                     (_CE_SUM_COLUMNS if hard else ()))
     combined[:, 0, sum_columns] = shards.all_reduce_sum(combined[:, 0, sum_columns])
+    for i, column in enumerate(max_columns):
+        holders = combined[:, 0, column]
+        combined[:, 0, _EXCESS_COLUMNS[column]] += (holders - 1)[:, None]
+        combined[:, 0, column] = maxima[:, i]
     return combined
 
 

@@ -6,7 +6,8 @@ across the group with all-reduces of O(rows) floats, so that the loss is the sin
 
 * first pass: all-reduce MAX of the row maxima, then all-reduce SUM of the online sums re-expressed
   relative to those maxima (the log-sum-exps, the one-pass divergences' sums, the hard-label CE's sums
-  and its label logit, which only the shard holding the label contributes);
+  and its label logit, which only the shard holding the label contributes), with a flag per max of
+  whether the rank holds it (log-sums are summed as excesses over the max's 1, kernels/partials.py);
 * second pass (JSD, skew KLs, TVD): all-reduce SUM of the per-row sums of normalized terms;
 * backward: each rank's gradient tiles use the group's statistics, so the weight (and bias) gradient is
   local to its shard; the hidden-state gradient is a sum over the shards, all-reduced unless

@@ -2,7 +2,7 @@
 
     CE = lse(s) − s_label          ∂CE/∂s_j = softmax(s)_j − [j = label]      (MATH.md)
 
-lse(s) is one more online log-sum-exp (running max m_c, rescaled sum s_c) and s_label a gather that
+lse(s) is one more online log-sum-exp (running max m_c, excess u_c of the rescaled sum) and s_label a gather that
 exactly one vocabulary tile contributes to. A label outside [0, V) gives a NaN loss rather than a
 silently wrong one (rows whose label is ignore_index are masked out by the caller).
 """
@@ -10,7 +10,7 @@ silently wrong one (rows whose label is ignore_index are masked out by the calle
 import triton
 import triton.language as tl
 
-from .divergences import finite_or_zero
+from .divergences import excess_at, excess_merge, excess_update, finite_or_zero, flag, log1p, online_max
 
 
 @triton.jit
@@ -20,29 +20,38 @@ def is_label(cols, labels):
 
 
 @triton.jit
-def hard_label_update(HARD: tl.constexpr, s, cols, labels, m_c, s_c, s_lab):
-    """Fold a tile of raw student logits into the running (m_c, s_c) of lse(s) and into s_label."""
+def hard_label_update(HARD: tl.constexpr, s, cols, labels, m_c, u_c, s_lab):
+    """Fold a tile of raw student logits into the running (m_c, u_c) of lse(s) (u_c: the excess, as in
+    `divergences.py`) and into s_label."""
     if HARD:
-        m_new = tl.maximum(m_c, tl.max(s, axis=1))
-        ref = finite_or_zero(m_new)
-        s_c = s_c * tl.exp(m_c - ref) + tl.sum(tl.exp(s - ref[:, None]), axis=1)
+        m_new, ref, grew = online_max(m_c, s)
+        d = s - ref[:, None]
+        u_c = excess_update(u_c, grew, tl.exp(m_c - ref), tl.exp(d), d == 0.0)
         m_c = m_new
         s_lab += tl.sum(tl.where(is_label(cols, labels), s, 0.0), axis=1)
-    return m_c, s_c, s_lab
+    return m_c, u_c, s_lab
 
 
 @triton.jit
-def hard_label_merge(m_c, s_c, s_lab, n_c, t_c, t_lab):
+def hard_label_merge(m_c, u_c, s_lab, n_c, v_c, t_lab):
     """Merge the statistics of two disjoint vocabulary ranges of the same rows."""
     m_new = tl.maximum(m_c, n_c)
     ref = finite_or_zero(m_new)
-    return m_new, s_c * tl.exp(m_c - ref) + t_c * tl.exp(n_c - ref), s_lab + t_lab
+    u_c = excess_merge(u_c, m_c == m_new, tl.exp(m_c - ref), v_c, n_c == m_new, tl.exp(n_c - ref))
+    return m_new, u_c, s_lab + t_lab
 
 
 @triton.jit
-def hard_label_finish(m_c, s_c, s_lab, labels, V):
-    """(log s_c, CE) of each row; lse(s) = m_c + log s_c is kept in two parts, as for the divergences."""
-    ls_c = tl.log(s_c)
+def hard_label_at(m_c, u_c, max_c):
+    """u_c as an addend of a sum over ranges at a larger max (`excess_at`), and whether the range holds it."""
+    at = m_c == max_c
+    return excess_at(u_c, at, tl.exp(m_c - finite_or_zero(max_c))), flag(at)
+
+
+@triton.jit
+def hard_label_finish(m_c, u_c, s_lab, labels, V):
+    """(log-sum, CE) of each row; lse(s) = m_c + log1p(u_c) is kept in two parts, as for the divergences."""
+    ls_c = log1p(u_c)
     ce = (m_c - s_lab) + ls_c
     return ls_c, tl.where((labels >= 0) & (labels < V), ce, float("nan"))
 

@@ -60,89 +60,179 @@ def sign(d):
 
 
 # ----------------------------------------------------------------------------------------------------
-# First pass: online log-sum-exps of x and y, plus the one-pass divergences' weighted sums.
+# Online log-sum-exp, kept as an *excess*.
 #
-# Sums are kept relative to the running maxima (m_x, m_y). KL keeps acc1 = Σ e^(x − m_x)·(x − y), so
-# that Σ p (log p − log q) = acc1 / s_x − X + Y. ALPHA_BETA keeps the three power sums relative to the
-# bounds α·m_x + β·m_y, (α+β)·m_x and (α+β)·m_y of their exponents; that shares the two maxima instead
-# of keeping three more log-sum-exps, and what it can lose to underflow is below float resolution of the
-# loss.
+# A row's sum Σ e^(v − m) relative to its running max m is at least 1: every entry at the max adds exactly
+# 1. Summed as is, the row's small terms are rounded against that 1 (an absolute error of ulp(1) per
+# addition, on any summation order), which a peaked row — a real teacher's — turns into a relative error of
+# its log-normalizer, and α-β or TVD gradients into cancellations. So the state is the excess
+#
+#     u = Σ e^(v − m) − 1      (−1: nothing seen yet;  log-sum = log1p(u))
+#
+# to which entries at the max add exact counts and the others their (small) terms; rescaling happens only
+# when the max grows, and then the whole old sum becomes one of the small terms. Power sums Σ e^(c(v − m))
+# (ALPHA_BETA) have the same 1 at the max and are kept the same way.
 # ----------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def first_pass_rescale(KIND: tl.constexpr, m_x, m_y, new_x, new_y, s_x, s_y, acc1, acc2, acc3, c1, c2):
-    """Re-express sums taken relative to maxima (m_x, m_y) relative to new, finite (new_x, new_y)."""
-    s_x = s_x * tl.exp(m_x - new_x)
-    s_y = s_y * tl.exp(m_y - new_y)
-    if KIND == KL:
-        acc1 = acc1 * tl.exp(m_x - new_x)
-    elif KIND == ALPHA_BETA:
-        acc1 = acc1 * tl.exp(c1 * (m_x - new_x) + c2 * (m_y - new_y))
-        acc2 = acc2 * tl.exp((c1 + c2) * (m_x - new_x))
-        acc3 = acc3 * tl.exp((c1 + c2) * (m_y - new_y))
-    return s_x, s_y, acc1, acc2, acc3
+def flag(cond):
+    return tl.where(cond, 1.0, 0.0)
 
 
 @triton.jit
-def first_pass_update(KIND: tl.constexpr, x, y, m_x, s_x, m_y, s_y, acc1, acc2, acc3, c1, c2):
+def log1p(u):
+    """log(1 + u), u ≥ −1, to the precision of u itself where u is small (the log-sum of a peaked row).
+
+    In float32, for −½ ≤ u ≤ 1, the series log(1 + u) = 2·atanh(z) = 2(z + z³/3 + … + z¹⁵/15) with
+    z = u / (2 + u), |z| ≤ ⅓ (the first term left out is below 2e-9 relative): it needs no accurate
+    hardware log near 1. Elsewhere, and in float64 (whose reference rounds its log-sum the same way), the
+    plain log(1 + u).
+    """
+    plain = tl.log(1.0 + u)
+    if u.dtype == tl.float64:
+        return plain
+    z = u / (2.0 + u)
+    z2 = z * z
+    odd = 1.0 / 13.0 + z2 / 15.0
+    odd = 1.0 / 11.0 + z2 * odd
+    odd = 1.0 / 9.0 + z2 * odd
+    odd = 1.0 / 7.0 + z2 * odd
+    odd = 1.0 / 5.0 + z2 * odd
+    odd = 1.0 / 3.0 + z2 * odd
+    series = 2.0 * z * (1.0 + z2 * odd)
+    return tl.where((u >= -0.5) & (u <= 1.0), series, plain)
+
+
+@triton.jit
+def online_max(m, v):
+    """(new running max, its finite reference point, whether it grew) of rows m after the tile v."""
+    m_new = tl.maximum(m, tl.max(v, axis=1))
+    return m_new, finite_or_zero(m_new), m_new > m
+
+
+@triton.jit
+def excess_update(u, grew, factor, e, at_max):
+    """Fold a tile's terms e [rows, block] (exactly 1 where at_max) into the excess u [rows]; `factor` =
+    e^(c(m_old − m_new)) re-expresses the old sum when the max grew (its 1 then moves to the tile)."""
+    held = tl.where(grew, (u + 1.0) * factor, u)
+    tile = (tl.sum(flag(at_max), axis=1) - flag(grew)) + tl.sum(tl.where(at_max, 0.0, e), axis=1)
+    return held + tile
+
+
+@triton.jit
+def excess_merge(u_a, at_a, factor_a, u_b, at_b, factor_b):
+    """The excess of two disjoint ranges' excesses u_a, u_b at the larger of their maxima (at_a / at_b: the
+    range holds it; factor: e^(c(m − m_max)) for the range that does not)."""
+    a = tl.where(at_a, u_a, (u_a + 1.0) * factor_a)
+    b = tl.where(at_b, u_b, (u_b + 1.0) * factor_b)
+    return (a + b) + flag(at_a & at_b)
+
+
+@triton.jit
+def excess_at(u, at_max, factor):
+    """A range's excess u as its addend of a sum over ranges, at a max at least its own: u itself where the
+    range holds that max, its plain sum (u + 1)·factor elsewhere (factor = e^(c(m − m_max))). Summed over
+    the ranges this gives the whole's excess minus k − 1, k the number of ranges that hold the max."""
+    return tl.where(at_max, u, (u + 1.0) * factor)
+
+
+# ----------------------------------------------------------------------------------------------------
+# First pass: online log-sum-exps of x and y, plus the one-pass divergences' weighted sums.
+#
+# u_x, u_y are the excesses of Σ e^(x − m_x), Σ e^(y − m_y). KL keeps acc1 = Σ e^(x − m_x)·(x − y), so
+# that Σ p (log p − log q) = acc1 / (1 + u_x) − X + Y. ALPHA_BETA keeps the three power sums relative to the
+# bounds α·m_x + β·m_y, (α+β)·m_x and (α+β)·m_y of their exponents (the last two as excesses, which share
+# the counts at the maxima with u_x, u_y); that shares the two maxima instead of keeping three more
+# log-sum-exps, and what it can lose to underflow is below float resolution of the loss.
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def first_pass_update(KIND: tl.constexpr, x, y, m_x, u_x, m_y, u_y, acc1, acc2, acc3, c1, c2):
     """Fold one tile (x, y) [rows, block] into the running first-pass statistics of its rows."""
-    m_x_new = tl.maximum(m_x, tl.max(x, axis=1))
-    m_y_new = tl.maximum(m_y, tl.max(y, axis=1))
-    ref_x = finite_or_zero(m_x_new)
-    ref_y = finite_or_zero(m_y_new)
-    s_x, s_y, acc1, acc2, acc3 = first_pass_rescale(KIND, m_x, m_y, ref_x, ref_y, s_x, s_y, acc1, acc2,
-                                                    acc3, c1, c2)
+    m_x_new, ref_x, grew_x = online_max(m_x, x)
+    m_y_new, ref_y, grew_y = online_max(m_y, y)
     dx = x - ref_x[:, None]
     dy = y - ref_y[:, None]
+    at_x = dx == 0.0
+    at_y = dy == 0.0
+    shift_x = m_x - ref_x  # ≤ 0; -inf before the first finite logit (and then every old sum is 0)
+    shift_y = m_y - ref_y
     e_x = tl.exp(dx)
-    s_x += tl.sum(e_x, axis=1)
-    s_y += tl.sum(tl.exp(dy), axis=1)
+    u_x = excess_update(u_x, grew_x, tl.exp(shift_x), e_x, at_x)
+    u_y = excess_update(u_y, grew_y, tl.exp(shift_y), tl.exp(dy), at_y)
     if KIND == KL:
         # x − y is nan or ±inf only where a logit is -inf; p = 0 there contributes 0 (xlogy).
-        acc1 += tl.sum(tl.where(e_x > 0, e_x * (x - y), 0.0), axis=1)
+        acc1 = acc1 * tl.exp(shift_x) + tl.sum(tl.where(e_x > 0, e_x * (x - y), 0.0), axis=1)
     elif KIND == ALPHA_BETA:
-        acc1 += tl.sum(tl.exp(c1 * dx + c2 * dy), axis=1)
-        acc2 += tl.sum(tl.exp((c1 + c2) * dx), axis=1)
-        acc3 += tl.sum(tl.exp((c1 + c2) * dy), axis=1)
-    return m_x_new, s_x, m_y_new, s_y, acc1, acc2, acc3
+        acc1 = acc1 * tl.exp(c1 * shift_x + c2 * shift_y) + tl.sum(tl.exp(c1 * dx + c2 * dy), axis=1)
+        acc2 = excess_update(acc2, grew_x, tl.exp((c1 + c2) * shift_x), tl.exp((c1 + c2) * dx), at_x)
+        acc3 = excess_update(acc3, grew_y, tl.exp((c1 + c2) * shift_y), tl.exp((c1 + c2) * dy), at_y)
+    return m_x_new, u_x, m_y_new, u_y, acc1, acc2, acc3
 
 
 @triton.jit
-def first_pass_merge(KIND: tl.constexpr, m_x, s_x, m_y, s_y, acc1, acc2, acc3, n_x, t_x, n_y, t_y, bcc1, bcc2,
+def first_pass_at(KIND: tl.constexpr, m_x, u_x, m_y, u_y, acc1, acc2, acc3, max_x, max_y, c1, c2):
+    """A range's first-pass sums as addends of a sum over ranges at larger maxima (max_x, max_y)
+    (`excess_at`; acc1 is a plain sum), and whether the range holds each max (1.0 or 0.0)."""
+    shift_x = m_x - finite_or_zero(max_x)
+    shift_y = m_y - finite_or_zero(max_y)
+    at_x = m_x == max_x
+    at_y = m_y == max_y
+    u_x = excess_at(u_x, at_x, tl.exp(shift_x))
+    u_y = excess_at(u_y, at_y, tl.exp(shift_y))
+    if KIND == KL:
+        acc1 = acc1 * tl.exp(shift_x)
+    elif KIND == ALPHA_BETA:
+        acc1 = acc1 * tl.exp(c1 * shift_x + c2 * shift_y)
+        acc2 = excess_at(acc2, at_x, tl.exp((c1 + c2) * shift_x))
+        acc3 = excess_at(acc3, at_y, tl.exp((c1 + c2) * shift_y))
+    return u_x, u_y, acc1, acc2, acc3, flag(at_x), flag(at_y)
+
+
+@triton.jit
+def first_pass_merge(KIND: tl.constexpr, m_x, u_x, m_y, u_y, acc1, acc2, acc3, n_x, v_x, n_y, v_y, bcc1, bcc2,
                      bcc3, c1, c2):
     """Merge the first-pass statistics of two disjoint vocabulary ranges of the same rows."""
     m_x_new = tl.maximum(m_x, n_x)
     m_y_new = tl.maximum(m_y, n_y)
     ref_x = finite_or_zero(m_x_new)
     ref_y = finite_or_zero(m_y_new)
-    s_x, s_y, acc1, acc2, acc3 = first_pass_rescale(KIND, m_x, m_y, ref_x, ref_y, s_x, s_y, acc1, acc2,
-                                                    acc3, c1, c2)
-    t_x, t_y, bcc1, bcc2, bcc3 = first_pass_rescale(KIND, n_x, n_y, ref_x, ref_y, t_x, t_y, bcc1, bcc2,
-                                                    bcc3, c1, c2)
-    return m_x_new, s_x + t_x, m_y_new, s_y + t_y, acc1 + bcc1, acc2 + bcc2, acc3 + bcc3
+    a_x, a_y, b_x, b_y = m_x - ref_x, m_y - ref_y, n_x - ref_x, n_y - ref_y
+    at_ax, at_ay, at_bx, at_by = m_x == m_x_new, m_y == m_y_new, n_x == m_x_new, n_y == m_y_new
+    u_x = excess_merge(u_x, at_ax, tl.exp(a_x), v_x, at_bx, tl.exp(b_x))
+    u_y = excess_merge(u_y, at_ay, tl.exp(a_y), v_y, at_by, tl.exp(b_y))
+    if KIND == KL:
+        acc1 = acc1 * tl.exp(a_x) + bcc1 * tl.exp(b_x)
+    elif KIND == ALPHA_BETA:
+        acc1 = acc1 * tl.exp(c1 * a_x + c2 * a_y) + bcc1 * tl.exp(c1 * b_x + c2 * b_y)
+        acc2 = excess_merge(acc2, at_ax, tl.exp((c1 + c2) * a_x), bcc2, at_bx, tl.exp((c1 + c2) * b_x))
+        acc3 = excess_merge(acc3, at_ay, tl.exp((c1 + c2) * a_y), bcc3, at_by, tl.exp((c1 + c2) * b_y))
+    return m_x_new, u_x, m_y_new, u_y, acc1, acc2, acc3
 
 
 @triton.jit
-def first_pass_finish(KIND: tl.constexpr, m_x, s_x, m_y, s_y, acc1, acc2, acc3, c1, c2):
-    """(log s_x, log s_y, L, aux1, aux2, aux3) of each row; L and aux only for the one-pass kinds.
+def first_pass_finish(KIND: tl.constexpr, m_x, u_x, m_y, u_y, acc1, acc2, acc3, c1, c2):
+    """(ls_x, ls_y, L, aux1, aux2, aux3) of each row, ls = log1p(u) the log-sum; L and aux only for the
+    one-pass kinds.
 
-    X = m_x + log s_x is kept in two parts: log p = (x − m_x) − log s_x rounds like log_softmax does,
-    where x − X with X rounded to float32 would lose the low bits of large logits.
+    X = m_x + ls_x is kept in two parts: log p = (x − m_x) − ls_x rounds like log_softmax does, where
+    x − X with X rounded to float32 would lose the low bits of large logits.
     """
-    ls_x = tl.log(s_x)
-    ls_y = tl.log(s_y)
+    ls_x = log1p(u_x)
+    ls_y = log1p(u_y)
     L = tl.zeros_like(ls_x)
     aux1 = tl.zeros_like(ls_x)
     aux2 = tl.zeros_like(ls_x)
     aux3 = tl.zeros_like(ls_x)
     if KIND == KL:
-        L = acc1 / s_x - (m_x - m_y) - (ls_x - ls_y)
+        L = acc1 / (u_x + 1.0) - (m_x - m_y) - (ls_x - ls_y)
     elif KIND == ALPHA_BETA:
         # aux1 = Σ p^α q^β, aux2 = Σ p^(α+β), aux3 = Σ q^(α+β)
         aux1 = acc1 * tl.exp(-c1 * ls_x - c2 * ls_y)
-        aux2 = acc2 * tl.exp(-(c1 + c2) * ls_x)
-        aux3 = acc3 * tl.exp(-(c1 + c2) * ls_y)
+        aux2 = (acc2 + 1.0) * tl.exp(-(c1 + c2) * ls_x)
+        aux3 = (acc3 + 1.0) * tl.exp(-(c1 + c2) * ls_y)
         L = -(aux1 - c1 / (c1 + c2) * aux2 - c2 / (c1 + c2) * aux3) / (c1 * c2)
     return ls_x, ls_y, L, aux1, aux2, aux3
 

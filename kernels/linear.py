@@ -125,7 +125,7 @@ def fused_forward_kernel(
         y3 = tl.zeros([BLOCK_N], ACC)
     else:
         labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_N)
-        m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab = first_pass_init(BLOCK_N, ACC)
+        m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab = first_pass_init(BLOCK_N, ACC)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + vcols
         col_ok = cols < v_hi
@@ -138,13 +138,13 @@ def fused_forward_kernel(
             y2 += t2
             y3 += t3
         else:
-            m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab = first_pass_tile(
-                KIND, HARD, STUDENT_IS_P, s, t, cols, labels, inv_temp, m_x, s_x, m_y, s_y, acc1, acc2, acc3,
-                m_c, s_c, s_lab, c1, c2)
+            m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab = first_pass_tile(
+                KIND, HARD, STUDENT_IS_P, s, t, cols, labels, inv_temp, m_x, u_x, m_y, u_y, acc1, acc2, acc3,
+                m_c, u_c, s_lab, c1, c2)
     if SECOND_PASS:
         store_second_partial(part, row_ok, y1, y2, y3)
     else:
-        store_partial(part, row_ok, m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab)
+        store_partial(part, row_ok, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab)
 
 
 @triton.jit

@@ -75,19 +75,19 @@ def kd_logits_forward_kernel(
     if STAGE == SECOND_PARTIAL:
         m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
     else:
-        m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab = first_pass_init(BLOCK_R, ACC)
+        m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab = first_pass_init(BLOCK_R, ACC)
         for v0 in range(0, V, BLOCK_V):
             col_ok = v0 + cols < V
             s = load_tile(s_ptr + v0, s_off, cols, col_ok, ACC)
             t = load_tile(t_ptr + v0, t_off, cols, col_ok, ACC)
-            m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab = first_pass_tile(
-                KIND, HARD, STUDENT_IS_P, s, t, v0 + cols, labels, inv_temp, m_x, s_x, m_y, s_y, acc1, acc2, acc3,
-                m_c, s_c, s_lab, c1, c2)
+            m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab = first_pass_tile(
+                KIND, HARD, STUDENT_IS_P, s, t, v0 + cols, labels, inv_temp, m_x, u_x, m_y, u_y, acc1, acc2, acc3,
+                m_c, u_c, s_lab, c1, c2)
         if STAGE == FIRST_PARTIAL:
-            store_partial(part, row_ok, m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab)
+            store_partial(part, row_ok, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab)
         else:
             ls_x, ls_y, aux1, aux2, aux3, L, ls_c, loss = first_pass_results(
-                KIND, HARD, m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab, labels, V, c1, c2, soft, hard)
+                KIND, HARD, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab, labels, V, c1, c2, soft, hard)
 
     if TWO_PASS and STAGE != FIRST_PARTIAL:
         y1 = tl.zeros([BLOCK_R], ACC)

@@ -3,38 +3,41 @@
 A kernel that sees only part of a row's vocabulary (a split of the fused forward, or a rank's shard under
 vocabulary parallelism) writes the row's unfinished state there, NUM_PARTIAL values per (row, part):
 
-    first pass    m_x, s_x, m_y, s_y, acc1..3, m_c, s_c, s_lab   (sums relative to the maxima, as in
-                                                                 `divergences.py` / `cross_entropy.py`)
+    first pass    m_x, u_x, m_y, u_y, acc1..3, m_c, u_c, s_lab   (excesses and sums relative to the
+                                                                 maxima, `divergences.py` / `cross_entropy.py`)
     second pass   y1, y2, y3                                    (plain sums of normalized terms)
 
 `merge_partials_kernel` merges a row's parts (`first_pass_merge`, `hard_label_merge`; second-pass sums
 add) and finishes the row's statistics and loss. Across ranks the merge is two all-reduces instead (max
 of the maxima, then sum of the sums re-expressed relative to them): its RESCALE mode does the
-re-expression, by merging the row's parts into the empty state at the global maxima.
+re-expression. The log-sums are kept as excesses u = Σ − 1 (`divergences.py`), which do not add: the ranks
+that hold a max add their excesses and the others their plain sums, and the sum of the flags "holds the
+max" (k, usually 1) completes the group's excess, u = Σ addends + (k − 1): no rank's 1 is ever rounded
+against its small terms.
 """
 
 import triton
 import triton.language as tl
 
-from .cross_entropy import hard_label_merge
-from .divergences import first_pass_merge
+from .cross_entropy import hard_label_at, hard_label_merge
+from .divergences import first_pass_at, first_pass_merge
 from .passes import first_pass_results, load_labels, load_stats, second_pass_results, store_stats
 
 NUM_PARTIAL = tl.constexpr(10)
 
 
 @triton.jit
-def store_partial(part, row_ok, m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab):
+def store_partial(part, row_ok, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab):
     """Store a first-pass state at `part` (per-row pointers to NUM_PARTIAL values)."""
     tl.store(part + 0, m_x, mask=row_ok)
-    tl.store(part + 1, s_x, mask=row_ok)
+    tl.store(part + 1, u_x, mask=row_ok)
     tl.store(part + 2, m_y, mask=row_ok)
-    tl.store(part + 3, s_y, mask=row_ok)
+    tl.store(part + 3, u_y, mask=row_ok)
     tl.store(part + 4, acc1, mask=row_ok)
     tl.store(part + 5, acc2, mask=row_ok)
     tl.store(part + 6, acc3, mask=row_ok)
     tl.store(part + 7, m_c, mask=row_ok)
-    tl.store(part + 8, s_c, mask=row_ok)
+    tl.store(part + 8, u_c, mask=row_ok)
     tl.store(part + 9, s_lab, mask=row_ok)
 
 
@@ -55,8 +58,9 @@ def merge_partials_kernel(
 
     Default: finish the row: stats[row] and loss[row] (the second pass adds soft·L to the loss). `labels`
     and V are the global ones: they only check the label's range.
-    RESCALE (first pass): merge the parts into the empty state at the maxima (m_x, m_y, m_c) [rows, 3] —
-    the group's maxima, at least the row's own — and store that state to out[row] (NUM_PARTIAL values).
+    RESCALE (first pass): merge the parts, re-express the state at the maxima (m_x, m_y, m_c) [rows, 3] —
+    the group's maxima, at least the row's own — as this rank's addends of the group's sums (`excess_at`),
+    and store it to out[row] (NUM_PARTIAL values) with, in place of each max, whether this rank holds it.
     """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
@@ -75,39 +79,34 @@ def merge_partials_kernel(
         store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c)
         tl.store(loss_ptr + rows, tl.load(loss_ptr + safe_rows) + soft * L, mask=row_ok)
     else:
-        zero = tl.zeros([BLOCK_N], ACC)
-        if RESCALE:
-            maxima = maxima_ptr + safe_rows.to(tl.int64) * 3
-            m_x = tl.load(maxima + 0)
-            m_y = tl.load(maxima + 1)
-            m_c = tl.load(maxima + 2)
-            s_x, s_y, acc1, acc2, acc3, s_c, s_lab = zero, zero, zero, zero, zero, zero, zero
-            first = 0
-        else:
-            m_x = tl.load(part + 0)
-            s_x = tl.load(part + 1)
-            m_y = tl.load(part + 2)
-            s_y = tl.load(part + 3)
-            acc1 = tl.load(part + 4)
-            acc2 = tl.load(part + 5)
-            acc3 = tl.load(part + 6)
-            m_c = tl.load(part + 7)
-            s_c = tl.load(part + 8)
-            s_lab = tl.load(part + 9)
-            first = 1
-        for j in range(first, n_parts):
+        m_x = tl.load(part + 0)
+        u_x = tl.load(part + 1)
+        m_y = tl.load(part + 2)
+        u_y = tl.load(part + 3)
+        acc1 = tl.load(part + 4)
+        acc2 = tl.load(part + 5)
+        acc3 = tl.load(part + 6)
+        m_c = tl.load(part + 7)
+        u_c = tl.load(part + 8)
+        s_lab = tl.load(part + 9)
+        for j in range(1, n_parts):
             p = part + j * NUM_PARTIAL
-            m_x, s_x, m_y, s_y, acc1, acc2, acc3 = first_pass_merge(
-                KIND, m_x, s_x, m_y, s_y, acc1, acc2, acc3, tl.load(p + 0), tl.load(p + 1), tl.load(p + 2),
+            m_x, u_x, m_y, u_y, acc1, acc2, acc3 = first_pass_merge(
+                KIND, m_x, u_x, m_y, u_y, acc1, acc2, acc3, tl.load(p + 0), tl.load(p + 1), tl.load(p + 2),
                 tl.load(p + 3), tl.load(p + 4), tl.load(p + 5), tl.load(p + 6), c1, c2)
             if HARD:
-                m_c, s_c, s_lab = hard_label_merge(m_c, s_c, s_lab, tl.load(p + 7), tl.load(p + 8), tl.load(p + 9))
+                m_c, u_c, s_lab = hard_label_merge(m_c, u_c, s_lab, tl.load(p + 7), tl.load(p + 8), tl.load(p + 9))
         if RESCALE:
-            store_partial(out_ptr + rows.to(tl.int64) * NUM_PARTIAL, row_ok, m_x, s_x, m_y, s_y, acc1, acc2, acc3,
-                          m_c, s_c, s_lab)
+            maxima = maxima_ptr + safe_rows.to(tl.int64) * 3
+            u_x, u_y, acc1, acc2, acc3, m_x, m_y = first_pass_at(KIND, m_x, u_x, m_y, u_y, acc1, acc2, acc3,
+                                                                 tl.load(maxima + 0), tl.load(maxima + 1), c1, c2)
+            if HARD:
+                u_c, m_c = hard_label_at(m_c, u_c, tl.load(maxima + 2))
+            store_partial(out_ptr + rows.to(tl.int64) * NUM_PARTIAL, row_ok, m_x, u_x, m_y, u_y, acc1, acc2, acc3,
+                          m_c, u_c, s_lab)
         else:
             labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_N)
             ls_x, ls_y, aux1, aux2, aux3, L, ls_c, loss = first_pass_results(
-                KIND, HARD, m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab, labels, V, c1, c2, soft, hard)
+                KIND, HARD, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab, labels, V, c1, c2, soft, hard)
             store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c)
             tl.store(loss_ptr + rows, loss, mask=row_ok)

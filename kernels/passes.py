@@ -5,8 +5,8 @@ loss
 
     ℓ = soft · D(teacher ‖ student at temperature T) + hard · CE(student at T = 1, label)
 
-Per-row state of the first pass (10 values): m_x, s_x, m_y, s_y, acc1..3 (divergence, `divergences.py`)
-and m_c, s_c, s_lab (cross-entropy). Per-row statistics saved for the gradient (NUM_STATS):
+Per-row state of the first pass (10 values): m_x, u_x, m_y, u_y, acc1..3 (divergence, `divergences.py`)
+and m_c, u_c, s_lab (cross-entropy). Per-row statistics saved for the gradient (NUM_STATS):
 
     0 m_x  1 ls_x  2 m_y  3 ls_y  4..6 aux1..3  7 L (the divergence alone)  8 m_c  9 ls_c
 """
@@ -41,10 +41,12 @@ def as_pq(STUDENT_IS_P: tl.constexpr, student, teacher):
 
 @triton.jit
 def first_pass_init(BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """The empty first-pass state of BLOCK rows: m_x, s_x, m_y, s_y, acc1..3, m_c, s_c, s_lab."""
+    """The empty first-pass state of BLOCK rows: m_x, u_x, m_y, u_y, acc1..3, m_c, u_c, s_lab (the excesses
+    u and the power sums acc2, acc3 at −1: nothing summed yet)."""
     neg = tl.full([BLOCK], NEG_INF, ACC)
     zero = tl.zeros([BLOCK], ACC)
-    return neg, zero, neg, zero, zero, zero, zero, neg, zero, zero
+    empty = tl.full([BLOCK], -1.0, ACC)
+    return neg, empty, neg, empty, zero, empty, empty, neg, empty, zero
 
 
 @triton.jit
@@ -58,25 +60,25 @@ def load_labels(HARD: tl.constexpr, labels_ptr, rows, BLOCK: tl.constexpr):
 
 @triton.jit
 def first_pass_tile(KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, s, t, cols, labels,
-                    inv_temp, m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab, c1, c2):
+                    inv_temp, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab, c1, c2):
     """Fold raw logit tiles s (student), t (teacher) [rows, block] into the first-pass state."""
     x, y = as_pq(STUDENT_IS_P, s * inv_temp, t * inv_temp)
-    m_x, s_x, m_y, s_y, acc1, acc2, acc3 = first_pass_update(KIND, x, y, m_x, s_x, m_y, s_y, acc1, acc2, acc3,
+    m_x, u_x, m_y, u_y, acc1, acc2, acc3 = first_pass_update(KIND, x, y, m_x, u_x, m_y, u_y, acc1, acc2, acc3,
                                                              c1, c2)
-    m_c, s_c, s_lab = hard_label_update(HARD, s, cols, labels, m_c, s_c, s_lab)
-    return m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c, s_lab
+    m_c, u_c, s_lab = hard_label_update(HARD, s, cols, labels, m_c, u_c, s_lab)
+    return m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab
 
 
 @triton.jit
-def first_pass_results(KIND: tl.constexpr, HARD: tl.constexpr, m_x, s_x, m_y, s_y, acc1, acc2, acc3, m_c, s_c,
+def first_pass_results(KIND: tl.constexpr, HARD: tl.constexpr, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c,
                        s_lab, labels, V, c1, c2, soft, hard):
     """(ls_x, ls_y, aux1..3, L, ls_c, loss) of each row from its complete first-pass state. For the
     two-pass kinds L is 0 here and `loss` holds only the hard-label part."""
-    ls_x, ls_y, L, aux1, aux2, aux3 = first_pass_finish(KIND, m_x, s_x, m_y, s_y, acc1, acc2, acc3, c1, c2)
+    ls_x, ls_y, L, aux1, aux2, aux3 = first_pass_finish(KIND, m_x, u_x, m_y, u_y, acc1, acc2, acc3, c1, c2)
     loss = soft * L
     ls_c = tl.zeros_like(ls_x)
     if HARD:
-        ls_c, ce = hard_label_finish(m_c, s_c, s_lab, labels, V)
+        ls_c, ce = hard_label_finish(m_c, u_c, s_lab, labels, V)
         loss += hard * ce
     return ls_x, ls_y, aux1, aux2, aux3, L, ls_c, loss
 

@@ -1,6 +1,7 @@
 """kdops.kd_loss against the float64 oracle (SPEC "Accuracy"): every divergence, both backends."""
 
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -55,7 +56,8 @@ CASES = [
                          ids=lambda v: str(v) if not isinstance(v, tuple) else f"{len(v[0])}d-V{v[1]}")
 def test_matches_float64_oracle(divergence, dtype, temperature, layout, backend, reduction):
     leading, vocab, ignore = layout
-    student, teacher = logit_pair((*leading, vocab), dtype, DEVICE, seed=hash((vocab, str(divergence))) % 1000)
+    seed = zlib.crc32(f"{vocab}{divergence}".encode()) % 1000  # the same inputs in every run (hash() is salted)
+    student, teacher = logit_pair((*leading, vocab), dtype, DEVICE, seed=seed)
     labels = _labels(leading, ignore, seed=vocab)
     assert_matches_oracle(kdops.kd_loss, reference.kd_loss, student, teacher, labels=labels,
                           divergence=divergence, temperature=temperature, backend=backend,
