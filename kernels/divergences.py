@@ -89,19 +89,18 @@ def log1p(u):
     hardware log near 1. Elsewhere, and in float64 (whose reference rounds its log-sum the same way), the
     plain log(1 + u).
     """
-    plain = tl.log(1.0 + u)
-    if u.dtype == tl.float64:
-        return plain
-    z = u / (2.0 + u)
-    z2 = z * z
-    odd = 1.0 / 13.0 + z2 / 15.0
-    odd = 1.0 / 11.0 + z2 * odd
-    odd = 1.0 / 9.0 + z2 * odd
-    odd = 1.0 / 7.0 + z2 * odd
-    odd = 1.0 / 5.0 + z2 * odd
-    odd = 1.0 / 3.0 + z2 * odd
-    series = 2.0 * z * (1.0 + z2 * odd)
-    return tl.where((u >= -0.5) & (u <= 1.0), series, plain)
+    result = tl.log(1.0 + u)
+    if u.dtype != tl.float64:  # static: one branch is compiled
+        z = u / (2.0 + u)
+        z2 = z * z
+        odd = 1.0 / 13.0 + z2 / 15.0
+        odd = 1.0 / 11.0 + z2 * odd
+        odd = 1.0 / 9.0 + z2 * odd
+        odd = 1.0 / 7.0 + z2 * odd
+        odd = 1.0 / 5.0 + z2 * odd
+        odd = 1.0 / 3.0 + z2 * odd
+        result = tl.where((u >= -0.5) & (u <= 1.0), 2.0 * z * (1.0 + z2 * odd), result)
+    return result
 
 
 @triton.jit
