@@ -4,8 +4,8 @@ A real teacher's row has one probability near 1. Its log-sum ls = log Σ e^(v �
 that rounds its small terms against the 1 of the max (an absolute error of ulp(1) per addition) gives ls a
 relative error of thousands of ulps, which the α-β and TVD gradients turn into cancellations (test_kd_loss
 failed on such rows before the kernels kept the sums as excesses, kernels/divergences.py). Checked on every
-path that sums: one kernel's tiles (logits), vocabulary splits merged (fused), for both distributions, the
-α-β power sums and the hard-label cross-entropy.
+path that sums: one kernel's tiles (logits), vocabulary splits merged (fused), ranks under vocab_parallel,
+for both distributions, the α-β power sums and the hard-label cross-entropy.
 """
 
 import pytest
@@ -106,7 +106,7 @@ def test_masked_row_keeps_its_log_sum():
     assert_close_in_ulps(stats[:, 3], log_sum64(student), "log-sum of the student")
 
 
-SHARDS = [(2000, 4099), (0, 1500), (1500, 2000)]  # rank → [start, stop): the designated rank 0 holds the end
+SHARDS = [(2000, 4099), (0, 1500), (1500, 2000)]  # rank → [start, stop), not in vocabulary order
 
 
 def vocab_parallel_body(rank, world):
@@ -131,6 +131,7 @@ def vocab_parallel_body(rank, world):
 
 
 def test_log_sums_over_vocabulary_shards():
-    """Across ranks the excesses are summed with one rank's 1 subtracted (kernels/partials.py): the peak on
-    the designated rank, on another, and tied across two."""
+    """Across ranks, a rank adds its excess where it holds the max and its plain sum elsewhere, and the flags
+    "holds the max" complete the sum (kernels/partials.py): the peak on one rank, on another, and tied across
+    two."""
     spawn(vocab_parallel_body, len(SHARDS))
