@@ -10,7 +10,7 @@ silently wrong one (rows whose label is ignore_index are masked out by the calle
 import triton
 import triton.language as tl
 
-from .divergences import excess_at, excess_merge, excess_update, finite_or_zero, flag, log1p, online_max
+from .divergences import excess_at, excess_update, finite_or_zero, flag, log1p, online_max
 
 
 @triton.jit
@@ -33,19 +33,19 @@ def hard_label_update(HARD: tl.constexpr, s, cols, labels, m_c, u_c, s_lab):
 
 
 @triton.jit
-def hard_label_merge(m_c, u_c, s_lab, n_c, v_c, t_lab):
-    """Merge the statistics of two disjoint vocabulary ranges of the same rows."""
-    m_new = tl.maximum(m_c, n_c)
-    ref = finite_or_zero(m_new)
-    u_c = excess_merge(u_c, m_c == m_new, tl.exp(m_c - ref), v_c, n_c == m_new, tl.exp(n_c - ref))
-    return m_new, u_c, s_lab + t_lab
-
-
-@triton.jit
 def hard_label_at(m_c, u_c, max_c):
     """u_c as an addend of a sum over ranges at a larger max (`excess_at`), and whether the range holds it."""
     at = m_c == max_c
     return excess_at(u_c, at, tl.exp(m_c - finite_or_zero(max_c))), flag(at)
+
+
+@triton.jit
+def hard_label_merge(m_c, u_c, s_lab, n_c, v_c, t_lab):
+    """Merge the statistics of two disjoint vocabulary ranges of the same rows (as `first_pass_merge`)."""
+    max_c = tl.maximum(m_c, n_c)
+    u_a, at_a = hard_label_at(m_c, u_c, max_c)
+    u_b, at_b = hard_label_at(n_c, v_c, max_c)
+    return max_c, (u_a + u_b) + at_a * at_b, s_lab + t_lab
 
 
 @triton.jit

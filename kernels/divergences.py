@@ -120,19 +120,11 @@ def excess_update(u, grew, factor, e, at_max):
 
 
 @triton.jit
-def excess_merge(u_a, at_a, factor_a, u_b, at_b, factor_b):
-    """The excess of two disjoint ranges' excesses u_a, u_b at the larger of their maxima (at_a / at_b: the
-    range holds it; factor: e^(c(m − m_max)) for the range that does not)."""
-    a = tl.where(at_a, u_a, (u_a + 1.0) * factor_a)
-    b = tl.where(at_b, u_b, (u_b + 1.0) * factor_b)
-    return (a + b) + flag(at_a & at_b)
-
-
-@triton.jit
 def excess_at(u, at_max, factor):
     """A range's excess u as its addend of a sum over ranges, at a max at least its own: u itself where the
     range holds that max, its plain sum (u + 1)·factor elsewhere (factor = e^(c(m − m_max))). Summed over
-    the ranges this gives the whole's excess minus k − 1, k the number of ranges that hold the max."""
+    the ranges this gives the whole's excess minus k − 1, k the number of ranges that hold the max (so two
+    ranges merge as addend + addend + [both hold it])."""
     return tl.where(at_max, u, (u + 1.0) * factor)
 
 
@@ -159,11 +151,12 @@ def first_pass_update(KIND: tl.constexpr, x, y, m_x, u_x, m_y, u_y, acc1, acc2, 
     shift_x = m_x - ref_x  # ≤ 0; -inf before the first finite logit (and then every old sum is 0)
     shift_y = m_y - ref_y
     e_x = tl.exp(dx)
-    u_x = excess_update(u_x, grew_x, tl.exp(shift_x), e_x, at_x)
+    factor_x = tl.exp(shift_x)
+    u_x = excess_update(u_x, grew_x, factor_x, e_x, at_x)
     u_y = excess_update(u_y, grew_y, tl.exp(shift_y), tl.exp(dy), at_y)
     if KIND == KL:
         # x − y is nan or ±inf only where a logit is -inf; p = 0 there contributes 0 (xlogy).
-        acc1 = acc1 * tl.exp(shift_x) + tl.sum(tl.where(e_x > 0, e_x * (x - y), 0.0), axis=1)
+        acc1 = acc1 * factor_x + tl.sum(tl.where(e_x > 0, e_x * (x - y), 0.0), axis=1)
     elif KIND == ALPHA_BETA:
         acc1 = acc1 * tl.exp(c1 * shift_x + c2 * shift_y) + tl.sum(tl.exp(c1 * dx + c2 * dy), axis=1)
         acc2 = excess_update(acc2, grew_x, tl.exp((c1 + c2) * shift_x), tl.exp((c1 + c2) * dx), at_x)
@@ -193,22 +186,18 @@ def first_pass_at(KIND: tl.constexpr, m_x, u_x, m_y, u_y, acc1, acc2, acc3, max_
 @triton.jit
 def first_pass_merge(KIND: tl.constexpr, m_x, u_x, m_y, u_y, acc1, acc2, acc3, n_x, v_x, n_y, v_y, bcc1, bcc2,
                      bcc3, c1, c2):
-    """Merge the first-pass statistics of two disjoint vocabulary ranges of the same rows."""
-    m_x_new = tl.maximum(m_x, n_x)
-    m_y_new = tl.maximum(m_y, n_y)
-    ref_x = finite_or_zero(m_x_new)
-    ref_y = finite_or_zero(m_y_new)
-    a_x, a_y, b_x, b_y = m_x - ref_x, m_y - ref_y, n_x - ref_x, n_y - ref_y
-    at_ax, at_ay, at_bx, at_by = m_x == m_x_new, m_y == m_y_new, n_x == m_x_new, n_y == m_y_new
-    u_x = excess_merge(u_x, at_ax, tl.exp(a_x), v_x, at_bx, tl.exp(b_x))
-    u_y = excess_merge(u_y, at_ay, tl.exp(a_y), v_y, at_by, tl.exp(b_y))
-    if KIND == KL:
-        acc1 = acc1 * tl.exp(a_x) + bcc1 * tl.exp(b_x)
-    elif KIND == ALPHA_BETA:
-        acc1 = acc1 * tl.exp(c1 * a_x + c2 * a_y) + bcc1 * tl.exp(c1 * b_x + c2 * b_y)
-        acc2 = excess_merge(acc2, at_ax, tl.exp((c1 + c2) * a_x), bcc2, at_bx, tl.exp((c1 + c2) * b_x))
-        acc3 = excess_merge(acc3, at_ay, tl.exp((c1 + c2) * a_y), bcc3, at_by, tl.exp((c1 + c2) * b_y))
-    return m_x_new, u_x, m_y_new, u_y, acc1, acc2, acc3
+    """Merge the first-pass statistics of two disjoint vocabulary ranges of the same rows: their addends at
+    the merged maxima (`first_pass_at`), plus 1 in each excess whose max both ranges hold."""
+    max_x = tl.maximum(m_x, n_x)
+    max_y = tl.maximum(m_y, n_y)
+    u_x, u_y, acc1, acc2, acc3, at_ax, at_ay = first_pass_at(KIND, m_x, u_x, m_y, u_y, acc1, acc2, acc3, max_x,
+                                                             max_y, c1, c2)
+    v_x, v_y, bcc1, bcc2, bcc3, at_bx, at_by = first_pass_at(KIND, n_x, v_x, n_y, v_y, bcc1, bcc2, bcc3, max_x,
+                                                             max_y, c1, c2)
+    both_x = at_ax * at_bx
+    both_y = at_ay * at_by
+    return max_x, (u_x + v_x) + both_x, max_y, (u_y + v_y) + both_y, acc1 + bcc1, (acc2 + bcc2) + both_x, \
+        (acc3 + bcc3) + both_y
 
 
 @triton.jit

@@ -60,6 +60,21 @@ def assert_close_in_ulps(value, exact, what):
     assert err <= ULPS * EPS, f"{what}: relative error {err / EPS:.1f} ulps"
 
 
+def assert_sums_exact(stats, student, teacher, divergence):
+    """The log-sums (teacher, student, cross-entropy) of forward-KL / α-β statistics (P = teacher, Q =
+    student) and, for α-β, its power sums, within ULPS of float64. The kernels scale by 1/T in float32: so
+    does the oracle, so that only the sums are compared."""
+    stats, student, teacher = stats.cpu(), student.cpu(), teacher.cpu()
+    scaled_s, scaled_t = student * (1.0 / TEMPERATURE), teacher * (1.0 / TEMPERATURE)
+    assert_close_in_ulps(stats[:, 1], log_sum64(scaled_t), "log-sum of the teacher")
+    assert_close_in_ulps(stats[:, 3], log_sum64(scaled_s), "log-sum of the student")
+    assert_close_in_ulps(stats[:, 9], log_sum64(student), "log-sum of the cross-entropy")
+    if divergence == "alpha_beta":
+        c = as_divergence(divergence).canonical()
+        assert_close_in_ulps(stats[:, 5], power_sum64(scaled_t, c.c1 + c.c2), "Σ p^(α+β)")
+        assert_close_in_ulps(stats[:, 6], power_sum64(scaled_s, c.c1 + c.c2), "Σ q^(α+β)")
+
+
 def _stats(path, student, teacher, labels, divergence, hard):
     canon = as_divergence(divergence).canonical()
     inv_temp = 1.0 / TEMPERATURE
@@ -80,18 +95,7 @@ def test_log_sums_of_peaked_rows(path, vocab, divergence):
     student = peaked_logits(vocab, seed=vocab).to(DEVICE)
     teacher = peaked_logits(vocab, seed=vocab + 1).flip(0).to(DEVICE)
     labels = torch.arange(6, device=DEVICE) * 7
-    stats = _stats(path, student, teacher, labels, divergence, hard=0.5).cpu()
-    # The kernels scale by 1/T in float32: so does the oracle, so that only the sums are compared.
-    scaled_s = (student * (1.0 / TEMPERATURE)).cpu()
-    scaled_t = (teacher * (1.0 / TEMPERATURE)).cpu()
-    # forward KL and α-β: P = teacher (x), Q = student (y).
-    assert_close_in_ulps(stats[:, 1], log_sum64(scaled_t), "log-sum of the teacher")
-    assert_close_in_ulps(stats[:, 3], log_sum64(scaled_s), "log-sum of the student")
-    assert_close_in_ulps(stats[:, 9], log_sum64(student.cpu()), "log-sum of the cross-entropy")
-    if divergence == "alpha_beta":
-        c = as_divergence(divergence).canonical()
-        assert_close_in_ulps(stats[:, 5], power_sum64(scaled_t, c.c1 + c.c2), "Σ p^(α+β)")
-        assert_close_in_ulps(stats[:, 6], power_sum64(scaled_s, c.c1 + c.c2), "Σ q^(α+β)")
+    assert_sums_exact(_stats(path, student, teacher, labels, divergence, hard=0.5), student, teacher, divergence)
 
 
 def test_masked_row_keeps_its_log_sum():
@@ -122,12 +126,7 @@ def vocab_parallel_body(rank, world):
                               options=())
     stats = _launch.logits_forward(student[:, start:stop], teacher[:, start:stop], labels, canon, 1.0 / TEMPERATURE,
                                    1.0, 0.5, shards=shards)[1]
-    scaled_s, scaled_t = student * (1.0 / TEMPERATURE), teacher * (1.0 / TEMPERATURE)
-    assert_close_in_ulps(stats[:, 1], log_sum64(scaled_t), "log-sum of the teacher")
-    assert_close_in_ulps(stats[:, 3], log_sum64(scaled_s), "log-sum of the student")
-    assert_close_in_ulps(stats[:, 9], log_sum64(student), "log-sum of the cross-entropy")
-    assert_close_in_ulps(stats[:, 5], power_sum64(scaled_t, canon.c1 + canon.c2), "Σ p^(α+β)")
-    assert_close_in_ulps(stats[:, 6], power_sum64(scaled_s, canon.c1 + canon.c2), "Σ q^(α+β)")
+    assert_sums_exact(stats, student, teacher, "alpha_beta")
 
 
 def test_log_sums_over_vocabulary_shards():
