@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _launch
-from ._launch import _cdiv, _empty, _next_pow2, _rows_of
+from . import _launch, targets
+from ._launch import _cdiv, _empty, _next_pow2, _rows_of, launch
 from .divergences import Canonical
 
 #: Bytes of float32 scratch the backward may hold at once for dH (per row group) and dW (per vocabulary
@@ -20,13 +20,28 @@ def _linear():
     return linear
 
 
-def fused_config(n_rows: int, vocab: int, device: torch.device) -> dict:
-    """Tile sizes and the number of vocabulary splits of the forward. On GPU: tensor-core tiles and enough
-    (row block, split) programs to fill the device twice; under the interpreter, few large tiles, and
-    several splits so that the merge is exercised."""
-    if device.type == "cuda":
-        tiles = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
-        programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+# GPU tiles by operand size in bytes: the two logit tiles, their gradient tiles and the per-row statistics
+# must fit a thread's 255 registers without spilling, in every specialization (`python -m bench.compile`
+# checks them all for sm_90 and sm_80). 16-bit operands go through the tensor cores (BLOCK_H = 64: a few
+# wgmma / mma per step). Float32 / float64 ones are exact FMA products on the CUDA cores, whose operand
+# fragments hold BLOCK_H values per row and column in registers (hence the narrow BLOCK_H), and whose
+# kernels ptxas would otherwise squeeze into 128 registers (two blocks per SM) at the price of spills:
+# maxnreg = 255 keeps them whole.
+_GPU_TILES = {
+    2: dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3),
+    4: dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=8, num_warps=8, num_stages=3, maxnreg=255),
+    8: dict(BLOCK_N=32, BLOCK_V=32, BLOCK_H=8, num_warps=8, num_stages=3, maxnreg=255),
+}
+
+
+def fused_config(n_rows: int, vocab: int, gpu: targets.GPU | None, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Tile sizes and the number of vocabulary splits of the forward for `gpu` (None: the interpreter), whose
+    widest matmul operands have `dtype`. On GPU: `_GPU_TILES`, and enough (row block, split) programs to
+    fill the device twice. Under the interpreter: few large tiles, and several splits so that the merge is
+    exercised."""
+    if gpu is not None:
+        tiles = _GPU_TILES[min(torch.empty((), dtype=dtype).element_size(), 8)]
+        programs = 2 * gpu.sm_count
         splits = max(1, programs // _cdiv(n_rows, tiles["BLOCK_N"]))
     else:
         tiles = dict(BLOCK_N=min(32, max(16, _next_pow2(n_rows))), BLOCK_V=128, BLOCK_H=64)
@@ -35,10 +50,12 @@ def fused_config(n_rows: int, vocab: int, device: torch.device) -> dict:
     return dict(tiles, split_size=split_size)
 
 
+_TL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+              torch.float64: "float64"}
+
+
 def _dot_dtype(tl, hidden, weight):
-    dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-            torch.float64: tl.float64}[dtype]
+    return getattr(tl, _TL_DTYPES[torch.promote_types(hidden.dtype, weight.dtype)])
 
 
 def _precision(dot) -> str | None:
@@ -46,14 +63,14 @@ def _precision(dot) -> str | None:
     return "ieee" if dot.primitive_bitwidth >= 32 else None
 
 
-def _side(tl, hidden, weight):
+def _side(tl, hidden, weight, gpu):
     """(hidden, its row layout, weight with unit stride along H, dot dtype, multiply dtype, precision)."""
     hidden, layout = _rows_of(hidden)
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     dot = _dot_dtype(tl, hidden, weight)
     # The interpreter's 16-bit dot is wrong (Triton 3.9): multiply the rounded operands in fp32 there.
-    mma = tl.float32 if hidden.device.type != "cuda" and dot.primitive_bitwidth < 32 else dot
+    mma = tl.float32 if gpu is None and dot.primitive_bitwidth < 32 else dot
     return hidden, layout, weight, dot, mma, _precision(dot)
 
 
@@ -65,14 +82,18 @@ class FusedProblem:
         tl, *_ = _launch._kernels()
         self.n_rows = hs.numel() // hs.shape[-1]
         self.vocab, self.canon = vocab, canon
-        self.hs, s_layout, self.ws, dot_s, mma_s, prec_s = _side(tl, hs, ws)
-        self.ht, t_layout, self.wt, dot_t, mma_t, prec_t = _side(tl, ht, wt)
+        self.gpu = targets.of_device(hs.device)
+        self.hs, s_layout, self.ws, dot_s, mma_s, prec_s = _side(tl, hs, ws, self.gpu)
+        self.ht, t_layout, self.wt, dot_t, mma_t, prec_t = _side(tl, ht, wt, self.gpu)
         self.bs, self.bt = bs, bt
         self.shards = shards
         # Global token ids (the labels' range check), and as indices into this rank's vocabulary shard.
         self.global_labels = _launch.flat_labels(labels, hard)
         self.labels = self.global_labels if shards is None else shards.local_labels(self.global_labels)
         self.acc = _launch._acc(tl, hs, ws, bs, ht, wt, bt)
+        # The widest matmul operand dtype of the two sides: it decides the tiles (`fused_config`).
+        self.dot_dtype = torch.promote_types(torch.promote_types(hs.dtype, ws.dtype),
+                                             torch.promote_types(ht.dtype, wt.dtype))
         kind, self.two_pass = _launch.kind_of(canon)
         self.device = hs.device
         self.shape_args = (self.hs.shape[-1], self.ht.shape[-1])
@@ -111,15 +132,16 @@ def fused_forward(problem: FusedProblem):
     under `problem.shards`)."""
     linear = _linear()
     n = problem.n_rows
-    config = fused_config(n, problem.vocab, problem.device)
+    config = fused_config(n, problem.vocab, problem.gpu, problem.dot_dtype)
     split_size = config.pop("split_size")
     n_splits = _cdiv(problem.vocab, split_size)
     *inputs, labels = problem.pointers(problem.hs)
 
     def launch_pass(second, partial, stats):
-        linear.fused_forward_kernel[(_cdiv(n, config["BLOCK_N"]), n_splits)](
-            *inputs, labels, partial, stats, n, problem.vocab, *problem.shape_args, split_size, n_splits,
-            *problem.layout_args, *problem.scalars, SECOND_PASS=second, **problem.constexprs, **config,
+        launch(
+            linear.fused_forward_kernel, (_cdiv(n, config["BLOCK_N"]), n_splits), *inputs, labels, partial, stats,
+            n, problem.vocab, *problem.shape_args, split_size, n_splits, *problem.layout_args, *problem.scalars,
+            SECOND_PASS=second, **problem.constexprs, **config,
         )
 
     shards = problem.shards
@@ -169,7 +191,7 @@ def fused_backward(problem: FusedProblem, stats, row_scale, needs):
     if n == 0:
         return g_hs, g_ws, g_bs, g_ht, g_wt, g_bt
 
-    config = fused_config(n, vocab, device)
+    config = fused_config(n, vocab, problem.gpu, problem.dot_dtype)
     config.pop("split_size")
     row_scale = row_scale.contiguous()
     *inputs, labels = problem.pointers(stats)
@@ -177,22 +199,25 @@ def fused_backward(problem: FusedProblem, stats, row_scale, needs):
     if need_hs or need_ht:
         for start, end in _groups(n, config["BLOCK_N"], 4 * (Hs * need_hs + Ht * need_ht)):
             s_hs, s_ht = _scratch(g_hs, start, end, acc_dtype, device), _scratch(g_ht, start, end, acc_dtype, device)
-            linear.fused_grad_hidden_kernel[(_cdiv(end - start, config["BLOCK_N"]),)](
-                *inputs, labels, stats, row_scale, stats if s_hs is None else s_hs, stats if s_ht is None else s_ht,
-                start, end, vocab, Hs, Ht, *common, GRAD_HS=need_hs, GRAD_HT=need_ht, **problem.constexprs,
-                **config,
+            launch(
+                linear.fused_grad_hidden_kernel, (_cdiv(end - start, config["BLOCK_N"]),), *inputs, labels, stats,
+                row_scale, stats if s_hs is None else s_hs, stats if s_ht is None else s_ht, start, end, vocab, Hs,
+                Ht, *common, GRAD_HS=need_hs, GRAD_HT=need_ht, **problem.constexprs, **config,
             )
             _flush(g_hs, s_hs, start, end)
             _flush(g_ht, s_ht, start, end)
+            del s_hs, s_ht  # before the next group's: one group's scratch at a time
     if need_ws or need_wt or g_bs is not None or g_bt is not None:
         for start, end in _groups(vocab, config["BLOCK_V"], 4 * (Hs * need_ws + Ht * need_wt)):
             s_ws, s_wt = _scratch(g_ws, start, end, acc_dtype, device), _scratch(g_wt, start, end, acc_dtype, device)
-            linear.fused_grad_weight_kernel[(_cdiv(end - start, config["BLOCK_V"]),)](
-                *inputs, labels, stats, row_scale, stats if s_ws is None else s_ws, stats if g_bs is None else g_bs,
+            launch(
+                linear.fused_grad_weight_kernel, (_cdiv(end - start, config["BLOCK_V"]),), *inputs, labels, stats,
+                row_scale, stats if s_ws is None else s_ws, stats if g_bs is None else g_bs,
                 stats if s_wt is None else s_wt, stats if g_bt is None else g_bt, start, end, n, Hs, Ht, *common,
                 GRAD_WS=need_ws, GRAD_BS=g_bs is not None, GRAD_WT=need_wt, GRAD_BT=g_bt is not None,
                 **problem.constexprs, **config,
             )
             _flush(g_ws, s_ws, start, end)
             _flush(g_wt, s_wt, start, end)
+            del s_ws, s_wt
     return g_hs, g_ws, g_bs, g_ht, g_wt, g_bt

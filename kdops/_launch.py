@@ -3,14 +3,47 @@ tensors. No math here; the kernels are imported lazily so that TRITON_INTERPRET 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 
+from . import targets
 from .divergences import Canonical
 
 #: Tests set this: every output starts as NaN, so an element a kernel forgets to write shows up.
 POISON_OUTPUTS = False
+
+#: While set (`recording`), launches are handed to it instead of run: recorder(kernel, grid, args, kwargs).
+_recorder = None
+
+
+@contextlib.contextmanager
+def recording(recorder):
+    """Within the block every kernel launch calls recorder(kernel, grid, args, kwargs) and runs nothing (its
+    outputs stay unwritten): how `python -m bench.compile` collects the specializations the launchers
+    produce for an assumed GPU (`kdops.targets.assume`) on a machine without one."""
+    global _recorder
+    previous, _recorder = _recorder, recorder
+    try:
+        yield
+    finally:
+        _recorder = previous
+
+
+def is_recording() -> bool:
+    return _recorder is not None
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs), or its record while `recording`."""
+    if _recorder is not None:
+        _recorder(kernel, grid, args, kwargs)
+        return
+    if targets.assumed() is not None:
+        raise RuntimeError("kdops: a kernel launch under kdops.targets.assume(...) outside a recording; assume "
+                           "serves the tools that compile or model kernels for a GPU that is not here")
+    kernel[grid](*args, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,11 +103,13 @@ def _rows_of(t: torch.Tensor):
     return t, layout
 
 
-def logits_config(n_rows: int, vocab: int, device: torch.device) -> dict:
-    """Block sizes of the kernels on logits. On GPU a program per row with wide vocabulary blocks (the
-    kernels are bandwidth-bound); under the interpreter, large tiles amortize its per-op cost."""
-    if device.type == "cuda":
-        block_v = min(2048, _next_pow2(vocab))
+def logits_config(n_rows: int, vocab: int, gpu: targets.GPU | None, acc: torch.dtype = torch.float32) -> dict:
+    """Block sizes of the kernels on logits for `gpu` (None: the interpreter), accumulating in `acc`. On GPU
+    a program per row with wide vocabulary blocks (the kernels are bandwidth-bound), narrower in float64
+    (whose α-β state spills at 1024 and more: `python -m bench.compile`); under the interpreter, large
+    tiles amortize its per-op cost."""
+    if gpu is not None:
+        block_v = min(2048 if acc != torch.float64 else 512, _next_pow2(vocab))
         return dict(BLOCK_R=1, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
     return dict(BLOCK_R=min(16, _next_pow2(n_rows)), BLOCK_V=min(1024, _next_pow2(vocab)))
 
@@ -120,15 +155,16 @@ def logits_forward(student: torch.Tensor, teacher: torch.Tensor, labels, canon: 
     student, teacher, tile_labels, args, constexprs, two_pass = _logits_args(student, teacher, labels, canon,
                                                                               inv_temp, soft, hard, shards)
     n_rows = student.numel() // student.shape[-1]
-    config = logits_config(n_rows, student.shape[-1], student.device)
-    grid = (_cdiv(n_rows, config["BLOCK_R"]),)
     out_dtype = _acc_torch(constexprs["ACC"])
+    config = logits_config(n_rows, student.shape[-1], targets.of_device(student.device), out_dtype)
+    grid = (_cdiv(n_rows, config["BLOCK_R"]),)
     if shards is not None:
         def launch_pass(second, partial, stats):
-            logits.kd_logits_forward_kernel[grid](
-                student, teacher, stats if tile_labels is None else tile_labels, stats, stats, partial, n_rows,
-                *args, TWO_PASS=two_pass, STAGE=logits.SECOND_PARTIAL if second else logits.FIRST_PARTIAL,
-                **constexprs, **config,
+            launch(
+                logits.kd_logits_forward_kernel, grid, student, teacher,
+                stats if tile_labels is None else tile_labels, stats, stats, partial, n_rows, *args,
+                TWO_PASS=two_pass, STAGE=logits.SECOND_PARTIAL if second else logits.FIRST_PARTIAL, **constexprs,
+                **config,
             )
 
         return staged_forward(launch_pass, n_rows, 1, canon, soft, hard, flat_labels(labels, hard), shards.vocab,
@@ -137,9 +173,9 @@ def logits_forward(student: torch.Tensor, teacher: torch.Tensor, labels, canon: 
     stats = _empty((n_rows, logits.NUM_STATS.value), out_dtype, student.device)
     if n_rows == 0:
         return loss, stats
-    logits.kd_logits_forward_kernel[grid](
-        student, teacher, loss if tile_labels is None else tile_labels, loss, stats, loss, n_rows, *args,
-        TWO_PASS=two_pass, STAGE=logits.FULL, **constexprs, **config,
+    launch(
+        logits.kd_logits_forward_kernel, grid, student, teacher, loss if tile_labels is None else tile_labels, loss,
+        stats, loss, n_rows, *args, TWO_PASS=two_pass, STAGE=logits.FULL, **constexprs, **config,
     )
     return loss, stats
 
@@ -162,9 +198,10 @@ def merge_partials(partial, labels, loss, stats, canon: Canonical, vocab: int, s
     partials = _kernels()[3]
     n, parts = partial.shape[:2]
     block = min(128, _next_pow2(n))
-    partials.merge_partials_kernel[(_cdiv(n, block),)](
-        partial, partial if maxima is None else maxima, partial if out is None else out,
-        partial if labels is None else labels, loss, stats, n, parts, vocab, canon.c1, canon.c2, soft, hard,
+    launch(
+        partials.merge_partials_kernel, (_cdiv(n, block),), partial, partial if maxima is None else maxima,
+        partial if out is None else out, partial if labels is None else labels, loss, stats, n, parts, vocab, canon.c1,
+        canon.c2, soft, hard,
         KIND=constexprs["KIND"], SECOND_PASS=second, RESCALE=maxima is not None, HARD=constexprs["HARD"],
         BLOCK_N=block, ACC=constexprs["ACC"],
     )
@@ -231,12 +268,13 @@ def logits_backward(student, teacher, labels, stats, row_scale, canon: Canonical
     out_s, out_t = (out_s if grad_s else None), (out_t if grad_t else None)
     if n_rows == 0 or not (grad_s or grad_t):
         return out_s, out_t
-    config = logits_config(n_rows, student.shape[-1], student.device)
+    config = logits_config(n_rows, student.shape[-1], targets.of_device(student.device),
+                           _acc_torch(constexprs["ACC"]))
     grid = (_cdiv(n_rows, config["BLOCK_R"]),)
     # An absent gradient or label vector still needs a pointer argument; constexpr flags keep it unused.
-    logits.kd_logits_backward_kernel[grid](
-        student, teacher, stats if labels is None else labels, stats if out_s is None else out_s,
-        stats if out_t is None else out_t, stats, row_scale.contiguous(), n_rows, *args,
-        GRAD_S=grad_s, GRAD_T=grad_t, **constexprs, **config,
+    launch(
+        logits.kd_logits_backward_kernel, grid, student, teacher, stats if labels is None else labels,
+        stats if out_s is None else out_s, stats if out_t is None else out_t, stats, row_scale.contiguous(), n_rows,
+        *args, GRAD_S=grad_s, GRAD_T=grad_t, **constexprs, **config,
     )
     return out_s, out_t

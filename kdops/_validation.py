@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from . import _launch
+
 REDUCTIONS = ("batchmean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
 
@@ -147,8 +149,10 @@ def resolve_backend(backend, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" and _triton_importable() else "torch"
     if backend == "triton":
+        # (While launches are recorded, `kdops._launch.recording`, nothing runs: any device will do.)
         runnable = _triton_importable() and (
             device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled())
+            or _launch.is_recording()
         )
         if not runnable:
             raise ValueError(

@@ -1,5 +1,7 @@
 """Memory bounds of kd_loss, counted allocation by allocation (bench/memory.py) during forward + backward."""
 
+import gc
+
 import pytest
 import torch
 
@@ -88,3 +90,27 @@ def test_chunked_impl_stays_within_its_chunk_budget(divergence, backend):
         vocab, backend, (torch.float32, torch.float32), torch.float32), budget)
     assert largest_chunk * 2 < rows  # several chunks
     assert tracker.peak - grad_bytes <= budget + rows * 64 + vocab * 16
+
+
+
+def test_fused_backward_holds_one_scratch_group_at_a_time(monkeypatch):
+    """impl="fused" with 16-bit gradients: the backward's float32 scratch is at most SCRATCH_BYTES at any
+    time — each group's is freed before the next one's is allocated, dH's before dW's."""
+    import kdops._fused
+
+    rows, vocab, hs, ht = 1024, 1000, 24, 40
+    budget = 2**16  # a quarter of dH's and of dW's scratch: four groups each, of whole blocks
+    monkeypatch.setattr(kdops._fused, "SCRATCH_BYTES", budget)
+    # Triton's interpreter leaves reference cycles that hold a launch's arguments until the next garbage
+    # collection (a GPU launch holds none): collect before each group's allocation, as a GPU would free.
+    allocate = kdops._fused._scratch
+    monkeypatch.setattr(kdops._fused, "_scratch", lambda *args: (gc.collect(), allocate(*args))[1])
+    x = _fused_inputs(rows, vocab, hs, ht, torch.bfloat16)
+    inputs = {k: (v.detach().requires_grad_(True) if v.is_floating_point() else v) for k, v in x.items()}
+    loss = kdops.fused_linear_kd_loss(**inputs, impl="fused", backend="triton", hard_weight=0.5)
+    with AllocationTracker() as tracker:
+        loss.backward()
+        grad_bytes = sum(v.grad.numel() * v.grad.element_size() for v in inputs.values() if v.grad is not None)
+    scratch = [n for n, _ in tracker.allocations if n >= budget // 2 and n not in (rows * hs * 2, rows * ht * 2)]
+    assert len(scratch) >= 8, "several scratch groups for dH and for dW"
+    assert tracker.peak - grad_bytes <= budget + rows * 16 + 4096
