@@ -1,0 +1,412 @@
+"""The CUDA compile gate: every kernel specialization kdops' launchers produce, compiled ahead of time for
+named GPUs on a machine without one, with registers, spills, shared memory and tensor-core instructions
+read from the binary.
+
+    python -m bench.compile [--arch sm_90 sm_80] [--quick] [--output bench/results/KERNELS.md] [--jobs N]
+
+How the specializations are found: the public API (`kd_loss`, `fused_linear_kd_loss` with both impls, and
+both under vocabulary parallelism on a one-rank group) is called on small CPU tensors over the grid of
+dtypes, divergences, hard-label term, biases and gradient flags, with `kdops.targets.assume(gpu)` (so the
+launchers pick the configurations they pick on that GPU) and `kdops._launch.recording` (so each launch is
+recorded, not run). Each distinct (kernel, signature, constexprs, warps, stages) is then compiled with
+Triton's own argument specialization (`triton.runtime.jit.create_function_from_signature`, as a launch
+would) for `GPUTarget("cuda", capability, 32)`, and its cubin is read with the `cuobjdump` that Triton's
+wheel ships: `-res-usage` for registers and local memory (spills), `-sass` for HGMMA / HMMA instructions.
+
+The gate fails (exit 1) on any compile error, any specialization that uses local memory (a spill), and
+any fused lm_head kernel whose dot operands are 16-bit but whose SASS has no tensor-core instruction.
+Float32 fused kernels multiply exactly ("ieee", FFMA on the CUDA cores) by design: they are reported,
+not failed. The report is markdown: a summary per kernel and architecture, then one row per
+specialization. `--quick` compiles a representative subset (every kernel; bf16 and fp32; the heaviest
+divergences with every optional term) for the CI test.
+
+This module must not run under TRITON_INTERPRET (an interpreted kernel cannot be compiled): it refuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "KERNELS.md"
+ARCHS = {"sm_90": (9, 0), "sm_80": (8, 0)}
+GPU_OF_ARCH = {"sm_90": "h100", "sm_80": "a100"}
+DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", "skew_forward_kl", "skew_reverse_kl", "tvd",
+               "alpha_beta")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+# Which gradients are asked for: (student hidden, student weight+bias, teacher hidden, teacher weight+bias).
+GRADS = {"student": (True, True, False, False), "all": (True, True, True, True), "hidden": (True, False, False, False)}
+BIASES = {"none": (False, False), "student": (True, False), "teacher": (False, True), "both": (True, True)}
+FUSED_KERNELS = ("fused_forward_kernel", "fused_grad_hidden_kernel", "fused_grad_weight_kernel")
+
+# Sizes of the recorded calls: odd, and large enough that every launcher takes its general path.
+ROWS, HIDDEN_S, HIDDEN_T, VOCAB = 37, 64, 96, 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One public call whose launches are recorded."""
+
+    function: str  # "kd_loss" | "fused" | "chunked"
+    dtype: str
+    divergence: str
+    hard: bool = False
+    bias: str = "none"
+    grads: str = "student"
+    vocab_parallel: bool = False
+
+    @property
+    def label(self) -> str:
+        parts = [self.function, self.dtype, self.divergence]
+        if self.function != "kd_loss":
+            parts += [f"hard={int(self.hard)}", f"bias={self.bias}"]
+        parts.append(f"grads={self.grads}")
+        if self.vocab_parallel:
+            parts.append("vocab_parallel")
+        return " ".join(parts)
+
+
+def calls(quick: bool, dtypes=None) -> list[Call]:
+    """The grid of public calls (the quick subset: bf16 and fp32, the kinds with the most live state).
+    Under vocabulary parallelism only the launchers' staging differs (partial states, their merge across
+    ranks): one set of fused options per hard-label flag covers it."""
+    if quick:
+        dtypes, divergences = dtypes or ("bf16", "fp32"), ("forward_kl", "skew_reverse_kl", "alpha_beta")
+        fused = [dict(hard=True, bias="both", grads="all"), dict(hard=False, bias="none", grads="student")]
+    else:
+        dtypes, divergences = dtypes or tuple(DTYPES), DIVERGENCES
+        fused = [dict(hard=h, bias=b, grads=g) for h in (False, True) for b in BIASES for g in GRADS]
+    staged = [dict(hard=h, bias="none", grads="student") for h in (False, True)]
+    out = []
+    for dtype, divergence in itertools.product(dtypes, divergences):
+        for vp in (False, True):
+            out += [Call("kd_loss", dtype, divergence, grads=g, vocab_parallel=vp) for g in ("student", "all")]
+            for impl in ("fused", "chunked"):
+                out += [Call(impl, dtype, divergence, vocab_parallel=vp, **options) for options in
+                        (staged if vp else fused)]
+    return out
+
+
+def _one_rank_group():
+    """A one-process gloo group, so that the vocabulary-parallel launchers can be recorded."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        store = dist.HashStore()
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+
+
+def _run_call(call: Call) -> None:
+    import kdops
+
+    torch.manual_seed(0)
+    dtype = DTYPES[call.dtype]
+    g_sh, g_sw, g_th, g_tw = GRADS[call.grads]
+    labels = torch.randint(0, VOCAB, (ROWS,))
+    options = dict(divergence=call.divergence, backend="triton")
+    if call.vocab_parallel:
+        options["vocab_parallel"] = kdops.VocabParallel(0, VOCAB)
+    if call.function == "kd_loss":
+        student = torch.randn(ROWS, VOCAB, dtype=dtype, requires_grad=True)
+        teacher = torch.randn(ROWS, VOCAB, dtype=dtype, requires_grad=g_tw)
+        kdops.kd_loss(student, teacher, labels, **options).backward()
+        return
+    has_bs, has_bt = BIASES[call.bias]
+
+    def leaf(*shape, grad):
+        return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
+
+    hs, ws = leaf(ROWS, HIDDEN_S, grad=g_sh), leaf(VOCAB, HIDDEN_S, grad=g_sw)
+    ht, wt = leaf(ROWS, HIDDEN_T, grad=g_th), leaf(VOCAB, HIDDEN_T, grad=g_tw)
+    bs = leaf(VOCAB, grad=g_sw) if has_bs else None
+    bt = leaf(VOCAB, grad=g_tw) if has_bt else None
+    loss = kdops.fused_linear_kd_loss(hs, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt,
+                                      hard_weight=0.5 if call.hard else 0.0, impl=call.function, **options)
+    loss.backward()
+
+
+@dataclasses.dataclass
+class Spec:
+    """One kernel specialization: what `triton.compile` takes, and the first call that produced it."""
+
+    kernel: object
+    args: tuple
+    kwargs: dict
+    call: Call
+    arch: str
+    key: tuple = ()
+
+    @property
+    def name(self) -> str:
+        return self.kernel.__name__
+
+
+def _constexpr_text(value) -> str:
+    text = str(getattr(value, "value", value))
+    return {"True": "1", "False": "0"}.get(text, text)
+
+
+def record(arch: str, quick: bool, dtypes=None) -> list[Spec]:
+    """The distinct launches of every call of the grid, as the launchers make them for the arch's GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from kdops import _launch, targets
+
+    backend = make_backend(GPUTarget("cuda", ARCHS[arch][0] * 10 + ARCHS[arch][1], 32))
+    found: dict[tuple, Spec] = {}
+    current: list[Call] = []
+
+    def recorder(kernel, grid, args, kwargs):
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        _, specialization, options = binder(*args, **kwargs)
+        key = (kernel.__name__, tuple((str(t), _constexpr_text(v) if t == "constexpr" else str(v))
+                                      for t, v in specialization),
+               tuple(sorted((k, str(v)) for k, v in options.items())))
+        if key not in found:
+            found[key] = Spec(kernel, args, dict(kwargs), current[-1], arch, key)
+
+    _one_rank_group()
+    with targets.assume(GPU_OF_ARCH[arch]), _launch.recording(recorder):
+        for call in calls(quick, dtypes):
+            current.append(call)
+            _run_call(call)
+    return list(found.values())
+
+
+@dataclasses.dataclass
+class Compiled:
+    name: str
+    arch: str
+    call: str
+    constexprs: str
+    config: str
+    error: str = ""
+    registers: int = 0
+    local_bytes: int = 0
+    spill_instructions: int = 0
+    shared_bytes: int = 0
+    tensor_core_instructions: int = 0
+    seconds: float = 0.0
+    sixteen_bit_dot: bool = False
+
+    @property
+    def failures(self) -> list[str]:
+        out = []
+        if self.error:
+            out.append(f"compile error: {self.error}")
+        if self.local_bytes or self.spill_instructions:
+            out.append(f"spills ({self.local_bytes} B local, {self.spill_instructions} STL/LDL)")
+        if self.name in FUSED_KERNELS and self.sixteen_bit_dot and not self.tensor_core_instructions:
+            out.append("16-bit dot without tensor-core instructions")
+        return out
+
+
+_CONFIG_KEYS = ("BLOCK_N", "BLOCK_V", "BLOCK_H", "BLOCK_R", "num_warps", "num_stages", "maxnreg")
+_HIDDEN_CONSTEXPRS = set(_CONFIG_KEYS) | {"MMA_S", "MMA_T", "PREC_S", "PREC_T", "ACC"}
+
+
+def _pointer_types(spec: Spec):
+    """The element types of the kernel's pointer arguments, as the specialization key holds them."""
+    return [t for t, _ in spec.key[1] if t.startswith("*")]
+
+
+def _describe(spec: Spec) -> tuple[str, str, bool]:
+    """(pointer types and the constexprs that tell specializations apart, launch config, whether a dot
+    operand is 16-bit)."""
+    names = spec.kernel.arg_names
+    values = dict(zip(names, spec.args))
+    values.update(spec.kwargs)
+    shown = ["/".join(sorted({t.lstrip("*") for t in _pointer_types(spec)}))]
+    shown += [f"{name}={_constexpr_text(values[name])}" for name, param in zip(names, spec.kernel.params)
+              if param.is_constexpr and name not in _HIDDEN_CONSTEXPRS and name in values]
+    config = " ".join(f"{k}={values[k]}" for k in _CONFIG_KEYS if k in values)
+    dots = [str(values.get(k, "")) for k in ("DOT_S", "DOT_T")]
+    return " ".join(shown), config, any(d in ("bf16", "fp16") for d in dots)
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+_RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def analyse_cubin(cubin: bytes, arch: str) -> dict:
+    """Registers, local (spill) bytes, STL/LDL and tensor-core instruction counts of one kernel's cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    match = _RES_USAGE.search(usage)
+    if match is None:
+        raise RuntimeError(f"cuobjdump -res-usage gave no resource line:\n{usage}")
+    registers, stack, _, local = map(int, match.groups())
+    opcodes = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+    tensor_core = sum(op.startswith(("HGMMA", "HMMA")) for op in opcodes)
+    spills = sum(op.startswith(("STL", "LDL")) for op in opcodes)
+    return dict(registers=registers, local_bytes=max(local, stack), spill_instructions=spills,
+                tensor_core_instructions=tensor_core)
+
+
+_JOBS: list[Spec] = []
+
+
+def _compile_job(index: int) -> Compiled:
+    """Compile _JOBS[index] (a forked worker reads the list it inherited)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    spec = _JOBS[index]
+    constexprs, config, sixteen = _describe(spec)
+    result = Compiled(spec.name, spec.arch, spec.call.label, constexprs, config, sixteen_bit_dot=sixteen)
+    capability = ARCHS[spec.arch][0] * 10 + ARCHS[spec.arch][1]
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    kernel = spec.kernel
+    start = time.perf_counter()
+    try:
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, specialization, options = binder(*spec.args, **spec.kwargs)
+        options, signature, constants, attrs = kernel._pack_args(backend, spec.kwargs, bound, specialization,
+                                                                 options)
+        compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=target,
+                                  options=options.__dict__)
+        result.seconds = time.perf_counter() - start
+        result.shared_bytes = int(compiled.metadata.shared)
+        for field, value in analyse_cubin(compiled.asm["cubin"], spec.arch).items():
+            setattr(result, field, value)
+    except Exception as error:  # noqa: BLE001 - every failure is a row of the report
+        result.seconds = time.perf_counter() - start
+        result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+    return result
+
+
+def compile_all(specs: list[Spec], jobs: int) -> list[Compiled]:
+    global _JOBS
+    _JOBS = specs
+    if jobs <= 1:
+        return [_compile_job(i) for i in range(len(specs))]
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        return pool.map(_compile_job, range(len(specs)), chunksize=1)
+
+
+def _summary_rows(results: list[Compiled]):
+    groups: dict[tuple[str, str], list[Compiled]] = {}
+    for r in results:
+        groups.setdefault((r.arch, r.name), []).append(r)
+    for (arch, name), rs in sorted(groups.items()):
+        ok = [r for r in rs if not r.error]
+        sixteen = [r for r in ok if r.sixteen_bit_dot]
+        yield (arch, name, len(rs), len(rs) - len(ok), max((r.registers for r in ok), default=0),
+               max((r.local_bytes for r in ok), default=0), max((r.shared_bytes for r in ok), default=0),
+               (min(r.tensor_core_instructions for r in sixteen) if sixteen else "-"),
+               sum(r.seconds for r in rs))
+
+
+def report(results: list[Compiled], archs, quick: bool, wall: float, dtypes=None) -> str:
+    import triton
+
+    command = f"python -m bench.compile --arch {' '.join(archs)}{' --quick' if quick else ''}"
+    command += f" --dtype {' '.join(dtypes)}" if dtypes else ""
+    failures = [(r, f) for r in results for f in r.failures]
+    lines = [
+        "# Kernels compiled for CUDA",
+        "",
+        f"Made by `{command}` with Triton "
+        f"{triton.__version__} and torch {torch.__version__}, on a machine without a GPU (ahead-of-time "
+        f"compile, {wall:.0f} s wall). Registers and local memory from `cuobjdump -res-usage`, tensor-core "
+        "instructions (HGMMA on sm_90, HMMA on sm_80) counted in the SASS; shared memory is Triton's "
+        "dynamic allocation. A specialization is one (kernel, argument types, constexprs, warps, stages) "
+        "that the launchers produce (see bench/compile.py).",
+        "",
+        f"**{len(results)} specializations, {len(failures)} failures.**",
+        "",
+    ]
+    if failures:
+        lines += ["## Failures", "", "| arch | kernel | constexprs | failure |", "|---|---|---|---|"]
+        lines += [f"| {r.arch} | {r.name} | {r.constexprs} | {f} |" for r, f in failures]
+        lines.append("")
+    lines += ["## Summary", "",
+              "| arch | kernel | specializations | errors | max registers | max spill B | max shared B | "
+              "min TC instr. (16-bit) | compile s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in row) + " |"
+              for row in _summary_rows(results)]
+    lines += ["", "## Every specialization", "",
+              "| arch | kernel | constexprs | config | regs | spill B | shared B | TC instr. | s |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(results, key=lambda r: (r.arch, r.name, r.constexprs, r.config)):
+        regs = "error" if r.error else r.registers
+        lines.append(f"| {r.arch} | {r.name} | {r.constexprs} | {r.config} | {regs} | {r.local_bytes} | "
+                     f"{r.shared_bytes} | {r.tensor_core_instructions} | {r.seconds:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def _fresh_cache():
+    """A fresh Triton cache: compile times are real, and nothing stale is reused."""
+    with tempfile.TemporaryDirectory(prefix="kdops-compile-") as cache:
+        previous = os.environ.get("TRITON_CACHE_DIR")
+        os.environ["TRITON_CACHE_DIR"] = cache
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop("TRITON_CACHE_DIR", None)
+            else:
+                os.environ["TRITON_CACHE_DIR"] = previous
+
+
+def run(archs, quick: bool, jobs: int, dtypes=None) -> tuple[list[Compiled], float]:
+    start = time.perf_counter()
+    specs = [spec for arch in archs for spec in record(arch, quick, dtypes)]
+    with _fresh_cache():
+        results = compile_all(specs, jobs)
+    return results, time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compile", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", nargs="+", choices=tuple(ARCHS), default=list(ARCHS))
+    parser.add_argument("--quick", action="store_true", help="a representative subset (the CI test's)")
+    parser.add_argument("--output", default=str(RESULTS), help="markdown report (default: bench/results/KERNELS.md)")
+    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), help="only these input dtypes")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("TRITON_INTERPRET is set: interpreted kernels cannot be compiled; unset it")
+    results, wall = run(args.arch, args.quick, args.jobs, args.dtype)
+    Path(args.output).write_text(report(results, args.arch, args.quick, wall, args.dtype))
+    failures = [(r, f) for r in results for f in r.failures]
+    for row in _summary_rows(results):
+        print("{} {:<26} {:>4} specs {:>2} errors  regs ≤ {:>3}  spill ≤ {:>5} B  shared ≤ {:>6} B  TC ≥ {:>4}  "
+              "{:6.1f} s".format(*row))
+    for r, failure in failures:
+        print(f"FAIL {r.arch} {r.name} [{r.constexprs}] ({r.call}): {failure}")
+    print(f"{len(results)} specializations compiled in {wall:.0f} s, {len(failures)} failures; "
+          f"report: {args.output}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

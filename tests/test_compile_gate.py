@@ -1,0 +1,95 @@
+"""The CUDA compile gate (`python -m bench.compile`): every kernel compiles for sm_90 and sm_80 without
+spills, and 16-bit fused matmuls use the tensor cores — checked ahead of time, on this GPU-less machine.
+
+The gate itself runs in a subprocess: this test session has TRITON_INTERPRET set, and interpreted kernels
+cannot be compiled."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kdops
+from bench import compile as gate
+from kdops import _fused, _launch, targets
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS = {"kd_logits_forward_kernel", "kd_logits_backward_kernel", "merge_partials_kernel", *gate.FUSED_KERNELS}
+
+
+def test_quick_gate_compiles_every_kernel_without_spills(tmp_path):
+    """The CI gate: the quick subset (every kernel, bf16 and fp32, both archs) compiles, none spills, and
+    the 16-bit fused kernels issue tensor-core instructions."""
+    report = tmp_path / "KERNELS.md"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "bench.compile", "--quick", "--arch", "sm_90", "sm_80",
+                             "--output", str(report)], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    text = report.read_text()
+    assert " 0 failures.**" in text
+    for arch in ("sm_90", "sm_80"):
+        for kernel in KERNELS:
+            assert f"| {arch} | {kernel} |" in text, (arch, kernel)
+
+
+def test_failures_are_named():
+    """What fails the gate: a compile error, any local memory (spills), a 16-bit fused dot without
+    tensor-core instructions; float32 fused kernels (exact FMA products) pass without them."""
+    ok = gate.Compiled("fused_forward_kernel", "sm_90", "call", "", "", registers=200, sixteen_bit_dot=True,
+                       tensor_core_instructions=8)
+    assert ok.failures == []
+    assert gate.Compiled("fused_forward_kernel", "sm_90", "c", "", "", sixteen_bit_dot=False).failures == []
+    no_tc = gate.Compiled("fused_grad_weight_kernel", "sm_80", "c", "", "", sixteen_bit_dot=True)
+    assert no_tc.failures == ["16-bit dot without tensor-core instructions"]
+    spill = gate.Compiled("kd_logits_forward_kernel", "sm_90", "c", "", "", local_bytes=16, spill_instructions=4)
+    assert spill.failures == ["spills (16 B local, 4 STL/LDL)"]
+    assert gate.Compiled("merge_partials_kernel", "sm_90", "c", "", "", error="CompilationError: x").failures
+
+
+def test_recording_finds_every_kernel_with_the_gpu_configs():
+    """Recorded launches (nothing runs) carry the configurations the launchers pick for the assumed GPU."""
+    seen = {}
+
+    def recorder(kernel, grid, args, kwargs):
+        seen.setdefault(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, kwargs)
+
+    hs = torch.randn(37, 64, dtype=torch.bfloat16, requires_grad=True)
+    ws = torch.randn(1000, 64, dtype=torch.bfloat16, requires_grad=True)
+    ht, wt = torch.randn(37, 96, dtype=torch.bfloat16), torch.randn(1000, 96, dtype=torch.bfloat16)
+    with targets.assume("h100"), _launch.recording(recorder):
+        kdops.fused_linear_kd_loss(hs, ws, ht, wt, impl="fused", backend="triton").backward()
+        s = torch.randn(5, 1000, requires_grad=True)
+        kdops.kd_loss(s, torch.randn(5, 1000), backend="triton").backward()
+    assert KERNELS <= set(seen)
+    expected = _fused.fused_config(37, 1000, targets.H100, torch.bfloat16)
+    for key in ("BLOCK_N", "BLOCK_V", "BLOCK_H", "num_warps", "num_stages"):
+        assert seen["fused_forward_kernel"][key] == expected[key]
+    assert seen["kd_logits_forward_kernel"]["BLOCK_V"] == _launch.logits_config(5, 1000, targets.H100)["BLOCK_V"]
+
+
+def test_configs_follow_the_named_gpu():
+    """One code path decides the configs: the split count follows the GPU's SM count; the interpreter's
+    configuration is the one without a GPU."""
+    h100 = _fused.fused_config(512, 128256, targets.H100)
+    a100 = _fused.fused_config(512, 128256, targets.A100)
+    rows = 512 // h100["BLOCK_N"]
+    assert -(-128256 // h100["split_size"]) == pytest.approx(2 * 132 // rows, abs=1)
+    assert -(-128256 // a100["split_size"]) == pytest.approx(2 * 108 // rows, abs=1)
+    assert _fused.fused_config(512, 128256, targets.H100, torch.float32)["BLOCK_H"] < h100["BLOCK_H"]
+    assert "num_warps" not in _fused.fused_config(512, 128256, None)
+    assert targets.of_device(torch.device("cpu")) is None
+    with targets.assume("a100"):
+        assert targets.of_device(torch.device("cpu")) is targets.A100
+    with pytest.raises(ValueError, match="unknown GPU"):
+        targets.by_name("v100")
+
+
+def test_launch_under_an_assumed_gpu_must_be_recorded():
+    """A real launch under `assume` would run the GPU's configuration in the interpreter: refused."""
+    s = torch.randn(3, 100)
+    with targets.assume("h100"), pytest.raises(RuntimeError, match="outside a recording"):
+        kdops.kd_loss(s, torch.randn(3, 100), backend="triton")
