@@ -5,6 +5,9 @@ For each phase (forward, backward, total) of a competitor c on one case:
     ratio_kdops_<phase> = median_ms(c) / median_ms(kdops)
     loss_rel_diff       = |loss(c) − loss(reference)| / |loss(reference)|
 None where a side did not run. The floor's own work (bytes or flops, `bench.floor`) is in every record.
+On a GPU, the records of the competitors that `bench.model` models also carry its prediction for the live
+GPU (`predicted_*`: forward, backward and total ms, ratio to the floor, extra bytes; None elsewhere), so
+every measurement calibrates the cost model.
 """
 
 from __future__ import annotations
@@ -38,7 +41,11 @@ FIGURE_FIELDS = (
     + tuple(f"floor_{p}" for p in PHASES)
     + tuple(f"ratio_{base}_{p}" for base in (FLOOR, KDOPS) for p in PHASES)
 )
-RECORD_FIELDS = META_FIELDS + CASE_FIELDS + ("label", "competitor", "status", "message") + FIGURE_FIELDS
+# `bench.model.RECORD_FIELDS` (kept here as names so that importing the report does not import the model).
+PREDICTED_FIELDS = ("predicted_path", "predicted_forward_ms", "predicted_backward_ms", "predicted_total_ms",
+                    "predicted_total_l2_ms", "predicted_ratio_floor", "predicted_extra_bytes")
+RECORD_FIELDS = (META_FIELDS + CASE_FIELDS + ("label", "competitor", "status", "message") + FIGURE_FIELDS
+                 + PREDICTED_FIELDS)
 
 
 # --- arithmetic ----------------------------------------------------------------------------------------------
@@ -63,6 +70,7 @@ def case_records(case: Case, results: list[Result], meta: dict) -> list[dict]:
     by_name = {r.competitor: r for r in results}
     reference = by_name.get(REFERENCE)
     work = floor_work(case)
+    predicted = _predictions(case, [r.competitor for r in results], meta)
     records = []
     for r in results:
         record = {**meta, **case.fields(), "label": case.label, "competitor": r.competitor, "status": r.status,
@@ -76,8 +84,31 @@ def case_records(case: Case, results: list[Result], meta: dict) -> list[dict]:
             record[f"{p}_iqr_ms"] = r.iqr_ms.get(p)
             for base in (FLOOR, KDOPS):
                 record[f"ratio_{base}_{p}"] = ratio(r, by_name.get(base), p)
+        record.update(predicted[r.competitor])
         records.append(record)
     return records
+
+
+def _predictions(case: Case, competitors: list[str], meta: dict) -> dict[str, dict]:
+    """`bench.model.record_fields` of each competitor for the live GPU (all None off CUDA, or if the model
+    fails: a prediction never costs a measurement)."""
+    empty = dict.fromkeys(PREDICTED_FIELDS)
+    if meta.get("device_type") != "cuda":
+        return {name: dict(empty) for name in competitors}
+    from kdops.targets import of_device
+
+    from . import model
+
+    gpu = of_device(torch.device("cuda"))
+    out = {}
+    for name in competitors:
+        try:
+            out[name] = {**empty, **model.record_fields(case, name, gpu)}
+        except Exception as error:  # noqa: BLE001
+            print(f"bench.model: no prediction for {case.label} {name}: {type(error).__name__}: {error}",
+                  file=sys.stderr)
+            out[name] = dict(empty)
+    return out
 
 
 # --- metadata --------------------------------------------------------------------------------------------------

@@ -1,0 +1,189 @@
+"""The paper cost model (bench/model.py): floors, counts checkable by hand, configurations taken from the code,
+the CLI, the bench records' predicted fields, and bench/results/MODEL.md being current."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import model, report
+from bench.cases import FUSED, KD_LOSS, Case
+from bench.model import PATHS, Shape, predict, predict_all
+from kdops import _chunked, _fused, targets
+
+H100 = targets.H100
+SMALL = Shape(tokens=1000, hidden_student=64, hidden_teacher=96, vocab=5000)
+HEADLINE = Shape(tokens=8192, hidden_student=4096, hidden_teacher=4096, vocab=128256)
+MODEL_MD = Path(__file__).resolve().parent.parent / "bench" / "results" / "MODEL.md"
+
+
+def _item(prediction, phase_prefix: str, label: str) -> float:
+    """Bytes named `label` summed over the phases whose name starts with `phase_prefix`."""
+    return sum(b for p in prediction.phases if p.name.startswith(phase_prefix) for name, b in p.items if name == label)
+
+
+def test_shape_parses_and_prints():
+    shape = Shape.parse("8192x4096x4096x128256")
+    assert shape == HEADLINE and str(shape) == "8192x4096x4096x128256"
+    with pytest.raises(ValueError, match="TOKENSxHSxHTxVOCAB"):
+        Shape.parse("8192x128256")
+
+
+@pytest.mark.parametrize("gpu", [targets.H100, targets.A100])
+def test_floor_is_the_matmul_flops_at_the_16bit_rate(gpu):
+    n, hs, ht, v = HEADLINE.tokens, HEADLINE.hidden_student, HEADLINE.hidden_teacher, HEADLINE.vocab
+    for path in ("fused", "chunked", "reference", "liger-chunked", "trl-chunked"):
+        p = predict(path, HEADLINE, gpu, "forward_kl", torch.bfloat16)
+        assert p.floor_s == pytest.approx(2 * n * v * (3 * hs + ht) / gpu.matmul_flops_16bit, rel=1e-12)
+        assert p.ratio_to_floor == pytest.approx(p.total_s / p.floor_s)
+        assert p.total_s == pytest.approx(p.forward_s + p.backward_s) and p.total_s > p.floor_s
+    kd = predict("kd_loss-triton", HEADLINE, gpu, "forward_kl", torch.bfloat16)
+    assert kd.floor_s == pytest.approx(3 * n * v * 2 / gpu.hbm_bytes_per_s)
+
+
+def test_kd_loss_triton_reads_both_logits_per_pass_and_writes_the_gradient():
+    n, v = SMALL.tokens, SMALL.vocab
+    kl = predict("kd_loss-triton", SMALL, H100, "forward_kl", torch.bfloat16)
+    jsd = predict("kd_loss-triton", SMALL, H100, "generalized_jsd", torch.bfloat16)
+    assert _item(kl, "fwd", "both logits read") == 2 * n * v * 2
+    assert _item(jsd, "fwd", "both logits read") == 2 * 2 * n * v * 2  # two passes
+    assert _item(kl, "bwd", "both logits read") == 2 * n * v * 2
+    assert _item(kl, "bwd", "student gradient written") == n * v * 2
+    assert kl.extra_bytes == 49 * n  # 10 statistics + 2 losses in float32, and the mask
+
+
+def test_chunked_counts_follow_chunk_rows(monkeypatch):
+    n, hs, ht, v = SMALL.tokens, SMALL.hidden_student, SMALL.hidden_teacher, SMALL.vocab
+    per_row = v * (2 * 4 + 2 + 2)  # two float32 logits rows + G cast to each bf16 weight (bytes_per_row)
+    monkeypatch.setattr(_chunked, "CHUNK_BYTES", 100 * per_row)  # 100 rows → 96, a multiple of 16
+    assert model.chunked_rows(SMALL, torch.bfloat16) == 96
+    chunks = math.ceil(n / 96)
+    p = predict("chunked", SMALL, H100, "forward_kl", torch.bfloat16)
+    assert _item(p, "fwd: logits matmuls", "W_s re-read per chunk") == chunks * v * hs * 2
+    assert _item(p, "fwd: logits matmuls", "W_t re-read per chunk") == chunks * v * ht * 2
+    assert _item(p, "fwd: dH matmul", "W_s re-read per chunk") == chunks * v * hs * 2
+    assert _item(p, "fwd: dW matmul", "dW read-modify-write per chunk") == chunks * 2 * v * hs * 2
+    assert _item(p, "fwd: kernels on logits", "both logits buffers read") == 2 * n * v * 4
+    assert sum(ph.flops for ph in p.phases) == 2 * n * v * (3 * hs + ht)  # cuBLAS: exactly the floor's flops
+    # batchmean: the gradients are computed in the forward, the backward only scales them.
+    assert [ph.name for ph in p.phases if not ph.forward] == ["bwd: scale dH, dW by the upstream gradient"]
+    monkeypatch.setattr(_chunked, "CHUNK_BYTES", 50 * per_row)  # 48-row chunks: twice the weight traffic
+    smaller = predict("chunked", SMALL, H100, "forward_kl", torch.bfloat16)
+    assert _item(smaller, "fwd: logits matmuls", "W_s re-read per chunk") == math.ceil(n / 48) * v * hs * 2
+
+
+def test_fused_counts_follow_fused_config_and_scratch_groups(monkeypatch):
+    n, hs, ht, v = SMALL.tokens, SMALL.hidden_student, SMALL.hidden_teacher, SMALL.vocab
+    config = _fused.fused_config(n, v, H100)
+    bn, bv = config["BLOCK_N"], config["BLOCK_V"]
+    p = predict("fused", SMALL, H100, "forward_kl", torch.bfloat16)
+    split = config["split_size"]
+    tiles = sum(math.ceil((min(v, lo + split) - lo) / bv) for lo in range(0, v, split))
+    blocks = math.ceil(n / bn)
+    assert _item(p, "fwd: fused forward", "W_s, W_t re-read per row block") == blocks * tiles * bv * (hs + ht) * 2
+    assert _item(p, "fwd: fused forward", "h_s, h_t re-read per vocabulary tile") == blocks * tiles * bn * (hs + ht) * 2
+    assert _item(p, "bwd: fused dW", "dW scratch read-modify-write per row block") == \
+        math.ceil(v / bv) * blocks * bv * hs * 4 * 2
+
+    original = _fused.fused_config
+    monkeypatch.setattr(_fused, "fused_config",
+                        lambda n_, v_, gpu, dtype: dict(original(n_, v_, gpu, dtype), BLOCK_N=2 * bn))
+    wider = predict("fused", SMALL, H100, "forward_kl", torch.bfloat16)
+    assert _item(wider, "fwd: fused forward", "W_s, W_t re-read per row block") == \
+        math.ceil(n / (2 * bn)) * tiles * bv * (hs + ht) * 2
+
+
+def test_fused_scratch_groups_set_the_backward_launches(monkeypatch):
+    def dw_launches():
+        p = predict("fused", HEADLINE, H100, "forward_kl", torch.bfloat16)
+        return next(ph.launches for ph in p.phases if ph.name.startswith("bwd: fused dW kernel"))
+
+    bv = _fused.fused_config(HEADLINE.tokens, HEADLINE.vocab, H100)["BLOCK_V"]
+    expected = len(_fused._groups(HEADLINE.vocab, bv, 4 * HEADLINE.hidden_student))
+    assert dw_launches() == expected
+    monkeypatch.setattr(_fused, "SCRATCH_BYTES", _fused.SCRATCH_BYTES // 4)
+    assert dw_launches() == len(_fused._groups(HEADLINE.vocab, bv, 4 * HEADLINE.hidden_student)) > expected
+
+
+def test_torch_paths_memory_matches_the_measured_figures():
+    # bench/results/MEMORY.md (8192 × 128256 bf16): the reference needs 6.75 / 12.25 float32 [N, V] matrices,
+    # the torch backend 113.55 / 199.66 MiB.
+    shape = Shape(8192, 1, 1, 128256)
+    for divergence, matrices, torch_mib in (("forward_kl", 6.75, 113.55), ("generalized_jsd", 12.25, 199.66)):
+        reference = predict("kd_loss-reference", shape, H100, divergence, torch.bfloat16)
+        assert reference.extra_bytes == pytest.approx(matrices * 8192 * 128256 * 4, rel=1e-3)
+        chunked = predict("kd_loss-torch", shape, H100, divergence, torch.bfloat16)
+        assert chunked.extra_bytes / 2**20 == pytest.approx(torch_mib, abs=0.01)
+
+
+def test_tf32_speeds_up_float32_matmuls_only():
+    ieee = predict("chunked", HEADLINE, H100, "forward_kl", torch.float32)
+    tf32 = predict("chunked", HEADLINE, H100, "forward_kl", torch.float32, tf32=True)
+    assert tf32.total_s < ieee.total_s / 2
+    assert ieee.floor_s == tf32.floor_s == pytest.approx(2 * 8192 * 128256 * 16384 / H100.fp32_flops)
+    bf16 = predict("chunked", HEADLINE, H100, "forward_kl", torch.bfloat16)
+    assert predict("chunked", HEADLINE, H100, "forward_kl", torch.bfloat16, tf32=True).total_s == bf16.total_s
+
+
+def test_predict_all_and_records():
+    preds = predict_all(SMALL, "h100", "forward_kl", torch.bfloat16)
+    assert tuple(preds) == PATHS
+    assert "liger-chunked" not in predict_all(SMALL, H100, "tvd", torch.bfloat16)
+    record = preds["fused"].as_record()
+    assert tuple(record) == model.RECORD_FIELDS == report.PREDICTED_FIELDS
+    assert json.loads(json.dumps(record)) == record
+    assert record["predicted_total_ms"] == pytest.approx(record["predicted_forward_ms"]
+                                                         + record["predicted_backward_ms"])
+    with pytest.raises(ValueError, match="unknown path"):
+        predict("nobody", SMALL)
+
+
+def test_bench_records_carry_predictions_for_modelled_competitors():
+    fused_case = Case(FUSED, "forward_kl", 8192, 128256, 4096, 4096, "bfloat16")
+    kdops_fields = model.record_fields(fused_case, "kdops", H100)
+    assert kdops_fields["predicted_path"] == "chunked"  # impl="auto": 160-row chunks fit
+    assert model.record_fields(fused_case, "kdops-fused", H100)["predicted_path"] == "fused"
+    assert model.record_fields(fused_case, "liger-chunked-jsd", H100)["predicted_path"] == "liger-chunked"
+    assert model.record_fields(fused_case, "floor", H100) == dict.fromkeys(model.RECORD_FIELDS)
+    assert model.record_fields(fused_case, "kdops", None) == dict.fromkeys(model.RECORD_FIELDS)
+    kd_case = Case(KD_LOSS, "generalized_jsd", 512, 32000, dtype="bfloat16")
+    assert model.record_fields(kd_case, "kdops", H100)["predicted_path"] == "kd_loss-triton"
+    assert model.record_fields(Case(FUSED, "tvd", 64, 1000, 8, 8), "liger-chunked-jsd", H100)["predicted_path"] is None
+    # Off CUDA the report leaves them None (tests/test_bench.py checks every record has the fields).
+    records = report.case_records(kd_case, [report.Result("kdops", median_ms={}, iqr_ms={})], {"device_type": "cpu"})
+    assert all(records[0][f] is None for f in report.PREDICTED_FIELDS)
+
+
+def test_auto_path_follows_the_chunk_budget(monkeypatch):
+    assert model.auto_path(HEADLINE, torch.bfloat16) == "chunked"
+    monkeypatch.setattr(_chunked, "CHUNK_BYTES", 2**20)
+    assert model.auto_path(HEADLINE, torch.bfloat16) == "fused"
+
+
+def test_liger_chunks_follow_torch_chunk():
+    assert model._liger_chunks(8192) == [(1024, 8)]
+    assert model._liger_chunks(1000) == [(1000, 1)]
+    assert model._liger_chunks(2500) == [(1250, 2)]
+
+
+def test_cli_json(capsys):
+    assert model.main(["--json", "--shape", str(SMALL), "--divergence", "forward_kl", "generalized_jsd",
+                       "--gpu", "a100"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {(r["path"], r["divergence"]) for r in out} >= {("fused", "forward_kl"), ("trl-chunked", "generalized_jsd")}
+    assert all(r["gpu"] == "a100" and r["predicted_total_ms"] > 0 and r["phases"] for r in out)
+    assert model.main(["--shape", str(SMALL), "--path", "chunked"]) == 0
+    assert "chunked" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        model.main(["--divergence", "not_a_divergence"])
+
+
+def test_model_md_is_current(tmp_path):
+    assert model.main(["--markdown", str(tmp_path / "MODEL.md")]) == 0
+    generated = (tmp_path / "MODEL.md").read_text()
+    assert "## Headline: 8192 tokens × 128256 vocabulary" in generated
+    for path in PATHS:
+        assert f"| `{path}` |" in generated
+    assert MODEL_MD.read_text() == generated, "regenerate: python -m bench.model --markdown bench/results/MODEL.md"
