@@ -1,4 +1,5 @@
-"""Who runs in a sweep: kdops, its reference (eager and compiled), Liger-Kernel's distillation losses, the floor.
+"""Who runs in a sweep: kdops, its reference (eager and compiled), Liger-Kernel's and TRL's distillation losses,
+the floor.
 
 Each `Competitor` has a name, the functions it implements, `applies(case, device) -> (bool, reason)` and
 `build(case, inputs) -> Phases`. Every loss is called on the same fresh inputs with all-valid labels and
@@ -21,11 +22,31 @@ chunked_loss/jsd_loss.py and fused_linear_distillation.py):
   student_weight, teacher_input, teacher_weight, labels, student_bias, teacher_bias)` (torch, chunks of
   tokens, torch.compile'd by default): here weight_hard_loss = 0, weight_soft_loss = 1 (its default adds
   ½·cross-entropy); `compiled` only on CUDA. Needs liger-kernel ≥ 0.5.5 (bias arguments).
+
+TRL (optional, likewise a skip when missing): `trl.DistillationTrainer` (trl ≥ 1.16) computes its loss with
+`trl.trainer.distillation_trainer._chunked_divergence_loss(student_hidden_states, teacher_hidden_states,
+student_lm_head_weight, teacher_lm_head_weight, completion_mask, beta, num_items_in_batch=None,
+student_lm_head_bias=None, teacher_lm_head_bias=None, student_logit_scale=1.0, teacher_logit_scale=1.0,
+student_final_logit_softcapping=None, teacher_final_logit_softcapping=None, temperature=1.0)
+-> (loss, entropy_sum, n_valid)`, read from trainer/distillation_trainer.py and kernels/chunked_divergence.py:
+* it takes hidden states and lm_head weights, hidden states first (student, teacher), then the weights:
+  a `fused_linear_kd_loss` competitor. Hs ≠ Ht is fine; the vocabulary is the student weight's rows.
+* the mixture is m = (1 − β)·q + β·p (q student, p teacher), the loss β·KL(p ‖ m) + (1 − β)·KL(q ‖ m):
+  kdops' `GeneralizedJSD(beta)` with the same β; β = 0 is computed as KL(p ‖ q) (forward_kl) and β = 1
+  as KL(q ‖ p) (reverse_kl), as in Liger. So `trl_beta` = `liger_beta`.
+* `completion_mask` (1 = counted) instead of labels: here `labels != -100`. Without `num_items_in_batch`
+  the loss is the sum over counted tokens divided by their number: kdops' "batchmean".
+* temperature divides both logits, after the optional logit scale and softcapping (1 and none here); no T².
+* the projections run on tiles of 4096 tokens × 32768 vocabulary rows into float32 buffers, folded by
+  Triton kernels on CUDA and by torch ops elsewhere (so it runs on the CPU too); the backward recomputes
+  the tiles and accumulates dH and dW in float32.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -97,24 +118,46 @@ def import_liger(module: str):
     return importlib.import_module(f"liger_kernel.{module}")
 
 
-def liger_beta(divergence: str) -> float | None:
-    """Liger's JSD β for a kdops divergence, or None where Liger has no equivalent."""
+def jsd_beta(divergence) -> float | None:
+    """The β of a generalized JSD whose mixture is β·teacher + (1 − β)·student (β = 0: forward KL, β = 1:
+    reverse KL) equal to a kdops divergence, or None where there is none."""
     d = kdops.as_divergence(divergence)
     if isinstance(d, kdops.GeneralizedJSD):
         return float(d.beta)
     return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(d.name)
 
 
+def liger_beta(divergence) -> float | None:
+    """Liger's JSD β for a kdops divergence, or None where Liger has no equivalent."""
+    return jsd_beta(divergence)
+
+
+def _import_reason(package: str, module: str, needs: str = "") -> str | None:
+    """None when `module` imports; else why not, as a skip reason: "<package> not installed", "<package> has no
+    <module> (<needs>)" for an older release, "<package> not importable: ..." for a missing dependency."""
+    top = module.split(".")[0]
+    try:
+        installed = importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        installed = False
+    if not installed:
+        return f"{package} not installed"
+    try:
+        importlib.import_module(module)
+    except ImportError as error:
+        missing = getattr(error, "name", None) or ""
+        if missing == top or missing.startswith(top + "."):
+            return f"{package} has no {missing}" + (f" ({needs})" if needs else "")
+        return f"{package} not importable: no module {missing!r}"
+    except Exception as error:  # noqa: BLE001 - a broken optional install is a skip, not a failed sweep
+        return f"{package} not importable: {type(error).__name__}"
+    return None
+
+
 def _liger_check(case: Case, device) -> str | None:
     if liger_beta(case.divergence) is None:
         return f"liger-kernel has no {case.divergence}"
-    try:
-        importlib.import_module("liger_kernel")
-    except ImportError:
-        return "liger-kernel not installed"
-    except Exception as error:  # noqa: BLE001 - a broken optional install is a skip, not a failed sweep
-        return f"liger-kernel not importable: {type(error).__name__}"
-    return None
+    return _import_reason("liger-kernel", "liger_kernel")
 
 
 def _liger_jsd(case: Case, inputs: Inputs) -> Phases:
@@ -139,6 +182,46 @@ def _liger_chunked_jsd(case: Case, inputs: Inputs) -> Phases:
     return Phases.of_loss(lambda: loss_fn(*inputs.args, None, None))
 
 
+# --- TRL ----------------------------------------------------------------------------------------------------
+
+TRL_MODULE = "trl.trainer.distillation_trainer"
+TRL_FUNCTION = "_chunked_divergence_loss"
+
+
+def trl_beta(divergence) -> float | None:
+    """The `beta` of TRL's `_chunked_divergence_loss` for a kdops divergence, or None where TRL has none."""
+    return jsd_beta(divergence)
+
+
+def import_trl_loss():
+    """TRL's `_chunked_divergence_loss`; ImportError (or a broken install) when it cannot be imported,
+    AttributeError when this TRL has no such function (before 1.16)."""
+    return getattr(importlib.import_module(TRL_MODULE), TRL_FUNCTION)
+
+
+def _trl_check(case: Case, device) -> str | None:
+    if trl_beta(case.divergence) is None:
+        return f"trl has no {case.divergence}"
+    reason = _import_reason("trl", TRL_MODULE, "needs trl >= 1.16")
+    if reason is None and not hasattr(sys.modules[TRL_MODULE], TRL_FUNCTION):
+        reason = f"trl has no {TRL_FUNCTION} (needs trl >= 1.16)"
+    return reason
+
+
+def _trl_chunked_jsd(case: Case, inputs: Inputs) -> Phases:
+    """TRL's DistillationTrainer loss: the mean over counted tokens of JSD_β(teacher ‖ student) = kdops' loss."""
+    loss_fn = import_trl_loss()
+    student_hidden, student_weight, teacher_hidden, teacher_weight, labels = inputs.args
+    beta = trl_beta(case.divergence)
+    counted = labels != -100  # kdops' ignore_index, as a completion mask
+
+    def forward():
+        loss, _entropy, _count = loss_fn(student_hidden, teacher_hidden, student_weight, teacher_weight, counted,
+                                         beta, temperature=1.0)
+        return loss
+    return Phases.of_loss(forward)
+
+
 # --- the list ------------------------------------------------------------------------------------------------
 
 FLOOR = "floor"
@@ -158,4 +241,5 @@ COMPETITORS = (
     Competitor("liger-jsd", (KD_LOSS,), _liger_jsd, True, _liger_check),
     Competitor("liger-fused-linear-jsd", (FUSED,), _liger_fused_linear_jsd, True, _liger_check),
     Competitor("liger-chunked-jsd", (FUSED,), _liger_chunked_jsd, check=_liger_check),
+    Competitor("trl-chunked-jsd", (FUSED,), _trl_chunked_jsd, check=_trl_check),
 )

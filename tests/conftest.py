@@ -18,6 +18,45 @@ import kdops._launch  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# `python -m pytest -m gpu_smoke`: a few minutes' worth of kernel tests on a GPU (about a minute under the
+# interpreter) that every kernel goes through — kd_loss's Triton forward and backward, the fused lm_head
+# kernels and the chunked path, the merge of vocabulary splits (partials), the log-sums — in bfloat16 and
+# float32 at odd shapes (37 or 3×13 rows, V = 1000 and 4099, Hs = 67, Ht = 96). `python -m bench.campaign`
+# runs it first on a lent GPU. A test id, or a test function's id for all its parameters
+# (tests/test_campaign.py checks that every entry still names a test).
+GPU_SMOKE = (
+    "tests/test_kd_loss.py::test_matches_float64_oracle[forward_kl-torch.float32-2.5-2d-V4099-triton-sum]",
+    "tests/test_kd_loss.py::test_matches_float64_oracle[forward_kl-torch.bfloat16-1.0-1d-V1000-triton-batchmean]",
+    "tests/test_kd_loss.py::test_matches_float64_oracle[generalized_jsd-torch.bfloat16-2.5-2d-V4099-triton-num_items]",
+    "tests/test_kd_loss.py::test_matches_float64_oracle[generalized_jsd-torch.float32-1.0-1d-V1000-triton-none]",
+    "tests/test_kd_loss.py::test_matches_float64_oracle[tvd-torch.float32-1.0-2d-V4099-triton-none]",
+    "tests/test_kd_loss.py::test_matches_float64_oracle[alpha_beta-torch.bfloat16-1.0-2d-V4099-triton-num_items]",
+    "tests/test_kd_loss.py::test_block_boundaries[alpha_beta]",
+    "tests/test_kd_loss.py::test_non_contiguous_inputs",
+    "tests/test_fused_linear.py::test_matches_oracle[forward_kl-bf16-fused]",
+    "tests/test_fused_linear.py::test_matches_oracle[forward_kl-fp32-chunked]",
+    "tests/test_fused_linear.py::test_matches_oracle[generalized_jsd-bf16-chunked]",
+    "tests/test_fused_linear.py::test_matches_oracle[generalized_jsd-fp32-fused]",
+    "tests/test_fused_linear.py::test_matches_oracle[alpha_beta-bf16-fused]",
+    "tests/test_fused_linear.py::test_matches_oracle[tvd-fp32-fused]",
+    "tests/test_fused_linear.py::test_several_chunks_splits_and_scratch_groups",
+    "tests/test_log_sum.py::test_log_sums_of_peaked_rows[forward_kl-4099-fused]",
+    "tests/test_log_sum.py::test_log_sums_of_peaked_rows[alpha_beta-4099-logits]",
+    "tests/test_log_sum.py::test_masked_row_keeps_its_log_sum",
+)
+
+
+def _smoke_selected(nodeid: str, entry: str) -> bool:
+    return nodeid == entry or nodeid.startswith(entry + "[")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the GPU_SMOKE tests `gpu_smoke`."""
+    for item in items:
+        if any(_smoke_selected(item.nodeid, entry) for entry in GPU_SMOKE):
+            item.add_marker(pytest.mark.gpu_smoke)
+
+
 @pytest.fixture(autouse=True)
 def poison_kernel_outputs(monkeypatch):
     """Every kernel output starts as NaN: an element a kernel forgets to write fails the comparison."""

@@ -11,9 +11,9 @@ import kdops
 import kdops.reference
 from bench.__main__ import main
 from bench.cases import FUSED, KD_LOSS, QUICK, Case, parse_shape, select
-from bench.competitors import COMPETITORS, FLOOR, KDOPS, REFERENCE, Competitor, liger_beta
+from bench.competitors import COMPETITORS, FLOOR, KDOPS, REFERENCE, Competitor, liger_beta, trl_beta
 from bench.floor import chunk_rows, floor_work
-from bench.measure import Phases, Result, failure
+from bench.measure import Phases, Result, failure, make_inputs
 from bench.report import RECORD_FIELDS, case_records, results_path
 from bench.sweep import run_sweep
 
@@ -155,6 +155,56 @@ def test_missing_liger_is_skipped_never_an_error(monkeypatch, with_fused):
 def test_liger_beta_matches_kdops_conventions():
     assert (liger_beta("forward_kl"), liger_beta("reverse_kl"), liger_beta("generalized_jsd")) == (0.0, 1.0, 0.5)
     assert liger_beta(kdops.GeneralizedJSD(beta=0.2)) == 0.2 and liger_beta("tvd") is None
+
+
+def test_trl_beta_matches_kdops_conventions():
+    """TRL's mixture is β·teacher + (1 − β)·student, β = 0 forward KL, β = 1 reverse KL: kdops' β."""
+    assert (trl_beta("forward_kl"), trl_beta("reverse_kl"), trl_beta("generalized_jsd")) == (0.0, 1.0, 0.5)
+    assert trl_beta(kdops.GeneralizedJSD(beta=0.2)) == 0.2
+    assert all(trl_beta(name) is None for name in ("tvd", "skew_forward_kl", "skew_reverse_kl", "alpha_beta"))
+    trl = BY_NAME["trl-chunked-jsd"]
+    assert trl.functions == (FUSED,) and not trl.needs_cuda
+    assert trl.applies(KD, "cpu") == (False, "has no kd_loss")
+    assert trl.applies(Case(FUSED, "tvd", 16, 100, 8, 12), "cpu") == (False, "trl has no tvd")
+
+
+def test_missing_trl_is_skipped_never_an_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl → ImportError
+    assert BY_NAME["trl-chunked-jsd"].applies(FUSED_KL, "cpu") == (False, "trl not installed")
+    records, _ = _sweep([FUSED_KL], competitors=(BY_NAME[FLOOR], BY_NAME["trl-chunked-jsd"]))
+    trl = _by(records, FUSED_KL.label, "trl-chunked-jsd")
+    assert (trl["status"], trl["message"]) == ("skipped", "trl not installed")
+
+
+def test_trl_loss_and_gradients_equal_the_reference():
+    """TRL's _chunked_divergence_loss (torch tiles on the CPU) as the bench calls it, and with a β ∉ {0, ½, 1},
+    a temperature and ignored tokens as a completion mask: kdops.reference's loss and student gradients."""
+    loss_fn = pytest.importorskip("trl.trainer.distillation_trainer")._chunked_divergence_loss
+    for divergence in ("forward_kl", "reverse_kl", "generalized_jsd"):
+        case = Case(FUSED, divergence, 24, 300, 16, 24)
+        inputs = make_inputs(case, "cpu")
+        phases = BY_NAME["trl-chunked-jsd"].build(case, inputs)
+        loss = phases.forward()
+        phases.backward(loss)
+        got = [loss.detach(), *(t.grad for t in inputs.trainable)]
+        inputs.clear_grads()
+        want_loss = kdops.reference.fused_linear_kd_loss(*inputs.args, divergence=divergence)
+        want_loss.backward()
+        want = [want_loss.detach(), *(t.grad for t in inputs.trainable)]
+        for g, w in zip(got, want):
+            assert torch.allclose(g, w, rtol=1e-4, atol=1e-6), divergence
+    g = torch.Generator().manual_seed(3)
+    hs, ht = torch.randn(2, 9, 16, generator=g, requires_grad=True), torch.randn(2, 9, 24, generator=g)
+    ws, wt = torch.randn(300, 16, generator=g) / 4, torch.randn(300, 24, generator=g) / 5
+    labels = torch.randint(0, 300, (2, 9), generator=g)
+    labels[:, :3] = -100
+    for beta in (0.2, 0.9):
+        got = loss_fn(hs, ht, ws, wt, labels != -100, trl_beta(kdops.GeneralizedJSD(beta=beta)), temperature=2.0)[0]
+        want = kdops.reference.fused_linear_kd_loss(hs, ws, ht, wt, labels, divergence=kdops.GeneralizedJSD(beta=beta),
+                                                    temperature=2.0)
+        assert torch.allclose(got, want, rtol=1e-5), beta
+        grads = [torch.autograd.grad(x, hs)[0] for x in (got, want)]
+        assert torch.allclose(*grads, rtol=1e-4, atol=1e-7), beta
 
 
 def test_chart_and_summary(tmp_path, with_fused):
