@@ -105,11 +105,13 @@ def _rows_of(t: torch.Tensor):
 
 def logits_config(n_rows: int, vocab: int, gpu: targets.GPU | None, acc: torch.dtype = torch.float32) -> dict:
     """Block sizes of the kernels on logits for `gpu` (None: the interpreter), accumulating in `acc`. On GPU
-    a program per row with wide vocabulary blocks (the kernels are bandwidth-bound), narrower in float64
-    (whose α-β state spills at 1024 and more: `python -m bench.compile`); under the interpreter, large
-    tiles amortize its per-op cost."""
+    a program per row with wide vocabulary blocks (the kernels are bandwidth-bound). Float64 blocks are
+    narrower and may take 255 registers: ptxas otherwise squeezes their 4 warps into 128 and spills
+    (`python -m bench.compile`). Under the interpreter, large tiles amortize its per-op cost."""
     if gpu is not None:
-        block_v = min(2048 if acc != torch.float64 else 512, _next_pow2(vocab))
+        if acc == torch.float64:
+            return dict(BLOCK_R=1, BLOCK_V=min(512, _next_pow2(vocab)), num_warps=4, maxnreg=255)
+        block_v = min(2048, _next_pow2(vocab))
         return dict(BLOCK_R=1, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
     return dict(BLOCK_R=min(16, _next_pow2(n_rows)), BLOCK_V=min(1024, _next_pow2(vocab)))
 
