@@ -24,13 +24,13 @@ def _linear():
 # must fit a thread's 255 registers without spilling, in every specialization (`python -m bench.compile`
 # checks them all for sm_90 and sm_80). 16-bit operands go through the tensor cores (BLOCK_H = 64: a few
 # wgmma / mma per step). Float32 / float64 ones are exact FMA products on the CUDA cores, whose operand
-# fragments hold BLOCK_H values per row and column in registers (hence the narrow BLOCK_H), and whose
-# kernels ptxas would otherwise squeeze into 128 registers (two blocks per SM) at the price of spills:
-# maxnreg = 255 keeps them whole.
+# fragments hold BLOCK_H values per row and column in registers (hence the narrow BLOCK_H; 16 is the
+# least `tl.dot` takes in Triton 3.6), and whose kernels ptxas would otherwise squeeze into 128 registers
+# (two blocks per SM) at the price of spills: maxnreg = 255 keeps them whole.
 _GPU_TILES = {
     2: dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3),
-    4: dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=8, num_warps=8, num_stages=3, maxnreg=255),
-    8: dict(BLOCK_N=32, BLOCK_V=32, BLOCK_H=8, num_warps=8, num_stages=3, maxnreg=255),
+    4: dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=8, num_stages=3, maxnreg=255),
+    8: dict(BLOCK_N=32, BLOCK_V=32, BLOCK_H=16, num_warps=8, num_stages=3, maxnreg=255),
 }
 
 
