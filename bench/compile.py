@@ -170,9 +170,12 @@ def record(arch: str, quick: bool, dtypes=None) -> list[Spec]:
     found: dict[tuple, Spec] = {}
     current: list[Call] = []
 
+    binders = {}  # per kernel: Triton's argument specialization, built once (it is generated code)
+
     def recorder(kernel, grid, args, kwargs):
-        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-        _, specialization, options = binder(*args, **kwargs)
+        if kernel not in binders:
+            binders[kernel] = create_function_from_signature(kernel.signature, kernel.params, backend)
+        _, specialization, options = binders[kernel](*args, **kwargs)
         key = (kernel.__name__, tuple((str(t), _constexpr_text(v) if t == "constexpr" else str(v))
                                       for t, v in specialization),
                tuple(sorted((k, str(v)) for k, v in options.items())))
@@ -189,6 +192,8 @@ def record(arch: str, quick: bool, dtypes=None) -> list[Spec]:
 
 @dataclasses.dataclass
 class Compiled:
+    """One specialization's compile: what the report shows of it, and what fails the gate (`failures`)."""
+
     name: str
     arch: str
     call: str

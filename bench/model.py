@@ -686,12 +686,11 @@ def _fused_path(ctx: _Ctx):
                    ("h_s re-read per vocabulary block (dW product)", programs * row_blocks * bn * hs * b),
                    ("dW scratch read-modify-write per row block", visits * bv * hs * acc * 2)],
             bytes_l2=n * (hs + ht) * b + w * (hs + ht) * b + 2 * w * hs * acc))
-    scratch_peak = _scratch_peak([(e - s) * hs * acc for s, e in hidden_groups],
-                                 [(e - s) * hs * acc for s, e in weight_groups]) if scratch else 0
+    # `fused_backward` holds one group's scratch at a time (it releases each before the next is allocated).
+    scratch_peak = max((e - s) * hs * acc for s, e in hidden_groups + weight_groups) if scratch else 0
     extra = n * (num_stats * acc + 2 * acc + 1) + max(partial, scratch_peak)
     detail = (f"statistics per row + max(the forward's partial states, the backward's float32 scratch: "
-              f"{scratch_peak / MiB:.0f} MiB, as `fused_backward` holds it: a group's scratch is allocated before "
-              f"the previous one is released, and the last dH group's lives on through the dW loop)")
+              f"{scratch_peak / MiB:.0f} MiB, one group's at a time)")
     dh_programs = _cdiv(hidden_groups[0][1] - hidden_groups[0][0], bn)
     dw_programs = _cdiv(weight_groups[0][1] - weight_groups[0][0], bv)
     notes = (f"fused_config: BLOCK_N={bn}, BLOCK_V={bv}, BLOCK_H={bh}, {n_splits} vocabulary splits of {split} "
@@ -700,16 +699,6 @@ def _fused_path(ctx: _Ctx):
              f"{len(weight_groups)} dW launches of {dw_programs} programs on {ctx.gpu.sm_count} SMs",
              "no L2 reuse: every tile load is an HBM read (total_l2_s: operands once per launch, scratch in L2)")
     return kernels, extra, detail, notes
-
-
-def _scratch_peak(hidden: list[float], weight: list[float]) -> float:
-    """The most scratch bytes `kdops._fused.fused_backward` holds at once: each loop allocates a group's
-    scratch while the previous group's is still referenced, and the dH loop's last one stays referenced
-    through the dW loop."""
-    def loop_peak(sizes):
-        return max([sizes[0]] + [a + b for a, b in zip(sizes, sizes[1:])]) if sizes else 0
-
-    return max(loop_peak(hidden), (hidden[-1] if hidden else 0) + loop_peak(weight))
 
 
 # --- fused_linear_kd_loss backend="torch" -------------------------------------------------------------------

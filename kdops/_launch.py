@@ -202,10 +202,9 @@ def merge_partials(partial, labels, loss, stats, canon: Canonical, vocab: int, s
     block = min(128, _next_pow2(n))
     launch(
         partials.merge_partials_kernel, (_cdiv(n, block),), partial, partial if maxima is None else maxima,
-        partial if out is None else out, partial if labels is None else labels, loss, stats, n, parts, vocab, canon.c1,
-        canon.c2, soft, hard,
-        KIND=constexprs["KIND"], SECOND_PASS=second, RESCALE=maxima is not None, HARD=constexprs["HARD"],
-        BLOCK_N=block, ACC=constexprs["ACC"],
+        partial if out is None else out, partial if labels is None else labels, loss, stats, n, parts, vocab,
+        canon.c1, canon.c2, soft, hard, KIND=constexprs["KIND"], SECOND_PASS=second, RESCALE=maxima is not None,
+        HARD=constexprs["HARD"], BLOCK_N=block, ACC=constexprs["ACC"],
     )
 
 
