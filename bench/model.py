@@ -549,13 +549,28 @@ def _kd_reference(ctx: _Ctx):
 # --- fused_linear_kd_loss: shared pieces --------------------------------------------------------------------------
 
 def _zero_grads(ctx: _Ctx, phase: str) -> _Kernel:
+    """dH zeroed in its dtype, dW's float32 accumulator (`kdops._chunked`) zeroed."""
     n, v, hs = ctx.shape.tokens, ctx.shape.vocab, ctx.shape.hidden_student
-    return _Kernel(phase, launches=2, items=[("dH and dW zeroed", (n * hs + v * hs) * ctx.b / 2)])
+    return _Kernel(phase, launches=2, items=[("dH and dW zeroed", n * hs * ctx.b / 2 + v * hs * ctx.acc / 2)])
+
+
+def _cast_weight_grad(ctx: _Ctx) -> list[_Kernel]:
+    """The float32 dW accumulator rounded once to the weight dtype, after the last chunk."""
+    v, hs, b, acc = ctx.shape.vocab, ctx.shape.hidden_student, ctx.b, ctx.acc
+    if b == acc:
+        return []
+    return [_Kernel("fwd: cast dW to the weight dtype", items=[("dW read (float32)", v * hs * acc),
+                                                                 ("dW written", v * hs * b)])]
+
+
+def _weight_grad_accumulator(ctx: _Ctx) -> int:
+    """Bytes of the float32 dW accumulator beside the gradient itself (none when dW is float32 already)."""
+    return ctx.shape.vocab * ctx.shape.hidden_student * ctx.acc if ctx.b != ctx.acc else 0
 
 
 def _backprop(ctx: _Ctx, rows: int, launches: float, prefix: str) -> list[_Kernel]:
     """`kdops._chunked._Side.backprop` for the student (frozen teacher): G cast to the weight dtype, dH = G·W
-    (W re-read), dW += Gᵀ·h (read-modify-write of dW), cuBLAS."""
+    (W re-read), dW += Gᵀ·h (read-modify-write of dW's float32 accumulator), cuBLAS."""
     v, hs, b, acc = ctx.shape.vocab, ctx.shape.hidden_student, ctx.b, ctx.acc
     kernels = []
     if b != acc:
@@ -567,7 +582,7 @@ def _backprop(ctx: _Ctx, rows: int, launches: float, prefix: str) -> list[_Kerne
     kernels.append(_Kernel(f"{prefix}: dW matmul (addmm_)", mm_flops=2.0 * rows * v * hs, mm_dtype=ctx.dtype,
                            launches=launches,
                            items=[("G read", rows * v * b), ("h_s read", rows * hs * b),
-                                  ("dW read-modify-write per chunk", 2 * v * hs * b)]))
+                                  ("dW (float32) read-modify-write per chunk", 2 * v * hs * acc)]))
     return kernels
 
 
@@ -611,10 +626,13 @@ def _chunked_path(ctx: _Ctx):
         kernels += _kernels_on_logits(ctx, rows, acc, "logits buffers", "fwd: kernel on logits (G over the buffer)",
                                       True, count, grad_label="G_s written over the student's buffer")
         kernels += _backprop(ctx, rows, count, "fwd")
+    kernels += _cast_weight_grad(ctx)
     kernels.append(_scale_grads(ctx))
-    extra = 2 * chunk * v * acc + (chunk * v * b if b != acc else 0) + n * (2 * acc + 1) + chunk * num_stats * acc
+    extra = (2 * chunk * v * acc + (chunk * v * b if b != acc else 0) + n * (2 * acc + 1) + chunk * num_stats * acc
+             + _weight_grad_accumulator(ctx))
     detail = (f"{chunk}-row chunks (kdops._chunked.chunk_rows under CHUNK_BYTES = {_chunked.CHUNK_BYTES // MiB} MiB): "
-              f"two float32 [chunk, V] buffers" + (" + G in the weight dtype" if b != acc else ""))
+              f"two float32 [chunk, V] buffers" + (" + G in the weight dtype + dW's float32 accumulator [V, H]"
+                                                   if b != acc else ""))
     notes = (f"{_cdiv(n, chunk)} chunks of {chunk} rows; batchmean: the gradients are computed in the forward, the "
              f"backward only scales them",)
     return kernels, extra, detail, notes
@@ -716,10 +734,13 @@ def _fused_torch(ctx: _Ctx):
         kernels += math_kernels
         peak = max(peak, math_peak)
         kernels += _backprop(ctx, rows, count, "fwd")
+    kernels += _cast_weight_grad(ctx)
     kernels.append(_scale_grads(ctx))
-    extra = 2 * chunk * v * acc + peak + (chunk * v * b if b != acc else 0) + n * (2 * acc + 1)
+    extra = 2 * chunk * v * acc + peak + (chunk * v * b if b != acc else 0) + n * (2 * acc + 1) \
+        + _weight_grad_accumulator(ctx)
     detail = (f"{chunk}-row chunks (bytes_per_row with {_chunked.TORCH_TEMPORARIES} autograd temporaries): two "
-              f"float32 buffers + the math's temporaries ({peak / MiB:.0f} MiB, probed)")
+              f"float32 buffers + the math's temporaries ({peak / MiB:.0f} MiB, probed)"
+              + (" + dW's float32 accumulator [V, H]" if b != acc else ""))
     notes = (f"estimate: the chunk's math is {ops} aten operators (probed), each reading its inputs and writing its "
              f"outputs once; {_cdiv(n, chunk)} chunks, each re-reading both weights",)
     return kernels, extra, detail, notes

@@ -41,11 +41,16 @@ def chunk_rows(n_rows: int, per_row: int, budget: int | None) -> int:
     return rows - rows % 16 if rows >= 16 else rows
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = a · b in out's dtype, for a, b of one dtype: cuBLAS with a float32 output for bf16 / fp16 on
-    CUDA, a plain mm when the dtypes already agree."""
+def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
+    """out = a · b (or out += a · b) in out's dtype, for a, b of one dtype, with every product summed in out's
+    dtype: cuBLAS with a float32 output for bf16 / fp16 on CUDA; elsewhere the operands upcast, which
+    multiplies the same rounded values exactly."""
+    if a.dtype != out.dtype and not a.is_cuda:
+        a, b = a.to(out.dtype), b.to(out.dtype)
     if a.dtype == out.dtype:
-        return torch.mm(a, b, out=out)
+        return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
+    if accumulate:
+        return torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
     return torch.mm(a, b, out_dtype=out.dtype, out=out)
 
 
@@ -62,6 +67,7 @@ class _Side:
         except RuntimeError:  # a strided view such as hidden[:, :-1]: chunks are gathered, never the whole
             self.flat = None
         self.hidden = hidden
+        self.acc_dtype = acc_dtype
         # The matmul's operands: one dtype, float32 output. Where cuBLAS cannot produce that directly
         # (CPU, or mixed dtypes), the weight is upcast once per pass.
         fast = hidden.dtype == self.weight.dtype and (hidden.dtype == acc_dtype or hidden.is_cuda)
@@ -81,25 +87,33 @@ class _Side:
         return self.hidden[torch.unravel_index(index, self.leading)]
 
     def logits(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        _mm_fp32(h.to(self.mm_dtype), self.mm_weight.t(), out)
+        _mm_into(h.to(self.mm_dtype), self.mm_weight.t(), out)
         if self.bias is not None:
             out += self.bias
         return out
 
-    def backprop(self, h, g, r0: int, r1: int, grad_h, grad_w, grad_b) -> None:
-        """Accumulate the chunk's logit gradient g [C, V] into the hidden, weight and bias gradients."""
+    def backprop(self, h, g, r0: int, r1: int, grad_h, grad_w, grad_b, shards=None) -> None:
+        """Add the chunk's logit gradient g [C, V] into the hidden, weight and bias gradients: g is rounded
+        to the weight dtype for the matmuls (tensor cores), whose products are summed in float32 (ACC) —
+        grad_w and grad_b are float32 sums over the chunks, cast once by the caller. Under `shards` the
+        chunk's dH is this rank's part of a sum over the vocabulary: it is summed over the group in float32
+        too, then rounded once."""
         if grad_b is not None:
             grad_b += g.sum(0)
         if grad_h is None and grad_w is None:
             return
         g = g.to(self.weight.dtype)
         if grad_h is not None:
-            if grad_h.dtype == g.dtype:
+            if shards is not None and shards.reduce_hidden_grad:
+                part = _mm_into(g, self.weight, torch.empty((r1 - r0, self.width), dtype=self.acc_dtype,
+                                                             device=g.device))
+                grad_h[r0:r1] = shards.all_reduce_sum(part)
+            elif grad_h.dtype == g.dtype:
                 torch.mm(g, self.weight, out=grad_h[r0:r1])
             else:
                 grad_h[r0:r1] = torch.mm(g, self.weight)
         if grad_w is not None:
-            grad_w[: g.shape[1]].addmm_(g.t(), h.to(self.weight.dtype))
+            _mm_into(g.t(), h.to(self.weight.dtype), grad_w[: g.shape[1]], accumulate=True)
 
 
 class ChunkedProblem:
@@ -176,8 +190,9 @@ class ChunkedProblem:
 
         g_hs = zeros((self.n_rows, s.width), s.hidden.dtype, need_hs)
         g_ht = zeros((self.n_rows, t.width), t.hidden.dtype, need_ht)
-        g_ws = zeros((s.weight_rows, s.width), s.weight.dtype, need_ws)
-        g_wt = zeros((t.weight_rows, t.width), t.weight.dtype, need_wt)
+        # Weight gradients are sums over every chunk: float32 (ACC) accumulators, one rounding at the end.
+        g_ws = zeros((s.weight_rows, s.width), acc, need_ws)
+        g_wt = zeros((t.weight_rows, t.width), acc, need_wt)
         g_bs, g_bt = zeros((self.vocab,), acc, need_bs), zeros((self.vocab,), acc, need_bt)
         rows = torch.empty(self.n_rows, dtype=acc, device=device)
         chunk = self.chunk
@@ -191,12 +206,13 @@ class ChunkedProblem:
             scale = None if row_scale is None else row_scale[r0:r1]
             rows[r0:r1], gs, gt = self._loss_and_logit_grads(zs, zt, labels, scale, need_s, need_t)
             if need_s:
-                s.backprop(h_s, gs, r0, r1, g_hs, g_ws, g_bs)
+                s.backprop(h_s, gs, r0, r1, g_hs, g_ws, g_bs, self.shards)
             if need_t:
-                t.backprop(h_t, gt, r0, r1, g_ht, g_wt, g_bt)
-        if self.shards is not None:
-            self.shards.reduce_hidden(g_hs, g_ht)
-        return rows, (g_hs, g_ws, self._bias_grad(g_bs, s), g_ht, g_wt, self._bias_grad(g_bt, t))
+                t.backprop(h_t, gt, r0, r1, g_ht, g_wt, g_bt, self.shards)
+        # The chunk buffers go before the weight gradients are cast: the casts' copies take their place.
+        zs_buf = zt_buf = zs = zt = gs = gt = None
+        return rows, (g_hs, _cast(g_ws, s.weight.dtype), self._bias_grad(g_bs, s), g_ht, _cast(g_wt, t.weight.dtype),
+                      self._bias_grad(g_bt, t))
 
     @staticmethod
     def _bias_grad(g, side: _Side):
@@ -206,3 +222,7 @@ class ChunkedProblem:
         full = torch.zeros(side.weight_rows, dtype=side.bias.dtype, device=g.device)
         full[: g.shape[0]] = g
         return full
+
+
+def _cast(g: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if g is None else g.to(dtype)

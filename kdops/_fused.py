@@ -116,10 +116,7 @@ class FusedProblem:
         return loss, [stats]
 
     def backward(self, saved, row_scale, needs):
-        g_hs, g_ws, g_bs, g_ht, g_wt, g_bt = fused_backward(self, saved[0], row_scale, needs)
-        if self.shards is not None:
-            self.shards.reduce_hidden(g_hs, g_ht)
-        return g_hs, g_ws, g_bs, g_ht, g_wt, g_bt
+        return fused_backward(self, saved[0], row_scale, needs)
 
     def pointers(self, stats):
         """The input pointers, with a stand-in for absent biases and labels (constexpr flags skip them)."""
@@ -162,7 +159,7 @@ def _scratch(grad: torch.Tensor | None, start: int, end: int, acc_dtype: torch.d
         return None
     if grad.dtype == acc_dtype:
         return grad[start:end]
-    return torch.zeros((end - start, grad.shape[1]), dtype=acc_dtype, device=device)
+    return torch.zeros((end - start, *grad.shape[1:]), dtype=acc_dtype, device=device)
 
 
 def _flush(grad, scratch, start: int, end: int) -> None:
@@ -173,7 +170,8 @@ def _flush(grad, scratch, start: int, end: int) -> None:
 
 def fused_backward(problem: FusedProblem, stats, row_scale, needs):
     """Gradients (hs, ws, bs, ht, wt, bt) of Σ_r row_scale[r]·loss[r]; `needs` says which (None for the
-    others). Weight and bias rows past the shared vocabulary get zeros."""
+    others). Weight and bias rows past the shared vocabulary get zeros. Under `problem.shards` the hidden
+    gradients are summed over the group while still float32 sums, group by group, and rounded once."""
     linear = _linear()
     need_hs, need_ws, need_bs, need_ht, need_wt, need_bt = needs
     device, acc_dtype = problem.device, problem.acc_dtype
@@ -204,20 +202,27 @@ def fused_backward(problem: FusedProblem, stats, row_scale, needs):
                 row_scale, stats if s_hs is None else s_hs, stats if s_ht is None else s_ht, start, end, vocab, Hs,
                 Ht, *common, GRAD_HS=need_hs, GRAD_HT=need_ht, **problem.constexprs, **config,
             )
+            if problem.shards is not None:  # this rank's part of a sum over the vocabulary: summed in float32
+                problem.shards.reduce_hidden(s_hs, s_ht)
             _flush(g_hs, s_hs, start, end)
             _flush(g_ht, s_ht, start, end)
             del s_hs, s_ht  # before the next group's: one group's scratch at a time
+    # Bias gradients: float32 sums over the rows, rounded once here (a [V] vector: no budget needed).
+    s_bs, s_bt = (None if g is None else _scratch(g, 0, g.shape[0], acc_dtype, device) for g in (g_bs, g_bt))
     if need_ws or need_wt or g_bs is not None or g_bt is not None:
         for start, end in _groups(vocab, config["BLOCK_V"], 4 * (Hs * need_ws + Ht * need_wt)):
             s_ws, s_wt = _scratch(g_ws, start, end, acc_dtype, device), _scratch(g_wt, start, end, acc_dtype, device)
             launch(
                 linear.fused_grad_weight_kernel, (_cdiv(end - start, config["BLOCK_V"]),), *inputs, labels, stats,
-                row_scale, stats if s_ws is None else s_ws, stats if g_bs is None else g_bs,
-                stats if s_wt is None else s_wt, stats if g_bt is None else g_bt, start, end, n, Hs, Ht, *common,
+                row_scale, stats if s_ws is None else s_ws, stats if s_bs is None else s_bs,
+                stats if s_wt is None else s_wt, stats if s_bt is None else s_bt, start, end, n, Hs, Ht, *common,
                 GRAD_WS=need_ws, GRAD_BS=g_bs is not None, GRAD_WT=need_wt, GRAD_BT=g_bt is not None,
                 **problem.constexprs, **config,
             )
             _flush(g_ws, s_ws, start, end)
             _flush(g_wt, s_wt, start, end)
             del s_ws, s_wt
+    for g, scratch in ((g_bs, s_bs), (g_bt, s_bt)):
+        if g is not None:
+            _flush(g, scratch, 0, g.shape[0])
     return g_hs, g_ws, g_bs, g_ht, g_wt, g_bt

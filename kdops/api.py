@@ -240,6 +240,10 @@ def _compiled_fused_rows(tensors, labels, mask, options):
     vocab, dtype = options["vocab"], compute_dtype(hs, ws, ht, wt)
     per_row = _chunked.bytes_per_row(vocab, "torch", (ws.dtype, wt.dtype), dtype)
     n_rows = mask.numel()
+    # Cast once, outside the chunks: autograd then sums the chunks' weight gradients in float32 and rounds
+    # them once, where a cast per chunk would add them up in the weight's own dtype.
+    ws, wt = ws[:vocab].to(dtype), wt[:vocab].to(dtype)
+    bs, bt = (None if b is None else b[:vocab].to(dtype) for b in (bs, bt))
 
     def rows(h_s, h_t, y, m):
         s = linear_logits(h_s, ws, bs, vocab, dtype)

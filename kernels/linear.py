@@ -36,10 +36,22 @@ from .passes import (
 
 
 @triton.jit
+def round_to_bf16(x):
+    """float32 x rounded to the nearest bfloat16, ties to even, kept as float32: what a GPU's conversion
+    does, where the interpreter's truncates (a bias that grows with every product summed)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def operand(x, DOT: tl.constexpr, MMA: tl.constexpr):
     """A matmul operand rounded to DOT, multiplied as MMA: MMA is DOT itself except under Triton's
-    interpreter, whose bf16 dot is broken; there 16-bit operands are rounded, then multiplied in fp32
-    (the products are exact, so the result is what the GPU computes, up to summation order)."""
+    interpreter, whose bf16 dot is broken; there 16-bit operands are rounded (to nearest, as on a GPU),
+    then multiplied in fp32 (the products are exact, so the result is what the GPU computes, up to
+    summation order)."""
+    if DOT == tl.bfloat16 and MMA == tl.float32:
+        return round_to_bf16(x.to(tl.float32))
     return x.to(DOT).to(MMA)
 
 
