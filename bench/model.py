@@ -21,7 +21,8 @@ Assumptions (see MODEL.md for the numbers they give):
   `total_l2_s` is the other extreme, where each operand is read from HBM once per launch and the float32
   scratch stays in L2). cuBLAS matmuls read each operand once (their rate is cuBLAS's achievable one).
 * Elementwise work: ELEMENTWISE_FLOPS per (row, vocabulary) element and pass over both models' values (two
-  exponentials at ~8 FMA slots each on the SFU, plus the online max/sum updates), at the CUDA-core fp32 rate.
+  exponentials at ~8 FMA slots each on the SFU, a 9-term series of the centred sums, the online max/sum
+  updates), at the CUDA-core fp32 rate.
 * The torch paths (kd_loss backend="torch", fused_linear_kd_loss backend="torch", the references) are counted
   by running their code on the CPU at a small probe shape under a dispatch mode that records every aten
   operator: each reads its inputs once and writes its outputs once (no fusion), elementwise operators are
@@ -58,8 +59,10 @@ from kdops.divergences import Divergence, GeneralizedJSD
 from .cases import FUSED, KD_LOSS, Case
 from .floor import floor_work
 
-#: Elementwise flops per (row, vocabulary) element per pass of a kernel over both models' values.
-ELEMENTWISE_FLOPS = 32
+#: Elementwise flops per (row, vocabulary) element per pass of a kernel over both models' values: 32 for the
+#: exponentials and online sums, 32 more since the divergences keep their sums centred (`kl_terms`: a 9-term
+#: series and a few products per element, kernels/divergences.py).
+ELEMENTWISE_FLOPS = 64
 #: The least time a launch takes (the host's launch overhead of an eager op or a Triton kernel).
 LAUNCH_S = 5e-6
 

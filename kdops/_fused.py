@@ -32,15 +32,23 @@ _GPU_TILES = {
     4: dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=8, num_stages=3, maxnreg=255),
     8: dict(BLOCK_N=32, BLOCK_V=32, BLOCK_H=16, num_warps=8, num_stages=3, maxnreg=255),
 }
+# The forward before Hopper (mma.sync, whose accumulator fragments take more registers than wgmma's): 16-bit
+# tiles half as wide, where the KL first pass with its centred sums spilled at 64 × 64 on sm_80 (and the
+# backward's dW product spills at 64 × 32: it keeps the common tiles).
+_PRE_HOPPER_FORWARD_TILES = {2: dict(_GPU_TILES[2], BLOCK_V=32)}
 
 
-def fused_config(n_rows: int, vocab: int, gpu: targets.GPU | None, dtype: torch.dtype = torch.bfloat16) -> dict:
+def fused_config(n_rows: int, vocab: int, gpu: targets.GPU | None, dtype: torch.dtype = torch.bfloat16,
+                 forward: bool = False) -> dict:
     """Tile sizes and the number of vocabulary splits of the forward for `gpu` (None: the interpreter), whose
-    widest matmul operands have `dtype`. On GPU: `_GPU_TILES`, and enough (row block, split) programs to
-    fill the device twice. Under the interpreter: few large tiles, and several splits so that the merge is
-    exercised."""
+    widest matmul operands have `dtype`; the backward takes the same tiles unless `forward`. On GPU:
+    `_GPU_TILES` (`_PRE_HOPPER_FORWARD_TILES` first for the forward below sm_90), and enough (row block,
+    split) programs to fill the device twice. Under the interpreter: few large tiles, and several splits so
+    that the merge is exercised."""
     if gpu is not None:
-        tiles = _GPU_TILES[min(torch.empty((), dtype=dtype).element_size(), 8)]
+        size = min(torch.empty((), dtype=dtype).element_size(), 8)
+        special = _PRE_HOPPER_FORWARD_TILES if forward and gpu.capability < (9, 0) else {}
+        tiles = special.get(size, _GPU_TILES[size])
         programs = 2 * gpu.sm_count
         splits = max(1, programs // _cdiv(n_rows, tiles["BLOCK_N"]))
     else:
@@ -129,7 +137,7 @@ def fused_forward(problem: FusedProblem):
     under `problem.shards`)."""
     linear = _linear()
     n = problem.n_rows
-    config = fused_config(n, problem.vocab, problem.gpu, problem.dot_dtype)
+    config = fused_config(n, problem.vocab, problem.gpu, problem.dot_dtype, forward=True)
     split_size = config.pop("split_size")
     n_splits = _cdiv(problem.vocab, split_size)
     *inputs, labels = problem.pointers(problem.hs)

@@ -185,11 +185,13 @@ def logits_forward(student: torch.Tensor, teacher: torch.Tensor, labels, canon: 
 # Columns of the first-pass partial state (kernels/partials.py) that the group combines: the maxima (an
 # all-reduce MAX), then in one all-reduce SUM the sums (per kind; the hard-label CE adds its own) and the
 # flags "this rank holds the max" that the merge kernel leaves in the max columns. Their sum k completes the
-# excesses at that max: u = Σ addends + (k − 1) (columns 5, 6 are ALPHA_BETA's; unused by other kinds).
+# excesses at that max: u = Σ addends + (k − 1). Columns 4..6 are the divergence's sums: ALPHA_BETA's power
+# sums (5, 6 are excesses too), KL's centred sums, and the two-pass kinds' Σ (e^dy − e^dx) (5), plain sums.
 _MAX_COLUMNS, _CE_MAX_COLUMNS = (0, 2), (7,)
-_SUM_COLUMNS = {"KL": (1, 3, 4), "ALPHA_BETA": (1, 3, 4, 5, 6)}
-_TWO_PASS_SUM_COLUMNS, _CE_SUM_COLUMNS = (1, 3), (8, 9)
-_EXCESS_COLUMNS = {0: [1, 5], 2: [3, 6], 7: [8]}
+_SUM_COLUMNS = {"KL": (1, 3, 4, 5, 6), "ALPHA_BETA": (1, 3, 4, 5, 6)}
+_TWO_PASS_SUM_COLUMNS, _CE_SUM_COLUMNS = (1, 3, 5), (8, 9)
+_EXCESS_COLUMNS = {"ALPHA_BETA": {0: [1, 5], 2: [3, 6], 7: [8]}}
+_PLAIN_EXCESS_COLUMNS = {0: [1], 2: [3], 7: [8]}
 
 
 def merge_partials(partial, labels, loss, stats, canon: Canonical, vocab: int, soft: float, hard: float, constexprs,
@@ -227,7 +229,8 @@ def _combine_over_group(partial, canon: Canonical, constexprs, second: bool, sha
     combined[:, 0, sum_columns] = shards.all_reduce_sum(combined[:, 0, sum_columns])
     for i, column in enumerate(max_columns):
         holders = combined[:, 0, column]
-        combined[:, 0, _EXCESS_COLUMNS[column]] += (holders - 1)[:, None]
+        excess = _EXCESS_COLUMNS.get(canon.kind.name, _PLAIN_EXCESS_COLUMNS)
+        combined[:, 0, excess[column]] += (holders - 1)[:, None]
         combined[:, 0, column] = maxima[:, i]
     return combined
 

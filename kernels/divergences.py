@@ -19,8 +19,21 @@ All functions work on 2-D tiles [rows, vocab] with per-row vectors [rows], so th
 existing logits and the fused lm_head kernels share them. Per-row results of a row are
 
     m_x, ls_x  running max and log-sum of exp(x − m_x): log-normalizer X = m_x + ls_x (and so for y)
+    r          ls_y − ls_x, to the precision of its own size (see "Near-identical distributions")
     L          the loss of the row
     aux1..3    the per-row scalars the gradient needs (see `gradient_terms`)
+
+Near-identical distributions. A student close to its teacher has log p − log q of order ε everywhere that
+matters while the logits are of order 30, and the divergence is of order ε². Written as
+Σ p (x − y) − (X − Y), the loss subtracts numbers of the logits' size and keeps float32's resolution at 30
+(~1e-6) as an absolute error: 1e-3 of a row's KL at ε ~ 0.03. So nothing here subtracts large numbers:
+
+* logits are centred on their own running maxima, dx = x − m_x, dy = y − m_y, and log p − log q is
+  (dx − dy) + r, with r = ls_y − ls_x = log1p(Σ (e^dy − e^dx) / Σ e^dx) from the sum of the per-element
+  differences e^dy − e^dx, each computed without cancellation (`exp_diff`);
+* KL is Σ p φ(dx − dy) − ψ(s): φ(d) = e^−d − 1 + d and ψ(s) = s − log1p(s) are non-negative and of order ε²
+  (series where small: `exp_tail`, `log1p_excess`), s = Σ (e^dy − e^dx) / Σ e^dx;
+* the KL parts of JSD and the skews are Σ p ψ(w), w = m/p − 1: the first-order terms p·w sum to zero.
 """
 
 import triton
@@ -92,15 +105,123 @@ def log1p(u):
     result = tl.log(1.0 + u)
     if u.dtype != tl.float64:  # static: one branch is compiled
         z = u / (2.0 + u)
-        z2 = z * z
-        odd = 1.0 / 13.0 + z2 / 15.0
-        odd = 1.0 / 11.0 + z2 * odd
-        odd = 1.0 / 9.0 + z2 * odd
-        odd = 1.0 / 7.0 + z2 * odd
-        odd = 1.0 / 5.0 + z2 * odd
-        odd = 1.0 / 3.0 + z2 * odd
-        result = tl.where((u >= -0.5) & (u <= 1.0), 2.0 * z * (1.0 + z2 * odd), result)
+        result = tl.where((u >= -0.5) & (u <= 1.0), 2.0 * z * (1.0 + z * z * atanh_tail(z)), result)
     return result
+
+
+@triton.jit
+def atanh_tail(z):
+    """(atanh(z) − z) / z³ = 1/3 + z²/5 + … + z¹²/15, by Horner's rule (|z| ≤ ⅓: the first term left out,
+    z¹⁴/17, is below 2e-9 relative to the whole)."""
+    z2 = z * z
+    odd = 1.0 / 13.0 + z2 / 15.0
+    odd = 1.0 / 11.0 + z2 * odd
+    odd = 1.0 / 9.0 + z2 * odd
+    odd = 1.0 / 7.0 + z2 * odd
+    odd = 1.0 / 5.0 + z2 * odd
+    return 1.0 / 3.0 + z2 * odd
+
+
+@triton.jit
+def epsilon(v):
+    """The machine epsilon of v's dtype (float32 or float64)."""
+    eps = 1.1920928955078125e-07
+    if v.dtype == tl.float64:  # static
+        eps = 2.220446049250313e-16
+    return eps
+
+
+@triton.jit
+def series_bound(z):
+    """|z| below which the series below are used: exact to the dtype's precision there (float32: ½;
+    float64: ⅛), and beyond it the plain formulas lose at most a few bits."""
+    bound = 0.5
+    if z.dtype == tl.float64:  # static
+        bound = 0.125
+    return bound
+
+
+@triton.jit
+def horner_exp_tail(z, K: tl.constexpr, TERMS: tl.constexpr):
+    """Σ_{K ≤ k < K + TERMS} z^k / k!, by Horner's rule."""
+    t = 1.0 + z * (1.0 / (K + TERMS - 1))
+    for i in tl.static_range(TERMS - 2):
+        t = 1.0 + z * (1.0 / (K + TERMS - 2 - i)) * t
+    if K == 2:
+        t = 0.5 * z * t
+    return z * t
+
+
+@triton.jit
+def exp_tail(z, K: tl.constexpr):
+    """Σ_{k ≥ K} z^k / k! for K ∈ {1, 2} and small |z| (`series_bound`): e^z − 1 (K = 1) and e^z − 1 − z
+    (K = 2) without their cancellations. Terms kept: 9 in float32 (|z| ≤ ½: the first left out is below
+    1e-8 relative), 12 in float64 (|z| ≤ ⅛: below 1e-17)."""
+    if z.dtype == tl.float64:  # static
+        t = horner_exp_tail(z, K, 12)
+    else:
+        t = horner_exp_tail(z, K, 9)
+    return t
+
+
+@triton.jit
+def expm1(z):
+    """e^z − 1 to the precision of the result."""
+    return tl.where(tl.abs(z) <= series_bound(z), exp_tail(z, 1), tl.exp(z) - 1.0)
+
+
+@triton.jit
+def log1p_excess(s):
+    """ψ(s) = s − log1p(s) ≥ 0 (s > −1), to the precision of the result. For small s, from the series of
+    `log1p` in z = s / (2 + s): s − 2z = s·z exactly, so ψ(s) = s·z − 2z³(1/3 + z²/5 + … + z^12/15)."""
+    z = s / (2.0 + s)
+    series = s * z - 2.0 * z * z * z * atanh_tail(z)
+    # float64: the series is exact to its precision for |s| ≤ 1/100 only (z^16 / 17 left out)
+    bound = 0.5
+    if s.dtype == tl.float64:  # static
+        bound = 0.01
+    return tl.where(tl.abs(s) <= bound, series, s - log1p(s))
+
+
+@triton.jit
+def exp_diff(ea, eb, a_minus_b):
+    """e^a − e^b from ea = e^a, eb = e^b and a − b, to the precision of the difference itself: eb·expm1(a − b)
+    by its series where a ≈ b; elsewhere ea − eb, which then cancels at most a few bits (|a − b| > ½ makes
+    |ea − eb| > 0.39·max(ea, eb)). Two −inf give 0."""
+    return tl.where(tl.abs(a_minus_b) <= series_bound(a_minus_b), eb * exp_tail(a_minus_b, 1), ea - eb)
+
+
+@triton.jit
+def kl_terms(e_x, e_y, d):
+    """(e^dx·d, e^dx·φ(d), e^dy − e^dx) for d = dx − dy, e_x = e^dx, e_y = e^dy, φ(d) = e^−d − 1 + d: the
+    addends of KL's three sums (`first_pass_update`), from one series where d is small (e^−d − 1 = φ(d) − d
+    there). Where e^dx = 0 (p = 0) e^dx·d is 0 (xlogy) and e^dx·φ(d) = e^dy; where e^dy = 0 < e^dx (q = 0,
+    p > 0) both are +inf."""
+    small = tl.abs(d) <= series_bound(d)
+    tail = exp_tail(-d, 2)  # φ(d), where small
+    diff = tl.where(small, e_x * (tail - d), e_y - e_x)
+    xlogy = tl.where(e_x > 0, e_x * d, 0.0)
+    return xlogy, tl.where(small, e_x * tail, xlogy + diff), diff
+
+
+@triton.jit
+def centred_sums_at(KIND: tl.constexpr, acc1, acc2, acc3, s_x, shift_x, shift_y):
+    """The sums of `first_pass_update` over elements seen so far (s_x = Σ e^dx of them, 0 if none),
+    re-expressed relative to maxima larger by −shift_x, −shift_y (shift ≤ 0, −inf from an empty max).
+
+    Every old dx moves by shift_x and dx − dy by δ = shift_x − shift_y, so (with f = e^shift)
+    Σ e^dx·d → f_x (A + δ·s_x),  Σ (e^dy − e^dx) → f_y·acc2 + (f_y − f_x)·s_x, and
+    Σ e^dx φ(d) → f_x·acc3 + (f_y − f_x)·acc2 + s_x·f_x φ(δ): the old sum behaves as s_x elements at
+    (shift_x, shift_y) plus one cross term (`kl_terms` gives f_x δ, f_x φ(δ), f_y − f_x)."""
+    f_x = tl.exp(shift_x)
+    f_y = tl.exp(shift_y)
+    xlogy, phi, diff = kl_terms(f_x, f_y, shift_x - shift_y)
+    seen = s_x > 0
+    if KIND == KL:
+        acc1 = tl.where(f_x > 0, f_x * acc1, 0.0) + tl.where(seen, s_x * xlogy, 0.0)
+        acc3 = tl.where(f_x > 0, f_x * acc3, 0.0) + diff * acc2 + tl.where(seen, s_x * phi, 0.0)
+    acc2 = f_y * acc2 + tl.where(seen, s_x * diff, 0.0)
+    return acc1, acc2, acc3
 
 
 @triton.jit
@@ -129,13 +250,14 @@ def excess_at(u, at_max, factor):
 
 
 # ----------------------------------------------------------------------------------------------------
-# First pass: online log-sum-exps of x and y, plus the one-pass divergences' weighted sums.
+# First pass: online log-sum-exps of x and y, plus the divergences' centred sums.
 #
-# u_x, u_y are the excesses of Σ e^(x − m_x), Σ e^(y − m_y). KL keeps acc1 = Σ e^(x − m_x)·(x − y), so
-# that Σ p (log p − log q) = acc1 / (1 + u_x) − X + Y. ALPHA_BETA keeps the three power sums relative to the
-# bounds α·m_x + β·m_y, (α+β)·m_x and (α+β)·m_y of their exponents (the last two as excesses, which share
-# the counts at the maxima with u_x, u_y); that shares the two maxima instead of keeping three more
-# log-sum-exps, and what it can lose to underflow is below float resolution of the loss.
+# u_x, u_y are the excesses of Σ e^dx, Σ e^dy (dx = x − m_x, dy = y − m_y). Every kind but ALPHA_BETA keeps
+# acc2 = Σ (e^dy − e^dx), whence r = ls_y − ls_x = log1p(acc2 / Σ e^dx) without cancellation. KL also keeps
+# acc1 = Σ e^dx·(dx − dy) and acc3 = Σ e^dx·φ(dx − dy) (see the module docstring). ALPHA_BETA keeps the three
+# power sums relative to the bounds α·m_x + β·m_y, (α+β)·m_x and (α+β)·m_y of their exponents (the last two as
+# excesses, which share the counts at the maxima with u_x, u_y); that shares the two maxima instead of keeping
+# three more log-sum-exps, and what it can lose to underflow is below float resolution of the loss.
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -151,35 +273,40 @@ def first_pass_update(KIND: tl.constexpr, x, y, m_x, u_x, m_y, u_y, acc1, acc2, 
     shift_x = m_x - ref_x  # ≤ 0; -inf before the first finite logit (and then every old sum is 0)
     shift_y = m_y - ref_y
     e_x = tl.exp(dx)
-    factor_x = tl.exp(shift_x)
-    u_x = excess_update(u_x, grew_x, factor_x, e_x, at_x)
-    u_y = excess_update(u_y, grew_y, tl.exp(shift_y), tl.exp(dy), at_y)
-    if KIND == KL:
-        # x − y is nan or ±inf only where a logit is -inf; p = 0 there contributes 0 (xlogy).
-        acc1 = acc1 * factor_x + tl.sum(tl.where(e_x > 0, e_x * (x - y), 0.0), axis=1)
-    elif KIND == ALPHA_BETA:
+    e_y = tl.exp(dy)
+    if KIND == ALPHA_BETA:
         acc1 = acc1 * tl.exp(c1 * shift_x + c2 * shift_y) + tl.sum(tl.exp(c1 * dx + c2 * dy), axis=1)
         acc2 = excess_update(acc2, grew_x, tl.exp((c1 + c2) * shift_x), tl.exp((c1 + c2) * dx), at_x)
         acc3 = excess_update(acc3, grew_y, tl.exp((c1 + c2) * shift_y), tl.exp((c1 + c2) * dy), at_y)
+    else:
+        acc1, acc2, acc3 = centred_sums_at(KIND, acc1, acc2, acc3, u_x + 1.0, shift_x, shift_y)
+        xlogy, phi, diff = kl_terms(e_x, e_y, dx - dy)
+        acc2 += tl.sum(diff, axis=1)
+        if KIND == KL:
+            acc1 += tl.sum(xlogy, axis=1)
+            acc3 += tl.sum(phi, axis=1)
+    u_x = excess_update(u_x, grew_x, tl.exp(shift_x), e_x, at_x)
+    u_y = excess_update(u_y, grew_y, tl.exp(shift_y), e_y, at_y)
     return m_x_new, u_x, m_y_new, u_y, acc1, acc2, acc3
 
 
 @triton.jit
 def first_pass_at(KIND: tl.constexpr, m_x, u_x, m_y, u_y, acc1, acc2, acc3, max_x, max_y, c1, c2):
     """A range's first-pass sums as addends of a sum over ranges at larger maxima (max_x, max_y)
-    (`excess_at`; acc1 is a plain sum), and whether the range holds each max (1.0 or 0.0)."""
+    (`excess_at`; the centred sums by `centred_sums_at`), and whether the range holds each max (1.0 or
+    0.0)."""
     shift_x = m_x - finite_or_zero(max_x)
     shift_y = m_y - finite_or_zero(max_y)
     at_x = m_x == max_x
     at_y = m_y == max_y
-    u_x = excess_at(u_x, at_x, tl.exp(shift_x))
-    u_y = excess_at(u_y, at_y, tl.exp(shift_y))
-    if KIND == KL:
-        acc1 = acc1 * tl.exp(shift_x)
-    elif KIND == ALPHA_BETA:
+    if KIND == ALPHA_BETA:
         acc1 = acc1 * tl.exp(c1 * shift_x + c2 * shift_y)
         acc2 = excess_at(acc2, at_x, tl.exp((c1 + c2) * shift_x))
         acc3 = excess_at(acc3, at_y, tl.exp((c1 + c2) * shift_y))
+    else:
+        acc1, acc2, acc3 = centred_sums_at(KIND, acc1, acc2, acc3, u_x + 1.0, shift_x, shift_y)
+    u_x = excess_at(u_x, at_x, tl.exp(shift_x))
+    u_y = excess_at(u_y, at_y, tl.exp(shift_y))
     return u_x, u_y, acc1, acc2, acc3, flag(at_x), flag(at_y)
 
 
@@ -187,7 +314,8 @@ def first_pass_at(KIND: tl.constexpr, m_x, u_x, m_y, u_y, acc1, acc2, acc3, max_
 def first_pass_merge(KIND: tl.constexpr, m_x, u_x, m_y, u_y, acc1, acc2, acc3, n_x, v_x, n_y, v_y, bcc1, bcc2,
                      bcc3, c1, c2):
     """Merge the first-pass statistics of two disjoint vocabulary ranges of the same rows: their addends at
-    the merged maxima (`first_pass_at`), plus 1 in each excess whose max both ranges hold."""
+    the merged maxima (`first_pass_at`), plus 1 in each excess whose max both ranges hold (ALPHA_BETA's
+    acc2, acc3 are excesses too; the centred sums are plain sums)."""
     max_x = tl.maximum(m_x, n_x)
     max_y = tl.maximum(m_y, n_y)
     u_x, u_y, acc1, acc2, acc3, at_ax, at_ay = first_pass_at(KIND, m_x, u_x, m_y, u_y, acc1, acc2, acc3, max_x,
@@ -196,39 +324,74 @@ def first_pass_merge(KIND: tl.constexpr, m_x, u_x, m_y, u_y, acc1, acc2, acc3, n
                                                              max_y, c1, c2)
     both_x = at_ax * at_bx
     both_y = at_ay * at_by
-    return max_x, (u_x + v_x) + both_x, max_y, (u_y + v_y) + both_y, acc1 + bcc1, (acc2 + bcc2) + both_x, \
-        (acc3 + bcc3) + both_y
+    acc2 += bcc2
+    acc3 += bcc3
+    if KIND == ALPHA_BETA:
+        acc2 += both_x
+        acc3 += both_y
+    return max_x, (u_x + v_x) + both_x, max_y, (u_y + v_y) + both_y, acc1 + bcc1, acc2, acc3
 
 
 @triton.jit
 def first_pass_finish(KIND: tl.constexpr, m_x, u_x, m_y, u_y, acc1, acc2, acc3, c1, c2):
-    """(ls_x, ls_y, L, aux1, aux2, aux3) of each row, ls = log1p(u) the log-sum; L and aux only for the
-    one-pass kinds.
+    """(ls_x, ls_y, r, L, aux1, aux2, aux3) of each row: ls = log1p(u) the log-sums, r = ls_y − ls_x to the
+    precision of its own size; L and aux only for the one-pass kinds.
 
     X = m_x + ls_x is kept in two parts: log p = (x − m_x) − ls_x rounds like log_softmax does, where
     x − X with X rounded to float32 would lose the low bits of large logits.
     """
     ls_x = log1p(u_x)
     ls_y = log1p(u_y)
+    s_x = u_x + 1.0
     L = tl.zeros_like(ls_x)
     aux1 = tl.zeros_like(ls_x)
     aux2 = tl.zeros_like(ls_x)
     aux3 = tl.zeros_like(ls_x)
-    if KIND == KL:
-        L = acc1 / (u_x + 1.0) - (m_x - m_y) - (ls_x - ls_y)
-    elif KIND == ALPHA_BETA:
+    if KIND == ALPHA_BETA:
+        r = ls_y - ls_x
         # aux1 = Σ p^α q^β, aux2 = Σ p^(α+β), aux3 = Σ q^(α+β)
         aux1 = acc1 * tl.exp(-c1 * ls_x - c2 * ls_y)
         aux2 = (acc2 + 1.0) * tl.exp(-(c1 + c2) * ls_x)
         aux3 = (acc3 + 1.0) * tl.exp(-(c1 + c2) * ls_y)
         L = -(aux1 - c1 / (c1 + c2) * aux2 - c2 / (c1 + c2) * aux3) / (c1 * c2)
-    return ls_x, ls_y, L, aux1, aux2, aux3
+    else:
+        s = acc2 / s_x  # Σ e^dy / Σ e^dx − 1
+        # log1p(s) is exact to its own size where the rows differ little element by element, and only to
+        # that of the terms of acc2 where their maxima sit at different elements (two terms near ±1 cancel);
+        # ls_y − ls_x is exact to the log-sums' size. The first where it agrees with the second within the
+        # second's own error, the second elsewhere: never worse than either by more than that error.
+        r = ls_y - ls_x
+        r = tl.where(tl.abs(log1p(s) - r) <= 8.0 * epsilon(r) * tl.maximum(ls_x, ls_y), log1p(s), r)
+        if KIND == KL:
+            # KL = E_p[dx − dy] + r = E_p[φ] − ψ(s): the second form, of two small non-negative terms, where s
+            # is small (near-identical rows); the first elsewhere, where ψ(s) is no longer small.
+            L = tl.where(tl.abs(s) <= 0.5, acc3 / s_x - log1p_excess(s), acc1 / s_x + r)
+    return ls_x, ls_y, r, L, aux1, aux2, aux3
 
 
 @triton.jit
-def log_probs(x, m, ls):
-    """log-softmax of a tile from its rows' running max m and log-sum ls."""
-    return (x - m[:, None]) - ls[:, None]
+def log_probs(x, y, m_x, ls_x, m_y, ls_y, r):
+    """(log p, log q, log p − log q) of a tile from its rows' statistics; log p − log q = (dx − dy) + r from
+    the centred logits, without the cancellation of x − y at the logits' size."""
+    dx = x - m_x[:, None]
+    dy = y - m_y[:, None]
+    lp = dx - ls_x[:, None]
+    lq = dy - ls_y[:, None]
+    return lp, lq, (dx - dy) + r[:, None]
+
+
+@triton.jit
+def kl_to_mix(p, q, lp, lm, lq_minus_lp, w_q):
+    """For M = (1 − w_q)·P + w_q·Q: (log p − log m, p·ψ(w)) per element, w = m/p − 1 = w_q·expm1(log q −
+    log p): log p − log m = −log1p(w), and the terms p·ψ(w) = p·(log p − log m) + w_q·(q − p) are ≥ 0 and
+    sum to KL(P ‖ M) (the added w_q·(q − p) sum to 0 over the whole vocabulary: where p = 0 the term is
+    w_q·q). Where w is small (near-identical rows) both come from w (series); elsewhere from the
+    log-mixture lm. log p − log m is 0 where p = 0."""
+    w = w_q * expm1(lq_minus_lp)
+    small = tl.abs(w) <= 0.5
+    lpm = tl.where(small, -log1p(w), lp - lm)
+    term = tl.where(small, p * log1p_excess(w), p * (lp - lm) + w_q * exp_diff(q, p, lq_minus_lp))
+    return tl.where(p > 0, lpm, 0.0), tl.where(p > 0, term, w_q * q)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -238,7 +401,8 @@ def log_probs(x, m, ls):
 
 
 @triton.jit
-def second_pass_terms(KIND: tl.constexpr, lp, lq, c1, c2):
+def second_pass_terms(KIND: tl.constexpr, lp, lq, lpq, c1, c2):
+    """Elementwise terms of the second-pass sums from log-probabilities lp, lq and lpq = lp − lq (`log_probs`)."""
     p = tl.exp(lp)
     q = tl.exp(lq)
     t1 = tl.zeros_like(lp)
@@ -246,16 +410,16 @@ def second_pass_terms(KIND: tl.constexpr, lp, lq, c1, c2):
     t3 = tl.zeros_like(lp)
     if KIND == JSD:
         lm = log_mix(lp, lq, c1)
-        t1 = tl.where(p > 0, p * (lp - lm), 0.0)  # KL(P ‖ M)
-        t2 = tl.where(q > 0, q * (lq - lm), 0.0)  # KL(Q ‖ M)
+        _, t1 = kl_to_mix(p, q, lp, lm, -lpq, 1.0 - c1)  # KL(P ‖ M)
+        _, t2 = kl_to_mix(q, p, lq, lm, lpq, c1)  # KL(Q ‖ M)
     elif KIND == SKEW:
         lm = log_mix(lp, lq, c1)
-        t1 = tl.where(p > 0, p * (lp - lm), 0.0)  # KL(P ‖ M)
+        _, t1 = kl_to_mix(p, q, lp, lm, -lpq, 1.0 - c1)  # KL(P ‖ M)
         t2 = tl.where(p > 0, tl.exp(lq + lp - lm), 0.0)  # S = Σ q p / M
         t3 = tl.where(p > 0, tl.exp(2.0 * lp - lm), 0.0)  # R = Σ p² / M
     elif KIND == TVD:
-        s = sign(q - p)
-        t1 = tl.abs(p - q)
+        s = sign(-lpq)  # sgn(q − p)
+        t1 = tl.abs(exp_diff(p, q, lpq))
         t2 = q * s  # σ_q = Σ q sgn(q − p)
         t3 = -p * s  # σ_p = Σ p sgn(p − q)
     return t1, t2, t3
@@ -278,8 +442,8 @@ def second_pass_finish(KIND: tl.constexpr, y1, y2, y3, c1, c2):
 
 
 @triton.jit
-def gradient_terms(KIND: tl.constexpr, lp, lq, L, aux1, aux2, aux3, c1, c2):
-    """(∂ℓ/∂x, ∂ℓ/∂y) on a tile of log-probabilities, given its rows' L and aux [rows]."""
+def gradient_terms(KIND: tl.constexpr, lp, lq, lpq, L, aux1, aux2, aux3, c1, c2):
+    """(∂ℓ/∂x, ∂ℓ/∂y) on a tile of log-probabilities (lpq = lp − lq, `log_probs`), given its rows' L and aux."""
     p = tl.exp(lp)
     q = tl.exp(lq)
     L = L[:, None]
@@ -289,21 +453,24 @@ def gradient_terms(KIND: tl.constexpr, lp, lq, L, aux1, aux2, aux3, c1, c2):
     g_x = tl.zeros_like(lp)
     g_y = tl.zeros_like(lp)
     if KIND == KL:
-        g_x = tl.where(p > 0, p * (lp - lq - L), 0.0)
-        g_y = q - p
+        g_x = tl.where(p > 0, p * (lpq - L), 0.0)
+        g_y = exp_diff(q, p, -lpq)  # q − p
     elif KIND == JSD:
         # aux1 = KL(P ‖ M), aux2 = KL(Q ‖ M)
         lm = log_mix(lp, lq, c1)
-        g_x = tl.where(p > 0, c1 * p * (lp - lm - aux1), 0.0)
-        g_y = tl.where(q > 0, (1.0 - c1) * q * (lq - lm - aux2), 0.0)
+        lpm, _ = kl_to_mix(p, q, lp, lm, -lpq, 1.0 - c1)
+        lqm, _ = kl_to_mix(q, p, lq, lm, lpq, c1)
+        g_x = tl.where(p > 0, c1 * p * (lpm - aux1), 0.0)
+        g_y = tl.where(q > 0, (1.0 - c1) * q * (lqm - aux2), 0.0)
     elif KIND == SKEW:
         # aux2 = S = Σ q p / M, aux3 = R = Σ p² / M
         lm = log_mix(lp, lq, c1)
-        g_x = tl.where(p > 0, p * (lp - lm - L) - c1 * (tl.exp(2.0 * lp - lm) - p * aux3), 0.0)
+        lpm, _ = kl_to_mix(p, q, lp, lm, -lpq, 1.0 - c1)
+        g_x = tl.where(p > 0, p * (lpm - L) - c1 * (tl.exp(2.0 * lp - lm) - p * aux3), 0.0)
         g_y = (1.0 - c1) * (q * aux2 - tl.where(p > 0, tl.exp(lq + lp - lm), 0.0))
     elif KIND == TVD:
         # aux2 = σ_q, aux3 = σ_p
-        s = sign(q - p)
+        s = sign(-lpq)  # sgn(q − p)
         g_x = 0.5 * p * (-s - aux3)
         g_y = 0.5 * q * (s - aux2)
     elif KIND == ALPHA_BETA:

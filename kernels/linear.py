@@ -117,7 +117,7 @@ def fused_forward_kernel(
 ):
     """partial[row, split] = the pass's state of the row over vocabulary [split·split_size, +split_size).
 
-    SECOND_PASS reads the merged (m_x, ls_x, m_y, ls_y) of the first from `stats` and writes (y1, y2, y3).
+    SECOND_PASS reads the merged (m_x, ls_x, m_y, r) of the first from `stats` and writes (y1, y2, y3).
     """
     pid_s = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -131,7 +131,7 @@ def fused_forward_kernel(
     part = partial_ptr + (rows.to(tl.int64) * n_splits + pid_s) * NUM_PARTIAL
 
     if SECOND_PASS:
-        m_x, ls_x, m_y, ls_y, _a1, _a2, _a3, _L, _mc, _lc = load_stats(stats_ptr, safe_rows)
+        m_x, ls_x, m_y, ls_y, r, _a1, _a2, _a3, _L, _mc, _lc = load_stats(stats_ptr, safe_rows)
         y1 = tl.zeros([BLOCK_N], ACC)
         y2 = tl.zeros([BLOCK_N], ACC)
         y3 = tl.zeros([BLOCK_N], ACC)
@@ -145,7 +145,7 @@ def fused_forward_kernel(
                           ws_stride, wt_stride, HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S, MMA_T,
                           PREC_S, PREC_T, ACC)
         if SECOND_PASS:
-            t1, t2, t3 = second_pass_tile(KIND, STUDENT_IS_P, s, t, inv_temp, m_x, ls_x, m_y, ls_y, c1, c2)
+            t1, t2, t3 = second_pass_tile(KIND, STUDENT_IS_P, s, t, inv_temp, m_x, ls_x, m_y, ls_y, r, c1, c2)
             y1 += t1
             y2 += t2
             y3 += t3
@@ -172,8 +172,8 @@ def gradient_tiles(
     s, t = both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, Hs, Ht,
                       ws_stride, wt_stride, HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S, MMA_T,
                       PREC_S, PREC_T, ACC)
-    m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
-    g_s, g_t = gradient_tile(KIND, HARD, STUDENT_IS_P, s, t, cols, labels, inv_temp, m_x, ls_x, m_y, ls_y, aux1,
+    m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
+    g_s, g_t = gradient_tile(KIND, HARD, STUDENT_IS_P, s, t, cols, labels, inv_temp, m_x, ls_x, m_y, ls_y, r, aux1,
                              aux2, aux3, L, m_c, ls_c, c1, c2, soft, hard)
     live = (scale != 0) & row_ok
     g_s = tl.where(col_ok[None, :], scale_rows(g_s, scale, live), 0.0)

@@ -73,7 +73,7 @@ def kd_logits_forward_kernel(
     part = partial_ptr + rows.to(tl.int64) * NUM_PARTIAL
 
     if STAGE == SECOND_PARTIAL:
-        m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
+        m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
     else:
         m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab = first_pass_init(BLOCK_R, ACC)
         for v0 in range(0, V, BLOCK_V):
@@ -86,7 +86,7 @@ def kd_logits_forward_kernel(
         if STAGE == FIRST_PARTIAL:
             store_partial(part, row_ok, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab)
         else:
-            ls_x, ls_y, aux1, aux2, aux3, L, ls_c, loss = first_pass_results(
+            ls_x, ls_y, r, aux1, aux2, aux3, L, ls_c, loss = first_pass_results(
                 KIND, HARD, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab, labels, V, c1, c2, soft, hard)
 
     if TWO_PASS and STAGE != FIRST_PARTIAL:
@@ -97,7 +97,7 @@ def kd_logits_forward_kernel(
             col_ok = v0 + cols < V
             s = load_tile(s_ptr + v0, s_off, cols, col_ok, ACC)
             t = load_tile(t_ptr + v0, t_off, cols, col_ok, ACC)
-            t1, t2, t3 = second_pass_tile(KIND, STUDENT_IS_P, s, t, inv_temp, m_x, ls_x, m_y, ls_y, c1, c2)
+            t1, t2, t3 = second_pass_tile(KIND, STUDENT_IS_P, s, t, inv_temp, m_x, ls_x, m_y, ls_y, r, c1, c2)
             y1 += t1
             y2 += t2
             y3 += t3
@@ -109,7 +109,17 @@ def kd_logits_forward_kernel(
 
     if STAGE == FULL:
         tl.store(loss_ptr + rows, loss, mask=row_ok)
-        store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c)
+        store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c)
+
+
+@triton.jit
+def as_output(x, out_ptr):
+    """x in the dtype of out_ptr's elements; 16-bit outputs of float64 values by way of float32 (Triton 3.9's
+    interpreter casts float64 to bfloat16 wrongly; on a GPU the two roundings differ from one only at ties)."""
+    dtype = out_ptr.dtype.element_ty
+    if dtype.primitive_bitwidth < 32:  # static
+        x = x.to(tl.float32)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -133,7 +143,7 @@ def kd_logits_backward_kernel(
     labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_R)
     cols = tl.arange(0, BLOCK_V)
 
-    m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
+    m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
     scale = tl.load(row_scale_ptr + safe_rows).to(ACC)
     live = scale != 0
 
@@ -142,11 +152,11 @@ def kd_logits_backward_kernel(
         s = load_tile(s_ptr + v0, s_off, cols, col_ok, ACC)
         t = load_tile(t_ptr + v0, t_off, cols, col_ok, ACC)
         g_s, g_t = gradient_tile(KIND, HARD, STUDENT_IS_P, s, t, v0 + cols, labels, inv_temp, m_x, ls_x, m_y,
-                                 ls_y, aux1, aux2, aux3, L, m_c, ls_c, c1, c2, soft, hard)
+                                 ls_y, r, aux1, aux2, aux3, L, m_c, ls_c, c1, c2, soft, hard)
         out_mask = row_ok[:, None] & col_ok[None, :]
         if GRAD_S:
             tl.store(grad_s_ptr + v0 + g_off[:, None] + cols[None, :],
-                     scale_rows(g_s, scale, live).to(grad_s_ptr.dtype.element_ty), mask=out_mask)
+                     as_output(scale_rows(g_s, scale, live), grad_s_ptr), mask=out_mask)
         if GRAD_T:
             tl.store(grad_t_ptr + v0 + g_off[:, None] + cols[None, :],
-                     scale_rows(g_t, scale, live).to(grad_t_ptr.dtype.element_ty), mask=out_mask)
+                     as_output(scale_rows(g_t, scale, live), grad_t_ptr), mask=out_mask)

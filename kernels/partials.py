@@ -74,9 +74,9 @@ def merge_partials_kernel(
             y1 += tl.load(part + j * NUM_PARTIAL + 0)
             y2 += tl.load(part + j * NUM_PARTIAL + 1)
             y3 += tl.load(part + j * NUM_PARTIAL + 2)
-        m_x, ls_x, m_y, ls_y, _a1, _a2, _a3, _L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
+        m_x, ls_x, m_y, ls_y, r, _a1, _a2, _a3, _L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
         aux1, aux2, aux3, L = second_pass_results(KIND, y1, y2, y3, c1, c2)
-        store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c)
+        store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c)
         tl.store(loss_ptr + rows, tl.load(loss_ptr + safe_rows) + soft * L, mask=row_ok)
     else:
         m_x = tl.load(part + 0)
@@ -106,7 +106,7 @@ def merge_partials_kernel(
                           m_c, u_c, s_lab)
         else:
             labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_N)
-            ls_x, ls_y, aux1, aux2, aux3, L, ls_c, loss = first_pass_results(
+            ls_x, ls_y, r, aux1, aux2, aux3, L, ls_c, loss = first_pass_results(
                 KIND, HARD, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab, labels, V, c1, c2, soft, hard)
-            store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c)
+            store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c)
             tl.store(loss_ptr + rows, loss, mask=row_ok)

@@ -8,7 +8,8 @@ loss
 Per-row state of the first pass (10 values): m_x, u_x, m_y, u_y, acc1..3 (divergence, `divergences.py`)
 and m_c, u_c, s_lab (cross-entropy). Per-row statistics saved for the gradient (NUM_STATS):
 
-    0 m_x  1 ls_x  2 m_y  3 ls_y  4..6 aux1..3  7 L (the divergence alone)  8 m_c  9 ls_c
+    0 m_x  1 ls_x  2 m_y  3 ls_y  4 r = ls_y − ls_x (`divergences.py`)  5..7 aux1..3  8 L (the divergence
+    alone)  9 m_c  10 ls_c
 """
 
 import triton
@@ -25,7 +26,7 @@ from .divergences import (
     second_pass_terms,
 )
 
-NUM_STATS = tl.constexpr(10)
+NUM_STATS = tl.constexpr(11)
 
 
 @triton.jit
@@ -72,23 +73,23 @@ def first_pass_tile(KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.con
 @triton.jit
 def first_pass_results(KIND: tl.constexpr, HARD: tl.constexpr, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c,
                        s_lab, labels, V, c1, c2, soft, hard):
-    """(ls_x, ls_y, aux1..3, L, ls_c, loss) of each row from its complete first-pass state. For the
+    """(ls_x, ls_y, r, aux1..3, L, ls_c, loss) of each row from its complete first-pass state. For the
     two-pass kinds L is 0 here and `loss` holds only the hard-label part."""
-    ls_x, ls_y, L, aux1, aux2, aux3 = first_pass_finish(KIND, m_x, u_x, m_y, u_y, acc1, acc2, acc3, c1, c2)
+    ls_x, ls_y, r, L, aux1, aux2, aux3 = first_pass_finish(KIND, m_x, u_x, m_y, u_y, acc1, acc2, acc3, c1, c2)
     loss = soft * L
     ls_c = tl.zeros_like(ls_x)
     if HARD:
         ls_c, ce = hard_label_finish(m_c, u_c, s_lab, labels, V)
         loss += hard * ce
-    return ls_x, ls_y, aux1, aux2, aux3, L, ls_c, loss
+    return ls_x, ls_y, r, aux1, aux2, aux3, L, ls_c, loss
 
 
 @triton.jit
-def second_pass_tile(KIND: tl.constexpr, STUDENT_IS_P: tl.constexpr, s, t, inv_temp, m_x, ls_x, m_y, ls_y, c1,
-                     c2):
+def second_pass_tile(KIND: tl.constexpr, STUDENT_IS_P: tl.constexpr, s, t, inv_temp, m_x, ls_x, m_y, ls_y, r, c1, c2):
     """The second-pass sums (y1, y2, y3) [rows] of one tile."""
     x, y = as_pq(STUDENT_IS_P, s * inv_temp, t * inv_temp)
-    t1, t2, t3 = second_pass_terms(KIND, log_probs(x, m_x, ls_x), log_probs(y, m_y, ls_y), c1, c2)
+    lp, lq, lpq = log_probs(x, y, m_x, ls_x, m_y, ls_y, r)
+    t1, t2, t3 = second_pass_terms(KIND, lp, lq, lpq, c1, c2)
     return tl.sum(t1, axis=1), tl.sum(t2, axis=1), tl.sum(t3, axis=1)
 
 
@@ -101,11 +102,11 @@ def second_pass_results(KIND: tl.constexpr, y1, y2, y3, c1, c2):
 
 @triton.jit
 def gradient_tile(KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, s, t, cols, labels,
-                  inv_temp, m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c, c1, c2, soft, hard):
+                  inv_temp, m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c, c1, c2, soft, hard):
     """(∂ℓ/∂s, ∂ℓ/∂t) on raw logit tiles: soft/T · ∂D/∂(logits/T), + hard · ∂CE/∂s (student)."""
     x, y = as_pq(STUDENT_IS_P, s * inv_temp, t * inv_temp)
-    g_x, g_y = gradient_terms(KIND, log_probs(x, m_x, ls_x), log_probs(y, m_y, ls_y), L, aux1, aux2, aux3, c1,
-                              c2)
+    lp, lq, lpq = log_probs(x, y, m_x, ls_x, m_y, ls_y, r)
+    g_x, g_y = gradient_terms(KIND, lp, lq, lpq, L, aux1, aux2, aux3, c1, c2)
     g_s, g_t = as_pq(STUDENT_IS_P, g_x * (soft * inv_temp), g_y * (soft * inv_temp))
     if HARD:
         g_s += hard * hard_label_gradient(s, m_c, ls_c, cols, labels)
@@ -123,19 +124,20 @@ def load_stats(stats_ptr, rows):
     """The NUM_STATS saved statistics of `rows` (see the module docstring for their order)."""
     p = stats_ptr + rows.to(tl.int64) * NUM_STATS
     return (tl.load(p + 0), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3), tl.load(p + 4), tl.load(p + 5),
-            tl.load(p + 6), tl.load(p + 7), tl.load(p + 8), tl.load(p + 9))
+            tl.load(p + 6), tl.load(p + 7), tl.load(p + 8), tl.load(p + 9), tl.load(p + 10))
 
 
 @triton.jit
-def store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, aux1, aux2, aux3, L, m_c, ls_c):
+def store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c):
     p = stats_ptr + rows.to(tl.int64) * NUM_STATS
     tl.store(p + 0, m_x, mask=row_ok)
     tl.store(p + 1, ls_x, mask=row_ok)
     tl.store(p + 2, m_y, mask=row_ok)
     tl.store(p + 3, ls_y, mask=row_ok)
-    tl.store(p + 4, aux1, mask=row_ok)
-    tl.store(p + 5, aux2, mask=row_ok)
-    tl.store(p + 6, aux3, mask=row_ok)
-    tl.store(p + 7, L, mask=row_ok)
-    tl.store(p + 8, m_c, mask=row_ok)
-    tl.store(p + 9, ls_c, mask=row_ok)
+    tl.store(p + 4, r, mask=row_ok)
+    tl.store(p + 5, aux1, mask=row_ok)
+    tl.store(p + 6, aux2, mask=row_ok)
+    tl.store(p + 7, aux3, mask=row_ok)
+    tl.store(p + 8, L, mask=row_ok)
+    tl.store(p + 9, m_c, mask=row_ok)
+    tl.store(p + 10, ls_c, mask=row_ok)

@@ -80,6 +80,9 @@ def test_configs_follow_the_named_gpu():
     assert -(-128256 // h100["split_size"]) == pytest.approx(2 * 132 // rows, abs=1)
     assert -(-128256 // a100["split_size"]) == pytest.approx(2 * 108 // rows, abs=1)
     assert _fused.fused_config(512, 128256, targets.H100, torch.float32)["BLOCK_H"] < h100["BLOCK_H"]
+    # The 16-bit forward before Hopper: narrower tiles (its KL first pass spilled on sm_80); the backward's own.
+    assert _fused.fused_config(512, 128256, targets.A100, forward=True)["BLOCK_V"] == a100["BLOCK_V"] // 2
+    assert _fused.fused_config(512, 128256, targets.H100, forward=True) == h100
     assert "num_warps" not in _fused.fused_config(512, 128256, None)
     assert targets.of_device(torch.device("cpu")) is None
     with targets.assume("a100"):
