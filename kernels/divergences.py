@@ -33,7 +33,8 @@ matters while the logits are of order 30, and the divergence is of order ε². W
   differences e^dy − e^dx, each computed without cancellation (`exp_diff`);
 * KL is Σ p φ(dx − dy) − ψ(s): φ(d) = e^−d − 1 + d and ψ(s) = s − log1p(s) are non-negative and of order ε²
   (series where small: `exp_tail`, `log1p_excess`), s = Σ (e^dy − e^dx) / Σ e^dx;
-* the KL parts of JSD and the skews are Σ p ψ(w), w = m/p − 1: the first-order terms p·w sum to zero.
+* the KL parts of JSD and the skews take log p − log m = −log1p(m/p − 1) per element; JSD sums them as
+  Σ p ψ(m/p − 1) ≥ 0, whose first-order terms cancel (`kl_to_mix`).
 """
 
 import triton
@@ -382,16 +383,22 @@ def log_probs(x, y, m_x, ls_x, m_y, ls_y, r):
 
 @triton.jit
 def kl_to_mix(p, q, lp, lm, lq_minus_lp, w_q):
-    """For M = (1 − w_q)·P + w_q·Q: (log p − log m, p·ψ(w)) per element, w = m/p − 1 = w_q·expm1(log q −
-    log p): log p − log m = −log1p(w), and the terms p·ψ(w) = p·(log p − log m) + w_q·(q − p) are ≥ 0 and
-    sum to KL(P ‖ M) (the added w_q·(q − p) sum to 0 over the whole vocabulary: where p = 0 the term is
-    w_q·q). Where w is small (near-identical rows) both come from w (series); elsewhere from the
-    log-mixture lm. log p − log m is 0 where p = 0."""
+    """For M = (1 − w_q)·P + w_q·Q, per element: (log p − log m, p·(log p − log m), p·ψ(w)), with
+    w = m/p − 1 = w_q·expm1(log q − log p).
+
+    log p − log m = −log1p(w), to the precision of its own size where w is small (near-identical rows: no
+    cancellation of log p and log m, each of the logits' size); elsewhere from the log-mixture lm; 0 where
+    p = 0. The terms p·ψ(w) = p·(log p − log m) + w_q·(q − p) ≥ 0 (w_q·q where p = 0) also sum to
+    KL(P ‖ M) — their first-order parts w_q·(q − p) sum to zero — without the sum's cancellation of order
+    ε on near-identical rows, but they carry the error of the rows' normalizations at first order (30 times
+    the reference's error on a peaked teacher row against a flat student). In JSD those parts cancel
+    element by element between KL(P ‖ M) and KL(Q ‖ M), and only there are these terms taken."""
     w = w_q * expm1(lq_minus_lp)
     small = tl.abs(w) <= 0.5
     lpm = tl.where(small, -log1p(w), lp - lm)
-    term = tl.where(small, p * log1p_excess(w), p * (lp - lm) + w_q * exp_diff(q, p, lq_minus_lp))
-    return tl.where(p > 0, lpm, 0.0), tl.where(p > 0, term, w_q * q)
+    lpm = tl.where(p > 0, lpm, 0.0)
+    psi = tl.where(small, p * log1p_excess(w), p * (lp - lm) + w_q * exp_diff(q, p, lq_minus_lp))
+    return lpm, p * lpm, tl.where(p > 0, psi, w_q * q)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -410,11 +417,11 @@ def second_pass_terms(KIND: tl.constexpr, lp, lq, lpq, c1, c2):
     t3 = tl.zeros_like(lp)
     if KIND == JSD:
         lm = log_mix(lp, lq, c1)
-        _, t1 = kl_to_mix(p, q, lp, lm, -lpq, 1.0 - c1)  # KL(P ‖ M)
-        _, t2 = kl_to_mix(q, p, lq, lm, lpq, c1)  # KL(Q ‖ M)
+        _, _, t1 = kl_to_mix(p, q, lp, lm, -lpq, 1.0 - c1)  # KL(P ‖ M)
+        _, _, t2 = kl_to_mix(q, p, lq, lm, lpq, c1)  # KL(Q ‖ M)
     elif KIND == SKEW:
         lm = log_mix(lp, lq, c1)
-        _, t1 = kl_to_mix(p, q, lp, lm, -lpq, 1.0 - c1)  # KL(P ‖ M)
+        _, t1, _ = kl_to_mix(p, q, lp, lm, -lpq, 1.0 - c1)  # KL(P ‖ M)
         t2 = tl.where(p > 0, tl.exp(lq + lp - lm), 0.0)  # S = Σ q p / M
         t3 = tl.where(p > 0, tl.exp(2.0 * lp - lm), 0.0)  # R = Σ p² / M
     elif KIND == TVD:
@@ -458,14 +465,14 @@ def gradient_terms(KIND: tl.constexpr, lp, lq, lpq, L, aux1, aux2, aux3, c1, c2)
     elif KIND == JSD:
         # aux1 = KL(P ‖ M), aux2 = KL(Q ‖ M)
         lm = log_mix(lp, lq, c1)
-        lpm, _ = kl_to_mix(p, q, lp, lm, -lpq, 1.0 - c1)
-        lqm, _ = kl_to_mix(q, p, lq, lm, lpq, c1)
+        lpm, _, _ = kl_to_mix(p, q, lp, lm, -lpq, 1.0 - c1)
+        lqm, _, _ = kl_to_mix(q, p, lq, lm, lpq, c1)
         g_x = tl.where(p > 0, c1 * p * (lpm - aux1), 0.0)
         g_y = tl.where(q > 0, (1.0 - c1) * q * (lqm - aux2), 0.0)
     elif KIND == SKEW:
         # aux2 = S = Σ q p / M, aux3 = R = Σ p² / M
         lm = log_mix(lp, lq, c1)
-        lpm, _ = kl_to_mix(p, q, lp, lm, -lpq, 1.0 - c1)
+        lpm, _, _ = kl_to_mix(p, q, lp, lm, -lpq, 1.0 - c1)
         g_x = tl.where(p > 0, p * (lpm - L) - c1 * (tl.exp(2.0 * lp - lm) - p * aux3), 0.0)
         g_y = (1.0 - c1) * (q * aux2 - tl.where(p > 0, tl.exp(lq + lp - lm), 0.0))
     elif KIND == TVD:
