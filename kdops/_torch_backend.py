@@ -11,7 +11,7 @@ import torch
 
 from .divergences import Divergence
 from .parallel import vocab_parallel_rows
-from .reference import divergence_rows
+from .reference import compute_dtype, divergence_rows
 
 #: Default budget for one chunk's temporaries, in bytes (`chunk_rows` sizes chunks from it).
 BUDGET_BYTES = 256 * 2**20
@@ -36,7 +36,7 @@ class ChunkedKDFunction(torch.autograd.Function):
         # Under vocabulary parallelism each chunk communicates: every rank sizes them for the widest shard.
         width = vocab if shards is None else shards.max_width
         chunk = chunk_rows(width, itemsize=max(4, student.element_size()))
-        out = torch.zeros(rows, dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
+        out = torch.zeros(rows, dtype=compute_dtype(student, teacher), device=student.device)
         for start in range(0, rows, chunk):
             end = min(start + chunk, rows)
             out[start:end] = _rows(divergence, student[start:end], teacher[start:end], temperature, shards)

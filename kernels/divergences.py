@@ -473,7 +473,9 @@ def gradient_terms(KIND: tl.constexpr, lp, lq, lpq, L, aux1, aux2, aux3, c1, c2)
         # aux2 = S = Σ q p / M, aux3 = R = Σ p² / M
         lm = log_mix(lp, lq, c1)
         lpm, _, _ = kl_to_mix(p, q, lp, lm, -lpq, 1.0 - c1)
-        g_x = tl.where(p > 0, p * (lpm - L) - c1 * (tl.exp(2.0 * lp - lm) - p * aux3), 0.0)
+        # c1·(p²/M − p·R) is 0 at c1 = 0 (M = Q), where p²/M may overflow as q underflows
+        cross = tl.where(c1 > 0, c1 * (tl.exp(2.0 * lp - lm) - p * aux3), 0.0)
+        g_x = tl.where(p > 0, p * (lpm - L) - cross, 0.0)
         g_y = (1.0 - c1) * (q * aux2 - tl.where(p > 0, tl.exp(lq + lp - lm), 0.0))
     elif KIND == TVD:
         # aux2 = σ_q, aux3 = σ_p

@@ -17,6 +17,18 @@ import kdops._launch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+# Hypothesis profiles (tests/test_properties.py). "ci", the default: a bounded number of examples, the same
+# ones every run (derandomized, no example database), no deadline (the Triton interpreter is slow).
+# "thorough", for hunting: `python -m pytest tests/test_properties.py --hypothesis-profile=thorough`.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_SLOW_OK = [HealthCheck.too_slow]
+settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=_SLOW_OK, print_blob=True)
+settings.register_profile("thorough", max_examples=2000, deadline=None, suppress_health_check=_SLOW_OK,
+                          print_blob=True)
+settings.load_profile("ci")
+
 
 # `python -m pytest -m gpu_smoke`: a few minutes' worth of kernel tests on a GPU (about a minute under the
 # interpreter) that every kernel goes through — kd_loss's Triton forward and backward, the fused lm_head
