@@ -152,8 +152,9 @@ def test_several_chunks_splits_and_scratch_groups(monkeypatch):
     monkeypatch.setattr(kdops._fused, "SCRATCH_BYTES", 16 * HT * 4)
     original = kdops._fused.fused_config
 
-    def small(n_rows, vocab, gpu, dtype):
-        return dict(original(n_rows, vocab, gpu, dtype), BLOCK_N=16, BLOCK_V=64, BLOCK_H=32, split_size=192)
+    def small(n_rows, vocab, gpu, dtype, **kwargs):
+        return dict(original(n_rows, vocab, gpu, dtype, **kwargs), BLOCK_N=16, BLOCK_V=64, BLOCK_H=32,
+                    split_size=192)
 
     monkeypatch.setattr(kdops._fused, "fused_config", small)
     x = make_inputs(torch.bfloat16, seed=7)
