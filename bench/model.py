@@ -287,6 +287,7 @@ class _Ctx:
     divergence: Divergence
     dtype: torch.dtype
     tf32: bool
+    budget: int | None = None  # the chunked paths' memory_budget (None: kdops._chunked.MEMORY_BUDGET)
 
     @property
     def b(self) -> int:
@@ -557,36 +558,46 @@ def _zero_grads(ctx: _Ctx, phase: str) -> _Kernel:
     return _Kernel(phase, launches=2, items=[("dH and dW zeroed", n * hs * ctx.b / 2 + v * hs * ctx.acc / 2)])
 
 
-def _cast_weight_grad(ctx: _Ctx) -> list[_Kernel]:
-    """The float32 dW accumulator rounded once to the weight dtype, after the last chunk."""
+def chunked_plan(ctx: _Ctx, engine: str = "triton") -> "_chunked.Plan":
+    """`kdops._chunked.plan` for the student's gradients (dH, dW; frozen teacher), as ChunkedProblem plans."""
+    sides = (_chunked.SideNeeds(ctx.dtype, ctx.shape.hidden_student, True, True),
+             _chunked.SideNeeds(ctx.dtype, ctx.shape.hidden_teacher, False, False))
+    return _chunked.plan(ctx.shape.tokens, ctx.shape.vocab, engine, ctx.acc_dtype, sides, ctx.budget)
+
+
+def _chunked_sides(ctx: _Ctx):
+    return (_chunked.SideNeeds(ctx.dtype, ctx.shape.hidden_student, True, True),
+            _chunked.SideNeeds(ctx.dtype, ctx.shape.hidden_teacher, False, False))
+
+
+def _group_backprop(ctx: _Ctx, rows: int, launches: float, accumulate: bool) -> list[_Kernel]:
+    """`kdops._chunked._Side.backprop` of one group of `rows` rows (student; frozen teacher), by cuBLAS: dH = G·W
+    (G kept in the weight dtype), and dW += Gᵀ·h into the float32 accumulator (`accumulate`: several groups,
+    read-modify-written per group), or dW = Gᵀ·h summed in float32 and rounded once by cuBLAS (one group)."""
     v, hs, b, acc = ctx.shape.vocab, ctx.shape.hidden_student, ctx.b, ctx.acc
-    if b == acc:
+    kernels = [_Kernel("fwd: dH matmul, per group", mm_flops=2.0 * rows * v * hs, mm_dtype=ctx.dtype,
+                       launches=launches, items=[("G read", rows * v * b), ("W_s re-read per group", v * hs * b),
+                                                 ("dH written", rows * hs * b)])]
+    if accumulate or b == acc:
+        kernels.append(_Kernel("fwd: dW matmul (addmm_), per group", mm_flops=2.0 * rows * v * hs, mm_dtype=ctx.dtype,
+                               launches=launches,
+                               items=[("G read", rows * v * b), ("h_s read", rows * hs * b),
+                                      ("dW (float32) read-modify-write per group" if accumulate else "dW written",
+                                       (2 if accumulate else 1) * v * hs * acc)]))
+        return kernels
+    kernels.append(_Kernel("fwd: dW matmul (one group: float32 sums, rounded once)", mm_flops=2.0 * rows * v * hs,
+                           mm_dtype=ctx.dtype, launches=launches,
+                           items=[("G read", rows * v * b), ("h_s read", rows * hs * b), ("dW written", v * hs * b)]))
+    return kernels
+
+
+def _cast_weight_grad(ctx: _Ctx, accumulate: bool) -> list[_Kernel]:
+    """The float32 dW accumulator rounded once to the weight dtype, after the last group."""
+    v, hs, b, acc = ctx.shape.vocab, ctx.shape.hidden_student, ctx.b, ctx.acc
+    if b == acc or not accumulate:
         return []
     return [_Kernel("fwd: cast dW to the weight dtype", items=[("dW read (float32)", v * hs * acc),
                                                                  ("dW written", v * hs * b)])]
-
-
-def _weight_grad_accumulator(ctx: _Ctx) -> int:
-    """Bytes of the float32 dW accumulator beside the gradient itself (none when dW is float32 already)."""
-    return ctx.shape.vocab * ctx.shape.hidden_student * ctx.acc if ctx.b != ctx.acc else 0
-
-
-def _backprop(ctx: _Ctx, rows: int, launches: float, prefix: str) -> list[_Kernel]:
-    """`kdops._chunked._Side.backprop` for the student (frozen teacher): G cast to the weight dtype, dH = G·W
-    (W re-read), dW += Gᵀ·h (read-modify-write of dW's float32 accumulator), cuBLAS."""
-    v, hs, b, acc = ctx.shape.vocab, ctx.shape.hidden_student, ctx.b, ctx.acc
-    kernels = []
-    if b != acc:
-        kernels.append(_Kernel(f"{prefix}: cast G to the weight dtype", launches=launches,
-                               items=[("G read (float32)", rows * v * acc), ("G written", rows * v * b)]))
-    kernels.append(_Kernel(f"{prefix}: dH matmul", mm_flops=2.0 * rows * v * hs, mm_dtype=ctx.dtype, launches=launches,
-                           items=[("G read", rows * v * b), ("W_s re-read per chunk", v * hs * b),
-                                  ("dH written", rows * hs * b)]))
-    kernels.append(_Kernel(f"{prefix}: dW matmul (addmm_)", mm_flops=2.0 * rows * v * hs, mm_dtype=ctx.dtype,
-                           launches=launches,
-                           items=[("G read", rows * v * b), ("h_s read", rows * hs * b),
-                                  ("dW (float32) read-modify-write per chunk", 2 * v * hs * acc)]))
-    return kernels
 
 
 def _logits_matmuls(ctx: _Ctx, rows: int, launches: float, phase: str, out_itemsize: int) -> list[_Kernel]:
@@ -601,43 +612,65 @@ def _logits_matmuls(ctx: _Ctx, rows: int, launches: float, phase: str, out_items
     return kernels
 
 
-def _scale_grads(ctx: _Ctx) -> _Kernel:
-    """The eager paths' backward: the gradients computed in the forward, multiplied by the upstream gradient."""
-    n, v, hs = ctx.shape.tokens, ctx.shape.vocab, ctx.shape.hidden_student
-    return _Kernel("bwd: scale dH, dW by the upstream gradient", launches=2,
-                   items=[("dH, dW read and written", (n * hs + v * hs) * ctx.b)])
-
-
 def chunked_rows(shape: Shape, dtype: torch.dtype, engine: str = "triton", budget: int | None = None) -> int:
-    """Rows per chunk of `impl="chunked"` (engine "triton") or of backend="torch", as ChunkedProblem sizes them."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    per_row = _chunked.bytes_per_row(shape.vocab, engine, (dtype, dtype), acc)
-    return _chunked.chunk_rows(shape.tokens, per_row, budget)
+    """Rows per chunk of `impl="chunked"` (engine "triton") or of backend="torch", as ChunkedProblem plans them
+    for the student's gradients."""
+    return chunked_plan(_Ctx(shape, targets.H100, kdops.as_divergence("forward_kl"), dtype, False, budget),
+                        engine).chunk
 
 
 # --- chunked ----------------------------------------------------------------------------------------------------------
 
+def _chunked_common(ctx: _Ctx, engine: str, chunk_kernels) -> tuple:
+    """The chunked paths' phases: per chunk, both logits matmuls and `chunk_kernels(rows, count)` (the loss and
+    G into the group's store); per group, the dH and dW matmuls; then the accumulator's cast. The backward
+    has nothing left to do under loss.backward() (an upstream 1: `kdops._autograd` skips the scaling).
+    Returns (kernels, plan)."""
+    n = ctx.shape.tokens
+    plan = chunked_plan(ctx, engine)
+    kernels = [_Kernel("fwd: zero dW's float32 accumulator", items=[("dW zeroed", ctx.shape.vocab
+                                                                       * ctx.shape.hidden_student * ctx.acc)])] \
+        if plan.accumulate else []
+    for group_rows, groups in _chunks(n, plan.group):
+        for rows, count in _chunks(group_rows, plan.chunk):
+            kernels += _logits_matmuls(ctx, rows, count * groups, "fwd: logits matmuls (float32 out)", ctx.acc)
+            kernels += chunk_kernels(rows, count * groups)
+        kernels += _group_backprop(ctx, group_rows, groups, plan.accumulate)
+    kernels += _cast_weight_grad(ctx, plan.accumulate)
+    return kernels, plan
+
+
+def _plan_text(ctx: _Ctx, plan) -> str:
+    budget = _chunked.MEMORY_BUDGET if ctx.budget is None else ctx.budget
+    groups = _cdiv(ctx.shape.tokens, plan.group)
+    return (f"{_cdiv(ctx.shape.tokens, plan.chunk)} chunks of {plan.chunk} rows, "
+            + (f"{groups} groups of {plan.group} rows (dW summed in a float32 accumulator)" if plan.accumulate
+               else "one group (G of every row kept; dW one product, no accumulator)")
+            + f" (kdops._chunked.plan, memory_budget {_size(budget)})")
+
+
 def _chunked_path(ctx: _Ctx):
     n, v, b, acc = ctx.shape.tokens, ctx.shape.vocab, ctx.b, ctx.acc
     num_stats, _ = _kernel_constants()
-    chunk = chunked_rows(ctx.shape, ctx.dtype)
-    kernels = [_zero_grads(ctx, "fwd: zero dH, dW")]
-    for rows, count in _chunks(n, chunk):
-        kernels += _logits_matmuls(ctx, rows, count, "fwd: logits matmuls (float32 out)", acc)
-        for k in _kernels_on_logits(ctx, rows, acc, "logits buffers", "fwd: kernels on logits", False, count):
-            kernels.append(k)
-        kernels += _kernels_on_logits(ctx, rows, acc, "logits buffers", "fwd: kernel on logits (G over the buffer)",
-                                      True, count, grad_label="G_s written over the student's buffer")
-        kernels += _backprop(ctx, rows, count, "fwd")
-    kernels += _cast_weight_grad(ctx)
-    kernels.append(_scale_grads(ctx))
-    extra = (2 * chunk * v * acc + (chunk * v * b if b != acc else 0) + n * (2 * acc + 1) + chunk * num_stats * acc
-             + _weight_grad_accumulator(ctx))
-    detail = (f"{chunk}-row chunks (kdops._chunked.chunk_rows under CHUNK_BYTES = {_chunked.CHUNK_BYTES // MiB} MiB): "
-              f"two float32 [chunk, V] buffers" + (" + G in the weight dtype + dW's float32 accumulator [V, H]"
-                                                   if b != acc else ""))
-    notes = (f"{_cdiv(n, chunk)} chunks of {chunk} rows; batchmean: the gradients are computed in the forward, the "
-             f"backward only scales them",)
+
+    def chunk_kernels(rows, count):
+        out = _kernels_on_logits(ctx, rows, acc, "logits buffers", "fwd: kernels on logits", False, count)
+        # G written straight into the group's store in the weight's dtype (16 bits: half a float32 row)
+        return out + [k for k in _kernels_on_logits(ctx, rows, acc, "logits buffers",
+                                                      "fwd: kernel on logits (G into the group's store)", True,
+                                                      count, grad_label="G_s written (weight dtype)")]
+
+    kernels, plan = _chunked_common(ctx, "triton", chunk_kernels)
+    # the G write is counted at the logits' itemsize by _kernels_on_logits: G is in the weight's dtype
+    for k in kernels:
+        if k.phase == "fwd: kernel on logits (G into the group's store)":
+            k.items = [(name, nbytes * b / acc if name == "G_s written (weight dtype)" else nbytes)
+                       for name, nbytes in k.items]
+    extra = plan.extra_bytes(v, "triton", ctx.acc_dtype, _chunked_sides(ctx)) + n * (2 * acc + 1) \
+        + plan.chunk * num_stats * acc
+    detail = _plan_text(ctx, plan) + ": two float32 [chunk, V] logits buffers + G [group, V] in the weight dtype"
+    notes = ("batchmean: the gradients are computed in the forward; the backward scales them by an upstream "
+             "gradient other than 1 (one pass over dH and dW, not counted)",)
     return kernels, extra, detail, notes
 
 
@@ -725,27 +758,24 @@ def _fused_path(ctx: _Ctx):
 # --- fused_linear_kd_loss backend="torch" -------------------------------------------------------------------
 
 def _fused_torch(ctx: _Ctx):
-    n, v, b, acc = ctx.shape.tokens, ctx.shape.vocab, ctx.b, ctx.acc
-    chunk = chunked_rows(ctx.shape, ctx.dtype, engine="torch")
-    kernels = [_zero_grads(ctx, "fwd: zero dH, dW")]
+    n, v, acc = ctx.shape.tokens, ctx.shape.vocab, ctx.acc
     names = {("fwd", "ew"): "fwd: reference math under autograd (per chunk)", ("fwd", "mm"): "fwd: matmuls in the math"}
-    peak = 0
-    for rows, count in _chunks(n, chunk):
-        kernels += _logits_matmuls(ctx, rows, count, "fwd: logits matmuls (float32 out)", acc)
+    probed = {"peak": 0, "ops": 0}
+
+    def chunk_kernels(rows, count):
         math_kernels, math_peak, ops = _torch_kernels(ctx, "fused-torch", {_P_CHUNK: rows, _P_VOCAB: v}, names, count,
                                                        every_op=True)
-        kernels += math_kernels
-        peak = max(peak, math_peak)
-        kernels += _backprop(ctx, rows, count, "fwd")
-    kernels += _cast_weight_grad(ctx)
-    kernels.append(_scale_grads(ctx))
-    extra = 2 * chunk * v * acc + peak + (chunk * v * b if b != acc else 0) + n * (2 * acc + 1) \
-        + _weight_grad_accumulator(ctx)
-    detail = (f"{chunk}-row chunks (bytes_per_row with {_chunked.TORCH_TEMPORARIES} autograd temporaries): two "
-              f"float32 buffers + the math's temporaries ({peak / MiB:.0f} MiB, probed)"
-              + (" + dW's float32 accumulator [V, H]" if b != acc else ""))
-    notes = (f"estimate: the chunk's math is {ops} aten operators (probed), each reading its inputs and writing its "
-             f"outputs once; {_cdiv(n, chunk)} chunks, each re-reading both weights",)
+        probed["peak"], probed["ops"] = max(probed["peak"], math_peak), ops
+        return math_kernels + [_Kernel("fwd: G copied into the group's store", launches=count,
+                                       items=[("G read (float32)", rows * v * acc), ("G written", rows * v * ctx.b)])]
+
+    kernels, plan = _chunked_common(ctx, "torch", chunk_kernels)
+    extra = (2 * plan.chunk * v * acc + probed["peak"] + plan.group * v * ctx.b + n * (2 * acc + 1)
+             + (_chunked.accumulator_bytes(v, ctx.acc_dtype, _chunked_sides(ctx)) if plan.accumulate else 0))
+    detail = (_plan_text(ctx, plan) + f", with {_chunked.TORCH_TEMPORARIES} autograd temporaries per logit: two "
+              f"float32 buffers + the math's temporaries ({probed['peak'] / MiB:.0f} MiB, probed) + G in the weight dtype")
+    notes = (f"estimate: the chunk's math is {probed['ops']} aten operators (probed), each reading its inputs and "
+             f"writing its outputs once; each chunk re-reads both weights",)
     return kernels, extra, detail, notes
 
 
@@ -923,16 +953,17 @@ def floor_seconds(path: str, shape: Shape, gpu: targets.GPU, dtype: torch.dtype)
 
 
 def predict(path: str, shape: Shape, gpu: targets.GPU | str = targets.H100, divergence="forward_kl",
-            dtype: torch.dtype = torch.bfloat16, tf32: bool = False) -> Prediction:
+            dtype: torch.dtype = torch.bfloat16, tf32: bool = False, budget: int | None = None) -> Prediction:
     """The predicted phases, time, ratio to the floor and extra memory of `path` at `shape` on `gpu`; with
-    `tf32`, float32 matmuls at the TF32 rate instead of exact ("ieee") float32 products."""
+    `tf32`, float32 matmuls at the TF32 rate instead of exact ("ieee") float32 products; `budget`, the
+    chunked paths' memory_budget (default kdops._chunked.MEMORY_BUDGET)."""
     if path not in _BUILDERS:
         raise ValueError(f"unknown path {path!r}; known: {', '.join(PATHS)}")
     gpu = targets.by_name(gpu) if isinstance(gpu, str) else gpu
     divergence = kdops.as_divergence(divergence)
     if not applies(path, divergence):
         raise ValueError(f"{path} has no {divergence.name}")
-    ctx = _Ctx(shape, gpu, divergence, dtype, tf32)
+    ctx = _Ctx(shape, gpu, divergence, dtype, tf32, budget)
     kernels, extra, detail, notes = _BUILDERS[path](ctx)
     return Prediction(path, shape, gpu.name, divergence.name, str(dtype).removeprefix("torch."), tf32,
                       _phases(kernels, gpu, tf32), floor_seconds(path, shape, gpu, dtype), float(extra), detail,

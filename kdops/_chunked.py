@@ -2,12 +2,25 @@
 
 Per chunk of C rows: the logits of both models by matmuls into reused float32 [C, V] buffers (on CUDA,
 cuBLAS with a float32 output: no bf16 rounding before the softmax); the loss and the logit gradient
-G = ∂ℓ/∂logits of the chunk from them, by the kernels on logits writing G over the logits (engine
-"triton") or by the reference math under autograd (engine "torch"); then dH[chunk] = G·W and
-dW += Gᵀ·h_chunk by matmuls. Extra memory is the chunk's buffers, sized from a budget in bytes.
+G = ∂ℓ/∂logits of the chunk from them, by the kernels on logits (engine "triton", which write G straight in
+the weight's dtype) or by the reference math under autograd (engine "torch"). G is kept, in the weight's
+dtype, for a *group* of rows (several chunks); per group, dH[group] = G·W and dW += Gᵀ·h[group] by one
+matmul each.
+
+The loop order is the cost model's (`python -m bench.model`): a weight gradient summed over token chunks
+needs a float32 [V, H] accumulator read and written once per group (2 GiB and 4 GiB of traffic per group at
+V = 128k, H = 4096), where keeping G for every row (one group, [N, V] in 16 bits: 2 GiB at 8192 tokens)
+needs no accumulator at all: dW = Gᵀ·h is then one matmul whose products are summed in float32 and rounded
+once. `plan` picks the rows per chunk and per group under a memory budget (`memory_budget`, default
+MEMORY_BUDGET = 4 GiB): one group whenever every row's G and a chunk of MIN_CHUNK_ROWS rows fit, else
+the float32 accumulators and the rest split evenly between the chunk's logits and the group's G; never
+chunks thinner than MIN_CHUNK_ROWS (a budget too small for that is exceeded).
 """
 
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
 
 import torch
 
@@ -15,30 +28,116 @@ from . import _launch
 from .parallel import vocab_parallel_rows
 from .reference import compute_dtype, linear_kd_rows
 
-#: Default bytes for one chunk's buffers (`chunk_bytes` of the fused API overrides it).
-CHUNK_BYTES = 256 * 2**20
+#: Default extra memory of the chunked path, in bytes (`memory_budget` of the fused API overrides it): the
+#: chunk's logits, the group's G and the weight gradients' float32 accumulators.
+MEMORY_BUDGET = 4 * 2**30
+
+#: The fewest rows per chunk (or every row): thinner chunks re-read both weights for too few rows. Below it a
+#: single group gives way to several (a float32 accumulator), and a budget too small for either is exceeded.
+MIN_CHUNK_ROWS = 256
+
+#: Bytes of the float32 [slice, H] product a one-group weight gradient is computed through off CUDA, slice by
+#: slice of the vocabulary, before its one rounding to the weight dtype (cuBLAS writes it directly).
+DW_SLICE_BYTES = 64 * 2**20
 
 # Float32 [C, V] temporaries of the torch engine's autograd, on top of the two logits buffers (JSD, the
 # worst divergence, peaks at 14; tests/test_memory.py checks the bound).
 TORCH_TEMPORARIES = 16
 
 
-def bytes_per_row(vocab: int, engine: str, weight_dtypes, acc_dtype: torch.dtype) -> int:
-    """Bytes one row of a chunk needs: two float32 logits rows, plus the casts of G to each weight dtype
-    (engine "triton") or the autograd temporaries (engine "torch")."""
-    acc = torch.empty((), dtype=acc_dtype).element_size()
-    if engine == "torch":
-        return vocab * acc * (2 + TORCH_TEMPORARIES)
-    casts = sum(torch.empty((), dtype=d).element_size() for d in weight_dtypes if d != acc_dtype)
-    return vocab * (2 * acc + casts)
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
-def chunk_rows(n_rows: int, per_row: int, budget: int | None) -> int:
-    """Rows per chunk under `budget` bytes (default CHUNK_BYTES), a multiple of 16 when at least 16."""
-    rows = max(1, (CHUNK_BYTES if budget is None else budget) // per_row)
-    if rows >= n_rows:
-        return max(n_rows, 1)
-    return rows - rows % 16 if rows >= 16 else rows
+@dataclass(frozen=True)
+class SideNeeds:
+    """What one model's lm_head contributes to the plan: its weight's dtype and [V, H] width, and which of
+    its gradients are asked for (any of dH, dW, db makes its G kept; dW in 16 bits needs an accumulator
+    when there are several groups)."""
+
+    weight_dtype: torch.dtype
+    width: int
+    grad: bool
+    weight_grad: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Rows per chunk (logits) and per group (G kept, dH and dW products); group is a multiple of chunk,
+    or every row. `accumulate`: several groups, weight gradients summed in float32 accumulators."""
+
+    chunk: int
+    group: int
+    accumulate: bool
+
+    def extra_bytes(self, vocab: int, engine: str, acc_dtype: torch.dtype, sides) -> int:
+        """The plan's buffers: logits (and the torch engine's temporaries), G, accumulators or the dW slice."""
+        total = self.chunk * logits_row_bytes(vocab, engine, acc_dtype) + self.group * store_row_bytes(vocab, sides)
+        if self.accumulate:
+            return total + accumulator_bytes(vocab, acc_dtype, sides)
+        return total + max((DW_SLICE_BYTES for s in sides if s.weight_grad and s.weight_dtype != acc_dtype),
+                           default=0)
+
+
+def logits_row_bytes(vocab: int, engine: str, acc_dtype: torch.dtype) -> int:
+    """One row of a chunk: two float32 logits rows, plus the autograd temporaries of engine "torch"."""
+    return vocab * _size(acc_dtype) * (2 + (TORCH_TEMPORARIES if engine == "torch" else 0))
+
+
+def store_row_bytes(vocab: int, sides) -> int:
+    """One row of a group: G in each weight's dtype, for the sides whose gradients are asked for."""
+    return sum(vocab * _size(s.weight_dtype) for s in sides if s.grad)
+
+
+def accumulator_bytes(vocab: int, acc_dtype: torch.dtype, sides) -> int:
+    """The float32 [V, H] sums of 16-bit weight gradients over several groups (a float32 weight's gradient
+    is its own accumulator)."""
+    return sum(vocab * s.width * _size(acc_dtype) for s in sides if s.weight_grad and s.weight_dtype != acc_dtype)
+
+
+def _rows(count: int, n_rows: int) -> int:
+    """count rows, at least 1 and at most n_rows, a multiple of 16 when at least 16 and fewer than n_rows."""
+    count = max(1, min(count, n_rows))
+    return count if count >= n_rows or count < 16 else count - count % 16
+
+
+def plan(n_rows: int, vocab: int, engine: str, acc_dtype: torch.dtype, sides, budget: int | None = None) -> Plan:
+    """Rows per chunk and per group under `budget` bytes (default MEMORY_BUDGET). One group when every
+    row's G and a chunk of min(rows, MIN_CHUNK_ROWS) rows fit beside it (no accumulator; dW one matmul);
+    else several groups: the budget less the accumulators, half for the chunk's logits and half for the
+    group's G (a group is a whole number of chunks). Chunks never get thinner than MIN_CHUNK_ROWS (each
+    re-reads both weights): a budget below both smallest plans is exceeded by the one-group plan of
+    MIN_CHUNK_ROWS-row chunks, or by the several-group one where that one takes 20 % less memory."""
+    n_rows = max(n_rows, 1)
+    budget = MEMORY_BUDGET if budget is None else budget
+    logits_row, store_row = logits_row_bytes(vocab, engine, acc_dtype), store_row_bytes(vocab, sides)
+    least = min(n_rows, MIN_CHUNK_ROWS)
+    one_group = Plan(least, n_rows, False)
+    room = budget - one_group.extra_bytes(vocab, engine, acc_dtype, sides) + least * logits_row
+    if room >= least * logits_row:
+        return Plan(_rows(room // logits_row, n_rows), n_rows, False)
+    room = budget - accumulator_bytes(vocab, acc_dtype, sides)
+    if room < least * (logits_row + store_row):  # over budget: the faster one group, unless 1.25x the memory
+        groups = Plan(least, least, least < n_rows)
+        one, several = (p.extra_bytes(vocab, engine, acc_dtype, sides) for p in (one_group, groups))
+        return one_group if 4 * one <= 5 * several else groups
+    chunk = max(_rows(room // 2 // logits_row, n_rows), least)
+    per_group = (room - chunk * logits_row) // store_row if store_row else n_rows
+    group = min(max(chunk, per_group // chunk * chunk), n_rows)
+    return Plan(chunk, group, group < n_rows)
+
+
+@contextlib.contextmanager
+def _float32_sums():
+    """cuBLAS sums 16-bit products in float32 (PyTorch's CUBLAS_COMPUTE_32F); its split-K partial sums stay
+    float32 too only while PyTorch's reduced-precision reductions are off: off for the duration."""
+    flags = torch.backends.cuda.matmul
+    saved = flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction
+    flags.allow_bf16_reduced_precision_reduction = flags.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction = saved
 
 
 def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
@@ -92,28 +191,42 @@ class _Side:
             out += self.bias
         return out
 
-    def backprop(self, h, g, r0: int, r1: int, grad_h, grad_w, grad_b, shards=None) -> None:
-        """Add the chunk's logit gradient g [C, V] into the hidden, weight and bias gradients: g is rounded
-        to the weight dtype for the matmuls (tensor cores), whose products are summed in float32 (ACC) —
-        grad_w and grad_b are float32 sums over the chunks, cast once by the caller. Under `shards` the
-        chunk's dH is this rank's part of a sum over the vocabulary: it is summed over the group in float32
-        too, then rounded once."""
-        if grad_b is not None:
-            grad_b += g.sum(0)
-        if grad_h is None and grad_w is None:
-            return
-        g = g.to(self.weight.dtype)
+    def needs(self, need_h: bool, need_w: bool, need_b: bool) -> SideNeeds:
+        return SideNeeds(self.weight.dtype, self.width, need_h or need_w or need_b, need_w)
+
+    def backprop(self, h, g, r0: int, r1: int, grad_h, grad_w, accumulate: bool, shards=None) -> None:
+        """Add a group's logit gradient g [rows, V] (in the weight's dtype, for the tensor cores) into the
+        hidden and weight gradients, products summed in float32 (ACC): dH[r0:r1] = g·W, rounded once;
+        dW += gᵀ·h into a float32 accumulator (`accumulate`: several groups, cast once by the caller), or
+        with a single group dW = gᵀ·h rounded once (by cuBLAS; elsewhere vocabulary slice by slice
+        through a float32 product).
+        Under `shards` the group's dH is this rank's part of a sum over the vocabulary: it is summed over
+        the group of ranks in float32 too, then rounded once."""
         if grad_h is not None:
             if shards is not None and shards.reduce_hidden_grad:
                 part = _mm_into(g, self.weight, torch.empty((r1 - r0, self.width), dtype=self.acc_dtype,
                                                              device=g.device))
                 grad_h[r0:r1] = shards.all_reduce_sum(part)
             elif grad_h.dtype == g.dtype:
-                torch.mm(g, self.weight, out=grad_h[r0:r1])
+                with _float32_sums():
+                    torch.mm(g, self.weight, out=grad_h[r0:r1])
             else:
                 grad_h[r0:r1] = torch.mm(g, self.weight)
-        if grad_w is not None:
-            _mm_into(g.t(), h.to(self.weight.dtype), grad_w[: g.shape[1]], accumulate=True)
+        if grad_w is None:
+            return
+        h = h.to(self.weight.dtype)
+        if accumulate or grad_w.dtype == self.acc_dtype:
+            _mm_into(g.t(), h, grad_w[: g.shape[1]], accumulate=accumulate)
+            return
+        if g.is_cuda:  # float32 sums, one rounding to grad_w's dtype
+            with _float32_sums():
+                torch.mm(g.t(), h, out=grad_w[: g.shape[1]])
+            return
+        step = max(1, DW_SLICE_BYTES // (self.width * _size(self.acc_dtype)))
+        product = torch.empty((min(step, g.shape[1]), self.width), dtype=self.acc_dtype, device=g.device)
+        for v0 in range(0, g.shape[1], step):
+            v1 = min(v0 + step, g.shape[1])
+            grad_w[v0:v1] = _mm_into(g[:, v0:v1].t(), h, product[: v1 - v0])
 
 
 class ChunkedProblem:
@@ -128,12 +241,16 @@ class ChunkedProblem:
         self.labels = None if labels is None else labels.reshape(-1)
         self.divergence, self.temperature = divergence, temperature
         self.soft, self.hard, self.ignore_index, self.engine = soft, hard, ignore_index, engine
-        self.shards = shards
-        # Under vocabulary parallelism every rank must run the same chunks (each chunk communicates): they
-        # are sized for the widest shard.
-        width = vocab if shards is None else shards.max_width
-        per_row = bytes_per_row(width, engine, (ws.dtype, wt.dtype), self.acc_dtype)
-        self.chunk = chunk_rows(self.n_rows, per_row, budget)
+        self.shards, self.budget = shards, budget
+
+    def plan(self, needs) -> Plan:
+        """The chunks and groups for the gradients `needs` (hs, ws, bs, ht, wt, bt) asks for. Under vocabulary
+        parallelism every rank must run the same chunks (each chunk communicates): they are planned for the
+        widest shard."""
+        need_hs, need_ws, need_bs, need_ht, need_wt, need_bt = needs
+        width = self.vocab if self.shards is None else self.shards.max_width
+        sides = (self.student.needs(need_hs, need_ws, need_bs), self.teacher.needs(need_ht, need_wt, need_bt))
+        return plan(self.n_rows, width, self.engine, self.acc_dtype, sides, self.budget)
 
     eager = True  # each chunk's logits are there in the forward: its gradients are computed at once
 
@@ -146,15 +263,17 @@ class ChunkedProblem:
     def loss_and_grads(self, row_scale, needs):
         return self.run(row_scale, needs)
 
-    def _loss_and_logit_grads(self, zs, zt, labels, scale, need_s: bool, need_t: bool):
-        """Per-row losses of a chunk and, where asked for, the row-scaled gradients of its logits."""
+    def _loss_and_logit_grads(self, zs, zt, labels, scale, out_s, out_t):
+        """Per-row losses of a chunk and, where an output is given, the row-scaled gradients of its logits:
+        written into out_s / out_t (engine "triton", in their dtype), or returned in float32 (engine "torch")."""
+        need_s, need_t = out_s is not None, out_t is not None
         if self.engine == "triton":
             canon, inv_temp = self.divergence.canonical(), 1.0 / self.temperature
             loss, stats = _launch.logits_forward(zs, zt, labels, canon, inv_temp, self.soft, self.hard, self.shards)
             if need_s or need_t:
                 _launch.logits_backward(zs, zt, labels, stats, scale, canon, inv_temp, need_s, need_t, self.soft,
-                                        self.hard, out_s=zs, out_t=zt, shards=self.shards)
-            return loss, zs, zt
+                                        self.hard, out_s=out_s, out_t=out_t, shards=self.shards)
+            return loss, out_s, out_t
         if not (need_s or need_t):
             with torch.no_grad():
                 return self._reference_rows(zs, zt, labels), None, None
@@ -175,42 +294,69 @@ class ChunkedProblem:
         return vocab_parallel_rows(self.shards, zs, zt, labels, self.divergence, self.temperature, self.soft,
                                    self.hard)
 
+    def _grad_out(self, side: "_Side", store, logits, need_bias: bool):
+        """Where the kernels write a chunk's G: straight into the group's store (its dtype) — unless the bias
+        gradient, a float32 sum of G, needs G before its rounding to a 16-bit store: then over the logits."""
+        if store is None:
+            return None
+        direct = self.engine == "triton" and not (need_bias and store.dtype != self.acc_dtype)
+        return store if direct else logits
+
     def run(self, row_scale, needs):
         """(per-row losses [rows], gradients (hs, ws, bs, ht, wt, bt)) of Σ_r row_scale[r]·loss[r]; gradients
         only where `needs` says (row_scale may be None when none is needed)."""
-        need_hs, need_ws, need_bs, need_ht, need_wt, need_bt = needs if row_scale is not None else (False,) * 6
+        needs = tuple(needs) if row_scale is not None else (False,) * 6
         s, t = self.student, self.teacher
+        need_hs, need_ws, need_bs, need_ht, need_wt, need_bt = needs
         need_bs = need_bs and s.bias is not None
         need_bt = need_bt and t.bias is not None
+        needs = (need_hs, need_ws, need_bs, need_ht, need_wt, need_bt)
         need_s, need_t = need_hs or need_ws or need_bs, need_ht or need_wt or need_bt
         device, acc = self.device, self.acc_dtype
+        plan = self.plan(needs)
 
         def zeros(shape, dtype, need):
             return torch.zeros(shape, dtype=dtype, device=device) if need else None
 
-        g_hs = zeros((self.n_rows, s.width), s.hidden.dtype, need_hs)
-        g_ht = zeros((self.n_rows, t.width), t.hidden.dtype, need_ht)
-        # Weight gradients are sums over every chunk: float32 (ACC) accumulators, one rounding at the end.
-        g_ws = zeros((s.weight_rows, s.width), acc, need_ws)
-        g_wt = zeros((t.weight_rows, t.width), acc, need_wt)
+        def empty(shape, dtype, need):
+            return torch.empty(shape, dtype=dtype, device=device) if need else None
+
+        g_hs = empty((self.n_rows, s.width), s.hidden.dtype, need_hs)
+        g_ht = empty((self.n_rows, t.width), t.hidden.dtype, need_ht)
+        # Weight gradients over several groups: float32 (ACC) accumulators, one rounding at the end; with a
+        # single group, the gradient itself (every slice written once).
+        g_ws = zeros((s.weight_rows, s.width), acc if plan.accumulate else s.weight.dtype, need_ws)
+        g_wt = zeros((t.weight_rows, t.width), acc if plan.accumulate else t.weight.dtype, need_wt)
         g_bs, g_bt = zeros((self.vocab,), acc, need_bs), zeros((self.vocab,), acc, need_bt)
         rows = torch.empty(self.n_rows, dtype=acc, device=device)
-        chunk = self.chunk
+        chunk, group = plan.chunk, plan.group
         zs_buf = torch.empty((chunk, self.vocab), dtype=acc, device=device)
         zt_buf = torch.empty((chunk, self.vocab), dtype=acc, device=device)
-        for r0 in range(0, self.n_rows, chunk):
-            r1 = min(r0 + chunk, self.n_rows)
-            h_s, h_t = s.rows(r0, r1), t.rows(r0, r1)
-            zs, zt = s.logits(h_s, zs_buf[: r1 - r0]), t.logits(h_t, zt_buf[: r1 - r0])
-            labels = None if self.labels is None else self.labels[r0:r1]
-            scale = None if row_scale is None else row_scale[r0:r1]
-            rows[r0:r1], gs, gt = self._loss_and_logit_grads(zs, zt, labels, scale, need_s, need_t)
+        store_s = empty((group, self.vocab), s.weight.dtype, need_s)
+        store_t = empty((group, self.vocab), t.weight.dtype, need_t)
+        for g0 in range(0, self.n_rows, group):
+            g1 = min(g0 + group, self.n_rows)
+            for r0 in range(g0, g1, chunk):
+                r1 = min(r0 + chunk, g1)
+                zs = s.logits(s.rows(r0, r1), zs_buf[: r1 - r0])
+                zt = t.logits(t.rows(r0, r1), zt_buf[: r1 - r0])
+                labels = None if self.labels is None else self.labels[r0:r1]
+                scale = None if row_scale is None else row_scale[r0:r1]
+                out_s = None if store_s is None else store_s[r0 - g0: r1 - g0]
+                out_t = None if store_t is None else store_t[r0 - g0: r1 - g0]
+                rows[r0:r1], gs, gt = self._loss_and_logit_grads(
+                    zs, zt, labels, scale, self._grad_out(s, out_s, zs, need_bs), self._grad_out(t, out_t, zt, need_bt))
+                for g, out, grad_b in ((gs, out_s, g_bs), (gt, out_t, g_bt)):
+                    if grad_b is not None:
+                        grad_b += g.sum(0, dtype=acc)
+                    if g is not None and g is not out:
+                        out.copy_(g)
             if need_s:
-                s.backprop(h_s, gs, r0, r1, g_hs, g_ws, g_bs, self.shards)
+                s.backprop(s.rows(g0, g1), store_s[: g1 - g0], g0, g1, g_hs, g_ws, plan.accumulate, self.shards)
             if need_t:
-                t.backprop(h_t, gt, r0, r1, g_ht, g_wt, g_bt, self.shards)
-        # The chunk buffers go before the weight gradients are cast: the casts' copies take their place.
-        zs_buf = zt_buf = zs = zt = gs = gt = None
+                t.backprop(t.rows(g0, g1), store_t[: g1 - g0], g0, g1, g_ht, g_wt, plan.accumulate, self.shards)
+        # The chunk and group buffers go before the weight gradients are cast: the casts' copies take their place.
+        zs_buf = zt_buf = zs = zt = gs = gt = g = out = out_s = out_t = store_s = store_t = None
         return rows, (g_hs, _cast(g_ws, s.weight.dtype), self._bias_grad(g_bs, s), g_ht, _cast(g_wt, t.weight.dtype),
                       self._bias_grad(g_bt, t))
 

@@ -215,13 +215,13 @@ def check_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_w
     return vocab
 
 
-def check_chunk_bytes(chunk_bytes) -> None:
-    if chunk_bytes is None:
+def check_memory_budget(memory_budget) -> None:
+    if memory_budget is None:
         return
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, numbers.Integral):
-        raise TypeError(f"chunk_bytes: expected a positive int (bytes) or None, got {type(chunk_bytes).__name__}")
-    if chunk_bytes <= 0:
-        raise ValueError(f"chunk_bytes: expected a positive number of bytes, got {chunk_bytes!r}")
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Integral):
+        raise TypeError(f"memory_budget: expected a positive int (bytes) or None, got {type(memory_budget).__name__}")
+    if memory_budget <= 0:
+        raise ValueError(f"memory_budget: expected a positive number of bytes, got {memory_budget!r}")
 
 
 def check_label_range(labels, ignore_index: int, vocab: int) -> None:

@@ -10,7 +10,7 @@ from ._fused import FusedProblem
 from ._reduction import reduce_rows, row_mask, row_weights
 from ._torch_backend import ChunkedKDFunction
 from ._validation import (
-    check_chunk_bytes,
+    check_memory_budget,
     check_fused_inputs,
     check_label_range,
     check_logits_pair,
@@ -130,7 +130,7 @@ def fused_linear_kd_loss(
     soft_weight: float = 1.0,
     impl: str = "auto",
     backend: str = "auto",
-    chunk_bytes: int | None = None,
+    memory_budget: int | None = None,
     vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor:
     """Distillation loss from hidden states and lm_head weights, without the [tokens, V] logits in memory.
@@ -146,9 +146,11 @@ def fused_linear_kd_loss(
 
     `impl`: "fused" computes the logits inside Triton kernels, vocabulary block by block (extra memory
     O(rows) statistics plus float32 gradient scratch bounded by `kdops._fused.SCRATCH_BYTES`); "chunked"
-    runs matmuls on token chunks with float32 [chunk, V] logits and the kernels on logits (extra memory
-    at most `chunk_bytes`, default `kdops._chunked.CHUNK_BYTES` = 256 MiB); "auto" takes "chunked" when a
-    chunk of at least AUTO_CHUNK_MIN_ROWS rows (or every row) fits in `chunk_bytes` — its four matmuls are
+    runs matmuls on token chunks with float32 [chunk, V] logits and the kernels on logits, keeping each
+    row's logit gradient in the weight's dtype for the dH and dW matmuls (extra memory about
+    `memory_budget` bytes, default `kdops._chunked.MEMORY_BUDGET` = 4 GiB: a larger budget means fewer
+    chunks and fewer float32 weight-gradient sums; see `kdops._chunked.plan`); "auto" takes "chunked"
+    when its plan has chunks of at least AUTO_CHUNK_MIN_ROWS rows (or every row) — its four matmuls are
     cheaper than the fused path's recomputation — and "fused" otherwise. `backend="torch"` (the default
     off CUDA) runs the chunked path with the reference math instead of the kernels.
 
@@ -168,14 +170,14 @@ def fused_linear_kd_loss(
     device = student_hidden.device
     temperature = check_loss_options(labels, leading, device, temperature, ignore_index, reduction,
                                      num_items_in_batch)
-    check_chunk_bytes(chunk_bytes)
+    check_memory_budget(memory_budget)
     backend = resolve_backend(backend, device)
     hard_weight, soft_weight = float(hard_weight), float(soft_weight)
     tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
     mask = row_mask(labels, ignore_index, leading, device).reshape(-1)
     options = dict(divergence=divergence, temperature=temperature, vocab=vocab, soft_weight=soft_weight,
                    hard_weight=hard_weight, ignore_index=ignore_index, impl=impl, backend=backend,
-                   chunk_bytes=chunk_bytes)
+                   memory_budget=memory_budget)
     if vocab_parallel is not None:
         return _vocab_parallel_fused_loss(tensors, labels, mask, options, reduction, num_items_in_batch, leading,
                                           vocab_parallel)
@@ -212,20 +214,19 @@ def _vocab_parallel_fused_loss(tensors, labels, mask, options, reduction, num_it
 
 
 def _fused_problem(hs, ws, bs, ht, wt, bt, labels, *, divergence, temperature, vocab, soft_weight, hard_weight,
-                   ignore_index, impl, backend, chunk_bytes, shards=None):
+                   ignore_index, impl, backend, memory_budget, shards=None):
     """The prepared inputs of the implementation that `impl` (resolved) and `backend` select. Under
     `shards`, `vocab` is this rank's shard, and the choice of "auto" is the widest shard's, so that every
     rank takes the same path."""
     engine = "triton" if backend == "triton" else "torch"
-    n_rows = hs.numel() // hs.shape[-1]
-    width = vocab if shards is None else shards.max_width
-    per_row = _chunked.bytes_per_row(width, engine, (ws.dtype, wt.dtype), compute_dtype(hs, ws, ht, wt))
-    fits = _chunked.chunk_rows(n_rows, per_row, chunk_bytes) >= min(n_rows, AUTO_CHUNK_MIN_ROWS)
+    chunked = _chunked.ChunkedProblem(hs, ws, bs, ht, wt, bt, labels, divergence, temperature, vocab, soft_weight,
+                                      hard_weight, ignore_index, engine, memory_budget, shards)
+    grads = tuple(t is not None and t.requires_grad for t in (hs, ws, bs, ht, wt, bt))
+    fits = chunked.plan(grads).chunk >= min(chunked.n_rows, AUTO_CHUNK_MIN_ROWS)
     if resolve_impl(impl, backend, fits) == "fused":
         return FusedProblem(hs, ws, bs, ht, wt, bt, labels, divergence.canonical(), 1.0 / temperature, vocab,
                             soft_weight, hard_weight, shards)
-    return _chunked.ChunkedProblem(hs, ws, bs, ht, wt, bt, labels, divergence, temperature, vocab, soft_weight,
-                                   hard_weight, ignore_index, engine, chunk_bytes, shards)
+    return chunked
 
 
 def _compiled_fused_rows(tensors, labels, mask, options):
@@ -238,8 +239,9 @@ def _compiled_fused_rows(tensors, labels, mask, options):
         return _ops.fused_linear_kd_rows(*tensors, labels, mask, _ops.fused_options(options))
     hs, ws, bs, ht, wt, bt = tensors
     vocab, dtype = options["vocab"], compute_dtype(hs, ws, ht, wt)
-    per_row = _chunked.bytes_per_row(vocab, "torch", (ws.dtype, wt.dtype), dtype)
     n_rows = mask.numel()
+    # Chunks as the eager torch engine plans them with no gradient kept (autograd holds what it needs).
+    chunk = _chunked.plan(n_rows, vocab, "torch", dtype, (), options["memory_budget"]).chunk
     # Cast once, outside the chunks: autograd then sums the chunks' weight gradients in float32 and rounds
     # them once, where a cast per chunk would add them up in the weight's own dtype.
     ws, wt = ws[:vocab].to(dtype), wt[:vocab].to(dtype)
@@ -252,6 +254,6 @@ def _compiled_fused_rows(tensors, labels, mask, options):
                               options["hard_weight"], options["ignore_index"])
         return torch.where(m, loss, 0.0)
 
-    return checkpointed_rows(rows, n_rows, _chunked.chunk_rows(n_rows, per_row, options["chunk_bytes"]),
+    return checkpointed_rows(rows, n_rows, chunk,
                              hs.reshape(n_rows, -1), ht.reshape(n_rows, -1),
                              None if labels is None else labels.reshape(-1), mask)

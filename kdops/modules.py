@@ -10,7 +10,7 @@ from ._validation import (
     REDUCTIONS,
     _check_weight_factor,
     check_choice,
-    check_chunk_bytes,
+    check_memory_budget,
     check_ignore_index,
     check_temperature,
 )
@@ -56,17 +56,17 @@ class FusedLinearKDLoss(torch.nn.Module):
     """
 
     def __init__(self, *, divergence="forward_kl", temperature=1.0, ignore_index=-100, reduction="batchmean",
-                 hard_weight=0.0, soft_weight=1.0, impl="auto", backend="auto", chunk_bytes=None,
+                 hard_weight=0.0, soft_weight=1.0, impl="auto", backend="auto", memory_budget=None,
                  vocab_parallel=None):
         super().__init__()
         self.divergence = as_divergence(divergence)
         _check_options(temperature, ignore_index, reduction, backend, vocab_parallel)
         check_choice("impl", impl, IMPLS)
-        check_chunk_bytes(chunk_bytes)
+        check_memory_budget(memory_budget)
         self.options = dict(temperature=temperature, ignore_index=ignore_index, reduction=reduction,
                             hard_weight=_check_weight_factor("hard_weight", hard_weight),
                             soft_weight=_check_weight_factor("soft_weight", soft_weight), impl=impl, backend=backend,
-                            chunk_bytes=chunk_bytes, vocab_parallel=vocab_parallel)
+                            memory_budget=memory_budget, vocab_parallel=vocab_parallel)
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
                 student_bias=None, teacher_bias=None, num_items_in_batch=None):

@@ -18,7 +18,7 @@ from ._reduction import reduce_rows, row_mask
 from ._validation import (
     BACKENDS,
     check_choice,
-    check_chunk_bytes,
+    check_memory_budget,
     check_fused_inputs,
     check_logits_pair,
     check_loss_options,
@@ -123,11 +123,11 @@ def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
                          divergence="forward_kl", temperature=1.0, ignore_index=-100, reduction="batchmean",
                          num_items_in_batch=None, student_bias=None, teacher_bias=None, hard_weight=0.0,
-                         soft_weight=1.0, impl="auto", backend="auto", chunk_bytes=None):
+                         soft_weight=1.0, impl="auto", backend="auto", memory_budget=None):
     """Reference for `kdops.fused_linear_kd_loss`: the logits of both models in float32 over the shared
     vocabulary [0, min(Vs, Vt)), then per token soft_weight · D(teacher ‖ student at T)
     + hard_weight · CE(student logits at T = 1, label), masked and reduced like `kd_loss`.
-    (`impl`, `backend` and `chunk_bytes` are checked and ignored.)"""
+    (`impl`, `backend` and `memory_budget` are checked and ignored.)"""
     divergence = as_divergence(divergence)
     vocab = check_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                                student_bias, teacher_bias, hard_weight, soft_weight, impl)
@@ -135,7 +135,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
     temperature = check_loss_options(labels, leading, student_hidden.device, temperature, ignore_index, reduction,
                                      num_items_in_batch)
     check_choice("backend", backend, BACKENDS)
-    check_chunk_bytes(chunk_bytes)
+    check_memory_budget(memory_budget)
     dtype = compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
     student_logits = linear_logits(student_hidden, student_weight, student_bias, vocab, dtype)
     teacher_logits = linear_logits(teacher_hidden, teacher_weight, teacher_bias, vocab, dtype)

@@ -78,3 +78,13 @@ def poison_kernel_outputs(monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _thin_chunks(monkeypatch):
+    """The chunked path never plans chunks thinner than kdops._chunked.MIN_CHUNK_ROWS = 256 rows (or every
+    row), more than the small shapes of the tests hold: they run with 1, so that a small memory_budget
+    still gives many chunks. tests/test_chunked_plan.py checks the real floor."""
+    from kdops import _chunked
+
+    monkeypatch.setattr(_chunked, "MIN_CHUNK_ROWS", 1)

@@ -50,12 +50,15 @@ def _error(value, oracle):
     return float((value - oracle).abs().max() / oracle.abs().max())
 
 
-def _chunk_bytes(chunks: int, dtype, backend: str) -> int:
-    """chunk_bytes that make `chunks` chunks of N / chunks rows (kdops._chunked.bytes_per_row)."""
+def _force_plan(monkeypatch, chunks: int, groups: int) -> None:
+    """Make the chunked path run N / chunks-row chunks in N / groups-row groups (float32 weight-gradient
+    accumulators whenever there are several groups)."""
     from kdops import _chunked
 
-    per_row = _chunked.bytes_per_row(V, "triton" if backend == "triton" else "torch", (dtype, dtype), torch.float32)
-    return (N // chunks) * per_row
+    plan = _chunked.Plan(N // chunks, N // groups, groups > 1)
+    if groups == 1:  # the one-group dW in float32 vocabulary slices (off CUDA): four of them
+        monkeypatch.setattr(_chunked, "DW_SLICE_BYTES", 100 * H * 4)
+    monkeypatch.setattr(_chunked.ChunkedProblem, "plan", lambda self, needs: plan)
 
 
 def _native(hs, ws, ht, wt, *, student_bias, reduction, divergence):
@@ -86,14 +89,17 @@ def _check(got, oracle, bounds, what):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("backend, chunks", [("torch", 16), ("torch", 64), ("torch", 256), ("triton", 32)])
-def test_chunked_weight_gradients_sum_in_float32(oracles, dtype, backend, chunks):
+@pytest.mark.parametrize("backend, chunks, groups", [("torch", 16, 16), ("torch", 64, 64), ("torch", 256, 32),
+                                                     ("triton", 32, 8), ("triton", 32, 1)])
+def test_chunked_weight_gradients_sum_in_float32(oracles, monkeypatch, dtype, backend, chunks, groups):
     """impl="chunked" (Triton kernels on each chunk's logits) and backend="torch" (the reference math per
-    chunk): weight, bias and hidden gradients within 1.5× of PyTorch's own, at 16 to 256 chunks."""
+    chunk): weight, bias and hidden gradients within 1.5× of PyTorch's own, at 16 to 256 chunks summed in
+    float32 over 8 to 64 groups, or kept for one group whose dW is one float32 product rounded once."""
     inputs, oracle, bounds = oracles[dtype]
+    _force_plan(monkeypatch, chunks, groups)
     got = _grads(kdops.fused_linear_kd_loss, inputs, dtype, divergence="forward_kl", impl="chunked",
-                 backend=backend, chunk_bytes=_chunk_bytes(chunks, dtype, backend))
-    _check(got, oracle, bounds, f"{backend}, {chunks} chunks")
+                 backend=backend)
+    _check(got, oracle, bounds, f"{backend}, {chunks} chunks in {groups} groups")
 
 
 def test_fused_weight_gradients_sum_in_float32(oracles):
@@ -111,13 +117,14 @@ def test_compiled_torch_backend_weight_gradients_sum_in_float32(oracles, monkeyp
     from kdops import _chunked
 
     inputs, oracle, bounds = oracles[torch.bfloat16]
-    monkeypatch.setattr(_chunked, "CHUNK_BYTES", _chunk_bytes(64, torch.bfloat16, "torch"))
+    # 64 chunks: the torch engine's logits rows (no G kept under autograd) of N / 64 rows
+    monkeypatch.setattr(_chunked, "MEMORY_BUDGET", _chunked.logits_row_bytes(V, "torch", torch.float32) * (N // 64))
 
     def compiled_rows(hs, ws, ht, wt, *, student_bias, reduction, divergence):
         mask = torch.ones(N, dtype=torch.bool)
         options = dict(divergence=kdops.divergences.as_divergence(divergence), temperature=1.0, vocab=V,
                        soft_weight=1.0, hard_weight=0.0, ignore_index=-100, impl="chunked", backend="torch",
-                       chunk_bytes=None)
+                       memory_budget=None)
         return api._compiled_fused_rows((hs, ws, student_bias, ht, wt, None), None, mask, options).sum()
 
     got = _grads(compiled_rows, inputs, torch.bfloat16, divergence="forward_kl")

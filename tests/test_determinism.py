@@ -103,7 +103,7 @@ def run_fused(path, x, reduction="batchmean", **options):
     impl, backend = FUSED_PATHS[path]
     inputs = {k: (v.detach().clone().requires_grad_(True) if k in FUSED_TENSORS else v) for k, v in x.items()}
     if impl == "chunked":
-        options.setdefault("chunk_bytes", CHUNK_BYTES[backend])
+        options.setdefault("memory_budget", CHUNK_BYTES[backend])
     loss = kdops.fused_linear_kd_loss(**inputs, divergence=options.pop("divergence", "generalized_jsd"),
                                       temperature=1.7, hard_weight=0.3, soft_weight=0.7, reduction=reduction,
                                       impl=impl, backend=backend, **options)

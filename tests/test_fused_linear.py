@@ -160,10 +160,10 @@ def test_several_chunks_splits_and_scratch_groups(monkeypatch):
     x = make_inputs(torch.bfloat16, seed=7)
     for impl in ("fused", "chunked"):
         assert_matches_oracle(x, divergence="skew_reverse_kl", hard_weight=0.4, impl=impl, backend="triton",
-                              chunk_bytes=7 * V * 10, temperature=0.7)
+                              memory_budget=7 * V * 10, temperature=0.7)
     for reduction in ("sum", "none"):
         assert_matches_oracle(x, divergence="tvd", impl="chunked", backend="torch", reduction=reduction,
-                              chunk_bytes=5 * V * 4 * 18)
+                              memory_budget=5 * V * 4 * 18)
 
 
 @pytest.mark.parametrize("impl, backend", IMPLS, ids=IMPL_IDS)
@@ -198,25 +198,30 @@ def test_upstream_gradient_scales_eager_gradients():
     b = run(lambda **k: 3.0 * kdops.fused_linear_kd_loss(**k, impl="fused", backend="triton"), x)
     for u, w in zip(a, b):
         assert rel_error(u, w) < 1e-5
+    # an upstream 1 (loss.backward()) leaves the forward's gradients as they are: the same, a third as large
+    one = run(lambda **k: kdops.fused_linear_kd_loss(**k, impl="chunked", backend="triton"), x)
+    for u, w in zip(a, one):
+        assert rel_error(u, 3.0 * w) < 1e-6
 
 
 def test_auto_impl_rule(monkeypatch):
-    """auto: chunked when AUTO_CHUNK_MIN_ROWS rows (or all rows) fit in chunk_bytes, else fused."""
+    """auto: chunked when the plan's chunks have AUTO_CHUNK_MIN_ROWS rows (or all rows), else fused (no
+    gradient asked for here: no G kept, the whole budget goes to the chunk's logits)."""
     chosen = []
     monkeypatch.setattr(kdops._autograd.FusedLinearKDFunction, "apply",
                         staticmethod(lambda problem, *a: chosen.append(type(problem).__name__) or
                                      torch.zeros(N)))
     x = make_inputs(seed=11)
     per_row = V * 8  # two float32 logits rows; the weights are float32, so no cast buffers
-    for chunk_bytes, expected in ((N * per_row, "ChunkedProblem"), (N * per_row - 1, "FusedProblem")):
-        kdops.fused_linear_kd_loss(**x, backend="triton", chunk_bytes=chunk_bytes, reduction="none")
+    for memory_budget, expected in ((N * per_row, "ChunkedProblem"), (N * per_row - 1, "FusedProblem")):
+        kdops.fused_linear_kd_loss(**x, backend="triton", memory_budget=memory_budget, reduction="none")
         assert chosen.pop() == expected
 
 
 @pytest.mark.parametrize("overrides, error, match", [
     (dict(impl="fused", backend="torch"), ValueError, r"impl='fused'.*backend='triton'"),
-    (dict(chunk_bytes=0), ValueError, r"chunk_bytes"),
-    (dict(chunk_bytes=1.5), TypeError, r"chunk_bytes"),
+    (dict(memory_budget=0), ValueError, r"memory_budget"),
+    (dict(memory_budget=1.5), TypeError, r"memory_budget"),
     (dict(hard_weight=1.0, labels=torch.full((N,), V)), ValueError, r"labels.*\[0, 1000\)"),
 ])
 def test_errors(overrides, error, match):

@@ -11,6 +11,7 @@ import torch
 from bench import model, report
 from bench.cases import FUSED, KD_LOSS, Case
 from bench.model import PATHS, Shape, predict, predict_all
+import kdops
 from kdops import _chunked, _fused, targets
 
 H100 = targets.H100
@@ -54,26 +55,109 @@ def test_kd_loss_triton_reads_both_logits_per_pass_and_writes_the_gradient():
     assert kl.extra_bytes == 53 * n  # 11 statistics + 2 losses in float32, and the mask
 
 
-def test_chunked_counts_follow_chunk_rows(monkeypatch):
+def _plan_budget(chunk: int, group: int, accumulate: bool) -> int:
+    """A memory_budget whose plan at SMALL (bf16, student gradients) has `chunk`-row chunks in `group`-row
+    groups: kdops._chunked.plan's arithmetic run backwards."""
+    v = SMALL.vocab
+    logits_row, store_row = 2 * 4 * v, 2 * v
+    if not accumulate:  # one group: every row's G, the chunk's logits and the off-CUDA dW slice
+        return SMALL.tokens * store_row + chunk * logits_row + _chunked.DW_SLICE_BYTES
+    room = 2 * chunk * logits_row  # half for the chunk's logits, the other half for the group's G
+    assert room - chunk * logits_row >= group * store_row
+    return room + v * SMALL.hidden_student * 4  # + dW's float32 accumulator
+
+
+@pytest.mark.parametrize("chunk, group, accumulate", [(256, 1000, False), (48, 192, True)])
+def test_chunked_counts_follow_the_plan(monkeypatch, chunk, group, accumulate):
     n, hs, ht, v = SMALL.tokens, SMALL.hidden_student, SMALL.hidden_teacher, SMALL.vocab
-    per_row = v * (2 * 4 + 2 + 2)  # two float32 logits rows + G cast to each bf16 weight (bytes_per_row)
-    monkeypatch.setattr(_chunked, "CHUNK_BYTES", 100 * per_row)  # 100 rows → 96, a multiple of 16
-    assert model.chunked_rows(SMALL, torch.bfloat16) == 96
-    chunks = math.ceil(n / 96)
+    monkeypatch.setattr(_chunked, "MEMORY_BUDGET", _plan_budget(chunk, group, accumulate))
+    plan = model.chunked_plan(model._Ctx(SMALL, H100, kdops.as_divergence("forward_kl"), torch.bfloat16, False))
+    assert (plan.chunk, plan.accumulate) == (chunk, accumulate) and plan.group >= group
+    chunks, groups = sum(math.ceil(min(plan.group, n - g) / chunk) for g in range(0, n, plan.group)), \
+        math.ceil(n / plan.group)
     p = predict("chunked", SMALL, H100, "forward_kl", torch.bfloat16)
     assert _item(p, "fwd: logits matmuls", "W_s re-read per chunk") == chunks * v * hs * 2
     assert _item(p, "fwd: logits matmuls", "W_t re-read per chunk") == chunks * v * ht * 2
-    assert _item(p, "fwd: dH matmul", "W_s re-read per chunk") == chunks * v * hs * 2
-    # dW is summed over the chunks in a float32 accumulator (4 bytes), rounded to bf16 once at the end.
-    assert _item(p, "fwd: dW matmul", "dW (float32) read-modify-write per chunk") == chunks * 2 * v * hs * 4
-    assert _item(p, "fwd: cast dW to the weight dtype", "dW written") == v * hs * 2
+    assert _item(p, "fwd: dH matmul", "W_s re-read per group") == groups * v * hs * 2
     assert _item(p, "fwd: kernels on logits", "both logits buffers read") == 2 * n * v * 4
+    assert _item(p, "fwd: kernel on logits (G", "G_s written (weight dtype)") == n * v * 2
+    if accumulate:  # dW summed over the groups in a float32 accumulator, rounded to bf16 once at the end
+        assert _item(p, "fwd: dW matmul", "dW (float32) read-modify-write per group") == groups * 2 * v * hs * 4
+        assert _item(p, "fwd: cast dW to the weight dtype", "dW written") == v * hs * 2
+    else:  # one group: dW is one product, rounded once
+        assert _item(p, "fwd: dW matmul", "dW written") == v * hs * 2
+        assert not any(ph.name.startswith("fwd: cast dW") for ph in p.phases)
     assert sum(ph.flops for ph in p.phases) == 2 * n * v * (3 * hs + ht)  # cuBLAS: exactly the floor's flops
-    # batchmean: the gradients are computed in the forward, the backward only scales them.
-    assert [ph.name for ph in p.phases if not ph.forward] == ["bwd: scale dH, dW by the upstream gradient"]
-    monkeypatch.setattr(_chunked, "CHUNK_BYTES", 50 * per_row)  # 48-row chunks: twice the weight traffic
-    smaller = predict("chunked", SMALL, H100, "forward_kl", torch.bfloat16)
-    assert _item(smaller, "fwd: logits matmuls", "W_s re-read per chunk") == math.ceil(n / 48) * v * hs * 2
+    # batchmean under loss.backward(): the gradients are computed in the forward, the backward has no work.
+    assert [ph.name for ph in p.phases if not ph.forward] == []
+
+
+@pytest.mark.parametrize("budget", [None, 60_000])  # one group; 5-row chunks in 20-row groups
+def test_chunked_model_matches_an_independent_count(budget):
+    """The model's matmul flops, weight re-reads and kernel launches of impl="chunked" against what the code
+    does at a small shape: every aten matmul it calls (2·m·n·k flops each; a weight operand counted as a
+    re-read) and every Triton launch on logits (rows × vocabulary of each), recorded while it runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kdops import _launch
+
+    n, hs, ht, v = 200, 24, 40, 333
+    shape = Shape(n, hs, ht, v)
+    g = torch.Generator().manual_seed(0)
+    ws, wt = torch.randn(v, hs, generator=g), torch.randn(v, ht, generator=g)
+    x = dict(student_hidden=torch.randn(n, hs, generator=g).bfloat16().requires_grad_(),
+             student_weight=ws.bfloat16().requires_grad_(), teacher_hidden=torch.randn(n, ht, generator=g).bfloat16(),
+             teacher_weight=wt.bfloat16())
+    weights = {x["student_weight"].data_ptr(): "W_s", x["teacher_weight"].data_ptr(): "W_t"}
+    matmuls = {"flops": 0, "W_s": 0, "W_t": 0}
+
+    class Matmuls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+                a, b = args[:2] if func.overloadpacket is torch.ops.aten.mm else (args[1], args[2])
+                matmuls["flops"] += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+                for operand in (a, b):
+                    name = weights.get(operand.untyped_storage().data_ptr())
+                    if name:
+                        matmuls[name] += 1
+            return out
+
+    launches = []
+
+    def recorder(kernel, grid, args, kwargs):
+        launches.append((kernel.__name__, args[0].shape[0]))
+
+    # off CUDA the bf16 weights are upcast once, so the upcast copies are what the matmuls read: map them too
+    real_to = torch.Tensor.to
+
+    def to(tensor, *a, **k):
+        out = real_to(tensor, *a, **k)
+        if tensor.data_ptr() in weights and out.data_ptr() != tensor.data_ptr():
+            weights[out.untyped_storage().data_ptr()] = weights[tensor.data_ptr()]
+        return out
+
+    with pytest.MonkeyPatch.context() as patch, _launch.recording(recorder), Matmuls():
+        patch.setattr(torch.Tensor, "to", to)
+        kdops.fused_linear_kd_loss(**x, impl="chunked", backend="triton", memory_budget=budget).backward()
+
+    ctx = model._Ctx(shape, H100, kdops.as_divergence("forward_kl"), torch.bfloat16, False, budget)
+    plan = model.chunked_plan(ctx)
+    p = predict("chunked", shape, H100, "forward_kl", torch.bfloat16, budget=budget)
+    assert matmuls["flops"] == sum(ph.flops for ph in p.phases)
+    chunks, groups = math.ceil(n / plan.chunk), math.ceil(n / plan.group)
+    assert _item(p, "fwd: logits matmuls", "W_s re-read per chunk") == chunks * v * hs * 2
+    assert _item(p, "fwd: logits matmuls", "W_t re-read per chunk") == matmuls["W_t"] * v * ht * 2
+    # the student's weight: one logits product per chunk and one dH product per group
+    assert matmuls["W_s"] * v * hs * 2 == _item(p, "fwd: logits matmuls", "W_s re-read per chunk") + \
+        _item(p, "fwd: dH matmul", "W_s re-read per group")
+    forward_rows = sum(rows for name, rows in launches if name == "kd_logits_forward_kernel")
+    grad_rows = sum(rows for name, rows in launches if name == "kd_logits_backward_kernel")
+    assert forward_rows == grad_rows == n
+    assert _item(p, "fwd: kernels on logits", "both logits buffers read") == forward_rows * 2 * v * 4
+    assert sum(ph.launches for ph in p.phases if ph.name.startswith("fwd: kernels on logits")) == \
+        len([1 for name, _ in launches if name == "kd_logits_forward_kernel"])
+    assert (budget is None) == (groups == 1)
 
 
 def test_fused_counts_follow_fused_config_and_scratch_groups(monkeypatch):
@@ -160,7 +244,7 @@ def test_bench_records_carry_predictions_for_modelled_competitors():
 
 def test_auto_path_follows_the_chunk_budget(monkeypatch):
     assert model.auto_path(HEADLINE, torch.bfloat16) == "chunked"
-    monkeypatch.setattr(_chunked, "CHUNK_BYTES", 2**20)
+    monkeypatch.setattr(_chunked, "MEMORY_BUDGET", 2**20)
     assert model.auto_path(HEADLINE, torch.bfloat16) == "fused"
 
 
@@ -182,7 +266,8 @@ def test_cli_json(capsys):
         model.main(["--divergence", "not_a_divergence"])
 
 
-def test_model_md_is_current(tmp_path):
+def test_model_md_is_current(tmp_path, monkeypatch):
+    monkeypatch.setattr(_chunked, "MIN_CHUNK_ROWS", 256)  # the library's floor (tests/conftest.py lowers it)
     assert model.main(["--markdown", str(tmp_path / "MODEL.md")]) == 0
     generated = (tmp_path / "MODEL.md").read_text()
     assert "## Headline: 8192 tokens × 128256 vocabulary" in generated

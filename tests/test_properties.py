@@ -545,8 +545,8 @@ def check_fused_linear(case, floor=FLOOR):
         return ell, s.reshape(-1, vocab), t.reshape(-1, vocab)
 
     natural = natural_scales(tensors, grads_of, upstream, case["leading"], rows_of, **kwargs)
-    chunk_bytes = None if case["chunk_rows"] is None else case["chunk_rows"] * vocab * 16
-    variants = [dict(impl=impl, backend=backend, chunk_bytes=chunk_bytes) for impl, backend in case["impls"]]
+    memory_budget = None if case["chunk_rows"] is None else case["chunk_rows"] * vocab * 16
+    variants = [dict(impl=impl, backend=backend, memory_budget=memory_budget) for impl, backend in case["impls"]]
     with _small_fused_tiles(case["tiles"], max(case["hs"], case["ht"])):
         results, _ = check_against_oracle(kdops.fused_linear_kd_loss, reference.fused_linear_kd_loss, tensors,
                                           grads_of, upstream, variants, natural, floor, **kwargs)

@@ -142,7 +142,7 @@ def correctness_body(rank, world):
                     vocab_parallel=vp)
         unreduced = kdops.VocabParallel(start, stop, reduce_hidden_grad=False)
         check_fused(x, start, stop, reduce_group=torch.distributed.group.WORLD, divergence="tvd",
-                    impl=impl, backend=backend, chunk_bytes=4 * 1024, vocab_parallel=unreduced)
+                    impl=impl, backend=backend, memory_budget=4 * 1024, vocab_parallel=unreduced)
     # The modules take vocab_parallel like the functions.
     local = shard_of(x, start, stop)
     module = kdops.FusedLinearKDLoss(divergence="tvd", hard_weight=0.2, backend="torch", vocab_parallel=vp)
