@@ -46,7 +46,7 @@ TORCH_TEMPORARIES = 16
 
 
 def _size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,8 @@ class Plan:
         total = self.chunk * logits_row_bytes(vocab, engine, acc_dtype) + self.group * store_row_bytes(vocab, sides)
         if self.accumulate:
             return total + accumulator_bytes(vocab, acc_dtype, sides)
-        return total + max((DW_SLICE_BYTES for s in sides if s.weight_grad and s.weight_dtype != acc_dtype),
-                           default=0)
+        sliced = [s for s in sides if s.weight_grad and s.weight_dtype != acc_dtype]
+        return total + (DW_SLICE_BYTES if sliced else 0)
 
 
 def logits_row_bytes(vocab: int, engine: str, acc_dtype: torch.dtype) -> int:
@@ -99,6 +99,14 @@ def _rows(count: int, n_rows: int) -> int:
     """count rows, at least 1 and at most n_rows, a multiple of 16 when at least 16 and fewer than n_rows."""
     count = max(1, min(count, n_rows))
     return count if count >= n_rows or count < 16 else count - count % 16
+
+
+def logits_chunk_rows(n_rows: int, vocab: int, engine: str, acc_dtype: torch.dtype, budget: int | None = None) -> int:
+    """`plan(...).chunk` when no G is kept (no gradient asked for, or autograd keeping what it needs: the
+    torch engine under torch.compile): the budget's worth of logits rows, at least min(rows, MIN_CHUNK_ROWS)."""
+    budget = MEMORY_BUDGET if budget is None else budget
+    return max(_rows(budget // logits_row_bytes(vocab, engine, acc_dtype), max(n_rows, 1)),
+               min(max(n_rows, 1), MIN_CHUNK_ROWS))
 
 
 def plan(n_rows: int, vocab: int, engine: str, acc_dtype: torch.dtype, sides, budget: int | None = None) -> Plan:

@@ -241,7 +241,7 @@ def _compiled_fused_rows(tensors, labels, mask, options):
     vocab, dtype = options["vocab"], compute_dtype(hs, ws, ht, wt)
     n_rows = mask.numel()
     # Chunks as the eager torch engine plans them with no gradient kept (autograd holds what it needs).
-    chunk = _chunked.plan(n_rows, vocab, "torch", dtype, (), options["memory_budget"]).chunk
+    chunk = _chunked.logits_chunk_rows(n_rows, vocab, "torch", dtype, options["memory_budget"])
     # Cast once, outside the chunks: autograd then sums the chunks' weight gradients in float32 and rounds
     # them once, where a cast per chunk would add them up in the weight's own dtype.
     ws, wt = ws[:vocab].to(dtype), wt[:vocab].to(dtype)
