@@ -30,6 +30,17 @@ NUM_STATS = tl.constexpr(11)
 
 
 @triton.jit
+def scaled_pq(STUDENT_IS_P: tl.constexpr, s, t, inv_temp):
+    """(P side, Q side) of the logits scaled by 1/T, each product rounded to float32 before anything uses it.
+    A plain s·(1/T) would let the compiler contract it into the first pass's x − max as one fused
+    multiply-add (fma.rn.f32 on sm_90/sm_80): the max's own shift would then be its product's rounding
+    error instead of exactly 0, and the excess sums, which count the max's term as exactly 1, would lose
+    it to an ex2 rounded against 1 (23 ulps of a peaked row's log-sum, on an H200). An explicit fma with a
+    zero addend is one rounded product that no later operation can fuse."""
+    return as_pq(STUDENT_IS_P, tl.fma(s, inv_temp, 0.0), tl.fma(t, inv_temp, 0.0))
+
+
+@triton.jit
 def as_pq(STUDENT_IS_P: tl.constexpr, student, teacher):
     """(P side, Q side) of the canonical divergence; the map is its own inverse (gradients go back)."""
     x = teacher
@@ -63,7 +74,7 @@ def load_labels(HARD: tl.constexpr, labels_ptr, rows, BLOCK: tl.constexpr):
 def first_pass_tile(KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, s, t, cols, labels,
                     inv_temp, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab, c1, c2):
     """Fold raw logit tiles s (student), t (teacher) [rows, block] into the first-pass state."""
-    x, y = as_pq(STUDENT_IS_P, s * inv_temp, t * inv_temp)
+    x, y = scaled_pq(STUDENT_IS_P, s, t, inv_temp)
     m_x, u_x, m_y, u_y, acc1, acc2, acc3 = first_pass_update(KIND, x, y, m_x, u_x, m_y, u_y, acc1, acc2, acc3,
                                                              c1, c2)
     m_c, u_c, s_lab = hard_label_update(HARD, s, cols, labels, m_c, u_c, s_lab)
@@ -87,7 +98,7 @@ def first_pass_results(KIND: tl.constexpr, HARD: tl.constexpr, m_x, u_x, m_y, u_
 @triton.jit
 def second_pass_tile(KIND: tl.constexpr, STUDENT_IS_P: tl.constexpr, s, t, inv_temp, m_x, ls_x, m_y, ls_y, r, c1, c2):
     """The second-pass sums (y1, y2, y3) [rows] of one tile."""
-    x, y = as_pq(STUDENT_IS_P, s * inv_temp, t * inv_temp)
+    x, y = scaled_pq(STUDENT_IS_P, s, t, inv_temp)
     lp, lq, lpq = log_probs(x, y, m_x, ls_x, m_y, ls_y, r)
     t1, t2, t3 = second_pass_terms(KIND, lp, lq, lpq, c1, c2)
     return tl.sum(t1, axis=1), tl.sum(t2, axis=1), tl.sum(t3, axis=1)
@@ -104,7 +115,7 @@ def second_pass_results(KIND: tl.constexpr, y1, y2, y3, c1, c2):
 def gradient_tile(KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, s, t, cols, labels,
                   inv_temp, m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c, c1, c2, soft, hard):
     """(∂ℓ/∂s, ∂ℓ/∂t) on raw logit tiles: soft/T · ∂D/∂(logits/T), + hard · ∂CE/∂s (student)."""
-    x, y = as_pq(STUDENT_IS_P, s * inv_temp, t * inv_temp)
+    x, y = scaled_pq(STUDENT_IS_P, s, t, inv_temp)
     lp, lq, lpq = log_probs(x, y, m_x, ls_x, m_y, ls_y, r)
     g_x, g_y = gradient_terms(KIND, lp, lq, lpq, L, aux1, aux2, aux3, c1, c2)
     g_s, g_t = as_pq(STUDENT_IS_P, g_x * (soft * inv_temp), g_y * (soft * inv_temp))

@@ -39,69 +39,46 @@ def peaked_logits(vocab: int, seed: int) -> torch.Tensor:
     return x
 
 
-def shifted(logits32: torch.Tensor, exact=None) -> torch.Tensor:
+def shifted(logits32: torch.Tensor) -> torch.Tensor:
     """v − max(v) rounded to float32 as the kernels round it (an error of |v − max|·ε/2 that every float32
-    log-softmax makes, and not the sums' doing), in float64. `exact`: the float64 values that v rounds
-    (the product z·(1/T) before rounding): on a GPU, Triton contracts z·(1/T) − max into one fused
-    multiply-add, which rounds only the difference (the max's own term is then e^δ, |δ| ≤ ulp(max)/2)."""
-    source = logits32.double() if exact is None else exact
-    return (source - logits32.amax(-1, keepdim=True).double()).float().double()
+    log-softmax makes, and not the sums' doing), in float64."""
+    return (logits32 - logits32.amax(-1, keepdim=True)).double()
 
 
-def log_sum64(logits32: torch.Tensor, exact=None) -> torch.Tensor:
+def log_sum64(logits32: torch.Tensor) -> torch.Tensor:
     """log Σ e^(v − max) of float32 logits, in float64."""
-    return shifted(logits32, exact).exp().sum(-1).log()
+    return shifted(logits32).exp().sum(-1).log()
 
 
-def power_sum64(logits32: torch.Tensor, power: float, exact=None) -> torch.Tensor:
+def power_sum64(logits32: torch.Tensor, power: float) -> torch.Tensor:
     """Σ softmax(v)^power of float32 logits, in float64."""
-    return (power * (shifted(logits32, exact) - log_sum64(logits32, exact)[:, None])).exp().sum(-1)
+    return (power * (shifted(logits32) - log_sum64(logits32)[:, None])).exp().sum(-1)
 
 
-def row_errors(value, exact, scale=None):
-    """|value − exact| / |scale| per row (scale: exact itself by default), in float64."""
-    return (value.double() - exact).abs() / (exact if scale is None else scale).abs()
-
-
-def assert_close_in_ulps(value, oracle, what, scale=None):
-    """value within ULPS (relative to `scale`, by default the exact value) of oracle(False) in every row, or
-    of oracle(True): the same quantity with each shift z·(1/T) − max rounded once. A GPU's Triton contracts
-    that product and difference into a fused multiply-add (the max's own term is then e^δ, |δ| ≤ ulp/2 of
-    the max): a different float32 log-softmax, no less exact, which the sums must get right just the same."""
-    err = torch.minimum(*(row_errors(value, oracle(fma), None if scale is None else scale(fma))
-                          for fma in (False, True))).max().item()
+def assert_close_in_ulps(value, exact, what):
+    err = ((value.double() - exact).abs() / exact.abs()).max().item()
     assert err <= ULPS * EPS, f"{what}: relative error {err / EPS:.1f} ulps"
 
 
 def assert_sums_exact(stats, student, teacher, divergence):
     """The log-sums (teacher, student, cross-entropy) of forward-KL / α-β statistics (P = teacher, Q =
     student) and, for α-β, its power sums, within ULPS of float64. The kernels scale by 1/T in float32: so
-    does the oracle (rounding the product, or not: `assert_close_in_ulps`), so that only the sums are
-    compared."""
+    does the oracle, so that only the sums are compared."""
     stats, student, teacher = stats.cpu(), student.cpu(), teacher.cpu()
-    inv_temp = torch.tensor(1.0 / TEMPERATURE, dtype=torch.float32)
-
-    def scaled(z, fma):  # (z·(1/T) in float32, the product before rounding when fma)
-        return z * inv_temp, (z.double() * inv_temp.double()) if fma else None
-
-    def log_sum(z):
-        return lambda fma: log_sum64(*scaled(z, fma))
-
-    assert_close_in_ulps(stats[:, 1], log_sum(teacher), "log-sum of the teacher")
-    assert_close_in_ulps(stats[:, 3], log_sum(student), "log-sum of the student")
-    assert_close_in_ulps(stats[:, 10], lambda fma: log_sum64(student), "log-sum of the cross-entropy")
+    scaled_s, scaled_t = student * (1.0 / TEMPERATURE), teacher * (1.0 / TEMPERATURE)
+    assert_close_in_ulps(stats[:, 1], log_sum64(scaled_t), "log-sum of the teacher")
+    assert_close_in_ulps(stats[:, 3], log_sum64(scaled_s), "log-sum of the student")
+    assert_close_in_ulps(stats[:, 10], log_sum64(student), "log-sum of the cross-entropy")
     if divergence == "alpha_beta":
-        power = as_divergence(divergence).canonical()
-        power = power.c1 + power.c2
-        for column, z, what in ((6, teacher, "Σ p^(α+β)"), (7, student, "Σ q^(α+β)")):
-            assert_close_in_ulps(stats[:, column], lambda fma, z=z: power_sum64(scaled(z, fma)[0], power,
-                                                                                scaled(z, fma)[1]), what)
+        c = as_divergence(divergence).canonical()
+        assert_close_in_ulps(stats[:, 6], power_sum64(scaled_t, c.c1 + c.c2), "Σ p^(α+β)")
+        assert_close_in_ulps(stats[:, 7], power_sum64(scaled_s, c.c1 + c.c2), "Σ q^(α+β)")
     else:  # r = ls_y − ls_x from Σ (e^dy − e^dx), whose terms have both signs: within ULPS of the larger
         # log-sum (test_near_identical.py checks it on rows where it is far below both)
-        assert_close_in_ulps(stats[:, 4], lambda fma: log_sum(student)(fma) - log_sum(teacher)(fma),
-                             "ls_y − ls_x (of the larger log-sum)",
-                             scale=lambda fma: torch.maximum(log_sum(student)(fma).abs(),
-                                                             log_sum(teacher)(fma).abs()))
+        exact_r = log_sum64(scaled_s) - log_sum64(scaled_t)
+        scale = torch.maximum(log_sum64(scaled_s).abs(), log_sum64(scaled_t).abs())
+        err = ((stats[:, 4].double() - exact_r).abs() / scale).max().item()
+        assert err <= ULPS * EPS, f"ls_y − ls_x: error {err / EPS:.1f} ulps of the larger log-sum"
 
 
 def _stats(path, student, teacher, labels, divergence, hard):
@@ -136,7 +113,7 @@ def test_masked_row_keeps_its_log_sum():
     teacher = peaked_logits(vocab, seed=6)
     stats = _launch.logits_forward(student.to(DEVICE), teacher.to(DEVICE), None, as_divergence("forward_kl").canonical(),
                                    1.0)[1].cpu()
-    assert_close_in_ulps(stats[:, 3], lambda fma: log_sum64(student), "log-sum of the student")
+    assert_close_in_ulps(stats[:, 3], log_sum64(student), "log-sum of the student")
 
 
 SHARDS = [(2000, 4099), (0, 1500), (1500, 2000)]  # rank → [start, stop), not in vocabulary order
