@@ -288,6 +288,7 @@ class _Ctx:
     dtype: torch.dtype
     tf32: bool
     budget: int | None = None  # the chunked paths' memory_budget (None: kdops._chunked.MEMORY_BUDGET)
+    autocast: bool = False  # float32 master weights cast to `dtype` by kdops under torch.autocast
 
     @property
     def b(self) -> int:
@@ -952,19 +953,42 @@ def floor_seconds(path: str, shape: Shape, gpu: targets.GPU, dtype: torch.dtype)
     return work.total / (gpu.matmul_flops(dtype) if work.unit == "flop" else gpu.hbm_bytes_per_s)
 
 
+#: The paths that cast their operands under torch.autocast (kdops' fused API).
+AUTOCAST_PATHS = ("fused", "chunked", "fused-torch")
+
+
+def _autocast_casts(ctx: _Ctx) -> tuple[list[_Kernel], int]:
+    """kdops under torch.autocast with float32 master weights (`kdops.api`): both weights cast to the
+    autocast dtype before the loss, and the student's weight gradient cast back to float32 by autograd
+    (the hidden states come from autocast's own layers in its dtype). Returns (kernels, extra bytes)."""
+    v, hs, ht, b = ctx.shape.vocab, ctx.shape.hidden_student, ctx.shape.hidden_teacher, ctx.b
+    kernels = [_Kernel("fwd: autocast: weights cast from float32", launches=2,
+                       items=[("W_s, W_t read (float32)", v * (hs + ht) * 4 / 2), ("cast copies written", v * (hs + ht) * b / 2)]),
+               _Kernel("bwd: autocast: dW cast to float32", items=[("dW read", v * hs * b), ("dW written (float32)", v * hs * 4)])]
+    return kernels, v * (hs + ht) * b + v * hs * b
+
+
 def predict(path: str, shape: Shape, gpu: targets.GPU | str = targets.H100, divergence="forward_kl",
-            dtype: torch.dtype = torch.bfloat16, tf32: bool = False, budget: int | None = None) -> Prediction:
+            dtype: torch.dtype = torch.bfloat16, tf32: bool = False, budget: int | None = None,
+            autocast: bool = False) -> Prediction:
     """The predicted phases, time, ratio to the floor and extra memory of `path` at `shape` on `gpu`; with
     `tf32`, float32 matmuls at the TF32 rate instead of exact ("ieee") float32 products; `budget`, the
-    chunked paths' memory_budget (default kdops._chunked.MEMORY_BUDGET)."""
+    chunked paths' memory_budget (default kdops._chunked.MEMORY_BUDGET); `autocast`, kdops' paths under
+    torch.autocast of `dtype` with float32 master weights (the casts added)."""
     if path not in _BUILDERS:
         raise ValueError(f"unknown path {path!r}; known: {', '.join(PATHS)}")
     gpu = targets.by_name(gpu) if isinstance(gpu, str) else gpu
     divergence = kdops.as_divergence(divergence)
     if not applies(path, divergence):
         raise ValueError(f"{path} has no {divergence.name}")
-    ctx = _Ctx(shape, gpu, divergence, dtype, tf32, budget)
+    ctx = _Ctx(shape, gpu, divergence, dtype, tf32, budget, autocast)
     kernels, extra, detail, notes = _BUILDERS[path](ctx)
+    if autocast:
+        if path not in AUTOCAST_PATHS or dtype.itemsize != 2:
+            raise ValueError(f"autocast: kdops' fused-API paths ({', '.join(AUTOCAST_PATHS)}) in a 16-bit dtype")
+        casts, cast_bytes = _autocast_casts(ctx)
+        kernels, extra = kernels + casts, extra + cast_bytes
+        detail += " + the autocast copies of both weights (and of dW before its float32 cast)"
     return Prediction(path, shape, gpu.name, divergence.name, str(dtype).removeprefix("torch."), tf32,
                       _phases(kernels, gpu, tf32), floor_seconds(path, shape, gpu, dtype), float(extra), detail,
                       tuple(notes))
@@ -1181,6 +1205,21 @@ def markdown(shapes: list[tuple[str, Shape]], gpu: targets.GPU, divergences=DEFA
             rows.append([f"`{path}`", d, _ms(ieee.total_s), f"{ieee.ratio_to_floor:.2f}", _ms(fast.total_s),
                          f"{fast.ratio_to_floor:.2f}", f"{ieee.total_s / fast.total_s:.1f}×"])
     lines += _md_rows(["path", "divergence", "ieee ms", "× floor", "TF32 ms", "× floor", "TF32 speed-up"], rows)
+    lines += ["", f"## Mixed precision at {first}: float32 master weights ({gpu.name.upper()})", "",
+              "Under `torch.autocast(dtype=bfloat16)` (the HF Trainer's `bf16=True`) the hidden states are bf16 "
+              "and the lm_head weights float32: kdops casts every operand to bf16 as autocast's `F.linear` does "
+              "(tensor cores; the weights' gradients come back in float32 through the casts), where without "
+              "autocast float32 operands are multiplied exactly in float32:", ""]
+    rows = []
+    for d in divergences:
+        for path in AUTOCAST_PATHS:
+            if not applies(path, d):
+                continue
+            mixed = predict(path, first, gpu, d, torch.bfloat16, autocast=True)
+            exact = predict(path, first, gpu, d, torch.float32)
+            rows.append([f"`{path}`", d, _ms(mixed.total_s), f"{mixed.ratio_to_floor:.2f}", _size(mixed.extra_bytes),
+                         _ms(exact.total_s), _size(exact.extra_bytes)])
+    lines += _md_rows(["path", "divergence", "autocast bf16 ms", "× bf16 floor", "extra", "float32 ms", "extra"], rows)
     lines.append("")
     return "\n".join(lines)
 
@@ -1195,6 +1234,8 @@ def main(argv=None) -> int:
                         help=f"default {' '.join(DEFAULT_DIVERGENCES)}")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--tf32", action="store_true", help="float32 matmuls at the TF32 rate")
+    parser.add_argument("--autocast", action="store_true",
+                        help="kdops' paths under torch.autocast of --dtype with float32 master weights")
     parser.add_argument("--path", action="append", choices=PATHS, help="only these paths (repeatable)")
     parser.add_argument("--json", action="store_true", help="one JSON document: every prediction with its phases")
     parser.add_argument("--markdown", metavar="PATH", help="write the MODEL.md report to PATH")
@@ -1215,13 +1256,18 @@ def main(argv=None) -> int:
     results = []
     for shape in shapes:
         for d in divergences:
-            predictions = predict_all(shape, gpu, d, dtype, args.tf32)
+            if args.autocast:
+                predictions = {path: predict(path, shape, gpu, d, dtype, autocast=True) for path in AUTOCAST_PATHS
+                               if applies(path, d)}
+            else:
+                predictions = predict_all(shape, gpu, d, dtype, args.tf32)
             if args.path:
                 predictions = {k: v for k, v in predictions.items() if k in args.path}
             if args.json:
                 results += [p.as_json() for p in predictions.values()]
             else:
-                print(f"# {shape} {d} {args.dtype}{' tf32' if args.tf32 else ''} on {gpu.name}: floor "
+                mode = " tf32" if args.tf32 else " autocast (float32 master weights)" if args.autocast else ""
+                print(f"# {shape} {d} {args.dtype}{mode} on {gpu.name}: floor "
                       f"{_ms(floor_seconds('fused', shape, gpu, dtype))} ms (matmuls), "
                       f"{_ms(floor_seconds('kd_loss-triton', shape, gpu, dtype))} ms (logits, kd_loss-*)")
                 print(format_table(predictions))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _chunked, parallel
@@ -164,29 +166,55 @@ def fused_linear_kd_loss(
     the group unless `VocabParallel(reduce_hidden_grad=False)` (see `kdops.parallel`).
     """
     divergence = as_divergence(divergence)
-    vocab = check_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                               student_bias, teacher_bias, hard_weight, soft_weight, impl)
-    leading = student_hidden.shape[:-1]
-    device = student_hidden.device
-    temperature = check_loss_options(labels, leading, device, temperature, ignore_index, reduction,
-                                     num_items_in_batch)
-    check_memory_budget(memory_budget)
-    backend = resolve_backend(backend, device)
-    hard_weight, soft_weight = float(hard_weight), float(soft_weight)
-    tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
-    mask = row_mask(labels, ignore_index, leading, device).reshape(-1)
-    options = dict(divergence=divergence, temperature=temperature, vocab=vocab, soft_weight=soft_weight,
-                   hard_weight=hard_weight, ignore_index=ignore_index, impl=impl, backend=backend,
-                   memory_budget=memory_budget)
-    if vocab_parallel is not None:
-        return _vocab_parallel_fused_loss(tensors, labels, mask, options, reduction, num_items_in_batch, leading,
-                                          vocab_parallel)
-    if hard_weight > 0:
-        check_label_range(labels, ignore_index, vocab)
-    if torch.compiler.is_compiling():
-        rows = _compiled_fused_rows(tensors, labels, mask, options)
-        return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)
-    return _fused_loss_eager(tensors, labels, mask, options, reduction, num_items_in_batch, leading)
+    device_type = student_hidden.device.type
+    autocast = _autocast_dtype(device_type)
+    if autocast is not None:
+        # As autocast runs F.linear: every float operand but float64 cast to its dtype (differentiably: float32
+        # master weights get their gradients through the casts); the loss itself is computed as without
+        # autocast (float32 logits and statistics), which the context below keeps.
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = (
+            _autocast_cast(t, autocast) for t in (student_hidden, student_weight, student_bias, teacher_hidden,
+                                                  teacher_weight, teacher_bias))
+    with torch.autocast(device_type, enabled=False) if autocast is not None else contextlib.nullcontext():
+        vocab = check_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                                   student_bias, teacher_bias, hard_weight, soft_weight, impl)
+        leading = student_hidden.shape[:-1]
+        device = student_hidden.device
+        temperature = check_loss_options(labels, leading, device, temperature, ignore_index, reduction,
+                                         num_items_in_batch)
+        check_memory_budget(memory_budget)
+        backend = resolve_backend(backend, device)
+        hard_weight, soft_weight = float(hard_weight), float(soft_weight)
+        tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+        mask = row_mask(labels, ignore_index, leading, device).reshape(-1)
+        options = dict(divergence=divergence, temperature=temperature, vocab=vocab, soft_weight=soft_weight,
+                       hard_weight=hard_weight, ignore_index=ignore_index, impl=impl, backend=backend,
+                       memory_budget=memory_budget)
+        if vocab_parallel is not None:
+            return _vocab_parallel_fused_loss(tensors, labels, mask, options, reduction, num_items_in_batch, leading,
+                                              vocab_parallel)
+        if hard_weight > 0:
+            check_label_range(labels, ignore_index, vocab)
+        if torch.compiler.is_compiling():
+            rows = _compiled_fused_rows(tensors, labels, mask, options)
+            return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)
+        return _fused_loss_eager(tensors, labels, mask, options, reduction, num_items_in_batch, leading)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype of an active torch.autocast on `device_type`, else None."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except (RuntimeError, ValueError):  # a device type without autocast
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
+def _autocast_cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """What autocast does to a lower-precision op's operand: float tensors other than float64 cast to dtype."""
+    if tensor is None or not tensor.is_floating_point() or tensor.dtype in (dtype, torch.float64):
+        return tensor
+    return tensor.to(dtype)
 
 
 def _fused_loss_eager(tensors, labels, mask, options, reduction, num_items_in_batch, leading, shards=None):

@@ -274,3 +274,19 @@ def test_model_md_is_current(tmp_path, monkeypatch):
     for path in PATHS:
         assert f"| `{path}` |" in generated
     assert MODEL_MD.read_text() == generated, "regenerate: python -m bench.model --markdown bench/results/MODEL.md"
+
+
+def test_autocast_adds_the_weight_casts_to_the_16bit_path():
+    """kdops under torch.autocast with float32 master weights: the bf16 path plus both weights cast from
+    float32 and dW cast back, and their copies in memory; float32 without autocast stays on exact products."""
+    v, hs, ht = HEADLINE.vocab, HEADLINE.hidden_student, HEADLINE.hidden_teacher
+    plain = predict("chunked", HEADLINE, H100, "forward_kl", torch.bfloat16)
+    mixed = predict("chunked", HEADLINE, H100, "forward_kl", torch.bfloat16, autocast=True)
+    assert _item(mixed, "fwd: autocast", "W_s, W_t read (float32)") == v * (hs + ht) * 4
+    assert _item(mixed, "bwd: autocast", "dW written (float32)") == v * hs * 4
+    assert mixed.extra_bytes == plain.extra_bytes + v * (hs + ht) * 2 + v * hs * 2
+    assert plain.total_s < mixed.total_s < 1.1 * plain.total_s
+    exact = predict("chunked", HEADLINE, H100, "forward_kl", torch.float32)
+    assert exact.total_s > 10 * mixed.total_s  # float32 on the CUDA cores
+    with pytest.raises(ValueError, match="autocast"):
+        predict("reference", HEADLINE, H100, "forward_kl", torch.bfloat16, autocast=True)
