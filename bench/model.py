@@ -20,9 +20,10 @@ Assumptions (see MODEL.md for the numbers they give):
 * No L2 reuse in the fused Triton kernels: every tile a program loads comes from HBM (an upper bound;
   `total_l2_s` is the other extreme, where each operand is read from HBM once per launch and the float32
   scratch stays in L2). cuBLAS matmuls read each operand once (their rate is cuBLAS's achievable one).
-* Elementwise work: ELEMENTWISE_FLOPS per (row, vocabulary) element and pass over both models' values (two
-  exponentials at ~8 FMA slots each on the SFU, a 9-term series of the centred sums, the online max/sum
-  updates), at the CUDA-core fp32 rate.
+* Elementwise work of kdops' Triton kernels: LOGITS_KERNEL_FLOPS per (row, vocabulary) element of both
+  models' values, per forward pass and for the gradient, calibrated on the H200 campaign (two exponentials
+  on the SFU, the centred sums' series, the online max/sum updates), at the CUDA-core fp32 rate; PyTorch's
+  and the peers' elementwise kernels ELEMENTWISE_FLOPS per element and pass.
 * The torch paths (kd_loss backend="torch", fused_linear_kd_loss backend="torch", the references) are counted
   by running their code on the CPU at a small probe shape under a dispatch mode that records every aten
   operator: each reads its inputs once and writes its outputs once (no fusion), elementwise operators are
@@ -59,10 +60,23 @@ from kdops.divergences import Divergence, GeneralizedJSD
 from .cases import FUSED, KD_LOSS, Case
 from .floor import floor_work
 
-#: Elementwise flops per (row, vocabulary) element per pass of a kernel over both models' values: 32 for the
-#: exponentials and online sums, 32 more since the divergences keep their sums centred (`kl_terms`: a 9-term
-#: series and a few products per element, kernels/divergences.py).
+#: Elementwise flops per (row, vocabulary) element per pass of a PyTorch-level kernel over both models'
+#: values (the compiled reference's and the peers' fused elementwise kernels): exponentials, online sums.
 ELEMENTWISE_FLOPS = 64
+#: The Triton kernels' flop-equivalents per (row, vocabulary) element of both models' values, per pass of the
+#: forward and for the gradient, calibrated on the first GPU campaign (NVIDIA H200,
+#: bench/results/nvidia-h200-after: each kernel's profiled time × the fp32 rate of kdops.targets ÷ the
+#: elements, at 8192 × 128256 in 2064-row chunks): forward KL 272 / 172, generalized JSD 305 per pass / 322.
+#: They are compute-bound there (the centred sums' series, two exponentials per element on the SFU); kinds
+#: not measured take the larger figures.
+LOGITS_KERNEL_FLOPS = {"kl": (272, 172), "jsd": (305, 322)}
+_UNMEASURED_KERNEL_FLOPS = (305, 322)
+
+
+def logits_kernel_flops(divergence: Divergence) -> tuple[int, int]:
+    """(per forward pass, gradient) flop-equivalents per element of the kernels on `divergence`'s kind."""
+    kind = {0: "kl", 1: "jsd"}.get(int(_launch.kind_of(divergence.canonical())[0]))
+    return LOGITS_KERNEL_FLOPS.get(kind, _UNMEASURED_KERNEL_FLOPS)
 #: The least time a launch takes (the host's launch overhead of an eager op or a Triton kernel).
 LAUNCH_S = 5e-6
 
@@ -323,13 +337,14 @@ def _kernels_on_logits(ctx: _Ctx, rows: int, itemsize: int, label: str, phase: s
     programs = _cdiv(rows, config["BLOCK_R"])
     both = 2 * rows * v * itemsize
     stats = rows * num_stats * ctx.acc
+    per_pass, per_gradient = logits_kernel_flops(ctx.divergence)
     if write_grad:
-        return [_Kernel(phase, ew_flops=rows * v * ELEMENTWISE_FLOPS, programs=programs, launches=launches,
+        return [_Kernel(phase, ew_flops=rows * v * per_gradient, programs=programs, launches=launches,
                         items=[(f"both {label} read", both), (grad_label, rows * v * itemsize),
                                ("statistics read", stats)])]
     kernels = []
     for p in range(ctx.passes):
-        kernels.append(_Kernel(f"{phase} pass {p + 1}", ew_flops=rows * v * ELEMENTWISE_FLOPS, programs=programs,
+        kernels.append(_Kernel(f"{phase} pass {p + 1}", ew_flops=rows * v * per_pass, programs=programs,
                                launches=launches,
                                items=[(f"both {label} read", both),
                                       ("statistics and loss written" if p == ctx.passes - 1 else "", stats)]))
@@ -688,7 +703,8 @@ def _fused_path(ctx: _Ctx):
     row_blocks = _cdiv(n, bn)
     v_tiles = sum(_cdiv(min(v, lo + split) - lo, bv) for lo in range(0, v, split))  # tiles over all splits
     tile_mm = 2.0 * bn * bv * (hs_p + ht_p)  # both logit tiles of one (row block, vocabulary tile)
-    tile_ew = bn * bv * ELEMENTWISE_FLOPS
+    per_pass, per_gradient = logits_kernel_flops(ctx.divergence)
+    tile_ew = bn * bv * per_pass
     partial = n * n_splits * num_partial * acc
     kernels = []
     for p in range(ctx.passes):
@@ -717,7 +733,7 @@ def _fused_path(ctx: _Ctx):
                                    items=[("scratch zeroed, read, cast", g * hs * (2 * acc + b) / 2)]))
         kernels.append(_Kernel(
             "bwd: fused dH kernel (recompute tiles, dH += G·W_s)",
-            mm_flops=visits * (tile_mm + 2.0 * bn * bv * hs_p), mm_dtype=ctx.dtype, ew_flops=visits * tile_ew,
+            mm_flops=visits * (tile_mm + 2.0 * bn * bv * hs_p), mm_dtype=ctx.dtype, ew_flops=visits * bn * bv * per_gradient,
             programs=programs,
             items=[("W_s, W_t re-read per row block (recompute)", programs * tiles_v * bv * (hs + ht) * b),
                    ("h_s, h_t re-read per vocabulary tile", visits * bn * (hs + ht) * b),
@@ -734,7 +750,7 @@ def _fused_path(ctx: _Ctx):
                                    items=[("scratch zeroed, read, cast", w * hs * (2 * acc + b) / 2)]))
         kernels.append(_Kernel(
             "bwd: fused dW kernel (recompute tiles, dW += Gᵀ·h_s)",
-            mm_flops=visits * (tile_mm + 2.0 * bn * bv * hs_p), mm_dtype=ctx.dtype, ew_flops=visits * tile_ew,
+            mm_flops=visits * (tile_mm + 2.0 * bn * bv * hs_p), mm_dtype=ctx.dtype, ew_flops=visits * bn * bv * per_gradient,
             programs=programs,
             items=[("W_s, W_t re-read per row block (recompute)", visits * bv * (hs + ht) * b),
                    ("h_s, h_t re-read per vocabulary block", programs * row_blocks * bn * (hs + ht) * b),
@@ -1086,9 +1102,11 @@ _ASSUMPTIONS = (
     "cuBLAS matmuls read each operand once, at cuBLAS's achievable rate.",
     "A launch with fewer programs than SMs gets that share of the matmul and CUDA-core rates (not of the "
     "bandwidth); wave quantization is ignored.",
-    "Elementwise work inside the kernels: {ew} flops per (row, vocabulary) element per pass over both "
-    "models' values (two exponentials on the SFU at ~8 FMA slots each, plus the online max and sums), at "
-    "the CUDA-core rate.",
+    "Elementwise work inside kdops' Triton kernels, calibrated on the H200 campaign "
+    "(bench/results/nvidia-h200-after: profiled kernel time × the fp32 rate ÷ elements): {kernels} "
+    "flop-equivalents per (row, vocabulary) element of both models' values, per forward pass / for the "
+    "gradient (other kinds: the larger), at the CUDA-core rate; PyTorch's and the peers' elementwise "
+    "kernels {ew} per element and pass.",
     "The torch paths (`kd_loss-torch`, `kd_loss-reference`, `fused-torch`, `reference`) are estimates: their "
     "code runs once on the CPU at a small probe shape under a dispatch mode that records every aten operator; "
     "each operator reads its inputs and writes its outputs once (no fusion), and the probe's dimensions are "
@@ -1147,7 +1165,8 @@ def markdown(shapes: list[tuple[str, Shape]], gpu: targets.GPU, divergences=DEFA
         f"float32 on the CUDA cores {gpu.fp32_flops / 1e12:,.1f}, HBM {gpu.hbm_bytes_per_s / 1e12:,.2f} TB/s.", "",
         "**Assumptions.**", "",
     ]
-    lines += [f"* {a.format(ew=ELEMENTWISE_FLOPS)}" for a in _ASSUMPTIONS]
+    kernels = ", ".join(f"{kind.upper()} {a} / {b}" for kind, (a, b) in LOGITS_KERNEL_FLOPS.items())
+    lines += [f"* {a.format(ew=ELEMENTWISE_FLOPS, kernels=kernels)}" for a in _ASSUMPTIONS]
     preds = {d: predict_all(first, gpu, d, dtype) for d in divergences}
     fused_floor = floor_seconds("fused", first, gpu, dtype)
     logits_floor = floor_seconds("kd_loss-triton", first, gpu, dtype)
