@@ -1,6 +1,6 @@
 """Run a test body in several processes joined by a gloo process group (CPU, `torch.multiprocessing`).
 
-The workers are fresh interpreters that inherit TRITON_INTERPRET (set off CUDA); each poisons kernel outputs like conftest does, seeds torch, and uses one thread (the machine has
+The workers are fresh interpreters, CPU-only and with TRITON_INTERPRET=1 on any machine; each poisons kernel outputs like conftest does, seeds torch, and uses one thread (the machine has
 two cores for all of them). An exception in any worker fails the test with that worker's traceback.
 """
 
@@ -35,17 +35,28 @@ def _entry(rank: int, world_size: int, store_path: str, errors, body, args) -> N
 def spawn(body, world_size: int, *args) -> None:
     """body(rank, world_size, *args) in `world_size` processes; `body` must be a module-level function."""
     # Set in the parent: a worker imports body's module (and so triton, through torch) before _entry runs.
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    context = mp.get_context("spawn")
-    errors = context.SimpleQueue()
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            mp.start_processes(_entry, args=(world_size, os.path.join(tmp, "store"), errors, body, args),
-                               nprocs=world_size, start_method="spawn")
-        except Exception as failure:
-            reports = []
-            while not errors.empty():
-                rank, text = errors.get()
-                reports.append(f"--- rank {rank} ---\n{text}")
-            raise AssertionError("\n".join(reports) or str(failure)) from None
+    # The workers are CPU processes on a gloo group whatever the machine: on a GPU machine they get no GPU
+    # (the bodies' CPU tensors then meet DEVICE = "cpu" in their modules) and the interpreter, as in CI.
+    saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")}
+    os.environ["TRITON_INTERPRET"] = "1"
+    if torch.cuda.is_available():
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        context = mp.get_context("spawn")
+        errors = context.SimpleQueue()
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                mp.start_processes(_entry, args=(world_size, os.path.join(tmp, "store"), errors, body, args),
+                                   nprocs=world_size, start_method="spawn")
+            except Exception as failure:
+                reports = []
+                while not errors.empty():
+                    rank, text = errors.get()
+                    reports.append(f"--- rank {rank} ---\n{text}")
+                raise AssertionError("\n".join(reports) or str(failure)) from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
