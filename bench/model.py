@@ -1028,12 +1028,14 @@ COMPETITOR_PATHS = {
 }
 
 
-def auto_path(shape: Shape, dtype: torch.dtype) -> str:
-    """The path impl="auto" (backend "triton") takes, by the rule of `kdops.api._fused_problem`."""
+def auto_path(shape: Shape, dtype: torch.dtype, budget: int | None = None) -> str:
+    """The path impl="auto" (backend "triton") takes, by the rule of `kdops.api._fused_problem`: chunked,
+    unless a given `budget` is below its smallest plan."""
     from kdops._validation import resolve_impl
-    from kdops.api import AUTO_CHUNK_MIN_ROWS
 
-    fits = chunked_rows(shape, dtype) >= min(shape.tokens, AUTO_CHUNK_MIN_ROWS)
+    ctx = _Ctx(shape, targets.H100, kdops.as_divergence("forward_kl"), dtype, False, budget)
+    fits = budget is None or chunked_plan(ctx).extra_bytes(shape.vocab, "triton", ctx.acc_dtype,
+                                                           _chunked_sides(ctx)) <= budget
     return resolve_impl("auto", "triton", fits)
 
 

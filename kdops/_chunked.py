@@ -251,14 +251,22 @@ class ChunkedProblem:
         self.soft, self.hard, self.ignore_index, self.engine = soft, hard, ignore_index, engine
         self.shards, self.budget = shards, budget
 
+    def _sides(self, needs):
+        need_hs, need_ws, need_bs, need_ht, need_wt, need_bt = needs
+        width = self.vocab if self.shards is None else self.shards.max_width
+        return width, (self.student.needs(need_hs, need_ws, need_bs), self.teacher.needs(need_ht, need_wt, need_bt))
+
     def plan(self, needs) -> Plan:
         """The chunks and groups for the gradients `needs` (hs, ws, bs, ht, wt, bt) asks for. Under vocabulary
         parallelism every rank must run the same chunks (each chunk communicates): they are planned for the
         widest shard."""
-        need_hs, need_ws, need_bs, need_ht, need_wt, need_bt = needs
-        width = self.vocab if self.shards is None else self.shards.max_width
-        sides = (self.student.needs(need_hs, need_ws, need_bs), self.teacher.needs(need_ht, need_wt, need_bt))
+        width, sides = self._sides(needs)
         return plan(self.n_rows, width, self.engine, self.acc_dtype, sides, self.budget)
+
+    def plan_bytes(self, needs) -> int:
+        """The extra memory of `plan(needs)`: its buffers (`Plan.extra_bytes`)."""
+        width, sides = self._sides(needs)
+        return self.plan(needs).extra_bytes(width, self.engine, self.acc_dtype, sides)
 
     eager = True  # each chunk's logits are there in the forward: its gradients are computed at once
 

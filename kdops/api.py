@@ -110,10 +110,6 @@ def _vocab_parallel_kd_rows(student_logits, teacher_logits, mask, divergence, te
     return kd_loss_rows_eager(student_logits, teacher_logits, mask, divergence, temperature, backend, shards)
 
 
-#: impl="auto" takes the chunked path when a chunk of at least this many rows (or all rows) fits the budget.
-AUTO_CHUNK_MIN_ROWS = 128
-
-
 def fused_linear_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -151,9 +147,9 @@ def fused_linear_kd_loss(
     runs matmuls on token chunks with float32 [chunk, V] logits and the kernels on logits, keeping each
     row's logit gradient in the weight's dtype for the dH and dW matmuls (extra memory about
     `memory_budget` bytes, default `kdops._chunked.MEMORY_BUDGET` = 4 GiB: a larger budget means fewer
-    chunks and fewer float32 weight-gradient sums; see `kdops._chunked.plan`); "auto" takes "chunked"
-    when its plan has chunks of at least AUTO_CHUNK_MIN_ROWS rows (or every row) — its four matmuls are
-    cheaper than the fused path's recomputation — and "fused" otherwise. `backend="torch"` (the default
+    chunks and fewer float32 weight-gradient sums; see `kdops._chunked.plan`); "auto" takes "chunked" —
+    its four matmuls are cheaper than the fused path's recomputation — unless a `memory_budget` was given
+    that even its smallest plan exceeds: then "fused". `backend="torch"` (the default
     off CUDA) runs the chunked path with the reference math instead of the kernels.
 
     With reduction "batchmean" or "sum", the chunked paths compute the gradients during the forward
@@ -250,7 +246,9 @@ def _fused_problem(hs, ws, bs, ht, wt, bt, labels, *, divergence, temperature, v
     chunked = _chunked.ChunkedProblem(hs, ws, bs, ht, wt, bt, labels, divergence, temperature, vocab, soft_weight,
                                       hard_weight, ignore_index, engine, memory_budget, shards)
     grads = tuple(t is not None and t.requires_grad for t in (hs, ws, bs, ht, wt, bt))
-    fits = chunked.plan(grads).chunk >= min(chunked.n_rows, AUTO_CHUNK_MIN_ROWS)
+    # The default budget is a target (the plan may exceed it where no exact plan fits); one the user gave is
+    # a limit that "auto" keeps by taking the fused path.
+    fits = memory_budget is None or chunked.plan_bytes(grads) <= memory_budget
     if resolve_impl(impl, backend, fits) == "fused":
         return FusedProblem(hs, ws, bs, ht, wt, bt, labels, divergence.canonical(), 1.0 / temperature, vocab,
                             soft_weight, hard_weight, shards)

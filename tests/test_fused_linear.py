@@ -205,15 +205,16 @@ def test_upstream_gradient_scales_eager_gradients():
 
 
 def test_auto_impl_rule(monkeypatch):
-    """auto: chunked when the plan's chunks have AUTO_CHUNK_MIN_ROWS rows (or all rows), else fused (no
-    gradient asked for here: no G kept, the whole budget goes to the chunk's logits)."""
+    """auto: chunked under the default budget, and under a given memory_budget that its plan fits; fused
+    under a given budget below the smallest plan (here, with no gradient asked for: one logits row)."""
     chosen = []
     monkeypatch.setattr(kdops._autograd.FusedLinearKDFunction, "apply",
                         staticmethod(lambda problem, *a: chosen.append(type(problem).__name__) or
                                      torch.zeros(N)))
     x = make_inputs(seed=11)
-    per_row = V * 8  # two float32 logits rows; the weights are float32, so no cast buffers
-    for memory_budget, expected in ((N * per_row, "ChunkedProblem"), (N * per_row - 1, "FusedProblem")):
+    per_row = V * 8  # two float32 logits rows; no gradient asked for, so no G kept
+    for memory_budget, expected in ((None, "ChunkedProblem"), (per_row, "ChunkedProblem"),
+                                    (per_row - 1, "FusedProblem")):
         kdops.fused_linear_kd_loss(**x, backend="triton", memory_budget=memory_budget, reduction="none")
         assert chosen.pop() == expected
 

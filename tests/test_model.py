@@ -242,10 +242,12 @@ def test_bench_records_carry_predictions_for_modelled_competitors():
     assert all(records[0][f] is None for f in report.PREDICTED_FIELDS)
 
 
-def test_auto_path_follows_the_chunk_budget(monkeypatch):
+def test_auto_path_follows_the_memory_budget():
+    """chunked under the default budget (a target), and under a given one its smallest plan fits; fused
+    under a given budget below it."""
     assert model.auto_path(HEADLINE, torch.bfloat16) == "chunked"
-    monkeypatch.setattr(_chunked, "MEMORY_BUDGET", 2**20)
-    assert model.auto_path(HEADLINE, torch.bfloat16) == "fused"
+    assert model.auto_path(HEADLINE, torch.bfloat16, budget=4 * 2**30) == "chunked"
+    assert model.auto_path(HEADLINE, torch.bfloat16, budget=2**30) == "fused"
 
 
 def test_liger_chunks_follow_torch_chunk():
