@@ -83,3 +83,22 @@ def test_float64_operands_are_left_alone_by_autocast():
         loss = kdops.fused_linear_kd_loss(**x, impl="chunked", backend="torch")
     assert loss.dtype == torch.float64
     assert torch.equal(loss, kdops.fused_linear_kd_loss(**x, impl="chunked", backend="torch"))
+
+
+def test_autocast_launches_the_16bit_kernels_the_compile_gate_checks():
+    """What `python -m bench.compile` records for an H100: under autocast, float32 master weights beside
+    bf16 hidden states reach the fused kernels as bf16 matmul operands (DOT_S = DOT_T = bf16, the tensor-core
+    specializations of the gate's bf16 calls), not as float32 ones on the CUDA cores."""
+    from kdops import _launch, targets
+
+    x = make_inputs(torch.float32, seed=35)
+    inputs = _leaves(x, {"student_hidden": torch.bfloat16, "teacher_hidden": torch.bfloat16})
+    dots = set()
+
+    def recorder(kernel, grid, args, kwargs):
+        if "DOT_S" in kwargs:
+            dots.add((kernel.__name__, str(kwargs["DOT_S"]), str(kwargs["DOT_T"])))
+
+    with targets.assume("h100"), _launch.recording(recorder), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        kdops.fused_linear_kd_loss(**inputs, impl="fused", backend="triton", reduction="none").sum().backward()
+    assert dots and all(d[1:] == ("bf16", "bf16") for d in dots), dots
