@@ -2,7 +2,8 @@
 named GPUs on a machine without one, with registers, spills, shared memory and tensor-core instructions
 read from the binary.
 
-    python -m bench.compile [--arch sm_90 sm_80] [--quick] [--output bench/results/KERNELS.md] [--jobs N]
+    python -m bench.compile [--arch sm_90 sm_80] [--quick] [--dtype ...] [--divergence ...]
+                            [--output bench/results/KERNELS.md] [--jobs N]
 
 How the specializations are found: the public API (`kd_loss`, `fused_linear_kd_loss` with both impls, and
 both under vocabulary parallelism on a one-rank group) is called on small CPU tensors over the grid of
@@ -78,16 +79,18 @@ class Call:
         return " ".join(parts)
 
 
-def calls(quick: bool, dtypes=None) -> list[Call]:
+def calls(quick: bool, dtypes=None, divergences=None) -> list[Call]:
     """The grid of public calls (the quick subset: bf16 and fp32, the kinds with the most live state).
     Under vocabulary parallelism only the launchers' staging differs (partial states, their merge across
-    ranks): one set of fused options per hard-label flag covers it."""
+    ranks): one set of fused options per hard-label flag covers it. `divergences` narrows either grid."""
+    only = divergences
     if quick:
         dtypes, divergences = dtypes or ("bf16", "fp32"), ("forward_kl", "skew_reverse_kl", "alpha_beta")
         fused = [dict(hard=True, bias="both", grads="all"), dict(hard=False, bias="none", grads="student")]
     else:
         dtypes, divergences = dtypes or tuple(DTYPES), DIVERGENCES
         fused = [dict(hard=h, bias=b, grads=g) for h in (False, True) for b in BIASES for g in GRADS]
+    divergences = tuple(only) if only else divergences
     staged = [dict(hard=h, bias="none", grads="student") for h in (False, True)]
     out = []
     for dtype, divergence in itertools.product(dtypes, divergences):
@@ -158,7 +161,7 @@ def _constexpr_text(value) -> str:
     return {"True": "1", "False": "0"}.get(text, text)
 
 
-def record(arch: str, quick: bool, dtypes=None) -> list[Spec]:
+def record(arch: str, quick: bool, dtypes=None, divergences=None) -> list[Spec]:
     """The distinct launches of every call of the grid, as the launchers make them for the arch's GPU."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
@@ -184,7 +187,7 @@ def record(arch: str, quick: bool, dtypes=None) -> list[Spec]:
 
     _one_rank_group()
     with targets.assume(GPU_OF_ARCH[arch]), _launch.recording(recorder):
-        for call in calls(quick, dtypes):
+        for call in calls(quick, dtypes, divergences):
             current.append(call)
             _run_call(call)
     return list(found.values())
@@ -329,11 +332,12 @@ def _summary_rows(results: list[Compiled]):
                sum(r.seconds for r in rs))
 
 
-def report(results: list[Compiled], archs, quick: bool, wall: float, dtypes=None) -> str:
+def report(results: list[Compiled], archs, quick: bool, wall: float, dtypes=None, divergences=None) -> str:
     import triton
 
     command = f"python -m bench.compile --arch {' '.join(archs)}{' --quick' if quick else ''}"
     command += f" --dtype {' '.join(dtypes)}" if dtypes else ""
+    command += f" --divergence {' '.join(divergences)}" if divergences else ""
     failures = [(r, f) for r in results for f in r.failures]
     lines = [
         "# Kernels compiled for CUDA",
@@ -382,9 +386,9 @@ def _fresh_cache():
                 os.environ["TRITON_CACHE_DIR"] = previous
 
 
-def run(archs, quick: bool, jobs: int, dtypes=None) -> tuple[list[Compiled], float]:
+def run(archs, quick: bool, jobs: int, dtypes=None, divergences=None) -> tuple[list[Compiled], float]:
     start = time.perf_counter()
-    specs = [spec for arch in archs for spec in record(arch, quick, dtypes)]
+    specs = [spec for arch in archs for spec in record(arch, quick, dtypes, divergences)]
     with _fresh_cache():
         results = compile_all(specs, jobs)
     return results, time.perf_counter() - start
@@ -396,12 +400,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a representative subset (the CI test's)")
     parser.add_argument("--output", default=str(RESULTS), help="markdown report (default: bench/results/KERNELS.md)")
     parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), help="only these input dtypes")
+    parser.add_argument("--divergence", nargs="+", choices=tuple(DIVERGENCES), help="only these divergences")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("TRITON_INTERPRET is set: interpreted kernels cannot be compiled; unset it")
-    results, wall = run(args.arch, args.quick, args.jobs, args.dtype)
-    Path(args.output).write_text(report(results, args.arch, args.quick, wall, args.dtype))
+    results, wall = run(args.arch, args.quick, args.jobs, args.dtype, args.divergence)
+    Path(args.output).write_text(report(results, args.arch, args.quick, wall, args.dtype, args.divergence))
     failures = [(r, f) for r in results for f in r.failures]
     for row in _summary_rows(results):
         print("{} {:<26} {:>4} specs {:>2} errors  regs ≤ {:>3}  spill ≤ {:>5} B  shared ≤ {:>6} B  TC ≥ {:>4}  "

@@ -696,7 +696,8 @@ def _fused_path(ctx: _Ctx):
     n, v, b, acc = ctx.shape.tokens, ctx.shape.vocab, ctx.b, ctx.acc
     hs, ht = ctx.shape.hidden_student, ctx.shape.hidden_teacher
     num_stats, num_partial = _kernel_constants()
-    config = _fused.fused_config(n, v, ctx.gpu, ctx.dtype)
+    jsd = ctx.divergence.canonical().kind.name == "JSD"
+    config = _fused.fused_config(n, v, ctx.gpu, ctx.dtype, jsd=jsd)
     bn, bv, bh, split = config["BLOCK_N"], config["BLOCK_V"], config["BLOCK_H"], config["split_size"]
     n_splits = _cdiv(v, split)
     hs_p, ht_p = _cdiv(hs, bh) * bh, _cdiv(ht, bh) * bh

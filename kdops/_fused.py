@@ -36,18 +36,30 @@ _GPU_TILES = {
 # tiles half as wide, where the KL first pass with its centred sums spilled at 64 × 64 on sm_80 (and the
 # backward's dW product spills at 64 × 32: it keeps the common tiles).
 _PRE_HOPPER_FORWARD_TILES = {2: dict(_GPU_TILES[2], BLOCK_V=32)}
+# Generalized JSD holds the most live state per element (both log-probabilities and the mixture's, on both
+# sides): with the hard-label term or teacher gradients its 16-bit backward spilled 8–16 B at 64 × 64 and
+# its float64 kernels 24–112 B at 32 × 32 (`python -m bench.compile`, both archs). Smaller tiles there: half
+# the rows for the 16-bit backward on sm_90, half the columns in float64; the 16-bit forward and float32 fit.
+# Before Hopper the 16-bit JSD backward spills at every tile tried (64 × 64: 8–96 B with the hard-label term
+# and teacher gradients; 32 × 64 and 32 × 32: in more specializations): it keeps the common tiles.
+_JSD_BACKWARD_TILES = {2: dict(_GPU_TILES[2], BLOCK_N=32), 8: dict(_GPU_TILES[8], BLOCK_V=16)}
+_JSD_PRE_HOPPER_BACKWARD_TILES = {8: _JSD_BACKWARD_TILES[8]}
+_JSD_FORWARD_TILES = {8: _JSD_BACKWARD_TILES[8]}
 
 
 def fused_config(n_rows: int, vocab: int, gpu: targets.GPU | None, dtype: torch.dtype = torch.bfloat16,
-                 forward: bool = False) -> dict:
+                 forward: bool = False, jsd: bool = False) -> dict:
     """Tile sizes and the number of vocabulary splits of the forward for `gpu` (None: the interpreter), whose
-    widest matmul operands have `dtype`; the backward takes the same tiles unless `forward`. On GPU:
-    `_GPU_TILES` (`_PRE_HOPPER_FORWARD_TILES` first for the forward below sm_90), and enough (row block,
-    split) programs to fill the device twice. Under the interpreter: few large tiles, and several splits so
-    that the merge is exercised."""
+    widest matmul operands have `dtype`; the backward takes the same tiles unless `forward`; `jsd`: the
+    generalized-JSD kernels. On GPU: `_GPU_TILES` (`_PRE_HOPPER_FORWARD_TILES` first for the forward below
+    sm_90, the `_JSD_*_TILES` for JSD), and enough (row block, split) programs to fill the device twice.
+    Under the interpreter: few large tiles, and several splits so that the merge is exercised."""
     if gpu is not None:
         size = min(torch.empty((), dtype=dtype).element_size(), 8)
         special = _PRE_HOPPER_FORWARD_TILES if forward and gpu.capability < (9, 0) else {}
+        if jsd:
+            backward = _JSD_BACKWARD_TILES if gpu.capability >= (9, 0) else _JSD_PRE_HOPPER_BACKWARD_TILES
+            special = {**special, **(_JSD_FORWARD_TILES if forward else backward)}
         tiles = special.get(size, _GPU_TILES[size])
         programs = 2 * gpu.sm_count
         splits = max(1, programs // _cdiv(n_rows, tiles["BLOCK_N"]))
@@ -103,6 +115,7 @@ class FusedProblem:
         self.dot_dtype = torch.promote_types(torch.promote_types(hs.dtype, ws.dtype),
                                              torch.promote_types(ht.dtype, wt.dtype))
         kind, self.two_pass = _launch.kind_of(canon)
+        self.jsd = canon.kind.name == "JSD"  # its kernels take narrower tiles (`fused_config`)
         self.device = hs.device
         self.shape_args = (self.hs.shape[-1], self.ht.shape[-1])
         self.layout_args = (*s_layout, *t_layout, self.ws.stride(0), self.wt.stride(0))
@@ -137,7 +150,7 @@ def fused_forward(problem: FusedProblem):
     under `problem.shards`)."""
     linear = _linear()
     n = problem.n_rows
-    config = fused_config(n, problem.vocab, problem.gpu, problem.dot_dtype, forward=True)
+    config = fused_config(n, problem.vocab, problem.gpu, problem.dot_dtype, forward=True, jsd=problem.jsd)
     split_size = config.pop("split_size")
     n_splits = _cdiv(problem.vocab, split_size)
     *inputs, labels = problem.pointers(problem.hs)
@@ -197,7 +210,7 @@ def fused_backward(problem: FusedProblem, stats, row_scale, needs):
     if n == 0:
         return g_hs, g_ws, g_bs, g_ht, g_wt, g_bt
 
-    config = fused_config(n, vocab, problem.gpu, problem.dot_dtype)
+    config = fused_config(n, vocab, problem.gpu, problem.dot_dtype, jsd=problem.jsd)
     config.pop("split_size")
     row_scale = row_scale.contiguous()
     *inputs, labels = problem.pointers(stats)

@@ -84,6 +84,25 @@ def test_configs_follow_the_named_gpu():
     assert _fused.fused_config(512, 128256, targets.A100, forward=True)["BLOCK_V"] == a100["BLOCK_V"] // 2
     assert _fused.fused_config(512, 128256, targets.H100, forward=True) == h100
     assert "num_warps" not in _fused.fused_config(512, 128256, None)
+    # Generalized JSD (the most live state): half the rows in the 16-bit backward on sm_90, half the columns
+    # in float64; the 16-bit forward and the A100's 16-bit backward keep the common tiles.
+    jsd = dict(jsd=True)
+    assert _fused.fused_config(512, 128256, targets.H100, **jsd)["BLOCK_N"] == h100["BLOCK_N"] // 2
+    assert _fused.fused_config(512, 128256, targets.H100, forward=True, **jsd) == h100
+    assert _fused.fused_config(512, 128256, targets.A100, **jsd) == a100
+    fp64 = _fused.fused_config(512, 128256, targets.H100, torch.float64)
+    for gpu in (targets.H100, targets.A100):
+        for forward in (False, True):
+            tiles = _fused.fused_config(512, 128256, gpu, torch.float64, forward=forward, **jsd)
+            assert tiles["BLOCK_V"] == fp64["BLOCK_V"] // 2
+    seen = {}
+    hs, ws = torch.randn(37, 64, dtype=torch.bfloat16, requires_grad=True), torch.randn(1000, 64, dtype=torch.bfloat16)
+    with targets.assume("h100"), _launch.recording(lambda kernel, grid, args, kwargs: seen.setdefault(
+            kernel.__name__, kwargs)):
+        kdops.fused_linear_kd_loss(hs, ws, hs.detach(), ws, divergence="generalized_jsd", impl="fused",
+                                   backend="triton").backward()
+    assert seen["fused_grad_hidden_kernel"]["BLOCK_N"] == h100["BLOCK_N"] // 2
+    assert seen["fused_forward_kernel"]["BLOCK_N"] == h100["BLOCK_N"]
     assert targets.of_device(torch.device("cpu")) is None
     with targets.assume("a100"):
         assert targets.of_device(torch.device("cpu")) is targets.A100

@@ -175,7 +175,7 @@ def test_fused_counts_follow_fused_config_and_scratch_groups(monkeypatch):
 
     original = _fused.fused_config
     monkeypatch.setattr(_fused, "fused_config",
-                        lambda n_, v_, gpu, dtype: dict(original(n_, v_, gpu, dtype), BLOCK_N=2 * bn))
+                        lambda n_, v_, gpu, dtype, **kw: dict(original(n_, v_, gpu, dtype, **kw), BLOCK_N=2 * bn))
     wider = predict("fused", SMALL, H100, "forward_kl", torch.bfloat16)
     assert _item(wider, "fwd: fused forward", "W_s, W_t re-read per row block") == \
         math.ceil(n / (2 * bn)) * tiles * bv * (hs + ht) * 2
