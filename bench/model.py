@@ -302,7 +302,6 @@ class _Ctx:
     dtype: torch.dtype
     tf32: bool
     budget: int | None = None  # the chunked paths' memory_budget (None: kdops._chunked.MEMORY_BUDGET)
-    autocast: bool = False  # float32 master weights cast to `dtype` by kdops under torch.autocast
 
     @property
     def b(self) -> int:
@@ -328,9 +327,11 @@ class _Ctx:
 # --- kd_loss, Triton --------------------------------------------------------------------------------------------
 
 def _kernels_on_logits(ctx: _Ctx, rows: int, itemsize: int, label: str, phase: str, write_grad: bool,
-                       launches: float = 1.0, grad_label: str = "student gradient written") -> list[_Kernel]:
+                       launches: float = 1.0, grad_label: str = "student gradient written",
+                       grad_itemsize: int | None = None) -> list[_Kernel]:
     """The kernels on logits (`kernels/logits.py`) over `rows` rows of both [rows, V] logits of `itemsize`
-    bytes: the forward's passes (both logits read per pass), or the backward (read both, write G_s)."""
+    bytes: the forward's passes (both logits read per pass), or the backward (read both, write G_s in
+    `grad_itemsize` bytes, by default the logits')."""
     v, gpu = ctx.shape.vocab, ctx.gpu
     num_stats, _ = _kernel_constants()
     config = _launch.logits_config(rows, v, gpu, ctx.acc_dtype)
@@ -340,7 +341,8 @@ def _kernels_on_logits(ctx: _Ctx, rows: int, itemsize: int, label: str, phase: s
     per_pass, per_gradient = logits_kernel_flops(ctx.divergence)
     if write_grad:
         return [_Kernel(phase, ew_flops=rows * v * per_gradient, programs=programs, launches=launches,
-                        items=[(f"both {label} read", both), (grad_label, rows * v * itemsize),
+                        items=[(f"both {label} read", both),
+                               (grad_label, rows * v * (itemsize if grad_itemsize is None else grad_itemsize)),
                                ("statistics read", stats)])]
     kernels = []
     for p in range(ctx.passes):
@@ -576,12 +578,11 @@ def _zero_grads(ctx: _Ctx, phase: str) -> _Kernel:
 
 def chunked_plan(ctx: _Ctx, engine: str = "triton") -> "_chunked.Plan":
     """`kdops._chunked.plan` for the student's gradients (dH, dW; frozen teacher), as ChunkedProblem plans."""
-    sides = (_chunked.SideNeeds(ctx.dtype, ctx.shape.hidden_student, True, True),
-             _chunked.SideNeeds(ctx.dtype, ctx.shape.hidden_teacher, False, False))
-    return _chunked.plan(ctx.shape.tokens, ctx.shape.vocab, engine, ctx.acc_dtype, sides, ctx.budget)
+    return _chunked.plan(ctx.shape.tokens, ctx.shape.vocab, engine, ctx.acc_dtype, _chunked_sides(ctx), ctx.budget)
 
 
 def _chunked_sides(ctx: _Ctx):
+    """The plan's two sides: the student's gradients (dH, dW), a frozen teacher."""
     return (_chunked.SideNeeds(ctx.dtype, ctx.shape.hidden_student, True, True),
             _chunked.SideNeeds(ctx.dtype, ctx.shape.hidden_teacher, False, False))
 
@@ -670,18 +671,12 @@ def _chunked_path(ctx: _Ctx):
     num_stats, _ = _kernel_constants()
 
     def chunk_kernels(rows, count):
-        out = _kernels_on_logits(ctx, rows, acc, "logits buffers", "fwd: kernels on logits", False, count)
-        # G written straight into the group's store in the weight's dtype (16 bits: half a float32 row)
-        return out + [k for k in _kernels_on_logits(ctx, rows, acc, "logits buffers",
-                                                      "fwd: kernel on logits (G into the group's store)", True,
-                                                      count, grad_label="G_s written (weight dtype)")]
+        # G written straight into the group's store, in the weight's dtype
+        return (_kernels_on_logits(ctx, rows, acc, "logits buffers", "fwd: kernels on logits", False, count)
+                + _kernels_on_logits(ctx, rows, acc, "logits buffers", "fwd: kernel on logits (G into the group's store)",
+                                     True, count, grad_label="G_s written (weight dtype)", grad_itemsize=b))
 
     kernels, plan = _chunked_common(ctx, "triton", chunk_kernels)
-    # the G write is counted at the logits' itemsize by _kernels_on_logits: G is in the weight's dtype
-    for k in kernels:
-        if k.phase == "fwd: kernel on logits (G into the group's store)":
-            k.items = [(name, nbytes * b / acc if name == "G_s written (weight dtype)" else nbytes)
-                       for name, nbytes in k.items]
     extra = plan.extra_bytes(v, "triton", ctx.acc_dtype, _chunked_sides(ctx)) + n * (2 * acc + 1) \
         + plan.chunk * num_stats * acc
     detail = _plan_text(ctx, plan) + ": two float32 [chunk, V] logits buffers + G [group, V] in the weight dtype"
@@ -998,7 +993,7 @@ def predict(path: str, shape: Shape, gpu: targets.GPU | str = targets.H100, dive
     divergence = kdops.as_divergence(divergence)
     if not applies(path, divergence):
         raise ValueError(f"{path} has no {divergence.name}")
-    ctx = _Ctx(shape, gpu, divergence, dtype, tf32, budget, autocast)
+    ctx = _Ctx(shape, gpu, divergence, dtype, tf32, budget)
     kernels, extra, detail, notes = _BUILDERS[path](ctx)
     if autocast:
         if path not in AUTOCAST_PATHS or dtype.itemsize != 2:

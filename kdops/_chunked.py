@@ -45,10 +45,6 @@ DW_SLICE_BYTES = 64 * 2**20
 TORCH_TEMPORARIES = 16
 
 
-def _size(dtype: torch.dtype) -> int:
-    return dtype.itemsize
-
-
 @dataclass(frozen=True)
 class SideNeeds:
     """What one model's lm_head contributes to the plan: its weight's dtype and [V, H] width, and which of
@@ -81,18 +77,18 @@ class Plan:
 
 def logits_row_bytes(vocab: int, engine: str, acc_dtype: torch.dtype) -> int:
     """One row of a chunk: two float32 logits rows, plus the autograd temporaries of engine "torch"."""
-    return vocab * _size(acc_dtype) * (2 + (TORCH_TEMPORARIES if engine == "torch" else 0))
+    return vocab * acc_dtype.itemsize * (2 + (TORCH_TEMPORARIES if engine == "torch" else 0))
 
 
 def store_row_bytes(vocab: int, sides) -> int:
     """One row of a group: G in each weight's dtype, for the sides whose gradients are asked for."""
-    return sum(vocab * _size(s.weight_dtype) for s in sides if s.grad)
+    return sum(vocab * s.weight_dtype.itemsize for s in sides if s.grad)
 
 
 def accumulator_bytes(vocab: int, acc_dtype: torch.dtype, sides) -> int:
     """The float32 [V, H] sums of 16-bit weight gradients over several groups (a float32 weight's gradient
     is its own accumulator)."""
-    return sum(vocab * s.width * _size(acc_dtype) for s in sides if s.weight_grad and s.weight_dtype != acc_dtype)
+    return sum(vocab * s.width * acc_dtype.itemsize for s in sides if s.weight_grad and s.weight_dtype != acc_dtype)
 
 
 def _rows(count: int, n_rows: int) -> int:
@@ -230,7 +226,7 @@ class _Side:
             with _float32_sums():
                 torch.mm(g.t(), h, out=grad_w[: g.shape[1]])
             return
-        step = max(1, DW_SLICE_BYTES // (self.width * _size(self.acc_dtype)))
+        step = max(1, DW_SLICE_BYTES // (self.width * self.acc_dtype.itemsize))
         product = torch.empty((min(step, g.shape[1]), self.width), dtype=self.acc_dtype, device=g.device)
         for v0 in range(0, g.shape[1], step):
             v1 = min(v0 + step, g.shape[1])
@@ -310,7 +306,7 @@ class ChunkedProblem:
         return vocab_parallel_rows(self.shards, zs, zt, labels, self.divergence, self.temperature, self.soft,
                                    self.hard)
 
-    def _grad_out(self, side: "_Side", store, logits, need_bias: bool):
+    def _grad_out(self, store, logits, need_bias: bool):
         """Where the kernels write a chunk's G: straight into the group's store (its dtype) — unless the bias
         gradient, a float32 sum of G, needs G before its rounding to a 16-bit store: then over the logits."""
         if store is None:
@@ -321,15 +317,13 @@ class ChunkedProblem:
     def run(self, row_scale, needs):
         """(per-row losses [rows], gradients (hs, ws, bs, ht, wt, bt)) of Σ_r row_scale[r]·loss[r]; gradients
         only where `needs` says (row_scale may be None when none is needed)."""
-        needs = tuple(needs) if row_scale is not None else (False,) * 6
         s, t = self.student, self.teacher
-        need_hs, need_ws, need_bs, need_ht, need_wt, need_bt = needs
+        need_hs, need_ws, need_bs, need_ht, need_wt, need_bt = needs if row_scale is not None else (False,) * 6
         need_bs = need_bs and s.bias is not None
         need_bt = need_bt and t.bias is not None
-        needs = (need_hs, need_ws, need_bs, need_ht, need_wt, need_bt)
         need_s, need_t = need_hs or need_ws or need_bs, need_ht or need_wt or need_bt
         device, acc = self.device, self.acc_dtype
-        plan = self.plan(needs)
+        plan = self.plan((need_hs, need_ws, need_bs, need_ht, need_wt, need_bt))
 
         def zeros(shape, dtype, need):
             return torch.zeros(shape, dtype=dtype, device=device) if need else None
@@ -361,7 +355,7 @@ class ChunkedProblem:
                 out_s = None if store_s is None else store_s[r0 - g0: r1 - g0]
                 out_t = None if store_t is None else store_t[r0 - g0: r1 - g0]
                 rows[r0:r1], gs, gt = self._loss_and_logit_grads(
-                    zs, zt, labels, scale, self._grad_out(s, out_s, zs, need_bs), self._grad_out(t, out_t, zt, need_bt))
+                    zs, zt, labels, scale, self._grad_out(out_s, zs, need_bs), self._grad_out(out_t, zt, need_bt))
                 for g, out, grad_b in ((gs, out_s, g_bs), (gt, out_t, g_bt)):
                     if grad_b is not None:
                         grad_b += g.sum(0, dtype=acc)
