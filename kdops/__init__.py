@@ -16,10 +16,11 @@ from .divergences import (
 )
 from .modules import FusedLinearKDLoss, KDLoss
 from .parallel import VocabParallel
+from .topk import topk_kd_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "kd_loss", "fused_linear_kd_loss", "KDLoss", "FusedLinearKDLoss", "VocabParallel", "reference", "Divergence", "ForwardKL", "ReverseKL", "GeneralizedJSD",
-    "SkewForwardKL", "SkewReverseKL", "TVD", "AlphaBeta", "DIVERGENCES", "as_divergence",
+    "SkewForwardKL", "SkewReverseKL", "TVD", "AlphaBeta", "DIVERGENCES", "as_divergence", "topk_kd_loss",
 ]

@@ -55,6 +55,13 @@ def _kernels():
     return tl, divergences, logits, partials
 
 
+@functools.lru_cache(maxsize=None)
+def _topk_kernels():
+    from .kernels import topk
+
+    return topk
+
+
 def _empty(shape, dtype, device) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype, device=device)
     if POISON_OUTPUTS:
@@ -282,3 +289,50 @@ def logits_backward(student, teacher, labels, stats, row_scale, canon: Canonical
         *args, GRAD_S=grad_s, GRAD_T=grad_t, **constexprs, **config,
     )
     return out_s, out_t
+
+
+# --- the student's side of a sparse (top-k) teacher (kernels/topk.py) ------------------------------------------
+
+def topk_config(n_rows: int, vocab: int, gpu: targets.GPU | None, acc: torch.dtype) -> dict:
+    """`logits_config`'s blocks, and BLOCK_C ids compared with each tile at a time ([rows, BLOCK_V, BLOCK_C]
+    comparisons: a few per element on GPU, where a tile of 2048 columns holds about k·2048/V ids)."""
+    return dict(logits_config(n_rows, vocab, gpu, acc), BLOCK_C=4 if gpu is not None else 8)
+
+
+def complement_lse(student: torch.Tensor, sorted_ids: torch.Tensor, inv_temp: float) -> torch.Tensor:
+    """R[r] = log Σ_{j ∉ ids_r} e^(s_rj / T) [rows] of [..., V] logits, with `sorted_ids` [rows, k] int32 sorted
+    per row (absent entries as V); in the accumulation dtype."""
+    tl, topk = _kernels()[0], _topk_kernels()
+    student, (s_inner, s_outer, s_stride) = _rows_of(student)
+    vocab = student.shape[-1]
+    n_rows, k = sorted_ids.shape
+    acc = _acc(tl, student)
+    out = _empty((n_rows,), _acc_torch(acc), student.device)
+    if n_rows == 0:
+        return out
+    config = topk_config(n_rows, vocab, targets.of_device(student.device), _acc_torch(acc))
+    launch(topk.complement_lse_kernel, (_cdiv(n_rows, config["BLOCK_R"]),), student, sorted_ids, out, n_rows, vocab,
+           k, s_inner, s_outer, s_stride, inv_temp, ACC=acc, **config)
+    return out
+
+
+def topk_student_backward(student: torch.Tensor, sorted_ids: torch.Tensor, g_ids: torch.Tensor, lse_rest, g_rest,
+                          inv_temp: float) -> torch.Tensor:
+    """∂ℓ/∂s, contiguous [..., V] in the student's dtype, of ℓ(s_ids / T, R) given g_ids = ∂ℓ/∂(s_ids / T)
+    [rows, k] (in the order of `sorted_ids`) and, for a tail (`lse_rest` = R and `g_rest` = ∂ℓ/∂R [rows], or
+    both None), the softmax over the complement."""
+    tl, topk = _kernels()[0], _topk_kernels()
+    shape = student.shape
+    student, (s_inner, s_outer, s_stride) = _rows_of(student)
+    vocab = shape[-1]
+    n_rows, k = sorted_ids.shape
+    out = _empty(shape, student.dtype, student.device)
+    if n_rows == 0:
+        return out
+    acc = _acc(tl, student)
+    tail = lse_rest is not None
+    config = topk_config(n_rows, vocab, targets.of_device(student.device), _acc_torch(acc))
+    launch(topk.topk_student_backward_kernel, (_cdiv(n_rows, config["BLOCK_R"]),), student, sorted_ids,
+           g_ids.contiguous(), lse_rest.contiguous() if tail else g_ids, g_rest.contiguous() if tail else g_ids, out,
+           n_rows, vocab, k, s_inner, s_outer, s_stride, inv_temp, TAIL=tail, ACC=acc, **config)
+    return out

@@ -22,6 +22,7 @@ from ._validation import (
     check_fused_inputs,
     check_logits_pair,
     check_loss_options,
+    check_tensor,
 )
 from .divergences import Canonical, Divergence, Kind, as_divergence
 
@@ -155,3 +156,42 @@ def linear_kd_rows(student_logits, teacher_logits, labels, divergence: Divergenc
         rows = rows + hard_weight * torch.nn.functional.cross_entropy(student_logits, labels,
                                                                       ignore_index=ignore_index, reduction="none")
     return rows
+
+
+def topk_kd_loss(student_logits, teacher_ids, teacher_logprobs, labels=None, *, divergence="forward_kl",
+                 temperature=1.0, tail="bucket", ignore_index=-100, reduction="batchmean", num_items_in_batch=None,
+                 backend="auto"):
+    """Reference for `kdops.topk_kd_loss` (same signature; `backend` is checked and ignored): the student's
+    whole log_softmax(s / T) in float32 (float64 for float64 logits), its entries at the ids and the
+    logsumexp of the others as the tail, then the dense divergence between the k (+1)-outcome
+    distributions (`kdops.topk`)."""
+    from .topk import check_tail, check_topk_teacher, teacher_rest
+
+    divergence = as_divergence(divergence)
+    check_tensor("student_logits", student_logits)
+    vocab = student_logits.shape[-1]
+    leading = student_logits.shape[:-1]
+    temperature = check_loss_options(labels, leading, student_logits.device, temperature, ignore_index, reduction,
+                                     num_items_in_batch)
+    check_choice("backend", backend, BACKENDS)
+    check_tail(tail, divergence.canonical(), divergence.name)
+    check_topk_teacher(teacher_ids, teacher_logprobs, leading, vocab, tail, student_logits.device)
+    dtype = compute_dtype(student_logits)
+    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    lp = teacher_logprobs.detach().to(dtype)
+    present = lp != -math.inf
+    ids = torch.where(present, teacher_ids.long(), 0)
+    student = torch.where(present, log_q.gather(-1, ids), -math.inf)
+    teacher = lp
+    if tail != "renormalize":
+        member = torch.zeros_like(log_q, dtype=torch.int32).scatter_add_(-1, ids, present.to(torch.int32)) > 0
+        student_rest = torch.logsumexp(log_q.masked_fill(member, -math.inf), dim=-1, keepdim=True)
+        if tail == "bucket":
+            teacher_rest_ = teacher_rest(lp.reshape(-1, lp.shape[-1]), vocab).view(*leading, 1)
+        else:
+            teacher_rest_ = torch.full_like(lp[..., :1], -math.inf)
+        student = torch.cat([student, student_rest], dim=-1)
+        teacher = torch.cat([teacher, teacher_rest_], dim=-1)
+    rows = divergence_rows(divergence, student, teacher, 1.0)
+    mask = row_mask(labels, ignore_index, leading, student_logits.device)
+    return reduce_rows(torch.where(mask, rows, 0.0), mask, reduction, num_items_in_batch)

@@ -10,7 +10,7 @@ silently wrong one (rows whose label is ignore_index are masked out by the calle
 import triton
 import triton.language as tl
 
-from .divergences import excess_at, excess_update, finite_or_zero, flag, log1p, online_max
+from .divergences import excess_at, finite_or_zero, flag, log1p, online_lse_update
 
 
 @triton.jit
@@ -24,10 +24,7 @@ def hard_label_update(HARD: tl.constexpr, s, cols, labels, m_c, u_c, s_lab):
     """Fold a tile of raw student logits into the running (m_c, u_c) of lse(s) (u_c: the excess, as in
     `divergences.py`) and into s_label."""
     if HARD:
-        m_new, ref, grew = online_max(m_c, s)
-        d = s - ref[:, None]
-        u_c = excess_update(u_c, grew, tl.exp(m_c - ref), tl.exp(d), d == 0.0)
-        m_c = m_new
+        m_c, u_c = online_lse_update(m_c, u_c, s)
         s_lab += tl.sum(tl.where(is_label(cols, labels), s, 0.0), axis=1)
     return m_c, u_c, s_lab
 

@@ -242,6 +242,15 @@ def excess_update(u, grew, factor, e, at_max):
 
 
 @triton.jit
+def online_lse_update(m, u, v):
+    """Fold a tile v [rows, block] into a running log-sum-exp kept as (max m, excess u) [rows]: lse = m + log1p(u)."""
+    m_new, ref, grew = online_max(m, v)
+    d = v - ref[:, None]
+    u = excess_update(u, grew, tl.exp(m - ref), tl.exp(d), d == 0.0)
+    return m_new, u
+
+
+@triton.jit
 def excess_at(u, at_max, factor):
     """A range's excess u as its addend of a sum over ranges, at a max at least its own: u itself where the
     range holds that max, its plain sum (u + 1)·factor elsewhere (factor = e^(c(m − m_max))). Summed over

@@ -1,0 +1,287 @@
+"""Sparse teachers: distillation from the teacher's top-k log-probabilities.
+
+A teacher row is k token ids and their log-probabilities at the distillation temperature (`-inf` marks an
+absent entry). The student's distribution is q = softmax(s / T) over the whole vocabulary; p_i = e^(lp_i).
+`tail` says what becomes of the mass outside the ids:
+
+    "bucket"       P = (p, 1 − Σp) and Q = (q_ids, q_tail) over k + 1 outcomes, q_tail = Σ_{j ∉ ids} q_j
+    "renormalize"  P̂ = p / Σp and Q̂ = q_ids / Σ q_ids over the k ids (the rest of the vocabulary is never read)
+    "zero"         P̂ = p / Σp on the ids and 0 elsewhere, against the whole q: for the divergences that stay
+                   finite where P is 0 and Q is not (`check_tail`), the off-support terms are those of one
+                   outcome of mass q_tail against 0, i.e. the bucket of (P̂, 0) and Q
+
+Every mode is thus one divergence between two distributions over k or k + 1 outcomes, whose log-weights
+are columns of a small [rows, k (+1)] "logits" pair: the student's s_ids / T (−inf where absent) and its
+complement's log-mass R = log Σ_{j ∉ ids} e^(s_j / T) (softmax of the pair is exactly (q_ids, q_tail)), the
+teacher's lp and log(1 − Σp). That pair goes to the dense loss (`kd_loss`'s kernels or reference math,
+whichever backend), so each divergence's math stays where it is; what is new is only the student's side —
+the gather, R (computed over the complement, so q_tail is exact to its own size however small), and their
+gradient, one write per element of the student's logits (`kernels/topk.py`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _launch
+from ._reduction import reduce_rows, row_mask
+from ._validation import check_loss_options, check_same_device, check_tensor, resolve_backend
+from .divergences import Canonical, Divergence, Kind, as_divergence
+
+TAILS = ("bucket", "renormalize", "zero")
+#: Σp may exceed 1 by this much in "bucket" mode (rounding of the teacher's log-probabilities), no more.
+MASS_SLACK = 1e-3
+
+
+def check_tail(tail, canon: Canonical, name: str) -> None:
+    """`tail` is one of TAILS, and "zero" only with a divergence that is finite where P̂ = 0 < Q."""
+    if not isinstance(tail, str) or tail not in TAILS:
+        raise ValueError(f"tail: expected one of {', '.join(map(repr, TAILS))}, got {tail!r}")
+    if tail != "zero":
+        return
+    # Canonical D(P ‖ Q) with the student as P weighs the teacher's zeros by log(q / 0): KL(q ‖ p̂) is infinite,
+    # and so is the skew KL(q ‖ αq + (1 − α)p̂) at α = 0. Every other kind stays finite.
+    if canon.student_is_p and (canon.kind == Kind.KL or (canon.kind == Kind.SKEW and canon.c1 == 0)):
+        raise ValueError(
+            f"tail='zero' with divergence {name!r}: the teacher's distribution is 0 outside its ids while the "
+            "student's is not, and this divergence weighs that by log(q / 0) = ∞; use tail='bucket' or "
+            "'renormalize', or a divergence that stays finite there (forward_kl, generalized_jsd with β < 1, "
+            "skew_forward_kl, skew_reverse_kl with α > 0, tvd, alpha_beta)")
+
+
+def check_topk_teacher(teacher_ids, teacher_logprobs, leading: torch.Size, vocab: int, tail: str,
+                       device: torch.device) -> None:
+    """Shapes, dtypes and (on the CPU, where it costs no synchronization) values of a top-k teacher."""
+    check_tensor("teacher_ids", teacher_ids, floating=False)
+    check_tensor("teacher_logprobs", teacher_logprobs)
+    if teacher_ids.is_complex() or teacher_ids.dtype == torch.bool or teacher_ids.is_floating_point():
+        raise TypeError(f"teacher_ids: expected an integer dtype, got {teacher_ids.dtype}")
+    if teacher_ids.shape != teacher_logprobs.shape:
+        raise ValueError(f"teacher_ids and teacher_logprobs: expected the same shape [..., k], got "
+                         f"{tuple(teacher_ids.shape)} and {tuple(teacher_logprobs.shape)}")
+    if teacher_ids.shape[:-1] != leading:
+        raise ValueError(f"teacher_ids: expected leading dimensions {tuple(leading)} (the student's), got shape "
+                         f"{tuple(teacher_ids.shape)}")
+    if teacher_ids.shape[-1] == 0:
+        raise ValueError(f"teacher_ids: k (the last dimension) is 0, got shape {tuple(teacher_ids.shape)}")
+    check_same_device(student=torch.empty(0, device=device), teacher_ids=teacher_ids, teacher_logprobs=teacher_logprobs)
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    lp = teacher_logprobs.detach()
+    present = lp != -math.inf
+    if bool(torch.isnan(lp).any()) or bool((lp > 0).any()):
+        bad = lp[torch.isnan(lp) | (lp > 0)][0].item()
+        raise ValueError(f"teacher_logprobs: expected log-probabilities (≤ 0, or -inf for an absent entry), got {bad!r}")
+    ids = teacher_ids[present]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"teacher_ids: expected ids in [0, {vocab}) (the student's vocabulary) where the "
+                         f"log-probability is not -inf, got values in [{int(ids.min())}, {int(ids.max())}]")
+    flat_ids = torch.where(present, teacher_ids, -1 - torch.arange(teacher_ids.shape[-1], device=device))
+    ordered = flat_ids.reshape(-1, flat_ids.shape[-1]).sort(dim=-1).values
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        row = int((ordered[:, 1:] == ordered[:, :-1]).any(-1).nonzero()[0])
+        raise ValueError(f"teacher_ids: a row lists an id twice (flattened row {row}); each id may appear once")
+    if tail == "bucket":
+        mass = lp.double().exp().sum(-1)
+        if bool((mass > 1 + MASS_SLACK).any()):
+            raise ValueError(f"teacher_logprobs: with tail='bucket' a row's probabilities must sum to at most 1 "
+                             f"(+{MASS_SLACK:g} for rounding), got {float(mass.max()):.6g}")
+
+
+def teacher_rest(lp: torch.Tensor, vocab: int) -> torch.Tensor:
+    """log(1 − Σp) [rows, 1] of log-probabilities lp [rows, k], from a float64 sum: −inf (empty) where the
+    listed mass reaches 1, and where the present ids cover the whole vocabulary (k = V), as the student's
+    complement is then empty too."""
+    present = lp != -math.inf
+    mass = lp.double().exp().sum(-1, keepdim=True)
+    rest = torch.log1p(-mass.clamp(max=1.0))
+    if lp.shape[-1] >= vocab:
+        rest = rest.masked_fill(present.sum(-1, keepdim=True) >= vocab, -math.inf)
+    return rest.to(lp.dtype)
+
+
+class TopKTeacher:
+    """A validated top-k teacher, flattened to rows, in the forms the paths read.
+
+    gather_ids [rows, k] int64: the ids, 0 where absent (a safe index; the column is −inf anyway).
+    present    [rows, k] bool: the entries whose log-probability is not −inf.
+    sorted_ids [rows, k] int32: each row's present ids in increasing order, absent ones as V at the end;
+    order      [rows, k] int64: the permutation that sorts a row's entries so (column i of a row is
+               column order[i] of the input).
+    columns    [rows, k (+1)]: the teacher's log-weights of the k (+1) outcomes in `dtype`.
+    """
+
+    def __init__(self, teacher_ids, teacher_logprobs, vocab: int, tail: str, dtype: torch.dtype):
+        k = teacher_ids.shape[-1]
+        ids = teacher_ids.reshape(-1, k).long()
+        lp = teacher_logprobs.detach().reshape(-1, k).to(dtype)
+        self.present = lp != -math.inf
+        self.gather_ids = torch.where(self.present, ids, 0)
+        keys = torch.where(self.present, ids, vocab)
+        sorted_keys, self.order = keys.sort(dim=-1)
+        self.sorted_ids = sorted_keys.to(torch.int32).contiguous()
+        self.tail = tail
+        if tail == "renormalize":
+            self.columns = lp
+        else:
+            log_rest = teacher_rest(lp, vocab) if tail == "bucket" else torch.full_like(lp[:, :1], -math.inf)
+            self.columns = torch.cat([lp, log_rest], dim=-1)
+
+    @property
+    def has_tail(self) -> bool:
+        """Whether the student's side needs its complement's log-mass R."""
+        return self.tail != "renormalize"
+
+
+class StudentTopKFunction(torch.autograd.Function):
+    """(s_ids / T [rows, k] in the accumulation dtype, −inf where absent; R [rows], or an empty tensor
+    without a tail) of 2-D student logits, by the chosen engine."""
+
+    @staticmethod
+    def forward(ctx, student, teacher: TopKTeacher, temperature: float, engine: str):
+        columns, lse_rest = _ENGINES[engine][0](student, teacher, 1.0 / temperature)
+        ctx.save_for_backward(student, lse_rest)
+        ctx.teacher, ctx.temperature, ctx.engine = teacher, temperature, engine
+        return columns, lse_rest
+
+    @staticmethod
+    def backward(ctx, g_columns, g_rest):
+        student, lse_rest = ctx.saved_tensors
+        teacher = ctx.teacher
+        grad = _ENGINES[ctx.engine][1](student, teacher, g_columns, lse_rest if teacher.has_tail else None,
+                                       g_rest if teacher.has_tail else None, 1.0 / ctx.temperature)
+        return grad, None, None, None
+
+
+def _gathered(student, teacher: TopKTeacher, inv_temp: float, dtype: torch.dtype) -> torch.Tensor:
+    """s_ids / T in `dtype` (one rounded product per logit, as the kernels scale), −inf where absent."""
+    columns = student.gather(-1, teacher.gather_ids).to(dtype) * inv_temp
+    return torch.where(teacher.present, columns, -math.inf)
+
+
+def _triton_forward(student, teacher: TopKTeacher, inv_temp: float):
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    if teacher.has_tail:
+        lse_rest = _launch.complement_lse(student, teacher.sorted_ids, inv_temp)
+    else:
+        lse_rest = torch.empty(0, dtype=dtype, device=student.device)
+    return _gathered(student, teacher, inv_temp, dtype), lse_rest
+
+
+def _triton_backward(student, teacher: TopKTeacher, g_columns, lse_rest, g_rest, inv_temp: float):
+    g_ids = torch.where(teacher.present, g_columns, 0.0).gather(-1, teacher.order)
+    return _launch.topk_student_backward(student, teacher.sorted_ids, g_ids, lse_rest, g_rest, inv_temp)
+
+
+def _members(student, teacher: TopKTeacher, start: int, end: int) -> torch.Tensor:
+    """[end − start, V] bool: the entries of rows start..end that are their row's present ids."""
+    counts = torch.zeros(end - start, student.shape[-1], dtype=torch.int32, device=student.device)
+    counts.scatter_add_(-1, teacher.gather_ids[start:end], teacher.present[start:end].to(torch.int32))
+    return counts > 0
+
+
+def _torch_forward(student, teacher: TopKTeacher, inv_temp: float):
+    """The reference math chunked over rows: R = logsumexp of s / T with the ids at −inf."""
+    from ._torch_backend import chunk_rows
+
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    n_rows, vocab = student.shape
+    lse_rest = torch.empty(n_rows if teacher.has_tail else 0, dtype=dtype, device=student.device)
+    if teacher.has_tail:
+        chunk = chunk_rows(vocab)
+        for start in range(0, n_rows, chunk):
+            end = min(start + chunk, n_rows)
+            x = student[start:end].to(dtype) * inv_temp
+            lse_rest[start:end] = torch.logsumexp(x.masked_fill(_members(student, teacher, start, end), -math.inf), -1)
+    return _gathered(student, teacher, inv_temp, dtype), lse_rest
+
+
+def _torch_backward(student, teacher: TopKTeacher, g_columns, lse_rest, g_rest, inv_temp: float):
+    from ._torch_backend import chunk_rows
+
+    n_rows, vocab = student.shape
+    grad = torch.empty_like(student)
+    g_ids = torch.where(teacher.present, g_columns, 0.0) * inv_temp
+    chunk = chunk_rows(vocab)
+    for start in range(0, n_rows, chunk):
+        end = min(start + chunk, n_rows)
+        part = torch.zeros(end - start, vocab, dtype=g_columns.dtype, device=student.device)
+        if lse_rest is not None:
+            x = student[start:end].to(g_columns.dtype) * inv_temp
+            g = g_rest[start:end, None]
+            softmax = torch.exp(x - lse_rest[start:end, None])
+            tail = torch.where((g != 0) & ~_members(student, teacher, start, end), g * softmax * inv_temp, 0.0)
+            part += tail
+        part.scatter_add_(-1, teacher.gather_ids[start:end], g_ids[start:end])
+        grad[start:end] = part
+    return grad
+
+
+_ENGINES = {"triton": (_triton_forward, _triton_backward), "torch": (_torch_forward, _torch_backward)}
+
+
+def topk_rows(student2d, teacher: TopKTeacher, mask, divergence: Divergence, temperature: float, backend: str):
+    """Per-row losses [rows] (0 where the mask is False): the dense loss of the (k + 1)-outcome pair."""
+    from .api import kd_loss_rows_eager
+
+    columns, lse_rest = StudentTopKFunction.apply(student2d, teacher, temperature, backend)
+    if teacher.has_tail:
+        columns = torch.cat([columns, lse_rest[:, None]], dim=-1)
+    # Both sides are log-weights at T already: the dense loss runs at T = 1.
+    return kd_loss_rows_eager(columns, teacher.columns, mask, divergence, 1.0, backend)
+
+
+def topk_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    divergence: str | Divergence = "forward_kl",
+    temperature: float = 1.0,
+    tail: str = "bucket",
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    num_items_in_batch=None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Distillation loss against a sparse teacher: its top-k ids [..., k] and log-probabilities [..., k] at
+    temperature T (−inf: an absent entry), and the student's logits [..., V], in float32 (float64 for float64
+    logits).
+
+    Per row, ℓ = D(P ‖ Q) between the teacher's and the student's distributions as `tail` builds them from
+    p = exp(teacher_logprobs) and q = softmax(student / T) over the whole vocabulary (see `kdops.topk`):
+    "bucket" (default) adds one outcome holding the rest of each side's mass, 1 − Σp and Σ_{j ∉ ids} q_j;
+    "renormalize" compares p / Σp with q_ids / Σ q_ids; "zero" compares p / Σp (0 off the ids) with q. With
+    k = V and "bucket" this is `kd_loss` with the teacher's logits. Masking, `reduction` and
+    `num_items_in_batch` are those of `kd_loss`; gradients flow to the student logits only, in their dtype.
+
+    Errors name the argument: ids and log-probabilities of different shapes, or of leading dimensions other
+    than the student's; non-integer ids; an unknown `tail`; tail="zero" with a divergence that is infinite
+    there. On CPU tensors also (free of a device synchronization there): ids outside [0, V) where present, an
+    id listed twice in a row, a log-probability > 0 or NaN, and Σp > 1 + 1e-3 with "bucket". On an accelerator
+    those are not checked: an id outside [0, V) is an out-of-bounds read.
+
+    `backend`: "triton" (kernels over the vocabulary: extra memory O(rows · k)), "torch" (the reference math
+    chunked over rows), "auto" (Triton on CUDA, torch elsewhere).
+    """
+    divergence = as_divergence(divergence)
+    check_tensor("student_logits", student_logits)
+    vocab = student_logits.shape[-1]
+    if vocab == 0:
+        raise ValueError(f"student_logits: the vocabulary (last dimension) is empty, got shape "
+                         f"{tuple(student_logits.shape)}")
+    leading = student_logits.shape[:-1]
+    device = student_logits.device
+    temperature = check_loss_options(labels, leading, device, temperature, ignore_index, reduction,
+                                     num_items_in_batch)
+    check_tail(tail, divergence.canonical(), divergence.name)
+    check_topk_teacher(teacher_ids, teacher_logprobs, leading, vocab, tail, device)
+    backend = resolve_backend(backend, device)
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    teacher = TopKTeacher(teacher_ids, teacher_logprobs, vocab, tail, dtype)
+    mask = row_mask(labels, ignore_index, leading, device).reshape(-1)
+    rows = topk_rows(student_logits.reshape(-1, vocab), teacher, mask, divergence, temperature, backend)
+    return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)

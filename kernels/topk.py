@@ -1,0 +1,110 @@
+"""The student's side of a sparse (top-k) teacher, on logits that exist: row-parallel, vocabulary-blocked.
+
+A teacher row gives k token ids; the student's distribution is q = softmax(s / T) over the whole
+vocabulary. The loss needs the student's logits at the ids (a gather, done by the launcher) and, for the
+tail modes, the log-mass of everything else,
+
+    R = log Σ_{j ∉ ids} e^(s_j / T)                (lse over the complement; −inf when the ids cover V)
+
+so that the tail q_tail = e^(R − lse(s / T)) is exact to its own size however small it is: it is never
+1 − Σ q_ids. The ids of a row arrive sorted (absent entries as V, past every column), so the ids that fall in
+a vocabulary tile are the next ones of the row: a window of BLOCK_C of them at a time is compared with the
+tile's columns (`member_tile`), and the complement is the tile with those columns at −inf, fed to the same
+online log-sum-exp as every other kernel (`divergences.online_lse_update`).
+
+The gradient of ℓ(s_ids / T, R) is one write per element:
+
+    ∂ℓ/∂s_j = (g_R · e^(s_j / T − R) for j ∉ ids;  g_i for j = ids_i) / T.
+"""
+
+import triton
+import triton.language as tl
+
+from .divergences import NEG_INF, log1p, online_lse_update
+from .logits import as_output, load_tile, row_offsets
+
+
+@triton.jit
+def member_tile(ids_ptr, g_ptr, row_base, lo, k, v0, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_C: tl.constexpr, GATHER_G: tl.constexpr, ACC: tl.constexpr):
+    """(member [rows, block]: whether column v0 + j of the tile is one of the row's ids, g_tile [rows, block]: the
+    gradient g of that id there (0 elsewhere; only with GATHER_G), lo [rows]: the first id of each row past
+    this tile). ids_ptr + row_base[r] holds row r's k ids sorted, absent ones as V; lo[r] is the first of
+    them not below v0 (every earlier tile consumed its own)."""
+    c = tl.arange(0, BLOCK_C)
+    cols = v0 + tl.arange(0, BLOCK_V)
+    end = v0 + BLOCK_V
+    member = tl.zeros([BLOCK_R, BLOCK_V], tl.int32)
+    g_tile = tl.zeros([BLOCK_R, BLOCK_V], ACC)
+    more = tl.full([], 1, tl.int32)
+    while more > 0:
+        index = lo[:, None] + c[None, :]
+        inside = index < k
+        ids = tl.load(ids_ptr + row_base[:, None] + index, mask=inside, other=end)
+        here = inside & (ids < end)  # [rows, BLOCK_C]: the window's ids in this tile
+        hit = (cols[None, :, None] == ids[:, None, :]) & here[:, None, :]  # [rows, block, BLOCK_C]
+        member = tl.maximum(member, tl.max(hit.to(tl.int32), axis=2))
+        if GATHER_G:
+            g = tl.load(g_ptr + row_base[:, None] + index, mask=here, other=0.0).to(ACC)
+            g_tile += tl.sum(tl.where(hit, g[:, None, :], 0.0), axis=2)
+        n = tl.sum(here.to(tl.int32), axis=1)
+        lo += n
+        # A full window may have more ids of this tile after it.
+        more = tl.max((n == BLOCK_C).to(tl.int32), axis=0)
+    return member > 0, g_tile, lo
+
+
+@triton.jit
+def complement_lse_kernel(
+    s_ptr, ids_ptr, out_ptr, n_rows, V, k, s_inner, s_stride_outer, s_stride_inner, inv_temp,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    """out[r] = log Σ_{j ∉ ids_r} e^(s_rj / T), ids [rows, k] sorted (absent as V)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    safe_rows = tl.minimum(rows, n_rows - 1)
+    s_off = row_offsets(safe_rows, s_inner, s_stride_outer, s_stride_inner)
+    row_base = safe_rows.to(tl.int64) * k
+    cols = tl.arange(0, BLOCK_V)
+    lo = tl.zeros([BLOCK_R], tl.int32)
+    m = tl.full([BLOCK_R], NEG_INF, ACC)
+    u = tl.full([BLOCK_R], -1.0, ACC)
+    for v0 in range(0, V, BLOCK_V):
+        col_ok = v0 + cols < V
+        member, _, lo = member_tile(ids_ptr, ids_ptr, row_base, lo, k, v0, BLOCK_R, BLOCK_V, BLOCK_C, False, ACC)
+        # One rounded product per logit, as in `passes.scaled_pq` (never contracted into the max's shift).
+        x = tl.fma(load_tile(s_ptr + v0, s_off, cols, col_ok, ACC), inv_temp, 0.0)
+        m, u = online_lse_update(m, u, tl.where(member, NEG_INF, x))
+    tl.store(out_ptr + rows, m + log1p(u), mask=row_ok)
+
+
+@triton.jit
+def topk_student_backward_kernel(
+    s_ptr, ids_ptr, g_ids_ptr, lse_rest_ptr, g_rest_ptr, out_ptr, n_rows, V, k, s_inner, s_stride_outer,
+    s_stride_inner, inv_temp,
+    TAIL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    """out[r, j] = (g_rest[r]·e^(s_rj / T − R_r) off the ids (only with TAIL), g_ids[r, i] at j = ids[r, i]) / T;
+    ids and g_ids [rows, k] in the same (sorted) order; out contiguous [rows, V] in its own dtype."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    safe_rows = tl.minimum(rows, n_rows - 1)
+    s_off = row_offsets(safe_rows, s_inner, s_stride_outer, s_stride_inner)
+    row_base = safe_rows.to(tl.int64) * k
+    out_off = safe_rows.to(tl.int64) * V
+    cols = tl.arange(0, BLOCK_V)
+    lo = tl.zeros([BLOCK_R], tl.int32)
+    if TAIL:
+        lse_rest = tl.load(lse_rest_ptr + safe_rows).to(ACC)
+        g_rest = tl.load(g_rest_ptr + safe_rows).to(ACC)
+    for v0 in range(0, V, BLOCK_V):
+        col_ok = v0 + cols < V
+        member, grad, lo = member_tile(ids_ptr, g_ids_ptr, row_base, lo, k, v0, BLOCK_R, BLOCK_V, BLOCK_C, True, ACC)
+        if TAIL:
+            x = tl.fma(load_tile(s_ptr + v0, s_off, cols, col_ok, ACC), inv_temp, 0.0)
+            # A row with no gradient from its tail (ignored, or an empty complement whose R is −inf) gets
+            # exact zeros there, whatever its logits.
+            tail = tl.where((g_rest != 0.0)[:, None] & ~member, g_rest[:, None] * tl.exp(x - lse_rest[:, None]), 0.0)
+            grad += tail
+        tl.store(out_ptr + out_off[:, None] + v0 + cols[None, :], as_output(grad * inv_temp, out_ptr),
+                 mask=row_ok[:, None] & col_ok[None, :])
