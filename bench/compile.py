@@ -54,23 +54,27 @@ FUSED_KERNELS = ("fused_forward_kernel", "fused_grad_hidden_kernel", "fused_grad
 
 # Sizes of the recorded calls: odd, and large enough that every launcher takes its general path.
 ROWS, HIDDEN_S, HIDDEN_T, VOCAB = 37, 64, 96, 1000
+TOPK = 7
 
 
 @dataclasses.dataclass(frozen=True)
 class Call:
     """One public call whose launches are recorded."""
 
-    function: str  # "kd_loss" | "fused" | "chunked"
+    function: str  # "kd_loss" | "fused" | "chunked" | "topk"
     dtype: str
     divergence: str
     hard: bool = False
     bias: str = "none"
     grads: str = "student"
     vocab_parallel: bool = False
+    tail: str = ""  # topk only
 
     @property
     def label(self) -> str:
         parts = [self.function, self.dtype, self.divergence]
+        if self.function == "topk":
+            return " ".join(parts + [f"tail={self.tail}"])
         if self.function != "kd_loss":
             parts += [f"hard={int(self.hard)}", f"bias={self.bias}"]
         parts.append(f"grads={self.grads}")
@@ -94,6 +98,9 @@ def calls(quick: bool, dtypes=None, divergences=None) -> list[Call]:
     staged = [dict(hard=h, bias="none", grads="student") for h in (False, True)]
     out = []
     for dtype, divergence in itertools.product(dtypes, divergences):
+        # The sparse teacher's student side (kernels/topk.py) differs by dtype and tail only; the dense pair it
+        # feeds runs kd_loss's kernels, which the kd_loss calls cover.
+        out += [Call("topk", dtype, divergence, tail=tail) for tail in ("bucket", "renormalize")]
         for vp in (False, True):
             out += [Call("kd_loss", dtype, divergence, grads=g, vocab_parallel=vp) for g in ("student", "all")]
             for impl in ("fused", "chunked"):
@@ -121,6 +128,11 @@ def _run_call(call: Call) -> None:
     options = dict(divergence=call.divergence, backend="triton")
     if call.vocab_parallel:
         options["vocab_parallel"] = kdops.VocabParallel(0, VOCAB)
+    if call.function == "topk":
+        student = torch.randn(ROWS, VOCAB, dtype=dtype, requires_grad=True)
+        logprobs, ids = torch.log_softmax(torch.randn(ROWS, VOCAB), -1).topk(TOPK, dim=-1)
+        kdops.topk_kd_loss(student, ids, logprobs, tail=call.tail, **options).backward()
+        return
     if call.function == "kd_loss":
         student = torch.randn(ROWS, VOCAB, dtype=dtype, requires_grad=True)
         teacher = torch.randn(ROWS, VOCAB, dtype=dtype, requires_grad=g_tw)

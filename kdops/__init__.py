@@ -14,7 +14,7 @@ from .divergences import (
     TVD,
     as_divergence,
 )
-from .modules import FusedLinearKDLoss, KDLoss
+from .modules import FusedLinearKDLoss, KDLoss, TopKKDLoss
 from .parallel import VocabParallel
 from .topk import topk_kd_loss
 
@@ -23,4 +23,5 @@ __version__ = "0.1.0"
 __all__ = [
     "kd_loss", "fused_linear_kd_loss", "KDLoss", "FusedLinearKDLoss", "VocabParallel", "reference", "Divergence", "ForwardKL", "ReverseKL", "GeneralizedJSD",
     "SkewForwardKL", "SkewReverseKL", "TVD", "AlphaBeta", "DIVERGENCES", "as_divergence", "topk_kd_loss",
+    "TopKKDLoss",
 ]

@@ -17,6 +17,7 @@ from ._validation import (
 from .api import fused_linear_kd_loss, kd_loss
 from .divergences import as_divergence
 from .parallel import VocabParallel
+from .topk import check_tail, topk_kd_loss
 
 
 def _check_options(temperature, ignore_index, reduction, backend, vocab_parallel) -> None:
@@ -73,6 +74,27 @@ class FusedLinearKDLoss(torch.nn.Module):
         return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                                     divergence=self.divergence, student_bias=student_bias, teacher_bias=teacher_bias,
                                     num_items_in_batch=num_items_in_batch, **self.options)
+
+    def extra_repr(self) -> str:
+        return f"divergence={self.divergence}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class TopKKDLoss(torch.nn.Module):
+    """`kdops.topk_kd_loss` as a module: ``TopKKDLoss(tail="zero")(student_logits, teacher_ids, teacher_logprobs)``;
+    labels and `num_items_in_batch` are forward arguments."""
+
+    def __init__(self, *, divergence="forward_kl", temperature=1.0, tail="bucket", ignore_index=-100,
+                 reduction="batchmean", backend="auto"):
+        super().__init__()
+        self.divergence = as_divergence(divergence)
+        _check_options(temperature, ignore_index, reduction, backend, None)
+        check_tail(tail, self.divergence.canonical(), self.divergence.name)
+        self.options = dict(temperature=temperature, tail=tail, ignore_index=ignore_index, reduction=reduction,
+                            backend=backend)
+
+    def forward(self, student_logits, teacher_ids, teacher_logprobs, labels=None, num_items_in_batch=None):
+        return topk_kd_loss(student_logits, teacher_ids, teacher_logprobs, labels, divergence=self.divergence,
+                            num_items_in_batch=num_items_in_batch, **self.options)
 
     def extra_repr(self) -> str:
         return f"divergence={self.divergence}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
