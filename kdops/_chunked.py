@@ -76,7 +76,9 @@ class Plan:
 
 
 def logits_row_bytes(vocab: int, engine: str, acc_dtype: torch.dtype) -> int:
-    """One row of a chunk: two float32 logits rows, plus the autograd temporaries of engine "torch"."""
+    """One row of a chunk: two float32 logits rows (a sparse teacher's chunks hold the student's logits and
+    its float32 gradient, or the hard-label term's temporaries), plus the autograd temporaries of engine
+    "torch"."""
     return vocab * acc_dtype.itemsize * (2 + (TORCH_TEMPORARIES if engine == "torch" else 0))
 
 
@@ -241,6 +243,11 @@ class ChunkedProblem:
         self.acc_dtype = compute_dtype(hs, ws, ht, wt)
         self.student = _Side(hs, ws, bs, vocab, self.acc_dtype)
         self.teacher = _Side(ht, wt, bt, vocab, self.acc_dtype)
+        self.sides = (self.student, self.teacher)
+        self._options(hs, labels, divergence, temperature, vocab, soft, hard, ignore_index, engine, budget, shards)
+
+    def _options(self, hs, labels, divergence, temperature: float, vocab: int, soft: float, hard: float,
+                 ignore_index: int, engine: str, budget: int | None, shards) -> None:
         self.n_rows, self.vocab, self.device = hs.numel() // hs.shape[-1], vocab, hs.device
         self.labels = None if labels is None else labels.reshape(-1)
         self.divergence, self.temperature = divergence, temperature
@@ -248,9 +255,9 @@ class ChunkedProblem:
         self.shards, self.budget = shards, budget
 
     def _sides(self, needs):
-        need_hs, need_ws, need_bs, need_ht, need_wt, need_bt = needs
+        """The plan's width and one SideNeeds per side, from `needs` (dH, dW, db per side, in order)."""
         width = self.vocab if self.shards is None else self.shards.max_width
-        return width, (self.student.needs(need_hs, need_ws, need_bs), self.teacher.needs(need_ht, need_wt, need_bt))
+        return width, tuple(side.needs(*needs[3 * i: 3 * i + 3]) for i, side in enumerate(self.sides))
 
     def plan(self, needs) -> Plan:
         """The chunks and groups for the gradients `needs` (hs, ws, bs, ht, wt, bt) asks for. Under vocabulary
@@ -314,16 +321,24 @@ class ChunkedProblem:
         direct = self.engine == "triton" and not (need_bias and store.dtype != self.acc_dtype)
         return store if direct else logits
 
+    def _chunk(self, logits, labels, scale, outs, r0: int, r1: int):
+        """(per-row losses, logit gradients per side) of rows r0..r1 from their logits (one per side)."""
+        zs, zt = logits
+        loss, g_s, g_t = self._loss_and_logit_grads(zs, zt, labels, scale, *outs)
+        return loss, (g_s, g_t)
+
     def run(self, row_scale, needs):
         """(per-row losses [rows], gradients (hs, ws, bs, ht, wt, bt)) of Σ_r row_scale[r]·loss[r]; gradients
-        only where `needs` says (row_scale may be None when none is needed)."""
-        s, t = self.student, self.teacher
-        need_hs, need_ws, need_bs, need_ht, need_wt, need_bt = needs if row_scale is not None else (False,) * 6
-        need_bs = need_bs and s.bias is not None
-        need_bt = need_bt and t.bias is not None
-        need_s, need_t = need_hs or need_ws or need_bs, need_ht or need_wt or need_bt
+        only where `needs` says (row_scale may be None when none is needed). Generic over the sides (the
+        models whose logits are computed): `_chunk` turns a chunk's logits into its losses and gradients."""
+        sides = self.sides
+        flags = needs if row_scale is not None else (False,) * 6
+        # per side: (dH, dW, db) asked for (db only where there is a bias), and whether G is kept at all
+        asked = [(flags[3 * i], flags[3 * i + 1], flags[3 * i + 2] and side.bias is not None)
+                 for i, side in enumerate(sides)]
+        keep = [any(a) for a in asked]
         device, acc = self.device, self.acc_dtype
-        plan = self.plan((need_hs, need_ws, need_bs, need_ht, need_wt, need_bt))
+        plan = self.plan(tuple(f for a in asked for f in a) + (False,) * (6 - 3 * len(sides)))
 
         def zeros(shape, dtype, need):
             return torch.zeros(shape, dtype=dtype, device=device) if need else None
@@ -331,44 +346,42 @@ class ChunkedProblem:
         def empty(shape, dtype, need):
             return torch.empty(shape, dtype=dtype, device=device) if need else None
 
-        g_hs = empty((self.n_rows, s.width), s.hidden.dtype, need_hs)
-        g_ht = empty((self.n_rows, t.width), t.hidden.dtype, need_ht)
+        grad_h = [empty((self.n_rows, side.width), side.hidden.dtype, a[0]) for side, a in zip(sides, asked)]
         # Weight gradients over several groups: float32 (ACC) accumulators, one rounding at the end; with a
         # single group, the gradient itself (every slice written once).
-        g_ws = zeros((s.weight_rows, s.width), acc if plan.accumulate else s.weight.dtype, need_ws)
-        g_wt = zeros((t.weight_rows, t.width), acc if plan.accumulate else t.weight.dtype, need_wt)
-        g_bs, g_bt = zeros((self.vocab,), acc, need_bs), zeros((self.vocab,), acc, need_bt)
+        grad_w = [zeros((side.weight_rows, side.width), acc if plan.accumulate else side.weight.dtype, a[1])
+                  for side, a in zip(sides, asked)]
+        grad_b = [zeros((self.vocab,), acc, a[2]) for a in asked]
         rows = torch.empty(self.n_rows, dtype=acc, device=device)
         chunk, group = plan.chunk, plan.group
-        zs_buf = torch.empty((chunk, self.vocab), dtype=acc, device=device)
-        zt_buf = torch.empty((chunk, self.vocab), dtype=acc, device=device)
-        store_s = empty((group, self.vocab), s.weight.dtype, need_s)
-        store_t = empty((group, self.vocab), t.weight.dtype, need_t)
+        buffers = [torch.empty((chunk, self.vocab), dtype=acc, device=device) for _ in sides]
+        stores = [empty((group, self.vocab), side.weight.dtype, k) for side, k in zip(sides, keep)]
         for g0 in range(0, self.n_rows, group):
             g1 = min(g0 + group, self.n_rows)
             for r0 in range(g0, g1, chunk):
                 r1 = min(r0 + chunk, g1)
-                zs = s.logits(s.rows(r0, r1), zs_buf[: r1 - r0])
-                zt = t.logits(t.rows(r0, r1), zt_buf[: r1 - r0])
+                logits = tuple(side.logits(side.rows(r0, r1), buf[: r1 - r0]) for side, buf in zip(sides, buffers))
                 labels = None if self.labels is None else self.labels[r0:r1]
                 scale = None if row_scale is None else row_scale[r0:r1]
-                out_s = None if store_s is None else store_s[r0 - g0: r1 - g0]
-                out_t = None if store_t is None else store_t[r0 - g0: r1 - g0]
-                rows[r0:r1], gs, gt = self._loss_and_logit_grads(
-                    zs, zt, labels, scale, self._grad_out(out_s, zs, need_bs), self._grad_out(out_t, zt, need_bt))
-                for g, out, grad_b in ((gs, out_s, g_bs), (gt, out_t, g_bt)):
-                    if grad_b is not None:
-                        grad_b += g.sum(0, dtype=acc)
+                outs = [None if store is None else store[r0 - g0: r1 - g0] for store in stores]
+                rows[r0:r1], grads = self._chunk(
+                    logits, labels, scale,
+                    tuple(self._grad_out(out, z, a[2]) for out, z, a in zip(outs, logits, asked)), r0, r1)
+                for g, out, g_b in zip(grads, outs, grad_b):
+                    if g_b is not None:
+                        g_b += g.sum(0, dtype=acc)
                     if g is not None and g is not out:
                         out.copy_(g)
-            if need_s:
-                s.backprop(s.rows(g0, g1), store_s[: g1 - g0], g0, g1, g_hs, g_ws, plan.accumulate, self.shards)
-            if need_t:
-                t.backprop(t.rows(g0, g1), store_t[: g1 - g0], g0, g1, g_ht, g_wt, plan.accumulate, self.shards)
+            for side, store, g_h, g_w, k in zip(sides, stores, grad_h, grad_w, keep):
+                if k:
+                    side.backprop(side.rows(g0, g1), store[: g1 - g0], g0, g1, g_h, g_w, plan.accumulate,
+                                  self.shards)
         # The chunk and group buffers go before the weight gradients are cast: the casts' copies take their place.
-        zs_buf = zt_buf = zs = zt = gs = gt = g = out = out_s = out_t = store_s = store_t = None
-        return rows, (g_hs, _cast(g_ws, s.weight.dtype), self._bias_grad(g_bs, s), g_ht, _cast(g_wt, t.weight.dtype),
-                      self._bias_grad(g_bt, t))
+        buffers = stores = logits = grads = g = out = outs = None
+        out = []
+        for side, g_h, g_w, g_b in zip(sides, grad_h, grad_w, grad_b):
+            out += [g_h, _cast(g_w, side.weight.dtype), self._bias_grad(g_b, side)]
+        return rows, tuple(out + [None] * (6 - len(out)))
 
     @staticmethod
     def _bias_grad(g, side: _Side):

@@ -177,19 +177,8 @@ def _check_weight_factor(name: str, value) -> float:
 def check_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
                        teacher_bias, hard_weight, soft_weight, impl) -> int:
     """Checks of fused_linear_kd_loss's tensors and weights; returns the shared vocabulary size."""
-    check_tensor("student_hidden", student_hidden)
-    check_tensor("teacher_hidden", teacher_hidden)
-    check_tensor("student_weight", student_weight, min_dim=2)
-    check_tensor("teacher_weight", teacher_weight, min_dim=2)
-    for name, weight in (("student_weight", student_weight), ("teacher_weight", teacher_weight)):
-        if weight.dim() != 2:
-            raise ValueError(f"{name}: expected a 2-D [V, H] weight, got shape {tuple(weight.shape)}")
-    for side, hidden, weight in (("student", student_hidden, student_weight),
-                                 ("teacher", teacher_hidden, teacher_weight)):
-        if hidden.shape[-1] != weight.shape[1]:
-            raise ValueError(f"{side}_hidden and {side}_weight: expected the hidden width of {side}_hidden "
-                             f"(last dimension, {hidden.shape[-1]}) to equal {side}_weight.shape[1], got weight "
-                             f"shape {tuple(weight.shape)}")
+    check_head("student", student_hidden, student_weight, student_bias)
+    check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError("student_hidden and teacher_hidden: expected the same leading shape, got "
                          f"{tuple(student_hidden.shape[:-1])} and {tuple(teacher_hidden.shape[:-1])}")
@@ -197,22 +186,35 @@ def check_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_w
     if vocab == 0:
         raise ValueError("student_weight / teacher_weight: the shared vocabulary is empty, got weight shapes "
                          f"{tuple(student_weight.shape)} and {tuple(teacher_weight.shape)}")
-    for name, bias, weight in (("student_bias", student_bias, student_weight),
-                               ("teacher_bias", teacher_bias, teacher_weight)):
-        if bias is None:
-            continue
-        check_tensor(name, bias)
-        if bias.shape != weight.shape[:1]:
-            raise ValueError(f"{name}: expected shape ({weight.shape[0]},) (one entry per weight row), got "
-                             f"{tuple(bias.shape)}")
     check_same_device(student_hidden=student_hidden, student_weight=student_weight, teacher_hidden=teacher_hidden,
                       teacher_weight=teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias)
+    check_loss_weights(labels, hard_weight, soft_weight)
+    check_choice("impl", impl, IMPLS)
+    return vocab
+
+
+def check_head(side: str, hidden, weight, bias) -> None:
+    """One model's hidden states [..., H], lm_head weight [V, H] and optional bias [V]."""
+    check_tensor(f"{side}_hidden", hidden)
+    check_tensor(f"{side}_weight", weight, min_dim=2)
+    if weight.dim() != 2:
+        raise ValueError(f"{side}_weight: expected a 2-D [V, H] weight, got shape {tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{side}_hidden and {side}_weight: expected the hidden width of {side}_hidden "
+                         f"(last dimension, {hidden.shape[-1]}) to equal {side}_weight.shape[1], got weight "
+                         f"shape {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor(f"{side}_bias", bias)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"{side}_bias: expected shape ({weight.shape[0]},) (one entry per weight row), got "
+                             f"{tuple(bias.shape)}")
+
+
+def check_loss_weights(labels, hard_weight, soft_weight) -> None:
     hard_weight = _check_weight_factor("hard_weight", hard_weight)
     _check_weight_factor("soft_weight", soft_weight)
     if hard_weight > 0 and labels is None:
         raise ValueError("hard_weight: a hard-label loss (hard_weight > 0) needs labels, got labels=None")
-    check_choice("impl", impl, IMPLS)
-    return vocab
 
 
 def check_memory_budget(memory_budget) -> None:

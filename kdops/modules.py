@@ -17,7 +17,7 @@ from ._validation import (
 from .api import fused_linear_kd_loss, kd_loss
 from .divergences import as_divergence
 from .parallel import VocabParallel
-from .topk import check_tail, topk_kd_loss
+from .topk import TOPK_IMPLS, check_tail, fused_linear_topk_kd_loss, topk_kd_loss
 
 
 def _check_options(temperature, ignore_index, reduction, backend, vocab_parallel) -> None:
@@ -95,6 +95,35 @@ class TopKKDLoss(torch.nn.Module):
     def forward(self, student_logits, teacher_ids, teacher_logprobs, labels=None, num_items_in_batch=None):
         return topk_kd_loss(student_logits, teacher_ids, teacher_logprobs, labels, divergence=self.divergence,
                             num_items_in_batch=num_items_in_batch, **self.options)
+
+    def extra_repr(self) -> str:
+        return f"divergence={self.divergence}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class FusedLinearTopKKDLoss(torch.nn.Module):
+    """`kdops.fused_linear_topk_kd_loss` as a module: ``FusedLinearTopKKDLoss(tail="bucket", hard_weight=0.5)(
+    student_hidden, student_weight, teacher_ids, teacher_logprobs, labels)``; the bias and `num_items_in_batch`
+    are forward arguments."""
+
+    def __init__(self, *, divergence="forward_kl", temperature=1.0, tail="bucket", ignore_index=-100,
+                 reduction="batchmean", hard_weight=0.0, soft_weight=1.0, impl="auto", backend="auto",
+                 memory_budget=None):
+        super().__init__()
+        self.divergence = as_divergence(divergence)
+        _check_options(temperature, ignore_index, reduction, backend, None)
+        check_tail(tail, self.divergence.canonical(), self.divergence.name)
+        check_choice("impl", impl, TOPK_IMPLS)
+        check_memory_budget(memory_budget)
+        self.options = dict(temperature=temperature, tail=tail, ignore_index=ignore_index, reduction=reduction,
+                            hard_weight=_check_weight_factor("hard_weight", hard_weight),
+                            soft_weight=_check_weight_factor("soft_weight", soft_weight), impl=impl, backend=backend,
+                            memory_budget=memory_budget)
+
+    def forward(self, student_hidden, student_weight, teacher_ids, teacher_logprobs, labels=None, student_bias=None,
+                num_items_in_batch=None):
+        return fused_linear_topk_kd_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels,
+                                         divergence=self.divergence, student_bias=student_bias,
+                                         num_items_in_batch=num_items_in_batch, **self.options)
 
     def extra_repr(self) -> str:
         return f"divergence={self.divergence}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())

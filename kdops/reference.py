@@ -161,21 +161,31 @@ def linear_kd_rows(student_logits, teacher_logits, labels, divergence: Divergenc
 def topk_kd_loss(student_logits, teacher_ids, teacher_logprobs, labels=None, *, divergence="forward_kl",
                  temperature=1.0, tail="bucket", ignore_index=-100, reduction="batchmean", num_items_in_batch=None,
                  backend="auto"):
-    """Reference for `kdops.topk_kd_loss` (same signature; `backend` is checked and ignored): the student's
-    whole log_softmax(s / T) in float32 (float64 for float64 logits), its entries at the ids and the
-    logsumexp of the others as the tail, then the dense divergence between the k (+1)-outcome
-    distributions (`kdops.topk`)."""
-    from .topk import check_tail, check_topk_teacher, teacher_rest
+    """Reference for `kdops.topk_kd_loss` (same signature; `backend` is checked and ignored)."""
+    from .topk import check_tail, check_topk_teacher
 
     divergence = as_divergence(divergence)
     check_tensor("student_logits", student_logits)
-    vocab = student_logits.shape[-1]
     leading = student_logits.shape[:-1]
     temperature = check_loss_options(labels, leading, student_logits.device, temperature, ignore_index, reduction,
                                      num_items_in_batch)
     check_choice("backend", backend, BACKENDS)
     check_tail(tail, divergence.canonical(), divergence.name)
-    check_topk_teacher(teacher_ids, teacher_logprobs, leading, vocab, tail, student_logits.device)
+    check_topk_teacher(teacher_ids, teacher_logprobs, leading, student_logits.shape[-1], tail, student_logits.device)
+    rows = topk_rows(student_logits, teacher_ids, teacher_logprobs, divergence, temperature, tail)
+    mask = row_mask(labels, ignore_index, leading, student_logits.device)
+    return reduce_rows(torch.where(mask, rows, 0.0), mask, reduction, num_items_in_batch)
+
+
+def topk_rows(student_logits, teacher_ids, teacher_logprobs, divergence: Divergence, temperature: float,
+              tail: str) -> torch.Tensor:
+    """Per-row top-k losses [...]: the student's whole log_softmax(s / T) in float32 (float64 for float64
+    logits), its entries at the ids and the logsumexp of the others as the tail, then the dense divergence
+    between the k (+1)-outcome distributions (`kdops.topk`)."""
+    from .topk import teacher_rest
+
+    vocab = student_logits.shape[-1]
+    leading = student_logits.shape[:-1]
     dtype = compute_dtype(student_logits)
     log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     lp = teacher_logprobs.detach().to(dtype)
@@ -192,6 +202,35 @@ def topk_kd_loss(student_logits, teacher_ids, teacher_logprobs, labels=None, *, 
             teacher_rest_ = torch.full_like(lp[..., :1], -math.inf)
         student = torch.cat([student, student_rest], dim=-1)
         teacher = torch.cat([teacher, teacher_rest_], dim=-1)
-    rows = divergence_rows(divergence, student, teacher, 1.0)
-    mask = row_mask(labels, ignore_index, leading, student_logits.device)
+    return divergence_rows(divergence, student, teacher, 1.0)
+
+
+def fused_linear_topk_kd_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels=None, *,
+                              divergence="forward_kl", temperature=1.0, tail="bucket", ignore_index=-100,
+                              reduction="batchmean", num_items_in_batch=None, student_bias=None, hard_weight=0.0,
+                              soft_weight=1.0, impl="auto", backend="auto", memory_budget=None):
+    """Reference for `kdops.fused_linear_topk_kd_loss`: the student's logits in float32, then per token
+    soft_weight · (the top-k loss) + hard_weight · CE(logits at T = 1, label), masked and reduced like
+    `kd_loss`. (`impl`, `backend` and `memory_budget` are checked and ignored.)"""
+    from .topk import TOPK_IMPLS, check_tail, check_topk_teacher
+    from ._validation import check_head, check_loss_weights
+
+    divergence = as_divergence(divergence)
+    check_head("student", student_hidden, student_weight, student_bias)
+    check_loss_weights(labels, hard_weight, soft_weight)
+    check_choice("impl", impl, TOPK_IMPLS)
+    check_choice("backend", backend, BACKENDS)
+    check_memory_budget(memory_budget)
+    vocab, leading = student_weight.shape[0], student_hidden.shape[:-1]
+    temperature = check_loss_options(labels, leading, student_hidden.device, temperature, ignore_index, reduction,
+                                     num_items_in_batch)
+    check_tail(tail, divergence.canonical(), divergence.name)
+    check_topk_teacher(teacher_ids, teacher_logprobs, leading, vocab, tail, student_hidden.device)
+    logits = linear_logits(student_hidden, student_weight, student_bias, vocab,
+                           compute_dtype(student_hidden, student_weight))
+    rows = soft_weight * topk_rows(logits, teacher_ids, teacher_logprobs, divergence, temperature, tail)
+    if hard_weight > 0:
+        rows = rows + hard_weight * torch.nn.functional.cross_entropy(
+            logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=ignore_index, reduction="none").view(leading)
+    mask = row_mask(labels, ignore_index, leading, student_hidden.device)
     return reduce_rows(torch.where(mask, rows, 0.0), mask, reduction, num_items_in_batch)

@@ -21,16 +21,20 @@ gradient, one write per element of the student's logits (`kernels/topk.py`).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 
-from . import _launch
+from . import _chunked, _launch
+from ._autograd import FusedLinearKDFunction
 from ._reduction import reduce_rows, row_mask
 from ._validation import check_loss_options, check_same_device, check_tensor, resolve_backend
 from .divergences import Canonical, Divergence, Kind, as_divergence
+from .reference import compute_dtype
 
 TAILS = ("bucket", "renormalize", "zero")
+TOPK_IMPLS = ("auto", "chunked", "gathered")
 #: Σp may exceed 1 by this much in "bucket" mode (rounding of the teacher's log-probabilities), no more.
 MASS_SLACK = 1e-3
 
@@ -128,6 +132,13 @@ class TopKTeacher:
         else:
             log_rest = teacher_rest(lp, vocab) if tail == "bucket" else torch.full_like(lp[:, :1], -math.inf)
             self.columns = torch.cat([lp, log_rest], dim=-1)
+
+    def rows(self, start: int, end: int) -> "TopKTeacher":
+        """The teacher of rows start..end (views)."""
+        part = copy.copy(self)
+        for name in ("present", "gather_ids", "sorted_ids", "order", "columns"):
+            setattr(part, name, getattr(self, name)[start:end])
+        return part
 
     @property
     def has_tail(self) -> bool:
@@ -284,4 +295,201 @@ def topk_kd_loss(
     teacher = TopKTeacher(teacher_ids, teacher_logprobs, vocab, tail, dtype)
     mask = row_mask(labels, ignore_index, leading, device).reshape(-1)
     rows = topk_rows(student_logits.reshape(-1, vocab), teacher, mask, divergence, temperature, backend)
+    return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)
+
+
+# --- from hidden states ------------------------------------------------------------------------------------------
+
+def _columns_loss_and_grads(columns, teacher: TopKTeacher, scale, divergence: Divergence, engine: str, soft: float):
+    """soft · D of the k (+1)-outcome pair per row, and (where `scale` is given) ∂(Σ_r scale_r·ℓ_r)/∂columns,
+    by the dense loss's own math (autograd over the small [rows, k (+1)] pair)."""
+    from .api import kd_loss_rows_eager
+
+    mask = torch.ones(columns.shape[0], dtype=torch.bool, device=columns.device)
+    need = scale is not None
+    columns = columns.detach().requires_grad_(need)
+    with torch.set_grad_enabled(need):
+        loss = soft * kd_loss_rows_eager(columns, teacher.columns, mask, divergence, 1.0, engine)
+        grad = torch.autograd.grad(loss, columns, scale)[0] if need else None
+    return loss.detach(), grad
+
+
+class TopKChunkedProblem(_chunked.ChunkedProblem):
+    """The student's lm_head against a sparse teacher, in token chunks (`kdops._chunked`): per chunk the
+    student's float32 logits, the k (+1)-outcome loss and its gradient G = ∂ℓ/∂logits, one write per logit
+    (`kernels/topk.py`); per group dH = G·W and dW = Gᵀ·h. The plan is the dense path's with one side."""
+
+    def __init__(self, hs, ws, bs, teacher: TopKTeacher, labels, divergence, temperature: float, vocab: int,
+                 soft: float, hard: float, ignore_index: int, engine: str, budget: int | None):
+        self.acc_dtype = compute_dtype(hs, ws)
+        self.student = _chunked._Side(hs, ws, bs, vocab, self.acc_dtype)
+        self.sides = (self.student,)
+        self.target = teacher
+        self._options(hs, labels, divergence, temperature, vocab, soft, hard, ignore_index, engine, budget, None)
+
+    def _grad_out(self, store, logits, need_bias: bool):
+        return None if store is None else logits  # G is computed in float32, then rounded into the store once
+
+    def _chunk(self, logits, labels, scale, outs, r0: int, r1: int):
+        (zs,) = logits
+        teacher = self.target.rows(r0, r1)
+        inv_temp = 1.0 / self.temperature
+        need = outs[0] is not None
+        forward, backward = _ENGINES[self.engine]
+        columns, lse_rest = forward(zs, teacher, inv_temp)
+        k = columns.shape[1]
+        if teacher.has_tail:
+            columns = torch.cat([columns, lse_rest[:, None]], dim=-1)
+        loss, g_columns = _columns_loss_and_grads(columns, teacher, scale if need else None, self.divergence,
+                                                  self.engine, self.soft)
+        if self.hard > 0:  # CE at T = 1 over the whole vocabulary, by torch on the chunk's logits
+            z = zs.detach().requires_grad_(need)
+            with torch.set_grad_enabled(need):
+                ce = torch.nn.functional.cross_entropy(z, labels, ignore_index=self.ignore_index, reduction="none")
+                g_ce = torch.autograd.grad(ce, z, scale * self.hard)[0] if need else None
+            loss = loss + self.hard * ce.detach()
+        if not need:
+            return loss, (None,)
+        tail = teacher.has_tail
+        grad = backward(zs, teacher, g_columns[:, :k], lse_rest if tail else None,
+                        g_columns[:, k] if tail else None, inv_temp)
+        if self.hard > 0:
+            grad += torch.where((scale != 0)[:, None], g_ce, 0.0)
+        return loss, (grad,)
+
+
+class TopKGatheredProblem:
+    """tail="renormalize" without the hard-label term: only the k gathered weight rows are multiplied,
+    s_ids = h · W[ids]ᵀ (+ b[ids]), O(rows·k·H) flops, and the rest of the vocabulary is never read. Rows go in
+    chunks whose gathered [rows, k, H] float32 weights take a quarter of `memory_budget`; the weight and bias
+    gradients are index-added into float32 accumulators ([V, H]: the size of the weight in float32)."""
+
+    eager = True
+
+    def __init__(self, hs, ws, bs, teacher: TopKTeacher, divergence, temperature: float, soft: float, engine: str,
+                 budget: int | None):
+        self.hs, self.ws, self.bs, self.teacher = hs.reshape(-1, hs.shape[-1]), ws, bs, teacher
+        self.divergence, self.temperature, self.soft, self.engine = divergence, temperature, soft, engine
+        self.acc_dtype = compute_dtype(hs, ws)
+        k, width = teacher.columns.shape[1], hs.shape[-1]
+        budget = _chunked.MEMORY_BUDGET if budget is None else budget
+        self.chunk = max(1, budget // 4 // (k * width * self.acc_dtype.itemsize))
+
+    def forward(self):
+        return self.run(None, (False,) * 6)[0], []
+
+    def loss_and_grads(self, row_scale, needs):
+        return self.run(row_scale, needs)
+
+    def backward(self, saved, row_scale, needs):
+        return self.run(row_scale, needs)[1]
+
+    def run(self, row_scale, needs):
+        hs, ws, bs, acc, teacher = self.hs, self.ws, self.bs, self.acc_dtype, self.teacher
+        need_h, need_w, need_b = (needs[:3] if row_scale is not None else (False,) * 3)
+        need_b = need_b and bs is not None
+        n_rows = hs.shape[0]
+        rows = torch.empty(n_rows, dtype=acc, device=hs.device)
+        grad_h = torch.empty_like(hs) if need_h else None
+        grad_w = torch.zeros(ws.shape, dtype=acc, device=ws.device) if need_w else None
+        grad_b = torch.zeros(ws.shape[0], dtype=acc, device=ws.device) if need_b else None
+        inv_temp = 1.0 / self.temperature
+        for r0 in range(0, n_rows, self.chunk):
+            r1 = min(r0 + self.chunk, n_rows)
+            part = teacher.rows(r0, r1)
+            h, ids = hs[r0:r1].to(acc), part.gather_ids
+            gathered = ws[ids].to(acc)  # [rows, k, H]
+            logits = torch.einsum("rh,rkh->rk", h, gathered)
+            if bs is not None:
+                logits = logits + bs[ids].to(acc)
+            columns = torch.where(part.present, logits * inv_temp, -math.inf)
+            scale = None if row_scale is None else row_scale[r0:r1]
+            rows[r0:r1], g = _columns_loss_and_grads(columns, part, scale, self.divergence, self.engine, self.soft)
+            if g is None:
+                continue
+            g = torch.where(part.present, g, 0.0) * inv_temp  # ∂/∂logits at the ids
+            if need_h:
+                grad_h[r0:r1] = torch.einsum("rk,rkh->rh", g, gathered)
+            if need_w:
+                grad_w.index_add_(0, ids.reshape(-1), (g[:, :, None] * h[:, None, :]).reshape(-1, h.shape[1]))
+            if need_b:
+                grad_b.index_add_(0, ids.reshape(-1), g.reshape(-1))
+        cast = [None if x is None else x.to(like.dtype) for x, like in ((grad_w, ws), (grad_b, bs))]
+        return rows, (grad_h, cast[0], cast[1], None, None, None)
+
+
+def fused_linear_topk_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    divergence: str | Divergence = "forward_kl",
+    temperature: float = 1.0,
+    tail: str = "bucket",
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    num_items_in_batch=None,
+    student_bias: torch.Tensor | None = None,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    impl: str = "auto",
+    backend: str = "auto",
+    memory_budget: int | None = None,
+) -> torch.Tensor:
+    """`topk_kd_loss` from the student's hidden states [..., H] and lm_head weight [V, H] (+ bias [V]),
+    without its [tokens, V] logits: per row,
+
+        ℓ = soft_weight · D(P ‖ Q) (the `tail` mode's k (+1)-outcome pair) + hard_weight · CE(s, label) (T = 1)
+
+    masked and reduced like `kd_loss`. Gradients flow to the hidden states, weight and bias (in their
+    dtypes); the teacher's log-probabilities get none.
+
+    `impl`: "chunked" (token chunks of float32 logits within `memory_budget` bytes, default
+    `kdops._chunked.MEMORY_BUDGET`; the vocabulary-wide passes of `topk_kd_loss` on each chunk), "gathered"
+    (tail="renormalize" without the hard-label term only: only the k gathered weight rows are multiplied,
+    O(rows·k·H) flops; the weight gradient is summed in a float32 [V, H] accumulator), "auto" (gathered where
+    it applies, else chunked). A fused lm_head kernel for sparse teachers does not exist yet ("fused" raises).
+    `backend` as in `kd_loss`.
+    """
+    from ._reduction import row_weights
+    from ._validation import check_choice, check_head, check_label_range, check_loss_weights, check_memory_budget
+
+    divergence = as_divergence(divergence)
+    check_head("student", student_hidden, student_weight, student_bias)
+    check_same_device(student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias)
+    check_loss_weights(labels, hard_weight, soft_weight)
+    check_choice("impl", impl, TOPK_IMPLS)
+    check_memory_budget(memory_budget)
+    vocab, leading, device = student_weight.shape[0], student_hidden.shape[:-1], student_hidden.device
+    temperature = check_loss_options(labels, leading, device, temperature, ignore_index, reduction,
+                                     num_items_in_batch)
+    check_tail(tail, divergence.canonical(), divergence.name)
+    check_topk_teacher(teacher_ids, teacher_logprobs, leading, vocab, tail, device)
+    hard_weight, soft_weight = float(hard_weight), float(soft_weight)
+    if hard_weight > 0:
+        check_label_range(labels, ignore_index, vocab)
+    gathered = tail == "renormalize" and hard_weight == 0
+    if impl == "gathered" and not gathered:
+        raise ValueError("impl='gathered': only tail='renormalize' without the hard-label term reads just the k "
+                         f"gathered weight rows; got tail={tail!r}, hard_weight={hard_weight:g}; use impl='chunked' "
+                         "or 'auto'")
+    backend = resolve_backend(backend, device)
+    engine = "triton" if backend == "triton" else "torch"
+    dtype = compute_dtype(student_hidden, student_weight)
+    teacher = TopKTeacher(teacher_ids, teacher_logprobs, vocab, tail, dtype)
+    if gathered and impl != "chunked":
+        problem = TopKGatheredProblem(student_hidden, student_weight, student_bias, teacher, divergence, temperature,
+                                      soft_weight, engine, memory_budget)
+    else:
+        problem = TopKChunkedProblem(student_hidden, student_weight, student_bias, teacher, labels, divergence,
+                                     temperature, vocab, soft_weight, hard_weight, ignore_index, engine,
+                                     memory_budget)
+    mask = row_mask(labels, ignore_index, leading, device).reshape(-1)
+    tensors = (student_hidden, student_weight, student_bias, None, None, None)
+    if reduction != "none":
+        weights = row_weights(mask, reduction, num_items_in_batch, problem.acc_dtype)
+        return FusedLinearKDFunction.apply(problem, mask, weights, *tensors)
+    rows = FusedLinearKDFunction.apply(problem, mask, None, *tensors)
     return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)

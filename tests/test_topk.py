@@ -288,3 +288,85 @@ def test_absent_entries_may_hold_any_id_and_options_are_checked():
             kdops.topk_kd_loss(student, ids, logprobs, divergence=divergence, tail="zero")
     with pytest.raises(ValueError, match="labels"):
         kdops.topk_kd_loss(student, ids, logprobs, labels=torch.zeros(2, dtype=torch.long))
+
+
+# --- from hidden states --------------------------------------------------------------------------------------
+
+def oracle_linear(hs, ws, bs, ids, logprobs, labels, *, divergence, temperature=1.0, tail="bucket",
+                  hard_weight=0.0, soft_weight=1.0, **_):
+    logits = hs.double() @ ws.double().T + (0 if bs is None else bs.double())
+    rows = soft_weight * oracle_rows(logits, ids, logprobs, divergence, temperature, tail)
+    mask = labels != -100
+    if hard_weight > 0:
+        safe = torch.where(mask, labels, 0)
+        ce = torch.logsumexp(logits, -1) - logits.gather(-1, safe[..., None])[..., 0]
+        rows = rows + hard_weight * ce
+    return torch.where(mask, rows, 0.0).sum() / mask.sum()
+
+
+def run_linear(fn, tensors, ids, logprobs, labels, **kwargs):
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    loss = fn(*leaves[:2], ids, logprobs, labels, student_bias=leaves[2], **kwargs) if fn is not oracle_linear \
+        else fn(*leaves, ids, logprobs, labels, **kwargs)
+    return [loss, *torch.autograd.grad(loss, leaves)]
+
+
+def linear_inputs(dtype, *, rows=(3, 7), vocab=263, width=24, k=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(*rows, width, generator=g)
+    ws = torch.randn(vocab, width, generator=g) * (4.0 / width ** 0.5)  # logits with the spread of randn·4
+    bs = torch.randn(vocab, generator=g)
+    ids, logprobs = sparse_teacher(hs @ ws.T + bs, k, seed=seed + 1)
+    labels = torch.randint(0, vocab, rows, generator=g)
+    labels.view(-1)[::4] = -100
+    return [x.to(DEVICE, dtype) for x in (hs, ws, bs)], ids.to(DEVICE), logprobs.to(DEVICE), labels.to(DEVICE)
+
+
+@pytest.mark.parametrize("budget", [None, "small"])
+@pytest.mark.parametrize("impl", ["auto", "chunked"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tail,name,hard", [("bucket", "forward_kl", 0.5), ("renormalize", "generalized_jsd", 0.0),
+                                            ("renormalize", "reverse_kl", 0.3), ("zero", "skew_reverse_kl", 0.0)])
+def test_fused_linear_matches_oracle(tail, name, hard, dtype, backend, impl, budget):
+    """Hidden states, weight and bias gradients against the float64 oracle; "small" budgets give many chunks in
+    several groups (float32 weight-gradient accumulators); renormalize without the hard term under "auto"
+    multiplies only the gathered weight rows."""
+    tensors, ids, logprobs, labels = linear_inputs(dtype)
+    memory_budget = 3 * 263 * 4 * 8 if budget == "small" else None  # a few rows' logits and G per chunk
+    kwargs = dict(divergence=DIVERGENCES[name], temperature=2.0, tail=tail, hard_weight=hard, soft_weight=0.7)
+    oracle = run_linear(oracle_linear, [t.double() for t in tensors], ids, logprobs, labels, **kwargs)
+    same = run_linear(reference.fused_linear_topk_kd_loss, tensors, ids, logprobs, labels, **kwargs)
+    ours = run_linear(kdops.fused_linear_topk_kd_loss, tensors, ids, logprobs, labels, impl=impl, backend=backend,
+                      memory_budget=memory_budget, **kwargs)
+    for what, o, r, k in zip(("loss", "hidden", "weight", "bias"), oracle, same, ours):
+        assert k.dtype == r.dtype, what
+        err, ref_err = rel_error(k, o), rel_error(r, o)
+        assert err <= ref_err + TOLERANCE[dtype], f"{what}: error {err:.3g} vs reference {ref_err:.3g}"
+
+
+def test_fused_linear_paths_and_errors(monkeypatch):
+    """"auto" takes the gathered path exactly where it applies (renormalize, no hard term), and it never
+    multiplies more than the gathered rows; impl="gathered" elsewhere, and "fused", raise."""
+    from kdops import topk
+
+    tensors, ids, logprobs, labels = linear_inputs(torch.float32)
+    seen = []
+    for cls in (topk.TopKGatheredProblem, topk.TopKChunkedProblem):
+        monkeypatch.setattr(cls, "run", lambda self, *a, _run=cls.run: seen.append(type(self).__name__) or _run(self, *a))
+    kdops.fused_linear_topk_kd_loss(*tensors[:2], ids, logprobs, labels, tail="renormalize")
+    kdops.fused_linear_topk_kd_loss(*tensors[:2], ids, logprobs, labels, tail="renormalize", hard_weight=0.1)
+    kdops.fused_linear_topk_kd_loss(*tensors[:2], ids, logprobs, labels, tail="bucket")
+    assert seen == ["TopKGatheredProblem", "TopKChunkedProblem", "TopKChunkedProblem"]
+    with pytest.raises(ValueError, match="impl='gathered'"):
+        kdops.fused_linear_topk_kd_loss(*tensors[:2], ids, logprobs, labels, impl="gathered")
+    with pytest.raises(ValueError, match="impl: expected one of"):
+        kdops.fused_linear_topk_kd_loss(*tensors[:2], ids, logprobs, labels, impl="fused")
+    with pytest.raises(ValueError, match="student_hidden and student_weight"):
+        kdops.fused_linear_topk_kd_loss(tensors[0][..., :5], tensors[1], ids, logprobs, labels)
+    with pytest.raises(ValueError, match="hard_weight"):
+        kdops.fused_linear_topk_kd_loss(*tensors[:2], ids, logprobs, hard_weight=0.5)
+    with pytest.raises(ValueError, match=r"ids in \[0, 263\)"):
+        kdops.fused_linear_topk_kd_loss(*tensors[:2], ids + 300, logprobs, labels)
+    module = kdops.FusedLinearTopKKDLoss(tail="zero", reduction="none")
+    assert module(*tensors[:2], ids, logprobs, labels).shape == labels.shape
