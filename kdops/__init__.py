@@ -16,12 +16,12 @@ from .divergences import (
 )
 from .modules import FusedLinearKDLoss, FusedLinearTopKKDLoss, KDLoss, TopKKDLoss
 from .parallel import VocabParallel
-from .topk import fused_linear_topk_kd_loss, topk_kd_loss
+from .topk import fused_linear_topk_kd_loss, topk_kd_loss, topk_logprobs
 
 __version__ = "0.1.0"
 
 __all__ = [
     "kd_loss", "fused_linear_kd_loss", "KDLoss", "FusedLinearKDLoss", "VocabParallel", "reference", "Divergence", "ForwardKL", "ReverseKL", "GeneralizedJSD",
-    "SkewForwardKL", "SkewReverseKL", "TVD", "AlphaBeta", "DIVERGENCES", "as_divergence", "topk_kd_loss", "fused_linear_topk_kd_loss",
+    "SkewForwardKL", "SkewReverseKL", "TVD", "AlphaBeta", "DIVERGENCES", "as_divergence", "topk_kd_loss", "fused_linear_topk_kd_loss", "topk_logprobs",
     "TopKKDLoss", "FusedLinearTopKKDLoss",
 ]

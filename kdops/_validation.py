@@ -177,8 +177,8 @@ def _check_weight_factor(name: str, value) -> float:
 def check_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
                        teacher_bias, hard_weight, soft_weight, impl) -> int:
     """Checks of fused_linear_kd_loss's tensors and weights; returns the shared vocabulary size."""
-    check_head("student", student_hidden, student_weight, student_bias)
-    check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    check_head("student_", student_hidden, student_weight, student_bias)
+    check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias)
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError("student_hidden and teacher_hidden: expected the same leading shape, got "
                          f"{tuple(student_hidden.shape[:-1])} and {tuple(teacher_hidden.shape[:-1])}")
@@ -193,20 +193,22 @@ def check_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_w
     return vocab
 
 
-def check_head(side: str, hidden, weight, bias) -> None:
-    """One model's hidden states [..., H], lm_head weight [V, H] and optional bias [V]."""
-    check_tensor(f"{side}_hidden", hidden)
-    check_tensor(f"{side}_weight", weight, min_dim=2)
+def check_head(prefix: str, hidden, weight, bias) -> None:
+    """One model's hidden states [..., H], lm_head weight [V, H] and optional bias [V], named
+    {prefix}hidden, {prefix}weight and {prefix}bias in errors."""
+    names = {x: f"{prefix}{x}" for x in ("hidden", "weight", "bias")}
+    check_tensor(names["hidden"], hidden)
+    check_tensor(names["weight"], weight, min_dim=2)
     if weight.dim() != 2:
-        raise ValueError(f"{side}_weight: expected a 2-D [V, H] weight, got shape {tuple(weight.shape)}")
+        raise ValueError(f"{names['weight']}: expected a 2-D [V, H] weight, got shape {tuple(weight.shape)}")
     if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{side}_hidden and {side}_weight: expected the hidden width of {side}_hidden "
-                         f"(last dimension, {hidden.shape[-1]}) to equal {side}_weight.shape[1], got weight "
+        raise ValueError(f"{names['hidden']} and {names['weight']}: expected the hidden width of {names['hidden']} "
+                         f"(last dimension, {hidden.shape[-1]}) to equal {names['weight']}.shape[1], got weight "
                          f"shape {tuple(weight.shape)}")
     if bias is not None:
-        check_tensor(f"{side}_bias", bias)
+        check_tensor(names["bias"], bias)
         if bias.shape != weight.shape[:1]:
-            raise ValueError(f"{side}_bias: expected shape ({weight.shape[0]},) (one entry per weight row), got "
+            raise ValueError(f"{names['bias']}: expected shape ({weight.shape[0]},) (one entry per weight row), got "
                              f"{tuple(bias.shape)}")
 
 

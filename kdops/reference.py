@@ -216,7 +216,7 @@ def fused_linear_topk_kd_loss(student_hidden, student_weight, teacher_ids, teach
     from ._validation import check_head, check_loss_weights
 
     divergence = as_divergence(divergence)
-    check_head("student", student_hidden, student_weight, student_bias)
+    check_head("student_", student_hidden, student_weight, student_bias)
     check_loss_weights(labels, hard_weight, soft_weight)
     check_choice("impl", impl, TOPK_IMPLS)
     check_choice("backend", backend, BACKENDS)

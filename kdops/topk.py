@@ -457,7 +457,7 @@ def fused_linear_topk_kd_loss(
     from ._validation import check_choice, check_head, check_label_range, check_loss_weights, check_memory_budget
 
     divergence = as_divergence(divergence)
-    check_head("student", student_hidden, student_weight, student_bias)
+    check_head("student_", student_hidden, student_weight, student_bias)
     check_same_device(student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias)
     check_loss_weights(labels, hard_weight, soft_weight)
     check_choice("impl", impl, TOPK_IMPLS)
@@ -493,3 +493,67 @@ def fused_linear_topk_kd_loss(
         return FusedLinearKDFunction.apply(problem, mask, weights, *tensors)
     rows = FusedLinearKDFunction.apply(problem, mask, None, *tensors)
     return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)
+
+
+# --- the teacher's side ------------------------------------------------------------------------------------------
+
+#: Default memory of `topk_logprobs`' float32 [chunk, V] logits and their temporaries, in bytes.
+TOPK_LOGPROBS_BUDGET = 256 * 2**20
+
+
+def _ordered_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ids [rows, k] of each row's k largest entries of x [rows, V], largest first, ties broken by the
+    smaller id (torch.topk leaves the order of ties, and which tied entries make the cut, unspecified)."""
+    values, ids = torch.topk(x, k, dim=-1)
+    cut = values[:, -1:]
+    tied = (x == cut).sum(-1) > (values == cut).sum(-1)  # rows where more entries tie at the cut than are taken
+    if bool(tied.any()):
+        rows = tied.nonzero()[:, 0]
+        xr, cr = x[rows], cut[rows]
+        equal = xr == cr
+        wanted = k - (xr > cr).sum(-1, keepdim=True)
+        chosen = (xr > cr) | (equal & (equal.cumsum(-1) <= wanted))  # the cut's smallest ids
+        ids[rows] = chosen.nonzero()[:, 1].view(-1, k)
+    ids = ids.sort(dim=-1).values  # id order, then a stable sort by value keeps it among ties
+    order = torch.sort(x.gather(-1, ids), dim=-1, descending=True, stable=True).indices
+    return ids.gather(-1, order)
+
+
+@torch.no_grad()
+def topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, temperature: float = 1.0,
+                  bias: torch.Tensor | None = None, memory_budget: int | None = None):
+    """The teacher's side of a sparse teacher: (ids [..., k] int64, logprobs [..., k]) of the k most likely
+    tokens under softmax((hidden · weightᵀ + bias) / T), most likely first, without the [tokens, V] logits:
+    rows go in chunks whose float32 logits and temporaries take at most `memory_budget` bytes (default
+    TOPK_LOGPROBS_BUDGET = 256 MiB; at least one row per chunk). Equal to
+    ``torch.topk(torch.log_softmax(logits / T, -1), k)`` up to ties, which are broken by the smaller id (in
+    which tied entries make the cut, and in their order). Log-probabilities are float32 (float64 for float64
+    inputs), at the temperature T: what `topk_kd_loss` takes. No gradients."""
+    from ._validation import check_head, check_memory_budget, check_temperature
+
+    check_head("", hidden, weight, bias)
+    check_same_device(hidden=hidden, weight=weight, bias=bias)
+    temperature = check_temperature(temperature)
+    check_memory_budget(memory_budget)
+    vocab = weight.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab:
+        raise ValueError(f"k: expected an int in [1, {vocab}] (the vocabulary of the weight), got {k!r}")
+    dtype = compute_dtype(hidden, weight)
+    side = _chunked._Side(hidden, weight, bias, vocab, dtype)
+    n_rows = hidden.numel() // hidden.shape[-1]
+    budget = TOPK_LOGPROBS_BUDGET if memory_budget is None else memory_budget
+    # the logits, a scaled copy, and topk's and the tie check's temporaries: about four float32 rows per row
+    chunk = max(1, budget // (4 * vocab * dtype.itemsize))
+    ids = torch.empty((n_rows, k), dtype=torch.int64, device=hidden.device)
+    logprobs = torch.empty((n_rows, k), dtype=dtype, device=hidden.device)
+    buffer = torch.empty((min(chunk, max(n_rows, 1)), vocab), dtype=dtype, device=hidden.device)
+    for r0 in range(0, n_rows, chunk):
+        r1 = min(r0 + chunk, n_rows)
+        x = side.logits(side.rows(r0, r1), buffer[: r1 - r0])
+        if temperature != 1.0:
+            x.mul_(1.0 / temperature)
+        top = _ordered_topk(x, k)
+        ids[r0:r1] = top
+        logprobs[r0:r1] = x.gather(-1, top) - torch.logsumexp(x, dim=-1, keepdim=True)
+    leading = hidden.shape[:-1]
+    return ids.view(*leading, k), logprobs.view(*leading, k)

@@ -370,3 +370,57 @@ def test_fused_linear_paths_and_errors(monkeypatch):
         kdops.fused_linear_topk_kd_loss(*tensors[:2], ids + 300, logprobs, labels)
     module = kdops.FusedLinearTopKKDLoss(tail="zero", reduction="none")
     assert module(*tensors[:2], ids, logprobs, labels).shape == labels.shape
+
+
+# --- the teacher's side ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,temperature,budget", [(1, 1.0, None), (9, 2.0, 1), (263, 0.5, 5000)])
+def test_topk_logprobs_match_torch_topk(k, temperature, budget, dtype):
+    """Ids exactly those of torch.topk on the float64 log-softmax (inputs without ties), log-probabilities
+    within float32 rounding, in chunks of one or a few rows."""
+    g = torch.Generator().manual_seed(k)
+    hidden = torch.randn(3, 5, 24, generator=g).to(dtype)
+    weight = (torch.randn(263, 24, generator=g) * 0.8).to(dtype)
+    bias = torch.randn(263, generator=g).to(dtype)
+    ids, logprobs = kdops.topk_logprobs(hidden.to(DEVICE), weight.to(DEVICE), k, temperature=temperature,
+                                        bias=bias.to(DEVICE), memory_budget=budget)
+    exact = torch.log_softmax((hidden.double() @ weight.double().T + bias.double()) / temperature, -1)
+    expected = exact.topk(k, dim=-1)
+    assert ids.shape == (3, 5, k) and ids.dtype == torch.int64 and logprobs.dtype == torch.float32
+    assert torch.equal(ids.cpu(), expected.indices)
+    assert torch.allclose(logprobs.double().cpu(), expected.values, rtol=0, atol=2e-5)
+
+
+def test_topk_logprobs_break_ties_by_the_smaller_id():
+    """Duplicated weight rows give exactly equal logits: the cut takes the smaller ids, and equal entries come
+    out in id order."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(4, 8, generator=g)
+    weight = torch.randn(40, 8, generator=g)
+    top = int(torch.argmax(hidden[0] @ weight.T))
+    for row in (31, 7, 22):
+        weight[row] = weight[top]  # four ids share row 0's largest logit
+    ids, logprobs = kdops.topk_logprobs(hidden, weight, 2)
+    assert ids[0].tolist() == sorted([top, 31, 7, 22])[:2]
+    assert logprobs[0, 0] == logprobs[0, 1]
+    ids, _ = kdops.topk_logprobs(hidden, weight, 6)
+    assert ids[0, :4].tolist() == sorted([top, 31, 7, 22])
+
+
+def test_topk_logprobs_feed_topk_kd_loss_and_check_their_arguments():
+    """k = V from topk_logprobs with tail="bucket" is the dense loss against the teacher's own logits."""
+    g = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(6, 16, generator=g), torch.randn(57, 16, generator=g)
+    student = torch.randn(6, 57, generator=g) * 3
+    ids, logprobs = kdops.topk_logprobs(hidden, weight, 57, temperature=2.0)
+    sparse = kdops.topk_kd_loss(student, ids, logprobs, temperature=2.0, divergence="generalized_jsd")
+    dense = kdops.kd_loss(student, hidden @ weight.T, temperature=2.0, divergence="generalized_jsd")
+    assert torch.allclose(sparse, dense, rtol=1e-5)
+    for bad, match in ((0, "k: expected"), (58, "k: expected"), (2.0, "k: expected")):
+        with pytest.raises(ValueError, match=match):
+            kdops.topk_logprobs(hidden, weight, bad)
+    with pytest.raises(ValueError, match="hidden and weight: expected the hidden width"):
+        kdops.topk_logprobs(hidden[:, :3], weight, 2)
+    with pytest.raises(ValueError, match="temperature"):
+        kdops.topk_logprobs(hidden, weight, 2, temperature=0.0)
