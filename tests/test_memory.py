@@ -119,3 +119,35 @@ def test_fused_backward_holds_one_scratch_group_at_a_time(monkeypatch):
     scratch = [n for n, _ in tracker.allocations if n >= budget // 2 and n not in (rows * hs * 2, rows * ht * 2)]
     assert len(scratch) >= 8, "several scratch groups for dH and for dW"
     assert tracker.peak - grad_bytes <= budget + rows * 16 + 4096
+
+
+def _measure_topk(x, ids, logprobs, fn=None, **kwargs):
+    inputs = {k: (v.detach().requires_grad_(True) if v.is_floating_point() else v) for k, v in x.items()}
+    fn = fn or kdops.fused_linear_topk_kd_loss
+    with AllocationTracker() as tracker:
+        fn(*inputs.values(), ids, logprobs, **kwargs).backward()
+        grad_bytes = sum(v.grad.numel() * v.grad.element_size() for v in inputs.values() if v.grad is not None)
+    return tracker, grad_bytes
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_topk_paths_never_hold_rows_by_vocab(tail, backend):
+    """Sparse teachers: kdops.topk_kd_loss allocates nothing near rows × V but the gradient it returns, and
+    fused_linear_topk_kd_loss nothing near it at all (chunks within memory_budget; tail="renormalize" reads
+    only the gathered rows)."""
+    rows, vocab, k, budget = 512, 1000, 16, 2**20
+    g = torch.Generator().manual_seed(0)
+    logprobs, ids = torch.log_softmax(torch.randn(rows, vocab, generator=g) * 3, -1).topk(k, dim=-1)
+    ids, logprobs = ids.to(DEVICE), logprobs.to(DEVICE)
+    student = torch.randn(rows, vocab, generator=g).to(DEVICE, torch.bfloat16)
+    tracker, grad_bytes = _measure_topk({"s": student}, ids, logprobs, kdops.topk_kd_loss, tail=tail, backend=backend)
+    assert grad_bytes == rows * vocab * 2
+    large = [n for n, _ in tracker.allocations if n >= rows * vocab // 4]
+    if backend == "triton":
+        assert large == [rows * vocab * 2], "only the gradient may be large"
+    assert tracker.peak - grad_bytes <= (rows * 64 * k if backend == "triton" else kdops._torch_backend.BUDGET_BYTES)
+    x = dict(h=torch.randn(rows, 24, generator=g).to(DEVICE), w=torch.randn(vocab, 24, generator=g).to(DEVICE))
+    tracker, grad_bytes = _measure_topk(x, ids, logprobs, tail=tail, backend=backend, memory_budget=budget)
+    assert tracker.largest < rows * vocab * 4 // 2
+    assert tracker.peak - grad_bytes <= budget + rows * 64 * k + vocab * 24 * 4
