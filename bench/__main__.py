@@ -1,6 +1,6 @@
 """Command line of the benchmarks.
 
-    python -m bench [--quick | --full] [--function F ...] [--divergence D ...] [--impl NAME ...]
+    python -m bench [--quick | --full | --topk] [--function F ...] [--divergence D ...] [--impl NAME ...]
                     [--shape TOKENSxVOCAB ...] [--reps N] [--warmup N] [--no-save] [--output DIR]
     python -m bench plot [--input FILE ...] [--output DIR]
 
@@ -30,6 +30,8 @@ def _run_parser() -> argparse.ArgumentParser:
     preset = parser.add_mutually_exclusive_group()
     preset.add_argument("--quick", dest="preset", action="store_const", const="quick",
                         help="small shapes, float32 (default without CUDA)")
+    preset.add_argument("--topk", dest="preset", action="store_const", const="topk",
+                        help="the sparse-teacher losses alone at k = 1, 32, 128 (a CPU-sized shape)")
     preset.add_argument("--full", dest="preset", action="store_const", const="full",
                         help="N 1024..16384, real vocabularies and widths, bfloat16 (default with CUDA)")
     parser.add_argument("--function", nargs="+", choices=FUNCTIONS, help="only these functions")

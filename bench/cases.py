@@ -14,14 +14,20 @@ import torch
 
 KD_LOSS = "kd_loss"
 FUSED = "fused_linear_kd_loss"
-FUNCTIONS = (KD_LOSS, FUSED)
+TOPK = "topk_kd_loss"
+FUSED_TOPK = "fused_linear_topk_kd_loss"
+FUNCTIONS = (KD_LOSS, FUSED, TOPK, FUSED_TOPK)
+LINEAR = (FUSED, FUSED_TOPK)  # the functions that take hidden states and lm_head weights
+SPARSE = (TOPK, FUSED_TOPK)  # the functions whose teacher is its top-k (ids, log-probabilities)
+TOPK_KS = (1, 32, 128)
 DEFAULT_DIVERGENCES = ("forward_kl", "generalized_jsd")
 _SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmarked call. `hidden_student`/`hidden_teacher` are 0 for `kd_loss` (it takes logits)."""
+    """One benchmarked call. `hidden_student`/`hidden_teacher` are 0 for the functions on logits; `k` is the
+    sparse teacher's top-k (0 for a dense teacher; the top-k losses run with tail="bucket")."""
 
     function: str
     divergence: str
@@ -30,13 +36,20 @@ class Case:
     hidden_student: int = 0
     hidden_teacher: int = 0
     dtype: str = "float32"
+    k: int = 0
 
     @property
     def label(self) -> str:
-        """Short and unique, e.g. 'kd forward_kl 512x32000 fp32' or 'fused generalized_jsd 256x32000 h256/384 fp32'."""
-        width = f" h{self.hidden_student}/{self.hidden_teacher}" if self.function == FUSED else ""
-        short = "kd" if self.function == KD_LOSS else "fused"
-        return f"{short} {self.divergence} {self.tokens}x{self.vocab}{width} {_SHORT_DTYPE.get(self.dtype, self.dtype)}"
+        """Short and unique, e.g. 'kd forward_kl 512x32000 fp32', 'fused generalized_jsd 256x32000 h256/384 fp32'
+        or 'fused-topk32 forward_kl 256x32000 h256 fp32'."""
+        width = ""
+        if self.function == FUSED:
+            width = f" h{self.hidden_student}/{self.hidden_teacher}"
+        elif self.function == FUSED_TOPK:
+            width = f" h{self.hidden_student}"
+        short = {KD_LOSS: "kd", FUSED: "fused", TOPK: f"kd-topk{self.k}", FUSED_TOPK: f"fused-topk{self.k}"}
+        return (f"{short[self.function]} {self.divergence} {self.tokens}x{self.vocab}{width} "
+                f"{_SHORT_DTYPE.get(self.dtype, self.dtype)}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -76,10 +89,19 @@ QUICK = Preset(
 FULL = Preset(
     "full",
     tuple(Case(KD_LOSS, "", n, v, dtype="bfloat16") for v, _, _ in MODEL_FAMILIES for n in FULL_TOKENS)
-    + tuple(Case(FUSED, "", n, v, hs, ht, "bfloat16") for v, hs, ht in MODEL_FAMILIES for n in FULL_TOKENS),
+    + tuple(Case(FUSED, "", n, v, hs, ht, "bfloat16") for v, hs, ht in MODEL_FAMILIES for n in FULL_TOKENS)
+    + tuple(Case(f, "", 8192, 128256, 4096 if f == FUSED_TOPK else 0, 0, "bfloat16", k)
+            for f in SPARSE for k in TOPK_KS),
     reps=10, warmup=3,
 )
-PRESETS = {p.name: p for p in (QUICK, FULL)}
+# Sparse teachers alone: `python -m bench --topk` (float32 on a CPU, bf16 at the headline shape on a GPU).
+TOPK_PRESET = Preset(
+    "topk",
+    tuple(Case(TOPK, "", 512, 32000, k=k) for k in TOPK_KS) + tuple(Case(FUSED_TOPK, "", 256, 32000, 256, k=k)
+                                                                   for k in TOPK_KS),
+    reps=3, warmup=1,
+)
+PRESETS = {p.name: p for p in (QUICK, FULL, TOPK_PRESET)}
 
 
 def parse_shape(text: str) -> tuple[int, int]:

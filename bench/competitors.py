@@ -54,7 +54,7 @@ import torch
 
 import kdops
 
-from .cases import FUNCTIONS, FUSED, KD_LOSS, Case
+from .cases import FUNCTIONS, FUSED, FUSED_TOPK, KD_LOSS, SPARSE, Case
 from .floor import build_floor
 from .measure import Inputs, Phases
 
@@ -222,6 +222,34 @@ def _trl_chunked_jsd(case: Case, inputs: Inputs) -> Phases:
     return Phases.of_loss(forward)
 
 
+# --- sparse teachers: the chunked PyTorch baseline --------------------------------------------------------------
+
+#: Tokens per chunk of the baseline (DistillKit-style: the student's float32 logits of a chunk, in full).
+TOPK_BASELINE_CHUNK = 1024
+
+
+def _torch_chunked_topk(case: Case, inputs: Inputs) -> Phases:
+    """What DistillKit and axolotl do with a top-k teacher: the student's logits materialized (in float32, by
+    chunks of TOPK_BASELINE_CHUNK tokens under activation checkpointing, so that only one chunk's exist at a
+    time), log_softmax, gather at the ids, the tail by logsumexp, the divergence; autograd for the gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    linear = case.function == FUSED_TOPK
+    *student, ids, logprobs, labels = inputs.args
+    divergence = kdops.as_divergence(case.divergence)
+
+    def rows(x, i, lp):
+        logits = torch.nn.functional.linear(x.float(), student[1].float()) if linear else x
+        return kdops.reference.topk_rows(logits, i, lp, divergence, 1.0, "bucket")
+
+    def forward():
+        parts = [checkpoint(rows, student[0][r:r + TOPK_BASELINE_CHUNK], ids[r:r + TOPK_BASELINE_CHUNK],
+                            logprobs[r:r + TOPK_BASELINE_CHUNK], use_reentrant=False)
+                 for r in range(0, case.tokens, TOPK_BASELINE_CHUNK)]
+        return torch.cat(parts).mean()
+    return Phases.of_loss(forward)
+
+
 # --- the list ------------------------------------------------------------------------------------------------
 
 FLOOR = "floor"
@@ -236,8 +264,9 @@ COMPETITORS = (
                _exists("kdops")),
     Competitor("kdops-torch", FUNCTIONS, _loss_call("kdops", backend="torch"), check=_kdops_torch_check),
     Competitor(REFERENCE, FUNCTIONS, _loss_call("reference"), check=_exists("reference")),
-    Competitor("reference-compiled", FUNCTIONS, _loss_call("reference", compile_it=True), True,
+    Competitor("reference-compiled", (KD_LOSS, FUSED), _loss_call("reference", compile_it=True), True,
                _exists("reference")),
+    Competitor("torch-chunked-topk", SPARSE, _torch_chunked_topk),
     Competitor("liger-jsd", (KD_LOSS,), _liger_jsd, True, _liger_check),
     Competitor("liger-fused-linear-jsd", (FUSED,), _liger_fused_linear_jsd, True, _liger_check),
     Competitor("liger-chunked-jsd", (FUSED,), _liger_chunked_jsd, check=_liger_check),

@@ -7,6 +7,10 @@ N tokens, V vocabulary, b bytes per element of the input dtype, Hs / Ht the stud
     backward    N·V·b   write the student gradient    timed as g.fill_(1)
     total     3·N·V·b   one fused pass                timed as torch.sub(s, t, out=g)
 
+`topk_kd_loss` (a sparse teacher) reads the student's logits and writes their gradient: N·V·b each way.
+`fused_linear_topk_kd_loss`'s floor is the student's matmuls: 2·N·V·Hs forward, 4·N·V·Hs backward (the
+teacher's side is its (ids, log-probabilities), read, not computed).
+
 `fused_linear_kd_loss` is compute-bound; its floor is the matmul flops of MATH.md (frozen teacher):
     forward   2·N·V·(Hs + Ht)   h_s·W_sᵀ and h_t·W_tᵀ
     backward  4·N·V·Hs          dH = G·W_s and dW = Gᵀ·h_s
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cases import FUSED, Case
+from .cases import FUSED, LINEAR, TOPK, Case
 from .measure import Inputs, Phases
 
 CHUNK_BYTES = 512 * 2**20
@@ -42,11 +46,11 @@ class FloorWork:
 
 def floor_work(case: Case) -> FloorWork:
     n, v = case.tokens, case.vocab
-    if case.function == FUSED:
+    if case.function in LINEAR:
         return FloorWork(2 * n * v * (case.hidden_student + case.hidden_teacher), 4 * n * v * case.hidden_student,
                          "flop")
     itemsize = torch.empty((), dtype=case.torch_dtype).element_size()
-    return FloorWork(2 * n * v * itemsize, n * v * itemsize, "byte")
+    return FloorWork((1 if case.function == TOPK else 2) * n * v * itemsize, n * v * itemsize, "byte")
 
 
 def chunk_rows(vocab: int, itemsize: int, budget_bytes: int = CHUNK_BYTES) -> int:
@@ -62,8 +66,16 @@ def _bandwidth_floor(inputs: Inputs) -> Phases:
                   total=lambda: torch.sub(student, teacher, out=grad))
 
 
+def _sparse_bandwidth_floor(inputs: Inputs) -> Phases:
+    student = inputs.args[0].detach()
+    grad = torch.empty_like(student)
+    return Phases(forward=lambda: student.sum(-1), backward=lambda _: grad.fill_(1.0),
+                  total=lambda: torch.neg(student, out=grad))
+
+
 def _matmul_floor(case: Case, inputs: Inputs) -> Phases:
-    hs, ws, ht, wt = (x.detach() for x in inputs.args[:4])
+    hs, ws = (x.detach() for x in inputs.args[:2])
+    ht, wt = (x.detach() for x in inputs.args[2:4]) if case.function == FUSED else (None, None)
     rows = min(case.tokens, chunk_rows(case.vocab, hs.element_size()))
     logits_s, logits_t = (hs.new_empty(rows, case.vocab) for _ in range(2))
     grad_logits = torch.randn_like(logits_s)
@@ -73,7 +85,8 @@ def _matmul_floor(case: Case, inputs: Inputs) -> Phases:
     def forward():
         for start, end in chunks:
             torch.matmul(hs[start:end], ws.T, out=logits_s[: end - start])
-            torch.matmul(ht[start:end], wt.T, out=logits_t[: end - start])
+            if ht is not None:
+                torch.matmul(ht[start:end], wt.T, out=logits_t[: end - start])
 
     def backward(_):
         for start, end in chunks:
@@ -88,4 +101,6 @@ def _matmul_floor(case: Case, inputs: Inputs) -> Phases:
 
 
 def build_floor(case: Case, inputs: Inputs) -> Phases:
-    return _matmul_floor(case, inputs) if case.function == FUSED else _bandwidth_floor(inputs)
+    if case.function in LINEAR:
+        return _matmul_floor(case, inputs)
+    return _sparse_bandwidth_floor(inputs) if case.function == TOPK else _bandwidth_floor(inputs)

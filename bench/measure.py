@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .cases import FUSED, Case
+from .cases import FUSED, FUSED_TOPK, SPARSE, Case
 from .memory import AllocationTracker
 
 PHASES = ("forward", "backward", "total")
@@ -54,12 +54,24 @@ class Inputs:
 
 
 def make_inputs(case: Case, device) -> Inputs:
-    """Fresh random inputs: logits randn·4; hidden states randn, weights randn/√H; labels all valid."""
+    """Fresh random inputs: logits randn·4; hidden states randn, weights randn/√H; labels all valid; a sparse
+    teacher's (ids, log-probabilities) after the student's tensors."""
     def randn(*shape, scale=1.0):
         return torch.randn(*shape, device=device, dtype=case.torch_dtype).mul_(scale)
 
     labels = torch.randint(0, case.vocab, (case.tokens,), device=device)
-    if case.function == FUSED:
+    if case.function in SPARSE:
+        # the teacher's top-k of a randn·4 distribution, as a dataset stores it (float32 log-probabilities)
+        teacher = torch.randn(case.tokens, case.vocab, device=device).mul_(4.0)
+        logprobs, ids = torch.log_softmax(teacher, -1).topk(case.k, dim=-1)
+        del teacher
+        if case.function == FUSED_TOPK:
+            hs = case.hidden_student
+            student = (randn(case.tokens, hs), randn(case.vocab, hs, scale=hs ** -0.5))
+        else:
+            student = (randn(case.tokens, case.vocab, scale=4.0),)
+        args = (*student, ids, logprobs, labels)
+    elif case.function == FUSED:
         hs, ht = case.hidden_student, case.hidden_teacher
         student = (randn(case.tokens, hs), randn(case.vocab, hs, scale=hs ** -0.5))
         teacher = (randn(case.tokens, ht), randn(case.vocab, ht, scale=ht ** -0.5))

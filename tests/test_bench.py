@@ -233,3 +233,22 @@ def test_cli_filters_and_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["plot", "--input", str(tmp_path / "none.jsonl"), "--output", str(tmp_path)]) == 2
     assert "pip install matplotlib" in capsys.readouterr().err
+
+
+def test_topk_cases_run_against_their_floors_and_the_chunked_baseline():
+    """Sparse teachers: kdops, its reference and the DistillKit-style chunked baseline compute the same loss;
+    the floors are the student's logits read and written (on logits) and its matmuls (from hidden states)."""
+    from bench.cases import FUSED_TOPK, TOPK
+
+    cases = [Case(TOPK, "forward_kl", 16, 100, k=5), Case(FUSED_TOPK, "generalized_jsd", 16, 100, 8, k=5)]
+    records, table = _sweep(cases)
+    for case in cases:
+        for name in (FLOOR, KDOPS, REFERENCE, "torch-chunked-topk"):
+            assert _by(records, case.label, name)["status"] == "ok", (case.label, name)
+        for name in (REFERENCE, "torch-chunked-topk"):
+            assert _by(records, case.label, name)["loss_rel_diff"] < 1e-5
+    kd, fused = (_by(records, c.label, KDOPS) for c in cases)
+    assert (kd["floor_unit"], kd["floor_total"]) == ("byte", 2 * 16 * 100 * 4)
+    assert (fused["floor_unit"], fused["floor_total"]) == ("flop", 2 * 16 * 100 * 3 * 8)
+    assert kd["grad_bytes"] == 16 * 100 * 4 and "kd-topk5 forward_kl 16x100 fp32" in table
+    assert "fused-topk5 generalized_jsd 16x100 h8 fp32" in table
