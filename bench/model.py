@@ -57,7 +57,7 @@ import kdops
 from kdops import _chunked, _fused, _launch, _torch_backend, targets
 from kdops.divergences import Divergence, GeneralizedJSD
 
-from .cases import FUSED, KD_LOSS, Case
+from .cases import FUSED, FUSED_TOPK, KD_LOSS, TOPK, Case
 from .floor import floor_work
 
 #: Elementwise flops per (row, vocabulary) element per pass of a PyTorch-level kernel over both models'
@@ -77,6 +77,15 @@ def logits_kernel_flops(divergence: Divergence) -> tuple[int, int]:
     """(per forward pass, gradient) flop-equivalents per element of the kernels on `divergence`'s kind."""
     kind = {0: "kl", 1: "jsd"}.get(int(_launch.kind_of(divergence.canonical())[0]))
     return LOGITS_KERNEL_FLOPS.get(kind, _UNMEASURED_KERNEL_FLOPS)
+#: The sparse teacher's kernels (`kernels/topk.py`), flop-equivalents per element of the student's logits:
+#: the complement's log-sum-exp and the gradient. Not measured yet: their sm_90 SASS runs 71 and 105
+#: instructions per element in the vocabulary loop (`bench.compile`'s cubins at BLOCK_V = 2048, 8 warps,
+#: one window of 4 ids per tile), × 2.9 flop-equivalents per instruction, the ratio of the forward-KL
+#: statistics kernel's measured 272 to its 94 instructions per element.
+TOPK_KERNEL_FLOPS = (206, 304)
+#: The sparse teacher's k in the model's top-k paths unless `predict(..., k=)` says otherwise.
+DEFAULT_K = 32
+
 #: The least time a launch takes (the host's launch overhead of an eager op or a Triton kernel).
 LAUNCH_S = 5e-6
 
@@ -94,6 +103,14 @@ DESCRIPTIONS = {
     "liger-chunked": "Liger LigerFusedLinearJSDLoss (1024-token chunks, torch.compile; estimate)",
     "trl-chunked": "TRL 1.16 _chunked_divergence_loss (4096 × 32768 float32 tiles)",
 }
+
+#: The sparse-teacher paths (`kdops.topk`); predicted with `k` (the teacher's top-k), not in PATHS' tables.
+TOPK_PATHS = ("kd_loss-topk", "topk-chunked", "topk-gathered")
+DESCRIPTIONS.update({
+    "kd_loss-topk": "topk_kd_loss, Triton kernels on existing [N, V] student logits (tail bucket)",
+    "topk-chunked": "fused_linear_topk_kd_loss impl=\"chunked\" (token chunks, float32 student logits, top-k kernels)",
+    "topk-gathered": "fused_linear_topk_kd_loss impl=\"gathered\" (tail renormalize: the k gathered weight rows only)",
+})
 
 HEADLINE = "8192x4096x4096x128256"
 STANDARD_SHAPES = (("Llama-3 8B widths", HEADLINE), ("Qwen2.5 1.5B → 7B", "8192x1536x3584x151936"),
@@ -302,6 +319,7 @@ class _Ctx:
     dtype: torch.dtype
     tf32: bool
     budget: int | None = None  # the chunked paths' memory_budget (None: kdops._chunked.MEMORY_BUDGET)
+    k: int = DEFAULT_K  # the sparse teacher's top-k (the top-k paths only)
 
     @property
     def b(self) -> int:
@@ -942,11 +960,93 @@ def _trl_chunked(ctx: _Ctx):
     return kernels, extra, detail, notes
 
 
+# --- sparse teachers (kdops.topk) -------------------------------------------------------------------------------
+
+def _topk_kernels(ctx: _Ctx, rows: int, itemsize: int, launches: float, phase: str, grad_itemsize: int) -> list:
+    """`kernels/topk.py` over `rows` rows of [rows, V] student logits of `itemsize` bytes: the complement's
+    log-sum-exp (logits read once), the small k + 1-outcome loss (the dense kernels on [rows, k + 1]: not
+    counted), the gradient (logits read, G written in `grad_itemsize` bytes); each also reads the rows'
+    sorted ids."""
+    v, k = ctx.shape.vocab, ctx.k
+    config = _launch.topk_config(rows, v, ctx.gpu, ctx.acc_dtype)
+    programs = _cdiv(rows, config["BLOCK_R"])
+    lse_flops, grad_flops = TOPK_KERNEL_FLOPS
+    ids = rows * k * 4
+    return [_Kernel(f"{phase}: complement log-sum-exp", ew_flops=rows * v * lse_flops, programs=programs,
+                    launches=launches, items=[("student logits read", rows * v * itemsize), ("sorted ids read", ids)]),
+            _Kernel(f"{phase}: gradient", ew_flops=rows * v * grad_flops, programs=programs, launches=launches,
+                    items=[("student logits read", rows * v * itemsize), ("sorted ids and their gradients read", 2 * ids),
+                           ("G written", rows * v * grad_itemsize)])]
+
+
+def _kd_topk(ctx: _Ctx):
+    n, v, b = ctx.shape.tokens, ctx.shape.vocab, ctx.b
+    kernels = _topk_kernels(ctx, n, b, 1, "fwd", 0)[:1] + _topk_kernels(ctx, n, b, 1, "bwd", b)[1:]
+    extra = n * (ctx.k + 1) * (4 * ctx.acc + 8)
+    detail = "the sorted ids, the order and the k + 1 outcomes' columns and gradients per row"
+    notes = ("the student's gradient is written once; the teacher's (ids, log-probabilities) are read, not "
+             "computed", "topk kernels not measured on a GPU yet: TOPK_KERNEL_FLOPS from their SASS")
+    return kernels, extra, detail, notes
+
+
+def _topk_sides(ctx: _Ctx):
+    return (_chunked.SideNeeds(ctx.dtype, ctx.shape.hidden_student, True, True),)
+
+
+def _topk_chunked(ctx: _Ctx):
+    n, v, b, acc = ctx.shape.tokens, ctx.shape.vocab, ctx.b, ctx.acc
+    plan = _chunked.plan(n, v, "triton", ctx.acc_dtype, _topk_sides(ctx), ctx.budget)
+    kernels = [_Kernel("fwd: zero dW's float32 accumulator", items=[("dW zeroed", v * ctx.shape.hidden_student * acc)])] \
+        if plan.accumulate else []
+    for group_rows, groups in _chunks(n, plan.group):
+        for rows, count in _chunks(group_rows, plan.chunk):
+            kernels += _logits_matmuls(ctx, rows, count * groups, "fwd: logits matmul (float32 out)", acc)[:1]
+            kernels += _topk_kernels(ctx, rows, acc, count * groups, "fwd", acc)
+            kernels.append(_Kernel("fwd: G copied into the group's store", launches=count * groups,
+                                   items=[("G read (float32)", rows * v * acc), ("G written (weight dtype)", rows * v * b)]))
+        kernels += _group_backprop(ctx, group_rows, groups, plan.accumulate)
+    kernels += _cast_weight_grad(ctx, plan.accumulate)
+    extra = plan.extra_bytes(v, "triton", ctx.acc_dtype, _topk_sides(ctx)) + n * (ctx.k + 1) * (4 * acc + 8)
+    detail = _plan_text(ctx, plan).replace("kdops._chunked.plan", "kdops._chunked.plan, one side") \
+        + ": a float32 [chunk, V] logits buffer and its float32 G, G [group, V] in the weight dtype"
+    notes = ("the kernels' G is float32, copied into the weight-dtype store (one more pass than the dense path)",
+             "topk kernels not measured on a GPU yet: TOPK_KERNEL_FLOPS from their SASS")
+    return kernels, extra, detail, notes
+
+
+def _topk_gathered(ctx: _Ctx):
+    """Per row chunk: W[ids] gathered and upcast ([rows, k, H] float32), s_ids = h·W[ids]ᵀ and dH = G·W[ids] by
+    batched float32 products (CUDA cores), dW and db index-added into float32 accumulators, then cast."""
+    n, v, h, b, acc, k = ctx.shape.tokens, ctx.shape.vocab, ctx.shape.hidden_student, ctx.b, ctx.acc, ctx.k
+    budget = _chunked.MEMORY_BUDGET if ctx.budget is None else ctx.budget
+    chunk = max(1, budget // 4 // (k * h * acc))
+    launches = _cdiv(n, chunk)
+    gathered = n * k * h
+    kernels = [_Kernel("fwd: zero dW's float32 accumulator", items=[("dW zeroed", v * h * acc)]),
+               _Kernel("fwd: W[ids] gathered, upcast", launches=launches,
+                       items=[("W rows read", gathered * b / launches), ("float32 copy written", gathered * acc / launches)]),
+               _Kernel("fwd: s_ids = h·W[ids]ᵀ (float32)", mm_flops=2.0 * gathered / launches, mm_dtype=torch.float32,
+                       launches=launches, items=[("W[ids] read", gathered * acc / launches)]),
+               _Kernel("fwd: dH = G·W[ids] (float32)", mm_flops=2.0 * gathered / launches, mm_dtype=torch.float32,
+                       launches=launches, items=[("W[ids] read", gathered * acc / launches),
+                                                 ("dH written", n * h * b / launches)]),
+               _Kernel("fwd: dW index_add of G·h (float32)", ew_flops=gathered / launches, launches=launches,
+                       items=[("G·h products written and read", 2 * gathered * acc / launches),
+                              ("dW rows read-modify-written", 2 * gathered * acc / launches)])]
+    kernels += _cast_weight_grad(ctx, True)
+    extra = v * h * acc + chunk * k * h * acc * 3
+    detail = (f"{launches} chunks of {chunk} rows ([rows, k, H] float32 gathered weights and products: a quarter of "
+              f"memory_budget), the float32 [V, H] dW accumulator")
+    notes = ("O(N·k·H): the rest of the vocabulary is never read; bandwidth-bound on the gathered float32 rows",)
+    return kernels, extra, detail, notes
+
+
 # --- predict -----------------------------------------------------------------------------------------------------
 
 _BUILDERS = {"kd_loss-triton": _kd_triton, "kd_loss-torch": _kd_torch, "kd_loss-reference": _kd_reference,
              "fused": _fused_path, "chunked": _chunked_path, "fused-torch": _fused_torch, "reference": _reference,
-             "liger-chunked": _liger_chunked, "trl-chunked": _trl_chunked}
+             "liger-chunked": _liger_chunked, "trl-chunked": _trl_chunked, "kd_loss-topk": _kd_topk,
+             "topk-chunked": _topk_chunked, "topk-gathered": _topk_gathered}
 
 
 def applies(path: str, divergence) -> bool:
@@ -958,10 +1058,11 @@ def applies(path: str, divergence) -> bool:
 
 def floor_seconds(path: str, shape: Shape, gpu: targets.GPU, dtype: torch.dtype) -> float:
     """`bench.floor.floor_work` of the path's function, at the dtype's matmul rate or the HBM rate."""
-    function = KD_LOSS if path in KD_PATHS else FUSED
+    function = {"kd_loss-topk": TOPK, "topk-chunked": FUSED_TOPK, "topk-gathered": FUSED_TOPK}.get(
+        path, KD_LOSS if path in KD_PATHS else FUSED)
     dtype_name = str(dtype).removeprefix("torch.")
     work = floor_work(Case(function, "forward_kl", shape.tokens, shape.vocab, shape.hidden_student,
-                           shape.hidden_teacher, dtype_name))
+                           0 if function == FUSED_TOPK else shape.hidden_teacher, dtype_name))
     return work.total / (gpu.matmul_flops(dtype) if work.unit == "flop" else gpu.hbm_bytes_per_s)
 
 
@@ -982,18 +1083,19 @@ def _autocast_casts(ctx: _Ctx) -> tuple[list[_Kernel], int]:
 
 def predict(path: str, shape: Shape, gpu: targets.GPU | str = targets.H100, divergence="forward_kl",
             dtype: torch.dtype = torch.bfloat16, tf32: bool = False, budget: int | None = None,
-            autocast: bool = False) -> Prediction:
+            autocast: bool = False, k: int = DEFAULT_K) -> Prediction:
     """The predicted phases, time, ratio to the floor and extra memory of `path` at `shape` on `gpu`; with
     `tf32`, float32 matmuls at the TF32 rate instead of exact ("ieee") float32 products; `budget`, the
     chunked paths' memory_budget (default kdops._chunked.MEMORY_BUDGET); `autocast`, kdops' paths under
-    torch.autocast of `dtype` with float32 master weights (the casts added)."""
+    torch.autocast of `dtype` with float32 master weights (the casts added); `k`, the sparse teacher's top-k
+    (TOPK_PATHS: the student's side only, the floor is its matmuls or its logits' bytes)."""
     if path not in _BUILDERS:
-        raise ValueError(f"unknown path {path!r}; known: {', '.join(PATHS)}")
+        raise ValueError(f"unknown path {path!r}; known: {', '.join(PATHS + TOPK_PATHS)}")
     gpu = targets.by_name(gpu) if isinstance(gpu, str) else gpu
     divergence = kdops.as_divergence(divergence)
     if not applies(path, divergence):
         raise ValueError(f"{path} has no {divergence.name}")
-    ctx = _Ctx(shape, gpu, divergence, dtype, tf32, budget)
+    ctx = _Ctx(shape, gpu, divergence, dtype, tf32, budget, k)
     kernels, extra, detail, notes = _BUILDERS[path](ctx)
     if autocast:
         if path not in AUTOCAST_PATHS or dtype.itemsize != 2:
@@ -1081,7 +1183,7 @@ def _md_rows(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _floor_label(p: Prediction) -> str:
-    return "logits floor" if p.path in KD_PATHS else "matmul floor"
+    return "logits floor" if p.path in KD_PATHS + ("kd_loss-topk",) else "matmul floor"
 
 
 _HOW_TO_READ = (
@@ -1237,8 +1339,27 @@ def markdown(shapes: list[tuple[str, Shape]], gpu: targets.GPU, divergences=DEFA
             rows.append([f"`{path}`", d, _ms(mixed.total_s), f"{mixed.ratio_to_floor:.2f}", _size(mixed.extra_bytes),
                          _ms(exact.total_s), _size(exact.extra_bytes)])
     lines += _md_rows(["path", "divergence", "autocast bf16 ms", "× bf16 floor", "extra", "float32 ms", "extra"], rows)
+    lines += _topk_section(first, gpu, divergences[0], dtype)
     lines.append("")
     return "\n".join(lines)
+
+
+def _topk_section(shape: Shape, gpu: targets.GPU, divergence: str, dtype: torch.dtype) -> list[str]:
+    """MODEL.md's sparse-teacher table: the TOPK_PATHS at k = 1, 32, 128 beside the dense chunked path."""
+    lines = ["", f"## Sparse teachers (top-k) at {shape} ({divergence}, {str(dtype).removeprefix('torch.')}, "
+             f"{gpu.name.upper()})", "",
+             "The student's side only: the teacher is its (ids, log-probabilities). Floors: the student's matmuls "
+             "(2·N·V·Hs forward, 4·N·V·Hs backward) from hidden states, the student's logits read and written on "
+             "logits. The top-k kernels are not measured yet (`TOPK_KERNEL_FLOPS`, from their SASS).", ""]
+    rows = []
+    for path in TOPK_PATHS:
+        for k in (1, 32, 128):
+            p = predict(path, shape, gpu, divergence, dtype, k=k)
+            rows.append([f"`{path}`", str(k), _ms(p.total_s), f"{p.ratio_to_floor:.2f} ({_floor_label(p)})",
+                         f"{p.hbm_bytes / GB:,.1f}", f"{p.flops / 1e12:,.2f}", _size(p.extra_bytes)])
+    lines += _md_rows(["path", "k", "total ms", "× floor", "HBM GB", "matmul TFLOP", "extra"], rows)
+    lines += ["", "The paths:", ""] + [f"* `{path}`: {DESCRIPTIONS[path]}." for path in TOPK_PATHS]
+    return lines
 
 
 def main(argv=None) -> int:

@@ -292,3 +292,24 @@ def test_autocast_adds_the_weight_casts_to_the_16bit_path():
     assert exact.total_s > 10 * mixed.total_s  # float32 on the CUDA cores
     with pytest.raises(ValueError, match="autocast"):
         predict("reference", HEADLINE, H100, "forward_kl", torch.bfloat16, autocast=True)
+
+
+def test_topk_paths_follow_the_code():
+    """The sparse-teacher paths: the chunked one plans like kdops (one side), its matmuls are the student's
+    three; the gathered one never multiplies the vocabulary (its flops grow with k, not V); the kernels on
+    logits read the student's logits twice and write the gradient once."""
+    from kdops import _chunked
+
+    shape = model.Shape(4096, 2048, 2048, 65536)
+    chunked = model.predict("topk-chunked", shape, "h100", "forward_kl", k=32)
+    assert chunked.flops == pytest.approx(2 * 4096 * 65536 * 2048 * 3)
+    sides = (_chunked.SideNeeds(torch.bfloat16, 2048, True, True),)
+    plan = _chunked.plan(4096, 65536, "triton", torch.float32, sides)
+    assert chunked.extra_bytes >= plan.extra_bytes(65536, "triton", torch.float32, sides)
+    small, large = (model.predict("topk-gathered", shape, "h100", "forward_kl", k=k) for k in (8, 64))
+    assert large.flops == pytest.approx(8 * small.flops) and large.flops < 2 * 4096 * 64 * 2048 * 3 * 1.01
+    logits = model.predict("kd_loss-topk", shape, "h100", "forward_kl", dtype=torch.bfloat16, k=32)
+    read_write = sum(b for p in logits.phases for b in [p.bytes])
+    assert read_write >= 3 * 4096 * 65536 * 2 and logits.flops == 0
+    with pytest.raises(ValueError, match="unknown path"):
+        model.predict("topk-fused", shape)
