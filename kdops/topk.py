@@ -109,28 +109,35 @@ def teacher_rest(lp: torch.Tensor, vocab: int) -> torch.Tensor:
 class TopKTeacher:
     """A validated top-k teacher, flattened to rows, in the forms the paths read.
 
-    gather_ids [rows, k] int64: the ids, 0 where absent (a safe index; the column is −inf anyway).
-    present    [rows, k] bool: the entries whose log-probability is not −inf.
+    gather_ids [rows, k] int64: the ids (indices into this rank's shard under vocabulary parallelism), 0 where
+               absent (a safe index; the column is −inf anyway).
+    present    [rows, k] bool: the entries whose log-probability is not −inf (and, under vocabulary
+               parallelism, whose id is in this rank's shard).
     sorted_ids [rows, k] int32: each row's present ids in increasing order, absent ones as V at the end;
     order      [rows, k] int64: the permutation that sorts a row's entries so (column i of a row is
                column order[i] of the input).
     columns    [rows, k (+1)]: the teacher's log-weights of the k (+1) outcomes in `dtype`.
     """
 
-    def __init__(self, teacher_ids, teacher_logprobs, vocab: int, tail: str, dtype: torch.dtype):
+    def __init__(self, teacher_ids, teacher_logprobs, vocab: int, tail: str, dtype: torch.dtype, shards=None):
         k = teacher_ids.shape[-1]
         ids = teacher_ids.reshape(-1, k).long()
         lp = teacher_logprobs.detach().reshape(-1, k).to(dtype)
-        self.present = lp != -math.inf
-        self.gather_ids = torch.where(self.present, ids, 0)
-        keys = torch.where(self.present, ids, vocab)
+        present = lp != -math.inf
+        # Under vocabulary parallelism the student's logits are this rank's shard [start, stop): its side reads
+        # only the ids there (as shard indices); the teacher's columns stay whole on every rank.
+        start, width = (0, vocab) if shards is None else (shards.start, shards.width)
+        self.present = present & (ids >= start) & (ids < start + width)
+        self.gather_ids = torch.where(self.present, ids - start, 0)
+        keys = torch.where(self.present, ids - start, width)
         sorted_keys, self.order = keys.sort(dim=-1)
         self.sorted_ids = sorted_keys.to(torch.int32).contiguous()
         self.tail = tail
         if tail == "renormalize":
             self.columns = lp
         else:
-            log_rest = teacher_rest(lp, vocab) if tail == "bucket" else torch.full_like(lp[:, :1], -math.inf)
+            total = vocab if shards is None else shards.vocab
+            log_rest = teacher_rest(lp, total) if tail == "bucket" else torch.full_like(lp[:, :1], -math.inf)
             self.columns = torch.cat([lp, log_rest], dim=-1)
 
     def rows(self, start: int, end: int) -> "TopKTeacher":
@@ -151,8 +158,10 @@ class StudentTopKFunction(torch.autograd.Function):
     without a tail) of 2-D student logits, by the chosen engine."""
 
     @staticmethod
-    def forward(ctx, student, teacher: TopKTeacher, temperature: float, engine: str):
+    def forward(ctx, student, teacher: TopKTeacher, temperature: float, engine: str, shards=None):
         columns, lse_rest = _ENGINES[engine][0](student, teacher, 1.0 / temperature)
+        if shards is not None:
+            columns, lse_rest = over_group(columns, lse_rest, shards)
         ctx.save_for_backward(student, lse_rest)
         ctx.teacher, ctx.temperature, ctx.engine = teacher, temperature, engine
         return columns, lse_rest
@@ -163,7 +172,19 @@ class StudentTopKFunction(torch.autograd.Function):
         teacher = ctx.teacher
         grad = _ENGINES[ctx.engine][1](student, teacher, g_columns, lse_rest if teacher.has_tail else None,
                                        g_rest if teacher.has_tail else None, 1.0 / ctx.temperature)
-        return grad, None, None, None
+        return grad, None, None, None, None
+
+
+def over_group(columns, lse_rest, shards):
+    """The whole vocabulary's (s_ids / T, R) from each rank's: an entry's column is the one rank's that holds
+    its id (the others' are −inf: an all-reduce MAX), and R = log Σ_ranks e^(R_rank). Every rank's own
+    gradient then follows from the whole R: ∂R/∂s_j = e^(s_j / T − R) / T on its shard's complement."""
+    columns = shards.all_reduce_max(columns.contiguous())
+    if lse_rest.numel():
+        top = shards.all_reduce_max(lse_rest.clone())
+        top = torch.where(top == -math.inf, 0.0, top)
+        lse_rest = shards.all_reduce_sum(torch.exp(lse_rest - top)).log() + top
+    return columns, lse_rest
 
 
 def _gathered(student, teacher: TopKTeacher, inv_temp: float, dtype: torch.dtype) -> torch.Tensor:
@@ -233,15 +254,28 @@ def _torch_backward(student, teacher: TopKTeacher, g_columns, lse_rest, g_rest, 
 _ENGINES = {"triton": (_triton_forward, _triton_backward), "torch": (_torch_forward, _torch_backward)}
 
 
-def topk_rows(student2d, teacher: TopKTeacher, mask, divergence: Divergence, temperature: float, backend: str):
+def topk_rows(student2d, teacher: TopKTeacher, mask, divergence: Divergence, temperature: float, backend: str,
+              shards=None):
     """Per-row losses [rows] (0 where the mask is False): the dense loss of the (k + 1)-outcome pair."""
     from .api import kd_loss_rows_eager
 
-    columns, lse_rest = StudentTopKFunction.apply(student2d, teacher, temperature, backend)
+    columns, lse_rest = StudentTopKFunction.apply(student2d, teacher, temperature, backend, shards)
     if teacher.has_tail:
         columns = torch.cat([columns, lse_rest[:, None]], dim=-1)
     # Both sides are log-weights at T already: the dense loss runs at T = 1.
     return kd_loss_rows_eager(columns, teacher.columns, mask, divergence, 1.0, backend)
+
+
+def _shards(vocab_parallel, divergence: Divergence, rows: int, device, teacher_ids, width=None, weight_rows=None,
+            **options):
+    """The group's agreed layout under `vocab_parallel` (`kdops.parallel.resolve`), or None."""
+    if vocab_parallel is None:
+        return None
+    from . import parallel
+
+    options = parallel.options_of(divergence, k=tuple(teacher_ids.shape)[-1:], **options)
+    return parallel.resolve(vocab_parallel, width=width, weight_rows=weight_rows, rows=rows, device=device,
+                            options=options)
 
 
 def topk_kd_loss(
@@ -257,6 +291,7 @@ def topk_kd_loss(
     reduction: str = "batchmean",
     num_items_in_batch=None,
     backend: str = "auto",
+    vocab_parallel=None,
 ) -> torch.Tensor:
     """Distillation loss against a sparse teacher: its top-k ids [..., k] and log-probabilities [..., k] at
     temperature T (−inf: an absent entry), and the student's logits [..., V], in float32 (float64 for float64
@@ -277,6 +312,11 @@ def topk_kd_loss(
 
     `backend`: "triton" (kernels over the vocabulary: extra memory O(rows · k)), "torch" (the reference math
     chunked over rows), "auto" (Triton on CUDA, torch elsewhere).
+
+    `vocab_parallel`: a `kdops.VocabParallel(start, stop, group)` when the student's logits are this rank's
+    shard [..., stop − start] of the vocabulary; the teacher's ids stay global. Each rank's side (the ids in
+    its shard, its complement's log-mass) is combined over the group with two all-reduces per call; the loss
+    is the whole vocabulary's, the same on every rank, and each rank's gradient is its shard's.
     """
     divergence = as_divergence(divergence)
     check_tensor("student_logits", student_logits)
@@ -289,12 +329,15 @@ def topk_kd_loss(
     temperature = check_loss_options(labels, leading, device, temperature, ignore_index, reduction,
                                      num_items_in_batch)
     check_tail(tail, divergence.canonical(), divergence.name)
-    check_topk_teacher(teacher_ids, teacher_logprobs, leading, vocab, tail, device)
     backend = resolve_backend(backend, device)
+    shards = _shards(vocab_parallel, divergence, leading.numel(), device, teacher_ids, width=vocab,
+                     temperature=temperature, tail=tail, backend=backend, reduction=reduction)
+    check_topk_teacher(teacher_ids, teacher_logprobs, leading, vocab if shards is None else shards.vocab, tail,
+                       device)
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    teacher = TopKTeacher(teacher_ids, teacher_logprobs, vocab, tail, dtype)
+    teacher = TopKTeacher(teacher_ids, teacher_logprobs, vocab, tail, dtype, shards)
     mask = row_mask(labels, ignore_index, leading, device).reshape(-1)
-    rows = topk_rows(student_logits.reshape(-1, vocab), teacher, mask, divergence, temperature, backend)
+    rows = topk_rows(student_logits.reshape(-1, vocab), teacher, mask, divergence, temperature, backend, shards)
     return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)
 
 
@@ -320,12 +363,12 @@ class TopKChunkedProblem(_chunked.ChunkedProblem):
     (`kernels/topk.py`); per group dH = G·W and dW = Gᵀ·h. The plan is the dense path's with one side."""
 
     def __init__(self, hs, ws, bs, teacher: TopKTeacher, labels, divergence, temperature: float, vocab: int,
-                 soft: float, hard: float, ignore_index: int, engine: str, budget: int | None):
+                 soft: float, hard: float, ignore_index: int, engine: str, budget: int | None, shards=None):
         self.acc_dtype = compute_dtype(hs, ws)
         self.student = _chunked._Side(hs, ws, bs, vocab, self.acc_dtype)
         self.sides = (self.student,)
         self.target = teacher
-        self._options(hs, labels, divergence, temperature, vocab, soft, hard, ignore_index, engine, budget, None)
+        self._options(hs, labels, divergence, temperature, vocab, soft, hard, ignore_index, engine, budget, shards)
 
     def _grad_out(self, store, logits, need_bias: bool):
         return None if store is None else logits  # G is computed in float32, then rounded into the store once
@@ -337,25 +380,52 @@ class TopKChunkedProblem(_chunked.ChunkedProblem):
         need = outs[0] is not None
         forward, backward = _ENGINES[self.engine]
         columns, lse_rest = forward(zs, teacher, inv_temp)
+        if self.shards is not None:
+            columns, lse_rest = over_group(columns, lse_rest, self.shards)
         k = columns.shape[1]
         if teacher.has_tail:
             columns = torch.cat([columns, lse_rest[:, None]], dim=-1)
         loss, g_columns = _columns_loss_and_grads(columns, teacher, scale if need else None, self.divergence,
                                                   self.engine, self.soft)
-        if self.hard > 0:  # CE at T = 1 over the whole vocabulary, by torch on the chunk's logits
-            z = zs.detach().requires_grad_(need)
-            with torch.set_grad_enabled(need):
-                ce = torch.nn.functional.cross_entropy(z, labels, ignore_index=self.ignore_index, reduction="none")
-                g_ce = torch.autograd.grad(ce, z, scale * self.hard)[0] if need else None
-            loss = loss + self.hard * ce.detach()
+        if self.hard > 0:
+            ce, g_ce = hard_label(zs, labels, self.ignore_index, scale * self.hard if need else None, self.shards)
+            loss = loss + self.hard * ce
         if not need:
             return loss, (None,)
         tail = teacher.has_tail
         grad = backward(zs, teacher, g_columns[:, :k], lse_rest if tail else None,
                         g_columns[:, k] if tail else None, inv_temp)
         if self.hard > 0:
-            grad += torch.where((scale != 0)[:, None], g_ce, 0.0)
+            grad += g_ce
         return loss, (grad,)
+
+
+def hard_label(logits, labels, ignore_index: int, scale, shards=None):
+    """CE(s, label) = lse(s) − s_label per row of float32 logits [rows, V] (T = 1; 0 where ignored), and with
+    `scale` its row-scaled gradient scale·(softmax(s) − onehot(label)) (exact zeros in rows whose scale is 0).
+    Under `shards` the logits are this rank's shard: lse and s_label are combined over the group (labels
+    global), and the gradient is the shard's."""
+    with torch.no_grad():
+        local = labels if shards is None else shards.local_labels(labels)
+        counted = labels != ignore_index
+        here = counted & (local >= 0) & (local < logits.shape[1])
+        top = logits.amax(-1)
+        if shards is not None:
+            top = shards.all_reduce_max(top)
+        top = torch.where(top == -math.inf, 0.0, top)
+        sums = torch.exp(logits - top[:, None]).sum(-1)
+        label_logit = torch.where(here, logits.gather(-1, torch.where(here, local, 0)[:, None])[:, 0], -math.inf)
+        if shards is not None:
+            sums = shards.all_reduce_sum(sums)
+            label_logit = shards.all_reduce_max(label_logit)
+        lse = sums.log() + top
+        ce = torch.where(counted, lse - label_logit, 0.0)
+        if scale is None:
+            return ce, None
+        live = (scale != 0) & counted
+        grad = torch.where(live[:, None], torch.exp(logits - lse[:, None]) * scale[:, None], 0.0)
+        grad.scatter_add_(-1, torch.where(here, local, 0)[:, None], torch.where(here & live, -scale, 0.0)[:, None])
+        return ce, grad
 
 
 class TopKGatheredProblem:
@@ -367,8 +437,9 @@ class TopKGatheredProblem:
     eager = True
 
     def __init__(self, hs, ws, bs, teacher: TopKTeacher, divergence, temperature: float, soft: float, engine: str,
-                 budget: int | None):
+                 budget: int | None, shards=None):
         self.hs, self.ws, self.bs, self.teacher = hs.reshape(-1, hs.shape[-1]), ws, bs, teacher
+        self.shards = shards
         self.divergence, self.temperature, self.soft, self.engine = divergence, temperature, soft, engine
         self.acc_dtype = compute_dtype(hs, ws)
         k, width = teacher.columns.shape[1], hs.shape[-1]
@@ -403,13 +474,18 @@ class TopKGatheredProblem:
             if bs is not None:
                 logits = logits + bs[ids].to(acc)
             columns = torch.where(part.present, logits * inv_temp, -math.inf)
+            if self.shards is not None:
+                columns = over_group(columns, columns.new_empty(0), self.shards)[0]
             scale = None if row_scale is None else row_scale[r0:r1]
             rows[r0:r1], g = _columns_loss_and_grads(columns, part, scale, self.divergence, self.engine, self.soft)
             if g is None:
                 continue
             g = torch.where(part.present, g, 0.0) * inv_temp  # ∂/∂logits at the ids
             if need_h:
-                grad_h[r0:r1] = torch.einsum("rk,rkh->rh", g, gathered)
+                part_h = torch.einsum("rk,rkh->rh", g, gathered)
+                if self.shards is not None and self.shards.reduce_hidden_grad:
+                    part_h = self.shards.all_reduce_sum(part_h)
+                grad_h[r0:r1] = part_h
             if need_w:
                 grad_w.index_add_(0, ids.reshape(-1), (g[:, :, None] * h[:, None, :]).reshape(-1, h.shape[1]))
             if need_b:
@@ -437,6 +513,7 @@ def fused_linear_topk_kd_loss(
     impl: str = "auto",
     backend: str = "auto",
     memory_budget: int | None = None,
+    vocab_parallel=None,
 ) -> torch.Tensor:
     """`topk_kd_loss` from the student's hidden states [..., H] and lm_head weight [V, H] (+ bias [V]),
     without its [tokens, V] logits: per row,
@@ -452,6 +529,12 @@ def fused_linear_topk_kd_loss(
     O(rows·k·H) flops; the weight gradient is summed in a float32 [V, H] accumulator), "auto" (gathered where
     it applies, else chunked). A fused lm_head kernel for sparse teachers does not exist yet ("fused" raises).
     `backend` as in `kd_loss`.
+
+    `vocab_parallel`: a `kdops.VocabParallel(start, stop, group)` when the weight (and bias) are this rank's
+    shard of the vocabulary, rows [start, stop) (rows past stop − start are padding); hidden states, labels
+    and the teacher's ids are global. As in `fused_linear_kd_loss`: the loss is the whole vocabulary's on every
+    rank, weight and bias gradients are the shard's, hidden-state gradients are summed over the group unless
+    `reduce_hidden_grad=False`.
     """
     from ._reduction import row_weights
     from ._validation import check_choice, check_head, check_label_range, check_loss_weights, check_memory_budget
@@ -466,10 +549,18 @@ def fused_linear_topk_kd_loss(
     temperature = check_loss_options(labels, leading, device, temperature, ignore_index, reduction,
                                      num_items_in_batch)
     check_tail(tail, divergence.canonical(), divergence.name)
-    check_topk_teacher(teacher_ids, teacher_logprobs, leading, vocab, tail, device)
     hard_weight, soft_weight = float(hard_weight), float(soft_weight)
+    shards = _shards(vocab_parallel, divergence, leading.numel(), device, teacher_ids,
+                     weight_rows=(student_weight.shape[0],), temperature=temperature, tail=tail, impl=impl,
+                     backend=backend, reduction=reduction, hard=hard_weight, soft=soft_weight,
+                     grads=tuple(t is not None and t.requires_grad for t in (student_hidden, student_weight,
+                                                                              student_bias)))
+    if shards is not None:
+        vocab = shards.width
+    total = vocab if shards is None else shards.vocab
+    check_topk_teacher(teacher_ids, teacher_logprobs, leading, total, tail, device)
     if hard_weight > 0:
-        check_label_range(labels, ignore_index, vocab)
+        check_label_range(labels, ignore_index, total)
     gathered = tail == "renormalize" and hard_weight == 0
     if impl == "gathered" and not gathered:
         raise ValueError("impl='gathered': only tail='renormalize' without the hard-label term reads just the k "
@@ -478,14 +569,14 @@ def fused_linear_topk_kd_loss(
     backend = resolve_backend(backend, device)
     engine = "triton" if backend == "triton" else "torch"
     dtype = compute_dtype(student_hidden, student_weight)
-    teacher = TopKTeacher(teacher_ids, teacher_logprobs, vocab, tail, dtype)
+    teacher = TopKTeacher(teacher_ids, teacher_logprobs, vocab, tail, dtype, shards)
     if gathered and impl != "chunked":
         problem = TopKGatheredProblem(student_hidden, student_weight, student_bias, teacher, divergence, temperature,
-                                      soft_weight, engine, memory_budget)
+                                      soft_weight, engine, memory_budget, shards)
     else:
         problem = TopKChunkedProblem(student_hidden, student_weight, student_bias, teacher, labels, divergence,
                                      temperature, vocab, soft_weight, hard_weight, ignore_index, engine,
-                                     memory_budget)
+                                     memory_budget, shards)
     mask = row_mask(labels, ignore_index, leading, device).reshape(-1)
     tensors = (student_hidden, student_weight, student_bias, None, None, None)
     if reduction != "none":

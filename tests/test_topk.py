@@ -36,6 +36,7 @@ def _kl(a, b):
 
 def divergence_of(d: kdops.Divergence, p, q):
     """D(teacher p ‖ student q) of explicit probability vectors, by the catalog's formulas."""
+    d = kdops.as_divergence(d)
     if isinstance(d, kdops.ForwardKL):
         return _kl(p, q)
     if isinstance(d, kdops.ReverseKL):
@@ -312,6 +313,7 @@ def run_linear(fn, tensors, ids, logprobs, labels, **kwargs):
 
 
 def linear_inputs(dtype, *, rows=(3, 7), vocab=263, width=24, k=9, seed=0):
+    """Student hidden states, weight, bias (logits with the spread of randn·4), a sparse teacher, labels."""
     g = torch.Generator().manual_seed(seed)
     hs = torch.randn(*rows, width, generator=g)
     ws = torch.randn(vocab, width, generator=g) * (4.0 / width ** 0.5)  # logits with the spread of randn·4

@@ -337,3 +337,56 @@ def compile_body(rank, world):
 
 def test_inside_torch_compile():
     spawn(compile_body, 2)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Sparse (top-k) teachers: the student's side sharded, the teacher's ids global.
+# ------------------------------------------------------------------------------------------------------
+
+
+def topk_body(rank, world):
+    from test_topk import linear_inputs, oracle_linear, run_linear, sparse_teacher
+    from oracle import make_logits
+
+    start, stop = SHARDS[world][rank]
+    vp = kdops.VocabParallel(start, stop)
+    student = make_logits((3, 5, V), generator=torch.Generator().manual_seed(5))
+    ids, logprobs = sparse_teacher(student, 9, seed=6)
+    labels = torch.randint(0, V, (3, 5))
+    labels[0, ::2] = -100
+    for tail, divergence in (("bucket", "forward_kl"), ("zero", "generalized_jsd"), ("renormalize", "tvd")):
+        for backend in ("triton", "torch"):
+            options = dict(divergence=divergence, temperature=1.5, tail=tail, backend=backend)
+            oracle = loss_and_grads_topk(reference.topk_kd_loss, student.double(), ids, logprobs, labels, **options)
+            same = loss_and_grads_topk(reference.topk_kd_loss, student, ids, logprobs, labels, **options)
+            ours = loss_and_grads_topk(kdops.topk_kd_loss, student[..., start:stop], ids, logprobs, labels,
+                                       vocab_parallel=vp, **options)
+            for i, (got, o, r) in enumerate(zip(ours, oracle, same)):
+                if i:
+                    o, r = o[..., start:stop], r[..., start:stop]
+                err, ref_err = rel_error(got, o), rel_error(r, o)
+                assert err <= ref_err + TOLERANCE[torch.float32], f"{tail} {backend} {i}: {err:.3g} vs {ref_err:.3g}"
+    tensors, ids, logprobs, labels = linear_inputs(torch.float32, vocab=V)
+    for tail, hard, impl, backend in (("bucket", 0.5, "chunked", "triton"), ("zero", 0.0, "chunked", "torch"),
+                                      ("renormalize", 0.0, "auto", "triton"), ("renormalize", 0.3, "auto", "torch")):
+        options = dict(divergence="generalized_jsd", temperature=2.0, tail=tail, hard_weight=hard, soft_weight=0.7)
+        oracle = run_linear(oracle_linear, [t.double() for t in tensors], ids, logprobs, labels, **options)
+        same = run_linear(reference.fused_linear_topk_kd_loss, tensors, ids, logprobs, labels, **options)
+        local = [tensors[0], tensors[1][start:stop], tensors[2][start:stop]]
+        ours = run_linear(kdops.fused_linear_topk_kd_loss, local, ids, logprobs, labels, impl=impl, backend=backend,
+                          vocab_parallel=vp, memory_budget=4000, **options)
+        for i, (got, o, r) in enumerate(zip(ours, oracle, same)):
+            if i >= 2:  # weight and bias: this rank's rows
+                o, r = o[start:stop], r[start:stop]
+            err, ref_err = rel_error(got, o), rel_error(r, o)
+            assert err <= ref_err + TOLERANCE[torch.float32], f"{tail} {impl} {i}: {err:.3g} vs {ref_err:.3g}"
+
+
+def loss_and_grads_topk(fn, s, ids, logprobs, labels, **options):
+    s = s.detach().clone().requires_grad_(True)
+    loss = fn(s, ids, logprobs, labels, **options)
+    return [loss.detach(), *torch.autograd.grad(loss, (s,), torch.ones_like(loss))]
+
+
+def test_topk_matches_single_process_oracle():
+    spawn(topk_body, 3)
