@@ -234,3 +234,22 @@ def fused_linear_topk_kd_loss(student_hidden, student_weight, teacher_ids, teach
             logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=ignore_index, reduction="none").view(leading)
     mask = row_mask(labels, ignore_index, leading, student_hidden.device)
     return reduce_rows(torch.where(mask, rows, 0.0), mask, reduction, num_items_in_batch)
+
+
+@torch.no_grad()
+def topk_logprobs(hidden, weight, k, *, temperature=1.0, bias=None, memory_budget=None):
+    """Reference for `kdops.topk_logprobs` (same signature; `memory_budget` is checked and ignored): the whole
+    float32 (float64) log_softmax((hidden · weightᵀ + bias) / T), its k largest entries with ties to the smaller
+    id (a stable sort of the whole row, largest first)."""
+    from ._validation import check_head, check_temperature
+
+    check_head("", hidden, weight, bias)
+    temperature = check_temperature(temperature)
+    check_memory_budget(memory_budget)
+    vocab = weight.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab:
+        raise ValueError(f"k: expected an int in [1, {vocab}] (the vocabulary of the weight), got {k!r}")
+    logits = linear_logits(hidden, weight, bias, vocab, compute_dtype(hidden, weight))
+    log_p = torch.log_softmax(logits / temperature, dim=-1)
+    order = torch.sort(log_p, dim=-1, descending=True, stable=True).indices[..., :k]
+    return order, log_p.gather(-1, order)

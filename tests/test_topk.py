@@ -405,6 +405,8 @@ def test_topk_logprobs_break_ties_by_the_smaller_id():
         weight[row] = weight[top]  # four ids share row 0's largest logit
     ids, logprobs = kdops.topk_logprobs(hidden, weight, 2)
     assert ids[0].tolist() == sorted([top, 31, 7, 22])[:2]
+    ref_ids, ref_logprobs = reference.topk_logprobs(hidden, weight, 2)
+    assert torch.equal(ids, ref_ids) and torch.allclose(logprobs, ref_logprobs)
     assert logprobs[0, 0] == logprobs[0, 1]
     ids, _ = kdops.topk_logprobs(hidden, weight, 6)
     assert ids[0, :4].tolist() == sorted([top, 31, 7, 22])
