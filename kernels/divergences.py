@@ -434,10 +434,12 @@ def second_pass_terms(KIND: tl.constexpr, lp, lq, lpq, c1, c2):
         t2 = tl.where(p > 0, tl.exp(lq + lp - lm), 0.0)  # S = Σ q p / M
         t3 = tl.where(p > 0, tl.exp(2.0 * lp - lm), 0.0)  # R = Σ p² / M
     elif KIND == TVD:
+        # The masses by sign class, each a sum of non-negative terms (ties counted half on each side):
+        # A_q = Σ_{q<p} q + ½Σ_{q=p} q and A_p = Σ_{q>p} p + ½Σ_{q=p} p (`gradient_terms`).
         s = sign(-lpq)  # sgn(q − p)
         t1 = tl.abs(exp_diff(p, q, lpq))
-        t2 = q * s  # σ_q = Σ q sgn(q − p)
-        t3 = -p * s  # σ_p = Σ p sgn(p − q)
+        t2 = q * (0.5 - 0.5 * s)
+        t3 = p * (0.5 + 0.5 * s)
     return t1, t2, t3
 
 
@@ -487,10 +489,15 @@ def gradient_terms(KIND: tl.constexpr, lp, lq, lpq, L, aux1, aux2, aux3, c1, c2)
         g_x = tl.where(p > 0, p * (lpm - L) - cross, 0.0)
         g_y = (1.0 - c1) * (q * aux2 - tl.where(p > 0, tl.exp(lq + lp - lm), 0.0))
     elif KIND == TVD:
-        # aux2 = σ_q, aux3 = σ_p
+        # ∂/∂y_j = ½ q_j (s_j − σ_q) with s = sgn(q − p) and σ_q = Σ q s (likewise for x with −s and σ_p). With
+        # A_q, A_p the masses of aux2, aux3 (`second_pass_terms`) and B_q = L + A_p, B_p = L + A_q their
+        # complements (Σ_{q>p} (q − p) = L), the factor s − σ_q is 2·A_q, −2·B_q or A_q − B_q for s = 1, −1, 0:
+        # sums of non-negative terms, where 1 − σ_q would cancel on a row whose q sits almost all on one side.
         s = sign(-lpq)  # sgn(q − p)
-        g_x = 0.5 * p * (-s - aux3)
-        g_y = 0.5 * q * (s - aux2)
+        b_q = L + aux3
+        b_p = L + aux2
+        g_x = 0.5 * p * tl.where(s > 0, -2.0 * b_p, tl.where(s < 0, 2.0 * aux3, aux3 - b_p))
+        g_y = 0.5 * q * tl.where(s > 0, 2.0 * aux2, tl.where(s < 0, -2.0 * b_q, aux2 - b_q))
     elif KIND == ALPHA_BETA:
         # aux1 = Σ p^α q^β, aux2 = Σ p^(α+β), aux3 = Σ q^(α+β)
         cross = tl.exp(c1 * lp + c2 * lq)
