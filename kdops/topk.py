@@ -162,17 +162,35 @@ class StudentTopKFunction(torch.autograd.Function):
         columns, lse_rest = _ENGINES[engine][0](student, teacher, 1.0 / temperature)
         if shards is not None:
             columns, lse_rest = over_group(columns, lse_rest, shards)
-        ctx.save_for_backward(student, lse_rest)
+        ctx.save_for_backward(student, columns, lse_rest)
         ctx.teacher, ctx.temperature, ctx.engine = teacher, temperature, engine
         return columns, lse_rest
 
     @staticmethod
     def backward(ctx, g_columns, g_rest):
-        student, lse_rest = ctx.saved_tensors
+        student, columns, lse_rest = ctx.saved_tensors
         teacher = ctx.teacher
+        k = columns.shape[1]
+        if teacher.has_tail:
+            g = shift_free(torch.cat([g_columns, g_rest[:, None]], -1), torch.cat([columns, lse_rest[:, None]], -1))
+            g_columns, g_rest = g[:, :k], g[:, k]
+        else:
+            g_columns = shift_free(g_columns, columns)
         grad = _ENGINES[ctx.engine][1](student, teacher, g_columns, lse_rest if teacher.has_tail else None,
                                        g_rest if teacher.has_tail else None, 1.0 / ctx.temperature)
         return grad, None, None, None, None
+
+
+def shift_free(g, columns):
+    """g − (Σ g)·softmax(columns) per row: the gradient of a loss of softmax(columns) with its component along
+    the shift removed. Exactly, Σ g = 0 (the loss does not change when every column moves by the same amount)
+    and this changes nothing; computed, g carries a rounding error c·softmax(columns) of its row sums' size
+    (the dense kernels' G_v − q_v·Σ G), which a softmax over the whole vocabulary would project out again
+    but the top-k side's gradient (gathered columns and a tail) would pass on to rows whose own gradient is
+    small. Columns of −inf take no share; a row with none finite is left as it is."""
+    weights = torch.softmax(columns, dim=-1)
+    weights = torch.where(torch.isfinite(weights), weights, 0.0)
+    return g - g.sum(-1, keepdim=True) * weights
 
 
 def over_group(columns, lse_rest, shards):
@@ -353,7 +371,7 @@ def _columns_loss_and_grads(columns, teacher: TopKTeacher, scale, divergence: Di
     columns = columns.detach().requires_grad_(need)
     with torch.set_grad_enabled(need):
         loss = soft * kd_loss_rows_eager(columns, teacher.columns, mask, divergence, 1.0, engine)
-        grad = torch.autograd.grad(loss, columns, scale)[0] if need else None
+        grad = shift_free(torch.autograd.grad(loss, columns, scale)[0], columns.detach()) if need else None
     return loss.detach(), grad
 
 

@@ -148,16 +148,11 @@ def test_every_tail_and_divergence(tail, name, backend):
 @pytest.mark.parametrize("k", [1, 7, 211])
 @pytest.mark.parametrize("tail,name", [("bucket", "forward_kl"), ("renormalize", "generalized_jsd"),
                                        ("zero", "tvd"), ("bucket", "alpha_beta")])
-def test_k_dtypes_and_temperature_one(tail, name, k, dtype, backend, request):
-    """k = 1, 7 and V (211: the whole vocabulary, in several tiles of the kernel's window of ids)."""
-    if k == 1 and dtype == torch.float32 and (name == "alpha_beta" or (name == "tvd" and backend == "torch")):
-        # With one id the pair is two outcomes, one holding nearly all of the student's mass; the α-β gradient
-        # formula (both engines), and the torch engine's softmax backward of TVD over the two outcomes, then
-        # subtract row sums of order 1 and lose ~1e-8 absolute, 1e-4 of these rows' small gradients, where the
-        # reference's autograd chain over the whole vocabulary does not. (The TVD kernels take sums by sign
-        # class instead: `kernels/divergences.py`.)
-        request.applymarker(pytest.mark.xfail(strict=True, reason="α-β gradients (and TVD's in the torch engine) "
-                                              "cancel on two-outcome rows with one outcome near 1"))
+def test_k_dtypes_and_temperature_one(tail, name, k, dtype, backend):
+    """k = 1, 7 and V (211: the whole vocabulary, in several tiles of the kernel's window of ids). With k = 1 the
+    pair is two outcomes, one holding nearly all of the student's mass: the top-k side must not pass on the
+    dense gradient's rounding along the shift (`kdops.topk.shift_free`), nor TVD's kernels cancel
+    (`kernels/divergences.py`: sums by sign class)."""
     vocab = 211
     # No −inf logits here: with k = V they would be exactly the ids the teacher lacks, the student's complement
     # would be empty and the teacher's tail its log-probabilities' rounding (test_every_tail has −inf logits).
