@@ -326,7 +326,8 @@ def topk_kd_loss(
     than the student's; non-integer ids; an unknown `tail`; tail="zero" with a divergence that is infinite
     there. On CPU tensors also (free of a device synchronization there): ids outside [0, V) where present, an
     id listed twice in a row, a log-probability > 0 or NaN, and Σp > 1 + 1e-3 with "bucket". On an accelerator
-    those are not checked: an id outside [0, V) is an out-of-bounds read.
+    those are not checked: an id outside [0, V) fails the device-side bounds assertion of the gather that reads
+    the student's logit there (CUDA then reports an error and the context is unusable), never a silent read.
 
     `backend`: "triton" (kernels over the vocabulary: extra memory O(rows · k)), "torch" (the reference math
     chunked over rows), "auto" (Triton on CUDA, torch elsewhere).
