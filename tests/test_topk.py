@@ -425,3 +425,29 @@ def test_topk_logprobs_feed_topk_kd_loss_and_check_their_arguments():
         kdops.topk_logprobs(hidden[:, :3], weight, 2)
     with pytest.raises(ValueError, match="temperature"):
         kdops.topk_logprobs(hidden, weight, 2, temperature=0.0)
+
+
+@pytest.mark.parametrize("tail,name", CASES)
+def test_fused_linear_every_tail_and_divergence(tail, name):
+    """From hidden states, every tail × valid divergence (the chunked path, several chunks, the hard term)."""
+    tensors, ids, logprobs, labels = linear_inputs(torch.float32, seed=3)
+    kwargs = dict(divergence=DIVERGENCES[name], temperature=1.5, tail=tail, hard_weight=0.2)
+    oracle = run_linear(oracle_linear, [t.double() for t in tensors], ids, logprobs, labels, **kwargs)
+    same = run_linear(reference.fused_linear_topk_kd_loss, tensors, ids, logprobs, labels, **kwargs)
+    ours = run_linear(kdops.fused_linear_topk_kd_loss, tensors, ids, logprobs, labels, impl="chunked",
+                      backend="triton", memory_budget=3 * 263 * 4 * 8, **kwargs)
+    for what, o, r, k in zip(("loss", "hidden", "weight", "bias"), oracle, same, ours):
+        err, ref_err = rel_error(k, o), rel_error(r, o)
+        assert err <= ref_err + TOLERANCE[torch.float32], f"{what}: error {err:.3g} vs reference {ref_err:.3g}"
+
+
+@pytest.mark.parametrize("impl", ["chunked", "gathered"])
+def test_fused_linear_all_ignored_batch(impl):
+    """Every label ignored: loss 0 and exact-zero gradients, on both paths."""
+    tensors, ids, logprobs, labels = linear_inputs(torch.float32)
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    loss = kdops.fused_linear_topk_kd_loss(leaves[0], leaves[1], ids, logprobs, torch.full_like(labels, -100),
+                                           student_bias=leaves[2], tail="renormalize", impl=impl)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(torch.count_nonzero(x.grad) == 0 for x in leaves)
