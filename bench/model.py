@@ -77,12 +77,22 @@ def logits_kernel_flops(divergence: Divergence) -> tuple[int, int]:
     """(per forward pass, gradient) flop-equivalents per element of the kernels on `divergence`'s kind."""
     kind = {0: "kl", 1: "jsd"}.get(int(_launch.kind_of(divergence.canonical())[0]))
     return LOGITS_KERNEL_FLOPS.get(kind, _UNMEASURED_KERNEL_FLOPS)
-#: The sparse teacher's kernels (`kernels/topk.py`), flop-equivalents per element of the student's logits:
-#: the complement's log-sum-exp and the gradient. Not measured yet: their sm_90 SASS runs 71 and 105
-#: instructions per element in the vocabulary loop (`bench.compile`'s cubins at BLOCK_V = 2048, 8 warps,
-#: one window of 4 ids per tile), × 2.9 flop-equivalents per instruction, the ratio of the forward-KL
-#: statistics kernel's measured 272 to its 94 instructions per element.
-TOPK_KERNEL_FLOPS = (206, 304)
+#: The sparse teacher's kernels (`kernels/topk.py`): instructions per element of their vocabulary loops in the
+#: sm_90 SASS (`bench.compile`'s cubins at BLOCK_V = 2048, 8 warps, one id per window): (the loop with its
+#: first window, each further window) for the complement's log-sum-exp and for the gradient. Not measured on a
+#: GPU yet: turned into flop-equivalents at the forward-KL statistics kernel's measured ratio, 272
+#: flop-equivalents for its 94 instructions per element.
+TOPK_LOOP_INSTRUCTIONS = ((38.4, 4.6), (32.5, 7.4))
+FLOPS_PER_INSTRUCTION = 272 / 94
+
+
+def topk_kernel_flops(k: int, vocab: int, config: dict) -> tuple[float, float]:
+    """(complement, gradient) flop-equivalents per element: the loop, plus one more window per id a tile holds
+    on average (k·BLOCK_V / V)."""
+    windows = k * config["BLOCK_V"] / vocab / config["BLOCK_C"]
+    return tuple(FLOPS_PER_INSTRUCTION * (loop + windows * window) for loop, window in TOPK_LOOP_INSTRUCTIONS)
+
+
 #: The sparse teacher's k in the model's top-k paths unless `predict(..., k=)` says otherwise.
 DEFAULT_K = 32
 
@@ -970,7 +980,7 @@ def _topk_kernels(ctx: _Ctx, rows: int, itemsize: int, launches: float, phase: s
     v, k = ctx.shape.vocab, ctx.k
     config = _launch.topk_config(rows, v, ctx.gpu, ctx.acc_dtype)
     programs = _cdiv(rows, config["BLOCK_R"])
-    lse_flops, grad_flops = TOPK_KERNEL_FLOPS
+    lse_flops, grad_flops = topk_kernel_flops(k, v, config)
     ids = rows * k * 4
     return [_Kernel(f"{phase}: complement log-sum-exp", ew_flops=rows * v * lse_flops, programs=programs,
                     launches=launches, items=[("student logits read", rows * v * itemsize), ("sorted ids read", ids)]),
@@ -985,7 +995,7 @@ def _kd_topk(ctx: _Ctx):
     extra = n * (ctx.k + 1) * (4 * ctx.acc + 8)
     detail = "the sorted ids, the order and the k + 1 outcomes' columns and gradients per row"
     notes = ("the student's gradient is written once; the teacher's (ids, log-probabilities) are read, not "
-             "computed", "topk kernels not measured on a GPU yet: TOPK_KERNEL_FLOPS from their SASS")
+             "computed", "topk kernels not measured on a GPU yet: their cost from their SASS (TOPK_LOOP_INSTRUCTIONS)")
     return kernels, extra, detail, notes
 
 
@@ -1001,16 +1011,15 @@ def _topk_chunked(ctx: _Ctx):
     for group_rows, groups in _chunks(n, plan.group):
         for rows, count in _chunks(group_rows, plan.chunk):
             kernels += _logits_matmuls(ctx, rows, count * groups, "fwd: logits matmul (float32 out)", acc)[:1]
-            kernels += _topk_kernels(ctx, rows, acc, count * groups, "fwd", acc)
-            kernels.append(_Kernel("fwd: G copied into the group's store", launches=count * groups,
-                                   items=[("G read (float32)", rows * v * acc), ("G written (weight dtype)", rows * v * b)]))
+            kernels += _topk_kernels(ctx, rows, acc, count * groups, "fwd", b)  # G straight into the store
         kernels += _group_backprop(ctx, group_rows, groups, plan.accumulate)
     kernels += _cast_weight_grad(ctx, plan.accumulate)
     extra = plan.extra_bytes(v, "triton", ctx.acc_dtype, _topk_sides(ctx)) + n * (ctx.k + 1) * (4 * acc + 8)
     detail = _plan_text(ctx, plan).replace("kdops._chunked.plan", "kdops._chunked.plan, one side") \
-        + ": a float32 [chunk, V] logits buffer and its float32 G, G [group, V] in the weight dtype"
-    notes = ("the kernels' G is float32, copied into the weight-dtype store (one more pass than the dense path)",
-             "topk kernels not measured on a GPU yet: TOPK_KERNEL_FLOPS from their SASS")
+        + ": a float32 [chunk, V] logits buffer, G [group, V] in the weight dtype"
+    notes = ("no hard-label term: with one, G is summed in float32 over the logits buffer and copied into the "
+             "store (one more pass, not counted here)",
+             "topk kernels not measured on a GPU yet: their cost from their SASS (TOPK_LOOP_INSTRUCTIONS)")
     return kernels, extra, detail, notes
 
 
@@ -1350,7 +1359,7 @@ def _topk_section(shape: Shape, gpu: targets.GPU, divergence: str, dtype: torch.
              f"{gpu.name.upper()})", "",
              "The student's side only: the teacher is its (ids, log-probabilities). Floors: the student's matmuls "
              "(2·N·V·Hs forward, 4·N·V·Hs backward) from hidden states, the student's logits read and written on "
-             "logits. The top-k kernels are not measured yet (`TOPK_KERNEL_FLOPS`, from their SASS).", ""]
+             "logits. The top-k kernels are not measured yet (`TOPK_LOOP_INSTRUCTIONS`, from their SASS).", ""]
     rows = []
     for path in TOPK_PATHS:
         for k in (1, 32, 128):

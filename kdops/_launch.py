@@ -295,8 +295,11 @@ def logits_backward(student, teacher, labels, stats, row_scale, canon: Canonical
 
 def topk_config(n_rows: int, vocab: int, gpu: targets.GPU | None, acc: torch.dtype) -> dict:
     """`logits_config`'s blocks, and BLOCK_C ids compared with each tile at a time ([rows, BLOCK_V, BLOCK_C]
-    comparisons: a few per element on GPU, where a tile of 2048 columns holds about k·2048/V ids)."""
-    return dict(logits_config(n_rows, vocab, gpu, acc), BLOCK_C=4 if gpu is not None else 8)
+    comparisons, one window after another until a window is not full). On GPU one id per window: the sm_90
+    loops take 38 and 33 instructions per element with their first window and 4.6 and 7.4 per further one,
+    against 71 and 105, and 35 and 77, with windows of 4 — cheaper at any number of ids per tile
+    (`bench.model.TOPK_LOOP_INSTRUCTIONS`). Under the interpreter, wide windows (fewer steps)."""
+    return dict(logits_config(n_rows, vocab, gpu, acc), BLOCK_C=1 if gpu is not None else 8)
 
 
 def complement_lse(student: torch.Tensor, sorted_ids: torch.Tensor, inv_temp: float) -> torch.Tensor:
@@ -317,16 +320,17 @@ def complement_lse(student: torch.Tensor, sorted_ids: torch.Tensor, inv_temp: fl
 
 
 def topk_student_backward(student: torch.Tensor, sorted_ids: torch.Tensor, g_ids: torch.Tensor, lse_rest, g_rest,
-                          inv_temp: float) -> torch.Tensor:
+                          inv_temp: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """∂ℓ/∂s, contiguous [..., V] in the student's dtype, of ℓ(s_ids / T, R) given g_ids = ∂ℓ/∂(s_ids / T)
     [rows, k] (in the order of `sorted_ids`) and, for a tail (`lse_rest` = R and `g_rest` = ∂ℓ/∂R [rows], or
-    both None), the softmax over the complement."""
+    both None), the softmax over the complement. `out` receives it instead when given: a contiguous buffer of
+    the logits' shape, in any float dtype, which may be the logits themselves."""
     tl, topk = _kernels()[0], _topk_kernels()
     shape = student.shape
     student, (s_inner, s_outer, s_stride) = _rows_of(student)
     vocab = shape[-1]
     n_rows, k = sorted_ids.shape
-    out = _empty(shape, student.dtype, student.device)
+    out = _empty(shape, student.dtype, student.device) if out is None else out
     if n_rows == 0:
         return out
     acc = _acc(tl, student)

@@ -220,9 +220,9 @@ def _triton_forward(student, teacher: TopKTeacher, inv_temp: float):
     return _gathered(student, teacher, inv_temp, dtype), lse_rest
 
 
-def _triton_backward(student, teacher: TopKTeacher, g_columns, lse_rest, g_rest, inv_temp: float):
+def _triton_backward(student, teacher: TopKTeacher, g_columns, lse_rest, g_rest, inv_temp: float, out=None):
     g_ids = torch.where(teacher.present, g_columns, 0.0).gather(-1, teacher.order)
-    return _launch.topk_student_backward(student, teacher.sorted_ids, g_ids, lse_rest, g_rest, inv_temp)
+    return _launch.topk_student_backward(student, teacher.sorted_ids, g_ids, lse_rest, g_rest, inv_temp, out)
 
 
 def _members(student, teacher: TopKTeacher, start: int, end: int) -> torch.Tensor:
@@ -248,11 +248,11 @@ def _torch_forward(student, teacher: TopKTeacher, inv_temp: float):
     return _gathered(student, teacher, inv_temp, dtype), lse_rest
 
 
-def _torch_backward(student, teacher: TopKTeacher, g_columns, lse_rest, g_rest, inv_temp: float):
+def _torch_backward(student, teacher: TopKTeacher, g_columns, lse_rest, g_rest, inv_temp: float, out=None):
     from ._torch_backend import chunk_rows
 
     n_rows, vocab = student.shape
-    grad = torch.empty_like(student)
+    grad = torch.empty_like(student) if out is None else out
     g_ids = torch.where(teacher.present, g_columns, 0.0) * inv_temp
     chunk = chunk_rows(vocab)
     for start in range(0, n_rows, chunk):
@@ -390,7 +390,13 @@ class TopKChunkedProblem(_chunked.ChunkedProblem):
         self._options(hs, labels, divergence, temperature, vocab, soft, hard, ignore_index, engine, budget, shards)
 
     def _grad_out(self, store, logits, need_bias: bool):
-        return None if store is None else logits  # G is computed in float32, then rounded into the store once
+        """The top-k kernel writes G straight into the group's store; with the hard-label term (added to G in
+        float32) or a 16-bit store and a bias gradient (a float32 sum of G), over the chunk's logits instead
+        (each element read before it is overwritten), and the caller rounds it into the store once."""
+        if store is None:
+            return None
+        direct = self.engine == "triton" and self.hard == 0 and not (need_bias and store.dtype != self.acc_dtype)
+        return store if direct else logits
 
     def _chunk(self, logits, labels, scale, outs, r0: int, r1: int):
         (zs,) = logits
@@ -413,7 +419,7 @@ class TopKChunkedProblem(_chunked.ChunkedProblem):
             return loss, (None,)
         tail = teacher.has_tail
         grad = backward(zs, teacher, g_columns[:, :k], lse_rest if tail else None,
-                        g_columns[:, k] if tail else None, inv_temp)
+                        g_columns[:, k] if tail else None, inv_temp, outs[0])
         if self.hard > 0:
             grad += g_ce
         return loss, (grad,)
