@@ -322,12 +322,13 @@ def linear_inputs(dtype, *, rows=(3, 7), vocab=263, width=24, k=9, seed=0):
 
 
 @pytest.mark.parametrize("budget", [None, "small"])
-@pytest.mark.parametrize("impl", ["auto", "chunked"])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tail,name,hard", [("bucket", "forward_kl", 0.5), ("renormalize", "generalized_jsd", 0.0),
-                                            ("renormalize", "reverse_kl", 0.3), ("zero", "skew_reverse_kl", 0.0)])
-def test_fused_linear_matches_oracle(tail, name, hard, dtype, backend, impl, budget):
+@pytest.mark.parametrize("tail,name,hard,impl", [
+    ("bucket", "forward_kl", 0.5, "auto"), ("renormalize", "generalized_jsd", 0.0, "auto"),
+    ("renormalize", "generalized_jsd", 0.0, "chunked"), ("renormalize", "reverse_kl", 0.3, "auto"),
+    ("zero", "skew_reverse_kl", 0.0, "auto")])
+def test_fused_linear_matches_oracle(tail, name, hard, impl, dtype, backend, budget):
     """Hidden states, weight and bias gradients against the float64 oracle; "small" budgets give many chunks in
     several groups (float32 weight-gradient accumulators); renormalize without the hard term under "auto"
     multiplies only the gathered weight rows."""
@@ -429,13 +430,13 @@ def test_topk_logprobs_feed_topk_kd_loss_and_check_their_arguments():
 
 @pytest.mark.parametrize("tail,name", CASES)
 def test_fused_linear_every_tail_and_divergence(tail, name):
-    """From hidden states, every tail × valid divergence (the chunked path, several chunks, the hard term)."""
+    """From hidden states, every tail × valid divergence (the chunked path, five chunks, the hard term)."""
     tensors, ids, logprobs, labels = linear_inputs(torch.float32, seed=3)
     kwargs = dict(divergence=DIVERGENCES[name], temperature=1.5, tail=tail, hard_weight=0.2)
     oracle = run_linear(oracle_linear, [t.double() for t in tensors], ids, logprobs, labels, **kwargs)
     same = run_linear(reference.fused_linear_topk_kd_loss, tensors, ids, logprobs, labels, **kwargs)
     ours = run_linear(kdops.fused_linear_topk_kd_loss, tensors, ids, logprobs, labels, impl="chunked",
-                      backend="triton", memory_budget=3 * 263 * 4 * 8, **kwargs)
+                      backend="triton", memory_budget=33_000, **kwargs)  # chunks of 5 rows, one group
     for what, o, r, k in zip(("loss", "hidden", "weight", "bias"), oracle, same, ours):
         err, ref_err = rel_error(k, o), rel_error(r, o)
         assert err <= ref_err + TOLERANCE[torch.float32], f"{what}: error {err:.3g} vs reference {ref_err:.3g}"
