@@ -170,15 +170,22 @@ class StudentTopKFunction(torch.autograd.Function):
     def backward(ctx, g_columns, g_rest):
         student, columns, lse_rest = ctx.saved_tensors
         teacher = ctx.teacher
-        k = columns.shape[1]
         if teacher.has_tail:
-            g = shift_free(torch.cat([g_columns, g_rest[:, None]], -1), torch.cat([columns, lse_rest[:, None]], -1))
-            g_columns, g_rest = g[:, :k], g[:, k]
+            g_columns, g_rest = split_tail(shift_free(join_tail(g_columns, g_rest), join_tail(columns, lse_rest)))
         else:
-            g_columns = shift_free(g_columns, columns)
-        grad = _ENGINES[ctx.engine][1](student, teacher, g_columns, lse_rest if teacher.has_tail else None,
-                                       g_rest if teacher.has_tail else None, 1.0 / ctx.temperature)
+            g_columns, g_rest, lse_rest = shift_free(g_columns, columns), None, None
+        grad = _ENGINES[ctx.engine][1](student, teacher, g_columns, lse_rest, g_rest, 1.0 / ctx.temperature)
         return grad, None, None, None, None
+
+
+def join_tail(columns, rest):
+    """The k + 1 columns: the ids' [rows, k] and the tail's [rows]."""
+    return torch.cat([columns, rest[:, None]], dim=-1)
+
+
+def split_tail(columns):
+    """(the ids' [rows, k], the tail's [rows]) of k + 1 columns."""
+    return columns[:, :-1], columns[:, -1]
 
 
 def shift_free(g, columns):
@@ -279,7 +286,7 @@ def topk_rows(student2d, teacher: TopKTeacher, mask, divergence: Divergence, tem
 
     columns, lse_rest = StudentTopKFunction.apply(student2d, teacher, temperature, backend, shards)
     if teacher.has_tail:
-        columns = torch.cat([columns, lse_rest[:, None]], dim=-1)
+        columns = join_tail(columns, lse_rest)
     # Both sides are log-weights at T already: the dense loss runs at T = 1.
     return kd_loss_rows_eager(columns, teacher.columns, mask, divergence, 1.0, backend)
 
@@ -407,9 +414,9 @@ class TopKChunkedProblem(_chunked.ChunkedProblem):
         columns, lse_rest = forward(zs, teacher, inv_temp)
         if self.shards is not None:
             columns, lse_rest = over_group(columns, lse_rest, self.shards)
-        k = columns.shape[1]
-        if teacher.has_tail:
-            columns = torch.cat([columns, lse_rest[:, None]], dim=-1)
+        tail = teacher.has_tail
+        if tail:
+            columns = join_tail(columns, lse_rest)
         loss, g_columns = _columns_loss_and_grads(columns, teacher, scale if need else None, self.divergence,
                                                   self.engine, self.soft)
         if self.hard > 0:
@@ -417,9 +424,8 @@ class TopKChunkedProblem(_chunked.ChunkedProblem):
             loss = loss + self.hard * ce
         if not need:
             return loss, (None,)
-        tail = teacher.has_tail
-        grad = backward(zs, teacher, g_columns[:, :k], lse_rest if tail else None,
-                        g_columns[:, k] if tail else None, inv_temp, outs[0])
+        g_ids, g_rest = split_tail(g_columns) if tail else (g_columns, None)
+        grad = backward(zs, teacher, g_ids, lse_rest if tail else None, g_rest, inv_temp, outs[0])
         if self.hard > 0:
             grad += g_ce
         return loss, (grad,)
