@@ -182,7 +182,7 @@ def topk_rows(student_logits, teacher_ids, teacher_logprobs, divergence: Diverge
     """Per-row top-k losses [...]: the student's whole log_softmax(s / T) in float32 (float64 for float64
     logits), its entries at the ids and the logsumexp of the others as the tail, then the dense divergence
     between the k (+1)-outcome distributions (`kdops.topk`)."""
-    from .topk import teacher_rest
+    from ._topk import teacher_rest
 
     vocab = student_logits.shape[-1]
     leading = student_logits.shape[:-1]
