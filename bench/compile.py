@@ -99,10 +99,12 @@ def calls(quick: bool, dtypes=None, divergences=None) -> list[Call]:
     out = []
     for dtype, divergence in itertools.product(dtypes, divergences):
         # The sparse teacher's student side (kernels/topk.py) differs by dtype and tail only; the dense pair it
-        # feeds runs kd_loss's kernels on k + 1 columns (other block sizes): the quick gate takes one divergence
-        # and one dtype.
-        if not quick or (divergence == divergences[0] and dtype == dtypes[0]):
+        # feeds runs kd_loss's kernels on k + 1 columns (other block sizes). The quick gate: one dtype, one
+        # divergence, tail "bucket" (both kernels; "renormalize" only drops the tail from the gradient kernel).
+        if not quick:
             out += [Call("topk", dtype, divergence, tail=tail) for tail in ("bucket", "renormalize")]
+        elif divergence == divergences[0] and dtype == dtypes[0]:
+            out.append(Call("topk", dtype, divergence, tail="bucket"))
         for vp in (False, True):
             out += [Call("kd_loss", dtype, divergence, grads=g, vocab_parallel=vp) for g in ("student", "all")]
             for impl in ("fused", "chunked"):

