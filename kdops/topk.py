@@ -72,7 +72,9 @@ def check_topk_teacher(teacher_ids, teacher_logprobs, leading: torch.Size, vocab
                          f"{tuple(teacher_ids.shape)}")
     if teacher_ids.shape[-1] == 0:
         raise ValueError(f"teacher_ids: k (the last dimension) is 0, got shape {tuple(teacher_ids.shape)}")
-    check_same_device(student=torch.empty(0, device=device), teacher_ids=teacher_ids, teacher_logprobs=teacher_logprobs)
+    for name, t in (("teacher_ids", teacher_ids), ("teacher_logprobs", teacher_logprobs)):
+        if t.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device} (where the student is), got one on {t.device}")
     if device.type != "cpu" or torch.compiler.is_compiling():
         return
     lp = teacher_logprobs.detach()
