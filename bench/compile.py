@@ -2,7 +2,7 @@
 named GPUs on a machine without one, with registers, spills, shared memory and tensor-core instructions
 read from the binary.
 
-    python -m bench.compile [--arch sm_90 sm_80] [--quick] [--dtype ...] [--divergence ...]
+    python -m bench.compile [--arch sm_90 sm_80] [--quick] [--transforms] [--dtype ...] [--divergence ...]
                             [--output bench/results/KERNELS.md] [--jobs N]
 
 How the specializations are found: the public API (`kd_loss`, `fused_linear_kd_loss` with both impls, and
@@ -69,10 +69,14 @@ class Call:
     grads: str = "student"
     vocab_parallel: bool = False
     tail: str = ""  # topk only
+    # The tile transforms (kernels/transforms.py): "softcap" (both models' logits; the student's for topk),
+    # "taid" (TAID's target, in place of a forward_kl divergence), or both joined by "+".
+    transform: str = ""
 
     @property
     def label(self) -> str:
-        parts = [self.function, self.dtype, self.divergence]
+        parts = [self.function, self.dtype, self.divergence] + ([f"transform={self.transform}"] if self.transform
+                                                                  else [])
         if self.function == "topk":
             return " ".join(parts + [f"tail={self.tail}"])
         if self.function != "kd_loss":
@@ -83,17 +87,23 @@ class Call:
         return " ".join(parts)
 
 
-def calls(quick: bool, dtypes=None, divergences=None) -> list[Call]:
+def calls(quick: bool, dtypes=None, divergences=None, transforms_only: bool = False) -> list[Call]:
     """The grid of public calls (the quick subset: bf16 and fp32, the kinds with the most live state).
     Under vocabulary parallelism only the launchers' staging differs (partial states, their merge across
-    ranks): one set of fused options per hard-label flag covers it. `divergences` narrows either grid."""
+    ranks): one set of fused options per hard-label flag covers it. The tile transforms add their work to
+    every element of every pass: the full grid adds softcapped calls with every optional term (TAID's too,
+    for forward KL, and on logits); the quick grid's calls with every optional term carry them instead
+    (softcaps, and TAID for forward KL: the most live state), as does its sparse-teacher call (the
+    student's softcap). `divergences` narrows either grid; `transforms_only` keeps its transformed calls."""
     only = divergences
+    heaviest = dict(hard=True, bias="both", grads="all")
     if quick:
         dtypes, divergences = dtypes or ("bf16", "fp32"), ("forward_kl", "skew_reverse_kl", "alpha_beta")
-        fused = [dict(hard=True, bias="both", grads="all"), dict(hard=False, bias="none", grads="student")]
+        fused = [dict(heaviest, transform="softcap"), dict(hard=False, bias="none", grads="student")]
     else:
         dtypes, divergences = dtypes or tuple(DTYPES), DIVERGENCES
         fused = [dict(hard=h, bias=b, grads=g) for h in (False, True) for b in BIASES for g in GRADS]
+        fused.append(dict(heaviest, transform="softcap"))
     divergences = tuple(only) if only else divergences
     staged = [dict(hard=h, bias="none", grads="student") for h in (False, True)]
     out = []
@@ -103,14 +113,22 @@ def calls(quick: bool, dtypes=None, divergences=None) -> list[Call]:
         # divergence, tail "bucket" (both kernels; "renormalize" only drops the tail from the gradient kernel).
         if not quick:
             out += [Call("topk", dtype, divergence, tail=tail) for tail in ("bucket", "renormalize")]
+            out.append(Call("topk", dtype, divergence, tail="bucket", transform="softcap"))
         elif divergence == divergences[0] and dtype == dtypes[0]:
-            out.append(Call("topk", dtype, divergence, tail="bucket"))
+            out.append(Call("topk", dtype, divergence, tail="bucket", transform="softcap"))
+        taid = divergence == "forward_kl"
         for vp in (False, True):
             out += [Call("kd_loss", dtype, divergence, grads=g, vocab_parallel=vp) for g in ("student", "all")]
+            if taid and not quick:
+                out.append(Call("kd_loss", dtype, divergence, grads="all", vocab_parallel=vp, transform="taid"))
             for impl in ("fused", "chunked"):
-                out += [Call(impl, dtype, divergence, vocab_parallel=vp, **options) for options in
-                        (staged if vp else fused)]
-    return out
+                for options in (staged if vp else fused):
+                    if taid and options.get("transform") == "softcap" and (quick or vp):
+                        options = dict(options, transform="softcap+taid")
+                    out.append(Call(impl, dtype, divergence, vocab_parallel=vp, **options))
+                if taid and not quick and not vp:
+                    out.append(Call(impl, dtype, divergence, **heaviest, transform="softcap+taid"))
+    return [call for call in out if call.transform] if transforms_only else out
 
 
 def _one_rank_group():
@@ -129,12 +147,21 @@ def _run_call(call: Call) -> None:
     dtype = DTYPES[call.dtype]
     g_sh, g_sw, g_th, g_tw = GRADS[call.grads]
     labels = torch.randint(0, VOCAB, (ROWS,))
-    options = dict(divergence=call.divergence, backend="triton")
+    transforms = call.transform.split("+")
+    divergence = kdops.TAID(0.6) if "taid" in transforms else call.divergence
+    options = dict(divergence=divergence, backend="triton")
     if call.vocab_parallel:
         options["vocab_parallel"] = kdops.VocabParallel(0, VOCAB)
+    caps = dict(student_softcap=30.0, teacher_softcap=50.0) if "softcap" in transforms else {}
     if call.function == "topk":
-        student = torch.randn(ROWS, VOCAB, dtype=dtype, requires_grad=True)
         logprobs, ids = torch.log_softmax(torch.randn(ROWS, VOCAB), -1).topk(TOPK, dim=-1)
+        if caps:  # the student's softcap is an option of the loss from hidden states
+            hs = torch.randn(ROWS, HIDDEN_S, dtype=dtype, requires_grad=True)
+            ws = torch.randn(VOCAB, HIDDEN_S, dtype=dtype, requires_grad=True)
+            kdops.fused_linear_topk_kd_loss(hs, ws, ids, logprobs, tail=call.tail, impl="chunked",
+                                            student_softcap=caps["student_softcap"], **options).backward()
+            return
+        student = torch.randn(ROWS, VOCAB, dtype=dtype, requires_grad=True)
         kdops.topk_kd_loss(student, ids, logprobs, tail=call.tail, **options).backward()
         return
     if call.function == "kd_loss":
@@ -152,7 +179,7 @@ def _run_call(call: Call) -> None:
     bs = leaf(VOCAB, grad=g_sw) if has_bs else None
     bt = leaf(VOCAB, grad=g_tw) if has_bt else None
     loss = kdops.fused_linear_kd_loss(hs, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt,
-                                      hard_weight=0.5 if call.hard else 0.0, impl=call.function, **options)
+                                      hard_weight=0.5 if call.hard else 0.0, impl=call.function, **caps, **options)
     loss.backward()
 
 
@@ -177,7 +204,7 @@ def _constexpr_text(value) -> str:
     return {"True": "1", "False": "0"}.get(text, text)
 
 
-def record(arch: str, quick: bool, dtypes=None, divergences=None) -> list[Spec]:
+def record(arch: str, quick: bool, dtypes=None, divergences=None, transforms_only: bool = False) -> list[Spec]:
     """The distinct launches of every call of the grid, as the launchers make them for the arch's GPU."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
@@ -203,7 +230,7 @@ def record(arch: str, quick: bool, dtypes=None, divergences=None) -> list[Spec]:
 
     _one_rank_group()
     with targets.assume(GPU_OF_ARCH[arch]), _launch.recording(recorder):
-        for call in calls(quick, dtypes, divergences):
+        for call in calls(quick, dtypes, divergences, transforms_only):
             current.append(call)
             _run_call(call)
     return list(found.values())
@@ -348,10 +375,12 @@ def _summary_rows(results: list[Compiled]):
                sum(r.seconds for r in rs))
 
 
-def report(results: list[Compiled], archs, quick: bool, wall: float, dtypes=None, divergences=None) -> str:
+def report(results: list[Compiled], archs, quick: bool, wall: float, dtypes=None, divergences=None,
+           transforms_only: bool = False) -> str:
     import triton
 
     command = f"python -m bench.compile --arch {' '.join(archs)}{' --quick' if quick else ''}"
+    command += " --transforms" if transforms_only else ""
     command += f" --dtype {' '.join(dtypes)}" if dtypes else ""
     command += f" --divergence {' '.join(divergences)}" if divergences else ""
     failures = [(r, f) for r in results for f in r.failures]
@@ -402,9 +431,10 @@ def _fresh_cache():
                 os.environ["TRITON_CACHE_DIR"] = previous
 
 
-def run(archs, quick: bool, jobs: int, dtypes=None, divergences=None) -> tuple[list[Compiled], float]:
+def run(archs, quick: bool, jobs: int, dtypes=None, divergences=None,
+        transforms_only: bool = False) -> tuple[list[Compiled], float]:
     start = time.perf_counter()
-    specs = [spec for arch in archs for spec in record(arch, quick, dtypes, divergences)]
+    specs = [spec for arch in archs for spec in record(arch, quick, dtypes, divergences, transforms_only)]
     with _fresh_cache():
         results = compile_all(specs, jobs)
     return results, time.perf_counter() - start
@@ -417,12 +447,15 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(RESULTS), help="markdown report (default: bench/results/KERNELS.md)")
     parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), help="only these input dtypes")
     parser.add_argument("--divergence", nargs="+", choices=tuple(DIVERGENCES), help="only these divergences")
+    parser.add_argument("--transforms", action="store_true",
+                        help="only the grid's calls with tile transforms (softcaps, TAID)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("TRITON_INTERPRET is set: interpreted kernels cannot be compiled; unset it")
-    results, wall = run(args.arch, args.quick, args.jobs, args.dtype, args.divergence)
-    Path(args.output).write_text(report(results, args.arch, args.quick, wall, args.dtype, args.divergence))
+    results, wall = run(args.arch, args.quick, args.jobs, args.dtype, args.divergence, args.transforms)
+    Path(args.output).write_text(report(results, args.arch, args.quick, wall, args.dtype, args.divergence,
+                                        args.transforms))
     failures = [(r, f) for r in results for f in r.failures]
     for row in _summary_rows(results):
         print("{} {:<26} {:>4} specs {:>2} errors  regs ≤ {:>3}  spill ≤ {:>5} B  shared ≤ {:>6} B  TC ≥ {:>4}  "

@@ -73,10 +73,24 @@ LOGITS_KERNEL_FLOPS = {"kl": (272, 172), "jsd": (305, 322)}
 _UNMEASURED_KERNEL_FLOPS = (305, 322)
 
 
-def logits_kernel_flops(divergence: Divergence) -> tuple[int, int]:
-    """(per forward pass, gradient) flop-equivalents per element of the kernels on `divergence`'s kind."""
+#: The tile transforms (`kernels/transforms.py`): instructions they add per element to a forward pass and to the
+#: gradient, from the sm_90 SASS of the kernels on logits (bf16, BLOCK_V = 2048, 8 warps; forward KL, and
+#: generalized JSD where it differs): a softcapped side (its tanh: one exponential, one division, the
+#: small-argument series; in the gradient also its slope) and TAID's mixed target. Not measured on a GPU yet:
+#: turned into flop-equivalents at FLOPS_PER_INSTRUCTION, like the sparse teacher's kernels.
+SOFTCAP_INSTRUCTIONS = (30, 39)
+TAID_INSTRUCTIONS = (5, 6)
+
+
+def logits_kernel_flops(divergence: Divergence, softcaps: int = 0) -> tuple[float, float]:
+    """(per forward pass, gradient) flop-equivalents per element of the kernels on `divergence`'s kind, with
+    `softcaps` softcapped sides (0, 1 or 2) and TAID's mixed target where `divergence` is TAID."""
     kind = {0: "kl", 1: "jsd"}.get(int(_launch.kind_of(divergence.canonical())[0]))
-    return LOGITS_KERNEL_FLOPS.get(kind, _UNMEASURED_KERNEL_FLOPS)
+    per_pass, per_gradient = LOGITS_KERNEL_FLOPS.get(kind, _UNMEASURED_KERNEL_FLOPS)
+    extra = [softcaps * n for n in SOFTCAP_INSTRUCTIONS]
+    if divergence.canonical().teacher_share != 1.0:
+        extra = [e + n for e, n in zip(extra, TAID_INSTRUCTIONS)]
+    return per_pass + FLOPS_PER_INSTRUCTION * extra[0], per_gradient + FLOPS_PER_INSTRUCTION * extra[1]
 #: The sparse teacher's kernels (`kernels/topk.py`): instructions per element of their vocabulary loops in the
 #: sm_90 SASS (`bench.compile`'s cubins at BLOCK_V = 2048, 8 warps, one id per window): (the loop with its
 #: first window, each further window) for the complement's log-sum-exp and for the gradient. Not measured on a
@@ -86,11 +100,12 @@ TOPK_LOOP_INSTRUCTIONS = ((38.4, 4.6), (32.5, 7.4))
 FLOPS_PER_INSTRUCTION = 272 / 94
 
 
-def topk_kernel_flops(k: int, vocab: int, config: dict) -> tuple[float, float]:
+def topk_kernel_flops(k: int, vocab: int, config: dict, softcap: bool = False) -> tuple[float, float]:
     """(complement, gradient) flop-equivalents per element: the loop, plus one more window per id a tile holds
-    on average (k·BLOCK_V / V)."""
+    on average (k·BLOCK_V / V), plus the student's softcap (SOFTCAP_INSTRUCTIONS) where it has one."""
     windows = k * config["BLOCK_V"] / vocab / config["BLOCK_C"]
-    return tuple(FLOPS_PER_INSTRUCTION * (loop + windows * window) for loop, window in TOPK_LOOP_INSTRUCTIONS)
+    return tuple(FLOPS_PER_INSTRUCTION * (loop + windows * window + (cap if softcap else 0))
+                 for (loop, window), cap in zip(TOPK_LOOP_INSTRUCTIONS, SOFTCAP_INSTRUCTIONS))
 
 
 #: The sparse teacher's k in the model's top-k paths unless `predict(..., k=)` says otherwise.
@@ -330,6 +345,7 @@ class _Ctx:
     tf32: bool
     budget: int | None = None  # the chunked paths' memory_budget (None: kdops._chunked.MEMORY_BUDGET)
     k: int = DEFAULT_K  # the sparse teacher's top-k (the top-k paths only)
+    softcaps: int = 0  # how many sides' logits are softcapped (the student's only on the top-k paths)
 
     @property
     def b(self) -> int:
@@ -342,6 +358,11 @@ class _Ctx:
     @property
     def acc(self) -> int:
         return _itemsize(self.acc_dtype)
+
+    @property
+    def transform(self) -> int:
+        """The kernels' TRANSFORM bits (`Canonical.transform`) of this divergence with `softcaps` capped sides."""
+        return self.divergence.canonical().with_softcaps(*((30.0, 30.0)[:self.softcaps] + (None, None))[:2]).transform
 
     @property
     def two_pass(self) -> bool:
@@ -366,7 +387,7 @@ def _kernels_on_logits(ctx: _Ctx, rows: int, itemsize: int, label: str, phase: s
     programs = _cdiv(rows, config["BLOCK_R"])
     both = 2 * rows * v * itemsize
     stats = rows * num_stats * ctx.acc
-    per_pass, per_gradient = logits_kernel_flops(ctx.divergence)
+    per_pass, per_gradient = logits_kernel_flops(ctx.divergence, ctx.softcaps)
     if write_grad:
         return [_Kernel(phase, ew_flops=rows * v * per_gradient, programs=programs, launches=launches,
                         items=[(f"both {label} read", both),
@@ -509,9 +530,11 @@ def _peak(probe: _Probe, dims: dict) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _probe(path: str, divergence: Divergence, dtype: torch.dtype) -> _Probe:
-    """Run `path`'s torch code once at the probe shape on the CPU, recording it."""
+def _probe(path: str, divergence: Divergence, dtype: torch.dtype, softcaps: int = 0) -> _Probe:
+    """Run `path`'s torch code once at the probe shape on the CPU, recording it (with `softcaps` of the two
+    sides' logits softcapped on the fused-API paths)."""
     gen = torch.Generator().manual_seed(0)
+    caps = ((30.0, 50.0)[:softcaps] + (None, None))[:2]
 
     def randn(*shape, dtype=dtype, scale=1.0, grad=False):
         return (torch.randn(*shape, generator=gen) * scale).to(dtype).requires_grad_(grad)
@@ -541,7 +564,8 @@ def _probe(path: str, divergence: Divergence, dtype: torch.dtype) -> _Probe:
         hs, ws = randn(_P_ROWS, _P_HS, grad=True), randn(_P_VOCAB, _P_HS, scale=_P_HS ** -0.5, grad=True)
         ht, wt = randn(_P_ROWS, _P_HT), randn(_P_VOCAB, _P_HT, scale=_P_HT ** -0.5)
         with probe:
-            loss = kdops.reference.fused_linear_kd_loss(hs, ws, ht, wt, divergence=divergence)
+            loss = kdops.reference.fused_linear_kd_loss(hs, ws, ht, wt, divergence=divergence,
+                                                        student_softcap=caps[0], teacher_softcap=caps[1])
             probe.stage = "bwd"
             loss.backward()
     elif path == "fused-torch":
@@ -550,7 +574,7 @@ def _probe(path: str, divergence: Divergence, dtype: torch.dtype) -> _Probe:
         hs, ws = randn(_P_CHUNK, _P_HS), randn(_P_VOCAB, _P_HS)
         ht, wt = randn(_P_CHUNK, _P_HT), randn(_P_VOCAB, _P_HT)
         problem = _chunked.ChunkedProblem(hs, ws, None, ht, wt, None, None, divergence, 1.0, _P_VOCAB, 1.0, 0.0,
-                                          -100, "torch", None)
+                                          -100, "torch", None, softcaps=caps)
         zs = randn(_P_CHUNK, _P_VOCAB, dtype=problem.acc_dtype, scale=4.0)
         zt = randn(_P_CHUNK, _P_VOCAB, dtype=problem.acc_dtype, scale=4.0)
         scale = torch.full((_P_CHUNK,), 1.0 / _P_CHUNK, dtype=problem.acc_dtype)
@@ -563,7 +587,7 @@ def _probe(path: str, divergence: Divergence, dtype: torch.dtype) -> _Probe:
 
 def _torch_kernels(ctx: _Ctx, path: str, dims: dict, stage_names: dict, per_chunk: float = 1.0,
                    every_op: bool = False):
-    probe = _probe(path, ctx.divergence, ctx.dtype)
+    probe = _probe(path, ctx.divergence, ctx.dtype, ctx.softcaps)
     return _replay(probe, dims, stage_names, per_chunk, every_op), _peak(probe, dims), len(probe.ops)
 
 
@@ -720,14 +744,14 @@ def _fused_path(ctx: _Ctx):
     hs, ht = ctx.shape.hidden_student, ctx.shape.hidden_teacher
     num_stats, num_partial = _kernel_constants()
     jsd = ctx.divergence.canonical().kind.name == "JSD"
-    config = _fused.fused_config(n, v, ctx.gpu, ctx.dtype, jsd=jsd)
+    config = _fused.fused_config(n, v, ctx.gpu, ctx.dtype, jsd=jsd, transform=ctx.transform)
     bn, bv, bh, split = config["BLOCK_N"], config["BLOCK_V"], config["BLOCK_H"], config["split_size"]
     n_splits = _cdiv(v, split)
     hs_p, ht_p = _cdiv(hs, bh) * bh, _cdiv(ht, bh) * bh
     row_blocks = _cdiv(n, bn)
     v_tiles = sum(_cdiv(min(v, lo + split) - lo, bv) for lo in range(0, v, split))  # tiles over all splits
     tile_mm = 2.0 * bn * bv * (hs_p + ht_p)  # both logit tiles of one (row block, vocabulary tile)
-    per_pass, per_gradient = logits_kernel_flops(ctx.divergence)
+    per_pass, per_gradient = logits_kernel_flops(ctx.divergence, ctx.softcaps)
     tile_ew = bn * bv * per_pass
     partial = n * n_splits * num_partial * acc
     kernels = []
@@ -980,7 +1004,7 @@ def _topk_kernels(ctx: _Ctx, rows: int, itemsize: int, launches: float, phase: s
     v, k = ctx.shape.vocab, ctx.k
     config = _launch.topk_config(rows, v, ctx.gpu, ctx.acc_dtype)
     programs = _cdiv(rows, config["BLOCK_R"])
-    lse_flops, grad_flops = topk_kernel_flops(k, v, config)
+    lse_flops, grad_flops = topk_kernel_flops(k, v, config, ctx.softcaps > 0)
     ids = rows * k * 4
     return [_Kernel(f"{phase}: complement log-sum-exp", ew_flops=rows * v * lse_flops, programs=programs,
                     launches=launches, items=[("student logits read", rows * v * itemsize), ("sorted ids read", ids)]),
@@ -1092,19 +1116,24 @@ def _autocast_casts(ctx: _Ctx) -> tuple[list[_Kernel], int]:
 
 def predict(path: str, shape: Shape, gpu: targets.GPU | str = targets.H100, divergence="forward_kl",
             dtype: torch.dtype = torch.bfloat16, tf32: bool = False, budget: int | None = None,
-            autocast: bool = False, k: int = DEFAULT_K) -> Prediction:
+            autocast: bool = False, k: int = DEFAULT_K, softcaps: int = 0) -> Prediction:
     """The predicted phases, time, ratio to the floor and extra memory of `path` at `shape` on `gpu`; with
     `tf32`, float32 matmuls at the TF32 rate instead of exact ("ieee") float32 products; `budget`, the
     chunked paths' memory_budget (default kdops._chunked.MEMORY_BUDGET); `autocast`, kdops' paths under
     torch.autocast of `dtype` with float32 master weights (the casts added); `k`, the sparse teacher's top-k
-    (TOPK_PATHS: the student's side only, the floor is its matmuls or its logits' bytes)."""
+    (TOPK_PATHS: the student's side only, the floor is its matmuls or its logits' bytes); `softcaps`, how many
+    sides' logits are softcapped (fused-API paths: 0, 1 or 2; top-k paths from hidden states: the student's, 0
+    or 1). TAID is a `divergence` (`kdops.TAID(t)`)."""
     if path not in _BUILDERS:
         raise ValueError(f"unknown path {path!r}; known: {', '.join(PATHS + TOPK_PATHS)}")
     gpu = targets.by_name(gpu) if isinstance(gpu, str) else gpu
     divergence = kdops.as_divergence(divergence)
     if not applies(path, divergence):
         raise ValueError(f"{path} has no {divergence.name}")
-    ctx = _Ctx(shape, gpu, divergence, dtype, tf32, budget, k)
+    most = 0 if path in KD_PATHS or path == "kd_loss-topk" else 1 if path in TOPK_PATHS else 2
+    if not (isinstance(softcaps, int) and 0 <= softcaps <= most):
+        raise ValueError(f"softcaps: {path} has at most {most} softcapped side(s), got {softcaps!r}")
+    ctx = _Ctx(shape, gpu, divergence, dtype, tf32, budget, k, softcaps)
     kernels, extra, detail, notes = _BUILDERS[path](ctx)
     if autocast:
         if path not in AUTOCAST_PATHS or dtype.itemsize != 2:
@@ -1349,8 +1378,35 @@ def markdown(shapes: list[tuple[str, Shape]], gpu: targets.GPU, divergences=DEFA
                          _ms(exact.total_s), _size(exact.extra_bytes)])
     lines += _md_rows(["path", "divergence", "autocast bf16 ms", "× bf16 floor", "extra", "float32 ms", "extra"], rows)
     lines += _topk_section(first, gpu, divergences[0], dtype)
+    lines += _transforms_section(first, gpu, dtype)
     lines.append("")
     return "\n".join(lines)
+
+
+def _transforms_section(shape: Shape, gpu: targets.GPU, dtype: torch.dtype) -> list[str]:
+    """MODEL.md's table of the tile transforms: softcapped logits (both sides) and TAID's target, beside the
+    plain loss, on the paths that compute them."""
+    lines = ["", f"## Softcaps and TAID at {shape} ({str(dtype).removeprefix('torch.')}, {gpu.name.upper()})", "",
+             "Tile transforms inside the kernels' passes (`kernels/transforms.py`): no bytes move that the plain "
+             "loss does not move; each softcapped side adds its tanh to every element of every pass and its slope "
+             "to the gradient, TAID its mixed target (`SOFTCAP_INSTRUCTIONS`, `TAID_INSTRUCTIONS`, from the sm_90 "
+             "SASS; not measured on a GPU yet). The torch paths run the reference's `torch.tanh` and its autograd "
+             "(counted by the probe).", ""]
+    variants = [("forward_kl", 0), ("forward_kl", 2), (kdops.TAID(0.5), 0), (kdops.TAID(0.5), 2),
+                ("generalized_jsd", 0), ("generalized_jsd", 2)]
+    rows = []
+    for path in ("chunked", "fused", "fused-torch", "reference", "kd_loss-triton"):
+        for divergence, caps in variants:
+            if path == "kd_loss-triton" and caps:
+                continue
+            p = predict(path, shape, gpu, divergence, dtype, softcaps=caps)
+            plain = predict(path, shape, gpu, "forward_kl" if isinstance(divergence, kdops.TAID) else divergence,
+                            dtype)
+            name = divergence if isinstance(divergence, str) else f"TAID(t={divergence.t})"
+            rows.append([f"`{path}`", name, str(caps), _ms(p.total_s), f"{p.ratio_to_floor:.2f}",
+                         f"{p.total_s / plain.total_s:.2f}"])
+    lines += _md_rows(["path", "divergence", "softcapped sides", "total ms", "× floor", "× plain"], rows)
+    return lines
 
 
 def _topk_section(shape: Shape, gpu: targets.GPU, divergence: str, dtype: torch.dtype) -> list[str]:

@@ -239,8 +239,9 @@ class ChunkedProblem:
     """The inputs of one fused-linear loss, prepared for chunked passes."""
 
     def __init__(self, hs, ws, bs, ht, wt, bt, labels, divergence, temperature: float, vocab: int, soft: float,
-                 hard: float, ignore_index: int, engine: str, budget: int | None, shards=None):
+                 hard: float, ignore_index: int, engine: str, budget: int | None, shards=None, softcaps=(None, None)):
         self.acc_dtype = compute_dtype(hs, ws, ht, wt)
+        self.softcaps = softcaps
         self.student = _Side(hs, ws, bs, vocab, self.acc_dtype)
         self.teacher = _Side(ht, wt, bt, vocab, self.acc_dtype)
         self.sides = (self.student, self.teacher)
@@ -287,7 +288,7 @@ class ChunkedProblem:
         written into out_s / out_t (engine "triton", in their dtype), or returned in float32 (engine "torch")."""
         need_s, need_t = out_s is not None, out_t is not None
         if self.engine == "triton":
-            canon, inv_temp = self.divergence.canonical(), 1.0 / self.temperature
+            canon, inv_temp = self.divergence.canonical().with_softcaps(*self.softcaps), 1.0 / self.temperature
             loss, stats = _launch.logits_forward(zs, zt, labels, canon, inv_temp, self.soft, self.hard, self.shards)
             if need_s or need_t:
                 _launch.logits_backward(zs, zt, labels, stats, scale, canon, inv_temp, need_s, need_t, self.soft,
@@ -300,7 +301,8 @@ class ChunkedProblem:
         with torch.enable_grad():
             loss = self._reference_rows(zs, zt, labels)
             inputs = [z for z, need in ((zs, need_s), (zt, need_t)) if need]
-            grads = list(torch.autograd.grad(loss, inputs, scale))
+            # (TAID at t = 0 leaves the teacher out of the graph: a zero gradient)
+            grads = list(torch.autograd.grad(loss, inputs, scale, allow_unused=True, materialize_grads=True))
         live = (scale != 0)[:, None]
         g_s = torch.where(live, grads.pop(0), 0.0) if need_s else None
         g_t = torch.where(live, grads.pop(0), 0.0) if need_t else None
@@ -309,9 +311,9 @@ class ChunkedProblem:
     def _reference_rows(self, zs, zt, labels):
         if self.shards is None:
             return linear_kd_rows(zs, zt, labels, self.divergence, self.temperature, self.soft, self.hard,
-                                  self.ignore_index)
+                                  self.ignore_index, self.softcaps)
         return vocab_parallel_rows(self.shards, zs, zt, labels, self.divergence, self.temperature, self.soft,
-                                   self.hard)
+                                   self.hard, self.softcaps)
 
     def _grad_out(self, store, logits, need_bias: bool):
         """Where the kernels write a chunk's G: straight into the group's store (its dtype) — unless the bias

@@ -45,18 +45,26 @@ _PRE_HOPPER_FORWARD_TILES = {2: dict(_GPU_TILES[2], BLOCK_V=32)}
 _JSD_BACKWARD_TILES = {2: dict(_GPU_TILES[2], BLOCK_N=32), 8: dict(_GPU_TILES[8], BLOCK_V=16)}
 _JSD_PRE_HOPPER_BACKWARD_TILES = {8: _JSD_BACKWARD_TILES[8]}
 _JSD_FORWARD_TILES = {8: _JSD_BACKWARD_TILES[8]}
+# The tile transforms (softcaps: a tanh and its slope per element and side) in the 16-bit backward before Hopper:
+# the weight-gradient kernel spilled 16 B at 64 × 64 with every optional term (skew reverse KL, sm_80): half the
+# rows, as JSD's on sm_90.
+_TRANSFORM_PRE_HOPPER_BACKWARD_TILES = {2: dict(_GPU_TILES[2], BLOCK_N=32)}
 
 
 def fused_config(n_rows: int, vocab: int, gpu: targets.GPU | None, dtype: torch.dtype = torch.bfloat16,
-                 forward: bool = False, jsd: bool = False) -> dict:
+                 forward: bool = False, jsd: bool = False, transform: int = 0) -> dict:
     """Tile sizes and the number of vocabulary splits of the forward for `gpu` (None: the interpreter), whose
     widest matmul operands have `dtype`; the backward takes the same tiles unless `forward`; `jsd`: the
-    generalized-JSD kernels. On GPU: `_GPU_TILES` (`_PRE_HOPPER_FORWARD_TILES` first for the forward below
-    sm_90, the `_JSD_*_TILES` for JSD), and enough (row block, split) programs to fill the device twice.
-    Under the interpreter: few large tiles, and several splits so that the merge is exercised."""
+    generalized-JSD kernels; `transform`: the tile transforms (`Canonical.transform`). On GPU: `_GPU_TILES`
+    (`_PRE_HOPPER_FORWARD_TILES` first for the forward below sm_90, `_TRANSFORM_PRE_HOPPER_BACKWARD_TILES` for a
+    transformed backward there, the `_JSD_*_TILES` for JSD), and enough (row block, split) programs to fill
+    the device twice. Under the interpreter: few large tiles, and several splits so that the merge is
+    exercised."""
     if gpu is not None:
         size = min(torch.empty((), dtype=dtype).element_size(), 8)
         special = _PRE_HOPPER_FORWARD_TILES if forward and gpu.capability < (9, 0) else {}
+        if transform and not forward and gpu.capability < (9, 0):
+            special = _TRANSFORM_PRE_HOPPER_BACKWARD_TILES
         if jsd:
             backward = _JSD_BACKWARD_TILES if gpu.capability >= (9, 0) else _JSD_PRE_HOPPER_BACKWARD_TILES
             special = {**special, **(_JSD_FORWARD_TILES if forward else backward)}
@@ -119,9 +127,10 @@ class FusedProblem:
         self.device = hs.device
         self.shape_args = (self.hs.shape[-1], self.ht.shape[-1])
         self.layout_args = (*s_layout, *t_layout, self.ws.stride(0), self.wt.stride(0))
-        self.scalars = (inv_temp, canon.c1, canon.c2)
+        self.scalars = (inv_temp, canon.c1, canon.c2, *canon.transform_args())
         self.weights = (soft, hard)
-        self.constexprs = dict(KIND=kind, HARD=hard > 0, STUDENT_IS_P=canon.student_is_p, HAS_BS=bs is not None,
+        self.constexprs = dict(KIND=kind, HARD=hard > 0, STUDENT_IS_P=canon.student_is_p, TRANSFORM=canon.transform,
+                               HAS_BS=bs is not None,
                                HAS_BT=bt is not None, DOT_S=dot_s, DOT_T=dot_t, MMA_S=mma_s, MMA_T=mma_t,
                                PREC_S=prec_s, PREC_T=prec_t,
                                ACC=self.acc)
@@ -150,7 +159,8 @@ def fused_forward(problem: FusedProblem):
     under `problem.shards`)."""
     linear = _linear()
     n = problem.n_rows
-    config = fused_config(n, problem.vocab, problem.gpu, problem.dot_dtype, forward=True, jsd=problem.jsd)
+    config = fused_config(n, problem.vocab, problem.gpu, problem.dot_dtype, forward=True, jsd=problem.jsd,
+                          transform=problem.canon.transform)
     split_size = config.pop("split_size")
     n_splits = _cdiv(problem.vocab, split_size)
     *inputs, labels = problem.pointers(problem.hs)
@@ -210,7 +220,7 @@ def fused_backward(problem: FusedProblem, stats, row_scale, needs):
     if n == 0:
         return g_hs, g_ws, g_bs, g_ht, g_wt, g_bt
 
-    config = fused_config(n, vocab, problem.gpu, problem.dot_dtype, jsd=problem.jsd)
+    config = fused_config(n, vocab, problem.gpu, problem.dot_dtype, jsd=problem.jsd, transform=problem.canon.transform)
     config.pop("split_size")
     row_scale = row_scale.contiguous()
     *inputs, labels = problem.pointers(stats)

@@ -110,16 +110,19 @@ def _rows_of(t: torch.Tensor):
     return t, layout
 
 
-def logits_config(n_rows: int, vocab: int, gpu: targets.GPU | None, acc: torch.dtype = torch.float32) -> dict:
-    """Block sizes of the kernels on logits for `gpu` (None: the interpreter), accumulating in `acc`. On GPU
-    a program per row with wide vocabulary blocks (the kernels are bandwidth-bound). Float64 blocks are
-    narrower and may take 255 registers: ptxas otherwise squeezes their 4 warps into 128 and spills
-    (`python -m bench.compile`). Under the interpreter, large tiles amortize its per-op cost."""
+def logits_config(n_rows: int, vocab: int, gpu: targets.GPU | None, acc: torch.dtype = torch.float32,
+                  transform: int = 0) -> dict:
+    """Block sizes of the kernels on logits for `gpu` (None: the interpreter), accumulating in `acc`, with the
+    tile transforms `transform` (`Canonical.transform`). On GPU a program per row with wide vocabulary blocks
+    (the kernels are bandwidth-bound). Float64 blocks are narrower; they and the transformed kernels may take
+    255 registers: ptxas otherwise squeezes them into 80–128 and spills (the two-pass kinds with softcaps: 8 B
+    on sm_90; `python -m bench.compile`). Under the interpreter, large tiles amortize its per-op cost."""
     if gpu is not None:
         if acc == torch.float64:
             return dict(BLOCK_R=1, BLOCK_V=min(512, _next_pow2(vocab)), num_warps=4, maxnreg=255)
         block_v = min(2048, _next_pow2(vocab))
-        return dict(BLOCK_R=1, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
+        return dict(BLOCK_R=1, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+                    **(dict(maxnreg=255) if transform else {}))
     return dict(BLOCK_R=min(16, _next_pow2(n_rows)), BLOCK_V=min(1024, _next_pow2(vocab)))
 
 
@@ -144,9 +147,10 @@ def _logits_args(student, teacher, labels, canon: Canonical, inv_temp: float, so
     student, (s_inner, s_outer, s_stride) = _rows_of(student)
     teacher, (t_inner, t_outer, t_stride) = _rows_of(teacher)
     args = (student.shape[-1], s_inner, s_outer, s_stride, t_inner, t_outer, t_stride, inv_temp, canon.c1,
-            canon.c2, soft, hard)
+            canon.c2, soft, hard, *canon.transform_args())
     kind, two_pass = kind_of(canon)
-    constexprs = dict(KIND=kind, HARD=hard > 0, STUDENT_IS_P=canon.student_is_p, ACC=_acc(tl, student, teacher))
+    constexprs = dict(KIND=kind, HARD=hard > 0, STUDENT_IS_P=canon.student_is_p, TRANSFORM=canon.transform,
+                      ACC=_acc(tl, student, teacher))
     labels = flat_labels(labels, hard)
     return student, teacher, labels if shards is None else shards.local_labels(labels), args, constexprs, two_pass
 
@@ -165,7 +169,7 @@ def logits_forward(student: torch.Tensor, teacher: torch.Tensor, labels, canon: 
                                                                               inv_temp, soft, hard, shards)
     n_rows = student.numel() // student.shape[-1]
     out_dtype = _acc_torch(constexprs["ACC"])
-    config = logits_config(n_rows, student.shape[-1], targets.of_device(student.device), out_dtype)
+    config = logits_config(n_rows, student.shape[-1], targets.of_device(student.device), out_dtype, canon.transform)
     grid = (_cdiv(n_rows, config["BLOCK_R"]),)
     if shards is not None:
         def launch_pass(second, partial, stats):
@@ -280,7 +284,7 @@ def logits_backward(student, teacher, labels, stats, row_scale, canon: Canonical
     if n_rows == 0 or not (grad_s or grad_t):
         return out_s, out_t
     config = logits_config(n_rows, student.shape[-1], targets.of_device(student.device),
-                           _acc_torch(constexprs["ACC"]))
+                           _acc_torch(constexprs["ACC"]), canon.transform)
     grid = (_cdiv(n_rows, config["BLOCK_R"]),)
     # An absent gradient or label vector still needs a pointer argument; constexpr flags keep it unused.
     launch(
@@ -293,18 +297,19 @@ def logits_backward(student, teacher, labels, stats, row_scale, canon: Canonical
 
 # --- the student's side of a sparse (top-k) teacher (kernels/topk.py) ------------------------------------------
 
-def topk_config(n_rows: int, vocab: int, gpu: targets.GPU | None, acc: torch.dtype) -> dict:
+def topk_config(n_rows: int, vocab: int, gpu: targets.GPU | None, acc: torch.dtype, softcap: bool = False) -> dict:
     """`logits_config`'s blocks, and BLOCK_C ids compared with each tile at a time ([rows, BLOCK_V, BLOCK_C]
     comparisons, one window after another until a window is not full). On GPU one id per window: the sm_90
     loops take 38 and 33 instructions per element with their first window and 4.6 and 7.4 per further one,
     against 71 and 105, and 35 and 77, with windows of 4 — cheaper at any number of ids per tile
     (`bench.model.TOPK_LOOP_INSTRUCTIONS`). Under the interpreter, wide windows (fewer steps)."""
-    return dict(logits_config(n_rows, vocab, gpu, acc), BLOCK_C=1 if gpu is not None else 8)
+    return dict(logits_config(n_rows, vocab, gpu, acc, int(softcap)), BLOCK_C=1 if gpu is not None else 8)
 
 
-def complement_lse(student: torch.Tensor, sorted_ids: torch.Tensor, inv_temp: float) -> torch.Tensor:
+def complement_lse(student: torch.Tensor, sorted_ids: torch.Tensor, inv_temp: float, softcap: float | None = None
+                   ) -> torch.Tensor:
     """R[r] = log Σ_{j ∉ ids_r} e^(s_rj / T) [rows] of [..., V] logits, with `sorted_ids` [rows, k] int32 sorted
-    per row (absent entries as V); in the accumulation dtype."""
+    per row (absent entries as V); in the accumulation dtype. With `softcap` c, of c·tanh(s / c)."""
     tl, topk = _kernels()[0], _topk_kernels()
     student, (s_inner, s_outer, s_stride) = _rows_of(student)
     vocab = student.shape[-1]
@@ -313,17 +318,18 @@ def complement_lse(student: torch.Tensor, sorted_ids: torch.Tensor, inv_temp: fl
     out = _empty((n_rows,), _acc_torch(acc), student.device)
     if n_rows == 0:
         return out
-    config = topk_config(n_rows, vocab, targets.of_device(student.device), _acc_torch(acc))
+    config = topk_config(n_rows, vocab, targets.of_device(student.device), _acc_torch(acc), bool(softcap))
     launch(topk.complement_lse_kernel, (_cdiv(n_rows, config["BLOCK_R"]),), student, sorted_ids, out, n_rows, vocab,
-           k, s_inner, s_outer, s_stride, inv_temp, ACC=acc, **config)
+           k, s_inner, s_outer, s_stride, inv_temp, float(softcap or 0.0), SOFTCAP=bool(softcap), ACC=acc, **config)
     return out
 
 
 def topk_student_backward(student: torch.Tensor, sorted_ids: torch.Tensor, g_ids: torch.Tensor, lse_rest, g_rest,
-                          inv_temp: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                          inv_temp: float, out: torch.Tensor | None = None, softcap: float | None = None
+                          ) -> torch.Tensor:
     """∂ℓ/∂s, contiguous [..., V] in the student's dtype, of ℓ(s_ids / T, R) given g_ids = ∂ℓ/∂(s_ids / T)
     [rows, k] (in the order of `sorted_ids`) and, for a tail (`lse_rest` = R and `g_rest` = ∂ℓ/∂R [rows], or
-    both None), the softmax over the complement. `out` receives it instead when given: a contiguous buffer of
+    both None), the softmax over the complement; with `softcap` c, of ℓ(c·tanh(s / c)) (times the tanh's slope). `out` receives it instead when given: a contiguous buffer of
     the logits' shape, in any float dtype, which may be the logits themselves."""
     tl, topk = _kernels()[0], _topk_kernels()
     shape = student.shape
@@ -335,8 +341,9 @@ def topk_student_backward(student: torch.Tensor, sorted_ids: torch.Tensor, g_ids
         return out
     acc = _acc(tl, student)
     tail = lse_rest is not None
-    config = topk_config(n_rows, vocab, targets.of_device(student.device), _acc_torch(acc))
+    config = topk_config(n_rows, vocab, targets.of_device(student.device), _acc_torch(acc), bool(softcap))
     launch(topk.topk_student_backward_kernel, (_cdiv(n_rows, config["BLOCK_R"]),), student, sorted_ids,
            g_ids.contiguous(), lse_rest.contiguous() if tail else g_ids, g_rest.contiguous() if tail else g_ids, out,
-           n_rows, vocab, k, s_inner, s_outer, s_stride, inv_temp, TAIL=tail, ACC=acc, **config)
+           n_rows, vocab, k, s_inner, s_outer, s_stride, inv_temp, float(softcap or 0.0), TAIL=tail,
+           SOFTCAP=bool(softcap), ACC=acc, **config)
     return out

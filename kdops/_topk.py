@@ -12,7 +12,7 @@ import torch
 
 from . import _chunked, _launch
 from .divergences import Divergence
-from .reference import compute_dtype
+from .reference import compute_dtype, softcap, softcap_slope
 
 
 def teacher_rest(lp: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -133,24 +133,26 @@ def over_group(columns, lse_rest, shards):
     return columns, lse_rest
 
 
-def _gathered(student, teacher: TopKTeacher, inv_temp: float, dtype: torch.dtype) -> torch.Tensor:
-    """s_ids / T in `dtype` (one rounded product per logit, as the kernels scale), −inf where absent."""
-    columns = student.gather(-1, teacher.gather_ids).to(dtype) * inv_temp
+def _gathered(student, teacher: TopKTeacher, inv_temp: float, dtype: torch.dtype, cap=None) -> torch.Tensor:
+    """s_ids / T in `dtype` (one rounded product per logit, as the kernels scale), −inf where absent; s
+    softcapped first by `cap` (None: not)."""
+    columns = softcap(student.gather(-1, teacher.gather_ids).to(dtype), cap) * inv_temp
     return torch.where(teacher.present, columns, -math.inf)
 
 
-def _triton_forward(student, teacher: TopKTeacher, inv_temp: float):
+def _triton_forward(student, teacher: TopKTeacher, inv_temp: float, cap=None):
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     if teacher.has_tail:
-        lse_rest = _launch.complement_lse(student, teacher.sorted_ids, inv_temp)
+        lse_rest = _launch.complement_lse(student, teacher.sorted_ids, inv_temp, cap)
     else:
         lse_rest = torch.empty(0, dtype=dtype, device=student.device)
-    return _gathered(student, teacher, inv_temp, dtype), lse_rest
+    return _gathered(student, teacher, inv_temp, dtype, cap), lse_rest
 
 
-def _triton_backward(student, teacher: TopKTeacher, g_columns, lse_rest, g_rest, inv_temp: float, out=None):
+def _triton_backward(student, teacher: TopKTeacher, g_columns, lse_rest, g_rest, inv_temp: float, out=None,
+                     cap=None):
     g_ids = torch.where(teacher.present, g_columns, 0.0).gather(-1, teacher.order)
-    return _launch.topk_student_backward(student, teacher.sorted_ids, g_ids, lse_rest, g_rest, inv_temp, out)
+    return _launch.topk_student_backward(student, teacher.sorted_ids, g_ids, lse_rest, g_rest, inv_temp, out, cap)
 
 
 def _members(student, teacher: TopKTeacher, start: int, end: int) -> torch.Tensor:
@@ -160,8 +162,9 @@ def _members(student, teacher: TopKTeacher, start: int, end: int) -> torch.Tenso
     return counts > 0
 
 
-def _torch_forward(student, teacher: TopKTeacher, inv_temp: float):
-    """The reference math chunked over rows: R = logsumexp of s / T with the ids at −inf."""
+def _torch_forward(student, teacher: TopKTeacher, inv_temp: float, cap=None):
+    """The reference math chunked over rows: R = logsumexp of s / T with the ids at −inf (s softcapped by
+    `cap` first)."""
     from ._torch_backend import chunk_rows
 
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
@@ -171,12 +174,13 @@ def _torch_forward(student, teacher: TopKTeacher, inv_temp: float):
         chunk = chunk_rows(vocab)
         for start in range(0, n_rows, chunk):
             end = min(start + chunk, n_rows)
-            x = student[start:end].to(dtype) * inv_temp
+            x = softcap(student[start:end].to(dtype), cap) * inv_temp
             lse_rest[start:end] = torch.logsumexp(x.masked_fill(_members(student, teacher, start, end), -math.inf), -1)
-    return _gathered(student, teacher, inv_temp, dtype), lse_rest
+    return _gathered(student, teacher, inv_temp, dtype, cap), lse_rest
 
 
-def _torch_backward(student, teacher: TopKTeacher, g_columns, lse_rest, g_rest, inv_temp: float, out=None):
+def _torch_backward(student, teacher: TopKTeacher, g_columns, lse_rest, g_rest, inv_temp: float, out=None,
+                    cap=None):
     from ._torch_backend import chunk_rows
 
     n_rows, vocab = student.shape
@@ -187,12 +191,14 @@ def _torch_backward(student, teacher: TopKTeacher, g_columns, lse_rest, g_rest, 
         end = min(start + chunk, n_rows)
         part = torch.zeros(end - start, vocab, dtype=g_columns.dtype, device=student.device)
         if lse_rest is not None:
-            x = student[start:end].to(g_columns.dtype) * inv_temp
+            x = softcap(student[start:end].to(g_columns.dtype), cap) * inv_temp
             g = g_rest[start:end, None]
             softmax = torch.exp(x - lse_rest[start:end, None])
             tail = torch.where((g != 0) & ~_members(student, teacher, start, end), g * softmax * inv_temp, 0.0)
             part += tail
         part.scatter_add_(-1, teacher.gather_ids[start:end], g_ids[start:end])
+        if cap:
+            part *= softcap_slope(student[start:end].to(part.dtype), cap)
         grad[start:end] = part
     return grad
 
@@ -234,8 +240,10 @@ class TopKChunkedProblem(_chunked.ChunkedProblem):
     (`kernels/topk.py`); per group dH = G·W and dW = Gᵀ·h. The plan is the dense path's with one side."""
 
     def __init__(self, hs, ws, bs, teacher: TopKTeacher, labels, divergence, temperature: float, vocab: int,
-                 soft: float, hard: float, ignore_index: int, engine: str, budget: int | None, shards=None):
+                 soft: float, hard: float, ignore_index: int, engine: str, budget: int | None, shards=None,
+                 student_softcap=None):
         self.acc_dtype = compute_dtype(hs, ws)
+        self.softcap = student_softcap
         self.student = _chunked._Side(hs, ws, bs, vocab, self.acc_dtype)
         self.sides = (self.student,)
         self.target = teacher
@@ -256,7 +264,7 @@ class TopKChunkedProblem(_chunked.ChunkedProblem):
         inv_temp = 1.0 / self.temperature
         need = outs[0] is not None
         forward, backward = _ENGINES[self.engine]
-        columns, lse_rest = forward(zs, teacher, inv_temp)
+        columns, lse_rest = forward(zs, teacher, inv_temp, self.softcap)
         if self.shards is not None:
             columns, lse_rest = over_group(columns, lse_rest, self.shards)
         tail = teacher.has_tail
@@ -265,12 +273,15 @@ class TopKChunkedProblem(_chunked.ChunkedProblem):
         loss, g_columns = _columns_loss_and_grads(columns, teacher, scale if need else None, self.divergence,
                                                   self.engine, self.soft)
         if self.hard > 0:
-            ce, g_ce = hard_label(zs, labels, self.ignore_index, scale * self.hard if need else None, self.shards)
+            ce, g_ce = hard_label(softcap(zs, self.softcap), labels, self.ignore_index,
+                                  scale * self.hard if need else None, self.shards)
+            if need and self.softcap:  # before the kernel below may overwrite zs with its gradient
+                g_ce *= softcap_slope(zs, self.softcap)
             loss = loss + self.hard * ce
         if not need:
             return loss, (None,)
         g_ids, g_rest = split_tail(g_columns) if tail else (g_columns, None)
-        grad = backward(zs, teacher, g_ids, lse_rest if tail else None, g_rest, inv_temp, outs[0])
+        grad = backward(zs, teacher, g_ids, lse_rest if tail else None, g_rest, inv_temp, outs[0], self.softcap)
         if self.hard > 0:
             grad += g_ce
         return loss, (grad,)
@@ -313,7 +324,8 @@ class TopKGatheredProblem:
     eager = True
 
     def __init__(self, hs, ws, bs, teacher: TopKTeacher, divergence, temperature: float, soft: float, engine: str,
-                 budget: int | None, shards=None):
+                 budget: int | None, shards=None, student_softcap=None):
+        self.softcap = student_softcap
         self.hs, self.ws, self.bs, self.teacher = hs.reshape(-1, hs.shape[-1]), ws, bs, teacher
         self.shards = shards
         self.divergence, self.temperature, self.soft, self.engine = divergence, temperature, soft, engine
@@ -349,7 +361,7 @@ class TopKGatheredProblem:
             logits = torch.einsum("rh,rkh->rk", h, gathered)
             if bs is not None:
                 logits = logits + bs[ids].to(acc)
-            columns = torch.where(part.present, logits * inv_temp, -math.inf)
+            columns = torch.where(part.present, softcap(logits, self.softcap) * inv_temp, -math.inf)
             if self.shards is not None:
                 columns = over_group(columns, columns.new_empty(0), self.shards)[0]
             scale = None if row_scale is None else row_scale[r0:r1]
@@ -357,6 +369,8 @@ class TopKGatheredProblem:
             if g is None:
                 continue
             g = torch.where(part.present, g, 0.0) * inv_temp  # ∂/∂logits at the ids
+            if self.softcap:
+                g = g * softcap_slope(logits, self.softcap)
             if need_h:
                 part_h = torch.einsum("rk,rkh->rh", g, gathered)
                 if self.shards is not None and self.shards.reduce_hidden_grad:

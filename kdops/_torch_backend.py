@@ -61,7 +61,9 @@ class ChunkedKDFunction(torch.autograd.Function):
             with torch.enable_grad():
                 loss = _rows(ctx.divergence, s, t, ctx.temperature, ctx.shards)
                 inputs = [x for x, need in ((s, need_student), (t, need_teacher)) if need]
-                grads = list(torch.autograd.grad(loss, inputs, grad_rows[start:end]))
+                # (TAID at t = 0 leaves the teacher out of the graph: a zero gradient)
+                grads = list(torch.autograd.grad(loss, inputs, grad_rows[start:end], allow_unused=True,
+                                                 materialize_grads=True))
             for out, need in ((grad_student, need_student), (grad_teacher, need_teacher)):
                 if need:
                     out[start:end] = torch.where(live[:, None], grads.pop(0), 0.0)

@@ -64,13 +64,23 @@ def check_labels(labels, leading_shape: torch.Size, device: torch.device) -> Non
         raise ValueError(f"labels: expected a tensor on {device} (where the logits are), got one on {labels.device}")
 
 
+def _positive_number(name: str, value, expected: str) -> float:
+    """`value` as a float, if it is a positive finite real number (TypeError / ValueError naming `name`)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return value
+
+
 def check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature: expected a positive finite number, got {type(temperature).__name__}")
-    temperature = float(temperature)
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature: expected a positive finite number, got {temperature!r}")
-    return temperature
+    return _positive_number("temperature", temperature, "a positive finite number")
+
+
+def check_softcap(name: str, cap) -> float | None:
+    """A final-logit softcap c (logits c·tanh(z / c)): None, or a positive finite number."""
+    return None if cap is None else _positive_number(name, cap, "None or a positive finite number")
 
 
 def check_choice(name: str, value, choices) -> None:

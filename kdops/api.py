@@ -17,6 +17,7 @@ from ._validation import (
     check_label_range,
     check_logits_pair,
     check_loss_options,
+    check_softcap,
     resolve_backend,
     resolve_impl,
 )
@@ -130,6 +131,8 @@ def fused_linear_kd_loss(
     backend: str = "auto",
     memory_budget: int | None = None,
     vocab_parallel: VocabParallel | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ) -> torch.Tensor:
     """Distillation loss from hidden states and lm_head weights, without the [tokens, V] logits in memory.
 
@@ -138,7 +141,10 @@ def fused_linear_kd_loss(
 
         ℓ = soft_weight · D(softmax(t / T), softmax(s / T)) + hard_weight · CE(s, label)   (CE at T = 1)
 
-    masked and reduced like `kd_loss`. Hidden states are [..., Hs] and [..., Ht] (Hs != Ht is fine),
+    masked and reduced like `kd_loss`. `student_softcap` / `teacher_softcap` (a model's
+    `final_logit_softcapping`, e.g. Gemma 2's 30): that side's logits are c·tanh(z / c) everywhere above
+    (CE included), applied to each logit tile inside the kernels, gradients through the tanh.
+    Hidden states are [..., Hs] and [..., Ht] (Hs != Ht is fine),
     weights [V, H]; all logit math is float32 whatever the input dtype. Gradients flow to every input that
     requires grad, and are returned in its dtype.
 
@@ -179,13 +185,15 @@ def fused_linear_kd_loss(
         temperature = check_loss_options(labels, leading, device, temperature, ignore_index, reduction,
                                          num_items_in_batch)
         check_memory_budget(memory_budget)
+        softcaps = (check_softcap("student_softcap", student_softcap),
+                    check_softcap("teacher_softcap", teacher_softcap))
         backend = resolve_backend(backend, device)
         hard_weight, soft_weight = float(hard_weight), float(soft_weight)
         tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
         mask = row_mask(labels, ignore_index, leading, device).reshape(-1)
         options = dict(divergence=divergence, temperature=temperature, vocab=vocab, soft_weight=soft_weight,
                        hard_weight=hard_weight, ignore_index=ignore_index, impl=impl, backend=backend,
-                       memory_budget=memory_budget)
+                       memory_budget=memory_budget, softcaps=softcaps)
         if vocab_parallel is not None:
             return _vocab_parallel_fused_loss(tensors, labels, mask, options, reduction, num_items_in_batch, leading,
                                               vocab_parallel)
@@ -238,20 +246,20 @@ def _vocab_parallel_fused_loss(tensors, labels, mask, options, reduction, num_it
 
 
 def _fused_problem(hs, ws, bs, ht, wt, bt, labels, *, divergence, temperature, vocab, soft_weight, hard_weight,
-                   ignore_index, impl, backend, memory_budget, shards=None):
+                   ignore_index, impl, backend, memory_budget, softcaps, shards=None):
     """The prepared inputs of the implementation that `impl` (resolved) and `backend` select. Under
     `shards`, `vocab` is this rank's shard, and the choice of "auto" is the widest shard's, so that every
     rank takes the same path."""
     engine = "triton" if backend == "triton" else "torch"
     chunked = _chunked.ChunkedProblem(hs, ws, bs, ht, wt, bt, labels, divergence, temperature, vocab, soft_weight,
-                                      hard_weight, ignore_index, engine, memory_budget, shards)
+                                      hard_weight, ignore_index, engine, memory_budget, shards, softcaps)
     grads = tuple(t is not None and t.requires_grad for t in (hs, ws, bs, ht, wt, bt))
     # The default budget is a target (the plan may exceed it where no exact plan fits); one the user gave is
     # a limit that "auto" keeps by taking the fused path.
     fits = memory_budget is None or chunked.plan_bytes(grads) <= memory_budget
     if resolve_impl(impl, backend, fits) == "fused":
-        return FusedProblem(hs, ws, bs, ht, wt, bt, labels, divergence.canonical(), 1.0 / temperature, vocab,
-                            soft_weight, hard_weight, shards)
+        return FusedProblem(hs, ws, bs, ht, wt, bt, labels, divergence.canonical().with_softcaps(*softcaps),
+                            1.0 / temperature, vocab, soft_weight, hard_weight, shards)
     return chunked
 
 
@@ -277,7 +285,7 @@ def _compiled_fused_rows(tensors, labels, mask, options):
         s = linear_logits(h_s, ws, bs, vocab, dtype)
         t = linear_logits(h_t, wt, bt, vocab, dtype)
         loss = linear_kd_rows(s, t, y, options["divergence"], options["temperature"], options["soft_weight"],
-                              options["hard_weight"], options["ignore_index"])
+                              options["hard_weight"], options["ignore_index"], options["softcaps"])
         return torch.where(m, loss, 0.0)
 
     return checkpointed_rows(rows, n_rows, chunk,

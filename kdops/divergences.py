@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 class Kind(enum.IntEnum):
@@ -23,14 +23,38 @@ class Kind(enum.IntEnum):
     ALPHA_BETA = 4
 
 
+#: Bits of `Canonical.transform`, the constexpr TRANSFORM of the kernels (`kernels/transforms.py`).
+SOFTCAP_STUDENT, SOFTCAP_TEACHER, MIX_TARGET = 1, 2, 4
+
+
 @dataclass(frozen=True)
 class Canonical:
-    """How a divergence runs: kind, whether the student is P (else the teacher is), parameters c1, c2."""
+    """How a loss runs on logit tiles: the divergence's kind, whether the student is P (else the target is),
+    its parameters c1, c2, and the transforms of the raw tiles before it (`kernels/transforms.py`): the
+    softcaps c of the student's and the teacher's logits (c·tanh(z / c); 0 for none) and the teacher's share
+    w of a target interpolated in logit space, (1 − w)·sg(student) + w·teacher (TAID; 1: the teacher)."""
 
     kind: Kind
     student_is_p: bool
     c1: float = 0.0
     c2: float = 0.0
+    student_softcap: float = 0.0
+    teacher_softcap: float = 0.0
+    teacher_share: float = 1.0
+
+    @property
+    def transform(self) -> int:
+        """The transforms that apply, as the kernels' TRANSFORM bits."""
+        return ((SOFTCAP_STUDENT if self.student_softcap else 0) | (SOFTCAP_TEACHER if self.teacher_softcap else 0)
+                | (MIX_TARGET if self.teacher_share != 1.0 else 0))
+
+    def transform_args(self) -> tuple[float, float, float]:
+        """The kernels' runtime arguments of the transforms (cap_s, cap_t, share)."""
+        return float(self.student_softcap), float(self.teacher_softcap), float(self.teacher_share)
+
+    def with_softcaps(self, student: float | None, teacher: float | None) -> Canonical:
+        """This loss on softcapped logits (None: no cap on that side)."""
+        return replace(self, student_softcap=float(student or 0.0), teacher_softcap=float(teacher or 0.0))
 
 
 class Divergence:
@@ -146,6 +170,23 @@ class AlphaBeta(Divergence):
         return Canonical(Kind.ALPHA_BETA, student_is_p=False, c1=float(self.alpha), c2=float(self.beta))
 
 
+@dataclass(frozen=True)
+class TAID(Divergence):
+    """KL(p_t ‖ q) with the target p_t = softmax(((1 − t)·sg(s) + t·z) / T) interpolated in logit space
+    between the student's detached logits s and the teacher's z (TAID, Shing et al., ICLR 2025): t = 0 is
+    no loss, t = 1 forward KL; no gradient reaches the student through p_t. `kdops.TAIDSchedule` moves t."""
+
+    t: float = 1.0
+    name = "taid"  # not a name `as_divergence` takes (see DIVERGENCES)
+
+    def __post_init__(self):
+        _check_range("TAID", "t", self.t, 0.0, 1.0, False, False)
+
+    def canonical(self) -> Canonical:
+        return Canonical(Kind.KL, student_is_p=False, teacher_share=float(self.t))
+
+
+#: The divergences a name selects (with default parameters). TAID is not among them: its t is the point.
 DIVERGENCES: dict[str, type[Divergence]] = {
     cls.name: cls for cls in (ForwardKL, ReverseKL, GeneralizedJSD, SkewForwardKL, SkewReverseKL, TVD, AlphaBeta)
 }

@@ -12,6 +12,7 @@ from ._validation import (
     check_choice,
     check_memory_budget,
     check_ignore_index,
+    check_softcap,
     check_temperature,
 )
 from .api import fused_linear_kd_loss, kd_loss
@@ -58,7 +59,7 @@ class FusedLinearKDLoss(torch.nn.Module):
 
     def __init__(self, *, divergence="forward_kl", temperature=1.0, ignore_index=-100, reduction="batchmean",
                  hard_weight=0.0, soft_weight=1.0, impl="auto", backend="auto", memory_budget=None,
-                 vocab_parallel=None):
+                 vocab_parallel=None, student_softcap=None, teacher_softcap=None):
         super().__init__()
         self.divergence = as_divergence(divergence)
         _check_options(temperature, ignore_index, reduction, backend, vocab_parallel)
@@ -67,7 +68,9 @@ class FusedLinearKDLoss(torch.nn.Module):
         self.options = dict(temperature=temperature, ignore_index=ignore_index, reduction=reduction,
                             hard_weight=_check_weight_factor("hard_weight", hard_weight),
                             soft_weight=_check_weight_factor("soft_weight", soft_weight), impl=impl, backend=backend,
-                            memory_budget=memory_budget, vocab_parallel=vocab_parallel)
+                            memory_budget=memory_budget, vocab_parallel=vocab_parallel,
+                            student_softcap=check_softcap("student_softcap", student_softcap),
+                            teacher_softcap=check_softcap("teacher_softcap", teacher_softcap))
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
                 student_bias=None, teacher_bias=None, num_items_in_batch=None):
@@ -107,7 +110,7 @@ class FusedLinearTopKKDLoss(torch.nn.Module):
 
     def __init__(self, *, divergence="forward_kl", temperature=1.0, tail="bucket", ignore_index=-100,
                  reduction="batchmean", hard_weight=0.0, soft_weight=1.0, impl="auto", backend="auto",
-                 memory_budget=None):
+                 memory_budget=None, student_softcap=None):
         super().__init__()
         self.divergence = as_divergence(divergence)
         _check_options(temperature, ignore_index, reduction, backend, None)
@@ -117,7 +120,8 @@ class FusedLinearTopKKDLoss(torch.nn.Module):
         self.options = dict(temperature=temperature, tail=tail, ignore_index=ignore_index, reduction=reduction,
                             hard_weight=_check_weight_factor("hard_weight", hard_weight),
                             soft_weight=_check_weight_factor("soft_weight", soft_weight), impl=impl, backend=backend,
-                            memory_budget=memory_budget)
+                            memory_budget=memory_budget,
+                            student_softcap=check_softcap("student_softcap", student_softcap))
 
     def forward(self, student_hidden, student_weight, teacher_ids, teacher_logprobs, labels=None, student_bias=None,
                 num_items_in_batch=None):

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .divergences import Divergence
-from .reference import CANONICAL, compute_dtype
+from .reference import CANONICAL, compute_dtype, loss_logits
 
 
 @dataclass(frozen=True)
@@ -226,14 +226,14 @@ def log_softmax_across(shards: VocabShards, *logits: torch.Tensor):
 
 
 def vocab_parallel_rows(shards: VocabShards, student, teacher, labels, divergence: Divergence, temperature: float,
-                        soft_weight: float = 1.0, hard_weight: float = 0.0) -> torch.Tensor:
+                        soft_weight: float = 1.0, hard_weight: float = 0.0, softcaps=(None, None)) -> torch.Tensor:
     """Per-row soft·D(teacher ‖ student at T) + hard·CE(student, label) [rows] of this rank's shard of the
     logits [rows, width]: the same for every rank of the group, differentiable with respect to the shard.
     Every canonical divergence is a sum over the vocabulary of terms of (log p, log q), so each rank sums its
     shard's terms and the shares add up; CE is −log q(label), from the shard that holds the label."""
-    c = divergence.canonical()
+    c = divergence.canonical().with_softcaps(*softcaps)
     dtype = compute_dtype(student, teacher)
-    student, teacher = student.to(dtype), teacher.to(dtype)
+    student, teacher = loss_logits(c, student.to(dtype), teacher.to(dtype))
     hard = hard_weight > 0
     scaled = [student / temperature, teacher / temperature] + ([student] if hard else [])
     log_q, log_p, *log_q1 = log_softmax_across(shards, *scaled)

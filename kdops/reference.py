@@ -88,13 +88,54 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap·tanh(logits / cap), a model's final-logit softcap (None or 0: the logits as they are). A −inf
+    logit (a masked token) stays −inf."""
+    if not cap:
+        return logits
+    return torch.where(logits == NEG_INF, NEG_INF, cap * torch.tanh(logits / cap))
+
+
+def softcap_slope(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """d softcap(z)/dz = 1 − tanh²(z / cap) (0 at −inf; the tensor of ones without a cap)."""
+    if not cap:
+        return torch.ones_like(logits)
+    return torch.where(logits == NEG_INF, 0.0, torch.cosh(logits / cap).pow(-2))
+
+
+def mixed_target(student: torch.Tensor, teacher: torch.Tensor, share: float) -> torch.Tensor:
+    """(1 − w)·sg(student) + w·teacher, w = share: TAID's target logits (the teacher's own when w = 1). No
+    gradient reaches the student through it; a zero weight drops its side exactly (−inf entries included)."""
+    if share == 1.0:
+        return teacher
+    if share == 0.0:
+        return student.detach()
+    return (1.0 - share) * student.detach() + share * teacher
+
+
+def loss_logits(c: Canonical, student: torch.Tensor, teacher: torch.Tensor):
+    """(student, target) logits that the divergence compares: the raw ones through the transforms of `c`
+    (softcaps, then TAID's mixed target), in the order the kernels apply them (`kernels/transforms.py`)."""
+    student = softcap(student, c.student_softcap)
+    return student, mixed_target(student, softcap(teacher, c.teacher_softcap), c.teacher_share)
+
+
 def divergence_rows(divergence: Divergence, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                    temperature: float) -> torch.Tensor:
-    """Per-row divergence ℓ [...] between softmax(student / T) and softmax(teacher / T), [..., V] logits."""
-    c = divergence.canonical()
+                    temperature: float, softcaps=(None, None)) -> torch.Tensor:
+    """Per-row divergence ℓ [...] between softmax(student / T) and softmax(target / T), [..., V] logits; the
+    target is the teacher, or TAID's mix; `softcaps` (student, teacher) cap the raw logits first."""
+    c = divergence.canonical().with_softcaps(*softcaps)
     dtype = compute_dtype(student_logits, teacher_logits)
-    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-    log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    if not c.transform:  # each side's float32 copy is freed as soon as its log-softmax is taken
+        log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+        log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    else:
+        student, target = loss_logits(c, student_logits.to(dtype), teacher_logits.to(dtype))
+        if c.teacher_share == 0.0:  # the target is the student itself: D(Q ‖ Q) = 0 and so is its gradient, exactly
+            return 0.0 * torch.where(torch.isfinite(student), student, 0.0).sum(-1)
+        log_q = torch.log_softmax(student / temperature, dim=-1)
+        log_p = torch.log_softmax(target / temperature, dim=-1)
+        del student, target
     if c.student_is_p:
         log_p, log_q = log_q, log_p
     return CANONICAL[c.kind](log_p, log_q, c)
@@ -124,11 +165,14 @@ def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
                          divergence="forward_kl", temperature=1.0, ignore_index=-100, reduction="batchmean",
                          num_items_in_batch=None, student_bias=None, teacher_bias=None, hard_weight=0.0,
-                         soft_weight=1.0, impl="auto", backend="auto", memory_budget=None):
+                         soft_weight=1.0, impl="auto", backend="auto", memory_budget=None, student_softcap=None,
+                         teacher_softcap=None):
     """Reference for `kdops.fused_linear_kd_loss`: the logits of both models in float32 over the shared
-    vocabulary [0, min(Vs, Vt)), then per token soft_weight · D(teacher ‖ student at T)
-    + hard_weight · CE(student logits at T = 1, label), masked and reduced like `kd_loss`.
+    vocabulary [0, min(Vs, Vt)), softcapped where a cap is given, then per token soft_weight · D(teacher ‖
+    student at T) + hard_weight · CE(student logits at T = 1, label), masked and reduced like `kd_loss`.
     (`impl`, `backend` and `memory_budget` are checked and ignored.)"""
+    from ._validation import check_softcap
+
     divergence = as_divergence(divergence)
     vocab = check_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                                student_bias, teacher_bias, hard_weight, soft_weight, impl)
@@ -137,24 +181,26 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
                                      num_items_in_batch)
     check_choice("backend", backend, BACKENDS)
     check_memory_budget(memory_budget)
+    softcaps = (check_softcap("student_softcap", student_softcap), check_softcap("teacher_softcap", teacher_softcap))
     dtype = compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
     student_logits = linear_logits(student_hidden, student_weight, student_bias, vocab, dtype)
     teacher_logits = linear_logits(teacher_hidden, teacher_weight, teacher_bias, vocab, dtype)
     rows = linear_kd_rows(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab),
                           None if labels is None else labels.reshape(-1), divergence, temperature, soft_weight,
-                          hard_weight, ignore_index).view(leading)
+                          hard_weight, ignore_index, softcaps).view(leading)
     mask = row_mask(labels, ignore_index, leading, student_hidden.device)
     return reduce_rows(torch.where(mask, rows, 0.0), mask, reduction, num_items_in_batch)
 
 
 def linear_kd_rows(student_logits, teacher_logits, labels, divergence: Divergence, temperature: float,
-                   soft_weight: float, hard_weight: float, ignore_index: int) -> torch.Tensor:
+                   soft_weight: float, hard_weight: float, ignore_index: int, softcaps=(None, None)) -> torch.Tensor:
     """Per-row soft_weight · D(teacher ‖ student at T) + hard_weight · CE(student at T = 1, label) of float
-    logits [rows, V] (CE is 0 where the label is ignore_index)."""
-    rows = soft_weight * divergence_rows(divergence, student_logits, teacher_logits, temperature)
+    logits [rows, V] (CE is 0 where the label is ignore_index), each side's raw logits softcapped first by
+    `softcaps` (student, teacher)."""
+    rows = soft_weight * divergence_rows(divergence, student_logits, teacher_logits, temperature, softcaps)
     if hard_weight > 0:
-        rows = rows + hard_weight * torch.nn.functional.cross_entropy(student_logits, labels,
-                                                                      ignore_index=ignore_index, reduction="none")
+        rows = rows + hard_weight * torch.nn.functional.cross_entropy(
+            softcap(student_logits, softcaps[0]), labels, ignore_index=ignore_index, reduction="none")
     return rows
 
 
@@ -208,12 +254,13 @@ def topk_rows(student_logits, teacher_ids, teacher_logprobs, divergence: Diverge
 def fused_linear_topk_kd_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels=None, *,
                               divergence="forward_kl", temperature=1.0, tail="bucket", ignore_index=-100,
                               reduction="batchmean", num_items_in_batch=None, student_bias=None, hard_weight=0.0,
-                              soft_weight=1.0, impl="auto", backend="auto", memory_budget=None):
-    """Reference for `kdops.fused_linear_topk_kd_loss`: the student's logits in float32, then per token
+                              soft_weight=1.0, impl="auto", backend="auto", memory_budget=None, student_softcap=None):
+    """Reference for `kdops.fused_linear_topk_kd_loss`: the student's logits in float32 (softcapped by
+    `student_softcap`), then per token
     soft_weight · (the top-k loss) + hard_weight · CE(logits at T = 1, label), masked and reduced like
     `kd_loss`. (`impl`, `backend` and `memory_budget` are checked and ignored.)"""
     from .topk import TOPK_IMPLS, check_tail, check_topk_teacher
-    from ._validation import check_head, check_loss_weights
+    from ._validation import check_head, check_loss_weights, check_softcap
 
     divergence = as_divergence(divergence)
     check_head("student_", student_hidden, student_weight, student_bias)
@@ -226,8 +273,9 @@ def fused_linear_topk_kd_loss(student_hidden, student_weight, teacher_ids, teach
                                      num_items_in_batch)
     check_tail(tail, divergence.canonical(), divergence.name)
     check_topk_teacher(teacher_ids, teacher_logprobs, leading, vocab, tail, student_hidden.device)
-    logits = linear_logits(student_hidden, student_weight, student_bias, vocab,
-                           compute_dtype(student_hidden, student_weight))
+    logits = softcap(linear_logits(student_hidden, student_weight, student_bias, vocab,
+                                   compute_dtype(student_hidden, student_weight)),
+                     check_softcap("student_softcap", student_softcap))
     rows = soft_weight * topk_rows(logits, teacher_ids, teacher_logprobs, divergence, temperature, tail)
     if hard_weight > 0:
         rows = rows + hard_weight * torch.nn.functional.cross_entropy(

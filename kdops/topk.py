@@ -45,6 +45,10 @@ def check_tail(tail, canon: Canonical, name: str) -> None:
     """`tail` is one of TAILS, and "zero" only with a divergence that is finite where P̂ = 0 < Q."""
     if not isinstance(tail, str) or tail not in TAILS:
         raise ValueError(f"tail: expected one of {', '.join(map(repr, TAILS))}, got {tail!r}")
+    if canon.teacher_share != 1.0:
+        raise ValueError(f"divergence {name!r} with a top-k teacher: TAID interpolates the student's and the "
+                         "teacher's logits over the whole vocabulary, which a sparse teacher does not have; use "
+                         "kdops.kd_loss or kdops.fused_linear_kd_loss with the dense teacher")
     if tail != "zero":
         return
     # Canonical D(P ‖ Q) with the student as P weighs the teacher's zeros by log(q / 0): KL(q ‖ p̂) is infinite,
@@ -194,6 +198,7 @@ def fused_linear_topk_kd_loss(
     backend: str = "auto",
     memory_budget: int | None = None,
     vocab_parallel=None,
+    student_softcap: float | None = None,
 ) -> torch.Tensor:
     """`topk_kd_loss` from the student's hidden states [..., H] and lm_head weight [V, H] (+ bias [V]),
     without its [tokens, V] logits: per row,
@@ -201,7 +206,9 @@ def fused_linear_topk_kd_loss(
         ℓ = soft_weight · D(P ‖ Q) (the `tail` mode's k (+1)-outcome pair) + hard_weight · CE(s, label) (T = 1)
 
     masked and reduced like `kd_loss`. Gradients flow to the hidden states, weight and bias (in their
-    dtypes); the teacher's log-probabilities get none.
+    dtypes); the teacher's log-probabilities get none. `student_softcap` c: the student's logits are
+    c·tanh(z / c) everywhere above (as in `fused_linear_kd_loss`; the teacher's log-probabilities are whatever
+    its model gave).
 
     `impl`: "chunked" (token chunks of float32 logits within `memory_budget` bytes, default
     `kdops._chunked.MEMORY_BUDGET`; the vocabulary-wide passes of `topk_kd_loss` on each chunk), "gathered"
@@ -217,7 +224,14 @@ def fused_linear_topk_kd_loss(
     `reduce_hidden_grad=False`.
     """
     from ._reduction import row_weights
-    from ._validation import check_choice, check_head, check_label_range, check_loss_weights, check_memory_budget
+    from ._validation import (
+        check_choice,
+        check_head,
+        check_label_range,
+        check_loss_weights,
+        check_memory_budget,
+        check_softcap,
+    )
 
     divergence = as_divergence(divergence)
     check_head("student_", student_hidden, student_weight, student_bias)
@@ -229,10 +243,11 @@ def fused_linear_topk_kd_loss(
     temperature = check_loss_options(labels, leading, device, temperature, ignore_index, reduction,
                                      num_items_in_batch)
     check_tail(tail, divergence.canonical(), divergence.name)
+    cap = check_softcap("student_softcap", student_softcap)
     hard_weight, soft_weight = float(hard_weight), float(soft_weight)
     shards = _shards(vocab_parallel, divergence, leading.numel(), device, teacher_ids,
                      weight_rows=(student_weight.shape[0],), temperature=temperature, tail=tail, impl=impl,
-                     backend=backend, reduction=reduction, hard=hard_weight, soft=soft_weight,
+                     backend=backend, reduction=reduction, hard=hard_weight, soft=soft_weight, softcap=cap,
                      grads=tuple(t is not None and t.requires_grad for t in (student_hidden, student_weight,
                                                                               student_bias)))
     if shards is not None:
@@ -252,11 +267,11 @@ def fused_linear_topk_kd_loss(
     teacher = TopKTeacher(teacher_ids, teacher_logprobs, vocab, tail, dtype, shards)
     if gathered and impl != "chunked":
         problem = TopKGatheredProblem(student_hidden, student_weight, student_bias, teacher, divergence, temperature,
-                                      soft_weight, engine, memory_budget, shards)
+                                      soft_weight, engine, memory_budget, shards, cap)
     else:
         problem = TopKChunkedProblem(student_hidden, student_weight, student_bias, teacher, labels, divergence,
                                      temperature, vocab, soft_weight, hard_weight, ignore_index, engine,
-                                     memory_budget, shards)
+                                     memory_budget, shards, cap)
     mask = row_mask(labels, ignore_index, leading, device).reshape(-1)
     tensors = (student_hidden, student_weight, student_bias, None, None, None)
     if reduction != "none":

@@ -108,9 +108,9 @@ def fused_forward_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, partial_ptr, stats_ptr,
     n_rows, V, Hs, Ht, split_size, n_splits,
     hs_inner, hs_outer, hs_stride, ht_inner, ht_outer, ht_stride, ws_stride, wt_stride,
-    inv_temp, c1, c2,
+    inv_temp, c1, c2, cap_s, cap_t, share,
     KIND: tl.constexpr, SECOND_PASS: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr,
-    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    TRANSFORM: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr, MMA_S: tl.constexpr, MMA_T: tl.constexpr,
     PREC_S: tl.constexpr,
     PREC_T: tl.constexpr, ACC: tl.constexpr,
@@ -145,14 +145,15 @@ def fused_forward_kernel(
                           ws_stride, wt_stride, HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S, MMA_T,
                           PREC_S, PREC_T, ACC)
         if SECOND_PASS:
-            t1, t2, t3 = second_pass_tile(KIND, STUDENT_IS_P, s, t, inv_temp, m_x, ls_x, m_y, ls_y, r, c1, c2)
+            t1, t2, t3 = second_pass_tile(KIND, STUDENT_IS_P, TRANSFORM, s, t, inv_temp, cap_s, cap_t, share, m_x,
+                                          ls_x, m_y, ls_y, r, c1, c2)
             y1 += t1
             y2 += t2
             y3 += t3
         else:
             m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab = first_pass_tile(
-                KIND, HARD, STUDENT_IS_P, s, t, cols, labels, inv_temp, m_x, u_x, m_y, u_y, acc1, acc2, acc3,
-                m_c, u_c, s_lab, c1, c2)
+                KIND, HARD, STUDENT_IS_P, TRANSFORM, s, t, cols, labels, inv_temp, cap_s, cap_t, share, m_x, u_x, m_y,
+                u_y, acc1, acc2, acc3, m_c, u_c, s_lab, c1, c2)
     if SECOND_PASS:
         store_second_partial(part, row_ok, y1, y2, y3)
     else:
@@ -162,8 +163,8 @@ def fused_forward_kernel(
 @triton.jit
 def gradient_tiles(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, labels, stats_ptr,
-    safe_rows, scale, Hs, Ht, ws_stride, wt_stride, inv_temp, c1, c2, soft, hard,
-    KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, HAS_BS: tl.constexpr,
+    safe_rows, scale, Hs, Ht, ws_stride, wt_stride, inv_temp, c1, c2, soft, hard, cap_s, cap_t, share,
+    KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, TRANSFORM: tl.constexpr, HAS_BS: tl.constexpr,
     HAS_BT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_S: tl.constexpr, DOT_T: tl.constexpr, MMA_S: tl.constexpr, MMA_T: tl.constexpr,
     PREC_S: tl.constexpr, PREC_T: tl.constexpr, ACC: tl.constexpr,
@@ -173,8 +174,8 @@ def gradient_tiles(
                       ws_stride, wt_stride, HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S, MMA_T,
                       PREC_S, PREC_T, ACC)
     m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
-    g_s, g_t = gradient_tile(KIND, HARD, STUDENT_IS_P, s, t, cols, labels, inv_temp, m_x, ls_x, m_y, ls_y, r, aux1,
-                             aux2, aux3, L, m_c, ls_c, c1, c2, soft, hard)
+    g_s, g_t = gradient_tile(KIND, HARD, STUDENT_IS_P, TRANSFORM, s, t, cols, labels, inv_temp, cap_s, cap_t, share,
+                             m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c, c1, c2, soft, hard)
     live = (scale != 0) & row_ok
     g_s = tl.where(col_ok[None, :], scale_rows(g_s, scale, live), 0.0)
     g_t = tl.where(col_ok[None, :], scale_rows(g_t, scale, live), 0.0)
@@ -186,8 +187,8 @@ def fused_grad_hidden_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, stats_ptr, row_scale_ptr, ghs_ptr, ght_ptr,
     row_start, row_end, V, Hs, Ht,
     hs_inner, hs_outer, hs_stride, ht_inner, ht_outer, ht_stride, ws_stride, wt_stride,
-    inv_temp, c1, c2, soft, hard,
-    KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, HAS_BS: tl.constexpr,
+    inv_temp, c1, c2, cap_s, cap_t, share, soft, hard,
+    KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, TRANSFORM: tl.constexpr, HAS_BS: tl.constexpr,
     HAS_BT: tl.constexpr, GRAD_HS: tl.constexpr, GRAD_HT: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr, MMA_S: tl.constexpr,
     MMA_T: tl.constexpr,     PREC_S: tl.constexpr, PREC_T: tl.constexpr, ACC: tl.constexpr,
@@ -207,8 +208,9 @@ def fused_grad_hidden_kernel(
         col_ok = cols < V
         g_s, g_t = gradient_tiles(
             hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, labels, stats_ptr,
-            safe_rows, scale, Hs, Ht, ws_stride, wt_stride, inv_temp, c1, c2, soft, hard, KIND, HARD, STUDENT_IS_P,
-            HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S, MMA_T, PREC_S, PREC_T, ACC)
+            safe_rows, scale, Hs, Ht, ws_stride, wt_stride, inv_temp, c1, c2, soft, hard, cap_s, cap_t, share, KIND,
+            HARD, STUDENT_IS_P, TRANSFORM, HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S, MMA_T,
+            PREC_S, PREC_T, ACC)
         if GRAD_HS:
             add_product(ghs_ptr, local * Hs, row_ok, g_s, ws_ptr, cols.to(tl.int64) * ws_stride, col_ok, Hs, BLOCK_H,
                         DOT_S, MMA_S, PREC_S)
@@ -223,8 +225,8 @@ def fused_grad_weight_kernel(
     gws_ptr, gbs_ptr, gwt_ptr, gbt_ptr,
     col_start, col_end, n_rows, Hs, Ht,
     hs_inner, hs_outer, hs_stride, ht_inner, ht_outer, ht_stride, ws_stride, wt_stride,
-    inv_temp, c1, c2, soft, hard,
-    KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, HAS_BS: tl.constexpr,
+    inv_temp, c1, c2, cap_s, cap_t, share, soft, hard,
+    KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, TRANSFORM: tl.constexpr, HAS_BS: tl.constexpr,
     HAS_BT: tl.constexpr, GRAD_WS: tl.constexpr, GRAD_BS: tl.constexpr, GRAD_WT: tl.constexpr,
     GRAD_BT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_S: tl.constexpr, DOT_T: tl.constexpr, MMA_S: tl.constexpr, MMA_T: tl.constexpr,
@@ -248,8 +250,9 @@ def fused_grad_weight_kernel(
         scale = tl.load(row_scale_ptr + safe_rows).to(ACC)
         g_s, g_t = gradient_tiles(
             hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, labels, stats_ptr,
-            safe_rows, scale, Hs, Ht, ws_stride, wt_stride, inv_temp, c1, c2, soft, hard, KIND, HARD, STUDENT_IS_P,
-            HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S, MMA_T, PREC_S, PREC_T, ACC)
+            safe_rows, scale, Hs, Ht, ws_stride, wt_stride, inv_temp, c1, c2, soft, hard, cap_s, cap_t, share, KIND,
+            HARD, STUDENT_IS_P, TRANSFORM, HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S, MMA_T,
+            PREC_S, PREC_T, ACC)
         if GRAD_WS:
             add_product(gws_ptr, local * Hs, col_ok, tl.trans(g_s), hs_ptr, hs_off, row_ok, Hs, BLOCK_H, DOT_S, MMA_S,
                         PREC_S)

@@ -53,9 +53,9 @@ SECOND_PARTIAL = tl.constexpr(2)
 def kd_logits_forward_kernel(
     s_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, partial_ptr,
     n_rows, V, s_inner, s_stride_outer, s_stride_inner, t_inner, t_stride_outer, t_stride_inner,
-    inv_temp, c1, c2, soft, hard,
+    inv_temp, c1, c2, soft, hard, cap_s, cap_t, share,
     KIND: tl.constexpr, TWO_PASS: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr,
-    STAGE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    TRANSFORM: tl.constexpr, STAGE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
     """loss[r] = soft·D(teacher_r ‖ student_r at T) + hard·CE(student_r, label_r); stats[r] as in passes.py.
 
@@ -81,8 +81,8 @@ def kd_logits_forward_kernel(
             s = load_tile(s_ptr + v0, s_off, cols, col_ok, ACC)
             t = load_tile(t_ptr + v0, t_off, cols, col_ok, ACC)
             m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab = first_pass_tile(
-                KIND, HARD, STUDENT_IS_P, s, t, v0 + cols, labels, inv_temp, m_x, u_x, m_y, u_y, acc1, acc2, acc3,
-                m_c, u_c, s_lab, c1, c2)
+                KIND, HARD, STUDENT_IS_P, TRANSFORM, s, t, v0 + cols, labels, inv_temp, cap_s, cap_t, share, m_x, u_x,
+                m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab, c1, c2)
         if STAGE == FIRST_PARTIAL:
             store_partial(part, row_ok, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab)
         else:
@@ -97,7 +97,8 @@ def kd_logits_forward_kernel(
             col_ok = v0 + cols < V
             s = load_tile(s_ptr + v0, s_off, cols, col_ok, ACC)
             t = load_tile(t_ptr + v0, t_off, cols, col_ok, ACC)
-            t1, t2, t3 = second_pass_tile(KIND, STUDENT_IS_P, s, t, inv_temp, m_x, ls_x, m_y, ls_y, r, c1, c2)
+            t1, t2, t3 = second_pass_tile(KIND, STUDENT_IS_P, TRANSFORM, s, t, inv_temp, cap_s, cap_t, share, m_x,
+                                          ls_x, m_y, ls_y, r, c1, c2)
             y1 += t1
             y2 += t2
             y3 += t3
@@ -126,8 +127,8 @@ def as_output(x, out_ptr):
 def kd_logits_backward_kernel(
     s_ptr, t_ptr, labels_ptr, grad_s_ptr, grad_t_ptr, stats_ptr, row_scale_ptr,
     n_rows, V, s_inner, s_stride_outer, s_stride_inner, t_inner, t_stride_outer, t_stride_inner,
-    inv_temp, c1, c2, soft, hard,
-    KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, GRAD_S: tl.constexpr,
+    inv_temp, c1, c2, soft, hard, cap_s, cap_t, share,
+    KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, TRANSFORM: tl.constexpr, GRAD_S: tl.constexpr,
     GRAD_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
     """grad_s[r] = row_scale[r] · ∂ℓ_r/∂s_r (and grad_t likewise); gradients are contiguous [rows, V].
@@ -151,8 +152,8 @@ def kd_logits_backward_kernel(
         col_ok = v0 + cols < V
         s = load_tile(s_ptr + v0, s_off, cols, col_ok, ACC)
         t = load_tile(t_ptr + v0, t_off, cols, col_ok, ACC)
-        g_s, g_t = gradient_tile(KIND, HARD, STUDENT_IS_P, s, t, v0 + cols, labels, inv_temp, m_x, ls_x, m_y,
-                                 ls_y, r, aux1, aux2, aux3, L, m_c, ls_c, c1, c2, soft, hard)
+        g_s, g_t = gradient_tile(KIND, HARD, STUDENT_IS_P, TRANSFORM, s, t, v0 + cols, labels, inv_temp, cap_s, cap_t,
+                                 share, m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c, c1, c2, soft, hard)
         out_mask = row_ok[:, None] & col_ok[None, :]
         if GRAD_S:
             tl.store(grad_s_ptr + v0 + g_off[:, None] + cols[None, :],

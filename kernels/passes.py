@@ -25,6 +25,7 @@ from .divergences import (
     second_pass_finish,
     second_pass_terms,
 )
+from .transforms import raw_gradients, transformed_tiles
 
 NUM_STATS = tl.constexpr(11)
 
@@ -71,9 +72,12 @@ def load_labels(HARD: tl.constexpr, labels_ptr, rows, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def first_pass_tile(KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, s, t, cols, labels,
-                    inv_temp, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab, c1, c2):
-    """Fold raw logit tiles s (student), t (teacher) [rows, block] into the first-pass state."""
+def first_pass_tile(KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, TRANSFORM: tl.constexpr, s,
+                    t, cols, labels, inv_temp, cap_s, cap_t, share, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c,
+                    s_lab, c1, c2):
+    """Fold raw logit tiles s (student), t (teacher) [rows, block], transformed (`transforms.py`), into the
+    first-pass state."""
+    s, _, t = transformed_tiles(TRANSFORM, s, t, cap_s, cap_t, share)
     x, y = scaled_pq(STUDENT_IS_P, s, t, inv_temp)
     m_x, u_x, m_y, u_y, acc1, acc2, acc3 = first_pass_update(KIND, x, y, m_x, u_x, m_y, u_y, acc1, acc2, acc3,
                                                              c1, c2)
@@ -96,8 +100,10 @@ def first_pass_results(KIND: tl.constexpr, HARD: tl.constexpr, m_x, u_x, m_y, u_
 
 
 @triton.jit
-def second_pass_tile(KIND: tl.constexpr, STUDENT_IS_P: tl.constexpr, s, t, inv_temp, m_x, ls_x, m_y, ls_y, r, c1, c2):
-    """The second-pass sums (y1, y2, y3) [rows] of one tile."""
+def second_pass_tile(KIND: tl.constexpr, STUDENT_IS_P: tl.constexpr, TRANSFORM: tl.constexpr, s, t, inv_temp, cap_s,
+                     cap_t, share, m_x, ls_x, m_y, ls_y, r, c1, c2):
+    """The second-pass sums (y1, y2, y3) [rows] of one pair of raw tiles."""
+    s, _, t = transformed_tiles(TRANSFORM, s, t, cap_s, cap_t, share)
     x, y = scaled_pq(STUDENT_IS_P, s, t, inv_temp)
     lp, lq, lpq = log_probs(x, y, m_x, ls_x, m_y, ls_y, r)
     t1, t2, t3 = second_pass_terms(KIND, lp, lq, lpq, c1, c2)
@@ -112,16 +118,19 @@ def second_pass_results(KIND: tl.constexpr, y1, y2, y3, c1, c2):
 
 
 @triton.jit
-def gradient_tile(KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, s, t, cols, labels,
-                  inv_temp, m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c, c1, c2, soft, hard):
-    """(∂ℓ/∂s, ∂ℓ/∂t) on raw logit tiles: soft/T · ∂D/∂(logits/T), + hard · ∂CE/∂s (student)."""
-    x, y = scaled_pq(STUDENT_IS_P, s, t, inv_temp)
+def gradient_tile(KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, TRANSFORM: tl.constexpr, s, t,
+                  cols, labels, inv_temp, cap_s, cap_t, share, m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c,
+                  c1, c2, soft, hard):
+    """(∂ℓ/∂s, ∂ℓ/∂t) on raw logit tiles: soft/T · ∂D/∂(logits/T), + hard · ∂CE/∂s (student), on the
+    transformed tiles, then back through the transform (`transforms.raw_gradients`)."""
+    s, t, target = transformed_tiles(TRANSFORM, s, t, cap_s, cap_t, share)
+    x, y = scaled_pq(STUDENT_IS_P, s, target, inv_temp)
     lp, lq, lpq = log_probs(x, y, m_x, ls_x, m_y, ls_y, r)
     g_x, g_y = gradient_terms(KIND, lp, lq, lpq, L, aux1, aux2, aux3, c1, c2)
     g_s, g_t = as_pq(STUDENT_IS_P, g_x * (soft * inv_temp), g_y * (soft * inv_temp))
     if HARD:
         g_s += hard * hard_label_gradient(s, m_c, ls_c, cols, labels)
-    return g_s, g_t
+    return raw_gradients(TRANSFORM, s, t, g_s, g_t, cap_s, cap_t, share)
 
 
 @triton.jit

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .divergences import NEG_INF, log1p, online_lse_update
 from .logits import as_output, load_tile, row_offsets
+from .transforms import softcap, softcap_slope
 
 
 @triton.jit
@@ -56,10 +57,11 @@ def member_tile(ids_ptr, g_ptr, row_base, lo, k, v0, BLOCK_R: tl.constexpr, BLOC
 
 @triton.jit
 def complement_lse_kernel(
-    s_ptr, ids_ptr, out_ptr, n_rows, V, k, s_inner, s_stride_outer, s_stride_inner, inv_temp,
-    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    s_ptr, ids_ptr, out_ptr, n_rows, V, k, s_inner, s_stride_outer, s_stride_inner, inv_temp, cap,
+    SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
-    """out[r] = log Σ_{j ∉ ids_r} e^(s_rj / T), ids [rows, k] sorted (absent as V)."""
+    """out[r] = log Σ_{j ∉ ids_r} e^(s_rj / T), ids [rows, k] sorted (absent as V); with SOFTCAP, of the logits
+    cap·tanh(s / cap) (`transforms.py`)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     safe_rows = tl.minimum(rows, n_rows - 1)
@@ -72,8 +74,11 @@ def complement_lse_kernel(
     for v0 in range(0, V, BLOCK_V):
         col_ok = v0 + cols < V
         member, _, lo = member_tile(ids_ptr, ids_ptr, row_base, lo, k, v0, BLOCK_R, BLOCK_V, BLOCK_C, False, ACC)
+        s = load_tile(s_ptr + v0, s_off, cols, col_ok, ACC)
+        if SOFTCAP:
+            s = softcap(s, cap)
         # One rounded product per logit, as in `passes.scaled_pq` (never contracted into the max's shift).
-        x = tl.fma(load_tile(s_ptr + v0, s_off, cols, col_ok, ACC), inv_temp, 0.0)
+        x = tl.fma(s, inv_temp, 0.0)
         m, u = online_lse_update(m, u, tl.where(member, NEG_INF, x))
     tl.store(out_ptr + rows, m + log1p(u), mask=row_ok)
 
@@ -81,11 +86,13 @@ def complement_lse_kernel(
 @triton.jit
 def topk_student_backward_kernel(
     s_ptr, ids_ptr, g_ids_ptr, lse_rest_ptr, g_rest_ptr, out_ptr, n_rows, V, k, s_inner, s_stride_outer,
-    s_stride_inner, inv_temp,
-    TAIL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    s_stride_inner, inv_temp, cap,
+    TAIL: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """out[r, j] = (g_rest[r]·e^(s_rj / T − R_r) off the ids (only with TAIL), g_ids[r, i] at j = ids[r, i]) / T;
-    ids and g_ids [rows, k] in the same (sorted) order; out contiguous [rows, V] in its own dtype."""
+    ids and g_ids [rows, k] in the same (sorted) order; out contiguous [rows, V] in its own dtype. With SOFTCAP
+    the loss saw cap·tanh(s / cap) for s: that in the formula, and the result times its slope 1 − tanh²."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     safe_rows = tl.minimum(rows, n_rows - 1)
@@ -100,11 +107,18 @@ def topk_student_backward_kernel(
     for v0 in range(0, V, BLOCK_V):
         col_ok = v0 + cols < V
         member, grad, lo = member_tile(ids_ptr, g_ids_ptr, row_base, lo, k, v0, BLOCK_R, BLOCK_V, BLOCK_C, True, ACC)
+        if TAIL or SOFTCAP:
+            s = load_tile(s_ptr + v0, s_off, cols, col_ok, ACC)
+            if SOFTCAP:
+                s = softcap(s, cap)
         if TAIL:
-            x = tl.fma(load_tile(s_ptr + v0, s_off, cols, col_ok, ACC), inv_temp, 0.0)
+            x = tl.fma(s, inv_temp, 0.0)
             # A row with no gradient from its tail (ignored, or an empty complement whose R is −inf) gets
             # exact zeros there, whatever its logits.
             tail = tl.where((g_rest != 0.0)[:, None] & ~member, g_rest[:, None] * tl.exp(x - lse_rest[:, None]), 0.0)
             grad += tail
-        tl.store(out_ptr + out_off[:, None] + v0 + cols[None, :], as_output(grad * inv_temp, out_ptr),
+        grad = grad * inv_temp
+        if SOFTCAP:
+            grad = grad * softcap_slope(s, cap)
+        tl.store(out_ptr + out_off[:, None] + v0 + cols[None, :], as_output(grad, out_ptr),
                  mask=row_ok[:, None] & col_ok[None, :])

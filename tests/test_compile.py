@@ -44,8 +44,10 @@ def test_kd_loss_compiles_fullgraph(backend, reduction):
     _compare_compiled(step, list(head.parameters()), x, teacher, labels)
 
 
-@pytest.mark.parametrize("impl, backend", [("fused", "triton"), ("chunked", "triton"), ("chunked", "torch")])
-def test_fused_linear_kd_loss_compiles_fullgraph(impl, backend):
+@pytest.mark.parametrize("impl, backend, transforms", [
+    ("fused", "triton", False), ("chunked", "triton", False), ("chunked", "torch", False),
+    ("fused", "triton", True), ("chunked", "torch", True)])
+def test_fused_linear_kd_loss_compiles_fullgraph(impl, backend, transforms):
     torch.manual_seed(1)
     body = torch.nn.Linear(16, 20).to(DEVICE)
     weight = torch.nn.Parameter(torch.randn(300, 20, device=DEVICE) * 0.5)
@@ -55,10 +57,14 @@ def test_fused_linear_kd_loss_compiles_fullgraph(impl, backend):
     labels = torch.randint(0, 300, (3, 7), device=DEVICE)
     labels[1, :2] = -100
 
+    # the tile transforms travel through the custom op's options: softcaps, and TAID as a divergence
+    options = dict(divergence=kdops.TAID(0.4), student_softcap=2.0, teacher_softcap=3.0) if transforms else dict(
+        divergence="reverse_kl")
+
     def step(x, teacher_hidden, teacher_weight, labels):
         return kdops.fused_linear_kd_loss(torch.tanh(body(x)), weight, teacher_hidden, teacher_weight, labels,
-                                          divergence="reverse_kl", student_bias=bias, hard_weight=0.5,
-                                          temperature=1.5, impl=impl, backend=backend)
+                                          student_bias=bias, hard_weight=0.5, temperature=1.5, impl=impl,
+                                          backend=backend, **options)
 
     _compare_compiled(step, [*body.parameters(), weight, bias], x, teacher_hidden, teacher_weight, labels)
 
@@ -68,3 +74,4 @@ def test_divergence_repr_round_trips(name):
     divergence = kdops.as_divergence(name)
     assert divergence_from_repr(repr(divergence)) == divergence
     assert divergence_from_repr("GeneralizedJSD(beta=0.25)") == kdops.GeneralizedJSD(beta=0.25)
+    assert divergence_from_repr(repr(kdops.TAID(0.3))) == kdops.TAID(0.3)

@@ -101,9 +101,33 @@ def test_logit_multipliers_are_folded_in(family, option, value):
                  _loss_and_grads(reference_loss, student, teacher, b, hard_weight=0.5))
 
 
-def test_softcapping_is_a_clear_error():
-    teacher = tiny("Gemma2", seed=8, head_dim=8, final_logit_softcapping=30.0)
-    with pytest.raises(ValueError, match=r"Gemma2ForCausalLM.*final_logit_softcapping"):
+def gemma2(seed, hidden=32, softcap=0.3):
+    """A tiny Gemma-2 whose final-logit softcap bites: its random logits reach about ±0.45, so a cap of 0.3
+    is far from the identity."""
+    return tiny("Gemma2", hidden=hidden, seed=seed, head_dim=8, final_logit_softcapping=softcap)
+
+
+def test_softcapped_models_match_reference():
+    """Gemma-2 students and teachers with final_logit_softcapping: the caps are read from the configs and
+    applied by the kernels, and the loss and gradients equal those of the models' own (softcapped) logits."""
+    student, teacher = gemma2(seed=8, softcap=0.3), gemma2(seed=9, hidden=48, softcap=0.5)
+    assert kd_tf.logit_transform(student) == (1.0, 0.3) and kd_tf.logit_softcap(teacher) == 0.5
+    b = batch(seed=10)
+    for options in (dict(divergence="generalized_jsd", hard_weight=0.5, temperature=1.5),
+                    dict(divergence="reverse_kl", impl="fused", backend="triton")):
+        reference_options = {k: v for k, v in options.items() if k not in ("impl", "backend")}
+        _assert_same(_loss_and_grads(kd_tf.distillation_loss, student, teacher, b, **options),
+                     _loss_and_grads(reference_loss, student, teacher, b, **reference_options))
+    # A plain student against a softcapped teacher: only the teacher's side is capped.
+    plain = tiny(seed=11)
+    _assert_same(_loss_and_grads(kd_tf.distillation_loss, plain, teacher, b),
+                 _loss_and_grads(reference_loss, plain, teacher, b))
+
+
+def test_unknown_logit_option_is_a_clear_error():
+    teacher = tiny(seed=8)
+    teacher.config.logit_bias_magic = 3.0
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM.*logit_bias_magic.*kd_loss"):
         kd_tf.distillation_loss(tiny(seed=9), teacher, batch())
 
 
@@ -146,6 +170,63 @@ def test_trainer_steps_match_a_full_logits_trainer(tmp_path):
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=1e-4)
     for (n, p), (_, q) in zip(s1.named_parameters(), s2.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4, msg=n)
+
+
+def test_softcapped_gemma2_trainer_matches_full_logits(tmp_path):
+    """DistillationTrainer on softcapped Gemma-2 models: the same logged losses and weights after three
+    accumulated steps as a Trainer on the models' full (softcapped) logits."""
+    student, teacher = gemma2(seed=18, softcap=0.3), gemma2(seed=19, hidden=48, softcap=0.5)
+    ours, s1 = _train(kd_tf.DistillationTrainer, copy.deepcopy(student), teacher, 3, tmp_path / "a",
+                      divergence="generalized_jsd", hard_weight=0.5)
+    theirs, s2 = _train(_full_logits_trainer(), copy.deepcopy(student), teacher, 3, tmp_path / "b",
+                        divergence="generalized_jsd", hard_weight=0.5)
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=1e-4)
+    for (n, p), (_, q) in zip(s1.named_parameters(), s2.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4, msg=n)
+
+
+def test_taid_trainer(tmp_path):
+    """DistillationTrainer(taid=TAIDSchedule(...)): each step's loss is TAID at the schedule's t (the same
+    losses and weights as a full-logits Trainer driven by its own copy of the schedule), t moves after every
+    optimizer step by the schedule's rule applied to the step's loss, and is logged as taid_t."""
+    import kdops
+
+    student, teacher = tiny(seed=21), tiny(hidden=48, seed=22)
+    ours_schedule = kdops.TAIDSchedule(t_start=0.4, alpha=0.2, num_steps=10)
+    theirs_schedule = kdops.TAIDSchedule(t_start=0.4, alpha=0.2, num_steps=10)
+    ours, s1 = _train(kd_tf.DistillationTrainer, copy.deepcopy(student), teacher, 3, tmp_path / "a",
+                      taid=ours_schedule, hard_weight=0.3)
+    theirs, s2 = _train(_full_logits_trainer(), copy.deepcopy(student), teacher, 3, tmp_path / "b",
+                        taid=theirs_schedule, hard_weight=0.3)
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=1e-4)
+    for (n, p), (_, q) in zip(s1.named_parameters(), s2.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4, msg=n)
+    # The schedule saw the three logged step losses, in order.
+    replay = kdops.TAIDSchedule(t_start=0.4, alpha=0.2, num_steps=10)
+    ts = [replay.update(loss, step=i + 1) for i, loss in enumerate(ours)]
+    assert ours_schedule.step == 3 and ours_schedule.t == pytest.approx(ts[-1], rel=1e-3)
+    assert ts[-1] > 0.4
+    with pytest.raises(ValueError, match="divergence"):
+        _train(kd_tf.DistillationTrainer, copy.deepcopy(student), teacher, 1, tmp_path / "c",
+               taid=ours_schedule, divergence="reverse_kl")
+
+
+def _full_logits_trainer():
+    """DistillationTrainer with its loss computed on the models' full logits by the reference (the TAID
+    schedule, when given, is driven the same way)."""
+
+    class FullLogitsTrainer(kd_tf.DistillationTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            options = {k: v for k, v in self.distillation_options.items() if k != "impl"}
+            if self.taid is not None:
+                options["divergence"] = self.taid.divergence
+            loss = reference_loss(model, self.teacher_model, inputs, num_items_in_batch=num_items_in_batch,
+                                  **options)
+            if self.taid is not None:
+                self._taid_losses.append((loss.detach(), num_items_in_batch is not None))
+            return loss
+
+    return FullLogitsTrainer
 
 
 def test_bf16_teacher_and_autocast_student():

@@ -128,6 +128,14 @@ def correctness_body(rank, world):
             check_kd_loss(s, t, labels, start, stop, divergence=divergence, temperature=1.5, backend=backend,
                           vocab_parallel=vp)
 
+    # The tile transforms: softcaps on both sides and TAID's target (the student's share detached).
+    for impl, backend in FUSED_PATHS:
+        check_fused(x, start, stop, divergence=kdops.TAID(0.6), temperature=1.5, hard_weight=0.3, impl=impl,
+                    backend=backend, student_softcap=3.0, teacher_softcap=5.0, vocab_parallel=vp)
+    for backend in ("triton", "torch"):
+        check_kd_loss(s, t, labels, start, stop, divergence=kdops.TAID(0.3), temperature=1.5, backend=backend,
+                      vocab_parallel=vp)
+
     # Reductions, padding rows past the shard, labels all on one rank's shard, the hidden-state gradients
     # left to the caller, many chunks.
     last = max(stop for _, stop in SHARDS[world])

@@ -19,9 +19,10 @@ from ..api import fused_linear_kd_loss
 IGNORE_INDEX = -100
 
 # Config options that post-process the logits after the lm_head: folded into the hidden states (a
-# multiplier m turns logits into m · h · Wᵀ), or rejected (softcapping is not supported by the kernels).
+# multiplier m turns logits into m · h · Wᵀ), or passed to the loss (a final softcap c: c·tanh(z / c), applied
+# by the kernels to each logit tile after the multiplier, as the models apply it).
 _MULTIPLIERS = {"logit_scale": lambda v: v, "logits_scaling": lambda v: 1.0 / v}
-_UNSUPPORTED = ("final_logit_softcapping",)
+_SOFTCAPS = ("final_logit_softcapping",)
 # Options with "logit" in their name that do not touch the output logits.
 _HARMLESS = ("attn_logit_softcapping", "output_logits", "logits_to_keep", "num_logits_to_keep")
 
@@ -33,28 +34,38 @@ def _unwrap(model):
     return model
 
 
-def logit_multiplier(model) -> float:
-    """The factor the model applies to its logits after the lm_head (1.0 for most models).
+def logit_transform(model) -> tuple[float, float | None]:
+    """(multiplier, softcap) that the model applies to its logits after the lm_head: logits are
+    softcap·tanh(multiplier·z / softcap) (multiplier 1.0 and softcap None for most models).
 
-    Raises ValueError, naming the model and the option, where the logits are post-processed in a way
-    the fused loss cannot reproduce (final-logit softcapping) or that kdops does not know.
+    Raises ValueError, naming the model and the option, where a config option with "logit" in its name is
+    one kdops does not know (it may change the logits in a way the fused loss would not reproduce).
     """
     config = _unwrap(model).config
     name = type(_unwrap(model)).__name__
-    multiplier = 1.0
+    multiplier, softcap = 1.0, None
     for key, value in config.to_dict().items():
         if "logit" not in key or key in _HARMLESS or value is None or value is False:
             continue
         if key in _MULTIPLIERS:
             multiplier *= float(_MULTIPLIERS[key](value))
-        elif key in _UNSUPPORTED:
-            raise ValueError(f"{name}: config.{key}={value!r} post-processes the logits nonlinearly, which "
-                             "kdops' fused loss does not support; set it to None (and check that the model "
-                             "still behaves) or distill on logits with kdops.kd_loss")
+        elif key in _SOFTCAPS:
+            softcap = float(value)
         else:
             raise ValueError(f"{name}: config.{key}={value!r} may change the logits after the lm_head, and kdops "
                              "does not know this option; distill on logits with kdops.kd_loss instead")
-    return multiplier
+    return multiplier, softcap
+
+
+def logit_multiplier(model) -> float:
+    """The factor the model applies to its logits after the lm_head (1.0 for most models); see
+    `logit_transform`."""
+    return logit_transform(model)[0]
+
+
+def logit_softcap(model) -> float | None:
+    """The model's final-logit softcap c (logits c·tanh(z / c)), or None; see `logit_transform`."""
+    return logit_transform(model)[1]
 
 
 def final_hidden_and_head(model, input_ids, attention_mask=None):
@@ -89,7 +100,8 @@ def distillation_loss(student, teacher, batch, *, divergence="forward_kl", tempe
     per predicted token, soft_weight · D(teacher ‖ student at T) + hard_weight · CE(student, next token),
     averaged over tokens whose shifted label is not ignore_index (or summed and divided by
     `num_items_in_batch`). The teacher runs in eval mode under no_grad, in its own dtype and on its own
-    device (its hidden states and lm_head are moved to the student's device if they differ).
+    device (its hidden states and lm_head are moved to the student's device if they differ). The models'
+    logit multipliers and final-logit softcaps (`logit_transform`) are applied as the models apply them.
     """
     input_ids, labels = batch["input_ids"], batch["labels"]
     attention_mask = batch.get("attention_mask")
@@ -110,7 +122,8 @@ def distillation_loss(student, teacher, batch, *, divergence="forward_kl", tempe
         return fused_linear_kd_loss(hidden, weight, t_hidden, t_weight, shift_labels(labels, ignore_index).to(device),
                                     divergence=divergence, temperature=temperature, ignore_index=ignore_index,
                                     num_items_in_batch=num_items_in_batch, student_bias=bias, teacher_bias=t_bias,
-                                    hard_weight=hard_weight, soft_weight=soft_weight, impl=impl, backend=backend)
+                                    hard_weight=hard_weight, soft_weight=soft_weight, impl=impl, backend=backend,
+                                    student_softcap=logit_softcap(student), teacher_softcap=logit_softcap(teacher))
 
 
 def _trainer_class():
@@ -119,23 +132,63 @@ def _trainer_class():
     class DistillationTrainer(transformers.Trainer):
         """`transformers.Trainer` whose loss is `distillation_loss` against `teacher_model` (`model` is the
         student). Keyword arguments besides the Trainer's own: divergence, temperature, hard_weight,
-        soft_weight, impl. Gradient accumulation: the loss is divided by the `num_items_in_batch` the
-        Trainer passes, as a transformers model's own loss is.
+        soft_weight, impl, and `taid` — a `kdops.TAIDSchedule`: the divergence is then `kdops.TAID(t)` at the
+        schedule's t, which the trainer updates after every optimizer step with that step's loss (the mean
+        over its accumulated micro-batches) and logs as ``taid_t``. Gradient accumulation: the loss is
+        divided by the `num_items_in_batch` the Trainer passes, as a transformers model's own loss is.
         """
 
         def __init__(self, *args, teacher_model, divergence="forward_kl", temperature=1.0, hard_weight=0.0,
-                     soft_weight=1.0, impl="auto", **kwargs):
+                     soft_weight=1.0, impl="auto", taid=None, **kwargs):
+            from ..taid import TAIDSchedule
+
+            if taid is not None:
+                if not isinstance(taid, TAIDSchedule):
+                    raise TypeError(f"taid: expected a kdops.TAIDSchedule, got {type(taid).__name__}")
+                if divergence != "forward_kl":
+                    raise ValueError(f"taid: TAID is its own divergence (KL to the interpolated target); got "
+                                     f"divergence={divergence!r} as well: leave divergence at its default")
             super().__init__(*args, **kwargs)
             self.teacher_model = teacher_model.eval().requires_grad_(False)
             self.distillation_options = dict(divergence=divergence, temperature=temperature,
                                              hard_weight=hard_weight, soft_weight=soft_weight, impl=impl)
+            self.taid = taid
+            self._taid_losses = []
+            if taid is not None:
+                self.add_callback(_TAIDCallback(self))
             # compute_loss normalizes by num_items_in_batch itself: the Trainer must not divide again.
             self.model_accepts_loss_kwargs = True
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            options = self.distillation_options
+            if self.taid is not None:
+                options = dict(options, divergence=self.taid.divergence)
             loss = distillation_loss(model, self.teacher_model, inputs, num_items_in_batch=num_items_in_batch,
-                                     **self.distillation_options)
+                                     **options)
+            if self.taid is not None and model.training:
+                self._taid_losses.append((loss.detach(), num_items_in_batch is not None))
             return (loss, {"loss": loss}) if return_outputs else loss
+
+        def log(self, logs, *args, **kwargs):
+            if self.taid is not None:
+                logs = dict(logs, taid_t=self.taid.t)
+            return super().log(logs, *args, **kwargs)
+
+    class _TAIDCallback(transformers.TrainerCallback):
+        """Updates the trainer's TAID schedule after each optimizer step."""
+
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_step_end(self, args, state, control, **kwargs):
+            losses = self.trainer._taid_losses
+            if losses:
+                # Micro-batch losses divided by the step's num_items_in_batch add up to the step's loss;
+                # per-micro-batch means average to it.
+                values = torch.stack([loss for loss, _ in losses])
+                step_loss = values.sum() if all(whole for _, whole in losses) else values.mean()
+                self.trainer.taid.update(step_loss, step=state.global_step)
+                losses.clear()
 
     return DistillationTrainer
 
