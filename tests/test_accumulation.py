@@ -124,7 +124,7 @@ def test_compiled_torch_backend_weight_gradients_sum_in_float32(oracles, monkeyp
         mask = torch.ones(N, dtype=torch.bool)
         options = dict(divergence=kdops.divergences.as_divergence(divergence), temperature=1.0, vocab=V,
                        soft_weight=1.0, hard_weight=0.0, ignore_index=-100, impl="chunked", backend="torch",
-                       memory_budget=None)
+                       memory_budget=None, softcaps=(None, None))
         return api._compiled_fused_rows((hs, ws, student_bias, ht, wt, None), None, mask, options).sum()
 
     got = _grads(compiled_rows, inputs, torch.bfloat16, divergence="forward_kl")
