@@ -70,7 +70,8 @@ class Call:
     vocab_parallel: bool = False
     tail: str = ""  # topk only
     # The tile transforms (kernels/transforms.py): "softcap" (both models' logits; the student's for topk),
-    # "taid" (TAID's target, in place of a forward_kl divergence), or both joined by "+".
+    # "taid" (TAID's target, in place of a forward_kl divergence), or both joined by "+"; "ensemble": two
+    # teachers mixed into a float32 target (kd_loss: a student in its dtype against a float32 target).
     transform: str = ""
 
     @property
@@ -117,6 +118,8 @@ def calls(quick: bool, dtypes=None, divergences=None, transforms_only: bool = Fa
         elif divergence == divergences[0] and dtype == dtypes[0]:
             out.append(Call("topk", dtype, divergence, tail="bucket", transform="softcap"))
         taid = divergence == "forward_kl"
+        if taid and (not quick or dtype == dtypes[0]):
+            out.append(Call("kd_loss", dtype, divergence, grads="all", transform="ensemble"))
         for vp in (False, True):
             out += [Call("kd_loss", dtype, divergence, grads=g, vocab_parallel=vp) for g in ("student", "all")]
             if taid and not quick:
@@ -167,6 +170,10 @@ def _run_call(call: Call) -> None:
     if call.function == "kd_loss":
         student = torch.randn(ROWS, VOCAB, dtype=dtype, requires_grad=True)
         teacher = torch.randn(ROWS, VOCAB, dtype=dtype, requires_grad=g_tw)
+        if "ensemble" in transforms:
+            other = torch.randn(ROWS, VOCAB, dtype=dtype)
+            options["teacher_mix"] = kdops.Ensemble((0.5, 0.5))
+            teacher = [teacher, other]
         kdops.kd_loss(student, teacher, labels, **options).backward()
         return
     has_bs, has_bt = BIASES[call.bias]

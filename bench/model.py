@@ -129,6 +129,9 @@ DESCRIPTIONS = {
     "trl-chunked": "TRL 1.16 _chunked_divergence_loss (4096 × 32768 float32 tiles)",
 }
 
+#: The paths that take several teachers (`teacher_mix`) in the model.
+MIX_PATHS = ("kd_loss-triton", "chunked")
+
 #: The sparse-teacher paths (`kdops.topk`); predicted with `k` (the teacher's top-k), not in PATHS' tables.
 TOPK_PATHS = ("kd_loss-topk", "topk-chunked", "topk-gathered")
 DESCRIPTIONS.update({
@@ -346,6 +349,8 @@ class _Ctx:
     budget: int | None = None  # the chunked paths' memory_budget (None: kdops._chunked.MEMORY_BUDGET)
     k: int = DEFAULT_K  # the sparse teacher's top-k (the top-k paths only)
     softcaps: int = 0  # how many sides' logits are softcapped (the student's only on the top-k paths)
+    teachers: int = 1  # teachers mixed into one target (`kdops.ensemble`; kd_loss-triton and chunked)
+    mix: str = ""  # "ensemble" or "logit_sum" with several teachers
 
     @property
     def b(self) -> int:
@@ -402,9 +407,27 @@ def _kernels_on_logits(ctx: _Ctx, rows: int, itemsize: int, label: str, phase: s
     return kernels
 
 
+#: float32 [rows, V] reads and writes of a chunk's mix of several teachers (`kdops.ensemble`, PyTorch operators,
+#: bandwidth-bound): (per teacher, once) — the mixture: each teacher's log-softmax (read twice, write), its
+#: weight added, the stack, then the logsumexp and the temperature; the logit sum: a masked multiply-add per
+#: teacher and the mask. Counted from the code, not measured.
+MIX_PASSES = {"ensemble": (6, 3), "logit_sum": (4, 2)}
+
+
+def _mix_kernel(ctx: _Ctx, rows: int, launches: float, phase: str, teacher_itemsize: int) -> _Kernel:
+    """The mix of ctx.teachers teachers' logits of `rows` rows into one float32 target (`kdops.ensemble`)."""
+    per_teacher, once = MIX_PASSES[ctx.mix]
+    v = ctx.shape.vocab
+    return _Kernel(phase, launches=launches,
+                   items=[("the teachers' logits read", ctx.teachers * rows * v * teacher_itemsize),
+                          ("the mix's float32 passes", (per_teacher * ctx.teachers + once) * rows * v * 4)])
+
+
 def _kd_triton(ctx: _Ctx):
     n, v, b = ctx.shape.tokens, ctx.shape.vocab, ctx.b
     num_stats, _ = _kernel_constants()
+    if ctx.mix:
+        return _kd_triton_mixed(ctx)
     kernels = _kernels_on_logits(ctx, n, b, "logits", "fwd: kernels on logits", False)
     kernels += _kernels_on_logits(ctx, n, b, "logits", "bwd: kernel on logits (gradient)", True)
     # Saved statistics, the per-row losses, their masked copy, the mask.
@@ -413,6 +436,32 @@ def _kd_triton(ctx: _Ctx):
     notes = ("one program per row (BLOCK_R = 1): the forward reads both logits once per pass "
              f"({ctx.passes} for {ctx.divergence.name}), the backward reads both and writes the student's gradient",)
     return kernels, extra, detail, notes
+
+
+def _kd_triton_mixed(ctx: _Ctx):
+    """kd_loss with several teachers (`kdops.ensemble.mixed_kd_rows`): per row chunk the mix into a float32
+    target and the kernels on (student, target); the backward recomputes the mix and the forward passes of each
+    chunk before the gradient kernel."""
+    from kdops import ensemble
+
+    n, v, b = ctx.shape.tokens, ctx.shape.vocab, ctx.b
+    chunk = min(n, ensemble.mixed_chunk_rows(v, ctx.teachers))
+    pair = (b + 4) / 2  # the student's logits in their dtype, the target in float32
+    kernels = []
+    for rows, count in _chunks(n, chunk):
+        for stage in ("fwd", "bwd"):
+            kernels.append(_mix_kernel(ctx, rows, count, f"{stage}: mix of the teachers (torch)", b))
+            kernels += _kernels_on_logits(ctx, rows, pair, "student and target", f"{stage}: kernels on logits",
+                                          False, count)
+        kernels += _kernels_on_logits(ctx, rows, pair, "student and target", "bwd: kernel on logits (gradient)",
+                                      True, count, grad_itemsize=b)
+    peak_chunk = chunk * v * 4 * (_torch_backend.TEMPORARIES_PER_ELEMENT
+                                  + ensemble.MIX_TEMPORARIES * ctx.teachers)
+    detail = (f"{_cdiv(n, chunk)} chunks of {chunk} rows (kdops._torch_backend.BUDGET_BYTES): one chunk's target "
+              "and mix temporaries at a time")
+    notes = (f"{ctx.teachers} teachers ({ctx.mix}): the mix in PyTorch (MIX_PASSES, an estimate), recomputed in "
+             "the backward with the chunk's forward passes",)
+    return kernels, min(peak_chunk, _torch_backend.BUDGET_BYTES), detail, notes
 
 
 # --- probes: the torch paths, counted op by op ---------------------------------------------------------------------
@@ -629,14 +678,25 @@ def _zero_grads(ctx: _Ctx, phase: str) -> _Kernel:
 
 
 def chunked_plan(ctx: _Ctx, engine: str = "triton") -> "_chunked.Plan":
-    """`kdops._chunked.plan` for the student's gradients (dH, dW; frozen teacher), as ChunkedProblem plans."""
-    return _chunked.plan(ctx.shape.tokens, ctx.shape.vocab, engine, ctx.acc_dtype, _chunked_sides(ctx), ctx.budget)
+    """`kdops._chunked.plan` for the student's gradients (dH, dW; frozen teachers), as ChunkedProblem (or, with
+    several teachers, MixedChunkedProblem) plans."""
+    return _chunked.plan(ctx.shape.tokens, ctx.shape.vocab, engine, ctx.acc_dtype, _chunked_sides(ctx), ctx.budget,
+                         _logit_rows(ctx))
+
+
+def _logit_rows(ctx: _Ctx) -> int:
+    """float32 [chunk, V] rows per chunk row: both models' logits, or `kdops.ensemble.MixedChunkedProblem`'s."""
+    from kdops import ensemble
+
+    if not ctx.mix:
+        return 2
+    return 1 + ctx.teachers + 2 + ensemble.MIX_TEMPORARIES * ctx.teachers
 
 
 def _chunked_sides(ctx: _Ctx):
-    """The plan's two sides: the student's gradients (dH, dW), a frozen teacher."""
+    """The plan's sides: the student's gradients (dH, dW), frozen teachers."""
     return (_chunked.SideNeeds(ctx.dtype, ctx.shape.hidden_student, True, True),
-            _chunked.SideNeeds(ctx.dtype, ctx.shape.hidden_teacher, False, False))
+            *[_chunked.SideNeeds(ctx.dtype, ctx.shape.hidden_teacher, False, False)] * ctx.teachers)
 
 
 def _group_backprop(ctx: _Ctx, rows: int, launches: float, accumulate: bool) -> list[_Kernel]:
@@ -670,10 +730,12 @@ def _cast_weight_grad(ctx: _Ctx, accumulate: bool) -> list[_Kernel]:
 
 
 def _logits_matmuls(ctx: _Ctx, rows: int, launches: float, phase: str, out_itemsize: int) -> list[_Kernel]:
-    """Both models' logits of a chunk of `rows` rows by cuBLAS, the weights re-read for every chunk."""
+    """Every model's logits of a chunk of `rows` rows by cuBLAS, the weights re-read for every chunk."""
     v = ctx.shape.vocab
     kernels = []
-    for side, h in (("s", ctx.shape.hidden_student), ("t", ctx.shape.hidden_teacher)):
+    teachers = [("t", ctx.shape.hidden_teacher)] if ctx.teachers == 1 else [
+        (f"t{i}", ctx.shape.hidden_teacher) for i in range(ctx.teachers)]
+    for side, h in (("s", ctx.shape.hidden_student), *teachers):
         kernels.append(_Kernel(phase, mm_flops=2.0 * rows * v * h, mm_dtype=ctx.dtype, launches=launches,
                                items=[(f"W_{side} re-read per chunk", v * h * ctx.b),
                                       (f"h_{side} read", rows * h * ctx.b),
@@ -723,15 +785,18 @@ def _chunked_path(ctx: _Ctx):
     num_stats, _ = _kernel_constants()
 
     def chunk_kernels(rows, count):
-        # G written straight into the group's store, in the weight's dtype
-        return (_kernels_on_logits(ctx, rows, acc, "logits buffers", "fwd: kernels on logits", False, count)
+        # (several teachers: their mix into the target's buffer first) G written straight into the group's store,
+        # in the weight's dtype
+        mix = [_mix_kernel(ctx, rows, count, "fwd: mix of the teachers (torch)", acc)] if ctx.mix else []
+        return mix + (_kernels_on_logits(ctx, rows, acc, "logits buffers", "fwd: kernels on logits", False, count)
                 + _kernels_on_logits(ctx, rows, acc, "logits buffers", "fwd: kernel on logits (G into the group's store)",
                                      True, count, grad_label="G_s written (weight dtype)", grad_itemsize=b))
 
     kernels, plan = _chunked_common(ctx, "triton", chunk_kernels)
-    extra = plan.extra_bytes(v, "triton", ctx.acc_dtype, _chunked_sides(ctx)) + n * (2 * acc + 1) \
-        + plan.chunk * num_stats * acc
-    detail = _plan_text(ctx, plan) + ": two float32 [chunk, V] logits buffers + G [group, V] in the weight dtype"
+    extra = plan.extra_bytes(v, "triton", ctx.acc_dtype, _chunked_sides(ctx), _logit_rows(ctx)) \
+        + n * (2 * acc + 1) + plan.chunk * num_stats * acc
+    buffers = "two" if not ctx.mix else f"{_logit_rows(ctx)} (every model's logits, the target, the mix's temporaries)"
+    detail = _plan_text(ctx, plan) + f": {buffers} float32 [chunk, V] logits buffers + G [group, V] in the weight dtype"
     notes = ("batchmean: the gradients are computed in the forward; the backward scales them by an upstream "
              "gradient other than 1 (one pass over dH and dW, not counted)",)
     return kernels, extra, detail, notes
@@ -1116,14 +1181,16 @@ def _autocast_casts(ctx: _Ctx) -> tuple[list[_Kernel], int]:
 
 def predict(path: str, shape: Shape, gpu: targets.GPU | str = targets.H100, divergence="forward_kl",
             dtype: torch.dtype = torch.bfloat16, tf32: bool = False, budget: int | None = None,
-            autocast: bool = False, k: int = DEFAULT_K, softcaps: int = 0) -> Prediction:
+            autocast: bool = False, k: int = DEFAULT_K, softcaps: int = 0, teachers: int = 1,
+            mix: str | None = None) -> Prediction:
     """The predicted phases, time, ratio to the floor and extra memory of `path` at `shape` on `gpu`; with
     `tf32`, float32 matmuls at the TF32 rate instead of exact ("ieee") float32 products; `budget`, the
     chunked paths' memory_budget (default kdops._chunked.MEMORY_BUDGET); `autocast`, kdops' paths under
     torch.autocast of `dtype` with float32 master weights (the casts added); `k`, the sparse teacher's top-k
     (TOPK_PATHS: the student's side only, the floor is its matmuls or its logits' bytes); `softcaps`, how many
     sides' logits are softcapped (fused-API paths: 0, 1 or 2; top-k paths from hidden states: the student's, 0
-    or 1). TAID is a `divergence` (`kdops.TAID(t)`)."""
+    or 1). TAID is a `divergence` (`kdops.TAID(t)`). `teachers` > 1 with `mix` ("ensemble" or "logit_sum"):
+    several teachers mixed into one target (`kdops.ensemble`), on MIX_PATHS."""
     if path not in _BUILDERS:
         raise ValueError(f"unknown path {path!r}; known: {', '.join(PATHS + TOPK_PATHS)}")
     gpu = targets.by_name(gpu) if isinstance(gpu, str) else gpu
@@ -1133,7 +1200,12 @@ def predict(path: str, shape: Shape, gpu: targets.GPU | str = targets.H100, dive
     most = 0 if path in KD_PATHS or path == "kd_loss-topk" else 1 if path in TOPK_PATHS else 2
     if not (isinstance(softcaps, int) and 0 <= softcaps <= most):
         raise ValueError(f"softcaps: {path} has at most {most} softcapped side(s), got {softcaps!r}")
-    ctx = _Ctx(shape, gpu, divergence, dtype, tf32, budget, k, softcaps)
+    if mix is not None and mix not in MIX_PASSES:
+        raise ValueError(f"mix: expected one of {', '.join(MIX_PASSES)}, got {mix!r}")
+    if (teachers != 1 or mix) and (path not in MIX_PATHS or not mix or teachers < 1):
+        raise ValueError(f"teachers={teachers}, mix={mix!r}: several teachers are modelled on {', '.join(MIX_PATHS)} "
+                         "with a mix")
+    ctx = _Ctx(shape, gpu, divergence, dtype, tf32, budget, k, softcaps, teachers, mix or "")
     kernels, extra, detail, notes = _BUILDERS[path](ctx)
     if autocast:
         if path not in AUTOCAST_PATHS or dtype.itemsize != 2:
@@ -1379,8 +1451,30 @@ def markdown(shapes: list[tuple[str, Shape]], gpu: targets.GPU, divergences=DEFA
     lines += _md_rows(["path", "divergence", "autocast bf16 ms", "× bf16 floor", "extra", "float32 ms", "extra"], rows)
     lines += _topk_section(first, gpu, divergences[0], dtype)
     lines += _transforms_section(first, gpu, dtype)
+    lines += _mix_section(first, gpu, dtype)
     lines.append("")
     return "\n".join(lines)
+
+
+def _mix_section(shape: Shape, gpu: targets.GPU, dtype: torch.dtype) -> list[str]:
+    """MODEL.md's table of several teachers (`teacher_mix`) on the paths that take them."""
+    lines = ["", f"## Several teachers at {shape} (forward_kl, {str(dtype).removeprefix('torch.')}, "
+             f"{gpu.name.upper()})", "",
+             "Every teacher's logits (a matmul per teacher and chunk on `chunked`), their mix into one float32 target "
+             "in PyTorch (`MIX_PASSES`: bandwidth-bound passes over the chunk, an estimate), then the loss of "
+             "(student, target) by the kernels. `kd_loss` goes in row chunks of `kdops._torch_backend.BUDGET_BYTES` "
+             "and recomputes each chunk's mix and forward in the backward. Each teacher's Ht is the shape's.", ""]
+    rows = []
+    for path in MIX_PATHS:
+        plain = predict(path, shape, gpu, "forward_kl", dtype)
+        rows.append([f"`{path}`", "1", "—", _ms(plain.total_s), f"{plain.ratio_to_floor:.2f}", "1.00",
+                     _size(plain.extra_bytes)])
+        for count, mix in ((2, "ensemble"), (3, "ensemble"), (2, "logit_sum")):
+            p = predict(path, shape, gpu, "forward_kl", dtype, teachers=count, mix=mix)
+            rows.append([f"`{path}`", str(count), mix, _ms(p.total_s), f"{p.ratio_to_floor:.2f}",
+                         f"{p.total_s / plain.total_s:.2f}", _size(p.extra_bytes)])
+    lines += _md_rows(["path", "teachers", "mix", "total ms", "× one-teacher floor", "× one teacher", "extra"], rows)
+    return lines
 
 
 def _transforms_section(shape: Shape, gpu: targets.GPU, dtype: torch.dtype) -> list[str]:

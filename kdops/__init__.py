@@ -15,15 +15,23 @@ from .divergences import (
     TVD,
     as_divergence,
 )
+from .ensemble import Ensemble, LogitSum, TeacherMix
 from .modules import FusedLinearKDLoss, FusedLinearTopKKDLoss, KDLoss, TopKKDLoss
 from .parallel import VocabParallel
 from .taid import TAIDSchedule
 from .topk import fused_linear_topk_kd_loss, topk_kd_loss, topk_logprobs
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "kd_loss", "fused_linear_kd_loss", "KDLoss", "FusedLinearKDLoss", "VocabParallel", "reference", "Divergence", "ForwardKL", "ReverseKL", "GeneralizedJSD",
-    "SkewForwardKL", "SkewReverseKL", "TVD", "AlphaBeta", "DIVERGENCES", "as_divergence", "topk_kd_loss", "fused_linear_topk_kd_loss", "topk_logprobs",
-    "TopKKDLoss", "FusedLinearTopKKDLoss", "TAID", "TAIDSchedule",
+    # losses and their modules
+    "kd_loss", "fused_linear_kd_loss", "topk_kd_loss", "fused_linear_topk_kd_loss", "topk_logprobs",
+    "KDLoss", "FusedLinearKDLoss", "TopKKDLoss", "FusedLinearTopKKDLoss",
+    # divergences
+    "Divergence", "ForwardKL", "ReverseKL", "GeneralizedJSD", "SkewForwardKL", "SkewReverseKL", "TVD", "AlphaBeta",
+    "TAID", "DIVERGENCES", "as_divergence",
+    # targets and schedules
+    "TeacherMix", "Ensemble", "LogitSum", "TAIDSchedule",
+    # distribution, reference
+    "VocabParallel", "reference",
 ]

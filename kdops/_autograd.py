@@ -37,10 +37,10 @@ class FusedLinearKDFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, problem, mask, row_weight, hs, ws, bs, ht, wt, bt):
+    def forward(ctx, problem, mask, row_weight, *tensors):
+        # tensors: (hidden, weight, bias) of the student, then of each teacher (None where absent)
         needs = tuple(ctx.needs_input_grad[3:])
-        ctx.problem, ctx.needs, ctx.shapes = problem, needs, [None if x is None else x.shape for x in
-                                                              (hs, ws, bs, ht, wt, bt)]
+        ctx.problem, ctx.needs, ctx.shapes = problem, needs, [None if x is None else x.shape for x in tensors]
         ctx.eager = row_weight is not None
         if ctx.eager:
             rows, ctx.eager_grads = problem.loss_and_grads(row_weight if any(needs) else None, needs)

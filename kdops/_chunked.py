@@ -66,20 +66,21 @@ class Plan:
     group: int
     accumulate: bool
 
-    def extra_bytes(self, vocab: int, engine: str, acc_dtype: torch.dtype, sides) -> int:
+    def extra_bytes(self, vocab: int, engine: str, acc_dtype: torch.dtype, sides, logit_rows: int = 2) -> int:
         """The plan's buffers: logits (and the torch engine's temporaries), G, accumulators or the dW slice."""
-        total = self.chunk * logits_row_bytes(vocab, engine, acc_dtype) + self.group * store_row_bytes(vocab, sides)
+        total = (self.chunk * logits_row_bytes(vocab, engine, acc_dtype, logit_rows)
+                 + self.group * store_row_bytes(vocab, sides))
         if self.accumulate:
             return total + accumulator_bytes(vocab, acc_dtype, sides)
         sliced = [s for s in sides if s.weight_grad and s.weight_dtype != acc_dtype]
         return total + (DW_SLICE_BYTES if sliced else 0)
 
 
-def logits_row_bytes(vocab: int, engine: str, acc_dtype: torch.dtype) -> int:
-    """One row of a chunk: two float32 logits rows (a sparse teacher's chunks hold the student's logits and
-    its float32 gradient, or the hard-label term's temporaries), plus the autograd temporaries of engine
-    "torch"."""
-    return vocab * acc_dtype.itemsize * (2 + (TORCH_TEMPORARIES if engine == "torch" else 0))
+def logits_row_bytes(vocab: int, engine: str, acc_dtype: torch.dtype, logit_rows: int = 2) -> int:
+    """One row of a chunk: `logit_rows` float32 logits rows (two: the student's and the teacher's; a sparse
+    teacher's chunks hold the student's logits and its float32 gradient, or the hard-label term's temporaries;
+    several teachers more, `kdops.ensemble`), plus the autograd temporaries of engine "torch"."""
+    return vocab * acc_dtype.itemsize * (logit_rows + (TORCH_TEMPORARIES if engine == "torch" else 0))
 
 
 def store_row_bytes(vocab: int, sides) -> int:
@@ -107,7 +108,8 @@ def logits_chunk_rows(n_rows: int, vocab: int, engine: str, acc_dtype: torch.dty
                min(max(n_rows, 1), MIN_CHUNK_ROWS))
 
 
-def plan(n_rows: int, vocab: int, engine: str, acc_dtype: torch.dtype, sides, budget: int | None = None) -> Plan:
+def plan(n_rows: int, vocab: int, engine: str, acc_dtype: torch.dtype, sides, budget: int | None = None,
+         logit_rows: int = 2) -> Plan:
     """Rows per chunk and per group under `budget` bytes (default MEMORY_BUDGET). One group when every
     row's G and a chunk of min(rows, MIN_CHUNK_ROWS) rows fit beside it (no accumulator; dW one matmul);
     else several groups: the budget less the accumulators, half for the chunk's logits and half for the
@@ -116,7 +118,7 @@ def plan(n_rows: int, vocab: int, engine: str, acc_dtype: torch.dtype, sides, bu
     MIN_CHUNK_ROWS-row chunks, or by the several-group one where that one takes 20 % less memory."""
     n_rows = max(n_rows, 1)
     budget = MEMORY_BUDGET if budget is None else budget
-    logits_row, store_row = logits_row_bytes(vocab, engine, acc_dtype), store_row_bytes(vocab, sides)
+    logits_row, store_row = logits_row_bytes(vocab, engine, acc_dtype, logit_rows), store_row_bytes(vocab, sides)
     least = min(n_rows, MIN_CHUNK_ROWS)
     one_group = Plan(least, n_rows, False)
     room = budget - one_group.extra_bytes(vocab, engine, acc_dtype, sides) + least * logits_row
@@ -265,17 +267,25 @@ class ChunkedProblem:
         parallelism every rank must run the same chunks (each chunk communicates): they are planned for the
         widest shard."""
         width, sides = self._sides(needs)
-        return plan(self.n_rows, width, self.engine, self.acc_dtype, sides, self.budget)
+        return plan(self.n_rows, width, self.engine, self.acc_dtype, sides, self.budget, self.logit_rows)
 
     def plan_bytes(self, needs) -> int:
         """The extra memory of `plan(needs)`: its buffers (`Plan.extra_bytes`)."""
         width, sides = self._sides(needs)
-        return self.plan(needs).extra_bytes(width, self.engine, self.acc_dtype, sides)
+        return self.plan(needs).extra_bytes(width, self.engine, self.acc_dtype, sides, self.logit_rows)
+
+    #: float32 [chunk, V] rows per chunk row (`logits_row_bytes`): the two models' logits
+    logit_rows = 2
+
+    @property
+    def num_inputs(self) -> int:
+        """The tensors the autograd Function takes: (hidden, weight, bias) per side, at least two sides' worth."""
+        return 3 * max(2, len(self.sides))
 
     eager = True  # each chunk's logits are there in the forward: its gradients are computed at once
 
     def forward(self):
-        return self.run(None, (False,) * 6)[0], []
+        return self.run(None, (False,) * self.num_inputs)[0], []
 
     def backward(self, saved, row_scale, needs):
         return self.run(row_scale, needs)[1]
@@ -334,13 +344,13 @@ class ChunkedProblem:
         only where `needs` says (row_scale may be None when none is needed). Generic over the sides (the
         models whose logits are computed): `_chunk` turns a chunk's logits into its losses and gradients."""
         sides = self.sides
-        flags = needs if row_scale is not None else (False,) * 6
+        flags = needs if row_scale is not None else (False,) * self.num_inputs
         # per side: (dH, dW, db) asked for (db only where there is a bias), and whether G is kept at all
         asked = [(flags[3 * i], flags[3 * i + 1], flags[3 * i + 2] and side.bias is not None)
                  for i, side in enumerate(sides)]
         keep = [any(a) for a in asked]
         device, acc = self.device, self.acc_dtype
-        plan = self.plan(tuple(f for a in asked for f in a) + (False,) * (6 - 3 * len(sides)))
+        plan = self.plan(tuple(f for a in asked for f in a) + (False,) * (self.num_inputs - 3 * len(sides)))
 
         def zeros(shape, dtype, need):
             return torch.zeros(shape, dtype=dtype, device=device) if need else None
@@ -383,7 +393,7 @@ class ChunkedProblem:
         out = []
         for side, g_h, g_w, g_b in zip(sides, grad_h, grad_w, grad_b):
             out += [g_h, _cast(g_w, side.weight.dtype), self._bias_grad(g_b, side)]
-        return rows, tuple(out + [None] * (6 - len(out)))
+        return rows, tuple(out + [None] * (self.num_inputs - len(out)))
 
     @staticmethod
     def _bias_grad(g, side: _Side):

@@ -329,8 +329,9 @@ def topk_student_backward(student: torch.Tensor, sorted_ids: torch.Tensor, g_ids
                           ) -> torch.Tensor:
     """∂ℓ/∂s, contiguous [..., V] in the student's dtype, of ℓ(s_ids / T, R) given g_ids = ∂ℓ/∂(s_ids / T)
     [rows, k] (in the order of `sorted_ids`) and, for a tail (`lse_rest` = R and `g_rest` = ∂ℓ/∂R [rows], or
-    both None), the softmax over the complement; with `softcap` c, of ℓ(c·tanh(s / c)) (times the tanh's slope). `out` receives it instead when given: a contiguous buffer of
-    the logits' shape, in any float dtype, which may be the logits themselves."""
+    both None), the softmax over the complement; with `softcap` c, of ℓ(c·tanh(s / c)) (times the tanh's
+    slope). `out` receives it instead when given: a contiguous buffer of the logits' shape, in any float dtype,
+    which may be the logits themselves."""
     tl, topk = _kernels()[0], _topk_kernels()
     shape = student.shape
     student, (s_inner, s_outer, s_stride) = _rows_of(student)

@@ -335,7 +335,7 @@ class TopKGatheredProblem:
         self.chunk = max(1, budget // 4 // (k * width * self.acc_dtype.itemsize))
 
     def forward(self):
-        return self.run(None, (False,) * 6)[0], []
+        return self.run(None, (False,) * self.num_inputs)[0], []
 
     def loss_and_grads(self, row_scale, needs):
         return self.run(row_scale, needs)

@@ -27,47 +27,61 @@ def chunk_rows(vocab_size: int, itemsize: int = 4, budget_bytes: int | None = No
     return max(1, budget // (vocab_size * itemsize * TEMPORARIES_PER_ELEMENT))
 
 
-class ChunkedKDFunction(torch.autograd.Function):
-    """Per-row losses [rows] (0 where the mask is False) of 2-D logits, computed chunk by chunk."""
+class ChunkedRowsFunction(torch.autograd.Function):
+    """Per-row losses [rows] (0 where the mask is False) of `rows_fn` over row chunks of 2-D tensors.
+
+    The forward runs rows_fn(*chunk_slices) chunk by chunk without a graph; the backward recomputes each chunk
+    under autograd and writes its slices of the gradients (of the tensors that require them): one chunk's
+    temporaries at a time, never a [rows, V] one beyond the gradients themselves.
+    """
 
     @staticmethod
-    def forward(ctx, student, teacher, mask, divergence: Divergence, temperature: float, shards=None):
-        rows, vocab = student.shape
-        # Under vocabulary parallelism each chunk communicates: every rank sizes them for the widest shard.
-        width = vocab if shards is None else shards.max_width
-        chunk = chunk_rows(width, itemsize=max(4, student.element_size()))
-        out = torch.zeros(rows, dtype=compute_dtype(student, teacher), device=student.device)
+    def forward(ctx, rows_fn, chunk: int, mask, *tensors):
+        rows = tensors[0].shape[0]
+        out = None
         for start in range(0, rows, chunk):
-            end = min(start + chunk, rows)
-            out[start:end] = _rows(divergence, student[start:end], teacher[start:end], temperature, shards)
-        ctx.save_for_backward(student, teacher, mask)
-        ctx.divergence, ctx.temperature, ctx.chunk, ctx.shards = divergence, temperature, chunk, shards
+            part = rows_fn(*(t[start:start + chunk] for t in tensors))
+            if out is None:
+                out = torch.zeros(rows, dtype=part.dtype, device=part.device)
+            out[start:start + chunk] = part
+        if out is None:
+            out = torch.zeros(0, dtype=compute_dtype(*tensors), device=mask.device)
+        ctx.save_for_backward(mask, *tensors)
+        ctx.rows_fn, ctx.chunk = rows_fn, chunk
         return torch.where(mask, out, 0.0)
 
     @staticmethod
     def backward(ctx, grad_rows):
-        student, teacher, mask = ctx.saved_tensors
-        need_student, need_teacher = ctx.needs_input_grad[:2]
+        mask, *tensors = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:]
         grad_rows = torch.where(mask, grad_rows, 0.0)
-        grad_student = torch.zeros_like(student) if need_student else None
-        grad_teacher = torch.zeros_like(teacher) if need_teacher else None
-        for start in range(0, student.shape[0], ctx.chunk):
-            end = min(start + ctx.chunk, student.shape[0])
+        grads = [torch.zeros_like(t) if need else None for t, need in zip(tensors, needs)]
+        for start in range(0, mask.shape[0], ctx.chunk):
+            end = min(start + ctx.chunk, mask.shape[0])
             live = mask[start:end]
             if not bool(live.any()):
                 continue
-            s = student[start:end].detach().requires_grad_(need_student)
-            t = teacher[start:end].detach().requires_grad_(need_teacher)
+            leaves = [t[start:end].detach().requires_grad_(need) for t, need in zip(tensors, needs)]
             with torch.enable_grad():
-                loss = _rows(ctx.divergence, s, t, ctx.temperature, ctx.shards)
-                inputs = [x for x, need in ((s, need_student), (t, need_teacher)) if need]
-                # (TAID at t = 0 leaves the teacher out of the graph: a zero gradient)
-                grads = list(torch.autograd.grad(loss, inputs, grad_rows[start:end], allow_unused=True,
-                                                 materialize_grads=True))
-            for out, need in ((grad_student, need_student), (grad_teacher, need_teacher)):
-                if need:
-                    out[start:end] = torch.where(live[:, None], grads.pop(0), 0.0)
-        return grad_student, grad_teacher, None, None, None, None
+                loss = ctx.rows_fn(*leaves)
+                # (a teacher may drop out of the graph — TAID at t = 0, a zero weight: a zero gradient)
+                parts = list(torch.autograd.grad(loss, [x for x in leaves if x.requires_grad], grad_rows[start:end],
+                                                 allow_unused=True, materialize_grads=True))
+            del loss, leaves
+            for grad, need in zip(grads, needs):
+                if need:  # popped: no chunk gradient outlives its copy into the whole one
+                    grad[start:end] = torch.where(live[:, None], parts.pop(0), 0.0)
+        return (None, None, None, *grads)
+
+
+def chunked_kd_rows(student, teacher, mask, divergence: Divergence, temperature: float, shards=None):
+    """The torch backend of `kd_loss` on 2-D logits: the reference per-row divergence, chunk by chunk
+    (`ChunkedRowsFunction`). Under vocabulary parallelism each chunk communicates: every rank sizes them for
+    the widest shard."""
+    width = student.shape[1] if shards is None else shards.max_width
+    chunk = chunk_rows(width, itemsize=max(4, student.element_size()))
+    return ChunkedRowsFunction.apply(lambda s, t: _rows(divergence, s, t, temperature, shards), chunk, mask,
+                                     student, teacher)
 
 
 def _rows(divergence: Divergence, student, teacher, temperature: float, shards):

@@ -127,18 +127,18 @@ def check_loss_options(labels, leading_shape, device, temperature, ignore_index,
     return check_temperature(temperature)
 
 
-def check_logits_pair(student_logits, teacher_logits) -> None:
+def check_logits_pair(student_logits, teacher_logits, teacher_name: str = "teacher_logits") -> None:
     check_tensor("student_logits", student_logits)
-    check_tensor("teacher_logits", teacher_logits)
+    check_tensor(teacher_name, teacher_logits)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
-            "student_logits and teacher_logits: expected the same shape [..., V], got "
+            f"student_logits and {teacher_name}: expected the same shape [..., V], got "
             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
         )
     if student_logits.shape[-1] == 0:
         raise ValueError(f"student_logits: the vocabulary (last dimension) is empty, got shape "
                          f"{tuple(student_logits.shape)}")
-    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
+    check_same_device(**{"student_logits": student_logits, teacher_name: teacher_logits})
 
 
 def triton_interpreter_enabled() -> bool:
@@ -186,27 +186,40 @@ def _check_weight_factor(name: str, value) -> float:
 
 def check_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
                        teacher_bias, hard_weight, soft_weight, impl) -> int:
-    """Checks of fused_linear_kd_loss's tensors and weights; returns the shared vocabulary size."""
+    """Checks of fused_linear_kd_loss's tensors and weights; returns the shared vocabulary size. The teacher's
+    tensors may be lists (several teachers, `teacher_mix`): the same checks for each, named teacher_hidden[i]
+    etc., and one vocabulary size for all of them."""
     check_head("student_", student_hidden, student_weight, student_bias)
-    check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias)
-    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-        raise ValueError("student_hidden and teacher_hidden: expected the same leading shape, got "
-                         f"{tuple(student_hidden.shape[:-1])} and {tuple(teacher_hidden.shape[:-1])}")
-    vocab = min(student_weight.shape[0], teacher_weight.shape[0])
+    several = isinstance(teacher_hidden, list)
+    teachers = zip(teacher_hidden, teacher_weight, teacher_bias) if several else [
+        (teacher_hidden, teacher_weight, teacher_bias)]
+    vocab = student_weight.shape[0]
+    for i, (hidden, weight, bias) in enumerate(teachers):
+        index = f"[{i}]" if several else ""
+        names = [f"teacher_{x}{index}" for x in ("hidden", "weight", "bias")]
+        check_head("", hidden, weight, bias, names)
+        if student_hidden.shape[:-1] != hidden.shape[:-1]:
+            raise ValueError(f"student_hidden and {names[0]}: expected the same leading shape, got "
+                             f"{tuple(student_hidden.shape[:-1])} and {tuple(hidden.shape[:-1])}")
+        if several and weight.shape[0] != teacher_weight[0].shape[0]:
+            raise ValueError(f"{names[1]}: the teachers' vocabularies differ: {weight.shape[0]} rows, teacher_weight"
+                             f"[0] has {teacher_weight[0].shape[0]}; a mix needs one vocabulary")
+        vocab = min(vocab, weight.shape[0])
+        check_same_device(student_hidden=student_hidden, **{names[0]: hidden, names[1]: weight, names[2]: bias})
     if vocab == 0:
+        first = teacher_weight[0] if several else teacher_weight
         raise ValueError("student_weight / teacher_weight: the shared vocabulary is empty, got weight shapes "
-                         f"{tuple(student_weight.shape)} and {tuple(teacher_weight.shape)}")
-    check_same_device(student_hidden=student_hidden, student_weight=student_weight, teacher_hidden=teacher_hidden,
-                      teacher_weight=teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias)
+                         f"{tuple(student_weight.shape)} and {tuple(first.shape)}")
+    check_same_device(student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias)
     check_loss_weights(labels, hard_weight, soft_weight)
     check_choice("impl", impl, IMPLS)
     return vocab
 
 
-def check_head(prefix: str, hidden, weight, bias) -> None:
+def check_head(prefix: str, hidden, weight, bias, names=None) -> None:
     """One model's hidden states [..., H], lm_head weight [V, H] and optional bias [V], named
-    {prefix}hidden, {prefix}weight and {prefix}bias in errors."""
-    names = {x: f"{prefix}{x}" for x in ("hidden", "weight", "bias")}
+    {prefix}hidden, {prefix}weight and {prefix}bias in errors (or `names`, in that order)."""
+    names = dict(zip(("hidden", "weight", "bias"), names or [f"{prefix}{x}" for x in ("hidden", "weight", "bias")]))
     check_tensor(names["hidden"], hidden)
     check_tensor(names["weight"], weight, min_dim=2)
     if weight.dim() != 2:

@@ -10,7 +10,7 @@ from . import _chunked, parallel
 from ._autograd import FusedLinearKDFunction, KDLogitsFunction
 from ._fused import FusedProblem
 from ._reduction import reduce_rows, row_mask, row_weights
-from ._torch_backend import ChunkedKDFunction
+from ._torch_backend import chunked_kd_rows
 from ._validation import (
     check_memory_budget,
     check_fused_inputs,
@@ -22,6 +22,7 @@ from ._validation import (
     resolve_impl,
 )
 from .divergences import Divergence, as_divergence
+from .ensemble import MixedChunkedProblem, TeacherMix, as_teachers, check_mix, linear_teachers, mixed_kd_rows
 from .parallel import VocabParallel
 from .reference import compute_dtype, divergence_rows, linear_kd_rows, linear_logits
 
@@ -38,6 +39,7 @@ def kd_loss(
     num_items_in_batch=None,
     backend: str = "auto",
     vocab_parallel: VocabParallel | None = None,
+    teacher_mix: TeacherMix | None = None,
 ) -> torch.Tensor:
     """Distillation loss between student and teacher logits of shape [..., V], in float32.
 
@@ -54,15 +56,29 @@ def kd_loss(
     `vocab_parallel`: a `kdops.VocabParallel(start, stop, group)` when the logits are this rank's shard
     [..., stop − start] of the vocabulary (see `kdops.parallel`): the loss is the whole vocabulary's, the
     same on every rank, and each rank's gradient is that of its shard.
+
+    `teacher_mix`: with a sequence of teachers' logits (each [..., V]), `kdops.Ensemble(weights)` (the target is
+    Σ w_i softmax(z_i / T)) or `kdops.LogitSum(weights)` (softmax(Σ w_i z_i / T)); see `kdops.ensemble`. Rows go
+    in chunks (`kdops._torch_backend.BUDGET_BYTES`), the mix recomputed in the backward; not with
+    `vocab_parallel`, and eager under torch.compile (a graph break).
     """
     divergence = as_divergence(divergence)
-    check_logits_pair(student_logits, teacher_logits)
+    teachers = as_teachers("teacher_logits", teacher_logits)
+    mix = check_mix(teacher_mix, len(teachers), "teacher_logits")
+    for i, teacher in enumerate(teachers):
+        check_logits_pair(student_logits, teacher, "teacher_logits" if mix is None else f"teacher_logits[{i}]")
     leading = student_logits.shape[:-1]
     temperature = check_loss_options(labels, leading, student_logits.device, temperature, ignore_index, reduction,
                                      num_items_in_batch)
     backend = resolve_backend(backend, student_logits.device)
 
     mask = row_mask(labels, ignore_index, leading, student_logits.device).reshape(-1)
+    if mix is not None:
+        if vocab_parallel is not None:
+            raise ValueError("vocab_parallel with teacher_mix: several teachers are not supported under vocabulary "
+                             "parallelism (an Ensemble needs each teacher's normalizer over the group)")
+        rows = mixed_kd_rows(student_logits, teachers, mask, mix, divergence, temperature, backend)
+        return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)
     if vocab_parallel is not None:
         options = parallel.options_of(divergence, temperature=temperature, reduction=reduction, backend=backend,
                                       grads=(student_logits.requires_grad, teacher_logits.requires_grad))
@@ -98,8 +114,8 @@ def kd_loss_rows_eager(student_logits, teacher_logits, mask, divergence: Diverge
         return KDLogitsFunction.apply(student_logits, teacher_logits, mask, divergence.canonical(), temperature,
                                       shards)
     vocab = student_logits.shape[-1]
-    return ChunkedKDFunction.apply(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab), mask,
-                                   divergence, temperature, shards)
+    return chunked_kd_rows(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab), mask, divergence,
+                           temperature, shards)
 
 
 @torch.compiler.disable
@@ -133,6 +149,7 @@ def fused_linear_kd_loss(
     vocab_parallel: VocabParallel | None = None,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
+    teacher_mix: TeacherMix | None = None,
 ) -> torch.Tensor:
     """Distillation loss from hidden states and lm_head weights, without the [tokens, V] logits in memory.
 
@@ -166,17 +183,27 @@ def fused_linear_kd_loss(
     and labels (global token ids) are the same on every rank. The loss is the whole vocabulary's, the same
     on every rank; weight and bias gradients are the shard's, and the hidden-state gradients are summed over
     the group unless `VocabParallel(reduce_hidden_grad=False)` (see `kdops.parallel`).
+
+    `teacher_mix`: with sequences `teacher_hidden`, `teacher_weight` (and `teacher_bias`, or None) of one entry
+    per teacher — widths may differ, vocabularies may not — `kdops.Ensemble(weights)` or
+    `kdops.LogitSum(weights)` (`kdops.ensemble`): the target is the mix of the teachers' (softcapped) logits.
+    The chunked path only (every model's chunk logits; "auto" takes it, "fused" raises); not with
+    `vocab_parallel`; eager under torch.compile (a graph break).
     """
     divergence = as_divergence(divergence)
+    teacher_hidden, teacher_weight, teacher_bias, mix = linear_teachers(teacher_hidden, teacher_weight,
+                                                                        teacher_bias, teacher_mix)
     device_type = student_hidden.device.type
     autocast = _autocast_dtype(device_type)
     if autocast is not None:
         # As autocast runs F.linear: every float operand but float64 cast to its dtype (differentiably: float32
         # master weights get their gradients through the casts); the loss itself is computed as without
         # autocast (float32 logits and statistics), which the context below keeps.
-        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = (
-            _autocast_cast(t, autocast) for t in (student_hidden, student_weight, student_bias, teacher_hidden,
-                                                  teacher_weight, teacher_bias))
+        student_hidden, student_weight, student_bias = (_autocast_cast(t, autocast) for t in
+                                                        (student_hidden, student_weight, student_bias))
+        teacher_hidden, teacher_weight, teacher_bias = (
+            _autocast_cast(t, autocast) if mix is None else [_autocast_cast(x, autocast) for x in t]
+            for t in (teacher_hidden, teacher_weight, teacher_bias))
     with torch.autocast(device_type, enabled=False) if autocast is not None else contextlib.nullcontext():
         vocab = check_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                                    student_bias, teacher_bias, hard_weight, soft_weight, impl)
@@ -189,11 +216,18 @@ def fused_linear_kd_loss(
                     check_softcap("teacher_softcap", teacher_softcap))
         backend = resolve_backend(backend, device)
         hard_weight, soft_weight = float(hard_weight), float(soft_weight)
-        tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
         mask = row_mask(labels, ignore_index, leading, device).reshape(-1)
         options = dict(divergence=divergence, temperature=temperature, vocab=vocab, soft_weight=soft_weight,
                        hard_weight=hard_weight, ignore_index=ignore_index, impl=impl, backend=backend,
                        memory_budget=memory_budget, softcaps=softcaps)
+        if mix is not None:
+            if hard_weight > 0:
+                check_label_range(labels, ignore_index, vocab)
+            tensors = (student_hidden, student_weight, student_bias,
+                       *[x for teacher in zip(teacher_hidden, teacher_weight, teacher_bias) for x in teacher])
+            return _mixed_fused_loss(tensors, labels, mask, dict(options, teacher_mix=mix), reduction,
+                                     num_items_in_batch, leading, vocab_parallel)
+        tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
         if vocab_parallel is not None:
             return _vocab_parallel_fused_loss(tensors, labels, mask, options, reduction, num_items_in_batch, leading,
                                               vocab_parallel)
@@ -203,6 +237,26 @@ def fused_linear_kd_loss(
             rows = _compiled_fused_rows(tensors, labels, mask, options)
             return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)
         return _fused_loss_eager(tensors, labels, mask, options, reduction, num_items_in_batch, leading)
+
+
+@torch.compiler.disable
+def _mixed_fused_loss(tensors, labels, mask, options, reduction, num_items_in_batch, leading, vocab_parallel):
+    """fused_linear_kd_loss with several teachers: the chunked path (`kdops.ensemble.MixedChunkedProblem`).
+    Eager: torch.compile breaks the graph here."""
+    if vocab_parallel is not None:
+        raise ValueError("vocab_parallel with teacher_mix: several teachers are not supported under vocabulary "
+                         "parallelism (an Ensemble needs each teacher's normalizer over the group)")
+    if options["impl"] == "fused":
+        raise ValueError("impl='fused' with teacher_mix: the fused kernels take one teacher; several teachers run "
+                         "the chunked path (impl='chunked' or 'auto')")
+    hs, ws, bs, *flat = tensors
+    teachers = [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
+    engine = "triton" if options["backend"] == "triton" else "torch"
+    problem = MixedChunkedProblem(hs, ws, bs, teachers, labels, options["divergence"], options["temperature"],
+                                  options["vocab"], options["soft_weight"], options["hard_weight"],
+                                  options["ignore_index"], engine, options["memory_budget"], options["softcaps"],
+                                  options["teacher_mix"])
+    return _problem_loss(problem, tensors, mask, reduction, num_items_in_batch, leading)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -223,6 +277,12 @@ def _autocast_cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Ten
 
 def _fused_loss_eager(tensors, labels, mask, options, reduction, num_items_in_batch, leading, shards=None):
     problem = _fused_problem(*tensors, labels, **options, shards=shards)
+    return _problem_loss(problem, tensors, mask, reduction, num_items_in_batch, leading)
+
+
+def _problem_loss(problem, tensors, mask, reduction, num_items_in_batch, leading):
+    """The reduced loss of a prepared problem (`FusedLinearKDFunction`): with a scalar reduction, an eager
+    problem computes its gradients in the forward, already weighted."""
     if problem.eager and reduction != "none":
         weights = row_weights(mask, reduction, num_items_in_batch, problem.acc_dtype)
         return FusedLinearKDFunction.apply(problem, mask, weights, *tensors)

@@ -17,6 +17,7 @@ from ._validation import (
 )
 from .api import fused_linear_kd_loss, kd_loss
 from .divergences import as_divergence
+from .ensemble import check_mix_type
 from .parallel import VocabParallel
 from .topk import TOPK_IMPLS, check_tail, fused_linear_topk_kd_loss, topk_kd_loss
 
@@ -35,12 +36,12 @@ class KDLoss(torch.nn.Module):
     """`kdops.kd_loss` as a module: ``KDLoss(divergence="reverse_kl", temperature=2.0)(s, t, labels)``."""
 
     def __init__(self, *, divergence="forward_kl", temperature=1.0, ignore_index=-100, reduction="batchmean",
-                 backend="auto", vocab_parallel=None):
+                 backend="auto", vocab_parallel=None, teacher_mix=None):
         super().__init__()
         self.divergence = as_divergence(divergence)
         _check_options(temperature, ignore_index, reduction, backend, vocab_parallel)
         self.options = dict(temperature=temperature, ignore_index=ignore_index, reduction=reduction,
-                            backend=backend, vocab_parallel=vocab_parallel)
+                            backend=backend, vocab_parallel=vocab_parallel, teacher_mix=check_mix_type(teacher_mix))
 
     def forward(self, student_logits, teacher_logits, labels=None, num_items_in_batch=None):
         return kd_loss(student_logits, teacher_logits, labels, divergence=self.divergence,
@@ -59,7 +60,7 @@ class FusedLinearKDLoss(torch.nn.Module):
 
     def __init__(self, *, divergence="forward_kl", temperature=1.0, ignore_index=-100, reduction="batchmean",
                  hard_weight=0.0, soft_weight=1.0, impl="auto", backend="auto", memory_budget=None,
-                 vocab_parallel=None, student_softcap=None, teacher_softcap=None):
+                 vocab_parallel=None, student_softcap=None, teacher_softcap=None, teacher_mix=None):
         super().__init__()
         self.divergence = as_divergence(divergence)
         _check_options(temperature, ignore_index, reduction, backend, vocab_parallel)
@@ -70,7 +71,8 @@ class FusedLinearKDLoss(torch.nn.Module):
                             soft_weight=_check_weight_factor("soft_weight", soft_weight), impl=impl, backend=backend,
                             memory_budget=memory_budget, vocab_parallel=vocab_parallel,
                             student_softcap=check_softcap("student_softcap", student_softcap),
-                            teacher_softcap=check_softcap("teacher_softcap", teacher_softcap))
+                            teacher_softcap=check_softcap("teacher_softcap", teacher_softcap),
+                            teacher_mix=check_mix_type(teacher_mix))
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
                 student_bias=None, teacher_bias=None, num_items_in_batch=None):

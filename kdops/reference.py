@@ -18,8 +18,8 @@ from ._reduction import reduce_rows, row_mask
 from ._validation import (
     BACKENDS,
     check_choice,
-    check_memory_budget,
     check_fused_inputs,
+    check_memory_budget,
     check_logits_pair,
     check_loss_options,
     check_tensor,
@@ -142,14 +142,22 @@ def divergence_rows(divergence: Divergence, student_logits: torch.Tensor, teache
 
 
 def kd_loss(student_logits, teacher_logits, labels=None, *, divergence="forward_kl", temperature=1.0,
-            ignore_index=-100, reduction="batchmean", num_items_in_batch=None, backend="auto"):
-    """Reference for `kdops.kd_loss` (same signature; `backend` is accepted and ignored)."""
+            ignore_index=-100, reduction="batchmean", num_items_in_batch=None, backend="auto", teacher_mix=None):
+    """Reference for `kdops.kd_loss` (same signature, without `vocab_parallel`; `backend` is accepted and
+    ignored). With `teacher_mix`, the mixed target's logits over the whole batch, then the same loss."""
+    from .ensemble import as_teachers, check_mix
+
     divergence = as_divergence(divergence)
-    check_logits_pair(student_logits, teacher_logits)
+    teachers = as_teachers("teacher_logits", teacher_logits)
+    mix = check_mix(teacher_mix, len(teachers), "teacher_logits")
+    for i, teacher in enumerate(teachers):
+        check_logits_pair(student_logits, teacher, "teacher_logits" if mix is None else f"teacher_logits[{i}]")
     leading = student_logits.shape[:-1]
     temperature = check_loss_options(labels, leading, student_logits.device, temperature, ignore_index, reduction,
                                      num_items_in_batch)
     check_choice("backend", backend, BACKENDS)
+    teacher_logits = teachers[0] if mix is None else mix.target_logits(
+        [t.to(compute_dtype(student_logits, *teachers)) for t in teachers], temperature)
     mask = row_mask(labels, ignore_index, leading, student_logits.device)
     rows = divergence_rows(divergence, student_logits, teacher_logits, temperature)
     return reduce_rows(torch.where(mask, rows, 0.0), mask, reduction, num_items_in_batch)
@@ -166,14 +174,18 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
                          divergence="forward_kl", temperature=1.0, ignore_index=-100, reduction="batchmean",
                          num_items_in_batch=None, student_bias=None, teacher_bias=None, hard_weight=0.0,
                          soft_weight=1.0, impl="auto", backend="auto", memory_budget=None, student_softcap=None,
-                         teacher_softcap=None):
+                         teacher_softcap=None, teacher_mix=None):
     """Reference for `kdops.fused_linear_kd_loss`: the logits of both models in float32 over the shared
     vocabulary [0, min(Vs, Vt)), softcapped where a cap is given, then per token soft_weight · D(teacher ‖
     student at T) + hard_weight · CE(student logits at T = 1, label), masked and reduced like `kd_loss`.
-    (`impl`, `backend` and `memory_budget` are checked and ignored.)"""
+    (`impl`, `backend` and `memory_budget` are checked and ignored.) With `teacher_mix`, every teacher's
+    (softcapped) logits, then the mixed target's."""
     from ._validation import check_softcap
+    from .ensemble import linear_teachers
 
     divergence = as_divergence(divergence)
+    teacher_hidden, teacher_weight, teacher_bias, mix = linear_teachers(teacher_hidden, teacher_weight,
+                                                                        teacher_bias, teacher_mix)
     vocab = check_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                                student_bias, teacher_bias, hard_weight, soft_weight, impl)
     leading = student_hidden.shape[:-1]
@@ -182,9 +194,15 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
     check_choice("backend", backend, BACKENDS)
     check_memory_budget(memory_budget)
     softcaps = (check_softcap("student_softcap", student_softcap), check_softcap("teacher_softcap", teacher_softcap))
-    dtype = compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    if mix is None:
+        dtype = compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
+        teacher_logits = linear_logits(teacher_hidden, teacher_weight, teacher_bias, vocab, dtype)
+    else:
+        dtype = compute_dtype(student_hidden, student_weight, *teacher_hidden, *teacher_weight)
+        teacher_logits = mix.target_logits([softcap(linear_logits(h, w, b, vocab, dtype), softcaps[1]) for h, w, b in
+                                            zip(teacher_hidden, teacher_weight, teacher_bias)], temperature)
+        softcaps = (softcaps[0], None)  # applied to each teacher before the mix
     student_logits = linear_logits(student_hidden, student_weight, student_bias, vocab, dtype)
-    teacher_logits = linear_logits(teacher_hidden, teacher_weight, teacher_bias, vocab, dtype)
     rows = linear_kd_rows(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab),
                           None if labels is None else labels.reshape(-1), divergence, temperature, soft_weight,
                           hard_weight, ignore_index, softcaps).view(leading)

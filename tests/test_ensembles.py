@@ -21,24 +21,30 @@ from conftest import DEVICE
 V = 389  # several tiles, no block size divides it
 
 
-def target_probs(teachers, mix, temperature):
-    """The target distribution [rows, V] in float64 from the teachers' logits."""
-    zs = [z.double() for z in teachers]
-    if isinstance(mix, kdops.Ensemble):
-        return sum(w * torch.softmax(z / temperature, -1) for z, w in zip(zs, mix.weights))
-    live = [(z, w) for z, w in zip(zs, mix.weights) if w != 0]
-    masked = torch.zeros_like(zs[0], dtype=torch.bool)
+def logit_sum(teachers, weights):
+    """Σ w_i z_i in float64, −inf wherever a teacher of nonzero weight has −inf."""
+    live = [(z.double(), w) for z, w in zip(teachers, weights) if w != 0]
+    masked = torch.zeros_like(live[0][0], dtype=torch.bool)
     for z, _ in live:
         masked |= z == -math.inf
     y = sum(w * torch.where(z == -math.inf, 0.0, z) for z, w in live)
-    return torch.softmax(torch.where(masked, -math.inf, y) / temperature, -1)
+    return torch.where(masked, -math.inf, y)
+
+
+def target_probs(teachers, mix, temperature):
+    """The target distribution [rows, V] in float64 from the teachers' logits."""
+    if isinstance(mix, kdops.Ensemble):
+        return sum(w * torch.softmax(z.double() / temperature, -1) for z, w in zip(teachers, mix.weights))
+    return torch.softmax(logit_sum(teachers, mix.weights) / temperature, -1)
 
 
 def oracle_rows(student, teachers, mix, divergence, temperature):
     q = torch.softmax(student.double() / temperature, -1)
     p = target_probs(teachers, mix, temperature)
     q, p = q.reshape(-1, q.shape[-1]), p.reshape(-1, p.shape[-1])
-    return torch.stack([divergence_of(divergence, p[r], q[r]) for r in range(q.shape[0])])
+    # entries of probability 0 on both sides (the shared masked vocabulary) are no outcome at all
+    keep = (p > 0) | (q > 0)
+    return torch.stack([divergence_of(divergence, p[r][keep[r]], q[r][keep[r]]) for r in range(q.shape[0])])
 
 
 def oracle_kd(student, teachers, labels=None, *, teacher_mix, divergence="forward_kl", temperature=1.0, **_):
@@ -130,11 +136,10 @@ def test_taid_toward_a_logit_sum():
 
     def oracle(s, ts, labels, **_):
         s64 = s.double()
-        log_y = torch.log(target_probs(ts, mix, 1.0))  # softmax(Σ w z): its log is Σ w z up to a row constant
-        target = torch.log_softmax((1 - t) * torch.log_softmax(s64.detach(), -1) + t * log_y, -1)
+        target = torch.log_softmax((1 - t) * s64.detach() + t * logit_sum(ts, mix.weights), -1)
         log_q = torch.log_softmax(s64, -1)
         p = target.exp()
-        return torch.where(p > 0, p * (target - log_q), 0.0).sum(-1).mean()
+        return (p * torch.where(p > 0, target - log_q, 0.0)).sum(-1).mean()
 
     expected = run_kd(oracle, student.double(), [x.double() for x in teachers], None, (0,))
     for backend in ("triton", "torch"):
@@ -148,8 +153,8 @@ def test_taid_toward_a_logit_sum():
 
 
 def linear_teachers(count, dtype=torch.float32, seed=0, rows=(3, 7), hs_width=24, widths=(40, 16, 32)):
-    """The student's hidden states, weight and bias; per teacher its own width, weight (some with padding rows
-    past the shared vocabulary: no, the same V each) and a bias for every other teacher; labels."""
+    """The student's hidden states, weight and bias; per teacher its own width and weight (one vocabulary) and a
+    bias for every other teacher; labels."""
     g = torch.Generator().manual_seed(seed)
     hs = torch.randn(*rows, hs_width, generator=g)
     ws = torch.randn(V, hs_width, generator=g) * (4.0 / hs_width ** 0.5)
@@ -249,6 +254,21 @@ def test_kd_loss_with_teachers_holds_one_chunk_at_a_time(monkeypatch):
             kdops.kd_loss(s, teachers, teacher_mix=kdops.Ensemble((0.2, 0.3, 0.5)), backend=backend).backward()
             grad_bytes = s.grad.numel() * s.grad.element_size()
         assert tracker.peak - grad_bytes <= budget + rows * 64, backend
+
+
+def test_fused_linear_with_teachers_stays_within_its_budget():
+    """Two teachers from hidden states: beyond the gradients, peak memory within memory_budget plus per-row
+    vectors (every model's chunk logits, the target, the mix's temporaries and the group's G are the plan's)."""
+    hs, ws, bs, hts, wts, bts, labels = linear_teachers(2, rows=(6, 50), seed=23)
+    budget = 2**20
+    inputs = [x.detach().requires_grad_(True) for x in (hs, ws, bs)]
+    with AllocationTracker() as tracker:
+        kdops.fused_linear_kd_loss(inputs[0], inputs[1], hts, wts, labels, student_bias=inputs[2], teacher_bias=bts,
+                                   teacher_mix=kdops.Ensemble((0.4, 0.6)), impl="chunked", backend="triton",
+                                   memory_budget=budget, hard_weight=0.5).backward()
+        grad_bytes = sum(x.grad.numel() * x.grad.element_size() for x in inputs)
+    rows = hs.shape[0] * hs.shape[1]
+    assert tracker.peak - grad_bytes <= budget + rows * 64 + V * 16
 
 
 # --- errors ------------------------------------------------------------------------------------------------------

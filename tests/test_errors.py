@@ -133,7 +133,7 @@ def no_kernels(monkeypatch):
         raise AssertionError("kernel ran")
 
     monkeypatch.setattr(kdops._launch, "logits_forward", kernel_ran)
-    monkeypatch.setattr(kdops._torch_backend.ChunkedKDFunction, "apply", kernel_ran)
+    monkeypatch.setattr(kdops._torch_backend.ChunkedRowsFunction, "apply", kernel_ran)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "auto"])

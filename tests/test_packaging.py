@@ -31,3 +31,16 @@ def test_wheel_contents(tmp_path):
     assert "kdops/kernels/logits.py" in names and "kdops/kernels/divergences.py" in names
     assert "kdops/api.py" in names and "kdops/compat/trl.py" in names
     assert not any(name.startswith(("kernels/", "bench/", "tests/")) for name in names)
+
+
+def test_versions_agree():
+    """The newest version of CHANGELOG.md is kdops.__version__ and pyproject.toml's."""
+    import re
+    import tomllib
+
+    import kdops
+
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    newest = re.search(r"^## (\d+\.\d+\.\d+)\b", changelog, re.MULTILINE).group(1)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert newest == kdops.__version__ == project
