@@ -445,7 +445,7 @@ def _kd_triton_mixed(ctx: _Ctx):
     from kdops import ensemble
 
     n, v, b = ctx.shape.tokens, ctx.shape.vocab, ctx.b
-    chunk = min(n, ensemble.mixed_chunk_rows(v, ctx.teachers))
+    chunk = min(n, ensemble.mixed_chunk_rows(v, ctx.teachers, "triton"))
     pair = (b + 4) / 2  # the student's logits in their dtype, the target in float32
     kernels = []
     for rows, count in _chunks(n, chunk):
@@ -455,8 +455,7 @@ def _kd_triton_mixed(ctx: _Ctx):
                                           False, count)
         kernels += _kernels_on_logits(ctx, rows, pair, "student and target", "bwd: kernel on logits (gradient)",
                                       True, count, grad_itemsize=b)
-    peak_chunk = chunk * v * 4 * (_torch_backend.TEMPORARIES_PER_ELEMENT
-                                  + ensemble.MIX_TEMPORARIES * ctx.teachers)
+    peak_chunk = chunk * v * 4 * (5 + ensemble.MIX_TEMPORARIES * ctx.teachers)
     detail = (f"{_cdiv(n, chunk)} chunks of {chunk} rows (kdops._torch_backend.BUDGET_BYTES): one chunk's target "
               "and mix temporaries at a time")
     notes = (f"{ctx.teachers} teachers ({ctx.mix}): the mix in PyTorch (MIX_PASSES, an estimate), recomputed in "

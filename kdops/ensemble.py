@@ -164,10 +164,14 @@ def linear_teachers(teacher_hidden, teacher_weight, teacher_bias, teacher_mix):
 MIX_TEMPORARIES = 4
 
 
-def mixed_chunk_rows(vocab: int, teachers: int) -> int:
+def mixed_chunk_rows(vocab: int, teachers: int, backend: str) -> int:
     """Rows per chunk of `kd_loss` with several teachers: the torch backend's budget
-    (`kdops._torch_backend.BUDGET_BYTES`) over its temporaries and the mix's."""
-    per_row = vocab * 4 * (_torch_backend.TEMPORARIES_PER_ELEMENT + MIX_TEMPORARIES * teachers)
+    (`kdops._torch_backend.BUDGET_BYTES`) over the mix's temporaries, the target and its gradient, and the
+    reference math's temporaries (backend "torch"; the kernels' are the target, the two gradients they write and
+    their masked copy, and the chunk's share of the rest: 16.3 rows measured with three teachers, of the 17
+    counted)."""
+    loss_rows = _torch_backend.TEMPORARIES_PER_ELEMENT if backend == "torch" else 5
+    per_row = vocab * 4 * (loss_rows + MIX_TEMPORARIES * teachers)
     return max(1, _torch_backend.BUDGET_BYTES // per_row)
 
 
@@ -189,7 +193,7 @@ def mixed_kd_rows(student, teachers, mask, mix: TeacherMix, divergence, temperat
         return torch.where(m, divergence_rows(divergence, s, target, temperature), 0.0)
 
     flat = [t.reshape(-1, vocab) for t in teachers]
-    return _torch_backend.ChunkedRowsFunction.apply(rows, mixed_chunk_rows(vocab, len(teachers)), mask,
+    return _torch_backend.ChunkedRowsFunction.apply(rows, mixed_chunk_rows(vocab, len(teachers), backend), mask,
                                                     student.reshape(-1, vocab), mask, *flat)
 
 
