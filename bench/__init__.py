@@ -1,1 +1,1 @@
-"""kdops benchmarks: `python -m bench` (see README)."""
+"""kdops benchmarks: `python -m bench` (see docs/performance.md)."""

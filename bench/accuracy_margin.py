@@ -1,4 +1,4 @@
-"""How close kdops comes to SPEC's accuracy bound, over many random inputs (the tests check one seed each).
+"""How close kdops comes to its accuracy bound (docs/math.md, "Accuracy"), over many random inputs (the tests check one seed each).
 
     python -m bench.accuracy_margin [--seeds FIRST STOP] [--divergence D ...] [--backend triton|torch]
 
@@ -7,7 +7,7 @@ ignored rows and V = 4099 over several blocks, per-row upstream gradients) and e
 
     (kdops' error − the same-dtype reference's error) / 1e-5        (errors relative to the float64 oracle)
 
-for the loss and both gradients: SPEC allows at most 1. Prints the worst margin per case and its seed.
+for the loss and both gradients: the bound allows at most 1. Prints the worst margin per case and its seed.
 Off a GPU the kernels run in Triton's interpreter (a few seconds per case and seed).
 """
 

@@ -82,7 +82,7 @@ HEADLINE_CASE_S = 100.0  # one divergence, every competitor (two torch.compile's
 FUSED_CHECK_TOKENS = (8192, 4096)  # the second only if the reference runs out of memory at the first
 FUSED_CHECK_DIVERGENCE_S = 25.0
 # Relative error (max |Δ| / max |reference|) above which the check fails: bfloat16 gradients round at
-# 2^-8 ≈ 4e-3, and SPEC allows 1e-2 beyond the same-dtype reference's own error.
+# 2^-8 ≈ 4e-3, and the accuracy bound (docs/math.md) allows 1e-2 beyond the same-dtype reference's own error.
 FUSED_CHECK_TOLERANCE = 2e-2
 
 PROFILE_ITEM_S = 8.0

@@ -3,7 +3,7 @@ the floor.
 
 Each `Competitor` has a name, the functions it implements, `applies(case, device) -> (bool, reason)` and
 `build(case, inputs) -> Phases`. Every loss is called on the same fresh inputs with all-valid labels and
-temperature 1, so each one computes mean over tokens of ℓ (SPEC "batchmean").
+temperature 1, so each one computes mean over tokens of ℓ (`reduction="batchmean"`).
 
 Liger-Kernel (optional; imported lazily, a missing package is a skip) implements the generalized JSD only.
 Its conventions, read from its sources (ops/jsd.py, transformers/jsd.py, ops/fused_linear_jsd.py,

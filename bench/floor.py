@@ -11,7 +11,7 @@ N tokens, V vocabulary, b bytes per element of the input dtype, Hs / Ht the stud
 `fused_linear_topk_kd_loss`'s floor is the student's matmuls: 2·N·V·Hs forward, 4·N·V·Hs backward (the
 teacher's side is its (ids, log-probabilities), read, not computed).
 
-`fused_linear_kd_loss` is compute-bound; its floor is the matmul flops of MATH.md (frozen teacher):
+`fused_linear_kd_loss` is compute-bound; its floor is the matmul flops below (frozen teacher):
     forward   2·N·V·(Hs + Ht)   h_s·W_sᵀ and h_t·W_tᵀ
     backward  4·N·V·Hs          dH = G·W_s and dW = Gᵀ·h_s
     total     2·N·V·(3·Hs + Ht)

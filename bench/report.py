@@ -227,6 +227,26 @@ def describe_inputs(case: Case, records: list[dict]) -> str:
             f"(extra = peak − gradients); floor {ran['floor_total']:.3g} {ran['floor_unit']}s")
 
 
+def describe_trade(records: list[dict]) -> str:
+    """A plain line where a kdops competitor takes more time than the reference: what it trades for it (its
+    extra memory against the reference's), so that no table row reads as a win or a loss it is not."""
+    ok = {r["competitor"]: r for r in records if r["status"] == "ok" and r["total_ms"] is not None}
+    reference = ok.get("reference")
+    if reference is None:
+        return ""
+    lines = []
+    for name, r in ok.items():
+        if not name.startswith("kdops") or r["total_ms"] <= reference["total_ms"]:
+            continue
+        memory = ""
+        if r["extra_bytes"] is not None and reference["extra_bytes"]:
+            memory = f" at {r['extra_bytes'] / reference['extra_bytes']:.2f} × its extra memory"
+        lines.append(f"    {name} takes {r['total_ms'] / reference['total_ms']:.2f} × the reference's time{memory}: "
+                     "it trades time for memory here (row chunks recomputed under autograd, or kernels that "
+                     "run interpreted off CUDA), where the reference keeps the whole float32 softmaxes")
+    return "\n".join(lines)
+
+
 class Progress:
     """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
 

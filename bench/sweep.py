@@ -13,8 +13,8 @@ from pathlib import Path
 from .cases import Case
 from .competitors import COMPETITORS, Competitor
 from .measure import Result, failure, free_memory, make_inputs, measure
-from .report import (Progress, append_jsonl, case_records, describe_inputs, format_case, header, results_path,
-                     run_metadata)
+from .report import (Progress, append_jsonl, case_records, describe_inputs, describe_trade, format_case, header,
+                     results_path, run_metadata)
 
 
 def _run_case(case: Case, competitors, device, reps: int, warmup: int, progress: Progress) -> list[Result]:
@@ -57,9 +57,9 @@ def run_sweep(cases: list[Case], *, device, reps: int, warmup: int, preset: str 
         case_result = case_records(case, _run_case(case, case_competitors, device, reps, warmup, progress), meta)
         progress.clear()
         print(format_case(case_result, label_width), file=out)
-        summary = describe_inputs(case, case_result)
-        if summary:
-            print(summary, file=out)
+        for summary in (describe_inputs(case, case_result), describe_trade(case_result)):
+            if summary:
+                print(summary, file=out)
         out.flush()
         if results_dir is not None:
             append_jsonl(case_result, results_path(results_dir, meta["device"]))

@@ -13,7 +13,7 @@ def row_mask(labels, ignore_index: int, leading_shape: torch.Size, device: torch
 
 
 def reduce_rows(rows: torch.Tensor, mask: torch.Tensor, reduction: str, num_items_in_batch=None) -> torch.Tensor:
-    """Reduce per-row losses that are already 0 where the mask is False (SPEC "Reductions").
+    """Reduce per-row losses that are already 0 where the mask is False (docs/api.md, `reduction`).
 
     batchmean: Σ m_i ℓ_i / max(Σ m_i, 1), or / num_items_in_batch; sum: Σ m_i ℓ_i; none: the rows.
     """

@@ -31,7 +31,7 @@ def check_tensor(name: str, value, *, floating: bool = True, min_dim: int = 1) -
             f"{name}: got a DTensor (placements {tuple(value.placements)}); kdops' kernels read plain local "
             "tensors. Under FSDP2 (fully_shard) a parameter read outside its module's forward is still sharded: "
             "compute the loss inside the forward of the FSDP unit that owns the lm_head, where the weight is "
-            "gathered and its gradient is reduce-scattered afterwards (README, 'Data parallelism'); for a frozen "
+            "gathered and its gradient is reduce-scattered afterwards (docs/integrations.md, 'Data parallelism'); for a frozen "
             "teacher, pass weight.full_tensor() under torch.no_grad(). For a tensor-parallel weight sharded "
             "along the vocabulary, pass its local shard (.to_local()) with vocab_parallel=kdops.VocabParallel(...)"
         )

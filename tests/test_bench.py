@@ -252,3 +252,17 @@ def test_topk_cases_run_against_their_floors_and_the_chunked_baseline():
     assert (fused["floor_unit"], fused["floor_total"]) == ("flop", 2 * 16 * 100 * 3 * 8)
     assert kd["grad_bytes"] == 16 * 100 * 4 and "kd-topk5 forward_kl 16x100 fp32" in table
     assert "fused-topk5 generalized_jsd 16x100 h8 fp32" in table
+
+
+def test_a_slower_kdops_row_says_what_it_trades():
+    """Where a kdops competitor takes more time than the reference, the table says so, with its memory against
+    the reference's; where it is faster, nothing is added."""
+    from bench.report import describe_trade
+
+    def row(name, ms, extra):
+        return dict(competitor=name, status="ok", total_ms=ms, extra_bytes=extra)
+
+    slower = describe_trade([row("reference", 250.0, 400.0), row("kdops-torch", 289.0, 100.0), row("floor", 1.0, 0)])
+    assert "kdops-torch takes 1.16 × the reference's time at 0.25 × its extra memory" in slower
+    assert describe_trade([row("reference", 250.0, 400.0), row("kdops", 100.0, 10.0)]) == ""
+    assert describe_trade([row("kdops", 100.0, 10.0)]) == ""

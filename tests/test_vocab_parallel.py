@@ -25,7 +25,7 @@ V = 97  # not a multiple of any block size; shards below are uneven
 SHARDS = {2: [(0, 38), (38, 97)], 3: [(61, 97), (0, 20), (20, 61)]}  # rank → [start, stop)
 FUSED_PATHS = [("fused", "triton"), ("chunked", "triton"), ("chunked", "torch")]
 TENSORS = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight", "teacher_bias")
-README = Path(__file__).resolve().parents[1] / "README.md"
+COMMUNICATION_PAGE = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
 
 
 def global_inputs(dtype=torch.float32, seed=0):
@@ -242,13 +242,13 @@ def test_local_errors():
 
 
 # ------------------------------------------------------------------------------------------------------
-# Communication: the collectives each divergence issues, against README's table.
+# Communication: the collectives each divergence issues, against the table of docs/integrations.md.
 # ------------------------------------------------------------------------------------------------------
 
 
 def readme_table():
-    """{divergence: (all-reduces, floats per row, floats per row with hard_weight > 0)} of README."""
-    text = README.read_text()
+    """{divergence: (all-reduces, floats per row, floats per row with hard_weight > 0)} of docs/integrations.md."""
+    text = COMMUNICATION_PAGE.read_text()
     section = text[text.index("### Communication per divergence"):]
     rows = re.findall(r"^\| `(\w+)` \| (\d+) \| (\d+) \| (\d+) \|", section, re.M)
     return {name: tuple(map(int, values)) for name, *values in rows}
@@ -318,7 +318,7 @@ def communication_body(rank, world, table):
 
 def test_communication_matches_readme():
     table = readme_table()
-    assert set(table) == set(kdops.DIVERGENCES), f"README's table lists {sorted(table)}"
+    assert set(table) == set(kdops.DIVERGENCES), f"the documented table lists {sorted(table)}"
     spawn(communication_body, 2, table)
 
 

@@ -1,5 +1,5 @@
 """Drop-ins for the distillation losses trainers already use, computed through kdops: same signatures,
-same numbers (within SPEC "Accuracy"), without their full-vocabulary float32 temporaries.
+same numbers (within the accuracy of docs/math.md), without their full-vocabulary float32 temporaries.
 
 One module per origin: `kdops.compat.trl` (GKDTrainer.generalized_jsd_loss), `kdops.compat.torchtune`
 (its KD losses), `kdops.compat.liger` (LigerFusedLinearJSDLoss); Hinton's KL pattern is here. None of

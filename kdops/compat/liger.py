@@ -7,6 +7,8 @@ import torch
 from ..api import fused_linear_kd_loss
 from ..divergences import GeneralizedJSD
 
+__all__ = ["LigerFusedLinearJSDLoss"]
+
 
 class LigerFusedLinearJSDLoss(torch.nn.Module):
     """weight_hard_loss · CE(student, labels) + weight_soft_loss · JSD_β(teacher ‖ student at T), each

@@ -7,7 +7,7 @@ ignore_index and divided by their number (0 when there is none), or just summed 
 The `...WithChunkedOutputLoss` forms take lists of [B, L/k, V] logit chunks and [B, L] labels.
 
 Where a logit is ±inf, torchtune zeroes the affected terms (its masked_fill); kdops follows the xlogy
-convention of SPEC.md (a -inf student logit under a teacher probability > 0 gives an infinite loss).
+convention of kdops (a -inf student logit under a teacher probability > 0 gives an infinite loss).
 The teacher's entropy is computed by PyTorch in row chunks of bounded memory (recomputed in the backward
 when the teacher requires grad); the divergences by `kdops.kd_loss`.
 """
@@ -19,6 +19,11 @@ from torch.utils.checkpoint import checkpoint
 
 from .._torch_backend import chunk_rows
 from ..api import kd_loss
+
+__all__ = [
+    "ForwardKLLoss", "ReverseKLLoss", "SymmetricKLLoss", "ForwardKLWithChunkedOutputLoss",
+    "ReverseKLWithChunkedOutputLoss", "SymmetricKLWithChunkedOutputLoss",
+]
 
 
 def _entropy_sum(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

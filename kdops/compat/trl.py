@@ -13,6 +13,8 @@ from ..reference import kl_terms, log_mix
 
 IGNORE_INDEX = -100  # TRL's, fixed
 
+__all__ = ["generalized_jsd_loss", "chunked_divergence_loss", "student_entropy_sum"]
+
 
 def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0,
                          reduction="batchmean", num_items_in_batch=None):

@@ -16,6 +16,11 @@ import torch
 
 from ..api import fused_linear_kd_loss
 
+__all__ = [
+    "distillation_loss", "DistillationTrainer", "logit_transform", "logit_multiplier", "logit_softcap",
+    "final_hidden_and_head", "shift_labels",
+]
+
 IGNORE_INDEX = -100
 
 # Config options that post-process the logits after the lm_head: folded into the hidden states (a

@@ -20,6 +20,8 @@ import functools
 from ..compat.trl import chunked_divergence_loss
 from ..divergences import as_divergence
 
+__all__ = ["DistillationTrainer"]
+
 
 @contextlib.contextmanager
 def _loss_replaced(module, loss):
