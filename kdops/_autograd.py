@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _launch
+from ._reduction import reduce_rows, row_weights
 from .divergences import Canonical
 
 
@@ -65,3 +66,13 @@ class FusedLinearKDFunction(torch.autograd.Function):
             grads = ctx.problem.backward(saved, torch.where(mask, grad_out, 0.0), ctx.needs)
         grads = [None if g is None else g.view(shape) for g, shape in zip(grads, ctx.shapes)]
         return (None, None, None, *grads)
+
+
+def problem_loss(problem, tensors, mask, reduction, num_items_in_batch, leading):
+    """The reduced loss of a prepared problem (`FusedLinearKDFunction`): with a scalar reduction, an eager
+    problem computes its gradients in the forward, already weighted."""
+    if problem.eager and reduction != "none":
+        weights = row_weights(mask, reduction, num_items_in_batch, problem.acc_dtype)
+        return FusedLinearKDFunction.apply(problem, mask, weights, *tensors)
+    rows = FusedLinearKDFunction.apply(problem, mask, None, *tensors)
+    return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)

@@ -7,9 +7,9 @@ import contextlib
 import torch
 
 from . import _chunked, parallel
-from ._autograd import FusedLinearKDFunction, KDLogitsFunction
+from ._autograd import KDLogitsFunction, problem_loss
 from ._fused import FusedProblem
-from ._reduction import reduce_rows, row_mask, row_weights
+from ._reduction import reduce_rows, row_mask
 from ._torch_backend import chunked_kd_rows
 from ._validation import (
     check_memory_budget,
@@ -256,7 +256,7 @@ def _mixed_fused_loss(tensors, labels, mask, options, reduction, num_items_in_ba
                                   options["vocab"], options["soft_weight"], options["hard_weight"],
                                   options["ignore_index"], engine, options["memory_budget"], options["softcaps"],
                                   options["teacher_mix"])
-    return _problem_loss(problem, tensors, mask, reduction, num_items_in_batch, leading)
+    return problem_loss(problem, tensors, mask, reduction, num_items_in_batch, leading)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -277,17 +277,7 @@ def _autocast_cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Ten
 
 def _fused_loss_eager(tensors, labels, mask, options, reduction, num_items_in_batch, leading, shards=None):
     problem = _fused_problem(*tensors, labels, **options, shards=shards)
-    return _problem_loss(problem, tensors, mask, reduction, num_items_in_batch, leading)
-
-
-def _problem_loss(problem, tensors, mask, reduction, num_items_in_batch, leading):
-    """The reduced loss of a prepared problem (`FusedLinearKDFunction`): with a scalar reduction, an eager
-    problem computes its gradients in the forward, already weighted."""
-    if problem.eager and reduction != "none":
-        weights = row_weights(mask, reduction, num_items_in_batch, problem.acc_dtype)
-        return FusedLinearKDFunction.apply(problem, mask, weights, *tensors)
-    rows = FusedLinearKDFunction.apply(problem, mask, None, *tensors)
-    return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)
+    return problem_loss(problem, tensors, mask, reduction, num_items_in_batch, leading)
 
 
 @torch.compiler.disable

@@ -28,7 +28,7 @@ import math
 import torch
 
 from . import _chunked
-from ._autograd import FusedLinearKDFunction
+from ._autograd import problem_loss
 from ._reduction import reduce_rows, row_mask
 from ._topk import TopKChunkedProblem, TopKGatheredProblem, TopKTeacher, ordered_topk, topk_rows
 from ._validation import check_loss_options, check_same_device, check_tensor, resolve_backend
@@ -223,7 +223,6 @@ def fused_linear_topk_kd_loss(
     rank, weight and bias gradients are the shard's, hidden-state gradients are summed over the group unless
     `reduce_hidden_grad=False`.
     """
-    from ._reduction import row_weights
     from ._validation import (
         check_choice,
         check_head,
@@ -273,12 +272,8 @@ def fused_linear_topk_kd_loss(
                                      temperature, vocab, soft_weight, hard_weight, ignore_index, engine,
                                      memory_budget, shards, cap)
     mask = row_mask(labels, ignore_index, leading, device).reshape(-1)
-    tensors = (student_hidden, student_weight, student_bias, None, None, None)
-    if reduction != "none":
-        weights = row_weights(mask, reduction, num_items_in_batch, problem.acc_dtype)
-        return FusedLinearKDFunction.apply(problem, mask, weights, *tensors)
-    rows = FusedLinearKDFunction.apply(problem, mask, None, *tensors)
-    return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)
+    return problem_loss(problem, (student_hidden, student_weight, student_bias, None, None, None), mask, reduction,
+                        num_items_in_batch, leading)
 
 
 # --- the teacher's side ------------------------------------------------------------------------------------------

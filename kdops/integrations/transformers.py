@@ -12,6 +12,8 @@ so no hidden state is copied.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..api import fused_linear_kd_loss
@@ -131,6 +133,7 @@ def distillation_loss(student, teacher, batch, *, divergence="forward_kl", tempe
                                     student_softcap=logit_softcap(student), teacher_softcap=logit_softcap(teacher))
 
 
+@functools.lru_cache(maxsize=None)
 def _trainer_class():
     import transformers
 
