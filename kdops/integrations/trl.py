@@ -10,6 +10,9 @@ Everything but the loss is TRL's (generation, data, masks, logging, distribution
 that call, by `kdops.compat.trl.chunked_divergence_loss` — TRL's generalized JSD with the config's `beta` by
 default (the same numbers, and the student entropy TRL logs), or any kdops divergence given as `divergence=`.
 Logit scales and final-logit softcaps are read by TRL from the models' configs and applied by kdops.
+
+The replacement lasts one `_compute_loss` call and is undone after it (also on an exception); it is a module
+global, so two trainers stepping at the same time in two threads of one process would see each other's loss.
 """
 
 from __future__ import annotations
