@@ -221,8 +221,9 @@ class MixedChunkedProblem(_chunked.ChunkedProblem):
         with torch.set_grad_enabled(any(need)):
             target = self.mix.target_logits([reference_softcap(z, self.teacher_cap) for z in leaves],
                                             self.temperature)
-        # The target's G: into a float32 buffer (engine "triton"; the torch engine returns its own)
-        g_target = torch.empty_like(target) if any(need) else None
+        # The target's G: the kernels write it into a float32 buffer; the torch engine returns its own (the
+        # argument only says that it is wanted)
+        g_target = None if not any(need) else torch.empty_like(target) if self.engine == "triton" else target
         loss, g_s, g_y = self._loss_and_logit_grads(zs, target.detach(), labels, scale, outs[0], g_target)
         if not any(need):
             return loss, (g_s, *[None] * len(zts))
