@@ -3,7 +3,7 @@ named GPUs on a machine without one, with registers, spills, shared memory and t
 read from the binary.
 
     python -m bench.compile [--arch sm_90 sm_80] [--quick] [--transforms] [--dtype ...] [--divergence ...]
-                            [--output bench/results/KERNELS.md] [--jobs N]
+                            [--kernel ...] [--output bench/results/KERNELS.md] [--jobs N]
 
 How the specializations are found: the public API (`kd_loss`, `fused_linear_kd_loss` with both impls, and
 both under vocabulary parallelism on a one-rank group) is called on small CPU tensors over the grid of
@@ -50,7 +50,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 # Which gradients are asked for: (student hidden, student weight+bias, teacher hidden, teacher weight+bias).
 GRADS = {"student": (True, True, False, False), "all": (True, True, True, True), "hidden": (True, False, False, False)}
 BIASES = {"none": (False, False), "student": (True, False), "teacher": (False, True), "both": (True, True)}
-FUSED_KERNELS = ("fused_forward_kernel", "fused_grad_hidden_kernel", "fused_grad_weight_kernel")
+FUSED_KERNELS = ("fused_forward_kernel", "fused_gradient_kernel")
 
 # Sizes of the recorded calls: odd, and large enough that every launcher takes its general path.
 ROWS, HIDDEN_S, HIDDEN_T, VOCAB = 37, 64, 96, 1000
@@ -383,13 +383,14 @@ def _summary_rows(results: list[Compiled]):
 
 
 def report(results: list[Compiled], archs, quick: bool, wall: float, dtypes=None, divergences=None,
-           transforms_only: bool = False) -> str:
+           transforms_only: bool = False, kernels=None) -> str:
     import triton
 
     command = f"python -m bench.compile --arch {' '.join(archs)}{' --quick' if quick else ''}"
     command += " --transforms" if transforms_only else ""
     command += f" --dtype {' '.join(dtypes)}" if dtypes else ""
     command += f" --divergence {' '.join(divergences)}" if divergences else ""
+    command += f" --kernel {' '.join(kernels)}" if kernels else ""
     failures = [(r, f) for r in results for f in r.failures]
     lines = [
         "# Kernels compiled for CUDA",
@@ -439,9 +440,11 @@ def _fresh_cache():
 
 
 def run(archs, quick: bool, jobs: int, dtypes=None, divergences=None,
-        transforms_only: bool = False) -> tuple[list[Compiled], float]:
+        transforms_only: bool = False, kernels=None) -> tuple[list[Compiled], float]:
+    """Record and compile; `kernels`: only the specializations of these kernel names."""
     start = time.perf_counter()
-    specs = [spec for arch in archs for spec in record(arch, quick, dtypes, divergences, transforms_only)]
+    specs = [spec for arch in archs for spec in record(arch, quick, dtypes, divergences, transforms_only)
+             if not kernels or spec.name in kernels]
     with _fresh_cache():
         results = compile_all(specs, jobs)
     return results, time.perf_counter() - start
@@ -456,13 +459,14 @@ def main(argv=None) -> int:
     parser.add_argument("--divergence", nargs="+", choices=tuple(DIVERGENCES), help="only these divergences")
     parser.add_argument("--transforms", action="store_true",
                         help="only the grid's calls with tile transforms (softcaps, TAID)")
+    parser.add_argument("--kernel", nargs="+", help="only these kernels (e.g. fused_forward_kernel)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("TRITON_INTERPRET is set: interpreted kernels cannot be compiled; unset it")
-    results, wall = run(args.arch, args.quick, args.jobs, args.dtype, args.divergence, args.transforms)
+    results, wall = run(args.arch, args.quick, args.jobs, args.dtype, args.divergence, args.transforms, args.kernel)
     Path(args.output).write_text(report(results, args.arch, args.quick, wall, args.dtype, args.divergence,
-                                        args.transforms))
+                                        args.transforms, args.kernel))
     failures = [(r, f) for r in results for f in r.failures]
     for row in _summary_rows(results):
         print("{} {:<26} {:>4} specs {:>2} errors  regs ≤ {:>3}  spill ≤ {:>5} B  shared ≤ {:>6} B  TC ≥ {:>4}  "

@@ -12,8 +12,8 @@ per pass, gradient scratch read-modify-writes, ...), and takes a roofline per ke
 
 summed over the kernels. f = min(1, programs / SMs) is the share of the GPU a launch with fewer programs
 than SMs can use (it limits the compute rates, not the bandwidth). The rates are `kdops.targets`' achievable
-ones. Launch configurations come from the code itself — `kdops._fused.fused_config`, `kdops._fused._groups`
-(scratch under `SCRATCH_BYTES`), `kdops._launch.logits_config`, `kdops._chunked.chunk_rows /
+ones. Launch configurations come from the code itself — `kdops._fused.fused_config`, `kdops._fused.slice_columns`
+(G buffers under `GRADIENT_BYTES`), `kdops._launch.logits_config`, `kdops._chunked.chunk_rows /
 bytes_per_row`, `kdops._torch_backend.chunk_rows` — so the model follows the code when they change.
 
 Assumptions (see MODEL.md for the numbers they give):
@@ -832,55 +832,41 @@ def _fused_path(ctx: _Ctx):
                                items=[("partial states read", partial),
                                       ("statistics and loss written", n * (num_stats + 1) * acc)]))
     kernels.append(_zero_grads(ctx, "bwd: zero dH, dW"))
-    scratch = b != acc  # gradients in their own (accumulation) dtype are accumulated in place
-    tiles_v = _cdiv(v, bv)
-    hidden_groups = _fused._groups(n, bn, 4 * hs)
-    weight_groups = _fused._groups(v, bv, 4 * hs)
-    for start, end in hidden_groups:
-        g = end - start
-        programs = _cdiv(g, bn)
-        visits = programs * tiles_v
-        if scratch:
-            kernels.append(_Kernel("bwd: dH scratch zeros and flush", launches=2,
-                                   items=[("scratch zeroed, read, cast", g * hs * (2 * acc + b) / 2)]))
+    # The backward (`kdops._fused.fused_backward`): vocabulary slices of G for every row (GRADIENT_BYTES), each
+    # a launch of the gradient kernel (one program per tile, recomputing both logit tiles), then cuBLAS:
+    # dW[slice] = Gᵀ·h_s and dH += G·W_s[slice] into float32 sums.
+    bwd = _fused.fused_config(n, v, ctx.gpu, ctx.dtype, jsd=jsd, transform=ctx.transform)
+    gn, gv = bwd["BLOCK_N"], bwd["BLOCK_V"]
+    width = _fused.slice_columns(n, v, gv, b)
+    slices = [(lo, min(v, lo + width)) for lo in range(0, v, width)]
+    g_tile_mm = 2.0 * gn * gv * (_cdiv(hs, bh) * bh + _cdiv(ht, bh) * bh)
+    sums = b < acc  # dH summed in a float32 buffer, unless the hidden gradient is float32 itself
+    for lo, hi in slices:
+        w = hi - lo
+        visits = _cdiv(n, gn) * _cdiv(w, gv)
         kernels.append(_Kernel(
-            "bwd: fused dH kernel (recompute tiles, dH += G·W_s)",
-            mm_flops=visits * (tile_mm + 2.0 * bn * bv * hs_p), mm_dtype=ctx.dtype, ew_flops=visits * bn * bv * per_gradient,
-            programs=programs,
-            items=[("W_s, W_t re-read per row block (recompute)", programs * tiles_v * bv * (hs + ht) * b),
-                   ("h_s, h_t re-read per vocabulary tile", visits * bn * (hs + ht) * b),
-                   ("W_s re-read per row block (dH product)", programs * tiles_v * bv * hs * b),
-                   ("dH scratch read-modify-write per vocabulary tile", visits * bn * hs * acc * 2)],
-            bytes_l2=v * (hs + ht) * b + g * (hs + ht) * b + 2 * g * hs * acc))
-    for start, end in weight_groups:
-        w = end - start
-        programs = _cdiv(w, bv)
-        steps = row_blocks
-        visits = programs * steps
-        if scratch:
-            kernels.append(_Kernel("bwd: dW scratch zeros and flush", launches=2,
-                                   items=[("scratch zeroed, read, cast", w * hs * (2 * acc + b) / 2)]))
-        kernels.append(_Kernel(
-            "bwd: fused dW kernel (recompute tiles, dW += Gᵀ·h_s)",
-            mm_flops=visits * (tile_mm + 2.0 * bn * bv * hs_p), mm_dtype=ctx.dtype, ew_flops=visits * bn * bv * per_gradient,
-            programs=programs,
-            items=[("W_s, W_t re-read per row block (recompute)", visits * bv * (hs + ht) * b),
-                   ("h_s, h_t re-read per vocabulary block", programs * row_blocks * bn * (hs + ht) * b),
-                   ("h_s re-read per vocabulary block (dW product)", programs * row_blocks * bn * hs * b),
-                   ("dW scratch read-modify-write per row block", visits * bv * hs * acc * 2)],
-            bytes_l2=n * (hs + ht) * b + w * (hs + ht) * b + 2 * w * hs * acc))
-    # `fused_backward` holds one group's scratch at a time (it releases each before the next is allocated).
-    scratch_peak = max((e - s) * hs * acc for s, e in hidden_groups + weight_groups) if scratch else 0
-    extra = n * (num_stats * acc + 2 * acc + 1) + max(partial, scratch_peak)
-    detail = (f"statistics per row + max(the forward's partial states, the backward's float32 scratch: "
-              f"{scratch_peak / MiB:.0f} MiB, one group's at a time)")
-    dh_programs = _cdiv(hidden_groups[0][1] - hidden_groups[0][0], bn)
-    dw_programs = _cdiv(weight_groups[0][1] - weight_groups[0][0], bv)
+            "bwd: fused gradient kernel (recompute tiles, G written per slice)", mm_flops=visits * g_tile_mm,
+            mm_dtype=ctx.dtype, ew_flops=visits * gn * gv * per_gradient, programs=visits,
+            items=[("h_s, h_t re-read per tile", visits * gn * (hs + ht) * b),
+                   ("W_s, W_t re-read per tile", visits * gv * (hs + ht) * b), ("G written", n * w * b)],
+            bytes_l2=n * (hs + ht) * b + w * (hs + ht) * b + n * w * b))
+        kernels.append(_Kernel("bwd: dW[slice] = Gᵀ·h_s (cuBLAS)", mm_flops=2.0 * n * w * hs, mm_dtype=ctx.dtype,
+                               items=[("G read", n * w * b), ("h_s read", n * hs * b), ("dW written", w * hs * b)]))
+        kernels.append(_Kernel("bwd: dH += G·W_s[slice] (cuBLAS, float32 sums)", mm_flops=2.0 * n * w * hs,
+                               mm_dtype=ctx.dtype,
+                               items=[("G read", n * w * b), ("W_s slice read", w * hs * b),
+                                      ("dH sums read-modify-write", 2 * n * hs * (acc if sums else b))]))
+    if sums:
+        kernels.append(_Kernel("bwd: dH sums rounded", items=[("dH sums read, dH written", n * hs * (acc + b))]))
+    buffers = n * width * b
+    hidden_sums = n * hs * acc if sums else 0
+    extra = n * (num_stats * acc + 2 * acc + 1) + max(partial, buffers + hidden_sums)
+    detail = (f"statistics per row + max(the forward's partial states, the backward's G buffer "
+              f"({buffers / MiB:.0f} MiB) and float32 dH sums ({hidden_sums / MiB:.0f} MiB))")
     notes = (f"fused_config: BLOCK_N={bn}, BLOCK_V={bv}, BLOCK_H={bh}, {n_splits} vocabulary splits of {split} "
-             f"({row_blocks * n_splits} forward programs); backward scratch groups (SCRATCH_BYTES = "
-             f"{_fused.SCRATCH_BYTES // MiB} MiB): {len(hidden_groups)} dH launches of {dh_programs} programs, "
-             f"{len(weight_groups)} dW launches of {dw_programs} programs on {ctx.gpu.sm_count} SMs",
-             "no L2 reuse: every tile load is an HBM read (total_l2_s: operands once per launch, scratch in L2)")
+             f"({row_blocks * n_splits} forward programs); backward: {len(slices)} vocabulary slices of {width} "
+             f"columns (GRADIENT_BYTES = {_fused.GRADIENT_BYTES // MiB} MiB), {gn} × {gv} gradient tiles",
+             "no L2 reuse: every tile load is an HBM read (total_l2_s: operands once per launch)")
     return kernels, extra, detail, notes
 
 

@@ -9,9 +9,19 @@ from . import _launch, targets
 from ._launch import _cdiv, _empty, _next_pow2, _rows_of, launch
 from .divergences import Canonical
 
-#: Bytes of float32 scratch the backward may hold at once for dH (per row group) and dW (per vocabulary
-#: group). Gradients whose own dtype is the accumulation dtype are accumulated in place and need none.
-SCRATCH_BYTES = 32 * 2**20
+#: Bytes of the backward's gradient buffers: G = ∂/∂logits for every row over one vocabulary slice, in the
+#: dot dtype (16 bits for 16-bit inputs), per side whose gradients are asked for. The float32 sums of dH
+#: ([rows, H] per side) come on top, unless the hidden gradient is itself float32 or wider.
+GRADIENT_BYTES = 64 * 2**20
+
+#: Row blocks that the forward's programs in flight cover (its splits vary fastest, `fused_config` takes enough of
+#: them): their hidden rows, read once from HBM, stay in L2 (8 × 64 rows × (4096 + 4096) × 2 B = 8 MiB at the
+#: Llama-3 8B widths) while every split streams its weight tiles.
+FORWARD_ROW_BLOCKS_IN_FLIGHT = 8
+
+#: Row blocks that the backward's programs in flight walk down each vocabulary tile together (`grouped_tile`):
+#: their hidden rows and weight tiles are shared through L2.
+GROUP_ROWS = 8
 
 
 def _linear():
@@ -33,21 +43,15 @@ _GPU_TILES = {
     8: dict(BLOCK_N=32, BLOCK_V=32, BLOCK_H=16, num_warps=8, num_stages=3, maxnreg=255),
 }
 # The forward before Hopper (mma.sync, whose accumulator fragments take more registers than wgmma's): 16-bit
-# tiles half as wide, where the KL first pass with its centred sums spilled at 64 × 64 on sm_80 (and the
-# backward's dW product spills at 64 × 32: it keeps the common tiles).
+# tiles half as wide, where the KL first pass with its centred sums spilled at 64 × 64 on sm_80.
 _PRE_HOPPER_FORWARD_TILES = {2: dict(_GPU_TILES[2], BLOCK_V=32)}
 # Generalized JSD holds the most live state per element (both log-probabilities and the mixture's, on both
-# sides): with the hard-label term or teacher gradients its 16-bit backward spilled 8–16 B at 64 × 64 and
-# its float64 kernels 24–112 B at 32 × 32 (`python -m bench.compile`, both archs). Smaller tiles there: half
-# the rows for the 16-bit backward on sm_90, half the columns in float64; the 16-bit forward and float32 fit.
-# Before Hopper the 16-bit JSD backward spills at every tile tried (64 × 64: 8–96 B with the hard-label term
-# and teacher gradients; 32 × 64 and 32 × 32: in more specializations): it keeps the common tiles.
-_JSD_BACKWARD_TILES = {2: dict(_GPU_TILES[2], BLOCK_N=32), 8: dict(_GPU_TILES[8], BLOCK_V=16)}
-_JSD_PRE_HOPPER_BACKWARD_TILES = {8: _JSD_BACKWARD_TILES[8]}
-_JSD_FORWARD_TILES = {8: _JSD_BACKWARD_TILES[8]}
+# sides): its float64 forward spilled 32–128 B at 32 × 32 (`python -m bench.compile`, both archs): half the
+# columns there. Its backward (`fused_gradient_kernel`, which keeps no dH / dW product in registers) fits the
+# common tiles.
+_JSD_FORWARD_TILES = {8: dict(_GPU_TILES[8], BLOCK_V=16)}
 # The tile transforms (softcaps: a tanh and its slope per element and side) in the 16-bit backward before Hopper:
-# the weight-gradient kernel spilled 16 B at 64 × 64 with every optional term (skew reverse KL, sm_80): half the
-# rows, as JSD's on sm_90.
+# the gradient kernel spilled 8 B at 64 × 64 with every optional term (generalized JSD, sm_80): half the rows.
 _TRANSFORM_PRE_HOPPER_BACKWARD_TILES = {2: dict(_GPU_TILES[2], BLOCK_N=32)}
 
 
@@ -57,20 +61,18 @@ def fused_config(n_rows: int, vocab: int, gpu: targets.GPU | None, dtype: torch.
     widest matmul operands have `dtype`; the backward takes the same tiles unless `forward`; `jsd`: the
     generalized-JSD kernels; `transform`: the tile transforms (`Canonical.transform`). On GPU: `_GPU_TILES`
     (`_PRE_HOPPER_FORWARD_TILES` first for the forward below sm_90, `_TRANSFORM_PRE_HOPPER_BACKWARD_TILES` for a
-    transformed backward there, the `_JSD_*_TILES` for JSD), and enough (row block, split) programs to fill
-    the device twice. Under the interpreter: few large tiles, and several splits so that the merge is
-    exercised."""
+    transformed backward there, `_JSD_FORWARD_TILES` for JSD's forward), and vocabulary splits enough to
+    fill the device twice and to spread the programs in flight over FORWARD_ROW_BLOCKS_IN_FLIGHT row blocks.
+    Under the interpreter: few large tiles, and several splits so that the merge is exercised."""
     if gpu is not None:
         size = min(torch.empty((), dtype=dtype).element_size(), 8)
         special = _PRE_HOPPER_FORWARD_TILES if forward and gpu.capability < (9, 0) else {}
         if transform and not forward and gpu.capability < (9, 0):
             special = _TRANSFORM_PRE_HOPPER_BACKWARD_TILES
-        if jsd:
-            backward = _JSD_BACKWARD_TILES if gpu.capability >= (9, 0) else _JSD_PRE_HOPPER_BACKWARD_TILES
-            special = {**special, **(_JSD_FORWARD_TILES if forward else backward)}
+        if jsd and forward:
+            special = {**special, **_JSD_FORWARD_TILES}
         tiles = special.get(size, _GPU_TILES[size])
-        programs = 2 * gpu.sm_count
-        splits = max(1, programs // _cdiv(n_rows, tiles["BLOCK_N"]))
+        splits = max(2 * gpu.sm_count // _cdiv(n_rows, tiles["BLOCK_N"]), gpu.sm_count // FORWARD_ROW_BLOCKS_IN_FLIGHT)
     else:
         tiles = dict(BLOCK_N=min(32, max(16, _next_pow2(n_rows))), BLOCK_V=128, BLOCK_H=64)
         splits = 3
@@ -120,8 +122,8 @@ class FusedProblem:
         self.labels = self.global_labels if shards is None else shards.local_labels(self.global_labels)
         self.acc = _launch._acc(tl, hs, ws, bs, ht, wt, bt)
         # The widest matmul operand dtype of the two sides: it decides the tiles (`fused_config`).
-        self.dot_dtype = torch.promote_types(torch.promote_types(hs.dtype, ws.dtype),
-                                             torch.promote_types(ht.dtype, wt.dtype))
+        self.dot_dtypes = (torch.promote_types(hs.dtype, ws.dtype), torch.promote_types(ht.dtype, wt.dtype))
+        self.dot_dtype = torch.promote_types(*self.dot_dtypes)
         kind, self.two_pass = _launch.kind_of(canon)
         self.jsd = canon.kind.name == "JSD"  # its kernels take narrower tiles (`fused_config`)
         self.device = hs.device
@@ -167,7 +169,7 @@ def fused_forward(problem: FusedProblem):
 
     def launch_pass(second, partial, stats):
         launch(
-            linear.fused_forward_kernel, (_cdiv(n, config["BLOCK_N"]), n_splits), *inputs, labels, partial, stats,
+            linear.fused_forward_kernel, (n_splits, _cdiv(n, config["BLOCK_N"])), *inputs, labels, partial, stats,
             n, problem.vocab, *problem.shape_args, split_size, n_splits, *problem.layout_args, *problem.scalars,
             SECOND_PASS=second, **problem.constexprs, **config,
         )
@@ -178,82 +180,104 @@ def fused_forward(problem: FusedProblem):
                                   problem.device, shards)
 
 
-def _groups(total: int, block: int, bytes_per_item: int):
-    """[start, end) ranges of `total` items, whole blocks each, with scratch of at most SCRATCH_BYTES."""
-    per_group = max(block, SCRATCH_BYTES // max(1, bytes_per_item) // block * block)
-    return [(start, min(total, start + per_group)) for start in range(0, total, per_group)]
+def slice_columns(n_rows: int, vocab: int, block_v: int, bytes_per_column_row: int) -> int:
+    """Vocabulary columns per backward slice: whole BLOCK_V tiles whose G buffers ([rows, slice] for each side
+    whose gradients are asked for, `bytes_per_column_row` bytes per row and column) take at most
+    GRADIENT_BYTES; at least one tile."""
+    columns = GRADIENT_BYTES // max(1, n_rows * bytes_per_column_row) // block_v * block_v
+    return min(max(block_v, columns), _cdiv(vocab, block_v) * block_v)
 
 
-def _scratch(grad: torch.Tensor | None, start: int, end: int, acc_dtype: torch.dtype, device):
-    """Where a group's float32 (ACC) sums go: the gradient's own rows when they already have that dtype."""
-    if grad is None:
-        return None
-    if grad.dtype == acc_dtype:
-        return grad[start:end]
-    return torch.zeros((end - start, *grad.shape[1:]), dtype=acc_dtype, device=device)
-
-
-def _flush(grad, scratch, start: int, end: int) -> None:
-    """Cast a group's sums into the gradient (nothing to do where they were accumulated in place)."""
-    if grad is not None and scratch.dtype != grad.dtype:
-        grad[start:end].copy_(scratch)
+def _matrix(hidden: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Hidden states as a [rows, width] matrix of `dtype` (copied only where a view cannot be taken)."""
+    return hidden.reshape(-1, width).to(dtype)
 
 
 def fused_backward(problem: FusedProblem, stats, row_scale, needs):
     """Gradients (hs, ws, bs, ht, wt, bt) of Σ_r row_scale[r]·loss[r]; `needs` says which (None for the
-    others). Weight and bias rows past the shared vocabulary get zeros. Under `problem.shards` the hidden
-    gradients are summed over the group while still float32 sums, group by group, and rounded once."""
+    others). Weight and bias rows past the shared vocabulary get zeros.
+
+    Slice by slice of the vocabulary, `fused_gradient_kernel` writes G = ∂/∂logits for every row into a
+    [rows, slice] buffer in the side's dot dtype; then dW[slice] = Gᵀ·h is one cuBLAS product over every row
+    (summed in float32, rounded once), db[slice] = Σ_rows G, and dH += G·W[slice] is summed over the slices in
+    float32 (the gradient itself when it is float32 or wider). Under `problem.shards` the hidden gradients
+    are summed over the group while still float32 sums and rounded once."""
+    from ._chunked import _float32_sums, _mm_into
+
     linear = _linear()
     need_hs, need_ws, need_bs, need_ht, need_wt, need_bt = needs
     device, acc_dtype = problem.device, problem.acc_dtype
     n, vocab = problem.n_rows, problem.vocab
-    (Hs, Ht), hs, ht = problem.shape_args, problem.hs, problem.ht
 
     def zeros_like(t, need):
         return torch.zeros(t.shape, dtype=t.dtype, device=device) if need else None
 
-    g_hs = torch.zeros((n, Hs), dtype=hs.dtype, device=device) if need_hs else None
-    g_ht = torch.zeros((n, Ht), dtype=ht.dtype, device=device) if need_ht else None
-    g_ws, g_wt = zeros_like(problem.ws, need_ws), zeros_like(problem.wt, need_wt)
-    g_bs = zeros_like(problem.bs, need_bs and problem.bs is not None)
-    g_bt = zeros_like(problem.bt, need_bt and problem.bt is not None)
-    if n == 0:
-        return g_hs, g_ws, g_bs, g_ht, g_wt, g_bt
+    sides = []  # (hidden, weight, bias, need dH, need dW, need db, dot dtype)
+    for hidden, weight, bias, need_h, need_w, need_b, dot in (
+            (problem.hs, problem.ws, problem.bs, need_hs, need_ws, need_bs, problem.dot_dtypes[0]),
+            (problem.ht, problem.wt, problem.bt, need_ht, need_wt, need_bt, problem.dot_dtypes[1])):
+        sides.append(_SideGrads(hidden, weight, bias, n, need_h, need_w, need_b and bias is not None, dot, acc_dtype))
+    if n == 0 or not any(side.any for side in sides):
+        return tuple(g for side in sides for g in side.results())
 
     config = fused_config(n, vocab, problem.gpu, problem.dot_dtype, jsd=problem.jsd, transform=problem.canon.transform)
     config.pop("split_size")
+    block_n, block_v = config["BLOCK_N"], config["BLOCK_V"]
+    width = slice_columns(n, vocab, block_v, sum(side.dot.itemsize for side in sides if side.any))
+    buffers = [torch.empty((n, width), dtype=side.dot, device=device) if side.any else None for side in sides]
     row_scale = row_scale.contiguous()
     *inputs, labels = problem.pointers(stats)
-    common = (*problem.layout_args, *problem.scalars, *problem.weights)
-    if need_hs or need_ht:
-        for start, end in _groups(n, config["BLOCK_N"], 4 * (Hs * need_hs + Ht * need_ht)):
-            s_hs, s_ht = _scratch(g_hs, start, end, acc_dtype, device), _scratch(g_ht, start, end, acc_dtype, device)
-            launch(
-                linear.fused_grad_hidden_kernel, (_cdiv(end - start, config["BLOCK_N"]),), *inputs, labels, stats,
-                row_scale, stats if s_hs is None else s_hs, stats if s_ht is None else s_ht, start, end, vocab, Hs,
-                Ht, *common, GRAD_HS=need_hs, GRAD_HT=need_ht, **problem.constexprs, **config,
-            )
-            if problem.shards is not None:  # this rank's part of a sum over the vocabulary: summed in float32
-                problem.shards.reduce_hidden(s_hs, s_ht)
-            _flush(g_hs, s_hs, start, end)
-            _flush(g_ht, s_ht, start, end)
-            del s_hs, s_ht  # before the next group's: one group's scratch at a time
-    # Bias gradients: float32 sums over the rows, rounded once here (a [V] vector: no budget needed).
-    s_bs, s_bt = (None if g is None else _scratch(g, 0, g.shape[0], acc_dtype, device) for g in (g_bs, g_bt))
-    if need_ws or need_wt or g_bs is not None or g_bt is not None:
-        for start, end in _groups(vocab, config["BLOCK_V"], 4 * (Hs * need_ws + Ht * need_wt)):
-            s_ws, s_wt = _scratch(g_ws, start, end, acc_dtype, device), _scratch(g_wt, start, end, acc_dtype, device)
-            launch(
-                linear.fused_grad_weight_kernel, (_cdiv(end - start, config["BLOCK_V"]),), *inputs, labels, stats,
-                row_scale, stats if s_ws is None else s_ws, stats if s_bs is None else s_bs,
-                stats if s_wt is None else s_wt, stats if s_bt is None else s_bt, start, end, n, Hs, Ht, *common,
-                GRAD_WS=need_ws, GRAD_BS=g_bs is not None, GRAD_WT=need_wt, GRAD_BT=g_bt is not None,
-                **problem.constexprs, **config,
-            )
-            _flush(g_ws, s_ws, start, end)
-            _flush(g_wt, s_wt, start, end)
-            del s_ws, s_wt
-    for g, scratch in ((g_bs, s_bs), (g_bt, s_bt)):
-        if g is not None:
-            _flush(g, scratch, 0, g.shape[0])
-    return g_hs, g_ws, g_bs, g_ht, g_wt, g_bt
+    for start in range(0, vocab, width):
+        end = min(vocab, start + width)
+        grid = (_cdiv(n, block_n) * _cdiv(end - start, block_v),)
+        launch(linear.fused_gradient_kernel, grid, *inputs, labels, stats, row_scale,
+               *(stats if b is None else b for b in buffers), n, start, end, width, *problem.shape_args,
+               *problem.layout_args, *problem.scalars, *problem.weights, STORE_S=sides[0].any, STORE_T=sides[1].any,
+               GROUP_ROWS=GROUP_ROWS, **problem.constexprs, **config)
+        with _float32_sums():
+            for side, g in zip(sides, buffers):
+                if side.any:
+                    side.add_slice(g[:, :end - start], start, end, _mm_into)
+    if problem.shards is not None:  # this rank's part of a sum over the vocabulary: summed in float32
+        problem.shards.reduce_hidden(sides[0].hidden_sums, sides[1].hidden_sums)
+    return tuple(g for side in sides for g in side.results())
+
+
+class _SideGrads:
+    """One model's gradients in the fused backward: dH summed over the vocabulary slices in float32 (or in the
+    gradient itself, when that is float32 or wider), dW and db written slice by slice."""
+
+    def __init__(self, hidden, weight, bias, n, need_h, need_w, need_b, dot, acc_dtype):
+        device = weight.device
+        self.width = hidden.shape[-1]
+        self.hidden, self.weight, self.dot, self.acc_dtype = hidden, weight, dot, acc_dtype
+        self.any = need_h or need_w or need_b
+        self.grad_h = torch.zeros((n, self.width), dtype=hidden.dtype, device=device) if need_h else None
+        wider = need_h and hidden.dtype.itemsize >= acc_dtype.itemsize
+        self.hidden_sums = self.grad_h if wider or not need_h else torch.zeros((n, self.width), dtype=acc_dtype,
+                                                                              device=device)
+        self.grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=device) if need_w else None
+        self.grad_b = torch.zeros(bias.shape, dtype=bias.dtype, device=device) if need_b else None
+        self._matrix = None
+
+    def add_slice(self, g: torch.Tensor, start: int, end: int, mm_into) -> None:
+        """The contributions of G = ∂/∂logits[:, start:end] (in the dot dtype) to dH, dW[start:end], db[start:end]."""
+        if self.grad_w is not None:
+            if self._matrix is None:
+                self._matrix = _matrix(self.hidden, self.width, self.dot)
+            out = self.grad_w[start:end]
+            # cuBLAS sums 16-bit products in float32 and rounds once into a 16-bit output; elsewhere (CPU, or a
+            # gradient dtype other than the operands') the float32 product is rounded by a copy.
+            if out.dtype == g.dtype and (g.is_cuda or out.dtype.itemsize >= self.acc_dtype.itemsize):
+                mm_into(g.t(), self._matrix, out)
+            else:
+                out.copy_(mm_into(g.t(), self._matrix, torch.empty(out.shape, dtype=self.acc_dtype, device=g.device)))
+        if self.grad_b is not None:
+            self.grad_b[start:end] = g.sum(0, dtype=self.acc_dtype)
+        if self.hidden_sums is not None:
+            mm_into(g, self.weight[start:end].to(self.dot), self.hidden_sums, accumulate=True)
+
+    def results(self):
+        if self.grad_h is not None and self.hidden_sums is not self.grad_h:
+            self.grad_h.copy_(self.hidden_sums)
+        return self.grad_h, self.grad_w, self.grad_b

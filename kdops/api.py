@@ -166,7 +166,8 @@ def fused_linear_kd_loss(
     requires grad, and are returned in its dtype.
 
     `impl`: "fused" computes the logits inside Triton kernels, vocabulary block by block (extra memory
-    O(rows) statistics plus float32 gradient scratch bounded by `kdops._fused.SCRATCH_BYTES`); "chunked"
+    O(rows) statistics, float32 sums of the hidden gradients, and one vocabulary slice of the logit gradient
+    for every row, at most `kdops._fused.GRADIENT_BYTES`); "chunked"
     runs matmuls on token chunks with float32 [chunk, V] logits and the kernels on logits, keeping each
     row's logit gradient in the weight's dtype for the dH and dW matmuls (extra memory about
     `memory_budget` bytes, default `kdops._chunked.MEMORY_BUDGET` = 4 GiB: a larger budget means fewer

@@ -6,11 +6,11 @@ splits. `fused_forward_kernel` writes each (row, split)'s partial first-pass sta
 (`partials.py`) merges the splits of each row and finishes its statistics. The two-pass divergences run
 both kernels once more with SECOND_PASS, whose partial sums merge by addition.
 
-Backward: every program recomputes its logit tiles from the saved statistics and turns them into
-gradient tiles G = ∂ℓ/∂logits (row-scaled). Two ownership patterns keep it free of atomics:
-`fused_grad_hidden_kernel` owns row blocks and walks the vocabulary (dH[rows] += G · W[cols]);
-`fused_grad_weight_kernel` owns vocabulary blocks and walks the rows (dW[cols] += Gᵀ · h[rows],
-db[cols] += Σ_rows G). Both accumulate in float32 scratch that the launcher sizes to a memory budget.
+Backward (`fused_gradient_kernel`), one vocabulary slice at a time: every program recomputes one tile of
+both models' logits from the saved statistics and writes its gradient tile G = ∂ℓ/∂logits (row-scaled) into
+a [rows, slice] buffer in the operands' dtype; the launcher multiplies each slice by cuBLAS (dW[slice] = Gᵀ·h
+over every row at once, dH += G·W[slice] summed in float32). Each gradient element is computed once; no
+program owns a [rows, H] or [V, H] accumulator, and nothing is atomic.
 
 Hidden states are addressed by rows like the kernels on logits (two leading dims, arbitrary strides);
 weights are [V, H] with unit stride along H. Matmul operands are cast to the side's dot dtype (DOT_S,
@@ -88,22 +88,6 @@ def both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, r
 
 
 @triton.jit
-def add_product(out_ptr, out_off, out_ok, lhs, rhs_ptr, rhs_off, rhs_ok, H, BLOCK_H: tl.constexpr,
-                DOT: tl.constexpr, MMA: tl.constexpr, PRECISION: tl.constexpr):
-    """out[i, :] += Σ_j lhs[i, j] · rhs[j, :], rhs rows at rhs_ptr + rhs_off[j] (read-modify-write: the
-    calling program owns the output rows). dH: lhs = G, rhs = W[cols]; dW: lhs = Gᵀ, rhs = h[rows]."""
-    lhs = operand(lhs, DOT, MMA)
-    for k0 in range(0, H, BLOCK_H):
-        ks = k0 + tl.arange(0, BLOCK_H)
-        k_ok = ks < H
-        rhs = tl.load(rhs_ptr + rhs_off[:, None] + ks[None, :], mask=rhs_ok[:, None] & k_ok[None, :], other=0.0)
-        ptrs = out_ptr + out_off[:, None] + ks[None, :]
-        keep = out_ok[:, None] & k_ok[None, :]
-        acc = tl.dot(lhs, operand(rhs, DOT, MMA), tl.load(ptrs, mask=keep, other=0.0), input_precision=PRECISION)
-        tl.store(ptrs, acc, mask=keep)
-
-
-@triton.jit
 def fused_forward_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, partial_ptr, stats_ptr,
     n_rows, V, Hs, Ht, split_size, n_splits,
@@ -119,8 +103,11 @@ def fused_forward_kernel(
 
     SECOND_PASS reads the merged (m_x, ls_x, m_y, r) of the first from `stats` and writes (y1, y2, y3).
     """
-    pid_s = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Splits vary fastest (grid axis 0): the programs in flight cover a few row blocks and every split, so each
+    # row block's hidden states are read from HBM about once and then served by L2 while the splits stream
+    # the weights.
+    pid_s = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     safe_rows = tl.minimum(rows, n_rows - 1)
     hs_off = row_offsets(safe_rows, hs_inner, hs_outer, hs_stride)
@@ -183,87 +170,57 @@ def gradient_tiles(
 
 
 @triton.jit
-def fused_grad_hidden_kernel(
-    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, stats_ptr, row_scale_ptr, ghs_ptr, ght_ptr,
-    row_start, row_end, V, Hs, Ht,
-    hs_inner, hs_outer, hs_stride, ht_inner, ht_outer, ht_stride, ws_stride, wt_stride,
-    inv_temp, c1, c2, cap_s, cap_t, share, soft, hard,
-    KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, TRANSFORM: tl.constexpr, HAS_BS: tl.constexpr,
-    HAS_BT: tl.constexpr, GRAD_HS: tl.constexpr, GRAD_HT: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr, MMA_S: tl.constexpr,
-    MMA_T: tl.constexpr,     PREC_S: tl.constexpr, PREC_T: tl.constexpr, ACC: tl.constexpr,
-):
-    """ghs[row − row_start] += Σ_v G_s[row, v] · W_s[v] (and ght likewise) for rows [row_start, row_end)."""
-    rows = row_start + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < row_end
-    safe_rows = tl.minimum(rows, row_end - 1)
-    hs_off = row_offsets(safe_rows, hs_inner, hs_outer, hs_stride)
-    ht_off = row_offsets(safe_rows, ht_inner, ht_outer, ht_stride)
-    local = (safe_rows - row_start).to(tl.int64)
-    labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_N)
-    scale = tl.load(row_scale_ptr + safe_rows).to(ACC)
-    vcols = tl.arange(0, BLOCK_V)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + vcols
-        col_ok = cols < V
-        g_s, g_t = gradient_tiles(
-            hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, labels, stats_ptr,
-            safe_rows, scale, Hs, Ht, ws_stride, wt_stride, inv_temp, c1, c2, soft, hard, cap_s, cap_t, share, KIND,
-            HARD, STUDENT_IS_P, TRANSFORM, HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S, MMA_T,
-            PREC_S, PREC_T, ACC)
-        if GRAD_HS:
-            add_product(ghs_ptr, local * Hs, row_ok, g_s, ws_ptr, cols.to(tl.int64) * ws_stride, col_ok, Hs, BLOCK_H,
-                        DOT_S, MMA_S, PREC_S)
-        if GRAD_HT:
-            add_product(ght_ptr, local * Ht, row_ok, g_t, wt_ptr, cols.to(tl.int64) * wt_stride, col_ok, Ht, BLOCK_H,
-                        DOT_T, MMA_T, PREC_T)
+def grouped_tile(pid, n_row_blocks, n_col_tiles, GROUP_ROWS: tl.constexpr):
+    """(row block, column tile) of program `pid`, walking GROUP_ROWS row blocks down each column before the
+    next column: the programs in flight share their weight tiles and their hidden rows through L2 (the
+    grouped ordering of Triton's matmul tutorial). In 64 bits, as every offset derived from them."""
+    pid = pid.to(tl.int64)
+    per_group = GROUP_ROWS * n_col_tiles.to(tl.int64)
+    first_row = (pid // per_group) * GROUP_ROWS
+    rows_here = tl.minimum(n_row_blocks - first_row, GROUP_ROWS)
+    return first_row + (pid % per_group) % rows_here, (pid % per_group) // rows_here
 
 
 @triton.jit
-def fused_grad_weight_kernel(
-    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, stats_ptr, row_scale_ptr,
-    gws_ptr, gbs_ptr, gwt_ptr, gbt_ptr,
-    col_start, col_end, n_rows, Hs, Ht,
+def fused_gradient_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, stats_ptr, row_scale_ptr, gs_ptr, gt_ptr,
+    n_rows, col_start, col_end, g_stride, Hs, Ht,
     hs_inner, hs_outer, hs_stride, ht_inner, ht_outer, ht_stride, ws_stride, wt_stride,
     inv_temp, c1, c2, cap_s, cap_t, share, soft, hard,
     KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, TRANSFORM: tl.constexpr, HAS_BS: tl.constexpr,
-    HAS_BT: tl.constexpr, GRAD_WS: tl.constexpr, GRAD_BS: tl.constexpr, GRAD_WT: tl.constexpr,
-    GRAD_BT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_S: tl.constexpr, DOT_T: tl.constexpr, MMA_S: tl.constexpr, MMA_T: tl.constexpr,
-    PREC_S: tl.constexpr, PREC_T: tl.constexpr, ACC: tl.constexpr,
+    HAS_BT: tl.constexpr, STORE_S: tl.constexpr, STORE_T: tl.constexpr, GROUP_ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr,
+    MMA_S: tl.constexpr, MMA_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr, ACC: tl.constexpr,
 ):
-    """gws[v − col_start] += Σ_rows G_s[row, v] · h_s[row], gbs[v] = Σ_rows G_s[row, v] (teacher likewise),
-    for vocabulary entries [col_start, col_end). Bias gradients are indexed by v itself."""
-    cols = col_start + tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    """gs[row, v − col_start] = row_scale[row] · ∂ℓ_row/∂s[row, v] for v in [col_start, col_end) (gt likewise
+    for the teacher's logits), rounded to the store's dtype: one vocabulary slice of G for every row.
+
+    Each program recomputes one [BLOCK_N, BLOCK_V] tile of both models' logits and turns it into gradient
+    tiles from the saved statistics. The launcher turns each slice into dW[slice] = Gᵀ·h (every row at once:
+    one product, rounded once) and dH += G·W[slice] (float32 sums over the slices) with cuBLAS: the gradient
+    is computed once per element, and no program owns a [rows, H] or [V, H] accumulator."""
+    n_row_blocks = tl.cdiv(n_rows, BLOCK_N)
+    row_block, col_tile = grouped_tile(tl.program_id(0), n_row_blocks, tl.cdiv(col_end - col_start, BLOCK_V),
+                                       GROUP_ROWS)
+    rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    safe_rows = tl.minimum(rows, n_rows - 1)
+    hs_off = row_offsets(safe_rows, hs_inner, hs_outer, hs_stride)
+    ht_off = row_offsets(safe_rows, ht_inner, ht_outer, ht_stride)
+    labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_N)
+    scale = tl.load(row_scale_ptr + safe_rows).to(ACC)
+    local = col_tile * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = col_start + local
     col_ok = cols < col_end
-    local = (cols - col_start).to(tl.int64)
-    db_s = tl.zeros([BLOCK_V], ACC)
-    db_t = tl.zeros([BLOCK_V], ACC)
-    rvec = tl.arange(0, BLOCK_N)
-    for r0 in range(0, n_rows, BLOCK_N):
-        rows = r0 + rvec
-        row_ok = rows < n_rows
-        safe_rows = tl.minimum(rows, n_rows - 1)
-        hs_off = row_offsets(safe_rows, hs_inner, hs_outer, hs_stride)
-        ht_off = row_offsets(safe_rows, ht_inner, ht_outer, ht_stride)
-        labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_N)
-        scale = tl.load(row_scale_ptr + safe_rows).to(ACC)
-        g_s, g_t = gradient_tiles(
-            hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, labels, stats_ptr,
-            safe_rows, scale, Hs, Ht, ws_stride, wt_stride, inv_temp, c1, c2, soft, hard, cap_s, cap_t, share, KIND,
-            HARD, STUDENT_IS_P, TRANSFORM, HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S, MMA_T,
-            PREC_S, PREC_T, ACC)
-        if GRAD_WS:
-            add_product(gws_ptr, local * Hs, col_ok, tl.trans(g_s), hs_ptr, hs_off, row_ok, Hs, BLOCK_H, DOT_S, MMA_S,
-                        PREC_S)
-        if GRAD_WT:
-            add_product(gwt_ptr, local * Ht, col_ok, tl.trans(g_t), ht_ptr, ht_off, row_ok, Ht, BLOCK_H, DOT_T, MMA_T,
-                        PREC_T)
-        if GRAD_BS:
-            db_s += tl.sum(g_s, axis=0)
-        if GRAD_BT:
-            db_t += tl.sum(g_t, axis=0)
-    if GRAD_BS:
-        tl.store(gbs_ptr + cols, db_s.to(gbs_ptr.dtype.element_ty), mask=col_ok)
-    if GRAD_BT:
-        tl.store(gbt_ptr + cols, db_t.to(gbt_ptr.dtype.element_ty), mask=col_ok)
+    g_s, g_t = gradient_tiles(
+        hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, labels, stats_ptr,
+        safe_rows, scale, Hs, Ht, ws_stride, wt_stride, inv_temp, c1, c2, soft, hard, cap_s, cap_t, share, KIND,
+        HARD, STUDENT_IS_P, TRANSFORM, HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S, MMA_T,
+        PREC_S, PREC_T, ACC)
+    offsets = rows.to(tl.int64)[:, None] * g_stride + local[None, :]
+    keep = row_ok[:, None] & col_ok[None, :]
+    # Rounded as a GPU rounds (to nearest) also under the interpreter, whose casts to bf16 truncate.
+    if STORE_S:
+        tl.store(gs_ptr + offsets, operand(g_s, DOT_S, MMA_S).to(gs_ptr.dtype.element_ty), mask=keep)
+    if STORE_T:
+        tl.store(gt_ptr + offsets, operand(g_t, DOT_T, MMA_T).to(gt_ptr.dtype.element_ty), mask=keep)

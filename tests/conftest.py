@@ -51,7 +51,7 @@ GPU_SMOKE = (
     "tests/test_fused_linear.py::test_matches_oracle[generalized_jsd-fp32-fused]",
     "tests/test_fused_linear.py::test_matches_oracle[alpha_beta-bf16-fused]",
     "tests/test_fused_linear.py::test_matches_oracle[tvd-fp32-fused]",
-    "tests/test_fused_linear.py::test_several_chunks_splits_and_scratch_groups",
+    "tests/test_fused_linear.py::test_several_chunks_splits_and_slices",
     "tests/test_log_sum.py::test_log_sums_of_peaked_rows[forward_kl-4099-fused]",
     "tests/test_log_sum.py::test_log_sums_of_peaked_rows[alpha_beta-4099-logits]",
     "tests/test_log_sum.py::test_masked_row_keeps_its_log_sum",

@@ -44,7 +44,7 @@ def test_failures_are_named():
                        tensor_core_instructions=8)
     assert ok.failures == []
     assert gate.Compiled("fused_forward_kernel", "sm_90", "c", "", "", sixteen_bit_dot=False).failures == []
-    no_tc = gate.Compiled("fused_grad_weight_kernel", "sm_80", "c", "", "", sixteen_bit_dot=True)
+    no_tc = gate.Compiled("fused_gradient_kernel", "sm_80", "c", "", "", sixteen_bit_dot=True)
     assert no_tc.failures == ["16-bit dot without tensor-core instructions"]
     spill = gate.Compiled("kd_logits_forward_kernel", "sm_90", "c", "", "", local_bytes=16, spill_instructions=4)
     assert spill.failures == ["spills (16 B local, 4 STL/LDL)"]
@@ -80,30 +80,34 @@ def test_configs_follow_the_named_gpu():
     rows = 512 // h100["BLOCK_N"]
     assert -(-128256 // h100["split_size"]) == pytest.approx(2 * 132 // rows, abs=1)
     assert -(-128256 // a100["split_size"]) == pytest.approx(2 * 108 // rows, abs=1)
+    # Many rows: splits enough that the programs in flight cover FORWARD_ROW_BLOCKS_IN_FLIGHT row blocks.
+    many = _fused.fused_config(8192, 128256, targets.H100)
+    assert -(-128256 // many["split_size"]) == pytest.approx(132 // _fused.FORWARD_ROW_BLOCKS_IN_FLIGHT, abs=1)
     assert _fused.fused_config(512, 128256, targets.H100, torch.float32)["BLOCK_H"] < h100["BLOCK_H"]
     # The 16-bit forward before Hopper: narrower tiles (its KL first pass spilled on sm_80); the backward's own.
     assert _fused.fused_config(512, 128256, targets.A100, forward=True)["BLOCK_V"] == a100["BLOCK_V"] // 2
     assert _fused.fused_config(512, 128256, targets.H100, forward=True) == h100
     assert "num_warps" not in _fused.fused_config(512, 128256, None)
-    # Generalized JSD (the most live state): half the rows in the 16-bit backward on sm_90, half the columns
-    # in float64; the 16-bit forward and the A100's 16-bit backward keep the common tiles.
+    # Generalized JSD (the most live state): half the columns in its float64 forward; every other kernel of
+    # it keeps the common tiles.
     jsd = dict(jsd=True)
-    assert _fused.fused_config(512, 128256, targets.H100, **jsd)["BLOCK_N"] == h100["BLOCK_N"] // 2
+    assert _fused.fused_config(512, 128256, targets.H100, **jsd) == h100
     assert _fused.fused_config(512, 128256, targets.H100, forward=True, **jsd) == h100
     assert _fused.fused_config(512, 128256, targets.A100, **jsd) == a100
     fp64 = _fused.fused_config(512, 128256, targets.H100, torch.float64)
     for gpu in (targets.H100, targets.A100):
-        for forward in (False, True):
-            tiles = _fused.fused_config(512, 128256, gpu, torch.float64, forward=forward, **jsd)
-            assert tiles["BLOCK_V"] == fp64["BLOCK_V"] // 2
+        assert _fused.fused_config(512, 128256, gpu, torch.float64, forward=True, **jsd)["BLOCK_V"] == \
+            fp64["BLOCK_V"] // 2
+        assert _fused.fused_config(512, 128256, gpu, torch.float64, **jsd)["BLOCK_V"] == fp64["BLOCK_V"]
     seen = {}
     hs, ws = torch.randn(37, 64, dtype=torch.bfloat16, requires_grad=True), torch.randn(1000, 64, dtype=torch.bfloat16)
-    with targets.assume("h100"), _launch.recording(lambda kernel, grid, args, kwargs: seen.setdefault(
+    with targets.assume("a100"), _launch.recording(lambda kernel, grid, args, kwargs: seen.setdefault(
             kernel.__name__, kwargs)):
         kdops.fused_linear_kd_loss(hs, ws, hs.detach(), ws, divergence="generalized_jsd", impl="fused",
-                                   backend="triton").backward()
-    assert seen["fused_grad_hidden_kernel"]["BLOCK_N"] == h100["BLOCK_N"] // 2
-    assert seen["fused_forward_kernel"]["BLOCK_N"] == h100["BLOCK_N"]
+                                   backend="triton", student_softcap=30.0).backward()
+    # Before Hopper: the 16-bit forward half as wide, a transformed backward half as tall.
+    assert seen["fused_gradient_kernel"]["BLOCK_N"] == a100["BLOCK_N"] // 2
+    assert seen["fused_forward_kernel"]["BLOCK_V"] == a100["BLOCK_V"] // 2
     assert targets.of_device(torch.device("cpu")) is None
     with targets.assume("a100"):
         assert targets.of_device(torch.device("cpu")) is targets.A100

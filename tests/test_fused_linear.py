@@ -3,12 +3,15 @@ against the float64 oracle `reference.fused_linear_kd_loss`, for the loss and ev
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import kdops
 import kdops._autograd
 import kdops._chunked
 import kdops._fused
 from kdops import reference
+from kdops.kernels import linear as linear_kernels
 from conftest import DEVICE
 from oracle import TOLERANCE, rel_error
 
@@ -146,10 +149,11 @@ def test_hard_loss_alone_is_cross_entropy(impl, backend):
     assert rel_error(loss, expected) < 1e-5
 
 
-def test_several_chunks_splits_and_scratch_groups(monkeypatch):
-    """Small budgets: the chunked path takes many chunks, the fused backward many scratch groups, the
+def test_several_chunks_splits_and_slices(monkeypatch):
+    """Small budgets: the chunked path takes many chunks, the fused backward many vocabulary slices, the
     fused forward many vocabulary splits, each with a partial last one."""
-    monkeypatch.setattr(kdops._fused, "SCRATCH_BYTES", 16 * HT * 4)
+    monkeypatch.setattr(kdops._fused, "GRADIENT_BYTES", 1)  # one vocabulary tile per backward slice
+    monkeypatch.setattr(kdops._fused, "GROUP_ROWS", 3)  # row groups of the backward's ordering, the last partial
     original = kdops._fused.fused_config
 
     def small(n_rows, vocab, gpu, dtype, **kwargs):
@@ -245,3 +249,29 @@ def test_module_matches_function():
     assert "hard_weight=0.5" in repr(module)
     with pytest.raises(ValueError, match="impl"):
         kdops.FusedLinearKDLoss(impl="cce")
+
+
+@triton.jit
+def _visit_kernel(order_ptr, n_row_blocks, n_col_tiles, GROUP: tl.constexpr):
+    """order[row block, column tile] += pid + 1 for the tile that `grouped_tile` gives program pid."""
+    pid = tl.program_id(0)
+    row, col = linear_kernels.grouped_tile(pid, n_row_blocks, n_col_tiles, GROUP)
+    tl.atomic_add(order_ptr + row * n_col_tiles + col, pid + 1)
+
+
+def _grouped_order(n_row_blocks: int, n_col_tiles: int, group: int) -> torch.Tensor:
+    """order[r, c] = the program id that `kernels.linear.grouped_tile` gives tile (r, c), -1 where none does."""
+    order = torch.zeros(n_row_blocks * n_col_tiles, dtype=torch.int32, device=DEVICE)
+    _visit_kernel[(n_row_blocks * n_col_tiles,)](order, n_row_blocks, n_col_tiles, GROUP=group)
+    return order.view(n_row_blocks, n_col_tiles).cpu() - 1
+
+
+@pytest.mark.parametrize("rows, cols, group", [(7, 5, 3), (8, 3, 8), (2, 9, 8), (5, 1, 2)])
+def test_backward_ordering_visits_every_tile_once(rows, cols, group):
+    """The gradient kernel's grouped ordering: each (row block, vocabulary tile) exactly once; `group` row blocks
+    (fewer in the last group) walked down each column before the next column."""
+    order = _grouped_order(rows, cols, group)
+    assert sorted(order.flatten().tolist()) == list(range(rows * cols)), order
+    for first in range(0, rows, group):
+        block = order[first:first + group]
+        assert (block.t().flatten() == torch.arange(block.numel()) + first * cols).all(), order

@@ -88,7 +88,7 @@ def _stats(path, student, teacher, labels, divergence, hard):
         return _launch.logits_forward(student, teacher, labels, canon, inv_temp, 1.0, hard)[1]
     # One-hot hidden states: the fused kernel's logits are exactly the rows of the weight's columns.
     rows, vocab = student.shape
-    hidden = torch.eye(rows, 8, device=DEVICE)
+    hidden = torch.eye(rows, device=DEVICE)  # as wide as the weight ([V, rows]): no read past its end
     problem = _fused.FusedProblem(hidden, student.T.contiguous(), None, hidden, teacher.T.contiguous(), None, labels,
                                   canon, inv_temp, vocab, 1.0, hard)
     return _fused.fused_forward(problem)[1]

@@ -1,7 +1,5 @@
 """Memory bounds of kd_loss, counted allocation by allocation (bench/memory.py) during forward + backward."""
 
-import gc
-
 import pytest
 import torch
 
@@ -67,15 +65,49 @@ def _fused_inputs(rows, vocab, hs, ht, dtype):
 
 
 @pytest.mark.parametrize("divergence", ["generalized_jsd"])  # two passes: every buffer forward KL allocates and more
-def test_fused_impl_never_allocates_rows_by_vocab(divergence):
-    """impl="fused": no tensor of N·V/4 elements or more, ever (the weights are smaller than that here)."""
-    rows, vocab = 512, 1000
+def test_fused_impl_never_allocates_rows_by_vocab(divergence, monkeypatch):
+    """impl="fused": no tensor of N·V/4 elements or more, ever (the weights are smaller than that here): the
+    backward's G buffers cover one vocabulary slice of GRADIENT_BYTES."""
+    import kdops._fused
+
+    rows, vocab = 256, 2200
+    block_v = kdops._fused.fused_config(rows, vocab, None)["BLOCK_V"]
+    monkeypatch.setattr(kdops._fused, "GRADIENT_BYTES", rows * 2 * block_v)  # one tile per slice
     x = _fused_inputs(rows, vocab, 16, 24, torch.bfloat16)
     tracker, _ = _measure_fused(x, divergence=divergence, impl="fused", backend="triton", hard_weight=0.5)
     element_bytes = 1  # the smallest element: any tensor of N·V/4 elements has at least this many bytes
     assert tracker.allocations, "the tracker saw nothing"
     assert tracker.largest < rows * vocab // 4 * element_bytes
-    assert x["teacher_weight"].numel() * 4 <= tracker.largest  # the float32 dW scratch was seen
+    assert rows * block_v * 2 in [n for n, _ in tracker.allocations], "a G buffer was seen"
+
+
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_fused_backward_extra_memory(teacher_grad, monkeypatch):
+    """impl="fused" with 16-bit inputs: beyond the gradients, the backward holds the G buffers of one
+    vocabulary slice (at most GRADIENT_BYTES, whole tiles), the float32 sums of each hidden gradient over the
+    slices, and (off CUDA only) one slice's float32 dW product before its rounding: nothing of V × H or N × V."""
+    import kdops._fused
+
+    rows, vocab, hs, ht = 512, 1000, 24, 40
+    block_v = kdops._fused.fused_config(rows, vocab, None)["BLOCK_V"]
+    budget = rows * 2 * (1 + teacher_grad) * 2 * block_v  # two tiles per slice: four slices, the last partial
+    monkeypatch.setattr(kdops._fused, "GRADIENT_BYTES", budget)
+    x = _fused_inputs(rows, vocab, hs, ht, torch.bfloat16)
+    inputs = {k: (v.detach().requires_grad_(k.startswith("student") or teacher_grad) if v.is_floating_point() else v)
+              for k, v in x.items()}
+    loss = kdops.fused_linear_kd_loss(**inputs, impl="fused", backend="triton", hard_weight=0.5)
+    with AllocationTracker() as tracker:
+        loss.backward()
+        grad_bytes = sum(v.grad.numel() * v.grad.element_size() for v in inputs.values() if v.grad is not None)
+    widths = (hs, ht) if teacher_grad else (hs,)
+    buffers = [n for n, _ in tracker.allocations if n == rows * 2 * block_v * 2]
+    assert len(buffers) == 1 + teacher_grad, "one G buffer per side, allocated once"
+    hidden_sums = sum(rows * w * 4 for w in widths)
+    # Off CUDA the products' 16-bit operands are upcast to float32 (kdops._chunked._mm_into): a slice's G and
+    # weight rows, the hidden states, and the float32 dW product before its rounding.
+    width = 2 * block_v
+    upcasts = (rows * width + (rows + width) * max(widths)) * 4 if DEVICE == "cpu" else 0
+    assert tracker.peak - grad_bytes <= budget + hidden_sums + upcasts + rows * 16 + 4096
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -96,29 +128,6 @@ def test_chunked_impl_stays_within_its_memory_budget(divergence, backend, dtype)
     # group's G per product; cuBLAS takes them as they are.
     upcasts = vocab * (24 + 40) * 4 + plan.group * vocab * 4 if dtype != torch.float32 and DEVICE == "cpu" else 0
     assert tracker.peak - grad_bytes <= budget + upcasts + rows * 64 + vocab * 16
-
-
-def test_fused_backward_holds_one_scratch_group_at_a_time(monkeypatch):
-    """impl="fused" with 16-bit gradients: the backward's float32 scratch is at most SCRATCH_BYTES at any
-    time — each group's is freed before the next one's is allocated, dH's before dW's."""
-    import kdops._fused
-
-    rows, vocab, hs, ht = 512, 1000, 24, 40
-    budget = 2**15  # a quarter of dH's and an eighth of dW's scratch: four and eight groups, of whole blocks
-    monkeypatch.setattr(kdops._fused, "SCRATCH_BYTES", budget)
-    # Triton's interpreter leaves reference cycles that hold a launch's arguments until the next garbage
-    # collection (a GPU launch holds none): collect before each group's allocation, as a GPU would free.
-    allocate = kdops._fused._scratch
-    monkeypatch.setattr(kdops._fused, "_scratch", lambda *args: (gc.collect(), allocate(*args))[1])
-    x = _fused_inputs(rows, vocab, hs, ht, torch.bfloat16)
-    inputs = {k: (v.detach().requires_grad_(True) if v.is_floating_point() else v) for k, v in x.items()}
-    loss = kdops.fused_linear_kd_loss(**inputs, impl="fused", backend="triton", hard_weight=0.5)
-    with AllocationTracker() as tracker:
-        loss.backward()
-        grad_bytes = sum(v.grad.numel() * v.grad.element_size() for v in inputs.values() if v.grad is not None)
-    scratch = [n for n, _ in tracker.allocations if n >= budget // 2 and n not in (rows * hs * 2, rows * ht * 2)]
-    assert len(scratch) >= 8, "several scratch groups for dH and for dW"
-    assert tracker.peak - grad_bytes <= budget + rows * 16 + 4096
 
 
 def _measure_topk(x, ids, logprobs, fn=None, **kwargs):

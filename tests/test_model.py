@@ -97,8 +97,6 @@ def test_chunked_model_matches_an_independent_count(budget):
     """The model's matmul flops, weight re-reads and kernel launches of impl="chunked" against what the code
     does at a small shape: every aten matmul it calls (2·m·n·k flops each; a weight operand counted as a
     re-read) and every Triton launch on logits (rows × vocabulary of each), recorded while it runs."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from kdops import _launch
 
     n, hs, ht, v = 200, 24, 40, 333
@@ -110,18 +108,6 @@ def test_chunked_model_matches_an_independent_count(budget):
              teacher_weight=wt.bfloat16())
     weights = {x["student_weight"].data_ptr(): "W_s", x["teacher_weight"].data_ptr(): "W_t"}
     matmuls = {"flops": 0, "W_s": 0, "W_t": 0}
-
-    class Matmuls(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
-                a, b = args[:2] if func.overloadpacket is torch.ops.aten.mm else (args[1], args[2])
-                matmuls["flops"] += 2 * a.shape[0] * a.shape[1] * b.shape[1]
-                for operand in (a, b):
-                    name = weights.get(operand.untyped_storage().data_ptr())
-                    if name:
-                        matmuls[name] += 1
-            return out
 
     launches = []
 
@@ -137,7 +123,7 @@ def test_chunked_model_matches_an_independent_count(budget):
             weights[out.untyped_storage().data_ptr()] = weights[tensor.data_ptr()]
         return out
 
-    with pytest.MonkeyPatch.context() as patch, _launch.recording(recorder), Matmuls():
+    with pytest.MonkeyPatch.context() as patch, _launch.recording(recorder), _count_matmuls(weights, matmuls):
         patch.setattr(torch.Tensor, "to", to)
         kdops.fused_linear_kd_loss(**x, impl="chunked", backend="triton", memory_budget=budget).backward()
 
@@ -160,37 +146,80 @@ def test_chunked_model_matches_an_independent_count(budget):
     assert (budget is None) == (groups == 1)
 
 
-def test_fused_counts_follow_fused_config_and_scratch_groups(monkeypatch):
-    n, hs, ht, v = SMALL.tokens, SMALL.hidden_student, SMALL.hidden_teacher, SMALL.vocab
-    config = _fused.fused_config(n, v, H100)
-    bn, bv = config["BLOCK_N"], config["BLOCK_V"]
-    p = predict("fused", SMALL, H100, "forward_kl", torch.bfloat16)
-    split = config["split_size"]
-    tiles = sum(math.ceil((min(v, lo + split) - lo) / bv) for lo in range(0, v, split))
-    blocks = math.ceil(n / bn)
-    assert _item(p, "fwd: fused forward", "W_s, W_t re-read per row block") == blocks * tiles * bv * (hs + ht) * 2
-    assert _item(p, "fwd: fused forward", "h_s, h_t re-read per vocabulary tile") == blocks * tiles * bn * (hs + ht) * 2
-    assert _item(p, "bwd: fused dW", "dW scratch read-modify-write per row block") == \
-        math.ceil(v / bv) * blocks * bv * hs * 4 * 2
+def _count_matmuls(weights: dict, matmuls: dict):
+    """A dispatch mode adding 2·m·n·k flops per aten matmul to matmuls["flops"] (and one re-read to
+    matmuls[name] for each operand whose storage `weights` names)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    original = _fused.fused_config
-    monkeypatch.setattr(_fused, "fused_config",
-                        lambda n_, v_, gpu, dtype, **kw: dict(original(n_, v_, gpu, dtype, **kw), BLOCK_N=2 * bn))
-    wider = predict("fused", SMALL, H100, "forward_kl", torch.bfloat16)
-    assert _item(wider, "fwd: fused forward", "W_s, W_t re-read per row block") == \
-        math.ceil(n / (2 * bn)) * tiles * bv * (hs + ht) * 2
+    class Matmuls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+                a, b = args[:2] if func.overloadpacket is torch.ops.aten.mm else (args[1], args[2])
+                matmuls["flops"] += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+                for operand in (a, b):
+                    name = weights.get(operand.untyped_storage().data_ptr())
+                    if name:
+                        matmuls[name] += 1
+            return out
+
+    return Matmuls()
 
 
-def test_fused_scratch_groups_set_the_backward_launches(monkeypatch):
-    def dw_launches():
-        p = predict("fused", HEADLINE, H100, "forward_kl", torch.bfloat16)
-        return next(ph.launches for ph in p.phases if ph.name.startswith("bwd: fused dW kernel"))
+@pytest.mark.parametrize("budget", [None, 2**17])  # one backward slice; slices of 384 columns
+def test_fused_model_matches_an_independent_count(budget, monkeypatch):
+    """The model's flops and tile loads of impl="fused" against what the code launches at a small shape with
+    the H100's configurations (`kdops.targets.assume`): every Triton launch recorded (its grid and tiles: each
+    program of the forward walks its split's vocabulary tiles, each of the gradient kernel one tile, loading
+    its hidden rows and weight columns of both models), and every aten matmul of the backward counted."""
+    from kdops import _launch
 
-    bv = _fused.fused_config(HEADLINE.tokens, HEADLINE.vocab, H100)["BLOCK_V"]
-    expected = len(_fused._groups(HEADLINE.vocab, bv, 4 * HEADLINE.hidden_student))
-    assert dw_launches() == expected
-    monkeypatch.setattr(_fused, "SCRATCH_BYTES", _fused.SCRATCH_BYTES // 4)
-    assert dw_launches() == len(_fused._groups(HEADLINE.vocab, bv, 4 * HEADLINE.hidden_student)) > expected
+    n, hs, ht, v = 300, 64, 96, 1000
+    if budget:
+        monkeypatch.setattr(_fused, "GRADIENT_BYTES", budget)
+    shape = Shape(n, hs, ht, v)
+    g = torch.Generator().manual_seed(0)
+    x = dict(student_hidden=torch.randn(n, hs, generator=g).bfloat16().requires_grad_(),
+             student_weight=torch.randn(v, hs, generator=g).bfloat16().requires_grad_(),
+             teacher_hidden=torch.randn(n, ht, generator=g).bfloat16(),
+             teacher_weight=torch.randn(v, ht, generator=g).bfloat16())
+    matmuls = {"flops": 0}
+    counted = {"tile_flops": 0, "h loads": 0, "w loads": 0, "launches": {}, "G written": 0}
+
+    def recorder(kernel, grid, args, kwargs):
+        name = kernel.__name__
+        counted["launches"][name] = counted["launches"].get(name, 0) + 1
+        if name not in ("fused_forward_kernel", "fused_gradient_kernel"):
+            return
+        bn, bv, bh = kwargs["BLOCK_N"], kwargs["BLOCK_V"], kwargs["BLOCK_H"]
+        if name == "fused_forward_kernel":
+            rows, vocab, split, splits = args[9], args[10], args[13], args[14]
+            per_row_block = sum(math.ceil((min(vocab, lo + split) - lo) / bv) for lo in range(0, vocab, split))
+            visits = math.ceil(rows / bn) * per_row_block
+            assert grid == (splits, math.ceil(rows / bn))
+        else:
+            rows, start, end = args[11], args[12], args[13]
+            visits = grid[0]
+            assert visits == math.ceil(rows / bn) * math.ceil((end - start) / bv)
+            counted["G written"] += rows * (end - start) * 2
+        counted["tile_flops"] += visits * 2 * bn * bv * (math.ceil(hs / bh) + math.ceil(ht / bh)) * bh
+        counted["h loads"] += visits * bn * (hs + ht) * 2
+        counted["w loads"] += visits * bv * (hs + ht) * 2
+
+    with targets.assume("h100"), _launch.recording(recorder), _count_matmuls({}, matmuls):
+        kdops.fused_linear_kd_loss(**x, impl="fused", backend="triton").backward()
+
+    p = predict("fused", shape, H100, "forward_kl", torch.bfloat16)
+    assert sum(ph.flops for ph in p.phases) == counted["tile_flops"] + matmuls["flops"]
+    assert matmuls["flops"] == 2 * (2 * n * v * hs)  # dW and dH, over all the slices
+    assert _item(p, "fwd: fused forward", "h_s, h_t re-read per vocabulary tile") + \
+        _item(p, "bwd: fused gradient", "h_s, h_t re-read per tile") == counted["h loads"]
+    assert _item(p, "fwd: fused forward", "W_s, W_t re-read per row block") + \
+        _item(p, "bwd: fused gradient", "W_s, W_t re-read per tile") == counted["w loads"]
+    assert _item(p, "bwd: fused gradient", "G written") == counted["G written"] == n * v * 2
+    slices = counted["launches"]["fused_gradient_kernel"]
+    assert slices == sum(ph.launches for ph in p.phases if ph.name.startswith("bwd: fused gradient"))
+    assert (slices == 1) == (budget is None)
 
 
 def test_torch_paths_memory_matches_the_measured_figures():

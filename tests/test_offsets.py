@@ -261,7 +261,7 @@ print("REPORT" + json.dumps(report))
 
 
 def test_compiled_kernels_multiply_offsets_in_64_bits():
-    """Every kernel (on logits, fused forward and both fused backward kernels, the merge of partial
+    """Every kernel (on logits, fused forward and fused gradient kernels, the merge of partial
     states) as compiled for sm_90: its integer products are 64-bit, or a program id times a block or split
     size, or a loop index times a constant. Row offsets (row · stride, row · V of the gradients, vocabulary
     entry · weight stride, row · H of the scratch, row · NUM_STATS) then never wrap, whatever the sizes."""
@@ -272,7 +272,7 @@ def test_compiled_kernels_multiply_offsets_in_64_bits():
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.split("REPORT", 1)[1])
     expected = {"kd_logits_forward_kernel", "kd_logits_backward_kernel", "fused_forward_kernel",
-                "fused_grad_hidden_kernel", "fused_grad_weight_kernel", "merge_partials_kernel"}
+                "fused_gradient_kernel", "merge_partials_kernel"}
     assert expected <= set(report), sorted(report)
     for name, found in report.items():
         assert found["products"] > 0, name

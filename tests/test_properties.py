@@ -472,7 +472,7 @@ def _small_logits_tiles(tiles):
 
 def _small_fused_tiles(tiles, width):
     """Small fused tiles — about tiles[0] vocabulary blocks, BLOCK_H = tiles[1], tiles[2] blocks per
-    vocabulary split — small scratch (several groups), and small tiles on logits (the chunked path)."""
+    vocabulary split — one vocabulary tile per backward slice, and small tiles on logits (the chunked path)."""
     if tiles is None:
         return contextlib.nullcontext()
     vocab_blocks, block_h, blocks_per_split = tiles
@@ -485,7 +485,7 @@ def _small_fused_tiles(tiles, width):
 
     stack = contextlib.ExitStack()
     stack.enter_context(mock.patch.object(kdops._fused, "fused_config", small))
-    stack.enter_context(mock.patch.object(kdops._fused, "SCRATCH_BYTES", 16 * max(width, 16) * 8 * 3))
+    stack.enter_context(mock.patch.object(kdops._fused, "GRADIENT_BYTES", 1))
     stack.enter_context(_small_logits_tiles((3, vocab_blocks)))
     return stack
 
