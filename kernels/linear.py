@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .divergences import NEG_INF
-from .logits import row_offsets
+from .logits import round_to_bf16, row_offsets
 from .partials import NUM_PARTIAL, store_partial, store_second_partial
 from .passes import (
     first_pass_init,
@@ -33,15 +33,6 @@ from .passes import (
     scale_rows,
     second_pass_tile,
 )
-
-
-@triton.jit
-def round_to_bf16(x):
-    """float32 x rounded to the nearest bfloat16, ties to even, kept as float32: what a GPU's conversion
-    does, where the interpreter's truncates (a bias that grows with every product summed)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -10,6 +10,8 @@ Rows of a [..., V] tensor are addressed as (row // n_inner)·stride_outer + (row
 so two leading dimensions with arbitrary strides (e.g. `logits[:, :-1]`) need no copy.
 """
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -41,6 +43,10 @@ def load_tile(ptr, row_off, cols, col_ok, ACC: tl.constexpr):
     """A tile of raw logits in the accumulation dtype; columns past V read as -inf (probability 0)."""
     return tl.load(ptr + row_off[:, None] + cols[None, :], mask=col_ok[None, :], other=NEG_INF).to(ACC)
 
+
+# Whether the kernels run in Triton's interpreter (whose casts to bfloat16 truncate, `as_output`); the compile
+# gate refuses to run under it, so every compiled kernel has False.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 # Stages of the forward kernel: the whole loss, or one pass's partial state over this (vocabulary-shard)
 # part of each row, for a merge across ranks (`partials.py`).
@@ -114,12 +120,24 @@ def kd_logits_forward_kernel(
 
 
 @triton.jit
+def round_to_bf16(x):
+    """float32 x rounded to the nearest bfloat16, ties to even, kept as float32: what a GPU's conversion
+    does, where the interpreter's truncates (a bias that grows with every product summed)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def as_output(x, out_ptr):
-    """x in the dtype of out_ptr's elements; 16-bit outputs of float64 values by way of float32 (Triton 3.9's
-    interpreter casts float64 to bfloat16 wrongly; on a GPU the two roundings differ from one only at ties)."""
+    """x in the dtype of out_ptr's elements, rounded to nearest; 16-bit outputs of float64 values by way of
+    float32 (Triton 3.9's interpreter casts float64 to bfloat16 wrongly; on a GPU the two roundings differ
+    from one only at ties), and bfloat16 ones rounded explicitly under the interpreter, whose cast truncates."""
     dtype = out_ptr.dtype.element_ty
     if dtype.primitive_bitwidth < 32:  # static
         x = x.to(tl.float32)
+        if INTERPRETED and dtype == tl.bfloat16:  # static: compiled for a GPU, the branch does not exist
+            x = round_to_bf16(x)
     return x.to(dtype)
 
 
