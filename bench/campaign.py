@@ -74,7 +74,7 @@ CHILD_MARGIN_S = 2.0  # a step's process plans its items to end this long before
 # The headline: Llama-3 8B's lm_head on both sides, 8192 tokens, bfloat16.
 HEADLINE_TOKENS, HEADLINE_VOCAB, HEADLINE_HIDDEN = 8192, 128256, 4096
 DIVERGENCES = ("forward_kl", "generalized_jsd")
-HEADLINE_COMPETITORS = ("floor", "kdops-fused", "kdops-chunked", "reference", "reference-compiled",
+HEADLINE_COMPETITORS = ("floor", "kdops-fused", "kdops-chunked", "kdops-sliced", "reference", "reference-compiled",
                         "liger-chunked-jsd", "trl-chunked-jsd")
 HEADLINE_REPS, HEADLINE_WARMUP = 5, 2
 HEADLINE_CASE_S = 100.0  # one divergence, every competitor (two torch.compile's among them)
@@ -393,14 +393,15 @@ def predict_headline(impl: str, divergence: str, gpu):
 
 
 def modelled_competitors() -> list[tuple[str, str]]:
-    """(competitor, the cost model's path) of the headline competitors the model knows: kdops' two impls,
-    then the others the model has a path for (`bench.model.COMPETITOR_PATHS`)."""
+    """(competitor, the cost model's path) of the headline competitors the model knows: kdops' impls, then
+    the others the model has a path for (`bench.model.COMPETITOR_PATHS`)."""
     import bench.model as model
     from bench.cases import FUSED
 
     paths = dict(getattr(model, "COMPETITOR_PATHS", {}))
     known = [(name, paths[(FUSED, name)]) for name in HEADLINE_COMPETITORS if (FUSED, name) in paths]
-    kdops = [(name, path) for name, path in (("kdops-fused", "fused"), ("kdops-chunked", "chunked"))]
+    kdops = [(name, path) for name, path in (("kdops-fused", "fused"), ("kdops-chunked", "chunked"),
+                                             ("kdops-sliced", "sliced"))]
     return kdops + [(name, path) for name, path in known if name not in dict(kdops)]
 
 
@@ -659,7 +660,7 @@ def _profile(ctx: Context) -> None:
     for divergence in DIVERGENCES:
         case = headline_case(divergence)
         inputs = make_inputs(case, ctx.device)
-        for impl in ("fused", "chunked"):
+        for impl in ("fused", "chunked", "sliced"):
             ctx.line("")
             ctx.line(f"### {impl}, {divergence}")
             ctx.line("")

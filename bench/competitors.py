@@ -262,6 +262,8 @@ COMPETITORS = (
     Competitor("kdops-fused", (FUSED,), _loss_call("kdops", impl="fused", backend="triton"), True, _exists("kdops")),
     Competitor("kdops-chunked", (FUSED,), _loss_call("kdops", impl="chunked", backend="triton"), True,
                _exists("kdops")),
+    Competitor("kdops-sliced", (FUSED,), _loss_call("kdops", impl="sliced", backend="triton"), True,
+               _exists("kdops")),
     Competitor("kdops-torch", FUNCTIONS, _loss_call("kdops", backend="torch"), check=_kdops_torch_check),
     Competitor(REFERENCE, FUNCTIONS, _loss_call("reference"), check=_exists("reference")),
     Competitor("reference-compiled", (KD_LOSS, FUSED), _loss_call("reference", compile_it=True), True,

@@ -61,7 +61,7 @@ TOPK = 7
 class Call:
     """One public call whose launches are recorded."""
 
-    function: str  # "kd_loss" | "fused" | "chunked" | "topk"
+    function: str  # "kd_loss" | "fused" | "chunked" | "sliced" | "topk"
     dtype: str
     divergence: str
     hard: bool = False
@@ -124,8 +124,10 @@ def calls(quick: bool, dtypes=None, divergences=None, transforms_only: bool = Fa
             out += [Call("kd_loss", dtype, divergence, grads=g, vocab_parallel=vp) for g in ("student", "all")]
             if taid and not quick:
                 out.append(Call("kd_loss", dtype, divergence, grads="all", vocab_parallel=vp, transform="taid"))
-            for impl in ("fused", "chunked"):
-                for options in (staged if vp else fused):
+            for impl in ("fused", "chunked") if vp else ("fused", "chunked", "sliced"):
+                # the sliced path runs the kernels on logits in their vocabulary-shard stages: in the quick grid,
+                # its call with every optional term only
+                for options in (staged if vp else fused[:1] if quick and impl == "sliced" else fused):
                     if taid and options.get("transform") == "softcap" and (quick or vp):
                         options = dict(options, transform="softcap+taid")
                     out.append(Call(impl, dtype, divergence, vocab_parallel=vp, **options))

@@ -46,6 +46,7 @@ import json
 import math
 import sys
 import weakref
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +55,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import kdops
-from kdops import _chunked, _fused, _launch, _torch_backend, targets
+from kdops import _chunked, _fused, _launch, _sliced, _torch_backend, targets
 from kdops.divergences import Divergence, GeneralizedJSD
 
 from .cases import FUSED, FUSED_TOPK, KD_LOSS, TOPK, Case
@@ -114,8 +115,8 @@ DEFAULT_K = 32
 #: The least time a launch takes (the host's launch overhead of an eager op or a Triton kernel).
 LAUNCH_S = 5e-6
 
-PATHS = ("kd_loss-triton", "kd_loss-torch", "kd_loss-reference", "fused", "chunked", "fused-torch", "reference",
-         "liger-chunked", "trl-chunked")
+PATHS = ("kd_loss-triton", "kd_loss-torch", "kd_loss-reference", "fused", "chunked", "sliced", "fused-torch",
+         "reference", "liger-chunked", "trl-chunked")
 KD_PATHS = PATHS[:3]
 DESCRIPTIONS = {
     "kd_loss-triton": "kd_loss, Triton kernels on existing [N, V] logits",
@@ -123,6 +124,8 @@ DESCRIPTIONS = {
     "kd_loss-reference": "kdops.reference.kd_loss on [N, V] logits (estimate)",
     "fused": "fused_linear_kd_loss impl=\"fused\" (logit tiles recomputed in Triton kernels)",
     "chunked": "fused_linear_kd_loss impl=\"chunked\" (token chunks, float32 logits, kernels on logits)",
+    "sliced": "fused_linear_kd_loss impl=\"sliced\" (vocabulary slices of every row, float32 logits, kernels on "
+              "logits, the logits again in the backward)",
     "fused-torch": "fused_linear_kd_loss backend=\"torch\" (chunks, reference math under autograd; estimate)",
     "reference": "kdops.reference.fused_linear_kd_loss (float32 [N, V] logits; estimate)",
     "liger-chunked": "Liger LigerFusedLinearJSDLoss (1024-token chunks, torch.compile; estimate)",
@@ -870,6 +873,70 @@ def _fused_path(ctx: _Ctx):
     return kernels, extra, detail, notes
 
 
+# --- sliced (cuBLAS logits per vocabulary slice, kernels on logits) ----------------------------------------------
+
+def _slice_kernels(ctx: _Ctx, n: int, width: int, count: int, phase: str) -> list[_Kernel]:
+    """Both models' float32 logits of `n` rows over `width` columns by cuBLAS, `count` slices: each slice
+    re-reads both hidden states and reads its weight rows once."""
+    return [_Kernel(phase, mm_flops=2.0 * n * width * h, mm_dtype=ctx.dtype, launches=count,
+                    items=[(f"h_{side} re-read per slice", n * h * ctx.b), (f"W_{side} slice read", width * h * ctx.b),
+                           ("logits written", n * width * ctx.acc)])
+            for side, h in (("s", ctx.shape.hidden_student), ("t", ctx.shape.hidden_teacher))]
+
+
+def _sliced_path(ctx: _Ctx):
+    """`kdops._sliced.SlicedProblem`: per slice, the logits by cuBLAS and the kernels on logits (partial states,
+    merged once per pass); the backward computes the logits again, writes G and makes dW[slice], dH by cuBLAS."""
+    n, v, b, acc, hs = ctx.shape.tokens, ctx.shape.vocab, ctx.b, ctx.acc, ctx.shape.hidden_student
+    num_stats, num_partial = _kernel_constants()
+    sums = b < acc
+    hidden_sums = n * hs * acc if sums else 0
+    budget = None if ctx.budget is None else ctx.budget - hidden_sums
+    chunk = min(n, _sliced.FORWARD_ROWS)  # the forward's rows per chunk
+    fwd_width = _sliced.slice_width(chunk, v, ctx.acc_dtype, (), ctx.budget)
+    bwd_width = _sliced.slice_width(n, v, ctx.acc_dtype, (ctx.dtype,), budget)
+    partial = chunk * _cdiv(v, fwd_width) * num_partial * acc
+    kernels = []
+
+    def sliced(width):  # the kernels on logits see a vocabulary of one slice
+        return dataclasses.replace(ctx, shape=dataclasses.replace(ctx.shape, vocab=width))
+
+    for rows, chunks in _chunks(n, chunk):
+        for width, count in _chunks(v, fwd_width):  # each pass (the two-pass kinds: two) computes the logits anew
+            kernels += _slice_kernels(ctx, rows, width, count * chunks * ctx.passes,
+                                      "fwd: logits matmuls per row chunk, slice and pass")
+            kernels += _kernels_on_logits(sliced(width), rows, acc, "logits buffers",
+                                          "fwd: kernels on logits (partial states)", False, count * chunks)
+    kernels.append(_Kernel("fwd: merge partials", launches=ctx.passes * _cdiv(n, chunk),
+                           programs=_cdiv(n, min(128, _launch._next_pow2(n))),
+                           items=[("partial states copied and read", 2 * partial),
+                                  ("statistics and loss written", n * (num_stats + 1) * acc)]))
+    kernels.append(_zero_grads(ctx, "bwd: zero dH, dW"))
+    for width, count in _chunks(v, bwd_width):
+        kernels += _slice_kernels(ctx, n, width, count, "bwd: logits matmuls per slice (again)")
+        kernels += _kernels_on_logits(sliced(width), n, acc, "logits buffers", "bwd: kernel on logits (G per slice)",
+                                      True, count,
+                                      grad_label="G_s written (operands' dtype)", grad_itemsize=b)
+        kernels.append(_Kernel("bwd: dW[slice] = Gᵀ·h_s (cuBLAS)", mm_flops=2.0 * n * width * hs, mm_dtype=ctx.dtype,
+                               launches=count, items=[("G read", n * width * b), ("h_s read", n * hs * b),
+                                                      ("dW written", width * hs * b)]))
+        kernels.append(_Kernel("bwd: dH += G·W_s[slice] (cuBLAS, float32 sums)", mm_flops=2.0 * n * width * hs,
+                               mm_dtype=ctx.dtype, launches=count,
+                               items=[("G read", n * width * b), ("W_s slice read", width * hs * b),
+                                      ("dH sums read-modify-write", 2 * n * hs * (acc if sums else b))]))
+    if sums:
+        kernels.append(_Kernel("bwd: dH sums rounded", items=[("dH sums read, dH written", n * hs * (acc + b))]))
+    buffers = n * bwd_width * (2 * acc + b)
+    extra = n * (num_stats * acc + 2 * acc + 1) + max(n * fwd_width * 2 * acc + partial, buffers + hidden_sums)
+    detail = (f"statistics per row + max(the forward's float32 logits of a slice and partial states, the backward's "
+              f"slice buffers ({buffers / MiB:.0f} MiB) and float32 dH sums ({hidden_sums / MiB:.0f} MiB))")
+    notes = (f"forward: {_cdiv(n, chunk)} row chunks of {chunk} (FORWARD_ROWS) × {_cdiv(v, fwd_width)} slices of "
+             f"{fwd_width} columns; backward: {_cdiv(v, bwd_width)} slices of "
+             f"{bwd_width} (kdops._sliced.slice_width, SLICE_BYTES = {_sliced.SLICE_BYTES // MiB} MiB"
+             + ("" if ctx.budget is None else f", memory_budget {_size(ctx.budget)}") + ")",)
+    return kernels, extra, detail, notes
+
+
 # --- fused_linear_kd_loss backend="torch" -------------------------------------------------------------------
 
 def _fused_torch(ctx: _Ctx):
@@ -1127,7 +1194,7 @@ def _topk_gathered(ctx: _Ctx):
 # --- predict -----------------------------------------------------------------------------------------------------
 
 _BUILDERS = {"kd_loss-triton": _kd_triton, "kd_loss-torch": _kd_torch, "kd_loss-reference": _kd_reference,
-             "fused": _fused_path, "chunked": _chunked_path, "fused-torch": _fused_torch, "reference": _reference,
+             "fused": _fused_path, "chunked": _chunked_path, "sliced": _sliced_path, "fused-torch": _fused_torch, "reference": _reference,
              "liger-chunked": _liger_chunked, "trl-chunked": _trl_chunked, "kd_loss-topk": _kd_topk,
              "topk-chunked": _topk_chunked, "topk-gathered": _topk_gathered}
 
@@ -1150,7 +1217,7 @@ def floor_seconds(path: str, shape: Shape, gpu: targets.GPU, dtype: torch.dtype)
 
 
 #: The paths that cast their operands under torch.autocast (kdops' fused API).
-AUTOCAST_PATHS = ("fused", "chunked", "fused-torch")
+AUTOCAST_PATHS = ("fused", "chunked", "sliced", "fused-torch")
 
 
 def _autocast_casts(ctx: _Ctx) -> tuple[list[_Kernel], int]:
@@ -1215,7 +1282,8 @@ def predict_all(shape: Shape, gpu: targets.GPU | str = targets.H100, divergence=
 COMPETITOR_PATHS = {
     (KD_LOSS, "kdops"): "kd_loss-triton", (KD_LOSS, "kdops-torch"): "kd_loss-torch",
     (KD_LOSS, "reference"): "kd_loss-reference",
-    (FUSED, "kdops-fused"): "fused", (FUSED, "kdops-chunked"): "chunked", (FUSED, "kdops-torch"): "fused-torch",
+    (FUSED, "kdops-fused"): "fused", (FUSED, "kdops-chunked"): "chunked", (FUSED, "kdops-sliced"): "sliced",
+    (FUSED, "kdops-torch"): "fused-torch",
     (FUSED, "reference"): "reference", (FUSED, "liger-chunked-jsd"): "liger-chunked",
     (FUSED, "trl-chunked-jsd"): "trl-chunked",
 }
@@ -1223,7 +1291,7 @@ COMPETITOR_PATHS = {
 
 def auto_path(shape: Shape, dtype: torch.dtype, budget: int | None = None) -> str:
     """The path impl="auto" (backend "triton") takes, by the rule of `kdops.api._fused_problem`: chunked,
-    unless a given `budget` is below its smallest plan."""
+    unless a given `budget` is below its smallest plan (then sliced)."""
     from kdops._validation import resolve_impl
 
     ctx = _Ctx(shape, targets.H100, kdops.as_divergence("forward_kl"), dtype, False, budget)
@@ -1411,7 +1479,7 @@ def markdown(shapes: list[tuple[str, Shape]], gpu: targets.GPU, divergences=DEFA
               "is the exact float32 matmuls. What TF32 would buy:", ""]
     rows = []
     for d in divergences:
-        for path in ("fused", "chunked", "fused-torch", "reference", "trl-chunked"):
+        for path in ("fused", "chunked", "sliced", "fused-torch", "reference", "trl-chunked"):
             if not applies(path, d):
                 continue
             ieee = predict(path, first, gpu, d, torch.float32)

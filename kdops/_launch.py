@@ -148,11 +148,17 @@ def _logits_args(student, teacher, labels, canon: Canonical, inv_temp: float, so
     teacher, (t_inner, t_outer, t_stride) = _rows_of(teacher)
     args = (student.shape[-1], s_inner, s_outer, s_stride, t_inner, t_outer, t_stride, inv_temp, canon.c1,
             canon.c2, soft, hard, *canon.transform_args())
-    kind, two_pass = kind_of(canon)
-    constexprs = dict(KIND=kind, HARD=hard > 0, STUDENT_IS_P=canon.student_is_p, TRANSFORM=canon.transform,
-                      ACC=_acc(tl, student, teacher))
+    two_pass = kind_of(canon)[1]
+    constexprs = logits_constexprs(canon, hard, _acc(tl, student, teacher))
     labels = flat_labels(labels, hard)
     return student, teacher, labels if shards is None else shards.local_labels(labels), args, constexprs, two_pass
+
+
+def logits_constexprs(canon: Canonical, hard: float, acc) -> dict:
+    """The constexprs of the kernels on logits (and of the merge of their partial states), accumulating in acc
+    (a Triton dtype)."""
+    return dict(KIND=kind_of(canon)[0], HARD=hard > 0, STUDENT_IS_P=canon.student_is_p, TRANSFORM=canon.transform,
+                ACC=acc)
 
 
 def flat_labels(labels, hard: float):

@@ -173,7 +173,7 @@ def resolve_backend(backend, device: torch.device) -> str:
     return backend
 
 
-IMPLS = ("auto", "fused", "chunked")
+IMPLS = ("auto", "fused", "chunked", "sliced")
 
 
 def _check_weight_factor(name: str, value) -> float:
@@ -262,14 +262,18 @@ def check_label_range(labels, ignore_index: int, vocab: int) -> None:
                          f"{ignore_index}, got values in [{int(valid.min())}, {int(valid.max())}]")
 
 
-def resolve_impl(impl: str, backend: str, fits_chunk: bool) -> str:
-    """'fused' or 'chunked' for the fused API (see `kdops.fused_linear_kd_loss` for the rule of "auto")."""
+def resolve_impl(impl: str, backend: str, fits_chunk: bool, sharded: bool = False) -> str:
+    """'fused', 'chunked' or 'sliced' for the fused API (see `kdops.fused_linear_kd_loss` for the rule of
+    "auto"); `sharded`: under vocabulary parallelism, which the sliced path does not take."""
     if backend == "torch":
-        if impl == "fused":
-            raise ValueError("impl='fused': the fused kernels need backend='triton' (CUDA tensors, or CPU tensors "
-                             "with TRITON_INTERPRET=1); backend='torch' runs the chunked path (impl='chunked' or "
-                             "'auto')")
+        if impl in ("fused", "sliced"):
+            raise ValueError(f"impl={impl!r}: the {impl} path runs Triton kernels and needs backend='triton' (CUDA "
+                             "tensors, or CPU tensors with TRITON_INTERPRET=1); backend='torch' runs the chunked "
+                             "path (impl='chunked' or 'auto')")
         return "chunked"
+    if impl == "sliced" and sharded:
+        raise ValueError("impl='sliced' with vocab_parallel: the sliced path takes the whole vocabulary; under "
+                         "vocabulary parallelism use impl='chunked', 'fused' or 'auto'")
     if impl == "auto":
-        return "chunked" if fits_chunk else "fused"
+        return "chunked" if fits_chunk else ("fused" if sharded else "sliced")
     return impl

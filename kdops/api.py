@@ -9,6 +9,7 @@ import torch
 from . import _chunked, parallel
 from ._autograd import KDLogitsFunction, problem_loss
 from ._fused import FusedProblem
+from ._sliced import SlicedProblem
 from ._reduction import reduce_rows, row_mask
 from ._torch_backend import chunked_kd_rows
 from ._validation import (
@@ -171,10 +172,14 @@ def fused_linear_kd_loss(
     runs matmuls on token chunks with float32 [chunk, V] logits and the kernels on logits, keeping each
     row's logit gradient in the weight's dtype for the dH and dW matmuls (extra memory about
     `memory_budget` bytes, default `kdops._chunked.MEMORY_BUDGET` = 4 GiB: a larger budget means fewer
-    chunks and fewer float32 weight-gradient sums; see `kdops._chunked.plan`); "auto" takes "chunked" —
-    its four matmuls are cheaper than the fused path's recomputation — unless a `memory_budget` was given
-    that even its smallest plan exceeds: then "fused". `backend="torch"` (the default
-    off CUDA) runs the chunked path with the reference math instead of the kernels.
+    chunks and fewer float32 weight-gradient sums; see `kdops._chunked.plan`); "sliced" runs the matmuls
+    on vocabulary slices for every row at once (`kdops._sliced`: float32 [rows, slice] logits, the kernels
+    on logits, each slice's logits computed again in the backward; extra memory: the slice's buffers, at
+    most `memory_budget` less the float32 dH sums, default `kdops._sliced.SLICE_BYTES` = 64 MiB, plus those
+    sums and O(rows) statistics); "auto" takes "chunked" — its four matmuls are cheaper than the six of
+    "sliced" and "fused" — unless a `memory_budget` was given that even its smallest plan exceeds: then
+    "sliced" ("fused" under `vocab_parallel`). `backend="torch"` (the default off CUDA) runs the chunked
+    path with the reference math instead of the kernels.
 
     With reduction "batchmean" or "sum", the chunked paths compute the gradients during the forward
     (the backward multiplies them by the upstream gradient), so the loss supports a single backward.
@@ -188,7 +193,7 @@ def fused_linear_kd_loss(
     `teacher_mix`: with sequences `teacher_hidden`, `teacher_weight` (and `teacher_bias`, or None) of one entry
     per teacher — widths may differ, vocabularies may not — `kdops.Ensemble(weights)` or
     `kdops.LogitSum(weights)` (`kdops.ensemble`): the target is the mix of the teachers' (softcapped) logits.
-    The chunked path only (every model's chunk logits; "auto" takes it, "fused" raises); not with
+    The chunked path only (every model's chunk logits; "auto" takes it, "fused" and "sliced" raise); not with
     `vocab_parallel`; eager under torch.compile (a graph break).
     """
     divergence = as_divergence(divergence)
@@ -247,9 +252,9 @@ def _mixed_fused_loss(tensors, labels, mask, options, reduction, num_items_in_ba
     if vocab_parallel is not None:
         raise ValueError("vocab_parallel with teacher_mix: several teachers are not supported under vocabulary "
                          "parallelism (an Ensemble needs each teacher's normalizer over the group)")
-    if options["impl"] == "fused":
-        raise ValueError("impl='fused' with teacher_mix: the fused kernels take one teacher; several teachers run "
-                         "the chunked path (impl='chunked' or 'auto')")
+    if options["impl"] in ("fused", "sliced"):
+        raise ValueError(f"impl={options['impl']!r} with teacher_mix: the {options['impl']} path takes one teacher; "
+                         "several teachers run the chunked path (impl='chunked' or 'auto')")
     hs, ws, bs, *flat = tensors
     teachers = [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
     engine = "triton" if options["backend"] == "triton" else "torch"
@@ -306,11 +311,16 @@ def _fused_problem(hs, ws, bs, ht, wt, bt, labels, *, divergence, temperature, v
                                       hard_weight, ignore_index, engine, memory_budget, shards, softcaps)
     grads = tuple(t is not None and t.requires_grad for t in (hs, ws, bs, ht, wt, bt))
     # The default budget is a target (the plan may exceed it where no exact plan fits); one the user gave is
-    # a limit that "auto" keeps by taking the fused path.
+    # a limit that "auto" keeps by taking the sliced path (the fused one under vocabulary parallelism).
     fits = memory_budget is None or chunked.plan_bytes(grads) <= memory_budget
-    if resolve_impl(impl, backend, fits) == "fused":
-        return FusedProblem(hs, ws, bs, ht, wt, bt, labels, divergence.canonical().with_softcaps(*softcaps),
-                            1.0 / temperature, vocab, soft_weight, hard_weight, shards)
+    resolved = resolve_impl(impl, backend, fits, sharded=shards is not None)
+    canon = divergence.canonical().with_softcaps(*softcaps)
+    if resolved == "fused":
+        return FusedProblem(hs, ws, bs, ht, wt, bt, labels, canon, 1.0 / temperature, vocab, soft_weight, hard_weight,
+                            shards)
+    if resolved == "sliced":
+        return SlicedProblem(hs, ws, bs, ht, wt, bt, labels, canon, 1.0 / temperature, vocab, soft_weight,
+                             hard_weight, memory_budget)
     return chunked
 
 

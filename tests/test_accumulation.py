@@ -102,12 +102,18 @@ def test_chunked_weight_gradients_sum_in_float32(oracles, monkeypatch, dtype, ba
     _check(got, oracle, bounds, f"{backend}, {chunks} chunks in {groups} groups")
 
 
-def test_fused_weight_gradients_sum_in_float32(oracles):
-    """impl="fused": dW and dH are float32 scratch sums over row blocks and vocabulary blocks."""
+@pytest.mark.parametrize("impl", ["fused", "sliced"])
+def test_sliced_backwards_sum_in_float32(oracles, monkeypatch, impl):
+    """impl="fused" and "sliced", at their smallest vocabulary slices (one tile; 128 columns): per slice, dW
+    is one product over every row (float32 sums, rounded once), and dH a float32 sum over the slices."""
+    from kdops import _fused, _sliced
+
+    monkeypatch.setattr(_fused, "GRADIENT_BYTES", 1)
+    monkeypatch.setattr(_sliced, "SLICE_BYTES", 1)
     inputs, oracle, bounds = oracles[torch.bfloat16]
-    got = _grads(kdops.fused_linear_kd_loss, inputs, torch.bfloat16, divergence="forward_kl", impl="fused",
+    got = _grads(kdops.fused_linear_kd_loss, inputs, torch.bfloat16, divergence="forward_kl", impl=impl,
                  backend="triton")
-    _check(got, oracle, bounds, "fused")
+    _check(got, oracle, bounds, impl)
 
 
 def test_compiled_torch_backend_weight_gradients_sum_in_float32(oracles, monkeypatch):

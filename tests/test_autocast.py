@@ -10,7 +10,7 @@ import kdops
 from test_fused_linear import make_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-IMPLS = [("chunked", "triton"), ("chunked", "torch"), ("fused", "triton")]
+IMPLS = [("chunked", "triton"), ("chunked", "torch"), ("fused", "triton"), ("sliced", "triton")]
 
 
 def _leaves(x, dtypes):
@@ -30,7 +30,7 @@ def _run(inputs, **options):
     return loss.detach(), {k: v.grad for k, v in inputs.items() if k != "labels"}
 
 
-@pytest.mark.parametrize("impl, backend", IMPLS, ids=["chunked", "torch", "fused"])
+@pytest.mark.parametrize("impl, backend", IMPLS, ids=["chunked", "torch", "fused", "sliced"])
 @pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_autocast_runs_the_matmuls_in_its_dtype(impl, backend, autocast_dtype):
     """Under autocast, bf16 hidden states beside float32 master weights and biases give exactly what the

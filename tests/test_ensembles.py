@@ -303,8 +303,9 @@ def test_mix_errors():
         kdops.fused_linear_kd_loss(hs, ws, hts, wts, labels, teacher_bias=bts[:1], teacher_mix=mix)
     with pytest.raises(ValueError, match=r"teacher_weight\[1\].*vocabulary"):
         kdops.fused_linear_kd_loss(hs, ws, hts, [wts[0], wts[1][:-2]], labels, teacher_mix=mix)
-    with pytest.raises(ValueError, match="impl='fused'.*teacher_mix"):
-        kdops.fused_linear_kd_loss(hs, ws, hts, wts, labels, teacher_mix=mix, impl="fused", backend="triton")
+    for impl in ("fused", "sliced"):
+        with pytest.raises(ValueError, match=f"impl='{impl}'.*teacher_mix"):
+            kdops.fused_linear_kd_loss(hs, ws, hts, wts, labels, teacher_mix=mix, impl=impl, backend="triton")
     with pytest.raises(ValueError, match="vocab_parallel.*teacher_mix"):
         kdops.kd_loss(student, [t1, t2], teacher_mix=mix, vocab_parallel=kdops.VocabParallel(0, V))
     with pytest.raises(ValueError, match=r"teacher_hidden\[1\]"):

@@ -10,6 +10,7 @@ import kdops
 import kdops._autograd
 import kdops._chunked
 import kdops._fused
+import kdops._sliced
 from kdops import reference
 from kdops.kernels import linear as linear_kernels
 from conftest import DEVICE
@@ -17,8 +18,8 @@ from oracle import TOLERANCE, rel_error
 
 N, HS, HT, V = 37, 67, 96, 1000
 DIVERGENCES = list(kdops.DIVERGENCES)
-IMPLS = [("fused", "triton"), ("chunked", "triton"), ("chunked", "torch")]
-IMPL_IDS = ["fused", "chunked", "torch"]
+IMPLS = [("fused", "triton"), ("chunked", "triton"), ("chunked", "torch"), ("sliced", "triton")]
+IMPL_IDS = ["fused", "chunked", "torch", "sliced"]
 TENSORS = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight", "teacher_bias")
 
 
@@ -151,9 +152,11 @@ def test_hard_loss_alone_is_cross_entropy(impl, backend):
 
 def test_several_chunks_splits_and_slices(monkeypatch):
     """Small budgets: the chunked path takes many chunks, the fused backward many vocabulary slices, the
-    fused forward many vocabulary splits, each with a partial last one."""
+    fused forward many vocabulary splits, the sliced path many vocabulary slices (of 128 columns here), each
+    with a partial last one."""
     monkeypatch.setattr(kdops._fused, "GRADIENT_BYTES", 1)  # one vocabulary tile per backward slice
     monkeypatch.setattr(kdops._fused, "GROUP_ROWS", 3)  # row groups of the backward's ordering, the last partial
+    monkeypatch.setattr(kdops._sliced, "FORWARD_ROWS", 16)  # the sliced forward in chunks of 16, 16 and 5 rows
     original = kdops._fused.fused_config
 
     def small(n_rows, vocab, gpu, dtype, **kwargs):
@@ -162,7 +165,7 @@ def test_several_chunks_splits_and_slices(monkeypatch):
 
     monkeypatch.setattr(kdops._fused, "fused_config", small)
     x = make_inputs(torch.bfloat16, seed=7)
-    for impl in ("fused", "chunked"):
+    for impl in ("fused", "chunked", "sliced"):
         assert_matches_oracle(x, divergence="skew_reverse_kl", hard_weight=0.4, impl=impl, backend="triton",
                               memory_budget=7 * V * 10, temperature=0.7)
     for reduction in ("sum", "none"):
@@ -211,7 +214,7 @@ def test_upstream_gradient_scales_eager_gradients():
 
 
 def test_auto_impl_rule(monkeypatch):
-    """auto: chunked under the default budget, and under a given memory_budget that its plan fits; fused
+    """auto: chunked under the default budget, and under a given memory_budget that its plan fits; sliced
     under a given budget below the smallest plan (here, with no gradient asked for: one logits row)."""
     chosen = []
     monkeypatch.setattr(kdops._autograd.FusedLinearKDFunction, "apply",
@@ -220,13 +223,14 @@ def test_auto_impl_rule(monkeypatch):
     x = make_inputs(seed=11)
     per_row = V * 8  # two float32 logits rows; no gradient asked for, so no G kept
     for memory_budget, expected in ((None, "ChunkedProblem"), (per_row, "ChunkedProblem"),
-                                    (per_row - 1, "FusedProblem")):
+                                    (per_row - 1, "SlicedProblem")):
         kdops.fused_linear_kd_loss(**x, backend="triton", memory_budget=memory_budget, reduction="none")
         assert chosen.pop() == expected
 
 
 @pytest.mark.parametrize("overrides, error, match", [
     (dict(impl="fused", backend="torch"), ValueError, r"impl='fused'.*backend='triton'"),
+    (dict(impl="sliced", backend="torch"), ValueError, r"impl='sliced'.*backend='triton'"),
     (dict(memory_budget=0), ValueError, r"memory_budget"),
     (dict(memory_budget=1.5), TypeError, r"memory_budget"),
     (dict(hard_weight=1.0, labels=torch.full((N,), V)), ValueError, r"labels.*\[0, 1000\)"),

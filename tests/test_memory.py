@@ -130,6 +130,36 @@ def test_chunked_impl_stays_within_its_memory_budget(divergence, backend, dtype)
     assert tracker.peak - grad_bytes <= budget + upcasts + rows * 64 + vocab * 16
 
 
+@pytest.mark.parametrize("teacher_grad", [False, True])
+@pytest.mark.parametrize("divergence", ["forward_kl", "generalized_jsd"])
+def test_sliced_impl_stays_within_its_memory_budget(divergence, teacher_grad):
+    """impl="sliced" with 16-bit inputs: beyond the gradients, the slice's buffers (float32 logits of both
+    models, G of each side asked for) within memory_budget less the float32 dH sums, those sums, and per-row
+    vectors; nothing of rows × V (off CUDA, also the float32 upcasts of the matmuls' 16-bit operands)."""
+    import kdops._sliced
+
+    rows, vocab, hs, ht = 512, 1000, 24, 40
+    widths = (hs, ht) if teacher_grad else (hs,)
+    hidden_sums = sum(rows * w * 4 for w in widths)
+    per_column = kdops._sliced.slice_bytes_per_column(rows, torch.float32, [torch.bfloat16] * len(widths))
+    budget = hidden_sums + 2 * kdops._sliced.SLICE_ALIGN * per_column  # slices of 256 columns: four, the last partial
+    x = _fused_inputs(rows, vocab, hs, ht, torch.bfloat16)
+    inputs = {k: (v.detach().requires_grad_(k.startswith("student") or teacher_grad) if v.is_floating_point() else v)
+              for k, v in x.items()}
+    with AllocationTracker() as tracker:
+        kdops.fused_linear_kd_loss(**inputs, divergence=divergence, impl="sliced", backend="triton",
+                                   memory_budget=budget, hard_weight=0.5).backward()
+        grad_bytes = sum(v.grad.numel() * v.grad.element_size() for v in inputs.values() if v.grad is not None)
+    width = 2 * kdops._sliced.SLICE_ALIGN
+    assert rows * width * 4 in [n for n, _ in tracker.allocations], "a slice's float32 logits buffer was seen"
+    assert tracker.largest < rows * vocab * 2  # not even a 16-bit [rows, V] matrix
+    # Off CUDA: per pass both weights and both hidden states upcast once, and for the products the hidden
+    # states again, a slice's G, its weight rows and the dW product before its rounding.
+    upcasts = (vocab * (hs + ht) + rows * (hs + ht) + rows * max(widths) + rows * width
+               + 2 * width * max(widths)) * 4 if DEVICE == "cpu" else 0
+    assert tracker.peak - grad_bytes <= budget + upcasts + rows * 64 + 4096
+
+
 def _measure_topk(x, ids, logprobs, fn=None, **kwargs):
     inputs = {k: (v.detach().requires_grad_(True) if v.is_floating_point() else v) for k, v in x.items()}
     fn = fn or kdops.fused_linear_topk_kd_loss

@@ -146,6 +146,16 @@ def test_chunked_model_matches_an_independent_count(budget):
     assert (budget is None) == (groups == 1)
 
 
+def _bf16_inputs(shape: Shape) -> dict:
+    """bf16 inputs of `shape`: the student's hidden states and weight require grad, the teacher is frozen."""
+    g = torch.Generator().manual_seed(0)
+    n, hs, ht, v = shape.tokens, shape.hidden_student, shape.hidden_teacher, shape.vocab
+    return dict(student_hidden=torch.randn(n, hs, generator=g).bfloat16().requires_grad_(),
+                student_weight=torch.randn(v, hs, generator=g).bfloat16().requires_grad_(),
+                teacher_hidden=torch.randn(n, ht, generator=g).bfloat16(),
+                teacher_weight=torch.randn(v, ht, generator=g).bfloat16())
+
+
 def _count_matmuls(weights: dict, matmuls: dict):
     """A dispatch mode adding 2·m·n·k flops per aten matmul to matmuls["flops"] (and one re-read to
     matmuls[name] for each operand whose storage `weights` names)."""
@@ -178,11 +188,7 @@ def test_fused_model_matches_an_independent_count(budget, monkeypatch):
     if budget:
         monkeypatch.setattr(_fused, "GRADIENT_BYTES", budget)
     shape = Shape(n, hs, ht, v)
-    g = torch.Generator().manual_seed(0)
-    x = dict(student_hidden=torch.randn(n, hs, generator=g).bfloat16().requires_grad_(),
-             student_weight=torch.randn(v, hs, generator=g).bfloat16().requires_grad_(),
-             teacher_hidden=torch.randn(n, ht, generator=g).bfloat16(),
-             teacher_weight=torch.randn(v, ht, generator=g).bfloat16())
+    x = _bf16_inputs(shape)
     matmuls = {"flops": 0}
     counted = {"tile_flops": 0, "h loads": 0, "w loads": 0, "launches": {}, "G written": 0}
 
@@ -220,6 +226,44 @@ def test_fused_model_matches_an_independent_count(budget, monkeypatch):
     slices = counted["launches"]["fused_gradient_kernel"]
     assert slices == sum(ph.launches for ph in p.phases if ph.name.startswith("bwd: fused gradient"))
     assert (slices == 1) == (budget is None)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "generalized_jsd"])
+@pytest.mark.parametrize("budget", [None, 200_000])  # one slice of every row; slices of 128 columns
+def test_sliced_model_matches_an_independent_count(budget, divergence, monkeypatch):
+    """The model's matmul flops and kernels on logits of impl="sliced" against what the code does at a small
+    shape: every aten matmul (2·m·n·k flops each), and every Triton launch on logits (its rows × the columns
+    of its slice), recorded while it runs; the forward in row chunks (FORWARD_ROWS), two passes for JSD."""
+    from kdops import _launch, _sliced
+
+    monkeypatch.setattr(_sliced, "FORWARD_ROWS", 128)
+    n, hs, ht, v = 300, 24, 40, 1000
+    shape = Shape(n, hs, ht, v)
+    x = _bf16_inputs(shape)
+    matmuls = {"flops": 0}
+    launches = []
+
+    def recorder(kernel, grid, args, kwargs):
+        if kernel.__name__.startswith("kd_logits"):
+            launches.append((kernel.__name__, args[0].shape[0] * args[0].shape[1]))
+
+    with _launch.recording(recorder), _count_matmuls({}, matmuls):
+        kdops.fused_linear_kd_loss(**x, divergence=divergence, impl="sliced", backend="triton",
+                                   memory_budget=budget).backward()
+
+    p = predict("sliced", shape, H100, divergence, torch.bfloat16, budget=budget)
+    assert matmuls["flops"] == sum(ph.flops for ph in p.phases)
+    per_element = 2 * 4  # both float32 logits read per element
+    forward = sum(cells for name, cells in launches if name == "kd_logits_forward_kernel")
+    backward = sum(cells for name, cells in launches if name == "kd_logits_backward_kernel")
+    passes = 2 if divergence == "generalized_jsd" else 1
+    assert forward == passes * n * v and backward == n * v
+    assert _item(p, "fwd: kernels on logits", "both logits buffers read") == forward * per_element
+    assert _item(p, "bwd: kernel on logits", "both logits buffers read") == backward * per_element
+    assert sum(ph.launches for ph in p.phases if ph.name.startswith("fwd: kernels on logits")) == \
+        len([1 for name, _ in launches if name == "kd_logits_forward_kernel"])
+    assert sum(ph.launches for ph in p.phases if ph.name.startswith("bwd: kernel on logits")) == \
+        len([1 for name, _ in launches if name == "kd_logits_backward_kernel"])
 
 
 def test_torch_paths_memory_matches_the_measured_figures():
@@ -276,7 +320,7 @@ def test_auto_path_follows_the_memory_budget():
     under a given budget below it."""
     assert model.auto_path(HEADLINE, torch.bfloat16) == "chunked"
     assert model.auto_path(HEADLINE, torch.bfloat16, budget=4 * 2**30) == "chunked"
-    assert model.auto_path(HEADLINE, torch.bfloat16, budget=2**30) == "fused"
+    assert model.auto_path(HEADLINE, torch.bfloat16, budget=2**30) == "sliced"
 
 
 def test_liger_chunks_follow_torch_chunk():
