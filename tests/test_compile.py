@@ -46,7 +46,7 @@ def test_kd_loss_compiles_fullgraph(backend, reduction):
 
 @pytest.mark.parametrize("impl, backend, transforms", [
     ("fused", "triton", False), ("chunked", "triton", False), ("chunked", "torch", False),
-    ("fused", "triton", True), ("chunked", "torch", True)])
+    ("fused", "triton", True), ("chunked", "torch", True), ("sliced", "triton", True)])
 def test_fused_linear_kd_loss_compiles_fullgraph(impl, backend, transforms):
     torch.manual_seed(1)
     body = torch.nn.Linear(16, 20).to(DEVICE)

@@ -130,8 +130,7 @@ def test_chunked_impl_stays_within_its_memory_budget(divergence, backend, dtype)
     assert tracker.peak - grad_bytes <= budget + upcasts + rows * 64 + vocab * 16
 
 
-@pytest.mark.parametrize("teacher_grad", [False, True])
-@pytest.mark.parametrize("divergence", ["forward_kl", "generalized_jsd"])
+@pytest.mark.parametrize("divergence, teacher_grad", [("forward_kl", True), ("generalized_jsd", False)])
 def test_sliced_impl_stays_within_its_memory_budget(divergence, teacher_grad):
     """impl="sliced" with 16-bit inputs: beyond the gradients, the slice's buffers (float32 logits of both
     models, G of each side asked for) within memory_budget less the float32 dH sums, those sums, and per-row
