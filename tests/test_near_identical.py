@@ -376,8 +376,8 @@ def wide_interpreter_tiles(monkeypatch):
 def test_real_model(smollm2, monkeypatch):
     """SmolLM2-135M-Instruct's logits (up to ~44) against a slightly perturbed copy, the whole vocabulary of
     REAL_ROWS positions: kd_loss on the float32 logits (loss, rows, logit gradients); on the model rounded
-    onto matmul-exact grids, the chunked path (and the student's gradients: a frozen teacher) and the
-    fused path (the loss only: its backward over 49152 × 576 takes minutes in Triton's interpreter)."""
+    onto matmul-exact grids, the chunked and sliced paths (and the student's gradients: a frozen teacher) and
+    the fused path (the loss only: its backward over 49152 × 576 takes minutes in Triton's interpreter)."""
     began = time.perf_counter()
     pair = real_pair(*smollm2)
     s, t = logits_of(*pair)
@@ -391,6 +391,8 @@ def test_real_model(smollm2, monkeypatch):
     grid = real_pair(*smollm2, grid=True)
     check_near_identical(fused_impl("chunked"), ref_fused, list(grid), "SmolLM2 chunked reverse_kl",
                          sum_call=False, wrt=(0, 1), divergence="reverse_kl")
+    check_near_identical(fused_impl("sliced"), ref_fused, list(grid), "SmolLM2 sliced forward_kl",
+                         sum_call=False, wrt=(0, 1), divergence="forward_kl")
     wide_interpreter_tiles(monkeypatch)
     check_near_identical(fused_impl("fused"), ref_fused, list(grid), "SmolLM2 fused forward_kl", grads=False,
                          divergence="forward_kl")
