@@ -9,7 +9,9 @@ path computes a token chunk's), and the kernels on logits on them:
   the matmul operands' dtype, then cuBLAS: dW[slice] = Gᵀ·h over every row (summed in float32, rounded once)
   and dH += G·W[slice] into float32 sums (`_fused._SideGrads`, shared with the fused path).
 
-So the loss takes six matmuls (both logits twice, dW, dH) where the chunked path takes four, all at cuBLAS's
+Under vocabulary parallelism (`shards`) each rank slices its own shard; the slices' partial states are merged
+and combined over the group as the fused kernels' splits are, and the hidden gradients summed over the group
+in float32. So the loss takes six matmuls (both logits twice, dW, dH) where the chunked path takes four, all at cuBLAS's
 rate, and its memory does not grow with the vocabulary: the slice's buffers (at most the budget), the
 float32 dH sums and per-row statistics — no [N, V] and no [V, H] buffer.
 """
@@ -73,7 +75,7 @@ class SlicedProblem:
     eager = False
 
     def __init__(self, hs, ws, bs, ht, wt, bt, labels, canon: Canonical, inv_temp: float, vocab: int, soft: float,
-                 hard: float, budget: int | None = None):
+                 hard: float, budget: int | None = None, shards=None):
         from .reference import compute_dtype
 
         self.acc_dtype = compute_dtype(hs, ws, ht, wt)
@@ -83,7 +85,11 @@ class SlicedProblem:
         self.weights = (ws, wt)
         self.biases = (bs, bt)
         self.dot_dtypes = tuple(torch.promote_types(h.dtype, w.dtype) for h, w in ((hs, ws), (ht, wt)))
-        self.labels = _launch.flat_labels(labels, hard)
+        # Global token ids (the range check of the merge), and as indices into this rank's vocabulary shard
+        # under `shards` (`kdops.parallel.VocabShards`: then `vocab` is the shard's width).
+        self.global_labels = _launch.flat_labels(labels, hard)
+        self.labels = self.global_labels if shards is None else shards.local_labels(self.global_labels)
+        self.shards = shards
         self.budget = budget
         self.device = hs.device
 
@@ -132,12 +138,13 @@ class SlicedProblem:
         width = slice_width(chunk, self.vocab, self.acc_dtype, (), self.budget)
         slices = self.slices(width)
         buffers = self._buffers(chunk, width) if self.n_rows else None
-        for r0 in range(0, self.n_rows, max(chunk, 1)):
+        vocab = self.vocab if self.shards is None else self.shards.vocab
+        for r0 in range(0, self.n_rows, max(chunk, 1)):  # under `shards`, every rank has the same rows and chunks
             rows = slice(r0, min(self.n_rows, r0 + chunk))
-            labels = None if self.labels is None else self.labels[rows]
+            labels, local = (None, None) if self.labels is None else (self.global_labels[rows], self.labels[rows])
             loss[rows], stats[rows] = _launch.staged_forward(
-                self._partials(operands, rows, labels, slices, buffers), rows.stop - r0, len(slices), self.canon,
-                self.soft, self.hard, labels, self.vocab, constexprs, self.device)
+                self._partials(operands, rows, local, slices, buffers), rows.stop - r0, len(slices), self.canon,
+                self.soft, self.hard, labels, vocab, constexprs, self.device, self.shards)
         return loss, [stats]
 
     def _partials(self, operands, rows: slice, labels, slices, buffers):
@@ -190,4 +197,6 @@ class SlicedProblem:
                 for g, out in zip(grads, outs):
                     if g.any:
                         g.add_slice(out, start, end, _mm_into)
+        if self.shards is not None:  # this rank's part of a sum over the vocabulary: summed in float32
+            self.shards.reduce_hidden(grads[0].hidden_sums, grads[1].hidden_sums)
         return tuple(x for g in grads for x in g.results())

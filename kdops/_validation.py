@@ -262,18 +262,15 @@ def check_label_range(labels, ignore_index: int, vocab: int) -> None:
                          f"{ignore_index}, got values in [{int(valid.min())}, {int(valid.max())}]")
 
 
-def resolve_impl(impl: str, backend: str, fits_chunk: bool, sharded: bool = False) -> str:
+def resolve_impl(impl: str, backend: str, fits_chunk: bool) -> str:
     """'fused', 'chunked' or 'sliced' for the fused API (see `kdops.fused_linear_kd_loss` for the rule of
-    "auto"); `sharded`: under vocabulary parallelism, which the sliced path does not take."""
+    "auto")."""
     if backend == "torch":
         if impl in ("fused", "sliced"):
             raise ValueError(f"impl={impl!r}: the {impl} path runs Triton kernels and needs backend='triton' (CUDA "
                              "tensors, or CPU tensors with TRITON_INTERPRET=1); backend='torch' runs the chunked "
                              "path (impl='chunked' or 'auto')")
         return "chunked"
-    if impl == "sliced" and sharded:
-        raise ValueError("impl='sliced' with vocab_parallel: the sliced path takes the whole vocabulary; under "
-                         "vocabulary parallelism use impl='chunked', 'fused' or 'auto'")
     if impl == "auto":
-        return "chunked" if fits_chunk else ("fused" if sharded else "sliced")
+        return "chunked" if fits_chunk else "sliced"
     return impl

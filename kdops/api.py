@@ -178,8 +178,8 @@ def fused_linear_kd_loss(
     most `memory_budget` less the float32 dH sums, default `kdops._sliced.SLICE_BYTES` = 64 MiB, plus those
     sums and O(rows) statistics); "auto" takes "chunked" — its four matmuls are cheaper than the six of
     "sliced" and "fused" — unless a `memory_budget` was given that even its smallest plan exceeds: then
-    "sliced" ("fused" under `vocab_parallel`). `backend="torch"` (the default off CUDA) runs the chunked
-    path with the reference math instead of the kernels.
+    "sliced". `backend="torch"` (the default off CUDA) runs the chunked path with the reference math instead
+    of the kernels.
 
     With reduction "batchmean" or "sum", the chunked paths compute the gradients during the forward
     (the backward multiplies them by the upstream gradient), so the loss supports a single backward.
@@ -311,16 +311,16 @@ def _fused_problem(hs, ws, bs, ht, wt, bt, labels, *, divergence, temperature, v
                                       hard_weight, ignore_index, engine, memory_budget, shards, softcaps)
     grads = tuple(t is not None and t.requires_grad for t in (hs, ws, bs, ht, wt, bt))
     # The default budget is a target (the plan may exceed it where no exact plan fits); one the user gave is
-    # a limit that "auto" keeps by taking the sliced path (the fused one under vocabulary parallelism).
+    # a limit that "auto" keeps by taking the sliced path.
     fits = memory_budget is None or chunked.plan_bytes(grads) <= memory_budget
-    resolved = resolve_impl(impl, backend, fits, sharded=shards is not None)
+    resolved = resolve_impl(impl, backend, fits)
     canon = divergence.canonical().with_softcaps(*softcaps)
     if resolved == "fused":
         return FusedProblem(hs, ws, bs, ht, wt, bt, labels, canon, 1.0 / temperature, vocab, soft_weight, hard_weight,
                             shards)
     if resolved == "sliced":
         return SlicedProblem(hs, ws, bs, ht, wt, bt, labels, canon, 1.0 / temperature, vocab, soft_weight,
-                             hard_weight, memory_budget)
+                             hard_weight, memory_budget, shards)
     return chunked
 
 

@@ -23,7 +23,7 @@ from spawn import spawn
 N, HS, HT = 13, 24, 40
 V = 97  # not a multiple of any block size; shards below are uneven
 SHARDS = {2: [(0, 38), (38, 97)], 3: [(61, 97), (0, 20), (20, 61)]}  # rank → [start, stop)
-FUSED_PATHS = [("fused", "triton"), ("chunked", "triton"), ("chunked", "torch")]
+FUSED_PATHS = [("fused", "triton"), ("chunked", "triton"), ("chunked", "torch"), ("sliced", "triton")]
 TENSORS = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight", "teacher_bias")
 COMMUNICATION_PAGE = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
 
@@ -109,7 +109,7 @@ def loss_and_grads_logits(fn, s, t, labels, **options):
 
 
 # ------------------------------------------------------------------------------------------------------
-# Correctness: every divergence, both impls and the torch backend, for the fused API and kd_loss.
+# Correctness: every divergence, every impl and the torch backend, for the fused API and kd_loss.
 # ------------------------------------------------------------------------------------------------------
 
 
@@ -281,7 +281,7 @@ def communication_body(rank, world, table):
     try:
         for divergence, (reduces, floats, floats_hard) in table.items():
             for hard, per_row in ((0.0, floats), (0.7, floats_hard)):
-                for impl in ("fused", "chunked"):
+                for impl in ("fused", "chunked", "sliced"):
                     record.clear()
                     inputs = {k: (v.detach().requires_grad_(k.startswith("student")) if k in TENSORS else v)
                               for k, v in shard_of(x, start, stop).items()}
