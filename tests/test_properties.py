@@ -43,7 +43,8 @@ F64 = torch.float64
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 FUSED_TENSORS = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight",
                  "teacher_bias")
-IMPLS = [("fused", "triton"), ("chunked", "triton"), ("chunked", "torch"), ("auto", "triton"), ("auto", "torch")]
+IMPLS = [("fused", "triton"), ("chunked", "triton"), ("chunked", "torch"), ("sliced", "triton"), ("auto", "triton"),
+         ("auto", "torch")]
 
 
 # ---------------------------------------------------------------------------------------------------------
