@@ -804,6 +804,26 @@ def _chunked_path(ctx: _Ctx):
     return kernels, extra, detail, notes
 
 
+# --- the backward by vocabulary slices (fused and sliced: `kdops._fused._SideGrads`) ---------------------------------
+
+def _slice_products(ctx: _Ctx, width: int, count: int) -> list[_Kernel]:
+    """cuBLAS's products of `count` slices' G [rows, width]: dW[slice] = Gᵀ·h_s over every row, and
+    dH += G·W_s[slice] into float32 sums (the hidden gradient itself when it is float32 or wider)."""
+    n, b, acc, hs = ctx.shape.tokens, ctx.b, ctx.acc, ctx.shape.hidden_student
+    flops = 2.0 * n * width * hs
+    return [_Kernel("bwd: dW[slice] = Gᵀ·h_s (cuBLAS)", mm_flops=flops, mm_dtype=ctx.dtype, launches=count,
+                    items=[("G read", n * width * b), ("h_s read", n * hs * b), ("dW written", width * hs * b)]),
+            _Kernel("bwd: dH += G·W_s[slice] (cuBLAS, float32 sums)", mm_flops=flops, mm_dtype=ctx.dtype,
+                    launches=count, items=[("G read", n * width * b), ("W_s slice read", width * hs * b),
+                                           ("dH sums read-modify-write", 2 * n * hs * max(acc, b))])]
+
+
+def _dh_sums_rounded(ctx: _Ctx) -> list[_Kernel]:
+    """The float32 dH sums rounded into a 16-bit hidden gradient (none when it is float32 or wider)."""
+    n, b, acc, hs = ctx.shape.tokens, ctx.b, ctx.acc, ctx.shape.hidden_student
+    return [_Kernel("bwd: dH sums rounded", items=[("dH sums read, dH written", n * hs * (acc + b))])] if b < acc else []
+
+
 # --- fused (Triton, logit tiles recomputed) -------------------------------------------------------------------------
 
 def _fused_path(ctx: _Ctx):
@@ -853,14 +873,8 @@ def _fused_path(ctx: _Ctx):
             items=[("h_s, h_t re-read per tile", visits * gn * (hs + ht) * b),
                    ("W_s, W_t re-read per tile", visits * gv * (hs + ht) * b), ("G written", n * w * b)],
             bytes_l2=n * (hs + ht) * b + w * (hs + ht) * b + n * w * b))
-        kernels.append(_Kernel("bwd: dW[slice] = Gᵀ·h_s (cuBLAS)", mm_flops=2.0 * n * w * hs, mm_dtype=ctx.dtype,
-                               items=[("G read", n * w * b), ("h_s read", n * hs * b), ("dW written", w * hs * b)]))
-        kernels.append(_Kernel("bwd: dH += G·W_s[slice] (cuBLAS, float32 sums)", mm_flops=2.0 * n * w * hs,
-                               mm_dtype=ctx.dtype,
-                               items=[("G read", n * w * b), ("W_s slice read", w * hs * b),
-                                      ("dH sums read-modify-write", 2 * n * hs * (acc if sums else b))]))
-    if sums:
-        kernels.append(_Kernel("bwd: dH sums rounded", items=[("dH sums read, dH written", n * hs * (acc + b))]))
+        kernels += _slice_products(ctx, w, 1)
+    kernels += _dh_sums_rounded(ctx)
     buffers = n * width * b
     hidden_sums = n * hs * acc if sums else 0
     extra = n * (num_stats * acc + 2 * acc + 1) + max(partial, buffers + hidden_sums)
@@ -917,15 +931,8 @@ def _sliced_path(ctx: _Ctx):
         kernels += _kernels_on_logits(sliced(width), n, acc, "logits buffers", "bwd: kernel on logits (G per slice)",
                                       True, count,
                                       grad_label="G_s written (operands' dtype)", grad_itemsize=b)
-        kernels.append(_Kernel("bwd: dW[slice] = Gᵀ·h_s (cuBLAS)", mm_flops=2.0 * n * width * hs, mm_dtype=ctx.dtype,
-                               launches=count, items=[("G read", n * width * b), ("h_s read", n * hs * b),
-                                                      ("dW written", width * hs * b)]))
-        kernels.append(_Kernel("bwd: dH += G·W_s[slice] (cuBLAS, float32 sums)", mm_flops=2.0 * n * width * hs,
-                               mm_dtype=ctx.dtype, launches=count,
-                               items=[("G read", n * width * b), ("W_s slice read", width * hs * b),
-                                      ("dH sums read-modify-write", 2 * n * hs * (acc if sums else b))]))
-    if sums:
-        kernels.append(_Kernel("bwd: dH sums rounded", items=[("dH sums read, dH written", n * hs * (acc + b))]))
+        kernels += _slice_products(ctx, width, count)
+    kernels += _dh_sums_rounded(ctx)
     buffers = n * bwd_width * (2 * acc + b)
     extra = n * (num_stats * acc + 2 * acc + 1) + max(n * fwd_width * 2 * acc + partial, buffers + hidden_sums)
     detail = (f"statistics per row + max(the forward's float32 logits of a slice and partial states, the backward's "

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from . import _launch, targets
-from ._launch import _cdiv, _empty, _next_pow2, _rows_of, launch
+from ._chunked import _float32_sums, _mm_into
+from ._launch import _cdiv, _next_pow2, _rows_of, launch
 from .divergences import Canonical
 
 #: Bytes of the backward's gradient buffers: G = ∂/∂logits for every row over one vocabulary slice, in the
@@ -202,21 +203,11 @@ def fused_backward(problem: FusedProblem, stats, row_scale, needs):
     (summed in float32, rounded once), db[slice] = Σ_rows G, and dH += G·W[slice] is summed over the slices in
     float32 (the gradient itself when it is float32 or wider). Under `problem.shards` the hidden gradients
     are summed over the group while still float32 sums and rounded once."""
-    from ._chunked import _float32_sums, _mm_into
-
     linear = _linear()
-    need_hs, need_ws, need_bs, need_ht, need_wt, need_bt = needs
     device, acc_dtype = problem.device, problem.acc_dtype
     n, vocab = problem.n_rows, problem.vocab
-
-    def zeros_like(t, need):
-        return torch.zeros(t.shape, dtype=t.dtype, device=device) if need else None
-
-    sides = []  # (hidden, weight, bias, need dH, need dW, need db, dot dtype)
-    for hidden, weight, bias, need_h, need_w, need_b, dot in (
-            (problem.hs, problem.ws, problem.bs, need_hs, need_ws, need_bs, problem.dot_dtypes[0]),
-            (problem.ht, problem.wt, problem.bt, need_ht, need_wt, need_bt, problem.dot_dtypes[1])):
-        sides.append(_SideGrads(hidden, weight, bias, n, need_h, need_w, need_b and bias is not None, dot, acc_dtype))
+    sides = _SideGrads.both((problem.hs, problem.ht), (problem.ws, problem.wt), (problem.bs, problem.bt), n, needs,
+                            problem.dot_dtypes, acc_dtype)
     if n == 0 or not any(side.any for side in sides):
         return tuple(g for side in sides for g in side.results())
 
@@ -237,7 +228,7 @@ def fused_backward(problem: FusedProblem, stats, row_scale, needs):
         with _float32_sums():
             for side, g in zip(sides, buffers):
                 if side.any:
-                    side.add_slice(g[:, :end - start], start, end, _mm_into)
+                    side.add_slice(g[:, :end - start], start, end)
     if problem.shards is not None:  # this rank's part of a sum over the vocabulary: summed in float32
         problem.shards.reduce_hidden(sides[0].hidden_sums, sides[1].hidden_sums)
     return tuple(g for side in sides for g in side.results())
@@ -260,7 +251,13 @@ class _SideGrads:
         self.grad_b = torch.zeros(bias.shape, dtype=bias.dtype, device=device) if need_b else None
         self._matrix = None
 
-    def add_slice(self, g: torch.Tensor, start: int, end: int, mm_into) -> None:
+    @classmethod
+    def both(cls, hidden, weights, biases, n, needs, dots, acc_dtype) -> list:
+        """The student's and the teacher's, from pairs and `needs` = (hs, ws, bs, ht, wt, bt) flags."""
+        return [cls(h, w, b, n, needs[3 * i], needs[3 * i + 1], needs[3 * i + 2] and b is not None, dot, acc_dtype)
+                for i, (h, w, b, dot) in enumerate(zip(hidden, weights, biases, dots))]
+
+    def add_slice(self, g: torch.Tensor, start: int, end: int) -> None:
         """The contributions of G = ∂/∂logits[:, start:end] (in the dot dtype) to dH, dW[start:end], db[start:end]."""
         if self.grad_w is not None:
             if self._matrix is None:
@@ -269,13 +266,14 @@ class _SideGrads:
             # cuBLAS sums 16-bit products in float32 and rounds once into a 16-bit output; elsewhere (CPU, or a
             # gradient dtype other than the operands') the float32 product is rounded by a copy.
             if out.dtype == g.dtype and (g.is_cuda or out.dtype.itemsize >= self.acc_dtype.itemsize):
-                mm_into(g.t(), self._matrix, out)
+                _mm_into(g.t(), self._matrix, out)
             else:
-                out.copy_(mm_into(g.t(), self._matrix, torch.empty(out.shape, dtype=self.acc_dtype, device=g.device)))
+                product = torch.empty(out.shape, dtype=self.acc_dtype, device=g.device)
+                out.copy_(_mm_into(g.t(), self._matrix, product))
         if self.grad_b is not None:
             self.grad_b[start:end] = g.sum(0, dtype=self.acc_dtype)
         if self.hidden_sums is not None:
-            mm_into(g, self.weight[start:end].to(self.dot), self.hidden_sums, accumulate=True)
+            _mm_into(g, self.weight[start:end].to(self.dot), self.hidden_sums, accumulate=True)
 
     def results(self):
         if self.grad_h is not None and self.hidden_sums is not self.grad_h:

@@ -25,6 +25,7 @@ from ._chunked import _float32_sums, _mm_into, _Side
 from ._fused import _SideGrads
 from ._launch import _cdiv, launch
 from .divergences import Canonical
+from .parallel import labels_in_range
 
 #: Default bytes of one slice's buffers: both float32 logits and the logit gradients kept for dW and dH.
 SLICE_BYTES = 64 * 2**20
@@ -45,9 +46,7 @@ class VocabSlice:
         self.start, self.stop = start, stop
 
     def local_labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
-        if labels is None:
-            return None
-        return torch.where((labels >= self.start) & (labels < self.stop), labels - self.start, -1)
+        return labels_in_range(labels, self.start, self.stop)
 
 
 def slice_bytes_per_column(n_rows: int, acc_dtype: torch.dtype, grad_dtypes) -> int:
@@ -172,11 +171,8 @@ class SlicedProblem:
     def backward(self, saved, row_scale, needs):
         """Gradients (hs, ws, bs, ht, wt, bt) of Σ_r row_scale[r]·loss[r], slice by slice."""
         (stats,) = saved
-        need_hs, need_ws, need_bs, need_ht, need_wt, need_bt = needs
-        grads = [_SideGrads(h, w, b, self.n_rows, need_h, need_w, need_b and b is not None, dot, self.acc_dtype)
-                 for h, w, b, need_h, need_w, need_b, dot in (
-                     (self.hidden[0], self.weights[0], self.biases[0], need_hs, need_ws, need_bs, self.dot_dtypes[0]),
-                     (self.hidden[1], self.weights[1], self.biases[1], need_ht, need_wt, need_bt, self.dot_dtypes[1]))]
+        grads = _SideGrads.both(self.hidden, self.weights, self.biases, self.n_rows, needs, self.dot_dtypes,
+                                self.acc_dtype)
         if self.n_rows == 0 or not any(g.any for g in grads):
             return tuple(x for g in grads for x in g.results())
         sums = sum(g.hidden_sums.numel() * g.hidden_sums.element_size() for g in grads
@@ -196,7 +192,7 @@ class SlicedProblem:
             with _float32_sums():
                 for g, out in zip(grads, outs):
                     if g.any:
-                        g.add_slice(out, start, end, _mm_into)
+                        g.add_slice(out, start, end)
         if self.shards is not None:  # this rank's part of a sum over the vocabulary: summed in float32
             self.shards.reduce_hidden(grads[0].hidden_sums, grads[1].hidden_sums)
         return tuple(x for g in grads for x in g.results())

@@ -76,6 +76,14 @@ def _dist():
     return dist
 
 
+def labels_in_range(labels: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    """Token ids as indices into the vocabulary columns [start, stop), and −1 (no column: a kernel's tiles run
+    past the range's end) for ids outside it and ignore_index; None stays None."""
+    if labels is None:
+        return None
+    return torch.where((labels >= start) & (labels < stop), labels - start, -1)
+
+
 class VocabShards:
     """A `VocabParallel` checked against the whole group: the global layout every rank agrees on, and the
     collectives of the loss."""
@@ -95,11 +103,8 @@ class VocabShards:
         return t
 
     def local_labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
-        """Labels as indices into this shard, and −1 (no column: a kernel's tiles run past the shard's end)
-        for those of other shards and ignore_index."""
-        if labels is None:
-            return None
-        return torch.where((labels >= self.start) & (labels < self.stop), labels - self.start, -1)
+        """Labels as indices into this shard, and −1 for those of other shards and ignore_index."""
+        return labels_in_range(labels, self.start, self.stop)
 
     def reduce_hidden(self, *grads):
         """Sum the shards' hidden-state gradients over the group (unless the caller asked to do it)."""
