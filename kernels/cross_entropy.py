@@ -10,7 +10,7 @@ silently wrong one (rows whose label is ignore_index are masked out by the calle
 import triton
 import triton.language as tl
 
-from .divergences import excess_at, finite_or_zero, flag, log1p, online_lse_update
+from .divergences import excess_at, finite_or_zero, flag, log1p, online_lse_update, online_lse_update_lanes
 
 
 @triton.jit
@@ -27,6 +27,16 @@ def hard_label_update(HARD: tl.constexpr, s, cols, labels, m_c, u_c, s_lab):
         m_c, u_c = online_lse_update(m_c, u_c, s)
         s_lab += tl.sum(tl.where(is_label(cols, labels), s, 0.0), axis=1)
     return m_c, u_c, s_lab
+
+
+@triton.jit
+def hard_label_update_lanes(HARD: tl.constexpr, s, cols, labels, m_c, u_c, c_c, s_lab):
+    """`hard_label_update` with its sums in lanes [rows, block] (`divergences.py`, "Lanes"): the excess of lse(s)
+    as (u_c, c_c), s_label as the lane that holds the label."""
+    if HARD:
+        m_c, u_c, c_c = online_lse_update_lanes(m_c, u_c, c_c, s)
+        s_lab += tl.where(is_label(cols, labels), s, 0.0)
+    return m_c, u_c, c_c, s_lab
 
 
 @triton.jit

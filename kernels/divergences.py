@@ -37,6 +37,9 @@ matters while the logits are of order 30, and the divergence is of order ε². W
   Σ p ψ(m/p − 1) ≥ 0, whose first-order terms cancel (`kl_to_mix`).
 """
 
+import math
+import os
+
 import triton
 import triton.language as tl
 
@@ -50,6 +53,25 @@ ALPHA_BETA = tl.constexpr(4)
 TWO_PASS_KINDS = (1, 2, 3)
 
 NEG_INF = tl.constexpr(float("-inf"))
+
+# Whether the kernels run in Triton's interpreter (whose casts to bfloat16 truncate: `logits.as_output`; which
+# has no inline PTX: `exp_flushed`); the compile gate refuses to run under it, so every compiled kernel has False.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+
+@triton.jit
+def exp_flushed(x):
+    """e^x, with results below float32's smallest normal number (x < −87.3) flushed to 0: one MUFU.EX2 on a GPU
+    (`ex2.approx.ftz`), where `tl.exp` adds three instructions to keep subnormal results. For the terms of
+    the forward's sums, where it changes nothing: every such sum has a term of at least 1 (or is a difference
+    of such terms), against which a term below 1.2e-38 is 31 orders of magnitude below float32's resolution.
+    Float64 and the interpreter: `tl.exp`."""
+    if x.dtype == tl.float32 and not INTERPRETED:  # static
+        result = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * 1.4426950408889634],
+                                           dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        result = tl.exp(x)
+    return result
 
 
 @triton.jit
@@ -142,15 +164,23 @@ def series_bound(z):
     return bound
 
 
+@triton.constexpr_function
+def inverse_factorial(k):
+    """1/k!, a compile-time constant (taken into a tile's dtype by `tl.full`, so float64 keeps all its bits)."""
+    return 1.0 / math.factorial(k)
+
+
 @triton.jit
 def horner_exp_tail(z, K: tl.constexpr, TERMS: tl.constexpr):
-    """Σ_{K ≤ k < K + TERMS} z^k / k!, by Horner's rule."""
-    t = 1.0 + z * (1.0 / (K + TERMS - 1))
-    for i in tl.static_range(TERMS - 2):
-        t = 1.0 + z * (1.0 / (K + TERMS - 2 - i)) * t
+    """Σ_{K ≤ k < K + TERMS} z^k / k! = z^K · (1/K! + z·(1/(K+1)! + …)), by Horner's rule: one fused multiply-add
+    per term."""
+    t = tl.full(z.shape, inverse_factorial(K + TERMS - 1), z.dtype)
+    for i in tl.static_range(2, TERMS + 1):
+        t = t * z + tl.full(z.shape, inverse_factorial(K + TERMS - i), z.dtype)
+    t = t * z
     if K == 2:
-        t = 0.5 * z * t
-    return z * t
+        t = t * z
+    return t
 
 
 @triton.jit
@@ -227,9 +257,11 @@ def centred_sums_at(KIND: tl.constexpr, acc1, acc2, acc3, s_x, shift_x, shift_y)
 
 @triton.jit
 def online_max(m, v):
-    """(new running max, its finite reference point, whether it grew) of rows m after the tile v."""
-    m_new = tl.maximum(m, tl.max(v, axis=1))
-    return m_new, finite_or_zero(m_new), m_new > m
+    """(new running max, its finite reference point, whether it grew, whether the tile holds it) of rows m after
+    the tile v."""
+    tile_max = tl.max(v, axis=1)
+    m_new = tl.maximum(m, tile_max)
+    return m_new, finite_or_zero(m_new), m_new > m, tile_max == m_new
 
 
 @triton.jit
@@ -244,10 +276,63 @@ def excess_update(u, grew, factor, e, at_max):
 @triton.jit
 def online_lse_update(m, u, v):
     """Fold a tile v [rows, block] into a running log-sum-exp kept as (max m, excess u) [rows]: lse = m + log1p(u)."""
-    m_new, ref, grew = online_max(m, v)
+    m_new, ref, grew, _ = online_max(m, v)
     d = v - ref[:, None]
     u = excess_update(u, grew, tl.exp(m - ref), tl.exp(d), d == 0.0)
     return m_new, u
+
+
+# ----------------------------------------------------------------------------------------------------
+# Lanes. A kernel that walks a row's vocabulary in wide tiles may keep its sums per lane — one partial sum per
+# column of the tile, [rows, block] — and reduce them over the lanes once, at the end of the row
+# (`lanes_excess`, `first_pass_lanes_sum`): a tile then costs elementwise adds instead of one block-wide
+# reduction (shuffles and two barriers) per sum. The running maxima stay per row, so every lane's sum is
+# relative to the same reference; when a maximum grows the lanes are re-expressed (`any_row`: rarely, after
+# a row's first tiles). An excess is kept in lanes as small terms u plus exact counts c of the terms at the
+# max: the row's excess is Σ u + (Σ c − 1), so no term is ever rounded against a count. Only a tile that holds
+# its row's max has terms to count (`lanes_add`); the others add their terms as they are.
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def any_row(x_rows, y_rows):
+    """Whether any row is flagged in x_rows or y_rows [rows]: a scalar, for a branch that the other tiles skip."""
+    return tl.max(flag(x_rows | y_rows), axis=0) > 0
+
+
+@triton.jit
+def lanes_rescale(u, c, grew, factor):
+    """Lanes of an excess (small terms u, counts c) [rows, block] re-expressed at a max that grew (rows `grew`):
+    every old term, counted ones included, becomes a small term scaled by `factor` [rows]."""
+    grew = grew[:, None]
+    return tl.where(grew, (u + c) * factor[:, None], u), tl.where(grew, 0.0, c)
+
+
+@triton.jit
+def lanes_add(u, c, e, at_max):
+    """A tile's terms e into the lanes of an excess: counted where they sit at the max (exactly 1 there)."""
+    return u + tl.where(at_max, 0.0, e), c + flag(at_max)
+
+
+@triton.jit
+def lanes_excess(u, c):
+    """The excess [rows] of a row's lanes: (Σ c − 1) + Σ u."""
+    return (tl.sum(c, axis=1) - 1.0) + tl.sum(u, axis=1)
+
+
+@triton.jit
+def online_lse_update_lanes(m, u, c, v):
+    """`online_lse_update` with the excess in lanes (u, c) [rows, block]."""
+    m_new, ref, grew, holds = online_max(m, v)
+    if any_row(grew, grew):
+        u, c = lanes_rescale(u, c, grew, tl.exp(m - ref))
+    d = v - ref[:, None]
+    e = tl.exp(d)
+    if any_row(holds, holds):
+        u, c = lanes_add(u, c, e, d == 0.0)
+    else:
+        u += e
+    return m_new, u, c
 
 
 @triton.jit
@@ -272,32 +357,105 @@ def excess_at(u, at_max, factor):
 
 
 @triton.jit
+def centred_tiles(x, y, m_x, m_y):
+    """A tile (x, y) against its rows' running maxima: (new maxima, whether they grew, whether the tile holds
+    them, the tile centred on them dx, dy, and the old maxima's shifts shift_x, shift_y ≤ 0 (−inf before the
+    first finite logit, when every old sum is 0))."""
+    m_x_new, ref_x, grew_x, holds_x = online_max(m_x, x)
+    m_y_new, ref_y, grew_y, holds_y = online_max(m_y, y)
+    return (m_x_new, m_y_new, grew_x, grew_y, holds_x, holds_y, x - ref_x[:, None], y - ref_y[:, None],
+            m_x - ref_x, m_y - ref_y)
+
+
+@triton.jit
+def first_pass_addends(KIND: tl.constexpr, dx, dy, c1, c2):
+    """Per element of a centred tile: (e^dx, e^dy, and the addends of acc1..3). ALPHA_BETA: the power sums'
+    terms e^(α·dx + β·dy), e^((α+β)·dx), e^((α+β)·dy); the others: `kl_terms` (acc1, acc3 are KL's only)."""
+    e_x = exp_flushed(dx)
+    e_y = exp_flushed(dy)
+    if KIND == ALPHA_BETA:
+        a1 = exp_flushed(c1 * dx + c2 * dy)
+        a2 = exp_flushed((c1 + c2) * dx)
+        a3 = exp_flushed((c1 + c2) * dy)
+    else:
+        a1, a3, a2 = kl_terms(e_x, e_y, dx - dy)
+    return e_x, e_y, a1, a2, a3
+
+
+@triton.jit
 def first_pass_update(KIND: tl.constexpr, x, y, m_x, u_x, m_y, u_y, acc1, acc2, acc3, c1, c2):
     """Fold one tile (x, y) [rows, block] into the running first-pass statistics of its rows."""
-    m_x_new, ref_x, grew_x = online_max(m_x, x)
-    m_y_new, ref_y, grew_y = online_max(m_y, y)
-    dx = x - ref_x[:, None]
-    dy = y - ref_y[:, None]
+    m_x_new, m_y_new, grew_x, grew_y, _, _, dx, dy, shift_x, shift_y = centred_tiles(x, y, m_x, m_y)
     at_x = dx == 0.0
     at_y = dy == 0.0
-    shift_x = m_x - ref_x  # ≤ 0; -inf before the first finite logit (and then every old sum is 0)
-    shift_y = m_y - ref_y
-    e_x = tl.exp(dx)
-    e_y = tl.exp(dy)
+    e_x, e_y, a1, a2, a3 = first_pass_addends(KIND, dx, dy, c1, c2)
     if KIND == ALPHA_BETA:
-        acc1 = acc1 * tl.exp(c1 * shift_x + c2 * shift_y) + tl.sum(tl.exp(c1 * dx + c2 * dy), axis=1)
-        acc2 = excess_update(acc2, grew_x, tl.exp((c1 + c2) * shift_x), tl.exp((c1 + c2) * dx), at_x)
-        acc3 = excess_update(acc3, grew_y, tl.exp((c1 + c2) * shift_y), tl.exp((c1 + c2) * dy), at_y)
+        acc1 = acc1 * tl.exp(c1 * shift_x + c2 * shift_y) + tl.sum(a1, axis=1)
+        acc2 = excess_update(acc2, grew_x, tl.exp((c1 + c2) * shift_x), a2, at_x)
+        acc3 = excess_update(acc3, grew_y, tl.exp((c1 + c2) * shift_y), a3, at_y)
     else:
         acc1, acc2, acc3 = centred_sums_at(KIND, acc1, acc2, acc3, u_x + 1.0, shift_x, shift_y)
-        xlogy, phi, diff = kl_terms(e_x, e_y, dx - dy)
-        acc2 += tl.sum(diff, axis=1)
+        acc2 += tl.sum(a2, axis=1)
         if KIND == KL:
-            acc1 += tl.sum(xlogy, axis=1)
-            acc3 += tl.sum(phi, axis=1)
+            acc1 += tl.sum(a1, axis=1)
+            acc3 += tl.sum(a3, axis=1)
     u_x = excess_update(u_x, grew_x, tl.exp(shift_x), e_x, at_x)
     u_y = excess_update(u_y, grew_y, tl.exp(shift_y), e_y, at_y)
     return m_x_new, u_x, m_y_new, u_y, acc1, acc2, acc3
+
+
+@triton.jit
+def first_pass_update_lanes(KIND: tl.constexpr, x, y, m_x, u_x, c_x, m_y, u_y, c_y, acc1, acc2, acc3, c1, c2):
+    """`first_pass_update` with the sums in lanes [rows, block] (the excesses as (u, c) pairs; ALPHA_BETA's
+    acc2, acc3 share the counts c_x, c_y of the terms at the maxima); the maxima stay per row."""
+    m_x_new, m_y_new, grew_x, grew_y, holds_x, holds_y, dx, dy, shift_x, shift_y = centred_tiles(x, y, m_x, m_y)
+    if any_row(grew_x, grew_y):
+        # the sums are linear in their old terms: each lane is re-expressed as the whole row's sums are
+        if KIND == ALPHA_BETA:
+            acc1 = acc1 * tl.exp(c1 * shift_x + c2 * shift_y)[:, None]
+            acc2, _ = lanes_rescale(acc2, c_x, grew_x, tl.exp((c1 + c2) * shift_x))
+            acc3, _ = lanes_rescale(acc3, c_y, grew_y, tl.exp((c1 + c2) * shift_y))
+        else:
+            acc1, acc2, acc3 = centred_sums_at(KIND, acc1, acc2, acc3, u_x + c_x, shift_x[:, None],
+                                               shift_y[:, None])
+        u_x, c_x = lanes_rescale(u_x, c_x, grew_x, tl.exp(shift_x))
+        u_y, c_y = lanes_rescale(u_y, c_y, grew_y, tl.exp(shift_y))
+    e_x, e_y, a1, a2, a3 = first_pass_addends(KIND, dx, dy, c1, c2)
+    if KIND == ALPHA_BETA:
+        acc1 += a1
+    else:
+        acc2 += a2
+        if KIND == KL:
+            acc1 += a1
+            acc3 += a3
+    if any_row(holds_x, holds_y):
+        # the terms at a max (exactly 1) are counted apart, in the excesses (ALPHA_BETA's power sums too)
+        at_x = dx == 0.0
+        at_y = dy == 0.0
+        u_x, c_x = lanes_add(u_x, c_x, e_x, at_x)
+        u_y, c_y = lanes_add(u_y, c_y, e_y, at_y)
+        if KIND == ALPHA_BETA:
+            acc2 += tl.where(at_x, 0.0, a2)
+            acc3 += tl.where(at_y, 0.0, a3)
+    else:
+        u_x += e_x
+        u_y += e_y
+        if KIND == ALPHA_BETA:
+            acc2 += a2
+            acc3 += a3
+    return m_x_new, u_x, c_x, m_y_new, u_y, c_y, acc1, acc2, acc3
+
+
+@triton.jit
+def first_pass_lanes_sum(KIND: tl.constexpr, u_x, c_x, u_y, c_y, acc1, acc2, acc3):
+    """(u_x, u_y, acc1, acc2, acc3) [rows] of `first_pass_update`'s state from its lanes."""
+    acc1 = tl.sum(acc1, axis=1)
+    acc2 = tl.sum(acc2, axis=1)
+    acc3 = tl.sum(acc3, axis=1)
+    if KIND == ALPHA_BETA:
+        acc2 = (tl.sum(c_x, axis=1) - 1.0) + acc2
+        acc3 = (tl.sum(c_y, axis=1) - 1.0) + acc3
+    return lanes_excess(u_x, c_x), lanes_excess(u_y, c_y), acc1, acc2, acc3
 
 
 @triton.jit

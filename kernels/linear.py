@@ -125,9 +125,9 @@ def fused_forward_kernel(
         if SECOND_PASS:
             t1, t2, t3 = second_pass_tile(KIND, STUDENT_IS_P, TRANSFORM, s, t, inv_temp, cap_s, cap_t, share, m_x,
                                           ls_x, m_y, ls_y, r, c1, c2)
-            y1 += t1
-            y2 += t2
-            y3 += t3
+            y1 += tl.sum(t1, axis=1)
+            y2 += tl.sum(t2, axis=1)
+            y3 += tl.sum(t3, axis=1)
         else:
             m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab = first_pass_tile(
                 KIND, HARD, STUDENT_IS_P, TRANSFORM, s, t, cols, labels, inv_temp, cap_s, cap_t, share, m_x, u_x, m_y,

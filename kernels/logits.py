@@ -10,18 +10,17 @@ Rows of a [..., V] tensor are addressed as (row // n_inner)·stride_outer + (row
 so two leading dimensions with arbitrary strides (e.g. `logits[:, :-1]`) need no copy.
 """
 
-import os
-
 import triton
 import triton.language as tl
 
-from .divergences import NEG_INF
+from .divergences import INTERPRETED, NEG_INF
 from .partials import NUM_PARTIAL, store_partial, store_second_partial
 from .passes import (
     NUM_STATS,  # noqa: F401  (re-exported for the launchers)
-    first_pass_init,
+    first_pass_lanes_init,
+    first_pass_lanes_state,
+    first_pass_lanes_tile,
     first_pass_results,
-    first_pass_tile,
     gradient_tile,
     load_labels,
     load_stats,
@@ -43,10 +42,6 @@ def load_tile(ptr, row_off, cols, col_ok, ACC: tl.constexpr):
     """A tile of raw logits in the accumulation dtype; columns past V read as -inf (probability 0)."""
     return tl.load(ptr + row_off[:, None] + cols[None, :], mask=col_ok[None, :], other=NEG_INF).to(ACC)
 
-
-# Whether the kernels run in Triton's interpreter (whose casts to bfloat16 truncate, `as_output`); the compile
-# gate refuses to run under it, so every compiled kernel has False.
-INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 # Stages of the forward kernel: the whole loss, or one pass's partial state over this (vocabulary-shard)
 # part of each row, for a merge across ranks (`partials.py`).
@@ -81,14 +76,17 @@ def kd_logits_forward_kernel(
     if STAGE == SECOND_PARTIAL:
         m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
     else:
-        m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab = first_pass_init(BLOCK_R, ACC)
+        m_x, u_x, c_x, m_y, u_y, c_y, acc1, acc2, acc3, m_c, u_c, c_c, s_lab = first_pass_lanes_init(BLOCK_R, BLOCK_V,
+                                                                                                   ACC)
         for v0 in range(0, V, BLOCK_V):
             col_ok = v0 + cols < V
             s = load_tile(s_ptr + v0, s_off, cols, col_ok, ACC)
             t = load_tile(t_ptr + v0, t_off, cols, col_ok, ACC)
-            m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab = first_pass_tile(
+            m_x, u_x, c_x, m_y, u_y, c_y, acc1, acc2, acc3, m_c, u_c, c_c, s_lab = first_pass_lanes_tile(
                 KIND, HARD, STUDENT_IS_P, TRANSFORM, s, t, v0 + cols, labels, inv_temp, cap_s, cap_t, share, m_x, u_x,
-                m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab, c1, c2)
+                c_x, m_y, u_y, c_y, acc1, acc2, acc3, m_c, u_c, c_c, s_lab, c1, c2)
+        m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab = first_pass_lanes_state(
+            KIND, m_x, u_x, c_x, m_y, u_y, c_y, acc1, acc2, acc3, m_c, u_c, c_c, s_lab)
         if STAGE == FIRST_PARTIAL:
             store_partial(part, row_ok, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab)
         else:
@@ -96,9 +94,9 @@ def kd_logits_forward_kernel(
                 KIND, HARD, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab, labels, V, c1, c2, soft, hard)
 
     if TWO_PASS and STAGE != FIRST_PARTIAL:
-        y1 = tl.zeros([BLOCK_R], ACC)
-        y2 = tl.zeros([BLOCK_R], ACC)
-        y3 = tl.zeros([BLOCK_R], ACC)
+        y1 = tl.zeros([BLOCK_R, BLOCK_V], ACC)  # in lanes: summed over them once, after the loop
+        y2 = tl.zeros([BLOCK_R, BLOCK_V], ACC)
+        y3 = tl.zeros([BLOCK_R, BLOCK_V], ACC)
         for v0 in range(0, V, BLOCK_V):
             col_ok = v0 + cols < V
             s = load_tile(s_ptr + v0, s_off, cols, col_ok, ACC)
@@ -108,6 +106,9 @@ def kd_logits_forward_kernel(
             y1 += t1
             y2 += t2
             y3 += t3
+        y1 = tl.sum(y1, axis=1)
+        y2 = tl.sum(y2, axis=1)
+        y3 = tl.sum(y3, axis=1)
         if STAGE == SECOND_PARTIAL:
             store_second_partial(part, row_ok, y1, y2, y3)
         else:

@@ -15,11 +15,14 @@ and m_c, u_c, s_lab (cross-entropy). Per-row statistics saved for the gradient (
 import triton
 import triton.language as tl
 
-from .cross_entropy import hard_label_finish, hard_label_gradient, hard_label_update
+from .cross_entropy import hard_label_finish, hard_label_gradient, hard_label_update, hard_label_update_lanes
 from .divergences import (
     NEG_INF,
     first_pass_finish,
+    first_pass_lanes_sum,
     first_pass_update,
+    first_pass_update_lanes,
+    lanes_excess,
     gradient_terms,
     log_probs,
     second_pass_finish,
@@ -86,6 +89,36 @@ def first_pass_tile(KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.con
 
 
 @triton.jit
+def first_pass_lanes_init(BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
+    """The empty first-pass state of BLOCK_R rows with its sums in BLOCK_V lanes (`divergences.py`, "Lanes"):
+    m_x, (u_x, c_x), m_y, (u_y, c_y), acc1..3, m_c, (u_c, c_c), s_lab — the maxima per row at −inf, the lanes 0."""
+    neg = tl.full([BLOCK_R], NEG_INF, ACC)
+    zero = tl.zeros([BLOCK_R, BLOCK_V], ACC)
+    return neg, zero, zero, neg, zero, zero, zero, zero, zero, neg, zero, zero, zero
+
+
+@triton.jit
+def first_pass_lanes_tile(KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr,
+                          TRANSFORM: tl.constexpr, s, t, cols, labels, inv_temp, cap_s, cap_t, share, m_x, u_x, c_x,
+                          m_y, u_y, c_y, acc1, acc2, acc3, m_c, u_c, c_c, s_lab, c1, c2):
+    """`first_pass_tile` into the state of `first_pass_lanes_init`."""
+    s, _, t = transformed_tiles(TRANSFORM, s, t, cap_s, cap_t, share)
+    x, y = scaled_pq(STUDENT_IS_P, s, t, inv_temp)
+    m_x, u_x, c_x, m_y, u_y, c_y, acc1, acc2, acc3 = first_pass_update_lanes(
+        KIND, x, y, m_x, u_x, c_x, m_y, u_y, c_y, acc1, acc2, acc3, c1, c2)
+    m_c, u_c, c_c, s_lab = hard_label_update_lanes(HARD, s, cols, labels, m_c, u_c, c_c, s_lab)
+    return m_x, u_x, c_x, m_y, u_y, c_y, acc1, acc2, acc3, m_c, u_c, c_c, s_lab
+
+
+@triton.jit
+def first_pass_lanes_state(KIND: tl.constexpr, m_x, u_x, c_x, m_y, u_y, c_y, acc1, acc2, acc3, m_c, u_c, c_c, s_lab):
+    """The first-pass state per row (as `first_pass_tile` keeps it: m_x, u_x, m_y, u_y, acc1..3, m_c, u_c,
+    s_lab) of a state in lanes: its sums over the lanes."""
+    u_x, u_y, acc1, acc2, acc3 = first_pass_lanes_sum(KIND, u_x, c_x, u_y, c_y, acc1, acc2, acc3)
+    return m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, lanes_excess(u_c, c_c), tl.sum(s_lab, axis=1)
+
+
+@triton.jit
 def first_pass_results(KIND: tl.constexpr, HARD: tl.constexpr, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c,
                        s_lab, labels, V, c1, c2, soft, hard):
     """(ls_x, ls_y, r, aux1..3, L, ls_c, loss) of each row from its complete first-pass state. For the
@@ -102,12 +135,11 @@ def first_pass_results(KIND: tl.constexpr, HARD: tl.constexpr, m_x, u_x, m_y, u_
 @triton.jit
 def second_pass_tile(KIND: tl.constexpr, STUDENT_IS_P: tl.constexpr, TRANSFORM: tl.constexpr, s, t, inv_temp, cap_s,
                      cap_t, share, m_x, ls_x, m_y, ls_y, r, c1, c2):
-    """The second-pass sums (y1, y2, y3) [rows] of one pair of raw tiles."""
+    """The second-pass terms (t1, t2, t3) [rows, block] of one pair of raw tiles (summed over the vocabulary)."""
     s, _, t = transformed_tiles(TRANSFORM, s, t, cap_s, cap_t, share)
     x, y = scaled_pq(STUDENT_IS_P, s, t, inv_temp)
     lp, lq, lpq = log_probs(x, y, m_x, ls_x, m_y, ls_y, r)
-    t1, t2, t3 = second_pass_terms(KIND, lp, lq, lpq, c1, c2)
-    return tl.sum(t1, axis=1), tl.sum(t2, axis=1), tl.sum(t3, axis=1)
+    return second_pass_terms(KIND, lp, lq, lpq, c1, c2)
 
 
 @triton.jit

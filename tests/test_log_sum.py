@@ -116,6 +116,25 @@ def test_masked_row_keeps_its_log_sum():
     assert_close_in_ulps(stats[:, 3], log_sum64(student), "log-sum of the student")
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "alpha_beta"])
+def test_log_sums_kept_in_lanes(divergence, monkeypatch):
+    """The kernels on logits keep their sums per lane of a tile and the counts of the terms at the max apart
+    (kernels/divergences.py, "Lanes"): ties at the max in one lane of two tiles and in two lanes of one tile,
+    a max that grows in a late tile after others, and rows of one block whose maxima grow in different tiles
+    (BLOCK_R = 4, BLOCK_V = 64: 16 tiles, the last partial)."""
+    monkeypatch.setattr(_launch, "logits_config", lambda *args, **kwargs: dict(BLOCK_R=4, BLOCK_V=64))
+    vocab = 1000
+    student = peaked_logits(vocab, seed=11)
+    teacher = peaked_logits(vocab, seed=12).flip(0)
+    student[5, [7, 7 + 64, 7 + 640]] = 27.0  # one lane, three tiles
+    teacher[5, [130, 131]] = 25.0  # two lanes of one tile
+    teacher[0, 990] = 31.0  # the last, partial tile
+    student[1, [64 * k for k in range(15)]] = torch.arange(15.0) + 10.0  # the max grows in every tile
+    student, teacher = student.to(DEVICE), teacher.to(DEVICE)
+    labels = torch.arange(6, device=DEVICE) * 7
+    assert_sums_exact(_stats("logits", student, teacher, labels, divergence, hard=0.5), student, teacher, divergence)
+
+
 SHARDS = [(2000, 4099), (0, 1500), (1500, 2000)]  # rank → [start, stop), not in vocabulary order
 
 
