@@ -314,13 +314,11 @@ def analyse_cubin(cubin: bytes, arch: str) -> dict:
         f.flush()
         usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
                                check=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
     match = _RES_USAGE.search(usage)
     if match is None:
         raise RuntimeError(f"cuobjdump -res-usage gave no resource line:\n{usage}")
     registers, stack, _, local = map(int, match.groups())
-    opcodes = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+    opcodes = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass(cubin))
     tensor_core = sum(op.startswith(("HGMMA", "HMMA")) for op in opcodes)
     spills = sum(op.startswith(("STL", "LDL")) for op in opcodes)
     return dict(registers=registers, local_bytes=max(local, stack), spill_instructions=spills,
@@ -330,28 +328,39 @@ def analyse_cubin(cubin: bytes, arch: str) -> dict:
 _JOBS: list[Spec] = []
 
 
-def _compile_job(index: int) -> Compiled:
-    """Compile _JOBS[index] (a forked worker reads the list it inherited)."""
+def compile_spec(spec: Spec):
+    """Triton's compiled kernel of one specialization for its arch (`.asm["cubin"]`, `.metadata`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
+    target = GPUTarget("cuda", ARCHS[spec.arch][0] * 10 + ARCHS[spec.arch][1], 32)
+    backend = make_backend(target)
+    kernel = spec.kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*spec.args, **spec.kwargs)
+    options, signature, constants, attrs = kernel._pack_args(backend, spec.kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constants, attrs), target=target, options=options.__dict__)
+
+
+def sass(cubin: bytes) -> str:
+    """The SASS of a cubin (`cuobjdump -sass`)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def _compile_job(index: int) -> Compiled:
+    """Compile _JOBS[index] (a forked worker reads the list it inherited)."""
     spec = _JOBS[index]
     constexprs, config, sixteen = _describe(spec)
     result = Compiled(spec.name, spec.arch, spec.call.label, constexprs, config, sixteen_bit_dot=sixteen)
-    capability = ARCHS[spec.arch][0] * 10 + ARCHS[spec.arch][1]
-    target = GPUTarget("cuda", capability, 32)
-    backend = make_backend(target)
-    kernel = spec.kernel
     start = time.perf_counter()
     try:
-        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-        bound, specialization, options = binder(*spec.args, **spec.kwargs)
-        options, signature, constants, attrs = kernel._pack_args(backend, spec.kwargs, bound, specialization,
-                                                                 options)
-        compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=target,
-                                  options=options.__dict__)
+        compiled = compile_spec(spec)
         result.seconds = time.perf_counter() - start
         result.shared_bytes = int(compiled.metadata.shared)
         for field, value in analyse_cubin(compiled.asm["cubin"], spec.arch).items():
