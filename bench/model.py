@@ -72,6 +72,15 @@ ELEMENTWISE_FLOPS = 64
 #: not measured take the larger figures.
 LOGITS_KERNEL_FLOPS = {"kl": (272, 172), "jsd": (305, 322)}
 _UNMEASURED_KERNEL_FLOPS = (305, 322)
+#: The kernels on logits' SASS instructions per element of their vocabulary loops (`python -m bench.loops`: sm_90,
+#: bf16, the headline's launch configuration and alignment; a kind's forward passes summed, then its gradient):
+#: for the code the campaign measured (93.8 for forward KL's pass: the 94 FLOPS_PER_INSTRUCTION is based on) and
+#: for the code now — the first pass's sums kept in lanes (one block-wide reduction per tile per running max
+#: instead of one per sum; the counts of the terms at a max only in the tiles that hold one: kernels/divergences.py,
+#: "Lanes"), its exponentials without the subnormal fix-up (`exp_flushed`), the series by plain Horner steps.
+#: These kernels are compute-bound: the model scales the measured figures by now / then. Not measured on a GPU
+#: yet (fewer barriers may make the gain larger than the count's).
+LOGITS_KERNEL_SASS = {"kl": ((93.8, 46.2), (47.2, 39.1)), "jsd": ((255.4, 148.9), (204.0, 142.4))}
 
 
 #: The tile transforms (`kernels/transforms.py`): instructions they add per element to a forward pass and to the
@@ -83,11 +92,16 @@ SOFTCAP_INSTRUCTIONS = (30, 39)
 TAID_INSTRUCTIONS = (5, 6)
 
 
-def logits_kernel_flops(divergence: Divergence, softcaps: int = 0) -> tuple[float, float]:
+def logits_kernel_flops(divergence: Divergence, softcaps: int = 0, lanes: bool = True) -> tuple[float, float]:
     """(per forward pass, gradient) flop-equivalents per element of the kernels on `divergence`'s kind, with
-    `softcaps` softcapped sides (0, 1 or 2) and TAID's mixed target where `divergence` is TAID."""
+    `softcaps` softcapped sides (0, 1 or 2) and TAID's mixed target where `divergence` is TAID. `lanes`: the
+    kernels on logits as they are now (LOGITS_KERNEL_SASS); otherwise the measured figures as they are (the
+    fused kernels, whose 64 × 64 tiles still reduce per tile)."""
     kind = {0: "kl", 1: "jsd"}.get(int(_launch.kind_of(divergence.canonical())[0]))
     per_pass, per_gradient = LOGITS_KERNEL_FLOPS.get(kind, _UNMEASURED_KERNEL_FLOPS)
+    if lanes:
+        (then_pass, then_gradient), (now_pass, now_gradient) = LOGITS_KERNEL_SASS.get(kind, LOGITS_KERNEL_SASS["jsd"])
+        per_pass, per_gradient = per_pass * now_pass / then_pass, per_gradient * now_gradient / then_gradient
     extra = [softcaps * n for n in SOFTCAP_INSTRUCTIONS]
     if divergence.canonical().teacher_share != 1.0:
         extra = [e + n for e, n in zip(extra, TAID_INSTRUCTIONS)]
@@ -838,7 +852,7 @@ def _fused_path(ctx: _Ctx):
     row_blocks = _cdiv(n, bn)
     v_tiles = sum(_cdiv(min(v, lo + split) - lo, bv) for lo in range(0, v, split))  # tiles over all splits
     tile_mm = 2.0 * bn * bv * (hs_p + ht_p)  # both logit tiles of one (row block, vocabulary tile)
-    per_pass, per_gradient = logits_kernel_flops(ctx.divergence, ctx.softcaps)
+    per_pass, per_gradient = logits_kernel_flops(ctx.divergence, ctx.softcaps, lanes=False)
     tile_ew = bn * bv * per_pass
     partial = n * n_splits * num_partial * acc
     kernels = []
