@@ -44,8 +44,9 @@ _GPU_TILES = {
     8: dict(BLOCK_N=32, BLOCK_V=32, BLOCK_H=16, num_warps=8, num_stages=3, maxnreg=255),
 }
 # The forward before Hopper (mma.sync, whose accumulator fragments take more registers than wgmma's): 16-bit
-# tiles half as wide, where the KL first pass with its centred sums spilled at 64 × 64 on sm_80.
-_PRE_HOPPER_FORWARD_TILES = {2: dict(_GPU_TILES[2], BLOCK_V=32)}
+# tiles half as wide, where the KL first pass with its centred sums spilled at 64 × 64 on sm_80; and up to 255
+# registers, where ptxas squeezed the JSD and skew second passes into 128 and spilled 8–16 B (sm_80).
+_PRE_HOPPER_FORWARD_TILES = {2: dict(_GPU_TILES[2], BLOCK_V=32, maxnreg=255)}
 # Generalized JSD holds the most live state per element (both log-probabilities and the mixture's, on both
 # sides): its float64 forward spilled 32–128 B at 32 × 32 (`python -m bench.compile`, both archs): half the
 # columns there. Its backward (`fused_gradient_kernel`, which keeps no dH / dW product in registers) fits the

@@ -111,18 +111,19 @@ def _rows_of(t: torch.Tensor):
 
 
 def logits_config(n_rows: int, vocab: int, gpu: targets.GPU | None, acc: torch.dtype = torch.float32,
-                  transform: int = 0) -> dict:
+                  transform: int = 0, forward: bool = False) -> dict:
     """Block sizes of the kernels on logits for `gpu` (None: the interpreter), accumulating in `acc`, with the
-    tile transforms `transform` (`Canonical.transform`). On GPU a program per row with wide vocabulary blocks
-    (the kernels are bandwidth-bound). Float64 blocks are narrower; they and the transformed kernels may take
-    255 registers: ptxas otherwise squeezes them into 80–128 and spills (the two-pass kinds with softcaps: 8 B
-    on sm_90; `python -m bench.compile`). Under the interpreter, large tiles amortize its per-op cost."""
+    tile transforms `transform` (`Canonical.transform`), for the forward kernel or the backward one. On GPU a
+    program per row with wide vocabulary blocks. Float64 blocks are narrower; they, the transformed kernels and
+    the forward (whose sums are kept in lanes: kernels/divergences.py) may take 255 registers: ptxas otherwise
+    squeezes them into 80–128 and spills (the two-pass kinds with softcaps, or with the hard-label term: 8 B on
+    sm_90; `python -m bench.compile`). Under the interpreter, large tiles amortize its per-op cost."""
     if gpu is not None:
         if acc == torch.float64:
             return dict(BLOCK_R=1, BLOCK_V=min(512, _next_pow2(vocab)), num_warps=4, maxnreg=255)
         block_v = min(2048, _next_pow2(vocab))
         return dict(BLOCK_R=1, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
-                    **(dict(maxnreg=255) if transform else {}))
+                    **(dict(maxnreg=255) if transform or forward else {}))
     return dict(BLOCK_R=min(16, _next_pow2(n_rows)), BLOCK_V=min(1024, _next_pow2(vocab)))
 
 
@@ -175,7 +176,8 @@ def logits_forward(student: torch.Tensor, teacher: torch.Tensor, labels, canon: 
                                                                               inv_temp, soft, hard, shards)
     n_rows = student.numel() // student.shape[-1]
     out_dtype = _acc_torch(constexprs["ACC"])
-    config = logits_config(n_rows, student.shape[-1], targets.of_device(student.device), out_dtype, canon.transform)
+    config = logits_config(n_rows, student.shape[-1], targets.of_device(student.device), out_dtype, canon.transform,
+                           forward=True)
     grid = (_cdiv(n_rows, config["BLOCK_R"]),)
     if shards is not None:
         def launch_pass(second, partial, stats):

@@ -160,7 +160,7 @@ class SlicedProblem:
                 s, t, local, args, constexprs, two_pass = _launch._logits_args(
                     s, t, labels, self.canon, self.inv_temp, self.soft, self.hard, VocabSlice(start, end))
                 config = _launch.logits_config(n_rows, end - start, _launch.targets.of_device(self.device),
-                                               self.acc_dtype, self.canon.transform)
+                                               self.acc_dtype, self.canon.transform, forward=True)
                 launch(logits_kernels.kd_logits_forward_kernel, (_cdiv(n_rows, config["BLOCK_R"]),), s, t,
                        stats if local is None else local, stats, stats, part, n_rows, *args, TWO_PASS=two_pass,
                        STAGE=stage, **constexprs, **config)

@@ -30,13 +30,14 @@ def hard_label_update(HARD: tl.constexpr, s, cols, labels, m_c, u_c, s_lab):
 
 
 @triton.jit
-def hard_label_update_lanes(HARD: tl.constexpr, s, cols, labels, m_c, u_c, c_c, s_lab):
-    """`hard_label_update` with its sums in lanes [rows, block] (`divergences.py`, "Lanes"): the excess of lse(s)
-    as (u_c, c_c), s_label as the lane that holds the label."""
+def hard_label_update_lanes(HARD: tl.constexpr, s, v0, cols, labels, m_c, u_c, n_c, s_lab):
+    """`hard_label_update` with the excess of lse(s) in lanes (u_c [rows, block], n_c [rows]: `divergences.py`,
+    "Lanes"); s_label gathered only in the tile that holds a row's label (columns cols = v0, v0 + 1, …)."""
     if HARD:
-        m_c, u_c, c_c = online_lse_update_lanes(m_c, u_c, c_c, s)
-        s_lab += tl.where(is_label(cols, labels), s, 0.0)
-    return m_c, u_c, c_c, s_lab
+        m_c, u_c, n_c = online_lse_update_lanes(m_c, u_c, n_c, s)
+        if tl.max(flag((labels >= v0) & (labels < v0 + s.shape[1])), axis=0) > 0:
+            s_lab += tl.sum(tl.where(is_label(cols, labels), s, 0.0), axis=1)
+    return m_c, u_c, n_c, s_lab
 
 
 @triton.jit

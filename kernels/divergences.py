@@ -59,13 +59,17 @@ NEG_INF = tl.constexpr(float("-inf"))
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 
+# Subnormal float32 results (below 1.2e-38) cost the GPU's exponential (`tl.exp`: ex2.approx) three more
+# instructions (a range test, a scaling before the MUFU and one after). Where no result can depend on them,
+# `exp_flushed` leaves them out (`ex2.approx.ftz`, the same approximation with subnormal results read as 0);
+# float64 and the interpreter take `tl.exp`.
+
+
 @triton.jit
 def exp_flushed(x):
-    """e^x, with results below float32's smallest normal number (x < −87.3) flushed to 0: one MUFU.EX2 on a GPU
-    (`ex2.approx.ftz`), where `tl.exp` adds three instructions to keep subnormal results. For the terms of
-    the forward's sums, where it changes nothing: every such sum has a term of at least 1 (or is a difference
-    of such terms), against which a term below 1.2e-38 is 31 orders of magnitude below float32's resolution.
-    Float64 and the interpreter: `tl.exp`."""
+    """e^x, with results below float32's smallest normal number (x < −87.3) flushed to 0. For terms that are
+    summed with, or added to, a term of at least 1 (a sum's term at its max, the 1 of log(1 + e) or of
+    e^z − 1): 1.2e-38 is 31 orders of magnitude below its resolution there, so nothing changes."""
     if x.dtype == tl.float32 and not INTERPRETED:  # static
         result = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * 1.4426950408889634],
                                            dtype=tl.float32, is_pure=True, pack=1)
@@ -82,12 +86,15 @@ def finite_or_zero(m):
 
 @triton.jit
 def log_mix(lp, lq, w):
-    """log(w·p + (1 − w)·q) from log-probabilities, as a log-add-exp (w = 0 or p = q = 0 are fine)."""
+    """log(w·p + (1 − w)·q) from log-probabilities, as a log-add-exp: with u = log(w·p), v = log((1 − w)·q),
+    max(u, v) + log(1 + e^−|u − v|) (the larger term's exponential is exactly 1: one exponential; w = 0 or
+    p = q = 0 are fine)."""
     w = tl.cast(w, lp.dtype)
     u = lp + tl.log(w)
     v = lq + tl.log(1.0 - w)
-    m = finite_or_zero(tl.maximum(u, v))
-    return m + tl.log(tl.exp(u - m) + tl.exp(v - m))
+    larger = tl.maximum(u, v)
+    mix = larger + tl.log(1.0 + exp_flushed(tl.minimum(u, v) - larger))
+    return tl.where(larger == NEG_INF, NEG_INF, mix)
 
 
 @triton.jit
@@ -127,9 +134,15 @@ def log1p(u):
     """
     result = tl.log(1.0 + u)
     if u.dtype != tl.float64:  # static: one branch is compiled
-        z = u / (2.0 + u)
-        result = tl.where((u >= -0.5) & (u <= 1.0), 2.0 * z * (1.0 + z * z * atanh_tail(z)), result)
+        result = tl.where((u >= -0.5) & (u <= 1.0), log1p_series(u), result)
     return result
+
+
+@triton.jit
+def log1p_series(u):
+    """log(1 + u) = 2·atanh(z) = 2z(1 + z²·`atanh_tail`(z)), z = u / (2 + u): float32's `log1p` for −½ ≤ u ≤ 1."""
+    z = u / (2.0 + u)
+    return 2.0 * z * (1.0 + z * z * atanh_tail(z))
 
 
 @triton.jit
@@ -198,20 +211,36 @@ def exp_tail(z, K: tl.constexpr):
 @triton.jit
 def expm1(z):
     """e^z − 1 to the precision of the result."""
-    return tl.where(tl.abs(z) <= series_bound(z), exp_tail(z, 1), tl.exp(z) - 1.0)
+    return tl.where(tl.abs(z) <= series_bound(z), exp_tail(z, 1), exp_flushed(z) - 1.0)
 
 
 @triton.jit
 def log1p_excess(s):
     """ψ(s) = s − log1p(s) ≥ 0 (s > −1), to the precision of the result. For small s, from the series of
     `log1p` in z = s / (2 + s): s − 2z = s·z exactly, so ψ(s) = s·z − 2z³(1/3 + z²/5 + … + z^12/15)."""
-    z = s / (2.0 + s)
-    series = s * z - 2.0 * z * z * z * atanh_tail(z)
     # float64: the series is exact to its precision for |s| ≤ 1/100 only (z^16 / 17 left out)
     bound = 0.5
     if s.dtype == tl.float64:  # static
         bound = 0.01
-    return tl.where(tl.abs(s) <= bound, series, s - log1p(s))
+    return tl.where(tl.abs(s) <= bound, log1p_excess_series(s), s - log1p(s))
+
+
+@triton.jit
+def log1p_excess_series(s):
+    """ψ(s) by its series in z = s / (2 + s): float32's `log1p_excess` for |s| ≤ ½."""
+    z = s / (2.0 + s)
+    return s * z - 2.0 * z * z * z * atanh_tail(z)
+
+
+@triton.jit
+def log1p_and_excess_small(w):
+    """(log1p(w), ψ(w)) where |w| ≤ ½ (elsewhere anything): in float32 the series alone, which is what `log1p`
+    and `log1p_excess` take there — no logarithm."""
+    if w.dtype == tl.float64:  # static
+        result = log1p(w), log1p_excess(w)
+    else:
+        result = log1p_series(w), log1p_excess_series(w)
+    return result
 
 
 @triton.jit
@@ -288,9 +317,10 @@ def online_lse_update(m, u, v):
 # (`lanes_excess`, `first_pass_lanes_sum`): a tile then costs elementwise adds instead of one block-wide
 # reduction (shuffles and two barriers) per sum. The running maxima stay per row, so every lane's sum is
 # relative to the same reference; when a maximum grows the lanes are re-expressed (`any_row`: rarely, after
-# a row's first tiles). An excess is kept in lanes as small terms u plus exact counts c of the terms at the
-# max: the row's excess is Σ u + (Σ c − 1), so no term is ever rounded against a count. Only a tile that holds
-# its row's max has terms to count (`lanes_add`); the others add their terms as they are.
+# a row's first tiles). An excess is kept as small terms u in lanes plus the exact count n [rows] of the terms
+# at the max: the row's excess is (n − 1) + Σ u, so no term is ever rounded against a count. Only a tile that
+# holds its row's max has terms to count (`lanes_add`, with a block-wide sum); the others add their terms as
+# they are. (Counts per lane would cost a thread registers that occupancy needs: bench.loops, bench.compile.)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -301,38 +331,40 @@ def any_row(x_rows, y_rows):
 
 
 @triton.jit
-def lanes_rescale(u, c, grew, factor):
-    """Lanes of an excess (small terms u, counts c) [rows, block] re-expressed at a max that grew (rows `grew`):
-    every old term, counted ones included, becomes a small term scaled by `factor` [rows]."""
-    grew = grew[:, None]
-    return tl.where(grew, (u + c) * factor[:, None], u), tl.where(grew, 0.0, c)
+def lanes_rescale(u, n, grew, factor):
+    """An excess in lanes (small terms u [rows, block], count n [rows] of the terms at the max) re-expressed at a
+    max that grew (rows `grew`): every old term, the counted ones too (into the first lane), becomes a small
+    term scaled by `factor` [rows]."""
+    first_lane = (tl.arange(0, u.shape[1]) == 0)[None, :]
+    held = u + tl.where(first_lane, n[:, None], 0.0)
+    return tl.where(grew[:, None], held * factor[:, None], u), tl.where(grew, 0.0, n)
 
 
 @triton.jit
-def lanes_add(u, c, e, at_max):
-    """A tile's terms e into the lanes of an excess: counted where they sit at the max (exactly 1 there)."""
-    return u + tl.where(at_max, 0.0, e), c + flag(at_max)
+def lanes_add(u, n, e, at_max):
+    """A tile's terms e into an excess in lanes: counted in n where they sit at the max (exactly 1 there)."""
+    return u + tl.where(at_max, 0.0, e), n + tl.sum(flag(at_max), axis=1)
 
 
 @triton.jit
-def lanes_excess(u, c):
-    """The excess [rows] of a row's lanes: (Σ c − 1) + Σ u."""
-    return (tl.sum(c, axis=1) - 1.0) + tl.sum(u, axis=1)
+def lanes_excess(u, n):
+    """The excess [rows] of a row's lanes: (n − 1) + Σ u."""
+    return (n - 1.0) + tl.sum(u, axis=1)
 
 
 @triton.jit
-def online_lse_update_lanes(m, u, c, v):
-    """`online_lse_update` with the excess in lanes (u, c) [rows, block]."""
+def online_lse_update_lanes(m, u, n, v):
+    """`online_lse_update` with the excess in lanes (u [rows, block], n [rows])."""
     m_new, ref, grew, holds = online_max(m, v)
     if any_row(grew, grew):
-        u, c = lanes_rescale(u, c, grew, tl.exp(m - ref))
+        u, n = lanes_rescale(u, n, grew, tl.exp(m - ref))
     d = v - ref[:, None]
-    e = tl.exp(d)
+    e = exp_flushed(d)
     if any_row(holds, holds):
-        u, c = lanes_add(u, c, e, d == 0.0)
+        u, n = lanes_add(u, n, e, d == 0.0)
     else:
         u += e
-    return m_new, u, c
+    return m_new, u, n
 
 
 @triton.jit
@@ -405,21 +437,22 @@ def first_pass_update(KIND: tl.constexpr, x, y, m_x, u_x, m_y, u_y, acc1, acc2, 
 
 
 @triton.jit
-def first_pass_update_lanes(KIND: tl.constexpr, x, y, m_x, u_x, c_x, m_y, u_y, c_y, acc1, acc2, acc3, c1, c2):
-    """`first_pass_update` with the sums in lanes [rows, block] (the excesses as (u, c) pairs; ALPHA_BETA's
-    acc2, acc3 share the counts c_x, c_y of the terms at the maxima); the maxima stay per row."""
+def first_pass_update_lanes(KIND: tl.constexpr, x, y, m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, c1, c2):
+    """`first_pass_update` with the sums in lanes [rows, block] (the excesses as lanes u and counts n [rows];
+    ALPHA_BETA's acc2, acc3 share the counts n_x, n_y of the terms at the maxima); the maxima stay per row."""
     m_x_new, m_y_new, grew_x, grew_y, holds_x, holds_y, dx, dy, shift_x, shift_y = centred_tiles(x, y, m_x, m_y)
     if any_row(grew_x, grew_y):
         # the sums are linear in their old terms: each lane is re-expressed as the whole row's sums are
         if KIND == ALPHA_BETA:
             acc1 = acc1 * tl.exp(c1 * shift_x + c2 * shift_y)[:, None]
-            acc2, _ = lanes_rescale(acc2, c_x, grew_x, tl.exp((c1 + c2) * shift_x))
-            acc3, _ = lanes_rescale(acc3, c_y, grew_y, tl.exp((c1 + c2) * shift_y))
+            acc2, _ = lanes_rescale(acc2, n_x, grew_x, tl.exp((c1 + c2) * shift_x))
+            acc3, _ = lanes_rescale(acc3, n_y, grew_y, tl.exp((c1 + c2) * shift_y))
         else:
-            acc1, acc2, acc3 = centred_sums_at(KIND, acc1, acc2, acc3, u_x + c_x, shift_x[:, None],
-                                               shift_y[:, None])
-        u_x, c_x = lanes_rescale(u_x, c_x, grew_x, tl.exp(shift_x))
-        u_y, c_y = lanes_rescale(u_y, c_y, grew_y, tl.exp(shift_y))
+            # each lane's Σ e^dx: its small terms, and the counted ones in the first lane
+            s_x = u_x + tl.where((tl.arange(0, u_x.shape[1]) == 0)[None, :], n_x[:, None], 0.0)
+            acc1, acc2, acc3 = centred_sums_at(KIND, acc1, acc2, acc3, s_x, shift_x[:, None], shift_y[:, None])
+        u_x, n_x = lanes_rescale(u_x, n_x, grew_x, tl.exp(shift_x))
+        u_y, n_y = lanes_rescale(u_y, n_y, grew_y, tl.exp(shift_y))
     e_x, e_y, a1, a2, a3 = first_pass_addends(KIND, dx, dy, c1, c2)
     if KIND == ALPHA_BETA:
         acc1 += a1
@@ -432,8 +465,8 @@ def first_pass_update_lanes(KIND: tl.constexpr, x, y, m_x, u_x, c_x, m_y, u_y, c
         # the terms at a max (exactly 1) are counted apart, in the excesses (ALPHA_BETA's power sums too)
         at_x = dx == 0.0
         at_y = dy == 0.0
-        u_x, c_x = lanes_add(u_x, c_x, e_x, at_x)
-        u_y, c_y = lanes_add(u_y, c_y, e_y, at_y)
+        u_x, n_x = lanes_add(u_x, n_x, e_x, at_x)
+        u_y, n_y = lanes_add(u_y, n_y, e_y, at_y)
         if KIND == ALPHA_BETA:
             acc2 += tl.where(at_x, 0.0, a2)
             acc3 += tl.where(at_y, 0.0, a3)
@@ -443,19 +476,19 @@ def first_pass_update_lanes(KIND: tl.constexpr, x, y, m_x, u_x, c_x, m_y, u_y, c
         if KIND == ALPHA_BETA:
             acc2 += a2
             acc3 += a3
-    return m_x_new, u_x, c_x, m_y_new, u_y, c_y, acc1, acc2, acc3
+    return m_x_new, u_x, n_x, m_y_new, u_y, n_y, acc1, acc2, acc3
 
 
 @triton.jit
-def first_pass_lanes_sum(KIND: tl.constexpr, u_x, c_x, u_y, c_y, acc1, acc2, acc3):
+def first_pass_lanes_sum(KIND: tl.constexpr, u_x, n_x, u_y, n_y, acc1, acc2, acc3):
     """(u_x, u_y, acc1, acc2, acc3) [rows] of `first_pass_update`'s state from its lanes."""
-    acc1 = tl.sum(acc1, axis=1)
-    acc2 = tl.sum(acc2, axis=1)
-    acc3 = tl.sum(acc3, axis=1)
-    if KIND == ALPHA_BETA:
-        acc2 = (tl.sum(c_x, axis=1) - 1.0) + acc2
-        acc3 = (tl.sum(c_y, axis=1) - 1.0) + acc3
-    return lanes_excess(u_x, c_x), lanes_excess(u_y, c_y), acc1, acc2, acc3
+    if KIND == ALPHA_BETA:  # acc2, acc3 are excesses too, with the counts of u_x, u_y
+        acc2 = lanes_excess(acc2, n_x)
+        acc3 = lanes_excess(acc3, n_y)
+    else:
+        acc2 = tl.sum(acc2, axis=1)
+        acc3 = tl.sum(acc3, axis=1)
+    return lanes_excess(u_x, n_x), lanes_excess(u_y, n_y), tl.sum(acc1, axis=1), acc2, acc3
 
 
 @triton.jit
@@ -562,9 +595,10 @@ def kl_to_mix(p, q, lp, lm, lq_minus_lp, w_q):
     element by element between KL(P ‖ M) and KL(Q ‖ M), and only there are these terms taken."""
     w = w_q * expm1(lq_minus_lp)
     small = tl.abs(w) <= 0.5
-    lpm = tl.where(small, -log1p(w), lp - lm)
+    log1p_w, psi_w = log1p_and_excess_small(w)
+    lpm = tl.where(small, -log1p_w, lp - lm)
     lpm = tl.where(p > 0, lpm, 0.0)
-    psi = tl.where(small, p * log1p_excess(w), p * (lp - lm) + w_q * exp_diff(q, p, lq_minus_lp))
+    psi = tl.where(small, p * psi_w, p * (lp - lm) + w_q * exp_diff(q, p, lq_minus_lp))
     return lpm, p * lpm, tl.where(p > 0, psi, w_q * q)
 
 
@@ -576,9 +610,10 @@ def kl_to_mix(p, q, lp, lm, lq_minus_lp, w_q):
 
 @triton.jit
 def second_pass_terms(KIND: tl.constexpr, lp, lq, lpq, c1, c2):
-    """Elementwise terms of the second-pass sums from log-probabilities lp, lq and lpq = lp − lq (`log_probs`)."""
-    p = tl.exp(lp)
-    q = tl.exp(lq)
+    """Elementwise terms of the second-pass sums from log-probabilities lp, lq and lpq = lp − lq (`log_probs`): each
+    a probability's multiple, summed over the row (its subnormal probabilities: `exp_flushed`)."""
+    p = exp_flushed(lp)
+    q = exp_flushed(lq)
     t1 = tl.zeros_like(lp)
     t2 = tl.zeros_like(lp)
     t3 = tl.zeros_like(lp)
@@ -599,6 +634,17 @@ def second_pass_terms(KIND: tl.constexpr, lp, lq, lpq, c1, c2):
         t2 = q * (0.5 - 0.5 * s)
         t3 = p * (0.5 + 0.5 * s)
     return t1, t2, t3
+
+
+@triton.jit
+def second_pass_add(KIND: tl.constexpr, y1, y2, y3, t1, t2, t3):
+    """y += t for the sums of `second_pass_terms` that the kind has (JSD's third term is 0: not summed, so a
+    kernel that keeps the sums in lanes keeps two)."""
+    y1 += t1
+    y2 += t2
+    if KIND != JSD:
+        y3 += t3
+    return y1, y2, y3
 
 
 @triton.jit

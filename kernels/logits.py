@@ -13,7 +13,7 @@ so two leading dimensions with arbitrary strides (e.g. `logits[:, :-1]`) need no
 import triton
 import triton.language as tl
 
-from .divergences import INTERPRETED, NEG_INF
+from .divergences import INTERPRETED, NEG_INF, second_pass_add
 from .partials import NUM_PARTIAL, store_partial, store_second_partial
 from .passes import (
     NUM_STATS,  # noqa: F401  (re-exported for the launchers)
@@ -76,17 +76,17 @@ def kd_logits_forward_kernel(
     if STAGE == SECOND_PARTIAL:
         m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
     else:
-        m_x, u_x, c_x, m_y, u_y, c_y, acc1, acc2, acc3, m_c, u_c, c_c, s_lab = first_pass_lanes_init(BLOCK_R, BLOCK_V,
+        m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, m_c, u_c, n_c, s_lab = first_pass_lanes_init(BLOCK_R, BLOCK_V,
                                                                                                    ACC)
         for v0 in range(0, V, BLOCK_V):
             col_ok = v0 + cols < V
             s = load_tile(s_ptr + v0, s_off, cols, col_ok, ACC)
             t = load_tile(t_ptr + v0, t_off, cols, col_ok, ACC)
-            m_x, u_x, c_x, m_y, u_y, c_y, acc1, acc2, acc3, m_c, u_c, c_c, s_lab = first_pass_lanes_tile(
-                KIND, HARD, STUDENT_IS_P, TRANSFORM, s, t, v0 + cols, labels, inv_temp, cap_s, cap_t, share, m_x, u_x,
-                c_x, m_y, u_y, c_y, acc1, acc2, acc3, m_c, u_c, c_c, s_lab, c1, c2)
+            m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, m_c, u_c, n_c, s_lab = first_pass_lanes_tile(
+                KIND, HARD, STUDENT_IS_P, TRANSFORM, s, t, v0, v0 + cols, labels, inv_temp, cap_s, cap_t, share, m_x,
+                u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, m_c, u_c, n_c, s_lab, c1, c2)
         m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab = first_pass_lanes_state(
-            KIND, m_x, u_x, c_x, m_y, u_y, c_y, acc1, acc2, acc3, m_c, u_c, c_c, s_lab)
+            KIND, m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, m_c, u_c, n_c, s_lab)
         if STAGE == FIRST_PARTIAL:
             store_partial(part, row_ok, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab)
         else:
@@ -103,9 +103,7 @@ def kd_logits_forward_kernel(
             t = load_tile(t_ptr + v0, t_off, cols, col_ok, ACC)
             t1, t2, t3 = second_pass_tile(KIND, STUDENT_IS_P, TRANSFORM, s, t, inv_temp, cap_s, cap_t, share, m_x,
                                           ls_x, m_y, ls_y, r, c1, c2)
-            y1 += t1
-            y2 += t2
-            y3 += t3
+            y1, y2, y3 = second_pass_add(KIND, y1, y2, y3, t1, t2, t3)
         y1 = tl.sum(y1, axis=1)
         y2 = tl.sum(y2, axis=1)
         y3 = tl.sum(y3, axis=1)

@@ -91,31 +91,33 @@ def first_pass_tile(KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.con
 @triton.jit
 def first_pass_lanes_init(BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
     """The empty first-pass state of BLOCK_R rows with its sums in BLOCK_V lanes (`divergences.py`, "Lanes"):
-    m_x, (u_x, c_x), m_y, (u_y, c_y), acc1..3, m_c, (u_c, c_c), s_lab — the maxima per row at −inf, the lanes 0."""
+    m_x, (u_x, n_x), m_y, (u_y, n_y), acc1..3, m_c, (u_c, n_c), s_lab — the maxima per row at −inf, the lanes
+    u and acc 0, the counts n and s_lab per row, 0."""
     neg = tl.full([BLOCK_R], NEG_INF, ACC)
-    zero = tl.zeros([BLOCK_R, BLOCK_V], ACC)
-    return neg, zero, zero, neg, zero, zero, zero, zero, zero, neg, zero, zero, zero
+    rows = tl.zeros([BLOCK_R], ACC)
+    lanes = tl.zeros([BLOCK_R, BLOCK_V], ACC)
+    return neg, lanes, rows, neg, lanes, rows, lanes, lanes, lanes, neg, lanes, rows, rows
 
 
 @triton.jit
 def first_pass_lanes_tile(KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr,
-                          TRANSFORM: tl.constexpr, s, t, cols, labels, inv_temp, cap_s, cap_t, share, m_x, u_x, c_x,
-                          m_y, u_y, c_y, acc1, acc2, acc3, m_c, u_c, c_c, s_lab, c1, c2):
-    """`first_pass_tile` into the state of `first_pass_lanes_init`."""
+                          TRANSFORM: tl.constexpr, s, t, v0, cols, labels, inv_temp, cap_s, cap_t, share, m_x, u_x, n_x,
+                          m_y, u_y, n_y, acc1, acc2, acc3, m_c, u_c, n_c, s_lab, c1, c2):
+    """`first_pass_tile` into the state of `first_pass_lanes_init` (the tile's columns cols = v0, v0 + 1, …)."""
     s, _, t = transformed_tiles(TRANSFORM, s, t, cap_s, cap_t, share)
     x, y = scaled_pq(STUDENT_IS_P, s, t, inv_temp)
-    m_x, u_x, c_x, m_y, u_y, c_y, acc1, acc2, acc3 = first_pass_update_lanes(
-        KIND, x, y, m_x, u_x, c_x, m_y, u_y, c_y, acc1, acc2, acc3, c1, c2)
-    m_c, u_c, c_c, s_lab = hard_label_update_lanes(HARD, s, cols, labels, m_c, u_c, c_c, s_lab)
-    return m_x, u_x, c_x, m_y, u_y, c_y, acc1, acc2, acc3, m_c, u_c, c_c, s_lab
+    m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3 = first_pass_update_lanes(
+        KIND, x, y, m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, c1, c2)
+    m_c, u_c, n_c, s_lab = hard_label_update_lanes(HARD, s, v0, cols, labels, m_c, u_c, n_c, s_lab)
+    return m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, m_c, u_c, n_c, s_lab
 
 
 @triton.jit
-def first_pass_lanes_state(KIND: tl.constexpr, m_x, u_x, c_x, m_y, u_y, c_y, acc1, acc2, acc3, m_c, u_c, c_c, s_lab):
+def first_pass_lanes_state(KIND: tl.constexpr, m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, m_c, u_c, n_c, s_lab):
     """The first-pass state per row (as `first_pass_tile` keeps it: m_x, u_x, m_y, u_y, acc1..3, m_c, u_c,
     s_lab) of a state in lanes: its sums over the lanes."""
-    u_x, u_y, acc1, acc2, acc3 = first_pass_lanes_sum(KIND, u_x, c_x, u_y, c_y, acc1, acc2, acc3)
-    return m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, lanes_excess(u_c, c_c), tl.sum(s_lab, axis=1)
+    u_x, u_y, acc1, acc2, acc3 = first_pass_lanes_sum(KIND, u_x, n_x, u_y, n_y, acc1, acc2, acc3)
+    return m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, lanes_excess(u_c, n_c), s_lab
 
 
 @triton.jit

@@ -131,8 +131,14 @@ def test_log_sums_kept_in_lanes(divergence, monkeypatch):
     teacher[0, 990] = 31.0  # the last, partial tile
     student[1, [64 * k for k in range(15)]] = torch.arange(15.0) + 10.0  # the max grows in every tile
     student, teacher = student.to(DEVICE), teacher.to(DEVICE)
-    labels = torch.arange(6, device=DEVICE) * 7
+    labels = torch.tensor([0, 999, 640, 65, 7, 300], device=DEVICE)  # in the first, last and middle tiles
     assert_sums_exact(_stats("logits", student, teacher, labels, divergence, hard=0.5), student, teacher, divergence)
+    # the hard-label term: its label's logit is gathered in the one tile that holds it
+    canon = as_divergence(divergence).canonical()
+    with_ce = _launch.logits_forward(student, teacher, labels, canon, 1.0 / TEMPERATURE, 1.0, 0.5)[0]
+    without = _launch.logits_forward(student, teacher, labels, canon, 1.0 / TEMPERATURE, 1.0, 0.0)[0]
+    ce = torch.nn.functional.cross_entropy(student.double().cpu(), labels.cpu(), reduction="none")
+    torch.testing.assert_close((with_ce - without).double().cpu() / 0.5, ce, rtol=1e-5, atol=1e-5)
 
 
 SHARDS = [(2000, 4099), (0, 1500), (1500, 2000)]  # rank → [start, stop), not in vocabulary order
