@@ -1,6 +1,6 @@
 """Instructions per element of the kernels on logits' vocabulary loops, read from their SASS (no GPU needed).
 
-    python -m bench.loops [--divergence D ...] [--hard] [--check]
+    python -m bench.loops [--divergence D ...] [--check]
 
 The kernels on logits are compute-bound on an H100/H200 (bench/model.py, LOGITS_KERNEL_FLOPS): their time
 follows the instructions each thread issues per element of its tile. This compiles the kernels that
@@ -70,11 +70,11 @@ HEADLINE_ROWS, HEADLINE_VOCAB = 8192, 128256
 def headline_config() -> dict:
     from kdops import _launch, targets
 
-    config = _launch.logits_config(HEADLINE_ROWS, HEADLINE_VOCAB, targets.H100)
-    return {key: config[key] for key in ("BLOCK_R", "BLOCK_V", "num_warps")}
+    return {key: value for key, value in _launch.logits_config(HEADLINE_ROWS, HEADLINE_VOCAB, targets.H100).items()
+            if key in ("BLOCK_R", "BLOCK_V", "num_warps")}
 
 
-def count(divergence: str, hard: bool = False) -> dict[str, list[tuple[float, collections.Counter]]]:
+def count(divergence: str) -> dict[str, list[tuple[float, collections.Counter]]]:
     """Per kernel on logits of the chunked bf16 call: (instructions per element, opcode counts) of each loop."""
     config = headline_config()
     per_thread = config["BLOCK_R"] * config["BLOCK_V"] / (32 * config["num_warps"])
@@ -89,7 +89,7 @@ def count(divergence: str, hard: bool = False) -> dict[str, list[tuple[float, co
     for spec in specs:
         call = spec.call
         if not spec.name.startswith("kd_logits") or call.function != "chunked" or call.transform \
-                or call.vocab_parallel or call.hard != hard or spec.name in out:
+                or call.vocab_parallel or call.hard or spec.name in out:
             continue
         spec.kwargs.update(config)
         loops = hot_loops(gate.sass(gate.compile_spec(spec).asm["cubin"]))
@@ -124,7 +124,6 @@ def check(tolerance: float = 0.5) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.loops", description=__doc__.split("\n\n")[0])
     parser.add_argument("--divergence", nargs="+", choices=gate.DIVERGENCES, default=["forward_kl", "generalized_jsd"])
-    parser.add_argument("--hard", action="store_true", help="with the hard-label term")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 where the cost model's counts (bench.model.LOGITS_KERNEL_SASS) are not the code's")
     args = parser.parse_args(argv)
@@ -136,7 +135,7 @@ def main(argv=None) -> int:
         return 1 if stale else 0
     print(f"sm_90, bf16, {headline_config()}: instructions per element of each vocabulary loop")
     for divergence in args.divergence:
-        for kernel, loops in count(divergence, args.hard).items():
+        for kernel, loops in count(divergence).items():
             for i, (per_element, ops) in enumerate(loops):
                 shown = " ".join(f"{op} {ops[op] * per_element / sum(ops.values()):.1f}" for op in SHOWN)
                 print(f"{divergence:<16} {kernel:<26} loop {i + 1}: {per_element:6.1f}   ({shown})")
