@@ -335,9 +335,13 @@ def lanes_rescale(u, n, grew, factor):
     """An excess in lanes (small terms u [rows, block], count n [rows] of the terms at the max) re-expressed at a
     max that grew (rows `grew`): every old term, the counted ones too (into the first lane), becomes a small
     term scaled by `factor` [rows]."""
-    first_lane = (tl.arange(0, u.shape[1]) == 0)[None, :]
-    held = u + tl.where(first_lane, n[:, None], 0.0)
-    return tl.where(grew[:, None], held * factor[:, None], u), tl.where(grew, 0.0, n)
+    return tl.where(grew[:, None], lanes_plain(u, n) * factor[:, None], u), tl.where(grew, 0.0, n)
+
+
+@triton.jit
+def lanes_plain(u, n):
+    """Each lane's plain sum of an excess in lanes: its small terms, and the counted ones in the first lane."""
+    return u + tl.where((tl.arange(0, u.shape[1]) == 0)[None, :], n[:, None], 0.0)
 
 
 @triton.jit
@@ -448,9 +452,8 @@ def first_pass_update_lanes(KIND: tl.constexpr, x, y, m_x, u_x, n_x, m_y, u_y, n
             acc2, _ = lanes_rescale(acc2, n_x, grew_x, tl.exp((c1 + c2) * shift_x))
             acc3, _ = lanes_rescale(acc3, n_y, grew_y, tl.exp((c1 + c2) * shift_y))
         else:
-            # each lane's Σ e^dx: its small terms, and the counted ones in the first lane
-            s_x = u_x + tl.where((tl.arange(0, u_x.shape[1]) == 0)[None, :], n_x[:, None], 0.0)
-            acc1, acc2, acc3 = centred_sums_at(KIND, acc1, acc2, acc3, s_x, shift_x[:, None], shift_y[:, None])
+            acc1, acc2, acc3 = centred_sums_at(KIND, acc1, acc2, acc3, lanes_plain(u_x, n_x), shift_x[:, None],
+                                               shift_y[:, None])
         u_x, n_x = lanes_rescale(u_x, n_x, grew_x, tl.exp(shift_x))
         u_y, n_y = lanes_rescale(u_y, n_y, grew_y, tl.exp(shift_y))
     e_x, e_y, a1, a2, a3 = first_pass_addends(KIND, dx, dy, c1, c2)
