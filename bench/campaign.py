@@ -20,6 +20,9 @@ in the report and the campaign goes on):
                 `kdops._launch.logits_config`, timed forward + backward at a medium shape; the fastest is
                 recorded.
 
+Opt-in (`--steps tune_headline`): the fused tiles of `kdops._fused.fused_config` at the headline shape itself,
+for both divergences, kdops' choice against its neighbours.
+
 Time: the budget (--minutes) counts from the start of the command. Before each step, its estimate is
 compared with the time left less RESERVE_S (kept for the report): a step that does not fit is skipped, and
 the report says so. A step that runs is killed at the earlier of the budget's end and TIMEOUT_FACTOR × its
@@ -103,6 +106,17 @@ FUSED_TRIALS = (
     dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
     dict(BLOCK_N=64, BLOCK_V=256, BLOCK_H=64, num_warps=8, num_stages=2),
     dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=2),
+)
+# The fused tiles again at the headline shape (`--steps tune_headline`, not a default step): both divergences,
+# kdops' own choice (128 × 64 for forward KL on Hopper, 64 × 64 for generalized JSD) against its neighbours —
+# 128 × 128 ran fastest on the H100 (bench/results/nvidia-h100-campaign/tune-headline) but spills.
+TUNE_HEADLINE_TRIAL_S = 10.0
+HEADLINE_FUSED_TRIALS = (
+    {},
+    dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=4),
+    dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
 )
 LOGITS_TRIALS = (
     {},
@@ -889,6 +903,20 @@ def _tune(ctx: Context) -> None:
              "logit chunks).")
 
 
+def _tune_headline(ctx: Context) -> None:
+    import kdops
+    import kdops._fused
+    from bench.cases import FUSED, Case
+
+    for divergence in DIVERGENCES:
+        case = Case(FUSED, divergence, HEADLINE_TOKENS, HEADLINE_VOCAB, HEADLINE_HIDDEN, HEADLINE_HIDDEN, "bfloat16")
+        tune(ctx, "fused", kdops._fused, "fused_config", patched_fused_config, HEADLINE_FUSED_TRIALS, case,
+             lambda *a, divergence=divergence: kdops.fused_linear_kd_loss(*a, divergence=divergence, impl="fused",
+                                                                          backend="triton"),
+             TUNE_HEADLINE_TRIAL_S, reps=3)
+        ctx.flush()
+
+
 # --- a probe, for the tests of the process machinery ---------------------------------------------------------
 
 def _probe(ctx: Context) -> None:
@@ -938,6 +966,12 @@ STEPS = {step.name: step for step in (
           f"{TUNE_LOGITS_SHAPE[1]}, " + ", ".join(f"{d} {t}" for d, t in TUNE_LOGITS_CASES)
           + f"; forward + backward, {TUNE_REPS} reps; the fastest recorded"),
          _tune),
+    Step("tune_headline", "the fused tiles at the headline shape, both divergences (not a default step)",
+         2 * len(HEADLINE_FUSED_TRIALS) * TUNE_HEADLINE_TRIAL_S,
+         (f"kdops._fused.fused_config: {len(HEADLINE_FUSED_TRIALS)} configurations (the default first) at fused "
+          f"{HEADLINE_TOKENS} × V {HEADLINE_VOCAB} × Hs {HEADLINE_HIDDEN} × Ht {HEADLINE_HIDDEN}, bf16, "
+          f"{' and '.join(DIVERGENCES)}; forward + backward, 3 reps",),
+         _tune_headline),
     Step("probe", "a probe of the step machinery (tests only)", 3.0, ("sleeps KDOPS_CAMPAIGN_PROBE_S seconds",),
          _probe),
 )}

@@ -43,6 +43,14 @@ _GPU_TILES = {
     4: dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=8, num_stages=3, maxnreg=255),
     8: dict(BLOCK_N=32, BLOCK_V=32, BLOCK_H=16, num_warps=8, num_stages=3, maxnreg=255),
 }
+# Hopper (wgmma), the specializations that hold the least live state (`FusedProblem.wide_tiles`: a one-pass
+# kind without the hard-label term, the teacher's bias or a tile transform): 16-bit tiles of 128 rows, which
+# halve the re-reads of the weights. Measured on an H100 (bench/results/nvidia-h100-campaign/tune-headline,
+# fused forward KL at 8192 × 128256 × 4096, bf16): 135.7 ms forward + backward against 190.2 ms at 64 × 64.
+# 128 × 128 ran faster still (112.6 ms) but spills 40–216 B there, and 128 × 64 spills in the other
+# specializations (8–976 B: the hard label, the teacher's bias, softcaps, every two-pass kind), which keep 64 × 64
+# (`python -m bench.compile`).
+_HOPPER_WIDE_TILES = {2: dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3)}
 # The forward before Hopper (mma.sync, whose accumulator fragments take more registers than wgmma's): 16-bit
 # tiles half as wide, where the KL first pass with its centred sums spilled at 64 × 64 on sm_80; and up to 255
 # registers, where ptxas squeezed the JSD and skew second passes into 128 and spilled 8–16 B (sm_80).
@@ -57,18 +65,28 @@ _JSD_FORWARD_TILES = {8: dict(_GPU_TILES[8], BLOCK_V=16)}
 _TRANSFORM_PRE_HOPPER_BACKWARD_TILES = {2: dict(_GPU_TILES[2], BLOCK_N=32)}
 
 
+def wide_tiles(two_pass: bool, hard: float, teacher_bias: bool, transform: int) -> bool:
+    """Whether a specialization holds the least live state per element — a one-pass kind, no hard-label term,
+    no teacher bias, no tile transform — and so takes `_HOPPER_WIDE_TILES` on Hopper (`fused_config`)."""
+    return not two_pass and hard == 0 and not teacher_bias and not transform
+
+
 def fused_config(n_rows: int, vocab: int, gpu: targets.GPU | None, dtype: torch.dtype = torch.bfloat16,
-                 forward: bool = False, jsd: bool = False, transform: int = 0) -> dict:
+                 forward: bool = False, jsd: bool = False, transform: int = 0, wide: bool = False) -> dict:
     """Tile sizes and the number of vocabulary splits of the forward for `gpu` (None: the interpreter), whose
     widest matmul operands have `dtype`; the backward takes the same tiles unless `forward`; `jsd`: the
-    generalized-JSD kernels; `transform`: the tile transforms (`Canonical.transform`). On GPU: `_GPU_TILES`
-    (`_PRE_HOPPER_FORWARD_TILES` first for the forward below sm_90, `_TRANSFORM_PRE_HOPPER_BACKWARD_TILES` for a
-    transformed backward there, `_JSD_FORWARD_TILES` for JSD's forward), and vocabulary splits enough to
+    generalized-JSD kernels; `transform`: the tile transforms (`Canonical.transform`); `wide`: a specialization
+    with the least live state (`FusedProblem.wide_tiles`). On GPU: `_GPU_TILES` (`_HOPPER_WIDE_TILES` first for
+    `wide` on sm_90 and later, `_PRE_HOPPER_FORWARD_TILES` for the forward below sm_90,
+    `_TRANSFORM_PRE_HOPPER_BACKWARD_TILES` for a transformed backward there, `_JSD_FORWARD_TILES` for JSD's
+    forward), and vocabulary splits enough to
     fill the device twice and to spread the programs in flight over FORWARD_ROW_BLOCKS_IN_FLIGHT row blocks.
     Under the interpreter: few large tiles, and several splits so that the merge is exercised."""
     if gpu is not None:
         size = min(torch.empty((), dtype=dtype).element_size(), 8)
         special = _PRE_HOPPER_FORWARD_TILES if forward and gpu.capability < (9, 0) else {}
+        if wide and gpu.capability >= (9, 0):
+            special = _HOPPER_WIDE_TILES
         if transform and not forward and gpu.capability < (9, 0):
             special = _TRANSFORM_PRE_HOPPER_BACKWARD_TILES
         if jsd and forward:
@@ -128,6 +146,7 @@ class FusedProblem:
         self.dot_dtype = torch.promote_types(*self.dot_dtypes)
         kind, self.two_pass = _launch.kind_of(canon)
         self.jsd = canon.kind.name == "JSD"  # its kernels take narrower tiles (`fused_config`)
+        self.wide_tiles = wide_tiles(self.two_pass, hard, bt is not None, canon.transform)
         self.device = hs.device
         self.shape_args = (self.hs.shape[-1], self.ht.shape[-1])
         self.layout_args = (*s_layout, *t_layout, self.ws.stride(0), self.wt.stride(0))
@@ -164,7 +183,7 @@ def fused_forward(problem: FusedProblem):
     linear = _linear()
     n = problem.n_rows
     config = fused_config(n, problem.vocab, problem.gpu, problem.dot_dtype, forward=True, jsd=problem.jsd,
-                          transform=problem.canon.transform)
+                          transform=problem.canon.transform, wide=problem.wide_tiles)
     split_size = config.pop("split_size")
     n_splits = _cdiv(problem.vocab, split_size)
     *inputs, labels = problem.pointers(problem.hs)
@@ -212,7 +231,8 @@ def fused_backward(problem: FusedProblem, stats, row_scale, needs):
     if n == 0 or not any(side.any for side in sides):
         return tuple(g for side in sides for g in side.results())
 
-    config = fused_config(n, vocab, problem.gpu, problem.dot_dtype, jsd=problem.jsd, transform=problem.canon.transform)
+    config = fused_config(n, vocab, problem.gpu, problem.dot_dtype, jsd=problem.jsd, transform=problem.canon.transform,
+                          wide=problem.wide_tiles)
     config.pop("split_size")
     block_n, block_v = config["BLOCK_N"], config["BLOCK_V"]
     width = slice_columns(n, vocab, block_v, sum(side.dot.itemsize for side in sides if side.any))

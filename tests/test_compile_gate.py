@@ -66,10 +66,19 @@ def test_recording_finds_every_kernel_with_the_gpu_configs():
         s = torch.randn(5, 1000, requires_grad=True)
         kdops.kd_loss(s, torch.randn(5, 1000), backend="triton").backward()
     assert KERNELS <= set(seen)
-    expected = _fused.fused_config(37, 1000, targets.H100, torch.bfloat16)
+    # Forward KL without a hard label, biases or softcaps: the wide Hopper tiles.
+    expected = _fused.fused_config(37, 1000, targets.H100, torch.bfloat16, wide=True)
+    assert expected["BLOCK_N"] == 128
     for key in ("BLOCK_N", "BLOCK_V", "BLOCK_H", "num_warps", "num_stages"):
         assert seen["fused_forward_kernel"][key] == expected[key]
     assert seen["kd_logits_forward_kernel"]["BLOCK_V"] == _launch.logits_config(5, 1000, targets.H100)["BLOCK_V"]
+    # A hard-label term (or a two-pass kind) holds more live state: the common tiles.
+    for options in (dict(hard_weight=0.5), dict(divergence="generalized_jsd")):
+        seen.clear()
+        with targets.assume("h100"), _launch.recording(recorder):
+            kdops.fused_linear_kd_loss(hs, ws, ht, wt, torch.randint(0, 1000, (37,)), impl="fused", backend="triton",
+                                       **options).backward()
+        assert seen["fused_forward_kernel"]["BLOCK_N"] == _fused.fused_config(37, 1000, targets.H100)["BLOCK_N"] == 64
 
 
 def test_configs_follow_the_named_gpu():
@@ -88,6 +97,17 @@ def test_configs_follow_the_named_gpu():
     assert _fused.fused_config(512, 128256, targets.A100, forward=True)["BLOCK_V"] == a100["BLOCK_V"] // 2
     assert _fused.fused_config(512, 128256, targets.H100, forward=True) == h100
     assert "num_warps" not in _fused.fused_config(512, 128256, None)
+    # The least live state (one pass, no hard label, teacher bias or transform): 128-row 16-bit tiles on Hopper
+    # only; the other specializations, float32 operands and the A100 keep theirs.
+    wide = _fused.fused_config(512, 128256, targets.H100, wide=True)
+    assert (wide["BLOCK_N"], wide["BLOCK_V"]) == (128, 64) and wide["split_size"] % 64 == 0
+    assert _fused.fused_config(512, 128256, targets.H100, forward=True, wide=True) == wide
+    assert _fused.fused_config(512, 128256, targets.A100, wide=True) == a100
+    assert _fused.fused_config(512, 128256, targets.H100, torch.float32, wide=True) == \
+        _fused.fused_config(512, 128256, targets.H100, torch.float32)
+    assert _fused.wide_tiles(False, 0.0, False, 0)
+    assert not any((_fused.wide_tiles(True, 0.0, False, 0), _fused.wide_tiles(False, 0.5, False, 0),
+                    _fused.wide_tiles(False, 0.0, True, 0), _fused.wide_tiles(False, 0.0, False, 1)))
     # Generalized JSD (the most live state): half the columns in its float64 forward; every other kernel of
     # it keeps the common tiles.
     jsd = dict(jsd=True)
