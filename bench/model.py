@@ -17,13 +17,16 @@ ones. Launch configurations come from the code itself — `kdops._fused.fused_co
 bytes_per_row`, `kdops._torch_backend.chunk_rows` — so the model follows the code when they change.
 
 Assumptions (see MODEL.md for the numbers they give):
-* No L2 reuse in the fused Triton kernels: every tile a program loads comes from HBM (an upper bound;
-  `total_l2_s` is the other extreme, where each operand is read from HBM once per launch and the float32
-  scratch stays in L2). cuBLAS matmuls read each operand once (their rate is cuBLAS's achievable one).
+* The fused Triton kernels as the H100 measured them (FUSED_L2_BYTES_PER_S, FUSED_FORWARD_TILE_S): their
+  matmuls, elementwise work, tile loads from L2 and the forward's per-tile reductions one after the other,
+  each operand read from HBM once per launch. (Until the H100 campaign the model took every tile load from
+  HBM, an upper bound 1.3–2.1 × the measured times.) Elsewhere `total_l2_s` is the variant where the float32
+  scratch stays in L2. cuBLAS matmuls read each operand once (their rate is cuBLAS's achievable one).
 * Elementwise work of kdops' Triton kernels: LOGITS_KERNEL_FLOPS per (row, vocabulary) element of both
-  models' values, per forward pass and for the gradient, calibrated on the H200 campaign (two exponentials
-  on the SFU, the centred sums' series, the online max/sum updates), at the CUDA-core fp32 rate; PyTorch's
-  and the peers' elementwise kernels ELEMENTWISE_FLOPS per element and pass.
+  models' values, per forward pass and for the gradient, calibrated on the H100 campaign and scaled by the
+  kernels' SASS counts since (LOGITS_KERNEL_SASS), FUSED_TILE_FLOPS for the fused kernels (the H200's), at
+  the CUDA-core fp32 rate; PyTorch's and the peers' elementwise kernels ELEMENTWISE_FLOPS per element and
+  pass.
 * The torch paths (kd_loss backend="torch", fused_linear_kd_loss backend="torch", the references) are counted
   by running their code on the CPU at a small probe shape under a dispatch mode that records every aten
   operator: each reads its inputs once and writes its outputs once (no fusion), elementwise operators are
@@ -64,25 +67,38 @@ from .floor import floor_work
 #: Elementwise flops per (row, vocabulary) element per pass of a PyTorch-level kernel over both models'
 #: values (the compiled reference's and the peers' fused elementwise kernels): exponentials, online sums.
 ELEMENTWISE_FLOPS = 64
-#: The Triton kernels' flop-equivalents per (row, vocabulary) element of both models' values, per pass of the
-#: forward and for the gradient, calibrated on the first GPU campaign (NVIDIA H200,
-#: bench/results/nvidia-h200-after: each kernel's profiled time × the fp32 rate of kdops.targets ÷ the
-#: elements, at 8192 × 128256 in 2064-row chunks): forward KL 272 / 172, generalized JSD 305 per pass / 322.
-#: They are compute-bound there (the centred sums' series, two exponentials per element on the SFU); kinds
-#: not measured take the larger figures.
-LOGITS_KERNEL_FLOPS = {"kl": (272, 172), "jsd": (305, 322)}
-_UNMEASURED_KERNEL_FLOPS = (305, 322)
+#: The kernels on logits' flop-equivalents per (row, vocabulary) element of both models' values, per pass of the
+#: forward and for the gradient, calibrated on the first H100 campaign (bench/results/nvidia-h100-campaign, code
+#: fcf6a3d: each kernel's profiled time × the H100's fp32 rate (kdops.targets) ÷ the elements, in the chunked
+#: path's 2048-row float32 chunks at 8192 × 128256): forward KL 3.87 ms per pass and 4.81 ms for its gradient,
+#: generalized JSD 5.10 ms per pass and 4.18 ms. Effective figures: these kernels move both float32 logits at
+#: about 2.2 TB/s there (72 % of the HBM rate the model assumes), neither at the HBM rate nor at their SASS
+#: counts' compute bound; on bf16 logits (kd_loss) they take less (the campaign's tune: 1.81 + 1.12 ms for
+#: forward KL at 4096 × 128256, 185 / 114 by the same sum). Kinds not measured take the larger figures.
+LOGITS_KERNEL_FLOPS = {"kl": (197, 245), "jsd": (260, 213)}
+#: The fused kernels' elementwise work per element (their tiles reduce per tile, row by row), calibrated on the
+#: H200 campaign (bench/results/nvidia-h200-after, 64 × 64 tiles): forward KL 272 / 172, generalized JSD 305 per
+#: pass / 322.
+FUSED_TILE_FLOPS = {"kl": (272, 172), "jsd": (305, 322)}
+#: The fused kernels as the H100 ran them (bench/results/nvidia-h100-campaign: the profile at 64 × 64 tiles and
+#: tune-headline at 128 × 64 and 128 × 128, forward KL and generalized JSD at 8192 × 128256 × 4096, bf16): their
+#: matmuls (at the cuBLAS rate), elementwise work (FUSED_TILE_FLOPS), tile loads and the forward's per-tile
+#: reductions take turns rather than overlap. The tile loads come from L2 at an effective 16 TB/s (the gradient
+#: kernels: 15.1, 16.6, 16.8 TB/s at the three tilings); the forward's per-tile reductions cost, over the whole GPU,
+#: 0.226 µs a tile of 64 rows (forward KL 57.9 ms, generalized JSD 58.6 ms per pass beyond the rest at 64 × 64)
+#: and about 0.09 µs one of 128 (0.095 at 128 × 64, 0.086 at 128 × 128). Other GPUs: scaled by their tensor-core
+#: rate against the H100's.
+FUSED_L2_BYTES_PER_S = 16e12
+FUSED_FORWARD_TILE_S = {64: 0.226e-6, 128: 0.09e-6}
+H100_MATMUL_RATE = targets.H100.matmul_flops_16bit
 #: The kernels on logits' SASS instructions per element of their vocabulary loops (`python -m bench.loops`: sm_90,
 #: bf16, the headline's launch configuration and alignment; a kind's forward passes summed, then its gradient):
-#: for the code the campaign measured (93.8 for forward KL's pass: the 94 FLOPS_PER_INSTRUCTION is based on) and
-#: for the code now — the first pass's sums kept in lanes (one block-wide reduction per tile per running max
-#: instead of one per sum; the counts of the terms at a max only in the tiles that hold one: kernels/divergences.py,
-#: "Lanes"), exponentials without the subnormal fix-up where no result depends on it (`exp_flushed`), one
-#: exponential per log-mixture instead of two, no logarithm where only a series is taken (`log1p_and_excess_small`),
-#: the series by plain Horner steps.
-#: These kernels are compute-bound: the model scales the measured figures by now / then. Not measured on a GPU
-#: yet (fewer barriers may make the gain larger than the count's).
-LOGITS_KERNEL_SASS = {"kl": ((93.8, 46.2), (47.6, 39.1)), "jsd": ((255.4, 148.9), (181.4, 97.2))}
+#: for the code the campaign measured (LOGITS_KERNEL_FLOPS) and for the code now. The model scales the measured
+#: figures by now / then, so that a change to these kernels moves the prediction before a GPU measures it;
+#: `python -m bench.loops --check` (a test) fails where "now" is no longer the code's. History: the H200
+#: campaign measured 93.8 / 46.2 (KL) and 255.4 / 148.9 (JSD) instructions; the sums kept in lanes, flushed
+#: exponentials and series-only logarithms (kernels/divergences.py) brought them to the counts below.
+LOGITS_KERNEL_SASS = {"kl": ((47.6, 39.1), (47.6, 39.1)), "jsd": ((181.4, 97.2), (181.4, 97.2))}
 
 
 #: The tile transforms (`kernels/transforms.py`): instructions they add per element to a forward pass and to the
@@ -97,10 +113,11 @@ TAID_INSTRUCTIONS = (5, 6)
 def logits_kernel_flops(divergence: Divergence, softcaps: int = 0, lanes: bool = True) -> tuple[float, float]:
     """(per forward pass, gradient) flop-equivalents per element of the kernels on `divergence`'s kind, with
     `softcaps` softcapped sides (0, 1 or 2) and TAID's mixed target where `divergence` is TAID. `lanes`: the
-    kernels on logits as they are now (LOGITS_KERNEL_SASS); otherwise the measured figures as they are (the
-    fused kernels, whose 64 × 64 tiles still reduce per tile)."""
+    kernels on logits (LOGITS_KERNEL_FLOPS scaled by LOGITS_KERNEL_SASS); otherwise the fused kernels, whose
+    tiles still reduce per tile (FUSED_TILE_FLOPS)."""
     kind = {0: "kl", 1: "jsd"}.get(int(_launch.kind_of(divergence.canonical())[0]))
-    per_pass, per_gradient = LOGITS_KERNEL_FLOPS.get(kind, _UNMEASURED_KERNEL_FLOPS)
+    measured = LOGITS_KERNEL_FLOPS if lanes else FUSED_TILE_FLOPS
+    per_pass, per_gradient = measured.get(kind, tuple(max(figures) for figures in zip(*measured.values())))
     if lanes:
         (then_pass, then_gradient), (now_pass, now_gradient) = LOGITS_KERNEL_SASS.get(kind, LOGITS_KERNEL_SASS["jsd"])
         per_pass, per_gradient = per_pass * now_pass / then_pass, per_gradient * now_gradient / then_gradient
@@ -282,7 +299,8 @@ RECORD_FIELDS = ("predicted_path", "predicted_forward_ms", "predicted_backward_m
 @dataclass
 class _Kernel:
     """`launches` identical launches of one kernel; flops and bytes are per launch. `programs` None: the launch
-    fills the GPU. `items`: (name, bytes per launch) of the traffic; `bytes_l2` None: the same as `bytes`."""
+    fills the GPU. `items`: (name, bytes per launch) of the traffic; `bytes_l2` None: the same as `bytes`.
+    `tiles`: a fused kernel (`FUSED_L2_BYTES_PER_S`) visiting that many tiles of `block_n` rows per launch."""
 
     phase: str
     mm_flops: float = 0.0
@@ -292,16 +310,31 @@ class _Kernel:
     bytes_l2: float | None = None
     programs: int | None = None
     launches: float = 1.0
+    tiles: int = 0
+    block_n: int = 0
+    forward: bool = False
 
     @property
     def bytes(self) -> float:
         return sum(b for _, b in self.items)
+
+    @property
+    def hbm_bytes(self) -> float:
+        """HBM traffic per launch: a fused kernel's tile loads come from L2 (`bytes_l2` from HBM)."""
+        return self.bytes_l2 if self.tiles and self.bytes_l2 is not None else self.bytes
 
     def seconds(self, gpu: targets.GPU, tf32: bool, l2: bool = False) -> float:
         share = 1.0 if self.programs is None else min(1.0, self.programs / gpu.sm_count)
         compute = self.ew_flops / (gpu.fp32_flops * share)
         if self.mm_flops:
             compute += self.mm_flops / (gpu.matmul_flops(self.mm_dtype, tf32=tf32) * share)
+        if self.tiles:
+            # A fused kernel: its matmuls, elementwise work, tile loads (from L2) and, in the forward, per-tile
+            # reductions one after the other; HBM reads each operand once per launch (`bytes_l2`).
+            scale = H100_MATMUL_RATE / gpu.matmul_flops_16bit  # other GPUs: by their tensor-core rate
+            tile_s = FUSED_FORWARD_TILE_S.get(self.block_n, FUSED_FORWARD_TILE_S[64]) if self.forward else 0.0
+            serial = compute + scale * (self.bytes / FUSED_L2_BYTES_PER_S + self.tiles * tile_s)
+            return self.launches * max(LAUNCH_S, serial, self.bytes_l2 / gpu.hbm_bytes_per_s)
         traffic = self.bytes_l2 if l2 and self.bytes_l2 is not None else self.bytes
         return self.launches * max(LAUNCH_S, compute, traffic / gpu.hbm_bytes_per_s)
 
@@ -325,7 +358,7 @@ def _phases(kernels: list[_Kernel], gpu: targets.GPU, tf32: bool) -> tuple:
         detail += f"; {launches:,.0f} launches" if launches != 1 else ""
         phases.append(Phase(
             name=name, flops=sum(k.mm_flops * k.launches for k in group),
-            bytes=sum(k.bytes * k.launches for k in group), seconds=sum(k.seconds(gpu, tf32) for k in group),
+            bytes=sum(k.hbm_bytes * k.launches for k in group), seconds=sum(k.seconds(gpu, tf32) for k in group),
             detail=detail.lstrip("; "), elementwise_flops=sum(k.ew_flops * k.launches for k in group),
             launches=launches,
             bytes_l2=sum((k.bytes if k.bytes_l2 is None else k.bytes_l2) * k.launches for k in group),
@@ -847,7 +880,8 @@ def _fused_path(ctx: _Ctx):
     hs, ht = ctx.shape.hidden_student, ctx.shape.hidden_teacher
     num_stats, num_partial = _kernel_constants()
     jsd = ctx.divergence.canonical().kind.name == "JSD"
-    config = _fused.fused_config(n, v, ctx.gpu, ctx.dtype, jsd=jsd, transform=ctx.transform)
+    wide = _fused.wide_tiles(ctx.passes > 1, 0.0, False, ctx.transform)  # no hard label, no biases here
+    config = _fused.fused_config(n, v, ctx.gpu, ctx.dtype, jsd=jsd, transform=ctx.transform, wide=wide)
     bn, bv, bh, split = config["BLOCK_N"], config["BLOCK_V"], config["BLOCK_H"], config["split_size"]
     n_splits = _cdiv(v, split)
     hs_p, ht_p = _cdiv(hs, bh) * bh, _cdiv(ht, bh) * bh
@@ -862,7 +896,7 @@ def _fused_path(ctx: _Ctx):
         visits = row_blocks * v_tiles
         kernels.append(_Kernel(
             f"fwd: fused forward kernel pass {p + 1}", mm_flops=visits * tile_mm, mm_dtype=ctx.dtype,
-            ew_flops=visits * tile_ew, programs=row_blocks * n_splits,
+            ew_flops=visits * tile_ew, programs=row_blocks * n_splits, tiles=visits, block_n=bn, forward=True,
             items=[("W_s, W_t re-read per row block", row_blocks * v_tiles * bv * (hs + ht) * b),
                    ("h_s, h_t re-read per vocabulary tile", visits * bn * (hs + ht) * b),
                    ("partial states written", partial), ("statistics read", n * num_stats * acc * p)],
@@ -874,7 +908,7 @@ def _fused_path(ctx: _Ctx):
     # The backward (`kdops._fused.fused_backward`): vocabulary slices of G for every row (GRADIENT_BYTES), each
     # a launch of the gradient kernel (one program per tile, recomputing both logit tiles), then cuBLAS:
     # dW[slice] = Gᵀ·h_s and dH += G·W_s[slice] into float32 sums.
-    bwd = _fused.fused_config(n, v, ctx.gpu, ctx.dtype, jsd=jsd, transform=ctx.transform)
+    bwd = _fused.fused_config(n, v, ctx.gpu, ctx.dtype, jsd=jsd, transform=ctx.transform, wide=wide)
     gn, gv = bwd["BLOCK_N"], bwd["BLOCK_V"]
     width = _fused.slice_columns(n, v, gv, b)
     slices = [(lo, min(v, lo + width)) for lo in range(0, v, width)]
@@ -885,7 +919,7 @@ def _fused_path(ctx: _Ctx):
         visits = _cdiv(n, gn) * _cdiv(w, gv)
         kernels.append(_Kernel(
             "bwd: fused gradient kernel (recompute tiles, G written per slice)", mm_flops=visits * g_tile_mm,
-            mm_dtype=ctx.dtype, ew_flops=visits * gn * gv * per_gradient, programs=visits,
+            mm_dtype=ctx.dtype, ew_flops=visits * gn * gv * per_gradient, programs=visits, tiles=visits, block_n=gn,
             items=[("h_s, h_t re-read per tile", visits * gn * (hs + ht) * b),
                    ("W_s, W_t re-read per tile", visits * gv * (hs + ht) * b), ("G written", n * w * b)],
             bytes_l2=n * (hs + ht) * b + w * (hs + ht) * b + n * w * b))
@@ -1384,15 +1418,17 @@ _HOW_TO_READ = (
     "the memory beyond the inputs and the gradients the loss must return.")
 
 _ASSUMPTIONS = (
-    "No L2 reuse in the fused Triton kernels: every tile a program loads is an HBM read (an upper bound). "
-    "cuBLAS matmuls read each operand once, at cuBLAS's achievable rate.",
+    "The fused Triton kernels as the H100 measured them: matmuls at the cuBLAS rate, elementwise work, tile "
+    "loads from L2 at an effective 16 TB/s and (forward) per-tile reductions ({tile}) one after the other; HBM "
+    "reads each operand once per launch. cuBLAS matmuls read each operand once, at cuBLAS's achievable rate.",
     "A launch with fewer programs than SMs gets that share of the matmul and CUDA-core rates (not of the "
     "bandwidth); wave quantization is ignored.",
-    "Elementwise work inside kdops' Triton kernels, calibrated on the H200 campaign "
-    "(bench/results/nvidia-h200-after: profiled kernel time × the fp32 rate ÷ elements): {kernels} "
+    "Elementwise work inside kdops' kernels on logits, calibrated on the H100 campaign "
+    "(bench/results/nvidia-h100-campaign: profiled kernel time × the fp32 rate ÷ elements): {kernels} "
     "flop-equivalents per (row, vocabulary) element of both models' values, per forward pass / for the "
-    "gradient (other kinds: the larger), at the CUDA-core rate; PyTorch's and the peers' elementwise "
-    "kernels {ew} per element and pass.",
+    "gradient (other kinds: the larger), at the CUDA-core rate, scaled by their SASS instruction counts "
+    "since (`python -m bench.loops`); the fused kernels' from the H200 campaign ({fused}); PyTorch's and the "
+    "peers' elementwise kernels {ew} per element and pass.",
     "The torch paths (`kd_loss-torch`, `kd_loss-reference`, `fused-torch`, `reference`) are estimates: their "
     "code runs once on the CPU at a small probe shape under a dispatch mode that records every aten operator; "
     "each operator reads its inputs and writes its outputs once (no fusion), and the probe's dimensions are "
@@ -1451,8 +1487,10 @@ def markdown(shapes: list[tuple[str, Shape]], gpu: targets.GPU, divergences=DEFA
         f"float32 on the CUDA cores {gpu.fp32_flops / 1e12:,.1f}, HBM {gpu.hbm_bytes_per_s / 1e12:,.2f} TB/s.", "",
         "**Assumptions.**", "",
     ]
-    kernels = ", ".join(f"{kind.upper()} {a} / {b}" for kind, (a, b) in LOGITS_KERNEL_FLOPS.items())
-    lines += [f"* {a.format(ew=ELEMENTWISE_FLOPS, kernels=kernels)}" for a in _ASSUMPTIONS]
+    kernels, fused = (", ".join(f"{kind.upper()} {a} / {b}" for kind, (a, b) in table.items())
+                      for table in (LOGITS_KERNEL_FLOPS, FUSED_TILE_FLOPS))
+    tile = ", ".join(f"{t * 1e6:.3f} µs a tile of {rows} rows" for rows, t in FUSED_FORWARD_TILE_S.items())
+    lines += [f"* {a.format(ew=ELEMENTWISE_FLOPS, kernels=kernels, fused=fused, tile=tile)}" for a in _ASSUMPTIONS]
     preds = {d: predict_all(first, gpu, d, dtype) for d in divergences}
     fused_floor = floor_seconds("fused", first, gpu, dtype)
     logits_floor = floor_seconds("kd_loss-triton", first, gpu, dtype)
