@@ -67,17 +67,16 @@ def hot_loops(sass: str) -> list[tuple[int, collections.Counter]]:
 HEADLINE_ROWS, HEADLINE_VOCAB = 8192, 128256
 
 
-def headline_config() -> dict:
+def headline_config(forward: bool = False) -> dict:
+    """The block sizes of the forward kernel on logits (`forward`) or of the gradient's at the headline shape."""
     from kdops import _launch, targets
 
-    return {key: value for key, value in _launch.logits_config(HEADLINE_ROWS, HEADLINE_VOCAB, targets.H100).items()
-            if key in ("BLOCK_R", "BLOCK_V", "num_warps")}
+    config = _launch.logits_config(HEADLINE_ROWS, HEADLINE_VOCAB, targets.H100, forward=forward)
+    return {key: value for key, value in config.items() if key in ("BLOCK_R", "BLOCK_V", "num_warps")}
 
 
 def count(divergence: str) -> dict[str, list[tuple[float, collections.Counter]]]:
     """Per kernel on logits of the chunked bf16 call: (instructions per element, opcode counts) of each loop."""
-    config = headline_config()
-    per_thread = config["BLOCK_R"] * config["BLOCK_V"] / (32 * config["num_warps"])
     out = {}
     # the recorded calls at a vocabulary that, like the headline's (128256 = 16 · 8016), is a multiple of 16:
     # Triton specializes the sizes and strides on it (aligned rows: vectorized loads)
@@ -91,6 +90,8 @@ def count(divergence: str) -> dict[str, list[tuple[float, collections.Counter]]]
         if not spec.name.startswith("kd_logits") or call.function != "chunked" or call.transform \
                 or call.vocab_parallel or call.hard or spec.name in out:
             continue
+        config = headline_config(forward=spec.name == "kd_logits_forward_kernel")
+        per_thread = config["BLOCK_R"] * config["BLOCK_V"] / (32 * config["num_warps"])
         spec.kwargs.update(config)
         loops = hot_loops(gate.sass(gate.compile_spec(spec).asm["cubin"]))
         out[spec.name] = [(n / per_thread, ops) for n, ops in loops]
@@ -133,7 +134,8 @@ def main(argv=None) -> int:
         stale = check()
         print("\n".join(stale) if stale else "bench.model.LOGITS_KERNEL_SASS matches the code")
         return 1 if stale else 0
-    print(f"sm_90, bf16, {headline_config()}: instructions per element of each vocabulary loop")
+    print(f"sm_90, bf16, forward {headline_config(forward=True)}, gradient {headline_config()}: instructions per "
+          "element of each vocabulary loop")
     for divergence in args.divergence:
         for kernel, loops in count(divergence).items():
             for i, (per_element, ops) in enumerate(loops):

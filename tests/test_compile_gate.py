@@ -71,7 +71,12 @@ def test_recording_finds_every_kernel_with_the_gpu_configs():
     assert expected["BLOCK_N"] == 128
     for key in ("BLOCK_N", "BLOCK_V", "BLOCK_H", "num_warps", "num_stages"):
         assert seen["fused_forward_kernel"][key] == expected[key]
-    assert seen["kd_logits_forward_kernel"]["BLOCK_V"] == _launch.logits_config(5, 1000, targets.H100)["BLOCK_V"]
+    for name, forward in (("kd_logits_forward_kernel", True), ("kd_logits_backward_kernel", False)):
+        config = _launch.logits_config(5, 1000, targets.H100, forward=forward)
+        assert {key: seen[name][key] for key in config} == config
+    # At a real vocabulary the forward takes 1024 columns and 4 warps, the gradient 2048 and 8 (measured).
+    forward, gradient = (_launch.logits_config(8192, 128256, targets.H100, forward=f) for f in (True, False))
+    assert (forward["BLOCK_V"], forward["num_warps"], gradient["BLOCK_V"], gradient["num_warps"]) == (1024, 4, 2048, 8)
     # A hard-label term (or a two-pass kind) holds more live state: the common tiles.
     for options in (dict(hard_weight=0.5), dict(divergence="generalized_jsd")):
         seen.clear()
