@@ -164,7 +164,7 @@ def test_a_step_process_runs_and_writes_the_report_and_the_records(tmp_path):
 
 
 def test_a_step_process_is_killed_within_the_budget(tmp_path):
-    budget_s = 15
+    budget_s = 8
     done, seconds = _run_campaign("--allow-cpu", "--steps", "probe", "--minutes", str(budget_s / 60), "--output",
                                   str(tmp_path), env={"KDOPS_CAMPAIGN_PROBE_S": "120"})
     assert done.returncode == 1
