@@ -273,6 +273,19 @@ def test_headline_step_on_a_tiny_case(tmp_path, tiny_headline):
         assert list(tmp_path.glob("charts-*/*.png"))
 
 
+def test_tune_headline_step_on_a_tiny_case(tmp_path, tiny_headline, monkeypatch):
+    """The fused tiles at the (cut) headline shape: a table per divergence, every trial timed and recorded."""
+    monkeypatch.setattr(campaign, "HEADLINE_FUSED_TRIALS", ({}, dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=16)))
+    ctx = Context("tune_headline", tmp_path, _meta(), seconds=600, device="cpu")
+    campaign._tune_headline(ctx)
+    text = "\n".join(ctx.result.lines)
+    assert ctx.result.status == "ok", text
+    assert text.count("| trial | config |") == len(campaign.DIVERGENCES) and "generalized_jsd" in text
+    records = [json.loads(line) for line in (tmp_path / "campaign-test-device.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records if r["kind"] == "tune"] == ["ok"] * 2 * len(campaign.DIVERGENCES)
+    assert "tune_headline" in campaign.STEPS and "tune_headline" not in campaign.DEFAULT_STEPS
+
+
 def test_profile_step_on_a_tiny_case(tmp_path, tiny_headline):
     """The profile's code path on the CPU (no device events there): measured times and the model's phases."""
     ctx = Context("profile", tmp_path, _meta(), seconds=600, device="cpu")
