@@ -307,18 +307,26 @@ def _tool(name: str) -> str:
 _RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
-def analyse_cubin(cubin: bytes, arch: str) -> dict:
-    """Registers, local (spill) bytes, STL/LDL and tensor-core instruction counts of one kernel's cubin."""
+def analyse_cubin(cubin: bytes, arch: str, has_dot: bool = True) -> dict:
+    """Registers, local (spill) bytes, STL/LDL and tensor-core instruction counts of one kernel's cubin. The
+    SASS is read (one `cuobjdump -res-usage -sass`) where it can hold either: a kernel with a dot (`has_dot`)
+    or with local memory; without both, its counts are 0 and `-res-usage` alone says so (half the time)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
-    match = _RES_USAGE.search(usage)
-    if match is None:
-        raise RuntimeError(f"cuobjdump -res-usage gave no resource line:\n{usage}")
-    registers, stack, _, local = map(int, match.groups())
-    opcodes = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass(cubin))
+
+        def dump(*options):
+            return subprocess.run([_tool("cuobjdump"), *options, f.name], capture_output=True, text=True,
+                                  check=True).stdout
+
+        out = dump("-res-usage", *(("-sass",) if has_dot else ()))
+        match = _RES_USAGE.search(out)
+        if match is None:
+            raise RuntimeError(f"cuobjdump -res-usage gave no resource line:\n{out[:2000]}")
+        registers, stack, _, local = map(int, match.groups())
+        if not has_dot and (local or stack):
+            out = dump("-sass")
+    opcodes = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", out)
     tensor_core = sum(op.startswith(("HGMMA", "HMMA")) for op in opcodes)
     spills = sum(op.startswith(("STL", "LDL")) for op in opcodes)
     return dict(registers=registers, local_bytes=max(local, stack), spill_instructions=spills,
@@ -363,7 +371,7 @@ def _compile_job(index: int) -> Compiled:
         compiled = compile_spec(spec)
         result.seconds = time.perf_counter() - start
         result.shared_bytes = int(compiled.metadata.shared)
-        for field, value in analyse_cubin(compiled.asm["cubin"], spec.arch).items():
+        for field, value in analyse_cubin(compiled.asm["cubin"], spec.arch, spec.name in FUSED_KERNELS).items():
             setattr(result, field, value)
     except Exception as error:  # noqa: BLE001 - every failure is a row of the report
         result.seconds = time.perf_counter() - start

@@ -37,6 +37,20 @@ def test_quick_gate_compiles_every_kernel_without_spills(tmp_path):
             assert f"| {arch} | {kernel} |" in text, (arch, kernel)
 
 
+def test_the_sass_is_read_only_where_it_can_count(tmp_path):
+    """A kernel without a dot and without local memory: `-res-usage` alone gives what `-sass` would add (no
+    STL/LDL, no tensor-core instruction), so the gate skips the SASS there."""
+    script = ("from bench import compile as gate\n"
+              "spec = next(s for s in gate.record('sm_90', True) if s.name == 'merge_partials_kernel')\n"
+              "cubin = gate.compile_spec(spec).asm['cubin']\n"
+              "lean, full = (gate.analyse_cubin(cubin, 'sm_90', has_dot=d) for d in (False, True))\n"
+              "assert lean == full and lean['registers'] > 0, (lean, full)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 def test_failures_are_named():
     """What fails the gate: a compile error, any local memory (spills), a 16-bit fused dot without
     tensor-core instructions; float32 fused kernels (exact FMA products) pass without them."""
