@@ -658,6 +658,39 @@ def kernel_times(events) -> list[tuple[str, int, float]]:
     return sorted(((name, n, us) for name, (n, us) in totals.items()), key=lambda t: -t[2])
 
 
+def idle_gaps(events, top: int = 5) -> dict:
+    """Where the GPU waits in a profile: its busy span, the time no device event runs, and the longest gaps.
+
+    Each gap names the device events either side and the innermost host-side operation running at its midpoint
+    (what the host was doing while the GPU had nothing queued: a sync, an allocation, Python between launches).
+    """
+    from torch.autograd import DeviceType
+
+    device, host = [], []
+    for e in events:
+        span = getattr(e, "time_range", None)
+        if span is None:
+            continue
+        (device if getattr(e, "device_type", None) == DeviceType.CUDA else host).append((span.start, span.end, e.name))
+    if not device:
+        return {}
+    device.sort()
+    gaps, end, previous = [], device[0][1], device[0][2]
+    for start, stop, name in device[1:]:
+        if start > end:
+            gaps.append((start - end, end, previous, name))
+        if stop >= end:
+            end, previous = stop, name
+    gaps.sort(key=lambda g: -g[0])
+
+    def host_at(t):
+        around = [(stop - start, name) for start, stop, name in host if start <= t <= stop]
+        return min(around)[1] if around else "-"
+
+    return dict(span_us=end - device[0][0], idle_us=sum(g[0] for g in gaps), gaps=len(gaps),
+                longest=[dict(us=us, after=a, before=b, host=host_at(t + us / 2)) for us, t, a, b in gaps[:top]])
+
+
 def _profile(ctx: Context) -> None:
     import statistics
 
@@ -703,8 +736,9 @@ def _profile(ctx: Context) -> None:
             inputs.clear_grads()
             kernels = kernel_times(profile.events())
             total_us = sum(us for _, _, us in kernels) or float("nan")
+            idle = idle_gaps(profile.events())
             ctx.record("profile", impl=impl, divergence=divergence, label=case.label, forward_ms=forward_ms,
-                       backward_ms=backward_ms, gpu_ms=total_us / 1e3,
+                       backward_ms=backward_ms, gpu_ms=total_us / 1e3, idle=idle,
                        kernels=[dict(name=n, calls=c, ms=us / 1e3, share=us / total_us) for n, c, us in kernels])
             ctx.line(f"Measured (CUDA events, median of {PROFILE_REPS}): forward {forward_ms:.2f} ms, backward "
                      f"{backward_ms:.2f} ms; GPU time in the profiled forward + backward {total_us / 1e3:.2f} ms.")
@@ -718,6 +752,14 @@ def _profile(ctx: Context) -> None:
                              f"{100 * rest_us / total_us:.1f} %"])
             ctx.table(["kernel", "calls", "CUDA ms", "share"], rows)
             ctx.line("")
+            if idle:
+                ctx.line(f"GPU idle {idle['idle_us'] / 1e3:.2f} ms of a {idle['span_us'] / 1e3:.2f} ms span "
+                         f"({idle['gaps']} gaps); the longest:")
+                ctx.line("")
+                ctx.table(["gap µs", "after", "before", "host at its middle"],
+                          [[g["us"], _short(g["after"], 40), _short(g["before"], 40), _short(g["host"], 40)]
+                           for g in idle["longest"]])
+                ctx.line("")
             _prediction(ctx, impl, divergence, gpu, model_reason, forward_ms, backward_ms)
             ctx.flush()
         del inputs

@@ -241,6 +241,23 @@ def test_kernel_times_of_device_events():
     assert campaign.kernel_times(events) == [("gemm", 2, 60.0), ("kd_kernel", 1, 50.0)]
 
 
+def test_idle_gaps_of_a_timeline():
+    """Overlapping device events make no gap; a gap names its neighbours and the innermost host op at its middle."""
+    from torch.autograd import DeviceType
+
+    def event(name, device_type, start, end):
+        return SimpleNamespace(name=name, device_type=device_type, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [event("gemm", DeviceType.CUDA, 0, 10), event("fill", DeviceType.CUDA, 5, 12),
+              event("kd_kernel", DeviceType.CUDA, 15, 20), event("gemm", DeviceType.CUDA, 40, 50),
+              event("forward", DeviceType.CPU, 0, 60), event("cudaMalloc", DeviceType.CPU, 25, 35),
+              event("aten::empty", DeviceType.CPU, 11, 16)]
+    idle = campaign.idle_gaps(events, top=1)
+    assert idle["span_us"] == 50 and idle["idle_us"] == 3 + 20 and idle["gaps"] == 2
+    assert idle["longest"] == [dict(us=20, after="kd_kernel", before="gemm", host="cudaMalloc")]
+    assert campaign.idle_gaps([event("forward", DeviceType.CPU, 0, 1)]) == {}
+
+
 def test_predictions_degrade_without_the_cost_model(monkeypatch):
     monkeypatch.setitem(sys.modules, "bench.model", None)
     (line,) = campaign.prediction_lines(kdops.targets.H100)
