@@ -883,7 +883,7 @@ def _fused_path(ctx: _Ctx):
     num_stats, num_partial = _kernel_constants()
     jsd = ctx.divergence.canonical().kind.name == "JSD"
     wide = _fused.wide_tiles(ctx.passes > 1, 0.0, False, ctx.transform)  # no hard label, no biases here
-    config = _fused.fused_config(n, v, ctx.gpu, ctx.dtype, jsd=jsd, transform=ctx.transform, wide=wide)
+    config = _fused.fused_config(n, v, ctx.gpu, ctx.dtype, forward=True, jsd=jsd, transform=ctx.transform, wide=wide)
     bn, bv, bh, split = config["BLOCK_N"], config["BLOCK_V"], config["BLOCK_H"], config["split_size"]
     n_splits = _cdiv(v, split)
     hs_p, ht_p = _cdiv(hs, bh) * bh, _cdiv(ht, bh) * bh
@@ -910,7 +910,9 @@ def _fused_path(ctx: _Ctx):
     # The backward (`kdops._fused.fused_backward`): vocabulary slices of G for every row (GRADIENT_BYTES), each
     # a launch of the gradient kernel (one program per tile, recomputing both logit tiles), then cuBLAS:
     # dW[slice] = Gᵀ·h_s and dH += G·W_s[slice] into float32 sums.
-    bwd = _fused.fused_config(n, v, ctx.gpu, ctx.dtype, jsd=jsd, transform=ctx.transform, wide=wide)
+    bwd = _fused.fused_config(n, v, ctx.gpu, ctx.dtype, jsd=jsd, transform=ctx.transform, wide=wide,
+                              teacher_grads=False,  # a frozen teacher, as every modelled case
+                              alpha_beta=ctx.divergence.canonical().kind.name == "ALPHA_BETA")
     gn, gv = bwd["BLOCK_N"], bwd["BLOCK_V"]
     width = _fused.slice_columns(n, v, gv, b)
     slices = [(lo, min(v, lo + width)) for lo in range(0, v, width)]

@@ -51,6 +51,11 @@ _GPU_TILES = {
 # specializations (8–976 B: the hard label, the teacher's bias, softcaps, every two-pass kind), which keep 64 × 64
 # (`python -m bench.compile`).
 _HOPPER_WIDE_TILES = {2: dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3)}
+# The gradient kernel on Hopper, in the wide specializations when only the student's gradients are asked for (a
+# frozen teacher: one gradient tile computed and stored): 128 × 128 tiles, which fit 254 registers with TMA loads
+# (`python -m bench.compile`); with the teacher's gradient tile too, or pointer loads, they spill, as α-β's
+# gradient does with the student's bias (32 B): those keep `_HOPPER_WIDE_TILES`.
+_HOPPER_WIDE_BACKWARD_TILES = {2: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)}
 # The forward before Hopper (mma.sync, whose accumulator fragments take more registers than wgmma's): 16-bit
 # tiles half as wide, where the KL first pass with its centred sums spilled at 64 × 64 on sm_80; and up to 255
 # registers, where ptxas squeezed the JSD and skew second passes into 128 and spilled 8–16 B (sm_80).
@@ -72,21 +77,26 @@ def wide_tiles(two_pass: bool, hard: float, teacher_bias: bool, transform: int) 
 
 
 def fused_config(n_rows: int, vocab: int, gpu: targets.GPU | None, dtype: torch.dtype = torch.bfloat16,
-                 forward: bool = False, jsd: bool = False, transform: int = 0, wide: bool = False) -> dict:
+                 forward: bool = False, jsd: bool = False, transform: int = 0, wide: bool = False,
+                 teacher_grads: bool = True, alpha_beta: bool = False) -> dict:
     """Tile sizes and the number of vocabulary splits of the forward for `gpu` (None: the interpreter), whose
     widest matmul operands have `dtype`; the backward takes the same tiles unless `forward`; `jsd`: the
     generalized-JSD kernels; `transform`: the tile transforms (`Canonical.transform`); `wide`: a specialization
-    with the least live state (`FusedProblem.wide_tiles`). On GPU: `_GPU_TILES` (`_HOPPER_WIDE_TILES` first for
-    `wide` on sm_90 and later, `_PRE_HOPPER_FORWARD_TILES` for the forward below sm_90,
+    with the least live state (`FusedProblem.wide_tiles`); `teacher_grads`: the backward also stores the teacher's
+    gradient tiles; `alpha_beta`: the α-β kernels. On GPU: `_GPU_TILES` (`_HOPPER_WIDE_TILES` first for `wide` on sm_90 and later,
+    `_HOPPER_WIDE_BACKWARD_TILES` for its backward without teacher gradients, but α-β's, `_PRE_HOPPER_FORWARD_TILES` for the forward below sm_90,
     `_TRANSFORM_PRE_HOPPER_BACKWARD_TILES` for a transformed backward there, `_JSD_FORWARD_TILES` for JSD's
     forward), and vocabulary splits enough to
-    fill the device twice and to spread the programs in flight over FORWARD_ROW_BLOCKS_IN_FLIGHT row blocks.
-    Under the interpreter: few large tiles, and several splits so that the merge is exercised."""
+    fill the device twice and to spread the programs in flight over FORWARD_ROW_BLOCKS_IN_FLIGHT row blocks;
+    `tma`: 16-bit operands on sm_90 and later are loaded by TMA (`FusedProblem.operands`). Under the interpreter:
+    few large tiles, several splits so that the merge is exercised, pointer loads."""
     if gpu is not None:
         size = min(torch.empty((), dtype=dtype).element_size(), 8)
         special = _PRE_HOPPER_FORWARD_TILES if forward and gpu.capability < (9, 0) else {}
         if wide and gpu.capability >= (9, 0):
             special = _HOPPER_WIDE_TILES
+        if wide and not forward and not teacher_grads and not alpha_beta and gpu.capability >= (9, 0):
+            special = _HOPPER_WIDE_BACKWARD_TILES
         if transform and not forward and gpu.capability < (9, 0):
             special = _TRANSFORM_PRE_HOPPER_BACKWARD_TILES
         if jsd and forward:
@@ -97,7 +107,9 @@ def fused_config(n_rows: int, vocab: int, gpu: targets.GPU | None, dtype: torch.
         tiles = dict(BLOCK_N=min(32, max(16, _next_pow2(n_rows))), BLOCK_V=128, BLOCK_H=64)
         splits = 3
     split_size = _cdiv(_cdiv(vocab, splits), tiles["BLOCK_V"]) * tiles["BLOCK_V"]
-    return dict(tiles, split_size=split_size)
+    # TMA: 16-bit operands on Hopper and later (`FusedProblem.operands` checks each tensor)
+    tma = gpu is not None and gpu.capability >= (9, 0) and size == 2
+    return dict(tiles, split_size=split_size, tma=tma)
 
 
 _TL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
@@ -146,6 +158,7 @@ class FusedProblem:
         self.dot_dtype = torch.promote_types(*self.dot_dtypes)
         kind, self.two_pass = _launch.kind_of(canon)
         self.jsd = canon.kind.name == "JSD"  # its kernels take narrower tiles (`fused_config`)
+        self.alpha_beta = canon.kind.name == "ALPHA_BETA"  # and α-β's backward (`fused_config`)
         self.wide_tiles = wide_tiles(self.two_pass, hard, bt is not None, canon.transform)
         self.device = hs.device
         self.shape_args = (self.hs.shape[-1], self.ht.shape[-1])
@@ -157,6 +170,24 @@ class FusedProblem:
                                HAS_BT=bt is not None, DOT_S=dot_s, DOT_T=dot_t, MMA_S=mma_s, MMA_T=mma_t,
                                PREC_S=prec_s, PREC_T=prec_t,
                                ACC=self.acc)
+
+    def operands(self, config: dict) -> tuple[int, tuple]:
+        """How the kernels' K loops load for `config` (LOADS, `kernels/linear.py`) and the four matmul operands
+        (hs, ws, ht, wt) as they take them: tensor descriptors (TMA) where `config["tma"]` asks for them and
+        every operand allows them (`_tma_matrix`), else the tensors, read without masks where BLOCK_H divides
+        both hidden sizes."""
+        linear = _linear()
+        block_n, block_v, block_h = config["BLOCK_N"], config["BLOCK_V"], config["BLOCK_H"]
+        if config.get("tma"):
+            matrices = [_tma_matrix(self.hs, self.dot_dtypes[0]), _tma_matrix(self.ws, self.dot_dtypes[0]),
+                        _tma_matrix(self.ht, self.dot_dtypes[1]), _tma_matrix(self.wt, self.dot_dtypes[1])]
+            if all(m is not None for m in matrices):
+                from triton.tools.tensor_descriptor import TensorDescriptor
+
+                blocks = ([block_n, block_h], [block_v, block_h]) * 2
+                return linear.TMA.value, tuple(TensorDescriptor.from_tensor(m, b) for m, b in zip(matrices, blocks))
+        even = all(h % block_h == 0 for h in self.shape_args)
+        return (linear.EVEN_K if even else linear.MASKED_K).value, (self.hs, self.ws, self.ht, self.wt)
 
     @property
     def acc_dtype(self) -> torch.dtype:
@@ -171,10 +202,27 @@ class FusedProblem:
     def backward(self, saved, row_scale, needs):
         return fused_backward(self, saved[0], row_scale, needs)
 
-    def pointers(self, stats):
-        """The input pointers, with a stand-in for absent biases and labels (constexpr flags skip them)."""
-        return (self.hs, self.ws, stats if self.bs is None else self.bs, self.ht, self.wt,
-                stats if self.bt is None else self.bt, stats if self.labels is None else self.labels)
+    def pointers(self, stats, operands):
+        """The kernels' inputs (hs, ws, bs, ht, wt, bt) with the matmul operands as `operands` gives them, and
+        the labels; a stand-in for absent biases and labels (constexpr flags skip them)."""
+        hs, ws, ht, wt = operands
+        return ((hs, ws, stats if self.bs is None else self.bs, ht, wt, stats if self.bt is None else self.bt),
+                stats if self.labels is None else self.labels)
+
+
+def _tma_matrix(x: torch.Tensor, dot: torch.dtype) -> torch.Tensor | None:
+    """x ([rows, H] hidden states, any leading dims; or a [V, H] weight) as the 2-D view a tensor descriptor
+    covers, or None where TMA cannot load it: operands that are not 16-bit or not already in the dot dtype,
+    a view that is not 2-D with unit stride along H, or a base or row stride that is not a multiple of 16
+    bytes (what the copy engine requires)."""
+    if x.dtype != dot or x.element_size() != 2:
+        return None
+    try:
+        m = x.view(-1, x.shape[-1])
+    except RuntimeError:
+        return None
+    aligned = m.data_ptr() % 16 == 0 and (m.stride(0) * m.element_size()) % 16 == 0
+    return m if m.stride(-1) == 1 and aligned and m.shape[0] > 0 else None
 
 
 def fused_forward(problem: FusedProblem):
@@ -184,15 +232,17 @@ def fused_forward(problem: FusedProblem):
     n = problem.n_rows
     config = fused_config(n, problem.vocab, problem.gpu, problem.dot_dtype, forward=True, jsd=problem.jsd,
                           transform=problem.canon.transform, wide=problem.wide_tiles)
+    loads, operands = problem.operands(config)
     split_size = config.pop("split_size")
+    config.pop("tma", None)
     n_splits = _cdiv(problem.vocab, split_size)
-    *inputs, labels = problem.pointers(problem.hs)
+    inputs, labels = problem.pointers(problem.hs, operands)
 
     def launch_pass(second, partial, stats):
         launch(
             linear.fused_forward_kernel, (n_splits, _cdiv(n, config["BLOCK_N"])), *inputs, labels, partial, stats,
             n, problem.vocab, *problem.shape_args, split_size, n_splits, *problem.layout_args, *problem.scalars,
-            SECOND_PASS=second, **problem.constexprs, **config,
+            SECOND_PASS=second, LOADS=loads, **problem.constexprs, **config,
         )
 
     shards = problem.shards
@@ -232,20 +282,22 @@ def fused_backward(problem: FusedProblem, stats, row_scale, needs):
         return tuple(g for side in sides for g in side.results())
 
     config = fused_config(n, vocab, problem.gpu, problem.dot_dtype, jsd=problem.jsd, transform=problem.canon.transform,
-                          wide=problem.wide_tiles)
+                          wide=problem.wide_tiles, teacher_grads=sides[1].any, alpha_beta=problem.alpha_beta)
+    loads, operands = problem.operands(config)
     config.pop("split_size")
+    config.pop("tma", None)
     block_n, block_v = config["BLOCK_N"], config["BLOCK_V"]
     width = slice_columns(n, vocab, block_v, sum(side.dot.itemsize for side in sides if side.any))
     buffers = [torch.empty((n, width), dtype=side.dot, device=device) if side.any else None for side in sides]
     row_scale = row_scale.contiguous()
-    *inputs, labels = problem.pointers(stats)
+    inputs, labels = problem.pointers(stats, operands)
     for start in range(0, vocab, width):
         end = min(vocab, start + width)
         grid = (_cdiv(n, block_n) * _cdiv(end - start, block_v),)
         launch(linear.fused_gradient_kernel, grid, *inputs, labels, stats, row_scale,
                *(stats if b is None else b for b in buffers), n, start, end, width, *problem.shape_args,
                *problem.layout_args, *problem.scalars, *problem.weights, STORE_S=sides[0].any, STORE_T=sides[1].any,
-               GROUP_ROWS=GROUP_ROWS, **problem.constexprs, **config)
+               GROUP_ROWS=GROUP_ROWS, LOADS=loads, **problem.constexprs, **config)
         with _float32_sums():
             for side, g in zip(sides, buffers):
                 if side.any:

@@ -21,7 +21,7 @@ DOT_T: bf16/fp16 for tensor cores, or fp32 / fp64 with PRECISION "ieee" so fp32 
 import triton
 import triton.language as tl
 
-from .divergences import NEG_INF
+from .divergences import NEG_INF, second_pass_add
 from .logits import round_to_bf16, row_offsets
 from .partials import NUM_PARTIAL, store_partial, store_second_partial
 from .passes import (
@@ -46,18 +46,39 @@ def operand(x, DOT: tl.constexpr, MMA: tl.constexpr):
     return x.to(DOT).to(MMA)
 
 
+# How a K loop loads its operands (LOADS): by pointers masked along H; by pointers, unmasked, where BLOCK_H divides
+# H; or by TMA (tensor descriptors over [rows, H] hidden states and [V, H] weights, Hopper and later), whose
+# copies land in shared memory without a register per address and fill what lies outside with zeros.
+MASKED_K = tl.constexpr(0)
+EVEN_K = tl.constexpr(1)
+TMA = tl.constexpr(2)
+
+
 @triton.jit
-def linear_tile(h_ptr, h_off, row_ok, w_ptr, w_stride, b_ptr, cols, col_ok, H, HAS_BIAS: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT: tl.constexpr,
-                MMA: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """Raw logits h[rows] · W[cols]ᵀ + b[cols] [BLOCK_N, BLOCK_V] in ACC; columns outside are -inf."""
+def linear_tile(h_ptr, h_off, row0, w_ptr, w_stride, b_ptr, col0, cols, col_ok, H, HAS_BIAS: tl.constexpr,
+                LOADS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                DOT: tl.constexpr, MMA: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """Raw logits h[rows] · W[cols]ᵀ + b[cols] [BLOCK_N, BLOCK_V] in ACC for rows row0 + i and columns
+    cols = col0 + j; columns outside (not col_ok) are -inf.
+
+    Pointers: `h_off` must address valid rows (the callers clamp them), and columns outside read the
+    weight's row 0, so the loads are masked along H alone (MASKED_K), or not at all (EVEN_K). TMA: h_ptr
+    and w_ptr are tensor descriptors with blocks [BLOCK_N, BLOCK_H] and [BLOCK_V, BLOCK_H]."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], ACC)
-    w_rows = cols.to(tl.int64) * w_stride
+    w_rows = tl.where(col_ok, cols, 0).to(tl.int64) * w_stride
     for k0 in range(0, H, BLOCK_H):
-        ks = k0 + tl.arange(0, BLOCK_H)
-        k_ok = ks < H
-        h = tl.load(h_ptr + h_off[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + w_rows[None, :] + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if LOADS == TMA:  # row0, col0: 32-bit (a descriptor's coordinates are)
+            h = h_ptr.load([row0, k0])
+            w = tl.trans(w_ptr.load([col0, k0]))
+        else:
+            ks = k0 + tl.arange(0, BLOCK_H)
+            if LOADS == EVEN_K:
+                h = tl.load(h_ptr + h_off[:, None] + ks[None, :])
+                w = tl.load(w_ptr + w_rows[None, :] + ks[:, None])
+            else:
+                k_ok = ks < H
+                h = tl.load(h_ptr + h_off[:, None] + ks[None, :], mask=k_ok[None, :], other=0.0)
+                w = tl.load(w_ptr + w_rows[None, :] + ks[:, None], mask=k_ok[:, None], other=0.0)
         acc = tl.dot(operand(h, DOT, MMA), operand(w, DOT, MMA), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
@@ -65,16 +86,16 @@ def linear_tile(h_ptr, h_off, row_ok, w_ptr, w_stride, b_ptr, cols, col_ok, H, H
 
 
 @triton.jit
-def both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, Hs, Ht,
-               ws_stride, wt_stride, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr,
-               MMA_S: tl.constexpr, MMA_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
-               ACC: tl.constexpr):
+def both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row0, col0, cols, col_ok, Hs, Ht,
+               ws_stride, wt_stride, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, LOADS: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_S: tl.constexpr,
+               DOT_T: tl.constexpr, MMA_S: tl.constexpr, MMA_T: tl.constexpr, PREC_S: tl.constexpr,
+               PREC_T: tl.constexpr, ACC: tl.constexpr):
     """The raw logit tiles (s, t) of the student and the teacher for the same rows and columns."""
-    s = linear_tile(hs_ptr, hs_off, row_ok, ws_ptr, ws_stride, bs_ptr, cols, col_ok, Hs, HAS_BS, BLOCK_N, BLOCK_V,
-                    BLOCK_H, DOT_S, MMA_S, PREC_S, ACC)
-    t = linear_tile(ht_ptr, ht_off, row_ok, wt_ptr, wt_stride, bt_ptr, cols, col_ok, Ht, HAS_BT, BLOCK_N, BLOCK_V,
-                    BLOCK_H, DOT_T, MMA_T, PREC_T, ACC)
+    s = linear_tile(hs_ptr, hs_off, row0, ws_ptr, ws_stride, bs_ptr, col0, cols, col_ok, Hs, HAS_BS, LOADS, BLOCK_N,
+                    BLOCK_V, BLOCK_H, DOT_S, MMA_S, PREC_S, ACC)
+    t = linear_tile(ht_ptr, ht_off, row0, wt_ptr, wt_stride, bt_ptr, col0, cols, col_ok, Ht, HAS_BT, LOADS, BLOCK_N,
+                    BLOCK_V, BLOCK_H, DOT_T, MMA_T, PREC_T, ACC)
     return s, t
 
 
@@ -85,10 +106,9 @@ def fused_forward_kernel(
     hs_inner, hs_outer, hs_stride, ht_inner, ht_outer, ht_stride, ws_stride, wt_stride,
     inv_temp, c1, c2, cap_s, cap_t, share,
     KIND: tl.constexpr, SECOND_PASS: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr,
-    TRANSFORM: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr, MMA_S: tl.constexpr, MMA_T: tl.constexpr,
-    PREC_S: tl.constexpr,
-    PREC_T: tl.constexpr, ACC: tl.constexpr,
+    TRANSFORM: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, LOADS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr, MMA_S: tl.constexpr,
+    MMA_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr, ACC: tl.constexpr,
 ):
     """partial[row, split] = the pass's state of the row over vocabulary [split·split_size, +split_size).
 
@@ -98,15 +118,13 @@ def fused_forward_kernel(
     # row block's hidden states are read from HBM about once and then served by L2 while the splits stream
     # the weights.
     pid_s = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    safe_rows = tl.minimum(rows, n_rows - 1)
+    row0 = tl.program_id(1) * BLOCK_N
+    safe_rows = tl.minimum(row0 + tl.arange(0, BLOCK_N), n_rows - 1)
     hs_off = row_offsets(safe_rows, hs_inner, hs_outer, hs_stride)
     ht_off = row_offsets(safe_rows, ht_inner, ht_outer, ht_stride)
     v_lo = pid_s * split_size
     v_hi = tl.minimum(V, v_lo + split_size)
     vcols = tl.arange(0, BLOCK_V)
-    part = partial_ptr + (rows.to(tl.int64) * n_splits + pid_s) * NUM_PARTIAL
 
     if SECOND_PASS:
         m_x, ls_x, m_y, ls_y, r, _a1, _a2, _a3, _L, _mc, _lc = load_stats(stats_ptr, safe_rows)
@@ -119,19 +137,22 @@ def fused_forward_kernel(
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + vcols
         col_ok = cols < v_hi
-        s, t = both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, Hs, Ht,
-                          ws_stride, wt_stride, HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S, MMA_T,
-                          PREC_S, PREC_T, ACC)
+        s, t = both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row0, v0, cols, col_ok, Hs,
+                          Ht, ws_stride, wt_stride, HAS_BS, HAS_BT, LOADS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T,
+                          MMA_S, MMA_T, PREC_S, PREC_T, ACC)
         if SECOND_PASS:
             t1, t2, t3 = second_pass_tile(KIND, STUDENT_IS_P, TRANSFORM, s, t, inv_temp, cap_s, cap_t, share, m_x,
                                           ls_x, m_y, ls_y, r, c1, c2)
-            y1 += tl.sum(t1, axis=1)
-            y2 += tl.sum(t2, axis=1)
-            y3 += tl.sum(t3, axis=1)
+            y1, y2, y3 = second_pass_add(KIND, y1, y2, y3, tl.sum(t1, axis=1), tl.sum(t2, axis=1),
+                                         tl.sum(t3, axis=1))
         else:
             m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab = first_pass_tile(
                 KIND, HARD, STUDENT_IS_P, TRANSFORM, s, t, cols, labels, inv_temp, cap_s, cap_t, share, m_x, u_x, m_y,
                 u_y, acc1, acc2, acc3, m_c, u_c, s_lab, c1, c2)
+    # (the row addresses made here, after the loop, hold no registers through it)
+    rows = row0 + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    part = partial_ptr + (rows.to(tl.int64) * n_splits + pid_s) * NUM_PARTIAL
     if SECOND_PASS:
         store_second_partial(part, row_ok, y1, y2, y3)
     else:
@@ -140,17 +161,17 @@ def fused_forward_kernel(
 
 @triton.jit
 def gradient_tiles(
-    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, labels, stats_ptr,
-    safe_rows, scale, Hs, Ht, ws_stride, wt_stride, inv_temp, c1, c2, soft, hard, cap_s, cap_t, share,
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row0, col0, row_ok, cols, col_ok, labels,
+    stats_ptr, safe_rows, scale, Hs, Ht, ws_stride, wt_stride, inv_temp, c1, c2, soft, hard, cap_s, cap_t, share,
     KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, TRANSFORM: tl.constexpr, HAS_BS: tl.constexpr,
-    HAS_BT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_BT: tl.constexpr, LOADS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_S: tl.constexpr, DOT_T: tl.constexpr, MMA_S: tl.constexpr, MMA_T: tl.constexpr,
     PREC_S: tl.constexpr, PREC_T: tl.constexpr, ACC: tl.constexpr,
 ):
     """Recomputed logit tiles → row-scaled gradient tiles (G_s, G_t), exactly 0 outside rows / cols."""
-    s, t = both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, Hs, Ht,
-                      ws_stride, wt_stride, HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S, MMA_T,
-                      PREC_S, PREC_T, ACC)
+    s, t = both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row0, col0, cols, col_ok, Hs, Ht,
+                      ws_stride, wt_stride, HAS_BS, HAS_BT, LOADS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S,
+                      MMA_T, PREC_S, PREC_T, ACC)
     m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
     g_s, g_t = gradient_tile(KIND, HARD, STUDENT_IS_P, TRANSFORM, s, t, cols, labels, inv_temp, cap_s, cap_t, share,
                              m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c, c1, c2, soft, hard)
@@ -179,7 +200,7 @@ def fused_gradient_kernel(
     hs_inner, hs_outer, hs_stride, ht_inner, ht_outer, ht_stride, ws_stride, wt_stride,
     inv_temp, c1, c2, cap_s, cap_t, share, soft, hard,
     KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, TRANSFORM: tl.constexpr, HAS_BS: tl.constexpr,
-    HAS_BT: tl.constexpr, STORE_S: tl.constexpr, STORE_T: tl.constexpr, GROUP_ROWS: tl.constexpr,
+    HAS_BT: tl.constexpr, LOADS: tl.constexpr, STORE_S: tl.constexpr, STORE_T: tl.constexpr, GROUP_ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr,
     MMA_S: tl.constexpr, MMA_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -193,21 +214,23 @@ def fused_gradient_kernel(
     n_row_blocks = tl.cdiv(n_rows, BLOCK_N)
     row_block, col_tile = grouped_tile(tl.program_id(0), n_row_blocks, tl.cdiv(col_end - col_start, BLOCK_V),
                                        GROUP_ROWS)
-    rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = row_block * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     safe_rows = tl.minimum(rows, n_rows - 1)
     hs_off = row_offsets(safe_rows, hs_inner, hs_outer, hs_stride)
     ht_off = row_offsets(safe_rows, ht_inner, ht_outer, ht_stride)
     labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_N)
     scale = tl.load(row_scale_ptr + safe_rows).to(ACC)
+    col0 = col_start + col_tile * BLOCK_V
     local = col_tile * BLOCK_V + tl.arange(0, BLOCK_V)
     cols = col_start + local
     col_ok = cols < col_end
     g_s, g_t = gradient_tiles(
-        hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row_ok, cols, col_ok, labels, stats_ptr,
-        safe_rows, scale, Hs, Ht, ws_stride, wt_stride, inv_temp, c1, c2, soft, hard, cap_s, cap_t, share, KIND,
-        HARD, STUDENT_IS_P, TRANSFORM, HAS_BS, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S, MMA_T,
-        PREC_S, PREC_T, ACC)
+        hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, row0.to(tl.int32), col0.to(tl.int32), row_ok,
+        cols, col_ok, labels, stats_ptr, safe_rows, scale, Hs, Ht, ws_stride, wt_stride, inv_temp, c1, c2, soft, hard,
+        cap_s, cap_t, share, KIND, HARD, STUDENT_IS_P, TRANSFORM, HAS_BS, HAS_BT, LOADS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_S, DOT_T, MMA_S,
+        MMA_T, PREC_S, PREC_T, ACC)
     offsets = rows.to(tl.int64)[:, None] * g_stride + local[None, :]
     keep = row_ok[:, None] & col_ok[None, :]
     # Rounded as a GPU rounds (to nearest) also under the interpreter, whose casts to bf16 truncate.

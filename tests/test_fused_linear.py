@@ -173,6 +173,56 @@ def test_several_chunks_splits_and_slices(monkeypatch):
                               memory_budget=5 * V * 4 * 18)
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "generalized_jsd"])
+def test_k_loop_loads(divergence, tma, monkeypatch):
+    """The K loops' three ways of loading (LOADS): hidden sizes that BLOCK_H divides load without masks (EVEN_K)
+    or by tensor descriptors (TMA, as on Hopper), with a partial last row block and vocabulary tile (clamped or
+    zero-filled, and still exact): every fused launch takes that way, and the loss and every gradient match
+    the oracle. A hidden size that BLOCK_H does not divide takes the masked loop (or TMA, which fills zeros);
+    operands TMA cannot take (a strided [B, L, H] view, float32 weights) fall back to pointers."""
+    seen = []
+
+    def spy(kernel, grid, *args, **kwargs):
+        seen.append((kernel.__name__, kwargs["LOADS"]))
+        return launch(kernel, grid, *args, **kwargs)
+
+    launch = kdops._fused.launch
+    monkeypatch.setattr(kdops._fused, "launch", spy)
+    original = kdops._fused.fused_config
+    monkeypatch.setattr(kdops._fused, "fused_config", lambda *a, **k: dict(original(*a, **k), tma=tma))
+    block_h = original(N, V, None)["BLOCK_H"]
+    names = {"fused_forward_kernel", "fused_gradient_kernel"}
+
+    def ways(x, strided=False):
+        """The ways of loading of a forward and backward on x's tensors as they are (views stay views)."""
+        seen.clear()
+        leaves = {k: v.detach().requires_grad_() if k != "labels" and v is not None else v for k, v in x.items()}
+        inputs = dict(leaves)
+        if strided:  # the student's hidden states: a [B, L - 1, H] view with a gap between its rows
+            inputs["student_hidden"] = leaves["student_hidden"][:, :-1]
+            inputs["teacher_hidden"] = leaves["teacher_hidden"][:, :-1]
+            inputs["labels"] = x["labels"][:, :-1]
+        kdops.fused_linear_kd_loss(**inputs, divergence=divergence, impl="fused", backend="triton").backward()
+        assert {name for name, _ in seen} == names
+        return {loads for _, loads in seen}
+
+    x = make_inputs(torch.bfloat16, hs=block_h, ht=2 * block_h, seed=11)
+    seen.clear()
+    assert_matches_oracle(x, divergence=divergence, temperature=1.5, hard_weight=0.2, impl="fused", backend="triton")
+    even = linear_kernels.TMA if tma else linear_kernels.EVEN_K
+    assert {name for name, _ in seen} == names and {loads for _, loads in seen} == {even.value}
+    odd = make_inputs(torch.bfloat16, hs=block_h, ht=block_h + 24, seed=12)
+    assert ways(odd) == {(linear_kernels.TMA if tma else linear_kernels.MASKED_K).value}
+    if tma:
+        assert_matches_oracle(odd, divergence=divergence, impl="fused", backend="triton")
+        strided = make_inputs(torch.bfloat16, leading=(3, 14), hs=block_h, ht=block_h, seed=13, bias=False)
+        assert ways(strided) == {linear_kernels.TMA.value}
+        assert ways(strided, strided=True) == {linear_kernels.EVEN_K.value}
+        mixed = dict(x, student_weight=x["student_weight"].float())
+        assert ways(mixed) == {linear_kernels.EVEN_K.value}
+
+
 @pytest.mark.parametrize("impl, backend", IMPLS, ids=IMPL_IDS)
 def test_gradcheck(impl, backend):
     g = torch.Generator().manual_seed(8)
