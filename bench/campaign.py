@@ -113,10 +113,14 @@ FUSED_TRIALS = (
 TUNE_HEADLINE_TRIAL_S = 10.0
 HEADLINE_FUSED_TRIALS = (
     {},
-    dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3),
-    dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=4),
-    dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
-    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+    # the gradient kernel's tiles before 0.3.3 (64 × 64; forward KL's 128 × 64), and a deeper pipeline
+    dict(backward=dict(BLOCK_N=64, BLOCK_V=64)),
+    dict(backward=dict(BLOCK_N=128, BLOCK_V=64)),
+    dict(backward=dict(num_stages=4)),
+    # the forward's: wider (spills per tile, outside the K loops), and the two halves of it
+    dict(forward=dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)),
+    dict(forward=dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3)),
+    dict(forward=dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)),
 )
 LOGITS_TRIALS = (
     {},
@@ -806,12 +810,16 @@ def _cdiv(a: int, b: int) -> int:
 
 def patched_fused_config(original, override: dict):
     """`original` (kdops._fused.fused_config(n_rows, vocab, gpu, ...)) with `override`'s entries, and the
-    vocabulary split re-derived so that the forward launches as many programs as with kdops' own tiles."""
+    vocabulary split re-derived so that the forward launches as many programs as with kdops' own tiles.
+    `override` may instead hold a "forward" and / or a "backward" dict: entries for that kernel alone."""
     def config(n_rows, vocab, gpu, *args, **kwargs):
         base = original(n_rows, vocab, gpu, *args, **kwargs)
-        if not override:
+        entries = override
+        if "forward" in override or "backward" in override:
+            entries = override.get("forward" if kwargs.get("forward") else "backward", {})
+        if not entries:
             return base
-        cfg = {**base, **override}
+        cfg = {**base, **entries}
         programs = _cdiv(vocab, base["split_size"]) * _cdiv(n_rows, base["BLOCK_N"])
         splits = max(1, programs // _cdiv(n_rows, cfg["BLOCK_N"]))
         cfg["split_size"] = _cdiv(_cdiv(vocab, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]

@@ -196,6 +196,11 @@ def test_patched_fused_config_keeps_the_number_of_programs():
     programs = -(-32000 // base["split_size"]) * -(-4096 // base["BLOCK_N"])
     assert -(-32000 // patched["split_size"]) * (4096 // 128) <= programs
     assert campaign.patched_fused_config(kdops._fused.fused_config, {})(4096, 32000, gpu) == base
+    # entries for one kernel: the other keeps kdops' own configuration
+    one_side = campaign.patched_fused_config(kdops._fused.fused_config, dict(backward=dict(BLOCK_N=32, num_stages=4)))
+    assert one_side(4096, 32000, gpu, forward=True) == kdops._fused.fused_config(4096, 32000, gpu, forward=True)
+    backward = one_side(4096, 32000, gpu)
+    assert (backward["BLOCK_N"], backward["num_stages"], backward["BLOCK_V"]) == (32, 4, base["BLOCK_V"])
 
 
 def test_tune_records_every_trial_and_the_fastest(tmp_path):
