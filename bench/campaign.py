@@ -113,6 +113,7 @@ FUSED_TRIALS = (
 TUNE_HEADLINE_TRIAL_S = 10.0
 HEADLINE_FUSED_TRIALS = (
     {},
+    dict(tma=False),  # the K loops' loads by pointers, as before 0.3.3
     # the gradient kernel's tiles before 0.3.3 (64 × 64; forward KL's 128 × 64), and a deeper pipeline
     dict(backward=dict(BLOCK_N=64, BLOCK_V=64)),
     dict(backward=dict(BLOCK_N=128, BLOCK_V=64)),
