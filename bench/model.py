@@ -882,8 +882,16 @@ def _fused_path(ctx: _Ctx):
     hs, ht = ctx.shape.hidden_student, ctx.shape.hidden_teacher
     num_stats, num_partial = _kernel_constants()
     jsd = ctx.divergence.canonical().kind.name == "JSD"
-    wide = _fused.wide_tiles(ctx.passes > 1, 0.0, False, ctx.transform)  # no hard label, no biases here
-    config = _fused.fused_config(n, v, ctx.gpu, ctx.dtype, forward=True, jsd=jsd, transform=ctx.transform, wide=wide)
+    kind = ctx.divergence.canonical().kind.name
+    # no hard label, no biases here; TMA for 16-bit operands on Hopper (`FusedProblem.config`)
+    tma = ctx.gpu.capability >= (9, 0) and ctx.b == 2
+
+    def width(forward):
+        return _fused.tile_width(forward, ctx.passes > 1, kind, 0.0, False, ctx.transform, tma,
+                                 teacher_grads=False)  # a frozen teacher, as every modelled case
+
+    config = _fused.fused_config(n, v, ctx.gpu, ctx.dtype, forward=True, jsd=jsd, transform=ctx.transform,
+                                 width=width(True))
     bn, bv, bh, split = config["BLOCK_N"], config["BLOCK_V"], config["BLOCK_H"], config["split_size"]
     n_splits = _cdiv(v, split)
     hs_p, ht_p = _cdiv(hs, bh) * bh, _cdiv(ht, bh) * bh
@@ -910,9 +918,7 @@ def _fused_path(ctx: _Ctx):
     # The backward (`kdops._fused.fused_backward`): vocabulary slices of G for every row (GRADIENT_BYTES), each
     # a launch of the gradient kernel (one program per tile, recomputing both logit tiles), then cuBLAS:
     # dW[slice] = Gᵀ·h_s and dH += G·W_s[slice] into float32 sums.
-    bwd = _fused.fused_config(n, v, ctx.gpu, ctx.dtype, jsd=jsd, transform=ctx.transform, wide=wide,
-                              teacher_grads=False,  # a frozen teacher, as every modelled case
-                              alpha_beta=ctx.divergence.canonical().kind.name == "ALPHA_BETA")
+    bwd = _fused.fused_config(n, v, ctx.gpu, ctx.dtype, jsd=jsd, transform=ctx.transform, width=width(False))
     gn, gv = bwd["BLOCK_N"], bwd["BLOCK_V"]
     width = _fused.slice_columns(n, v, gv, b)
     slices = [(lo, min(v, lo + width)) for lo in range(0, v, width)]

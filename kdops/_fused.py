@@ -43,19 +43,16 @@ _GPU_TILES = {
     4: dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=8, num_stages=3, maxnreg=255),
     8: dict(BLOCK_N=32, BLOCK_V=32, BLOCK_H=16, num_warps=8, num_stages=3, maxnreg=255),
 }
-# Hopper (wgmma), the specializations that hold the least live state (`FusedProblem.wide_tiles`: a one-pass
-# kind without the hard-label term, the teacher's bias or a tile transform): 16-bit tiles of 128 rows, which
-# halve the re-reads of the weights. Measured on an H100 (bench/results/nvidia-h100-campaign/tune-headline,
-# fused forward KL at 8192 × 128256 × 4096, bf16): 135.7 ms forward + backward against 190.2 ms at 64 × 64.
-# 128 × 128 ran faster still (112.6 ms) but spills 40–216 B there, and 128 × 64 spills in the other
-# specializations (8–976 B: the hard label, the teacher's bias, softcaps, every two-pass kind), which keep 64 × 64
-# (`python -m bench.compile`).
-_HOPPER_WIDE_TILES = {2: dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3)}
-# The gradient kernel on Hopper, in the wide specializations when only the student's gradients are asked for (a
-# frozen teacher: one gradient tile computed and stored): 128 × 128 tiles, which fit 254 registers with TMA loads
-# (`python -m bench.compile`); with the teacher's gradient tile too, or pointer loads, they spill, as α-β's
-# gradient does with the student's bias (32 B): those keep `_HOPPER_WIDE_TILES`.
-_HOPPER_WIDE_BACKWARD_TILES = {2: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)}
+# Hopper (wgmma), 16-bit: tiles as wide as each specialization's live state allows without spilling (`tile_width`,
+# `python -m bench.compile` on sm_90). WIDE, 128 rows × 64 columns, halves the re-reads of the weights; WIDEST,
+# 128 × 128, is the gradient kernel's where a single gradient tile is stored. Measured on an H100 at the headline
+# (8192 × 128256 × 4096, bf16, bench/results/nvidia-h100-campaign/): forward KL 190.2 ms at 64 × 64 → 135.7 ms
+# with WIDE → 124.4 ms with the WIDEST gradient (its backward 70.2 → 57.9 ms); generalized JSD's forward
+# 247.0 → 148.9 ms with WIDE (TMA). The forward at 128 × 128 ran faster still (44.4 against 66.5 ms) but spills
+# 16–24 B a thread even with TMA.
+NARROW, WIDE, WIDEST = 0, 1, 2
+_HOPPER_TILES = {WIDE: {2: dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3)},
+                 WIDEST: {2: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)}}
 # The forward before Hopper (mma.sync, whose accumulator fragments take more registers than wgmma's): 16-bit
 # tiles half as wide, where the KL first pass with its centred sums spilled at 64 × 64 on sm_80; and up to 255
 # registers, where ptxas squeezed the JSD and skew second passes into 128 and spilled 8–16 B (sm_80).
@@ -70,33 +67,40 @@ _JSD_FORWARD_TILES = {8: dict(_GPU_TILES[8], BLOCK_V=16)}
 _TRANSFORM_PRE_HOPPER_BACKWARD_TILES = {2: dict(_GPU_TILES[2], BLOCK_N=32)}
 
 
-def wide_tiles(two_pass: bool, hard: float, teacher_bias: bool, transform: int) -> bool:
-    """Whether a specialization holds the least live state per element — a one-pass kind, no hard-label term,
-    no teacher bias, no tile transform — and so takes `_HOPPER_WIDE_TILES` on Hopper (`fused_config`)."""
-    return not two_pass and hard == 0 and not teacher_bias and not transform
+def tile_width(forward: bool, two_pass: bool, kind: str, hard: float, teacher_bias: bool, transform: int,
+               tma: bool, teacher_grads: bool = True) -> int:
+    """How wide a 16-bit specialization's Hopper tiles may be (`_HOPPER_TILES`; `python -m bench.compile`, sm_90).
+
+    WIDE for the least live state — a one-pass kind without the hard-label term, the teacher's bias or a tile
+    transform — and, where TMA loads the operands (no register per address), for the forward of every kind but
+    skew's (its second pass spills) without the hard-label term or a transform. The gradient kernel takes WIDEST
+    on the least live state with TMA when it stores the student's gradient alone, but α-β's (32 B with the
+    student's bias). NARROW otherwise."""
+    least = not two_pass and hard == 0 and not teacher_bias and not transform
+    if forward:
+        return WIDE if least or (tma and hard == 0 and not transform and kind != "SKEW") else NARROW
+    if least and tma and not teacher_grads and kind != "ALPHA_BETA":
+        return WIDEST
+    return WIDE if least else NARROW
 
 
 def fused_config(n_rows: int, vocab: int, gpu: targets.GPU | None, dtype: torch.dtype = torch.bfloat16,
-                 forward: bool = False, jsd: bool = False, transform: int = 0, wide: bool = False,
-                 teacher_grads: bool = True, alpha_beta: bool = False) -> dict:
+                 forward: bool = False, jsd: bool = False, transform: int = 0, width: int = NARROW) -> dict:
     """Tile sizes and the number of vocabulary splits of the forward for `gpu` (None: the interpreter), whose
     widest matmul operands have `dtype`; the backward takes the same tiles unless `forward`; `jsd`: the
-    generalized-JSD kernels; `transform`: the tile transforms (`Canonical.transform`); `wide`: a specialization
-    with the least live state (`FusedProblem.wide_tiles`); `teacher_grads`: the backward also stores the teacher's
-    gradient tiles; `alpha_beta`: the α-β kernels. On GPU: `_GPU_TILES` (`_HOPPER_WIDE_TILES` first for `wide` on sm_90 and later,
-    `_HOPPER_WIDE_BACKWARD_TILES` for its backward without teacher gradients, but α-β's, `_PRE_HOPPER_FORWARD_TILES` for the forward below sm_90,
-    `_TRANSFORM_PRE_HOPPER_BACKWARD_TILES` for a transformed backward there, `_JSD_FORWARD_TILES` for JSD's
-    forward), and vocabulary splits enough to
+    generalized-JSD kernels; `transform`: the tile transforms (`Canonical.transform`); `width`: how wide the
+    specialization's 16-bit Hopper tiles may be (`tile_width`). On GPU: `_GPU_TILES` (`_HOPPER_TILES` first on
+    sm_90 and later, `_PRE_HOPPER_FORWARD_TILES` for the forward below sm_90, `_TRANSFORM_PRE_HOPPER_BACKWARD_TILES`
+    for a transformed backward there, `_JSD_FORWARD_TILES` for JSD's forward), and vocabulary splits enough to
     fill the device twice and to spread the programs in flight over FORWARD_ROW_BLOCKS_IN_FLIGHT row blocks;
-    `tma`: 16-bit operands on sm_90 and later are loaded by TMA (`FusedProblem.operands`). Under the interpreter:
-    few large tiles, several splits so that the merge is exercised, pointer loads."""
+    `tma`: 16-bit operands on sm_90 and later are loaded by TMA where each tensor allows it
+    (`FusedProblem.operands`). Under the interpreter: few large tiles, several splits so that the merge is
+    exercised, pointer loads."""
     if gpu is not None:
         size = min(torch.empty((), dtype=dtype).element_size(), 8)
         special = _PRE_HOPPER_FORWARD_TILES if forward and gpu.capability < (9, 0) else {}
-        if wide and gpu.capability >= (9, 0):
-            special = _HOPPER_WIDE_TILES
-        if wide and not forward and not teacher_grads and not alpha_beta and gpu.capability >= (9, 0):
-            special = _HOPPER_WIDE_BACKWARD_TILES
+        if width and gpu.capability >= (9, 0):
+            special = _HOPPER_TILES[width]
         if transform and not forward and gpu.capability < (9, 0):
             special = _TRANSFORM_PRE_HOPPER_BACKWARD_TILES
         if jsd and forward:
@@ -158,8 +162,7 @@ class FusedProblem:
         self.dot_dtype = torch.promote_types(*self.dot_dtypes)
         kind, self.two_pass = _launch.kind_of(canon)
         self.jsd = canon.kind.name == "JSD"  # its kernels take narrower tiles (`fused_config`)
-        self.alpha_beta = canon.kind.name == "ALPHA_BETA"  # and α-β's backward (`fused_config`)
-        self.wide_tiles = wide_tiles(self.two_pass, hard, bt is not None, canon.transform)
+        self.hard = hard
         self.device = hs.device
         self.shape_args = (self.hs.shape[-1], self.ht.shape[-1])
         self.layout_args = (*s_layout, *t_layout, self.ws.stride(0), self.wt.stride(0))
@@ -171,6 +174,22 @@ class FusedProblem:
                                PREC_S=prec_s, PREC_T=prec_t,
                                ACC=self.acc)
 
+    def tma_matrices(self) -> list | None:
+        """The four matmul operands (hs, ws, ht, wt) as the 2-D views tensor descriptors cover, or None where TMA
+        cannot load one of them (`_tma_matrix`)."""
+        dots = (self.dot_dtypes[0], self.dot_dtypes[0], self.dot_dtypes[1], self.dot_dtypes[1])
+        matrices = [_tma_matrix(x, dot) for x, dot in zip((self.hs, self.ws, self.ht, self.wt), dots)]
+        return None if any(m is None for m in matrices) else matrices
+
+    def config(self, forward: bool, teacher_grads: bool = True) -> dict:
+        """`fused_config` for this problem's forward or backward (`tile_width`: how wide its tiles may be)."""
+        gpu = self.gpu
+        tma = gpu is not None and gpu.capability >= (9, 0) and self.tma_matrices() is not None
+        width = tile_width(forward, self.two_pass, self.canon.kind.name, self.hard, self.bt is not None,
+                           self.canon.transform, tma, teacher_grads)
+        return fused_config(self.n_rows, self.vocab, gpu, self.dot_dtype, forward=forward, jsd=self.jsd,
+                            transform=self.canon.transform, width=width)
+
     def operands(self, config: dict) -> tuple[int, tuple]:
         """How the kernels' K loops load for `config` (LOADS, `kernels/linear.py`) and the four matmul operands
         (hs, ws, ht, wt) as they take them: tensor descriptors (TMA) where `config["tma"]` asks for them and
@@ -178,14 +197,12 @@ class FusedProblem:
         both hidden sizes."""
         linear = _linear()
         block_n, block_v, block_h = config["BLOCK_N"], config["BLOCK_V"], config["BLOCK_H"]
-        if config.get("tma"):
-            matrices = [_tma_matrix(self.hs, self.dot_dtypes[0]), _tma_matrix(self.ws, self.dot_dtypes[0]),
-                        _tma_matrix(self.ht, self.dot_dtypes[1]), _tma_matrix(self.wt, self.dot_dtypes[1])]
-            if all(m is not None for m in matrices):
-                from triton.tools.tensor_descriptor import TensorDescriptor
+        matrices = self.tma_matrices() if config.get("tma") else None
+        if matrices is not None:
+            from triton.tools.tensor_descriptor import TensorDescriptor
 
-                blocks = ([block_n, block_h], [block_v, block_h]) * 2
-                return linear.TMA.value, tuple(TensorDescriptor.from_tensor(m, b) for m, b in zip(matrices, blocks))
+            blocks = ([block_n, block_h], [block_v, block_h]) * 2
+            return linear.TMA.value, tuple(TensorDescriptor.from_tensor(m, b) for m, b in zip(matrices, blocks))
         even = all(h % block_h == 0 for h in self.shape_args)
         return (linear.EVEN_K if even else linear.MASKED_K).value, (self.hs, self.ws, self.ht, self.wt)
 
@@ -230,8 +247,7 @@ def fused_forward(problem: FusedProblem):
     under `problem.shards`)."""
     linear = _linear()
     n = problem.n_rows
-    config = fused_config(n, problem.vocab, problem.gpu, problem.dot_dtype, forward=True, jsd=problem.jsd,
-                          transform=problem.canon.transform, wide=problem.wide_tiles)
+    config = problem.config(forward=True)
     loads, operands = problem.operands(config)
     split_size = config.pop("split_size")
     config.pop("tma", None)
@@ -281,8 +297,7 @@ def fused_backward(problem: FusedProblem, stats, row_scale, needs):
     if n == 0 or not any(side.any for side in sides):
         return tuple(g for side in sides for g in side.results())
 
-    config = fused_config(n, vocab, problem.gpu, problem.dot_dtype, jsd=problem.jsd, transform=problem.canon.transform,
-                          wide=problem.wide_tiles, teacher_grads=sides[1].any, alpha_beta=problem.alpha_beta)
+    config = problem.config(forward=False, teacher_grads=sides[1].any)
     loads, operands = problem.operands(config)
     config.pop("split_size")
     config.pop("tma", None)

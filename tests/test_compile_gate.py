@@ -15,6 +15,7 @@ import torch
 import kdops
 from bench import compile as gate
 from kdops import _fused, _launch, targets
+from kdops.kernels import linear
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = {"kd_logits_forward_kernel", "kd_logits_backward_kernel", "merge_partials_kernel", *gate.FUSED_KERNELS}
@@ -80,24 +81,29 @@ def test_recording_finds_every_kernel_with_the_gpu_configs():
         s = torch.randn(5, 1000, requires_grad=True)
         kdops.kd_loss(s, torch.randn(5, 1000), backend="triton").backward()
     assert KERNELS <= set(seen)
-    # Forward KL without a hard label, biases or softcaps: the wide Hopper tiles.
-    expected = _fused.fused_config(37, 1000, targets.H100, torch.bfloat16, wide=True)
-    assert expected["BLOCK_N"] == 128
-    for key in ("BLOCK_N", "BLOCK_V", "BLOCK_H", "num_warps", "num_stages"):
-        assert seen["fused_forward_kernel"][key] == expected[key]
+    # Forward KL without a hard label, biases or softcaps, a frozen teacher, TMA: the wide Hopper tiles, the
+    # widest in the gradient kernel.
+    for name, width in (("fused_forward_kernel", _fused.WIDE), ("fused_gradient_kernel", _fused.WIDEST)):
+        expected = _fused.fused_config(37, 1000, targets.H100, torch.bfloat16, forward=name == "fused_forward_kernel",
+                                       width=width)
+        assert expected["BLOCK_N"] == 128 and seen[name]["LOADS"] == linear.TMA.value
+        for key in ("BLOCK_N", "BLOCK_V", "BLOCK_H", "num_warps", "num_stages"):
+            assert seen[name][key] == expected[key]
     for name, forward in (("kd_logits_forward_kernel", True), ("kd_logits_backward_kernel", False)):
         config = _launch.logits_config(5, 1000, targets.H100, forward=forward)
         assert {key: seen[name][key] for key in config} == config
     # At a real vocabulary the forward takes 1024 columns and 4 warps, the gradient 2048 and 8 (measured).
     forward, gradient = (_launch.logits_config(8192, 128256, targets.H100, forward=f) for f in (True, False))
     assert (forward["BLOCK_V"], forward["num_warps"], gradient["BLOCK_V"], gradient["num_warps"]) == (1024, 4, 2048, 8)
-    # A hard-label term (or a two-pass kind) holds more live state: the common tiles.
-    for options in (dict(hard_weight=0.5), dict(divergence="generalized_jsd")):
+    # A hard-label term holds more live state: the common tiles; a two-pass kind, the wide forward with TMA only.
+    narrow = _fused.fused_config(37, 1000, targets.H100)["BLOCK_N"]
+    for options, forward_rows in ((dict(hard_weight=0.5), narrow), (dict(divergence="generalized_jsd"), 128)):
         seen.clear()
         with targets.assume("h100"), _launch.recording(recorder):
             kdops.fused_linear_kd_loss(hs, ws, ht, wt, torch.randint(0, 1000, (37,)), impl="fused", backend="triton",
                                        **options).backward()
-        assert seen["fused_forward_kernel"]["BLOCK_N"] == _fused.fused_config(37, 1000, targets.H100)["BLOCK_N"] == 64
+        assert seen["fused_forward_kernel"]["BLOCK_N"] == forward_rows and narrow == 64
+        assert seen["fused_gradient_kernel"]["BLOCK_N"] == narrow
 
 
 def test_configs_follow_the_named_gpu():
@@ -118,15 +124,30 @@ def test_configs_follow_the_named_gpu():
     assert "num_warps" not in _fused.fused_config(512, 128256, None)
     # The least live state (one pass, no hard label, teacher bias or transform): 128-row 16-bit tiles on Hopper
     # only; the other specializations, float32 operands and the A100 keep theirs.
-    wide = _fused.fused_config(512, 128256, targets.H100, wide=True)
-    assert (wide["BLOCK_N"], wide["BLOCK_V"]) == (128, 64) and wide["split_size"] % 64 == 0
-    assert _fused.fused_config(512, 128256, targets.H100, forward=True, wide=True) == wide
-    assert _fused.fused_config(512, 128256, targets.A100, wide=True) == a100
-    assert _fused.fused_config(512, 128256, targets.H100, torch.float32, wide=True) == \
+    wide = _fused.fused_config(512, 128256, targets.H100, width=_fused.WIDE)
+    assert (wide["BLOCK_N"], wide["BLOCK_V"]) == (128, 64) and wide["split_size"] % 64 == 0 and wide["tma"]
+    widest = _fused.fused_config(512, 128256, targets.H100, width=_fused.WIDEST)
+    assert (widest["BLOCK_N"], widest["BLOCK_V"]) == (128, 128)
+    assert _fused.fused_config(512, 128256, targets.H100, forward=True, width=_fused.WIDE) == wide
+    assert _fused.fused_config(512, 128256, targets.A100, width=_fused.WIDE) == a100
+    assert _fused.fused_config(512, 128256, targets.H100, torch.float32, width=_fused.WIDE) == \
         _fused.fused_config(512, 128256, targets.H100, torch.float32)
-    assert _fused.wide_tiles(False, 0.0, False, 0)
-    assert not any((_fused.wide_tiles(True, 0.0, False, 0), _fused.wide_tiles(False, 0.5, False, 0),
-                    _fused.wide_tiles(False, 0.0, True, 0), _fused.wide_tiles(False, 0.0, False, 1)))
+    assert not _fused.fused_config(512, 128256, targets.A100)["tma"]
+
+    def width(forward=True, two_pass=False, kind="KL", hard=0.0, bias=False, transform=0, tma=True, grads=False):
+        return _fused.tile_width(forward, two_pass, kind, hard, bias, transform, tma, grads)
+
+    # the least live state: wide everywhere, the widest gradient with TMA and the student's gradient alone
+    assert (width(), width(tma=False), width(forward=False), width(forward=False, tma=False)) == \
+        (_fused.WIDE, _fused.WIDE, _fused.WIDEST, _fused.WIDE)
+    assert width(forward=False, grads=True) == width(forward=False, kind="ALPHA_BETA") == _fused.WIDE
+    # TMA widens the forward of the two-pass kinds (but skew's) and of a teacher bias; not the gradient's
+    jsd = dict(two_pass=True, kind="JSD")
+    assert (width(**jsd), width(**jsd, tma=False)) == (_fused.WIDE, _fused.NARROW)
+    assert width(bias=True) == _fused.WIDE and width(forward=False, bias=True) == _fused.NARROW
+    assert width(two_pass=True, kind="SKEW") == width(forward=False, two_pass=True, kind="JSD") == _fused.NARROW
+    # a hard label or a tile transform: narrow
+    assert width(hard=0.5) == width(transform=1) == width(forward=False, hard=0.5) == _fused.NARROW
     # Generalized JSD (the most live state): half the columns in its float64 forward; every other kernel of
     # it keeps the common tiles.
     jsd = dict(jsd=True)
