@@ -85,17 +85,18 @@ def tile_width(forward: bool, two_pass: bool, kind: str, hard: float, teacher_bi
 
 
 def fused_config(n_rows: int, vocab: int, gpu: targets.GPU | None, dtype: torch.dtype = torch.bfloat16,
-                 forward: bool = False, jsd: bool = False, transform: int = 0, width: int = NARROW) -> dict:
+                 forward: bool = False, jsd: bool = False, transform: int = 0, width: int = NARROW,
+                 tma: bool = False) -> dict:
     """Tile sizes and the number of vocabulary splits of the forward for `gpu` (None: the interpreter), whose
     widest matmul operands have `dtype`; the backward takes the same tiles unless `forward`; `jsd`: the
     generalized-JSD kernels; `transform`: the tile transforms (`Canonical.transform`); `width`: how wide the
     specialization's 16-bit Hopper tiles may be (`tile_width`). On GPU: `_GPU_TILES` (`_HOPPER_TILES` first on
     sm_90 and later, `_PRE_HOPPER_FORWARD_TILES` for the forward below sm_90, `_TRANSFORM_PRE_HOPPER_BACKWARD_TILES`
     for a transformed backward there, `_JSD_FORWARD_TILES` for JSD's forward), and vocabulary splits enough to
-    fill the device twice and to spread the programs in flight over FORWARD_ROW_BLOCKS_IN_FLIGHT row blocks;
-    `tma`: 16-bit operands on sm_90 and later are loaded by TMA where each tensor allows it
-    (`FusedProblem.operands`). Under the interpreter: few large tiles, several splits so that the merge is
-    exercised, pointer loads."""
+    fill the device twice and to spread the programs in flight over FORWARD_ROW_BLOCKS_IN_FLIGHT row blocks.
+    `tma` (the operands allow TMA: `FusedProblem.tma_operands`) is carried in the result, the launchers' switch
+    (`FusedProblem.operands`), so that a caller can turn it off. Under the interpreter: few large tiles,
+    several splits so that the merge is exercised."""
     if gpu is not None:
         size = min(torch.empty((), dtype=dtype).element_size(), 8)
         special = _PRE_HOPPER_FORWARD_TILES if forward and gpu.capability < (9, 0) else {}
@@ -111,8 +112,6 @@ def fused_config(n_rows: int, vocab: int, gpu: targets.GPU | None, dtype: torch.
         tiles = dict(BLOCK_N=min(32, max(16, _next_pow2(n_rows))), BLOCK_V=128, BLOCK_H=64)
         splits = 3
     split_size = _cdiv(_cdiv(vocab, splits), tiles["BLOCK_V"]) * tiles["BLOCK_V"]
-    # TMA: 16-bit operands on Hopper and later (`FusedProblem.operands` checks each tensor)
-    tma = gpu is not None and gpu.capability >= (9, 0) and size == 2
     return dict(tiles, split_size=split_size, tma=tma)
 
 
@@ -162,42 +161,38 @@ class FusedProblem:
         self.dot_dtype = torch.promote_types(*self.dot_dtypes)
         kind, self.two_pass = _launch.kind_of(canon)
         self.jsd = canon.kind.name == "JSD"  # its kernels take narrower tiles (`fused_config`)
-        self.hard = hard
         self.device = hs.device
         self.shape_args = (self.hs.shape[-1], self.ht.shape[-1])
         self.layout_args = (*s_layout, *t_layout, self.ws.stride(0), self.wt.stride(0))
         self.scalars = (inv_temp, canon.c1, canon.c2, *canon.transform_args())
         self.weights = (soft, hard)
+        # The four matmul operands (hs, ws, ht, wt) as the 2-D views tensor descriptors cover, where TMA can load
+        # every one of them (`_tma_matrix`); else None. `config` asks for TMA on Hopper and later.
+        dots = (self.dot_dtypes[0], self.dot_dtypes[0], self.dot_dtypes[1], self.dot_dtypes[1])
+        matrices = [_tma_matrix(x, dot) for x, dot in zip((self.hs, self.ws, self.ht, self.wt), dots)]
+        self.tma_operands = None if any(m is None for m in matrices) else matrices
         self.constexprs = dict(KIND=kind, HARD=hard > 0, STUDENT_IS_P=canon.student_is_p, TRANSFORM=canon.transform,
                                HAS_BS=bs is not None,
                                HAS_BT=bt is not None, DOT_S=dot_s, DOT_T=dot_t, MMA_S=mma_s, MMA_T=mma_t,
                                PREC_S=prec_s, PREC_T=prec_t,
                                ACC=self.acc)
 
-    def tma_matrices(self) -> list | None:
-        """The four matmul operands (hs, ws, ht, wt) as the 2-D views tensor descriptors cover, or None where TMA
-        cannot load one of them (`_tma_matrix`)."""
-        dots = (self.dot_dtypes[0], self.dot_dtypes[0], self.dot_dtypes[1], self.dot_dtypes[1])
-        matrices = [_tma_matrix(x, dot) for x, dot in zip((self.hs, self.ws, self.ht, self.wt), dots)]
-        return None if any(m is None for m in matrices) else matrices
-
     def config(self, forward: bool, teacher_grads: bool = True) -> dict:
         """`fused_config` for this problem's forward or backward (`tile_width`: how wide its tiles may be)."""
-        gpu = self.gpu
-        tma = gpu is not None and gpu.capability >= (9, 0) and self.tma_matrices() is not None
-        width = tile_width(forward, self.two_pass, self.canon.kind.name, self.hard, self.bt is not None,
+        tma = self.gpu is not None and self.gpu.capability >= (9, 0) and self.tma_operands is not None
+        width = tile_width(forward, self.two_pass, self.canon.kind.name, self.weights[1], self.bt is not None,
                            self.canon.transform, tma, teacher_grads)
-        return fused_config(self.n_rows, self.vocab, gpu, self.dot_dtype, forward=forward, jsd=self.jsd,
-                            transform=self.canon.transform, width=width)
+        return fused_config(self.n_rows, self.vocab, self.gpu, self.dot_dtype, forward=forward, jsd=self.jsd,
+                            transform=self.canon.transform, width=width, tma=tma)
 
     def operands(self, config: dict) -> tuple[int, tuple]:
         """How the kernels' K loops load for `config` (LOADS, `kernels/linear.py`) and the four matmul operands
         (hs, ws, ht, wt) as they take them: tensor descriptors (TMA) where `config["tma"]` asks for them and
-        every operand allows them (`_tma_matrix`), else the tensors, read without masks where BLOCK_H divides
+        every operand allows them (`tma_operands`), else the tensors, read without masks where BLOCK_H divides
         both hidden sizes."""
         linear = _linear()
         block_n, block_v, block_h = config["BLOCK_N"], config["BLOCK_V"], config["BLOCK_H"]
-        matrices = self.tma_matrices() if config.get("tma") else None
+        matrices = self.tma_operands if config.get("tma") else None
         if matrices is not None:
             from triton.tools.tensor_descriptor import TensorDescriptor
 
