@@ -99,8 +99,10 @@ H100_MATMUL_RATE = targets.H100.matmul_flops_16bit
 #: campaign measured 93.8 / 46.2 (KL) and 255.4 / 148.9 (JSD) instructions; the sums kept in lanes, flushed
 #: exponentials and series-only logarithms (kernels/divergences.py) brought them to the counts below.
 #: Since the campaign the forward kernels take 1024 columns and 4 warps (`logits_config`; its tune measured them
-#: 7–8 % faster, which their counts, 47.6 → 47.1 and 181.4 → 180.8, do not show).
-LOGITS_KERNEL_SASS = {"kl": ((47.6, 39.1), (47.1, 39.1)), "jsd": ((181.4, 97.2), (180.8, 97.2))}
+#: 7–8 % faster, which their counts, 47.6 → 47.1 and 181.4 → 180.8, do not show). Then JSD's terms shared their
+#: ratios, took the MUFU's log2 and reciprocal (`jsd_terms`, `log_approx`, `div_approx`): 180.8 → 130.9 and
+#: 97.2 → 56.9, its second pass 142.6 → 92.6 of them (not measured on a GPU yet).
+LOGITS_KERNEL_SASS = {"kl": ((47.6, 39.1), (47.1, 39.1)), "jsd": ((181.4, 97.2), (130.9, 56.9))}
 
 
 #: The tile transforms (`kernels/transforms.py`): instructions they add per element to a forward pass and to the

@@ -73,8 +73,37 @@ def exp_flushed(x):
     if x.dtype == tl.float32 and not INTERPRETED:  # static
         result = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * 1.4426950408889634],
                                            dtype=tl.float32, is_pure=True, pack=1)
+    elif x.dtype == tl.float32:  # static: the interpreter flushes as the GPU does (callers may rely on it)
+        result = tl.where(x * 1.4426950408889634 < -126.0, 0.0, tl.exp(x))
     else:
         result = tl.exp(x)
+    return result
+
+
+@triton.jit
+def log_approx(x):
+    """log x by the GPU's log2 (`lg2.approx.ftz`: one MUFU operation and a multiply, where libdevice's logf,
+    `tl.log`, takes about twenty instructions): within 2^-22 of log2 x absolute for x in [½, 2] and 2 ulps
+    elsewhere (CUDA's __log2f), normal x > 0. For logarithms away from 0, where that is a few ulps of the result;
+    float64 and the interpreter take `tl.log`."""
+    if x.dtype == tl.float32 and not INTERPRETED:  # static
+        result = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                           is_pure=True, pack=1) * 0.6931471805599453
+    else:
+        result = tl.log(x)
+    return result
+
+
+@triton.jit
+def div_approx(a, b):
+    """a / b as a·(1/b) with the GPU's reciprocal (`rcp.approx.ftz`: 1 ulp; one MUFU operation and a multiply,
+    where `/`, div.full.f32, adds range tests and scalings for |b| > 2^126 and is good to 2 ulps), for b a
+    normal number of moderate size; float64 and the interpreter divide."""
+    if a.dtype == tl.float32 and not INTERPRETED:  # static
+        result = a * tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [b], dtype=tl.float32,
+                                               is_pure=True, pack=1)
+    else:
+        result = a / b
     return result
 
 
@@ -93,7 +122,7 @@ def log_mix(lp, lq, w):
     u = lp + tl.log(w)
     v = lq + tl.log(1.0 - w)
     larger = tl.maximum(u, v)
-    mix = larger + tl.log(1.0 + exp_flushed(tl.minimum(u, v) - larger))
+    mix = larger + log1p_unit(exp_flushed(tl.minimum(u, v) - larger))
     return tl.where(larger == NEG_INF, NEG_INF, mix)
 
 
@@ -139,9 +168,20 @@ def log1p(u):
 
 
 @triton.jit
+def log1p_unit(e):
+    """log(1 + e) for 0 ≤ e ≤ 1: the series of `log1p_series` in float32 (no logarithm: libdevice's logf costs
+    about twenty instructions more), the plain log in float64."""
+    if e.dtype == tl.float64:  # static
+        result = tl.log(1.0 + e)
+    else:
+        result = log1p_series(e)
+    return result
+
+
+@triton.jit
 def log1p_series(u):
     """log(1 + u) = 2·atanh(z) = 2z(1 + z²·`atanh_tail`(z)), z = u / (2 + u): float32's `log1p` for −½ ≤ u ≤ 1."""
-    z = u / (2.0 + u)
+    z = div_approx(u, 2.0 + u)
     return 2.0 * z * (1.0 + z * z * atanh_tail(z))
 
 
@@ -215,6 +255,24 @@ def expm1(z):
 
 
 @triton.jit
+def expm1_pair(z, e_up, e_down):
+    """(e^z − 1, e^−z − 1), each to the precision of the result, given e_up = e^z and e_down = e^−z. Where |z| is
+    small (`series_bound`) both come from one pair of series, sinh z and cosh z − 1 in z² (float32: to z⁹ and
+    z⁸, the first terms left out below 3e-9 relative at |z| = ½; float64: `exp_tail` twice):
+    e^±z − 1 = (cosh z − 1) ± sinh z, which cancels at most a quarter of the larger term. Elsewhere
+    e_up − 1 and e_down − 1."""
+    if z.dtype == tl.float64:  # static
+        up, down = exp_tail(z, 1), exp_tail(-z, 1)
+    else:
+        zz = z * z
+        odd = z + z * zz * (1.0 / 6.0 + zz * (1.0 / 120.0 + zz * (1.0 / 5040.0 + zz * (1.0 / 362880.0))))
+        even = zz * (0.5 + zz * (1.0 / 24.0 + zz * (1.0 / 720.0 + zz * (1.0 / 40320.0))))
+        up, down = even + odd, even - odd
+    near = tl.abs(z) <= series_bound(z)
+    return tl.where(near, up, e_up - 1.0), tl.where(near, down, e_down - 1.0)
+
+
+@triton.jit
 def log1p_excess(s):
     """ψ(s) = s − log1p(s) ≥ 0 (s > −1), to the precision of the result. For small s, from the series of
     `log1p` in z = s / (2 + s): s − 2z = s·z exactly, so ψ(s) = s·z − 2z³(1/3 + z²/5 + … + z^12/15)."""
@@ -228,7 +286,7 @@ def log1p_excess(s):
 @triton.jit
 def log1p_excess_series(s):
     """ψ(s) by its series in z = s / (2 + s): float32's `log1p_excess` for |s| ≤ ½."""
-    z = s / (2.0 + s)
+    z = div_approx(s, 2.0 + s)
     return s * z - 2.0 * z * z * z * atanh_tail(z)
 
 
@@ -585,24 +643,50 @@ def log_probs(x, y, m_x, ls_x, m_y, ls_y, r):
 
 
 @triton.jit
-def kl_to_mix(p, q, lp, lm, lq_minus_lp, w_q):
+def kl_to_mix(p, q, lpm_far, ratio_m1, w_q):
     """For M = (1 − w_q)·P + w_q·Q, per element: (log p − log m, p·(log p − log m), p·ψ(w)), with
-    w = m/p − 1 = w_q·expm1(log q − log p).
+    w = m/p − 1 = w_q·(q/p − 1) and ratio_m1 = q/p − 1 = expm1(log q − log p), to its own precision (`expm1`;
+    JSD's two calls take theirs from one `expm1_pair`).
 
     log p − log m = −log1p(w), to the precision of its own size where w is small (near-identical rows: no
-    cancellation of log p and log m, each of the logits' size); elsewhere from the log-mixture lm; 0 where
-    p = 0. The terms p·ψ(w) = p·(log p − log m) + w_q·(q − p) ≥ 0 (w_q·q where p = 0) also sum to
-    KL(P ‖ M) — their first-order parts w_q·(q − p) sum to zero — without the sum's cancellation of order
-    ε on near-identical rows, but they carry the error of the rows' normalizations at first order (30 times
-    the reference's error on a peaked teacher row against a flat student). In JSD those parts cancel
-    element by element between KL(P ‖ M) and KL(Q ‖ M), and only there are these terms taken."""
-    w = w_q * expm1(lq_minus_lp)
+    cancellation of log p and log m, each of the logits' size); elsewhere the caller's lpm_far (JSD: `mix_ratio_log`,
+    SKEW: from the log-mixture); 0 where p = 0. The terms p·ψ(w) = p·(log p − log m) + w_q·(q − p) ≥ 0
+    (w_q·q where p = 0) also sum to KL(P ‖ M) — their first-order parts w_q·(q − p) sum to zero — without the
+    sum's cancellation of order ε on near-identical rows, but they carry the error of the rows' normalizations at
+    first order (30 times the reference's error on a peaked teacher row against a flat student). In JSD those
+    parts cancel element by element between KL(P ‖ M) and KL(Q ‖ M), and only there are these terms taken."""
+    w = w_q * ratio_m1
     small = tl.abs(w) <= 0.5
     log1p_w, psi_w = log1p_and_excess_small(w)
-    lpm = tl.where(small, -log1p_w, lp - lm)
+    lpm = tl.where(small, -log1p_w, lpm_far)
     lpm = tl.where(p > 0, lpm, 0.0)
-    psi = tl.where(small, p * psi_w, p * (lp - lm) + w_q * exp_diff(q, p, lq_minus_lp))
+    # elsewhere w_q·(q − p) = p·w: finite where p > 0, a normal number (`exp_flushed`), so q/p < e^88
+    psi = tl.where(small, p * psi_w, p * lpm_far + w_q * tl.where(tl.abs(ratio_m1) <= 0.5, p * ratio_m1, q - p))
     return lpm, p * lpm, tl.where(p > 0, psi, w_q * q)
+
+
+@triton.jit
+def mix_ratio_log(ratio, w_q):
+    """log p − log m = −log((1 − w_q) + w_q·q/p) for M = (1 − w_q)·P + w_q·Q, from ratio = q/p: a sum of two
+    non-negative terms (no cancellation, whatever w_q) and one logarithm (`log_approx`). For `kl_to_mix` where
+    |m/p − 1| > ½, so that |log p − log m| > 0.4: within 4 ulps there, where log p − log m from log-probabilities
+    of the logits' size would carry their absolute error. Where p = 0 (ratio may be +inf) it is unused."""
+    return -log_approx((1.0 - w_q) + w_q * ratio)
+
+
+@triton.jit
+def jsd_terms(lp, lq, lpq, c1):
+    """(p, q, log p − log m, p·ψ, log q − log m, q·ψ) of `kl_to_mix` for both of JSD's KL(P ‖ M) and
+    KL(Q ‖ M), M = c1·P + (1 − c1)·Q, sharing their ratios: e^(lq − lp) = q/p and its inverse (each side's m/p
+    from `mix_ratio_log`; their expm1 from one `expm1_pair`)."""
+    p = exp_flushed(lp)
+    q = exp_flushed(lq)
+    q_over_p = exp_flushed(-lpq)
+    p_over_q = exp_flushed(lpq)
+    q_over_p_m1, p_over_q_m1 = expm1_pair(-lpq, q_over_p, p_over_q)
+    lpm, _, psi_p = kl_to_mix(p, q, mix_ratio_log(q_over_p, 1.0 - c1), q_over_p_m1, 1.0 - c1)
+    lqm, _, psi_q = kl_to_mix(q, p, mix_ratio_log(p_over_q, c1), p_over_q_m1, c1)
+    return p, q, lpm, psi_p, lqm, psi_q
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -621,12 +705,10 @@ def second_pass_terms(KIND: tl.constexpr, lp, lq, lpq, c1, c2):
     t2 = tl.zeros_like(lp)
     t3 = tl.zeros_like(lp)
     if KIND == JSD:
-        lm = log_mix(lp, lq, c1)
-        _, _, t1 = kl_to_mix(p, q, lp, lm, -lpq, 1.0 - c1)  # KL(P ‖ M)
-        _, _, t2 = kl_to_mix(q, p, lq, lm, lpq, c1)  # KL(Q ‖ M)
+        _, _, _, t1, _, t2 = jsd_terms(lp, lq, lpq, c1)  # KL(P ‖ M), KL(Q ‖ M)
     elif KIND == SKEW:
         lm = log_mix(lp, lq, c1)
-        _, t1, _ = kl_to_mix(p, q, lp, lm, -lpq, 1.0 - c1)  # KL(P ‖ M)
+        _, t1, _ = kl_to_mix(p, q, lp - lm, expm1(-lpq), 1.0 - c1)  # KL(P ‖ M)
         t2 = tl.where(p > 0, tl.exp(lq + lp - lm), 0.0)  # S = Σ q p / M
         t3 = tl.where(p > 0, tl.exp(2.0 * lp - lm), 0.0)  # R = Σ p² / M
     elif KIND == TVD:
@@ -682,15 +764,13 @@ def gradient_terms(KIND: tl.constexpr, lp, lq, lpq, L, aux1, aux2, aux3, c1, c2)
         g_y = exp_diff(q, p, -lpq)  # q − p
     elif KIND == JSD:
         # aux1 = KL(P ‖ M), aux2 = KL(Q ‖ M)
-        lm = log_mix(lp, lq, c1)
-        lpm, _, _ = kl_to_mix(p, q, lp, lm, -lpq, 1.0 - c1)
-        lqm, _, _ = kl_to_mix(q, p, lq, lm, lpq, c1)
+        p, q, lpm, _, lqm, _ = jsd_terms(lp, lq, lpq, c1)
         g_x = tl.where(p > 0, c1 * p * (lpm - aux1), 0.0)
         g_y = tl.where(q > 0, (1.0 - c1) * q * (lqm - aux2), 0.0)
     elif KIND == SKEW:
         # aux2 = S = Σ q p / M, aux3 = R = Σ p² / M
         lm = log_mix(lp, lq, c1)
-        lpm, _, _ = kl_to_mix(p, q, lp, lm, -lpq, 1.0 - c1)
+        lpm, _, _ = kl_to_mix(p, q, lp - lm, expm1(-lpq), 1.0 - c1)
         # c1·(p²/M − p·R) is 0 at c1 = 0 (M = Q), where p²/M may overflow as q underflows
         cross = tl.where(c1 > 0, c1 * (tl.exp(2.0 * lp - lm) - p * aux3), 0.0)
         g_x = tl.where(p > 0, p * (lpm - L) - cross, 0.0)
