@@ -359,10 +359,7 @@ class ChunkedProblem:
             return torch.empty(shape, dtype=dtype, device=device) if need else None
 
         grad_h = [empty((self.n_rows, side.width), side.hidden.dtype, a[0]) for side, a in zip(sides, asked)]
-        # Weight gradients over several groups: float32 (ACC) accumulators, one rounding at the end; with a
-        # single group, the gradient itself (every slice written once).
-        grad_w = [zeros((side.weight_rows, side.width), acc if plan.accumulate else side.weight.dtype, a[1])
-                  for side, a in zip(sides, asked)]
+        grad_w = [self._weight_grad(side, plan.accumulate) if a[1] else None for side, a in zip(sides, asked)]
         grad_b = [zeros((self.vocab,), acc, a[2]) for a in asked]
         rows = torch.empty(self.n_rows, dtype=acc, device=device)
         chunk, group = plan.chunk, plan.group
@@ -394,6 +391,18 @@ class ChunkedProblem:
         for side, g_h, g_w, g_b in zip(sides, grad_h, grad_w, grad_b):
             out += [g_h, _cast(g_w, side.weight.dtype), self._bias_grad(g_b, side)]
         return rows, tuple(out + [None] * (self.num_inputs - len(out)))
+
+    def _weight_grad(self, side: _Side, accumulate: bool) -> torch.Tensor:
+        """Where a side's weight gradient is summed: over several groups, a float32 (ACC) accumulator of zeros,
+        rounded once at the end; with a single group, the gradient itself, whose rows of the shared vocabulary
+        `_Side.backprop` writes once (only the padding rows past it are zeroed here: a zero fill of the whole
+        [V, H] gradient costs a pass over it, 0.3 ms at V = 128256, H = 4096 in bf16)."""
+        shape = (side.weight_rows, side.width)
+        if accumulate or self.n_rows == 0:  # no rows: no group writes it
+            return torch.zeros(shape, dtype=self.acc_dtype if accumulate else side.weight.dtype, device=self.device)
+        grad = _launch._empty(shape, side.weight.dtype, self.device)  # NaN under the tests: every row must be written
+        grad[self.vocab:].zero_()
+        return grad
 
     @staticmethod
     def _bias_grad(g, side: _Side):
