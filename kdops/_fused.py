@@ -49,7 +49,8 @@ _GPU_TILES = {
 # (8192 × 128256 × 4096, bf16, bench/results/nvidia-h100-campaign/): forward KL 190.2 ms at 64 × 64 → 135.7 ms
 # with WIDE → 124.4 ms with the WIDEST gradient (its backward 70.2 → 57.9 ms); generalized JSD's forward
 # 247.0 → 148.9 ms with WIDE (TMA). The forward at 128 × 128 ran faster still (44.4 against 66.5 ms) but spills
-# 16–24 B a thread even with TMA.
+# 16–24 B a thread even with TMA. Since JSD's and the skews' terms take fewer registers (0.3.4: `jsd_terms`), the
+# skews' forward and JSD's and TVD's gradient kernels fit the wider tiles too (not measured on a GPU yet).
 NARROW, WIDE, WIDEST = 0, 1, 2
 _HOPPER_TILES = {WIDE: {2: dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3)},
                  WIDEST: {2: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)}}
@@ -72,14 +73,15 @@ def tile_width(forward: bool, two_pass: bool, kind: str, hard: float, teacher_bi
     """How wide a 16-bit specialization's Hopper tiles may be (`_HOPPER_TILES`; `python -m bench.compile`, sm_90).
 
     WIDE for the least live state — a one-pass kind without the hard-label term, the teacher's bias or a tile
-    transform — and, where TMA loads the operands (no register per address), for the forward of every kind but
-    skew's (its second pass spills) without the hard-label term or a transform. The gradient kernel takes WIDEST
-    on the least live state with TMA when it stores the student's gradient alone, but α-β's (32 B with the
-    student's bias). NARROW otherwise."""
-    least = not two_pass and hard == 0 and not teacher_bias and not transform
+    transform — and, where TMA loads the operands (no register per address), for the forward of every kind
+    without the hard-label term or a transform. The gradient kernel, one pass over the vocabulary whatever the
+    kind, takes WIDEST without those three terms, with TMA, when it stores the student's gradient alone, but
+    α-β's (32 B of spill with the student's bias) and skew's (16 B). NARROW otherwise."""
+    light = hard == 0 and not teacher_bias and not transform
+    least = light and not two_pass
     if forward:
-        return WIDE if least or (tma and hard == 0 and not transform and kind != "SKEW") else NARROW
-    if least and tma and not teacher_grads and kind != "ALPHA_BETA":
+        return WIDE if least or (tma and hard == 0 and not transform) else NARROW
+    if light and tma and not teacher_grads and kind not in ("ALPHA_BETA", "SKEW"):
         return WIDEST
     return WIDE if least else NARROW
 

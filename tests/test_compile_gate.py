@@ -95,15 +95,20 @@ def test_recording_finds_every_kernel_with_the_gpu_configs():
     # At a real vocabulary the forward takes 1024 columns and 4 warps, the gradient 2048 and 8 (measured).
     forward, gradient = (_launch.logits_config(8192, 128256, targets.H100, forward=f) for f in (True, False))
     assert (forward["BLOCK_V"], forward["num_warps"], gradient["BLOCK_V"], gradient["num_warps"]) == (1024, 4, 2048, 8)
-    # A hard-label term holds more live state: the common tiles; a two-pass kind, the wide forward with TMA only.
+    # A hard-label term holds more live state: the common tiles; a two-pass kind, the wide forward with TMA only
+    # and, with a frozen teacher, the widest gradient tiles but for skew's.
     narrow = _fused.fused_config(37, 1000, targets.H100)["BLOCK_N"]
-    for options, forward_rows in ((dict(hard_weight=0.5), narrow), (dict(divergence="generalized_jsd"), 128)):
+    for options, forward_rows, gradient_columns in ((dict(hard_weight=0.5), narrow, 64),
+                                                    (dict(divergence="generalized_jsd"), 128, 128),
+                                                    (dict(divergence="skew_forward_kl"), 128, 64)):
         seen.clear()
         with targets.assume("h100"), _launch.recording(recorder):
             kdops.fused_linear_kd_loss(hs, ws, ht, wt, torch.randint(0, 1000, (37,)), impl="fused", backend="triton",
                                        **options).backward()
         assert seen["fused_forward_kernel"]["BLOCK_N"] == forward_rows and narrow == 64
-        assert seen["fused_gradient_kernel"]["BLOCK_N"] == narrow
+        rows = 128 if gradient_columns == 128 else narrow
+        assert (seen["fused_gradient_kernel"]["BLOCK_N"], seen["fused_gradient_kernel"]["BLOCK_V"]) == \
+            (rows, gradient_columns)
     # Before Hopper the same call loads by pointers (masked along H: BLOCK_H does not divide Ht = 96).
     seen.clear()
     with targets.assume("a100"), _launch.recording(recorder):
@@ -145,11 +150,15 @@ def test_configs_follow_the_named_gpu():
     assert (width(), width(tma=False), width(forward=False), width(forward=False, tma=False)) == \
         (_fused.WIDE, _fused.WIDE, _fused.WIDEST, _fused.WIDE)
     assert width(forward=False, grads=True) == width(forward=False, kind="ALPHA_BETA") == _fused.WIDE
-    # TMA widens the forward of the two-pass kinds (but skew's) and of a teacher bias; not the gradient's
+    # TMA widens the forward of the two-pass kinds and of a teacher bias; the gradient kernel of the two-pass kinds
+    # (one pass over the vocabulary) takes the widest tiles where the one-pass kinds do, but skew's
     jsd = dict(two_pass=True, kind="JSD")
     assert (width(**jsd), width(**jsd, tma=False)) == (_fused.WIDE, _fused.NARROW)
     assert width(bias=True) == _fused.WIDE and width(forward=False, bias=True) == _fused.NARROW
-    assert width(two_pass=True, kind="SKEW") == width(forward=False, two_pass=True, kind="JSD") == _fused.NARROW
+    assert width(two_pass=True, kind="SKEW") == width(two_pass=True, kind="TVD") == _fused.WIDE
+    assert width(forward=False, **jsd) == width(forward=False, two_pass=True, kind="TVD") == _fused.WIDEST
+    assert width(forward=False, two_pass=True, kind="SKEW") == width(forward=False, **jsd, tma=False) == \
+        width(forward=False, **jsd, grads=True) == _fused.NARROW
     # a hard label or a tile transform: narrow
     assert width(hard=0.5) == width(transform=1) == width(forward=False, hard=0.5) == _fused.NARROW
     # Generalized JSD (the most live state): half the columns in its float64 forward; every other kernel of
