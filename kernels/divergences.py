@@ -660,7 +660,8 @@ def kl_to_mix(p, q, lpm_far, ratio_m1, w_q):
     log1p_w, psi_w = log1p_and_excess_small(w)
     lpm = tl.where(small, -log1p_w, lpm_far)
     lpm = tl.where(p > 0, lpm, 0.0)
-    # elsewhere w_q·(q − p) = p·w: finite where p > 0, a normal number (`exp_flushed`), so q/p < e^88
+    # elsewhere w_q·(q − p), with q − p from the normalized q and p (JSD's two sides then cancel it element by
+    # element; p·(q/p − 1) would not), or p·(q/p − 1) where q − p itself would cancel
     psi = tl.where(small, p * psi_w, p * lpm_far + w_q * tl.where(tl.abs(ratio_m1) <= 0.5, p * ratio_m1, q - p))
     return lpm, p * lpm, tl.where(p > 0, psi, w_q * q)
 
