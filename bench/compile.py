@@ -262,6 +262,7 @@ class Compiled:
     tensor_core_instructions: int = 0
     seconds: float = 0.0
     sixteen_bit_dot: bool = False
+    float64_instructions: int = 0  # float64 arithmetic in a kernel that accumulates in float32 (`float64_math`)
 
     @property
     def failures(self) -> list[str]:
@@ -270,6 +271,8 @@ class Compiled:
             out.append(f"compile error: {self.error}")
         if self.local_bytes or self.spill_instructions:
             out.append(f"spills ({self.local_bytes} B local, {self.spill_instructions} STL/LDL)")
+        if self.float64_instructions:
+            out.append(f"{self.float64_instructions} float64 arithmetic instructions in a float32 kernel")
         if self.name in FUSED_KERNELS and self.sixteen_bit_dot and not self.tensor_core_instructions:
             out.append("16-bit dot without tensor-core instructions")
         return out
@@ -361,6 +364,19 @@ def sass(cubin: bytes) -> str:
                               check=True).stdout
 
 
+_FLOAT64_OP = re.compile(r"^\s*(?:@!?%p\d+\s+)?([a-z]+)(?:\.[a-z0-9]+)*\.f64\b", re.MULTILINE)
+
+
+def float64_math(ptx: str) -> int:
+    """float64 arithmetic instructions in a kernel's PTX: none may remain in one that accumulates in float32. The
+    kernels take their float arguments as float64 (`kernels/divergences.py`, FLOAT) and convert them to the
+    accumulation dtype on entry; a use before that conversion would run on the GPU's float64 units (1/64 of the
+    float32 rate on most parts). Loading a float64 parameter and converting it is no arithmetic, nor is a
+    comparison: LLVM moves libdevice's range test of a converted argument (logf's x < 2^-126) onto the float64
+    value, once per program."""
+    return sum(op not in ("ld", "cvt", "mov", "setp") for op in _FLOAT64_OP.findall(ptx))
+
+
 def _compile_job(index: int) -> Compiled:
     """Compile _JOBS[index] (a forked worker reads the list it inherited)."""
     spec = _JOBS[index]
@@ -373,6 +389,8 @@ def _compile_job(index: int) -> Compiled:
         result.shared_bytes = int(compiled.metadata.shared)
         for field, value in analyse_cubin(compiled.asm["cubin"], spec.arch, spec.name in FUSED_KERNELS).items():
             setattr(result, field, value)
+        if str({**dict(zip(spec.kernel.arg_names, spec.args)), **spec.kwargs}.get("ACC")) != "fp64":
+            result.float64_instructions = float64_math(compiled.asm["ptx"])
     except Exception as error:  # noqa: BLE001 - every failure is a row of the report
         result.seconds = time.perf_counter() - start
         result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"

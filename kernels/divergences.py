@@ -59,6 +59,21 @@ NEG_INF = tl.constexpr(float("-inf"))
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 
+# The kernels' float arguments (a temperature's inverse, β or α, the loss weights, softcaps) are declared FLOAT,
+# float64 — unannotated, Triton would pass a Python float as float32 and round it before a float64 kernel sees
+# it — and taken into the accumulation dtype on entry (`in_acc`: float32 kernels then compute as before).
+FLOAT = tl.float64
+
+
+@triton.jit
+def in_acc(x, ACC: tl.constexpr):
+    """A FLOAT kernel argument in the accumulation dtype. The interpreter hands the Python float itself, which
+    meets tensors weakly typed (it takes their dtype, unrounded in float64): kept as it is there."""
+    if not INTERPRETED:  # static
+        x = x.to(ACC)
+    return x
+
+
 # Subnormal float32 results (below 1.2e-38) cost the GPU's exponential (`tl.exp`: ex2.approx) three more
 # instructions (a range test, a scaling before the MUFU and one after). Where no result can depend on them,
 # `exp_flushed` leaves them out (`ex2.approx.ftz`, the same approximation with subnormal results read as 0);
@@ -118,7 +133,7 @@ def log_mix(lp, lq, w):
     """log(w·p + (1 − w)·q) from log-probabilities, as a log-add-exp: with u = log(w·p), v = log((1 − w)·q),
     max(u, v) + log(1 + e^−|u − v|) (the larger term's exponential is exactly 1: one exponential; w = 0 or
     p = q = 0 are fine)."""
-    w = tl.cast(w, lp.dtype)
+    w = tl.zeros([], lp.dtype) + w  # in the tiles' dtype (a cast of the interpreter's Python float rounds it)
     u = lp + tl.log(w)
     v = lq + tl.log(1.0 - w)
     larger = tl.maximum(u, v)

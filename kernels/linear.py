@@ -21,7 +21,7 @@ DOT_T: bf16/fp16 for tensor cores, or fp32 / fp64 with PRECISION "ieee" so fp32 
 import triton
 import triton.language as tl
 
-from .divergences import NEG_INF, second_pass_add
+from .divergences import FLOAT, NEG_INF, in_acc, second_pass_add
 from .logits import round_to_bf16, row_offsets
 from .partials import NUM_PARTIAL, store_partial, store_second_partial
 from .passes import (
@@ -104,7 +104,7 @@ def fused_forward_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, partial_ptr, stats_ptr,
     n_rows, V, Hs, Ht, split_size, n_splits,
     hs_inner, hs_outer, hs_stride, ht_inner, ht_outer, ht_stride, ws_stride, wt_stride,
-    inv_temp, c1, c2, cap_s, cap_t, share,
+    inv_temp: FLOAT, c1: FLOAT, c2: FLOAT, cap_s: FLOAT, cap_t: FLOAT, share: FLOAT,
     KIND: tl.constexpr, SECOND_PASS: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr,
     TRANSFORM: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, LOADS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr, MMA_S: tl.constexpr,
@@ -114,6 +114,8 @@ def fused_forward_kernel(
 
     SECOND_PASS reads the merged (m_x, ls_x, m_y, r) of the first from `stats` and writes (y1, y2, y3).
     """
+    inv_temp, c1, c2 = in_acc(inv_temp, ACC), in_acc(c1, ACC), in_acc(c2, ACC)
+    cap_s, cap_t, share = in_acc(cap_s, ACC), in_acc(cap_t, ACC), in_acc(share, ACC)
     # Splits vary fastest (grid axis 0): the programs in flight cover a few row blocks and every split, so each
     # row block's hidden states are read from HBM about once and then served by L2 while the splits stream
     # the weights.
@@ -198,7 +200,7 @@ def fused_gradient_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, stats_ptr, row_scale_ptr, gs_ptr, gt_ptr,
     n_rows, col_start, col_end, g_stride, Hs, Ht,
     hs_inner, hs_outer, hs_stride, ht_inner, ht_outer, ht_stride, ws_stride, wt_stride,
-    inv_temp, c1, c2, cap_s, cap_t, share, soft, hard,
+    inv_temp: FLOAT, c1: FLOAT, c2: FLOAT, cap_s: FLOAT, cap_t: FLOAT, share: FLOAT, soft: FLOAT, hard: FLOAT,
     KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, TRANSFORM: tl.constexpr, HAS_BS: tl.constexpr,
     HAS_BT: tl.constexpr, LOADS: tl.constexpr, STORE_S: tl.constexpr, STORE_T: tl.constexpr, GROUP_ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr,
@@ -211,6 +213,8 @@ def fused_gradient_kernel(
     tiles from the saved statistics. The launcher turns each slice into dW[slice] = Gᵀ·h (every row at once:
     one product, rounded once) and dH += G·W[slice] (float32 sums over the slices) with cuBLAS: the gradient
     is computed once per element, and no program owns a [rows, H] or [V, H] accumulator."""
+    inv_temp, c1, c2, cap_s = in_acc(inv_temp, ACC), in_acc(c1, ACC), in_acc(c2, ACC), in_acc(cap_s, ACC)
+    cap_t, share, soft, hard = in_acc(cap_t, ACC), in_acc(share, ACC), in_acc(soft, ACC), in_acc(hard, ACC)
     n_row_blocks = tl.cdiv(n_rows, BLOCK_N)
     row_block, col_tile = grouped_tile(tl.program_id(0), n_row_blocks, tl.cdiv(col_end - col_start, BLOCK_V),
                                        GROUP_ROWS)

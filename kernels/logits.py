@@ -13,7 +13,7 @@ so two leading dimensions with arbitrary strides (e.g. `logits[:, :-1]`) need no
 import triton
 import triton.language as tl
 
-from .divergences import INTERPRETED, NEG_INF, second_pass_add
+from .divergences import FLOAT, INTERPRETED, NEG_INF, in_acc, second_pass_add
 from .partials import NUM_PARTIAL, store_partial, store_second_partial
 from .passes import (
     NUM_STATS,  # noqa: F401  (re-exported for the launchers)
@@ -54,7 +54,7 @@ SECOND_PARTIAL = tl.constexpr(2)
 def kd_logits_forward_kernel(
     s_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, partial_ptr,
     n_rows, V, s_inner, s_stride_outer, s_stride_inner, t_inner, t_stride_outer, t_stride_inner,
-    inv_temp, c1, c2, soft, hard, cap_s, cap_t, share,
+    inv_temp: FLOAT, c1: FLOAT, c2: FLOAT, soft: FLOAT, hard: FLOAT, cap_s: FLOAT, cap_t: FLOAT, share: FLOAT,
     KIND: tl.constexpr, TWO_PASS: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr,
     TRANSFORM: tl.constexpr, STAGE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -63,6 +63,8 @@ def kd_logits_forward_kernel(
     FIRST_PARTIAL stores the rows' first-pass state to partial[r] instead; SECOND_PARTIAL reads the merged
     statistics from stats[r] and stores the second-pass sums (y1, y2, y3) to partial[r].
     """
+    inv_temp, c1, c2, soft = in_acc(inv_temp, ACC), in_acc(c1, ACC), in_acc(c2, ACC), in_acc(soft, ACC)
+    hard, cap_s, cap_t, share = in_acc(hard, ACC), in_acc(cap_s, ACC), in_acc(cap_t, ACC), in_acc(share, ACC)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     # Rows past the end re-read the last row (never stored), so no lane ever sees an empty row.
@@ -144,7 +146,7 @@ def as_output(x, out_ptr):
 def kd_logits_backward_kernel(
     s_ptr, t_ptr, labels_ptr, grad_s_ptr, grad_t_ptr, stats_ptr, row_scale_ptr,
     n_rows, V, s_inner, s_stride_outer, s_stride_inner, t_inner, t_stride_outer, t_stride_inner,
-    inv_temp, c1, c2, soft, hard, cap_s, cap_t, share,
+    inv_temp: FLOAT, c1: FLOAT, c2: FLOAT, soft: FLOAT, hard: FLOAT, cap_s: FLOAT, cap_t: FLOAT, share: FLOAT,
     KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, TRANSFORM: tl.constexpr, GRAD_S: tl.constexpr,
     GRAD_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -152,6 +154,8 @@ def kd_logits_backward_kernel(
 
     A row whose scale is 0 (ignored, or zero upstream gradient) gets exact zeros, whatever its logits.
     """
+    inv_temp, c1, c2, soft = in_acc(inv_temp, ACC), in_acc(c1, ACC), in_acc(c2, ACC), in_acc(soft, ACC)
+    hard, cap_s, cap_t, share = in_acc(hard, ACC), in_acc(cap_s, ACC), in_acc(cap_t, ACC), in_acc(share, ACC)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     safe_rows = tl.minimum(rows, n_rows - 1)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .cross_entropy import hard_label_at, hard_label_merge
-from .divergences import first_pass_at, first_pass_merge
+from .divergences import FLOAT, first_pass_at, first_pass_merge, in_acc
 from .passes import first_pass_results, load_labels, load_stats, second_pass_results, store_stats
 
 NUM_PARTIAL = tl.constexpr(10)
@@ -50,7 +50,8 @@ def store_second_partial(part, row_ok, y1, y2, y3):
 
 @triton.jit
 def merge_partials_kernel(
-    partial_ptr, maxima_ptr, out_ptr, labels_ptr, loss_ptr, stats_ptr, n_rows, n_parts, V, c1, c2, soft, hard,
+    partial_ptr, maxima_ptr, out_ptr, labels_ptr, loss_ptr, stats_ptr, n_rows, n_parts, V, c1: FLOAT, c2: FLOAT,
+    soft: FLOAT, hard: FLOAT,
     KIND: tl.constexpr, SECOND_PASS: tl.constexpr, RESCALE: tl.constexpr, HARD: tl.constexpr,
     BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -62,6 +63,7 @@ def merge_partials_kernel(
     the group's maxima, at least the row's own — as this rank's addends of the group's sums (`excess_at`),
     and store it to out[row] (NUM_PARTIAL values) with, in place of each max, whether this rank holds it.
     """
+    c1, c2, soft, hard = in_acc(c1, ACC), in_acc(c2, ACC), in_acc(soft, ACC), in_acc(hard, ACC)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     safe_rows = tl.minimum(rows, n_rows - 1)

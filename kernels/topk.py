@@ -20,7 +20,7 @@ The gradient of ℓ(s_ids / T, R) is one write per element:
 import triton
 import triton.language as tl
 
-from .divergences import NEG_INF, log1p, online_lse_update
+from .divergences import FLOAT, NEG_INF, in_acc, log1p, online_lse_update
 from .logits import as_output, load_tile, row_offsets
 from .transforms import softcap, softcap_slope
 
@@ -57,11 +57,12 @@ def member_tile(ids_ptr, g_ptr, row_base, lo, k, v0, BLOCK_R: tl.constexpr, BLOC
 
 @triton.jit
 def complement_lse_kernel(
-    s_ptr, ids_ptr, out_ptr, n_rows, V, k, s_inner, s_stride_outer, s_stride_inner, inv_temp, cap,
-    SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    s_ptr, ids_ptr, out_ptr, n_rows, V, k, s_inner, s_stride_outer, s_stride_inner, inv_temp: FLOAT,
+    cap: FLOAT, SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
     """out[r] = log Σ_{j ∉ ids_r} e^(s_rj / T), ids [rows, k] sorted (absent as V); with SOFTCAP, of the logits
     cap·tanh(s / cap) (`transforms.py`)."""
+    inv_temp, cap = in_acc(inv_temp, ACC), in_acc(cap, ACC)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     safe_rows = tl.minimum(rows, n_rows - 1)
@@ -86,13 +87,14 @@ def complement_lse_kernel(
 @triton.jit
 def topk_student_backward_kernel(
     s_ptr, ids_ptr, g_ids_ptr, lse_rest_ptr, g_rest_ptr, out_ptr, n_rows, V, k, s_inner, s_stride_outer,
-    s_stride_inner, inv_temp, cap,
+    s_stride_inner, inv_temp: FLOAT, cap: FLOAT,
     TAIL: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """out[r, j] = (g_rest[r]·e^(s_rj / T − R_r) off the ids (only with TAIL), g_ids[r, i] at j = ids[r, i]) / T;
     ids and g_ids [rows, k] in the same (sorted) order; out contiguous [rows, V] in its own dtype. With SOFTCAP
     the loss saw cap·tanh(s / cap) for s: that in the formula, and the result times its slope 1 − tanh²."""
+    inv_temp, cap = in_acc(inv_temp, ACC), in_acc(cap, ACC)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     safe_rows = tl.minimum(rows, n_rows - 1)

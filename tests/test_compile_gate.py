@@ -4,6 +4,7 @@ spills, and 16-bit fused matmuls use the tensor cores — checked ahead of time,
 The gate itself runs in a subprocess: this test session has TRITON_INTERPRET set, and interpreted kernels
 cannot be compiled."""
 
+import inspect
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton.language as tl
 
 import kdops
 from bench import compile as gate
@@ -64,6 +66,50 @@ def test_failures_are_named():
     spill = gate.Compiled("kd_logits_forward_kernel", "sm_90", "c", "", "", local_bytes=16, spill_instructions=4)
     assert spill.failures == ["spills (16 B local, 4 STL/LDL)"]
     assert gate.Compiled("merge_partials_kernel", "sm_90", "c", "", "", error="CompilationError: x").failures
+    leak = gate.Compiled("kd_logits_backward_kernel", "sm_90", "c", "", "", float64_instructions=3)
+    assert leak.failures == ["3 float64 arithmetic instructions in a float32 kernel"]
+
+
+def test_float64_math_counts_arithmetic_only():
+    """`float64_math` counts float64 arithmetic in PTX, predicated or not; loading a float64 parameter, moving
+    it and converting it to float32 are what every kernel does with its FLOAT arguments, and LLVM may compare
+    the float64 value where the source compares its conversion."""
+    ptx = ("\tld.param.f64 \t%fd1, [k_param_14];\n\tcvt.rn.f32.f64 \t%r1, %fd1;\n\tmov.f64 \t%fd2, %fd1;\n"
+           "\tmul.f32 \t%r2, %r1, %r1;\n\tadd.f64 \t%fd3, %fd1, %fd2;\n\t@%p1 fma.rn.f64 \t%fd4, %fd1, %fd2, %fd3;\n"
+           "\tsetp.lt.f64 \t%p2, %fd1, %fd2;\n\tsub.f64 \t%fd5, %fd1, %fd2;\n")
+    assert gate.float64_math(ptx) == 3
+
+
+def test_float_arguments_reach_the_kernels_unrounded():
+    """Every float argument a launcher passes (a temperature's inverse, β or α, the loss weights, softcaps) is a
+    float64 parameter of its kernel (FLOAT): Triton would otherwise pass a Python float as float32 and round it
+    before a float64 kernel sees it. Recorded for an H100: kd_loss, the fused and chunked paths with the hard-label
+    term and a softcap, and a sparse teacher's kernels."""
+    from kdops.kernels.divergences import FLOAT
+
+    assert FLOAT is tl.float64
+    floats = {}
+
+    def recorder(kernel, grid, args, kwargs):
+        params = inspect.signature(kernel.fn).parameters  # (interpreted here: the annotations are the source's)
+        for name, value in dict(zip(params, args), **kwargs).items():
+            if isinstance(value, float):
+                floats.setdefault(kernel.fn.__name__, {})[name] = params[name].annotation
+
+    s, t = torch.randn(5, 1000, requires_grad=True), torch.randn(5, 1000)
+    labels = torch.randint(0, 1000, (5,))
+    hs = torch.randn(37, 64, dtype=torch.bfloat16, requires_grad=True)
+    ws = torch.randn(1000, 64, dtype=torch.bfloat16, requires_grad=True)
+    with targets.assume("h100"), _launch.recording(recorder):
+        kdops.kd_loss(s, t, labels, divergence="generalized_jsd", temperature=1.5, backend="triton").backward()
+        for impl in ("fused", "chunked"):
+            kdops.fused_linear_kd_loss(hs, ws, hs.detach(), ws.detach(), torch.randint(0, 1000, (37,)),
+                                       divergence="skew_reverse_kl", impl=impl, backend="triton", hard_weight=0.5,
+                                       student_softcap=30.0).backward()
+        ids = torch.topk(t, 8).indices
+        kdops.topk_kd_loss(s, ids, torch.log_softmax(t, -1).gather(1, ids), backend="triton").backward()
+    assert set(floats) >= KERNELS | TOPK_KERNELS
+    assert all(kind is tl.float64 for params in floats.values() for kind in params.values()), floats
 
 
 def test_recording_finds_every_kernel_with_the_gpu_configs():

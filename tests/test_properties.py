@@ -94,16 +94,6 @@ def dtype_pair(draw):
     return first, second
 
 
-def exact_in_f32(divergence):
-    """The divergence with its parameters rounded to float32 (known bug: float64 kernels take them in float32,
-    test_regression_f64_divergence_parameters)."""
-    divergence = kdops.as_divergence(divergence)
-    fields = {k: v for k, v in vars(divergence).items() if isinstance(v, float)}
-    if not fields:
-        return divergence
-    return type(divergence)(**{k: float(torch.tensor(v, dtype=torch.float32)) for k, v in fields.items()})
-
-
 def finite_with_zeros(divergence, side: str) -> bool:
     """Whether `divergence` stays finite when only `side` ("teacher" or "student") has probabilities 0:
     zeros of P drop out of every kind; zeros of Q make KL(P ‖ Q) infinite, and the skew KL with α = 0."""
@@ -135,8 +125,6 @@ def kd_cases(draw):
     divergence = draw(DIVERGENCE)
     inf_mode, inf_count = draw(inf_entries(divergence, vocab))
     student_dtype, teacher_dtype = draw(dtype_pair())
-    if "fp64" in (student_dtype, teacher_dtype):
-        divergence = exact_in_f32(divergence)
     backend = draw(st.sampled_from(["triton", "torch"]))
     return dict(
         seed=draw(st.integers(0, 2**31 - 1)), leading=leading, vocab=vocab, view=view,
@@ -163,8 +151,6 @@ def fused_cases(draw):
     dtype_mode = draw(st.sampled_from(["same", "same", "by_model", "hidden_vs_weight"]))
     a, b = draw(dtype_pair())
     dtypes = {"same": (a, a, a, a), "by_model": (a, a, b, b), "hidden_vs_weight": (a, b, a, b)}[dtype_mode]
-    if "fp64" in dtypes:
-        divergence = exact_in_f32(divergence)
     soft_weight, hard_weight = draw(st.sampled_from([(1.0, 0.0), (0.75, 0.25), (0.5, 1.0), (0.0, 1.0)]))
     labels = draw(LABELS if hard_weight == 0 else LABELS.filter(lambda v: v is not None))
     primary = draw(st.sampled_from(IMPLS))
@@ -605,37 +591,26 @@ def test_regression_bf16_grad_beside_fp64(bf16_side):
                        peaked="teacher", near=False, offsets=False, backend="triton", tiles=None, teacher_grad=True))
 
 
-_F32_PARAMETER = ("kdops bug: the float64 kernels on logits take the mixture weight of JSD and the skew KLs (β, α) "
-                  "as a float32 kernel argument: errors ~1e-9 where TOLERANCE[float64] is 1e-10")
-
-
-@pytest.mark.parametrize("divergence", [
-    # The interpreter hands the kernels β as a Python float: JSD's terms, which take β only in products and sums with
-    # float64 values (`kernels/divergences.py`, `jsd_terms`), are exact there; compiled, β is still rounded.
-    pytest.param(kdops.GeneralizedJSD(beta=0.345), marks=pytest.mark.xfail(DEVICE != "cpu", strict=True,
-                                                                           reason=_F32_PARAMETER)),
-    pytest.param(kdops.SkewForwardKL(alpha=0.1), marks=pytest.mark.xfail(strict=True, reason=_F32_PARAMETER)),
-    pytest.param(kdops.SkewReverseKL(alpha=0.1), marks=pytest.mark.xfail(strict=True, reason=_F32_PARAMETER)),
-], ids=repr)
+@pytest.mark.parametrize("divergence", [kdops.GeneralizedJSD(beta=0.345), kdops.SkewForwardKL(alpha=0.1),
+                                        kdops.SkewReverseKL(alpha=0.1)], ids=repr)
 def test_regression_f64_divergence_parameters(divergence):
     """kd_loss(backend="triton") on float64 logits with a divergence parameter that float32 does not
-    represent: loss and gradients within TOLERANCE[float64] of the oracle (observed: 2e-9 to 6e-9 relative
-    where the parameter is rounded to float32). Found by test_kd_loss_properties; the strategies round
-    parameters to float32 for float64 inputs."""
+    represent: loss and gradients within TOLERANCE[float64] of the oracle. Found by test_kd_loss_properties
+    (2e-9 to 6e-9 relative while the kernels took β / α as a float32 argument, and the log-mixture cast the
+    interpreter's Python float through float32; the strategies rounded parameters to float32 for float64 inputs).
+    The kernels now declare their float arguments float64 (`kernels/divergences.py`, FLOAT; the compile gate's
+    test_float_arguments_reach_the_kernels_unrounded checks every launch)."""
     check_kd_loss(dict(seed=3, leading=(4, 5), vocab=301, view="contiguous", student_dtype="fp64",
                        teacher_dtype="fp64", divergence=divergence, temperature=1.5, labels=None,
                        ignore_index=-100, reduction="sum", upstream=1.0, inf_mode="none", inf_count=0,
                        peaked="teacher", near=False, offsets=False, backend="triton", tiles=None, teacher_grad=True))
 
 
-@pytest.mark.xfail(strict=True, reason="kdops bug: the float64 fused kernels and the float64 kernels on logits "
-                   "that the chunked path runs take the skew KL's α in float32: errors ~3e-10 where "
-                   "TOLERANCE[float64] is 1e-10")
 @pytest.mark.parametrize("impl", ["fused", "chunked"])
 def test_regression_f64_divergence_parameters_fused_linear(impl):
     """fused_linear_kd_loss(backend="triton") in float64 with skew_reverse_kl's default α = 0.1: loss and
-    gradients within TOLERANCE[float64] of the oracle (observed: loss 3e-10 relative). Found by
-    test_fused_linear_kd_loss_properties."""
+    gradients within TOLERANCE[float64] of the oracle (loss 3e-10 relative while α reached the kernels in
+    float32). Found by test_fused_linear_kd_loss_properties."""
     check_fused_linear(dict(seed=806775, leading=(6, 1), view="contiguous", vocab=208, hs=61, ht=25, pad=(3, 0),
                             weight_transposed=False, dtypes=("fp64",) * 4, bias="teacher", inf_mode="teacher_only",
                             inf_count=1, divergence="skew_reverse_kl", temperature=2.0, soft_weight=0.5,
