@@ -310,14 +310,15 @@ def fused_inputs(case):
 
 def run(fn, tensors, grads_of, upstream, dtype=None, contiguous=False, **kwargs):
     """[loss, gradients of the tensors named in `grads_of`, in their order] of fn(**tensors, **kwargs).
-    Each tensor is its view of a fresh copy of its base (in `dtype` if given; a contiguous copy of the view
-    if `contiguous`)."""
+    Each tensor is its view of a fresh copy of its base on DEVICE (the inputs are drawn on the host, so that a
+    seed gives the same values everywhere), in `dtype` if given; a contiguous copy of the view if
+    `contiguous`."""
     args, wrt = {}, []
     for name, entry in tensors.items():
         if entry is None:
             continue
         base, view = entry
-        leaf = base.detach().clone().to(dtype or base.dtype).requires_grad_(name in grads_of)
+        leaf = base.detach().to(DEVICE, dtype or base.dtype, copy=True).requires_grad_(name in grads_of)
         x = view(leaf)
         if contiguous:
             x = x.contiguous()
@@ -429,7 +430,8 @@ def natural_scales(tensors, grads_of, upstream, leading, rows_of, **kwargs):
 
     def surrogate(**inputs):
         ell, s, t = rows_of(**inputs)
-        mask = torch.ones(ell.shape, dtype=torch.bool) if labels is None else (labels != ignore_index).reshape(-1)
+        mask = (torch.ones(ell.shape, dtype=torch.bool, device=ell.device) if labels is None
+                else (labels != ignore_index).reshape(-1))
         c = (1 + ell.abs() + (_finite_absmax(s) + _finite_absmax(t)) * max(1.0, 1.0 / temperature)).detach()
         state["loss"] = _largest(_reduce(c, mask, reduction, num_items))
         rows = c * (torch.logsumexp(s / temperature, -1) + torch.logsumexp(t / temperature, -1))
