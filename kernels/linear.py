@@ -79,7 +79,10 @@ def linear_tile(h_ptr, h_off, row0, w_ptr, w_stride, b_ptr, col0, cols, col_ok, 
                 k_ok = ks < H
                 h = tl.load(h_ptr + h_off[:, None] + ks[None, :], mask=k_ok[None, :], other=0.0)
                 w = tl.load(w_ptr + w_rows[None, :] + ks[:, None], mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(operand(h, DOT, MMA), operand(w, DOT, MMA), acc, input_precision=PRECISION)
+        # out_dtype = the accumulator's: Triton 3.6 asserts it equals the accumulator's dtype and defaults it to
+        # float32, so a float64 tile (ACC float64) failed to compile there (not under the interpreter or 3.9).
+        acc = tl.dot(operand(h, DOT, MMA), operand(w, DOT, MMA), acc, input_precision=PRECISION,
+                     out_dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     return tl.where(col_ok[None, :], acc, NEG_INF)
