@@ -121,6 +121,22 @@ HEADLINE_FUSED_TRIALS = (
     dict(forward=dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)),
     dict(forward=dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3)),
 )
+# The fused tiles of the other specializations at the headline shape (`--steps tune_kinds`, not a default step):
+# the kinds and terms the headline does not run, each against the tiles `tile_width` did not give it — whether
+# 128 × 128 pays where it spills more (sm_90: the skews' second pass 480–1344 B, JSD's 856–2008 B, which ran
+# 128.5 → 91.7 ms), and whether the hard-label term's narrow tiles are still right.
+_NARROW_TILES = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3)
+_WIDE_TILES = dict(_NARROW_TILES, BLOCK_N=128)
+_WIDEST_TILES = dict(_WIDE_TILES, BLOCK_V=128)
+_EVERY_WIDTH = ({}, dict(forward=_NARROW_TILES), dict(forward=_WIDE_TILES), dict(forward=_WIDEST_TILES),
+                dict(backward=_NARROW_TILES), dict(backward=_WIDE_TILES), dict(backward=_WIDEST_TILES))
+KINDS_FUSED_TRIALS = (
+    ("skew_reverse_kl", {}, ({}, dict(forward=_WIDE_TILES), dict(backward=_WIDEST_TILES))),
+    ("tvd", {}, ({}, dict(forward=_WIDE_TILES))),
+    ("alpha_beta", {}, ({}, dict(forward=_WIDE_TILES), dict(backward=_WIDEST_TILES))),
+    ("forward_kl", dict(hard_weight=0.5), _EVERY_WIDTH),
+    ("generalized_jsd", dict(hard_weight=0.5), _EVERY_WIDTH),
+)
 LOGITS_TRIALS = (
     {},
     dict(BLOCK_R=1, BLOCK_V=2048, num_warps=8),  # both kernels' configuration until the H100 campaign
@@ -967,6 +983,21 @@ def _tune_headline(ctx: Context) -> None:
         ctx.flush()
 
 
+def _tune_kinds(ctx: Context) -> None:
+    import kdops
+    import kdops._fused
+    from bench.cases import FUSED, Case
+
+    for divergence, options, trials in KINDS_FUSED_TRIALS:
+        case = Case(FUSED, divergence, HEADLINE_TOKENS, HEADLINE_VOCAB, HEADLINE_HIDDEN, HEADLINE_HIDDEN, "bfloat16")
+        target = " ".join(["fused", *(f"{k}={v}" for k, v in options.items())])
+        tune(ctx, target, kdops._fused, "fused_config", patched_fused_config, trials, case,
+             lambda *a, divergence=divergence, options=options: kdops.fused_linear_kd_loss(
+                 *a, divergence=divergence, impl="fused", backend="triton", **options),
+             TUNE_HEADLINE_TRIAL_S, reps=3)
+        ctx.flush()
+
+
 # --- a probe, for the tests of the process machinery ---------------------------------------------------------
 
 def _probe(ctx: Context) -> None:
@@ -1026,6 +1057,12 @@ STEPS = {step.name: step for step in (
           f"{HEADLINE_TOKENS} × V {HEADLINE_VOCAB} × Hs {HEADLINE_HIDDEN} × Ht {HEADLINE_HIDDEN}, bf16, "
           f"{' and '.join(DIVERGENCES)}; forward + backward, 3 reps",),
          _tune_headline),
+    Step("tune_kinds", "the fused tiles of the other kinds and the hard-label term at the headline shape "
+         "(not a default step)", sum(len(trials) for _, _, trials in KINDS_FUSED_TRIALS) * TUNE_HEADLINE_TRIAL_S / 2,
+         (f"kdops._fused.fused_config at fused {HEADLINE_TOKENS} × V {HEADLINE_VOCAB} × Hs {HEADLINE_HIDDEN} × Ht "
+          f"{HEADLINE_HIDDEN}, bf16: " + "; ".join(f"{d} {o or ''} {len(t)} configurations" for d, o, t in
+                                                   KINDS_FUSED_TRIALS) + "; forward + backward, 3 reps",),
+         _tune_kinds),
     Step("probe", "a probe of the step machinery (tests only)", 3.0, ("sleeps KDOPS_CAMPAIGN_PROBE_S seconds",),
          _probe),
 )}

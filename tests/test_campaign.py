@@ -357,3 +357,19 @@ def test_smoke_step_reports_the_tests_summary(tmp_path, monkeypatch):
     assert (ctx.result.status, ctx.result.message) == ("failed", "1 failed, 3 passed in 1s")
     records = [json.loads(line) for line in (tmp_path / "campaign-test-device.jsonl").read_text().splitlines()]
     assert [r["counts"] for r in records] == [{"passed": 21, "deselected": 9}, {"failed": 1, "passed": 3}]
+
+
+def test_tune_kinds_step_on_a_tiny_case(tmp_path, tiny_headline, monkeypatch):
+    """The other kinds' fused tiles at the (cut) headline shape: a table per case, the options (the hard-label
+    term) reaching the loss: a case the loss rejects would fail every trial."""
+    small = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=16)
+    monkeypatch.setattr(campaign, "KINDS_FUSED_TRIALS", (
+        ("tvd", {}, ({}, dict(forward=small))), ("forward_kl", dict(hard_weight=0.5), ({}, dict(backward=small)))))
+    ctx = Context("tune_kinds", tmp_path, _meta(), seconds=600, device="cpu")
+    campaign._tune_kinds(ctx)
+    text = "\n".join(ctx.result.lines)
+    assert ctx.result.status == "ok", text
+    assert text.count("| trial | config |") == 2 and "**fused hard_weight=0.5**" in text
+    records = [json.loads(line) for line in (tmp_path / "campaign-test-device.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records if r["kind"] == "tune"] == ["ok"] * 4
+    assert "tune_kinds" in campaign.STEPS and "tune_kinds" not in campaign.DEFAULT_STEPS
