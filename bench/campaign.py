@@ -108,32 +108,34 @@ FUSED_TRIALS = (
     dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=2),
 )
 # The fused tiles again at the headline shape (`--steps tune_headline`, not a default step): both divergences,
-# kdops' own choice (128 × 64 for forward KL on Hopper, 64 × 64 for generalized JSD) against its neighbours —
-# 128 × 128 ran fastest on the H100 (bench/results/nvidia-h100-campaign/tune-headline) but spills.
-TUNE_HEADLINE_TRIAL_S = 10.0
+# kdops' own choice (0.3.5: 128 × 128 in both kernels on Hopper, bench/results/nvidia-h100-campaign/0.3.5-wide-tiles)
+# against its neighbours: a fourth stage (the first H100 session measured 49.3 → 44.6 ms for the forward at
+# 128 × 128, before TMA), 16 warps (four warpgroups: half the accumulator registers a thread, fewer spills),
+# pointer loads, and the 0.3.4 tiles.
+TUNE_HEADLINE_TRIAL_S = 10.0  # what a trial must find left to start
+HEADLINE_TRIAL_ESTIMATE_S = 4.0  # what one takes: the H100 ran 12 in 31 s (0.3.4/) and 22 in 71 s (0.3.5-wide-tiles/)
+_WIDEST_16_BIT = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
 HEADLINE_FUSED_TRIALS = (
     {},
-    dict(tma=False),  # the K loops' loads by pointers, as before 0.3.3
-    # the gradient kernel's tiles before 0.3.3 (64 × 64; forward KL's 128 × 64), and a deeper pipeline
-    dict(backward=dict(BLOCK_N=64, BLOCK_V=64)),
-    dict(backward=dict(BLOCK_N=128, BLOCK_V=64)),
-    # the forward's: wider (spills 24 B per tile with TMA, outside the K loops), and 128 × 64 for every kind
-    dict(forward=dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)),
-    dict(forward=dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3)),
+    dict(tma=False),
+    dict(forward=dict(_WIDEST_16_BIT, num_stages=4)),
+    dict(backward=dict(_WIDEST_16_BIT, num_stages=4)),
+    dict(forward=dict(_WIDEST_16_BIT, num_warps=16)),
+    dict(backward=dict(_WIDEST_16_BIT, num_warps=16)),
+    dict(forward=dict(_WIDEST_16_BIT, BLOCK_V=64)),
 )
 # The fused tiles of the other specializations at the headline shape (`--steps tune_kinds`, not a default step):
-# the kinds and terms the headline does not run, each against the tiles `tile_width` did not give it — whether
-# 128 × 128 pays where it spills more (sm_90: the skews' second pass 480–1344 B, JSD's 856–2008 B, which ran
-# 128.5 → 91.7 ms), and whether the hard-label term's narrow tiles are still right.
-_NARROW_TILES = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3)
-_WIDE_TILES = dict(_NARROW_TILES, BLOCK_N=128)
-_WIDEST_TILES = dict(_WIDE_TILES, BLOCK_V=128)
+# the kinds and terms the headline does not run, each against the widths `tile_width` does not give it (what
+# decided 0.3.5's tiles: bench/results/nvidia-h100-campaign/0.3.5-wide-tiles).
+_WIDEST_TILES = _WIDEST_16_BIT
+_WIDE_TILES = dict(_WIDEST_TILES, BLOCK_V=64)
+_NARROW_TILES = dict(_WIDE_TILES, BLOCK_N=64)
 _EVERY_WIDTH = ({}, dict(forward=_NARROW_TILES), dict(forward=_WIDE_TILES), dict(forward=_WIDEST_TILES),
                 dict(backward=_NARROW_TILES), dict(backward=_WIDE_TILES), dict(backward=_WIDEST_TILES))
 KINDS_FUSED_TRIALS = (
-    ("skew_reverse_kl", {}, ({}, dict(forward=_WIDE_TILES), dict(backward=_WIDEST_TILES))),
+    ("skew_reverse_kl", {}, ({}, dict(forward=_WIDE_TILES), dict(backward=_WIDE_TILES))),
     ("tvd", {}, ({}, dict(forward=_WIDE_TILES))),
-    ("alpha_beta", {}, ({}, dict(forward=_WIDE_TILES), dict(backward=_WIDEST_TILES))),
+    ("alpha_beta", {}, ({}, dict(forward=_WIDE_TILES), dict(backward=_WIDE_TILES))),
     ("forward_kl", dict(hard_weight=0.5), _EVERY_WIDTH),
     ("generalized_jsd", dict(hard_weight=0.5), _EVERY_WIDTH),
 )
@@ -710,6 +712,43 @@ def idle_gaps(events, top: int = 5) -> dict:
                 longest=[dict(us=us, after=a, before=b, host=host_at(t + us / 2)) for us, t, a, b in gaps[:top]])
 
 
+HOST_MARK = "kdops forward"  # the profiled call's own range (torch.profiler.record_function): where host time starts
+
+
+def host_lead(events, mark: str = HOST_MARK, top: int = 5) -> dict:
+    """What the host does before the GPU's first work in a profile: the time from the start of the `mark` range
+    (the profiled call) to the first device event, and the outermost host operations in that window, summed by
+    name, longest first (an event timing from an idle GPU counts this lead; a training step, whose GPU is
+    still busy with earlier work, hides it)."""
+    from torch.autograd import DeviceType
+
+    host, first_device = [], None
+    for e in events:
+        span = getattr(e, "time_range", None)
+        if span is None:
+            continue
+        if getattr(e, "device_type", None) == DeviceType.CUDA:
+            first_device = span.start if first_device is None else min(first_device, span.start)
+        else:
+            host.append((span.start, -span.end, e.name))
+    starts = [start for start, _, name in host if name == mark]
+    if first_device is None or not starts or first_device <= min(starts):
+        return {}
+    t0 = min(starts)
+    totals: dict[str, list] = {}
+    reach = t0
+    for start, neg_end, name in sorted(host):  # outermost first: by start, the longer of equal starts first
+        end = -neg_end
+        if name == mark or start < t0 or end > first_device or end <= reach:
+            continue
+        reach = end
+        entry = totals.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += end - start
+    ops = sorted(((name, n, us) for name, (n, us) in totals.items()), key=lambda t: -t[2])[:top]
+    return dict(lead_us=first_device - t0, ops=[dict(name=n, calls=c, us=us) for n, c, us in ops])
+
+
 def _profile(ctx: Context) -> None:
     import statistics
 
@@ -748,16 +787,21 @@ def _profile(ctx: Context) -> None:
             inputs.clear_grads()
             forward_ms = statistics.median(s[0] for s in samples)
             backward_ms = statistics.median(s[1] for s in samples)
+            if cuda:
+                torch.cuda.synchronize()  # the GPU idle at the call, as time_steps has it
             with torch.profiler.profile(activities=activities) as profile:
-                forward().backward()
+                with torch.profiler.record_function(HOST_MARK):
+                    loss = forward()
+                loss.backward()
                 if cuda:
                     torch.cuda.synchronize()
+            del loss
             inputs.clear_grads()
             kernels = kernel_times(profile.events())
             total_us = sum(us for _, _, us in kernels) or float("nan")
-            idle = idle_gaps(profile.events())
+            idle, lead = idle_gaps(profile.events()), host_lead(profile.events())
             ctx.record("profile", impl=impl, divergence=divergence, label=case.label, forward_ms=forward_ms,
-                       backward_ms=backward_ms, gpu_ms=total_us / 1e3, idle=idle,
+                       backward_ms=backward_ms, gpu_ms=total_us / 1e3, idle=idle, host_lead=lead,
                        kernels=[dict(name=n, calls=c, ms=us / 1e3, share=us / total_us) for n, c, us in kernels])
             ctx.line(f"Measured (CUDA events, median of {PROFILE_REPS}): forward {forward_ms:.2f} ms, backward "
                      f"{backward_ms:.2f} ms; GPU time in the profiled forward + backward {total_us / 1e3:.2f} ms.")
@@ -778,6 +822,12 @@ def _profile(ctx: Context) -> None:
                 ctx.table(["gap µs", "after", "before", "host at its middle"],
                           [[g["us"], _short(g["after"], 40), _short(g["before"], 40), _short(g["host"], 40)]
                            for g in idle["longest"]])
+                ctx.line("")
+            if lead:
+                ops = ", ".join(f"{_short(o['name'], 40)} ({o['calls']} × {o['us'] / o['calls']:.0f} µs)"
+                                for o in lead["ops"])
+                ctx.line(f"Host time before the GPU's first work: {lead['lead_us'] / 1e3:.2f} ms; its longest "
+                         f"operations: {ops}.")
                 ctx.line("")
             _prediction(ctx, impl, divergence, gpu, model_reason, forward_ms, backward_ms)
             ctx.flush()
@@ -1052,13 +1102,13 @@ STEPS = {step.name: step for step in (
           + f"; forward + backward, {TUNE_REPS} reps; the fastest recorded"),
          _tune),
     Step("tune_headline", "the fused tiles at the headline shape, both divergences (not a default step)",
-         2 * len(HEADLINE_FUSED_TRIALS) * TUNE_HEADLINE_TRIAL_S,
+         2 * len(HEADLINE_FUSED_TRIALS) * HEADLINE_TRIAL_ESTIMATE_S,
          (f"kdops._fused.fused_config: {len(HEADLINE_FUSED_TRIALS)} configurations (the default first) at fused "
           f"{HEADLINE_TOKENS} × V {HEADLINE_VOCAB} × Hs {HEADLINE_HIDDEN} × Ht {HEADLINE_HIDDEN}, bf16, "
           f"{' and '.join(DIVERGENCES)}; forward + backward, 3 reps",),
          _tune_headline),
     Step("tune_kinds", "the fused tiles of the other kinds and the hard-label term at the headline shape "
-         "(not a default step)", sum(len(trials) for _, _, trials in KINDS_FUSED_TRIALS) * TUNE_HEADLINE_TRIAL_S / 2,
+         "(not a default step)", sum(len(trials) for _, _, trials in KINDS_FUSED_TRIALS) * HEADLINE_TRIAL_ESTIMATE_S,
          (f"kdops._fused.fused_config at fused {HEADLINE_TOKENS} × V {HEADLINE_VOCAB} × Hs {HEADLINE_HIDDEN} × Ht "
           f"{HEADLINE_HIDDEN}, bf16: " + "; ".join(f"{d} {o or ''} {len(t)} configurations" for d, o, t in
                                                    KINDS_FUSED_TRIALS) + "; forward + backward, 3 reps",),

@@ -263,6 +263,25 @@ def test_idle_gaps_of_a_timeline():
     assert campaign.idle_gaps([event("forward", DeviceType.CPU, 0, 1)]) == {}
 
 
+def test_host_lead_of_a_timeline():
+    """The host's time from the call to the GPU's first work, and its outermost operations there by name."""
+    from torch.autograd import DeviceType
+
+    def event(name, device_type, start, end):
+        return SimpleNamespace(name=name, device_type=device_type, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [event("setup", DeviceType.CPU, 0, 5), event(campaign.HOST_MARK, DeviceType.CPU, 10, 300),
+              event("aten::empty", DeviceType.CPU, 12, 40), event("cudaMalloc", DeviceType.CPU, 15, 38),
+              event("aten::ne", DeviceType.CPU, 45, 47), event("aten::empty", DeviceType.CPU, 60, 80),
+              event("cudaLaunchKernel", DeviceType.CPU, 90, 95), event("gemm", DeviceType.CUDA, 100, 200),
+              event("aten::mm", DeviceType.CPU, 96, 150), event("fill", DeviceType.CUDA, 210, 220)]
+    lead = campaign.host_lead(events, top=2)
+    assert lead["lead_us"] == 90
+    assert lead["ops"] == [dict(name="aten::empty", calls=2, us=48), dict(name="cudaLaunchKernel", calls=1, us=5)]
+    assert campaign.host_lead(events[:7]) == {}  # no device event
+    assert campaign.host_lead([e for e in events if e.name != campaign.HOST_MARK]) == {}
+
+
 def test_predictions_degrade_without_the_cost_model(monkeypatch):
     monkeypatch.setitem(sys.modules, "bench.model", None)
     (line,) = campaign.prediction_lines(kdops.targets.H100)
