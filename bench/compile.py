@@ -14,8 +14,10 @@ Triton's own argument specialization (`triton.runtime.jit.create_function_from_s
 would) for `GPUTarget("cuda", capability, 32)`, and its cubin is read with the `cuobjdump` that Triton's
 wheel ships: `-res-usage` for registers and local memory (spills), `-sass` for HGMMA / HMMA instructions.
 
-The gate fails (exit 1) on any compile error, any specialization that uses local memory (a spill), and
-any fused lm_head kernel whose dot operands are 16-bit but whose SASS has no tensor-core instruction.
+The gate fails (exit 1) on any compile error, any specialization that uses local memory (a spill) — but the
+fused kernels' 16-bit 128 × 128 Hopper tiles, measured faster despite theirs, up to WIDEST_SPILL_LIMIT bytes —,
+float64 arithmetic in a float32-accumulating kernel, and any fused lm_head kernel whose dot operands are 16-bit
+but whose SASS has no tensor-core instruction.
 Float32 fused kernels multiply exactly ("ieee", FFMA on the CUDA cores) by design: they are reported,
 not failed. The report is markdown: a summary per kernel and architecture, then one row per
 specialization. `--quick` compiles a representative subset (every kernel; bf16 and fp32; the heaviest
@@ -263,14 +265,16 @@ class Compiled:
     seconds: float = 0.0
     sixteen_bit_dot: bool = False
     float64_instructions: int = 0  # float64 arithmetic in a kernel that accumulates in float32 (`float64_math`)
+    spill_limit: int = 0  # the local memory it may use: WIDEST_SPILL_LIMIT for the fused Hopper 128 × 128 tiles
 
     @property
     def failures(self) -> list[str]:
         out = []
         if self.error:
             out.append(f"compile error: {self.error}")
-        if self.local_bytes or self.spill_instructions:
-            out.append(f"spills ({self.local_bytes} B local, {self.spill_instructions} STL/LDL)")
+        if self.local_bytes > self.spill_limit or (self.spill_instructions and not self.spill_limit):
+            limit = f", over the {self.spill_limit} B allowed" if self.spill_limit else ""
+            out.append(f"spills ({self.local_bytes} B local, {self.spill_instructions} STL/LDL{limit})")
         if self.float64_instructions:
             out.append(f"{self.float64_instructions} float64 arithmetic instructions in a float32 kernel")
         if self.name in FUSED_KERNELS and self.sixteen_bit_dot and not self.tensor_core_instructions:
@@ -377,11 +381,30 @@ def float64_math(ptx: str) -> int:
     return sum(op not in ("ld", "cvt", "mov", "setp") for op in _FLOAT64_OP.findall(ptx))
 
 
+# The fused kernels' 16-bit 128 × 128 tiles on Hopper (`kdops._fused.tile_width`, WIDEST) spill, and ran faster
+# on an H100 than the narrower tiles that do not, in every kind measured (the comment above
+# `kdops._fused._HOPPER_TILES`), spilling up to 2008 B (generalized JSD's second pass) and 1464 B (skew reverse
+# KL's gradient). The grid's largest, 2128 B, is skew reverse KL's gradient with the hard-label term and the
+# student's bias (not measured). Their spills are reported and bounded, so that a kernel change that spills
+# more still fails the gate before a GPU measures it.
+WIDEST_SPILL_LIMIT = 2304
+
+
+def spill_limit(spec: Spec, sixteen_bit_dot: bool) -> int:
+    """The local memory (bytes a thread) `spec` may use: WIDEST_SPILL_LIMIT for a fused kernel's 16-bit
+    128 × 128 tiles on sm_90, 0 for any other specialization."""
+    values = {**dict(zip(spec.kernel.arg_names, spec.args)), **spec.kwargs}
+    widest = (values.get("BLOCK_N"), values.get("BLOCK_V")) == (128, 128)
+    return WIDEST_SPILL_LIMIT if spec.name in FUSED_KERNELS and spec.arch == "sm_90" and sixteen_bit_dot and \
+        widest else 0
+
+
 def _compile_job(index: int) -> Compiled:
     """Compile _JOBS[index] (a forked worker reads the list it inherited)."""
     spec = _JOBS[index]
     constexprs, config, sixteen = _describe(spec)
-    result = Compiled(spec.name, spec.arch, spec.call.label, constexprs, config, sixteen_bit_dot=sixteen)
+    result = Compiled(spec.name, spec.arch, spec.call.label, constexprs, config, sixteen_bit_dot=sixteen,
+                      spill_limit=spill_limit(spec, sixteen))
     start = time.perf_counter()
     try:
         compiled = compile_spec(spec)
@@ -437,7 +460,9 @@ def report(results: list[Compiled], archs, quick: bool, wall: float, dtypes=None
         f"compile, {wall:.0f} s wall). Registers and local memory from `cuobjdump -res-usage`, tensor-core "
         "instructions (HGMMA on sm_90, HMMA on sm_80) counted in the SASS; shared memory is Triton's "
         "dynamic allocation. A specialization is one (kernel, argument types, constexprs, warps, stages) "
-        "that the launchers produce (see bench/compile.py).",
+        "that the launchers produce (see bench/compile.py). A spill fails the gate, but those of the fused "
+        f"kernels' 16-bit 128 × 128 tiles on sm_90 up to {WIDEST_SPILL_LIMIT} B a thread (WIDEST_SPILL_LIMIT: "
+        "measured faster on an H100 despite them, kdops/_fused.py).",
         "",
         f"**{len(results)} specializations, {len(failures)} failures.**",
         "",

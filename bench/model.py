@@ -68,14 +68,17 @@ from .floor import floor_work
 #: values (the compiled reference's and the peers' fused elementwise kernels): exponentials, online sums.
 ELEMENTWISE_FLOPS = 64
 #: The kernels on logits' flop-equivalents per (row, vocabulary) element of both models' values, per pass of the
-#: forward and for the gradient, calibrated on the first H100 campaign (bench/results/nvidia-h100-campaign, code
-#: fcf6a3d: each kernel's profiled time × the H100's fp32 rate (kdops.targets) ÷ the elements, in the chunked
-#: path's 2048-row float32 chunks at 8192 × 128256): forward KL 3.87 ms per pass and 4.81 ms for its gradient,
-#: generalized JSD 5.10 ms per pass and 4.18 ms. Effective figures: these kernels move both float32 logits at
-#: about 2.2 TB/s there (72 % of the HBM rate the model assumes), neither at the HBM rate nor at their SASS
-#: counts' compute bound; on bf16 logits (kd_loss) they take less (the campaign's tune: 1.81 + 1.12 ms for
-#: forward KL at 4096 × 128256, 185 / 114 by the same sum). Kinds not measured take the larger figures.
-LOGITS_KERNEL_FLOPS = {"kl": (197, 245), "jsd": (260, 213)}
+#: forward and for the gradient: each kernel's profiled time × the H100's fp32 rate (kdops.targets) ÷ the
+#: elements, in the chunked path's 2048-row float32 chunks at 8192 × 128256. First calibrated on the first H100
+#: campaign (bench/results/nvidia-h100-campaign, code fcf6a3d): forward KL 3.87 ms per pass and 4.81 ms for its
+#: gradient, generalized JSD 5.10 ms per pass and 4.18 ms (197 / 245 and 260 / 213). Now on the 0.3.4 campaign
+#: (nvidia-h100-campaign/0.3.4 and 0.3.5-wide-tiles, the same kernels on logits; means of the two profiles):
+#: forward KL 3.48 ms per pass (1024 columns, 4 warps) and 4.79 ms, generalized JSD 4.04 ms per pass and 3.66 ms
+#: (its shared ratios and MUFU approximations: −21 % and −12 %, where their SASS counts fell 28 % and 41 %: these
+#: kernels move both float32 logits at about 2.1–2.4 TB/s, near what bandwidth they reach, not at their SASS
+#: counts' compute bound). On bf16 logits (kd_loss) they take less (the first campaign's tune: 1.81 + 1.12 ms
+#: for forward KL at 4096 × 128256). Kinds not measured take the larger figures.
+LOGITS_KERNEL_FLOPS = {"kl": (177, 244), "jsd": (206, 187)}
 #: The fused kernels' elementwise work per element (their tiles reduce per tile, row by row), calibrated on the
 #: H200 campaign (bench/results/nvidia-h200-after, 64 × 64 tiles): forward KL 272 / 172, generalized JSD 305 per
 #: pass / 322.
@@ -97,12 +100,11 @@ H100_MATMUL_RATE = targets.H100.matmul_flops_16bit
 #: figures by now / then, so that a change to these kernels moves the prediction before a GPU measures it;
 #: `python -m bench.loops --check` (a test) fails where "now" is no longer the code's. History: the H200
 #: campaign measured 93.8 / 46.2 (KL) and 255.4 / 148.9 (JSD) instructions; the sums kept in lanes, flushed
-#: exponentials and series-only logarithms (kernels/divergences.py) brought them to the counts below.
-#: Since the campaign the forward kernels take 1024 columns and 4 warps (`logits_config`; its tune measured them
-#: 7–8 % faster, which their counts, 47.6 → 47.1 and 181.4 → 180.8, do not show). Then JSD's terms shared their
-#: ratios, took the MUFU's log2 and reciprocal (`jsd_terms`, `log_approx`, `div_approx`): 180.8 → 130.9 and
-#: 97.2 → 56.9, its second pass 142.6 → 92.6 of them (not measured on a GPU yet).
-LOGITS_KERNEL_SASS = {"kl": ((47.6, 39.1), (47.1, 39.1)), "jsd": ((181.4, 97.2), (130.9, 56.9))}
+#: exponentials and series-only logarithms (kernels/divergences.py) brought them to 47.6 / 39.1 and
+#: 181.4 / 97.2, which the first H100 campaign measured; JSD's shared ratios and MUFU approximations
+#: (`jsd_terms`, `log_approx`, `div_approx`) to 130.9 / 56.9, which the 0.3.4 campaign measured (a scaling
+#: by counts would have predicted twice the gain the GPU gave: see LOGITS_KERNEL_FLOPS).
+LOGITS_KERNEL_SASS = {"kl": ((47.1, 39.1), (47.1, 39.1)), "jsd": ((130.9, 56.9), (130.9, 56.9))}
 
 
 #: The tile transforms (`kernels/transforms.py`): instructions they add per element to a forward pass and to the
@@ -884,12 +886,11 @@ def _fused_path(ctx: _Ctx):
     hs, ht = ctx.shape.hidden_student, ctx.shape.hidden_teacher
     num_stats, num_partial = _kernel_constants()
     jsd = ctx.divergence.canonical().kind.name == "JSD"
-    kind = ctx.divergence.canonical().kind.name
     # no hard label, no biases here; TMA for 16-bit operands on Hopper (`FusedProblem.config`)
     tma = ctx.gpu.capability >= (9, 0) and ctx.b == 2
 
     def width(forward):
-        return _fused.tile_width(forward, ctx.passes > 1, kind, 0.0, False, ctx.transform, tma,
+        return _fused.tile_width(forward, ctx.passes > 1, 0.0, False, ctx.transform, tma,
                                  teacher_grads=False)  # a frozen teacher, as every modelled case
 
     config = _fused.fused_config(n, v, ctx.gpu, ctx.dtype, forward=True, jsd=jsd, transform=ctx.transform,

@@ -31,26 +31,28 @@ def _linear():
     return linear
 
 
-# GPU tiles by operand size in bytes: the two logit tiles, their gradient tiles and the per-row statistics
-# must fit a thread's 255 registers without spilling, in every specialization (`python -m bench.compile`
-# checks them all for sm_90 and sm_80). 16-bit operands go through the tensor cores (BLOCK_H = 64: a few
-# wgmma / mma per step). Float32 / float64 ones are exact FMA products on the CUDA cores, whose operand
-# fragments hold BLOCK_H values per row and column in registers (hence the narrow BLOCK_H; 16 is the
-# least `tl.dot` takes in Triton 3.6), and whose kernels ptxas would otherwise squeeze into 128 registers
-# (two blocks per SM) at the price of spills: maxnreg = 255 keeps them whole.
+# GPU tiles by operand size in bytes: the two logit tiles, their gradient tiles and the per-row statistics must fit a
+# thread's 255 registers without spilling, in every specialization but the Hopper WIDEST tiles below (`python -m
+# bench.compile` checks them all for sm_90 and sm_80). 16-bit operands go through the tensor cores (BLOCK_H = 64: a few
+# wgmma / mma per step). Float32 / float64 ones are exact FMA products on the CUDA cores, whose operand fragments hold
+# BLOCK_H values per row and column in registers (hence the narrow BLOCK_H; 16 is the least `tl.dot` takes in Triton
+# 3.6), and whose kernels ptxas would otherwise squeeze into 128 registers (two blocks per SM) at the price of spills:
+# maxnreg = 255 keeps them whole.
 _GPU_TILES = {
     2: dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3),
     4: dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=8, num_stages=3, maxnreg=255),
     8: dict(BLOCK_N=32, BLOCK_V=32, BLOCK_H=16, num_warps=8, num_stages=3, maxnreg=255),
 }
-# Hopper (wgmma), 16-bit: tiles as wide as each specialization's live state allows without spilling (`tile_width`,
-# `python -m bench.compile` on sm_90). WIDE, 128 rows × 64 columns, halves the re-reads of the weights; WIDEST,
-# 128 × 128, is the gradient kernel's where a single gradient tile is stored. Measured on an H100 at the headline
-# (8192 × 128256 × 4096, bf16, bench/results/nvidia-h100-campaign/): forward KL 190.2 ms at 64 × 64 → 135.7 ms
-# with WIDE → 124.4 ms with the WIDEST gradient (its backward 70.2 → 57.9 ms); generalized JSD's forward
-# 247.0 → 148.9 ms with WIDE (TMA). The forward at 128 × 128 ran faster still (44.4 against 66.5 ms) but spills
-# 16–24 B a thread even with TMA. Since JSD's and the skews' terms take fewer registers (0.3.4: `jsd_terms`), the
-# skews' forward and JSD's and TVD's gradient kernels fit the wider tiles too (not measured on a GPU yet).
+# Hopper (wgmma), 16-bit: WIDE, 128 rows × 64 columns, halves the re-reads of the weights; WIDEST, 128 × 128, halves
+# them again. Measured on an H100 at the headline (8192 × 128256 × 4096, bf16, bench/results/nvidia-h100-campaign/):
+# forward KL 190.2 ms at 64 × 64 → 135.7 ms with WIDE → 124.4 ms with the WIDEST gradient; then (0.3.5-wide-tiles/,
+# 0.3.4/) the WIDEST forward, TMA loads, every kind: forward KL 66.3 → 44.8 ms, generalized JSD 128.5 → 93.2, skew
+# reverse KL 138.3 → 86.1, TVD 137.6 → 78.8, α-β 70.4 → 50.0; with the hard-label term (64 × 64 until then) KL 124.3 →
+# 59.4, JSD 250.3 → 108.7; the WIDEST gradient for skew 84.5 → 65.1, α-β 70.8 → 59.9, the hard-label term 84.6 → 58.5.
+# Those tiles spill on sm_90 (up to 2008 B a thread in the cases measured, JSD's second pass; 2128 B in the grid,
+# `python -m bench.compile`) and win anyway: the halved operand traffic of the K loop outweighs the spills' local-memory
+# traffic. The gate keeps their spills under WIDEST_SPILL_LIMIT (bench/compile.py); the specializations not measured (a
+# tile transform, the teacher's gradients too, pointer loads) keep the widths that compile without spills.
 NARROW, WIDE, WIDEST = 0, 1, 2
 _HOPPER_TILES = {WIDE: {2: dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3)},
                  WIDEST: {2: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)}}
@@ -68,21 +70,18 @@ _JSD_FORWARD_TILES = {8: dict(_GPU_TILES[8], BLOCK_V=16)}
 _TRANSFORM_PRE_HOPPER_BACKWARD_TILES = {2: dict(_GPU_TILES[2], BLOCK_N=32)}
 
 
-def tile_width(forward: bool, two_pass: bool, kind: str, hard: float, teacher_bias: bool, transform: int,
-               tma: bool, teacher_grads: bool = True) -> int:
-    """How wide a 16-bit specialization's Hopper tiles may be (`_HOPPER_TILES`; `python -m bench.compile`, sm_90).
+def tile_width(forward: bool, two_pass: bool, hard: float, teacher_bias: bool, transform: int, tma: bool,
+               teacher_grads: bool = True) -> int:
+    """How wide a 16-bit specialization's Hopper tiles are (`_HOPPER_TILES`).
 
-    WIDE for the least live state — a one-pass kind without the hard-label term, the teacher's bias or a tile
-    transform — and, where TMA loads the operands (no register per address), for the forward of every kind
-    without the hard-label term or a transform. The gradient kernel, one pass over the vocabulary whatever the
-    kind, takes WIDEST without those three terms, with TMA, when it stores the student's gradient alone, but
-    α-β's (32 B of spill with the student's bias) and skew's (16 B). NARROW otherwise."""
-    light = hard == 0 and not teacher_bias and not transform
-    least = light and not two_pass
-    if forward:
-        return WIDE if least or (tma and hard == 0 and not transform) else NARROW
-    if light and tma and not teacher_grads and kind not in ("ALPHA_BETA", "SKEW"):
+    WIDEST where TMA loads the operands and no tile transform applies: the forward of every kind, and the
+    gradient kernel where it stores the student's gradient alone (measured faster on an H100 in every such
+    specialization, spills included: the comment above `_HOPPER_TILES`). Elsewhere the widths that compile
+    without spills on sm_90: WIDE for the least live state — a one-pass kind without the hard-label term, the
+    teacher's bias or a tile transform — NARROW otherwise."""
+    if tma and not transform and (forward or not teacher_grads):
         return WIDEST
+    least = hard == 0 and not teacher_bias and not transform and not two_pass
     return WIDE if least else NARROW
 
 
@@ -182,8 +181,8 @@ class FusedProblem:
     def config(self, forward: bool, teacher_grads: bool = True) -> dict:
         """`fused_config` for this problem's forward or backward (`tile_width`: how wide its tiles may be)."""
         tma = self.gpu is not None and self.gpu.capability >= (9, 0) and self.tma_operands is not None
-        width = tile_width(forward, self.two_pass, self.canon.kind.name, self.weights[1], self.bt is not None,
-                           self.canon.transform, tma, teacher_grads)
+        width = tile_width(forward, self.two_pass, self.weights[1], self.bt is not None, self.canon.transform, tma,
+                           teacher_grads)
         return fused_config(self.n_rows, self.vocab, self.gpu, self.dot_dtype, forward=forward, jsd=self.jsd,
                             transform=self.canon.transform, width=width, tma=tma)
 
