@@ -855,7 +855,8 @@ def _chunked_path(ctx: _Ctx):
     buffers = "two" if not ctx.mix else f"{_logit_rows(ctx)} (every model's logits, the target, the mix's temporaries)"
     detail = _plan_text(ctx, plan) + f": {buffers} float32 [chunk, V] logits buffers + G [group, V] in the weight dtype"
     notes = ("batchmean: the gradients are computed in the forward; the backward scales them by an upstream "
-             "gradient other than 1 (one pass over dH and dW, not counted)",)
+             "gradient other than 1 (one pass over dH and dW, not counted; at 1, loss.backward()'s, a kernel reads "
+             "it and stops: no host synchronization)",)
     return kernels, extra, detail, notes
 
 

@@ -62,6 +62,31 @@ def _topk_kernels():
     return topk
 
 
+@functools.lru_cache(maxsize=None)
+def _scale_kernels():
+    from .kernels import scale
+
+    return scale
+
+
+#: scale_unless_one's programs: elements a program's block takes per step, and programs per SM on a GPU.
+SCALE_BLOCK, SCALE_PROGRAMS_PER_SM = 2048, 4
+
+
+def scale_unless_one(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x ·= scale in place, for a contiguous x and a one-element `scale` on x's device, unless scale is exactly
+    1 (`kernels/scale.py`: the kernel reads it, the host does not; the product in float32, float64 for float64
+    x). Returns x."""
+    kernel = _scale_kernels().scale_unless_one_kernel
+    tl = _kernels()[0]
+    gpu = targets.of_device(x.device)
+    blocks = _cdiv(x.numel(), SCALE_BLOCK)
+    programs = max(1, min(blocks, SCALE_PROGRAMS_PER_SM * gpu.sm_count if gpu is not None else 4))
+    launch(kernel, (programs,), x, scale.reshape(1), x.numel(), BLOCK=SCALE_BLOCK,
+           ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, num_warps=4)
+    return x
+
+
 def _empty(shape, dtype, device) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype, device=device)
     if POISON_OUTPUTS:

@@ -23,6 +23,7 @@ from kdops.kernels import linear
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = {"kd_logits_forward_kernel", "kd_logits_backward_kernel", "merge_partials_kernel", *gate.FUSED_KERNELS}
 TOPK_KERNELS = {"complement_lse_kernel", "topk_student_backward_kernel"}  # the quick gate's sparse-teacher call
+SCALE_KERNELS = {"scale_unless_one_kernel"}  # the chunked paths' upstream gradient (no float argument)
 
 
 def test_quick_gate_compiles_every_kernel_within_its_spill_limit(tmp_path):
@@ -38,7 +39,7 @@ def test_quick_gate_compiles_every_kernel_within_its_spill_limit(tmp_path):
     text = report.read_text()
     assert " 0 failures.**" in text
     for arch in ("sm_90", "sm_80"):
-        for kernel in KERNELS | TOPK_KERNELS:
+        for kernel in KERNELS | TOPK_KERNELS | SCALE_KERNELS:
             assert f"| {arch} | {kernel} |" in text, (arch, kernel)
 
 

@@ -274,6 +274,24 @@ def test_upstream_gradient_scales_eager_gradients():
         assert rel_error(u, 3.0 * w) < 1e-6
 
 
+def test_upstream_gradient_is_read_on_the_device(monkeypatch):
+    """The Triton engine applies the upstream gradient to the forward's gradients without the host reading it
+    (`_launch.scale_unless_one`: no synchronization in the backward of a training step): no Tensor.item in
+    the backward, for upstream 1 and for others, and the gradients those of the torch engine (which reads it)."""
+    x = make_inputs(seed=13)
+    torch_engine = [run(lambda **k: u * kdops.fused_linear_kd_loss(**k, impl="chunked", backend="torch"), x)
+                    for u in (1.0, 0.3)]
+
+    def no_item(self):
+        raise AssertionError("the host read a tensor")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_item)
+    for u, expected in zip((1.0, 0.3), torch_engine):
+        ours = run(lambda **k: u * kdops.fused_linear_kd_loss(**k, impl="chunked", backend="triton"), x)
+        for a, b in zip(ours, expected):
+            assert rel_error(a, b) < 1e-5
+
+
 def test_auto_impl_rule(monkeypatch):
     """auto: chunked under the default budget, and under a given memory_budget that its plan fits; sliced
     under a given budget below the smallest plan (here, with no gradient asked for: one logits row)."""
