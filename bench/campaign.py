@@ -1019,26 +1019,14 @@ def _tune(ctx: Context) -> None:
              "logit chunks).")
 
 
-def _tune_headline(ctx: Context) -> None:
+def _tune_fused_at_headline(ctx: Context, cases) -> None:
+    """`tune` of kdops._fused.fused_config at the headline shape, bf16, for each (divergence, loss options,
+    trials) of `cases`."""
     import kdops
     import kdops._fused
     from bench.cases import FUSED, Case
 
-    for divergence in DIVERGENCES:
-        case = Case(FUSED, divergence, HEADLINE_TOKENS, HEADLINE_VOCAB, HEADLINE_HIDDEN, HEADLINE_HIDDEN, "bfloat16")
-        tune(ctx, "fused", kdops._fused, "fused_config", patched_fused_config, HEADLINE_FUSED_TRIALS, case,
-             lambda *a, divergence=divergence: kdops.fused_linear_kd_loss(*a, divergence=divergence, impl="fused",
-                                                                          backend="triton"),
-             TUNE_HEADLINE_TRIAL_S, reps=3)
-        ctx.flush()
-
-
-def _tune_kinds(ctx: Context) -> None:
-    import kdops
-    import kdops._fused
-    from bench.cases import FUSED, Case
-
-    for divergence, options, trials in KINDS_FUSED_TRIALS:
+    for divergence, options, trials in cases:
         case = Case(FUSED, divergence, HEADLINE_TOKENS, HEADLINE_VOCAB, HEADLINE_HIDDEN, HEADLINE_HIDDEN, "bfloat16")
         target = " ".join(["fused", *(f"{k}={v}" for k, v in options.items())])
         tune(ctx, target, kdops._fused, "fused_config", patched_fused_config, trials, case,
@@ -1046,6 +1034,14 @@ def _tune_kinds(ctx: Context) -> None:
                  *a, divergence=divergence, impl="fused", backend="triton", **options),
              TUNE_HEADLINE_TRIAL_S, reps=3)
         ctx.flush()
+
+
+def _tune_headline(ctx: Context) -> None:
+    _tune_fused_at_headline(ctx, [(divergence, {}, HEADLINE_FUSED_TRIALS) for divergence in DIVERGENCES])
+
+
+def _tune_kinds(ctx: Context) -> None:
+    _tune_fused_at_headline(ctx, KINDS_FUSED_TRIALS)
 
 
 # --- a probe, for the tests of the process machinery ---------------------------------------------------------

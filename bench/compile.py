@@ -209,6 +209,11 @@ class Spec:
     def name(self) -> str:
         return self.kernel.__name__
 
+    @property
+    def arguments(self) -> dict:
+        """Every argument by name: the positional ones, then the keywords (constexprs, launch options)."""
+        return {**dict(zip(self.kernel.arg_names, self.args)), **self.kwargs}
+
 
 def _constexpr_text(value) -> str:
     text = str(getattr(value, "value", value))
@@ -295,8 +300,7 @@ def _describe(spec: Spec) -> tuple[str, str, bool]:
     """(pointer types and the constexprs that tell specializations apart, launch config, whether a dot
     operand is 16-bit)."""
     names = spec.kernel.arg_names
-    values = dict(zip(names, spec.args))
-    values.update(spec.kwargs)
+    values = spec.arguments
     shown = ["/".join(sorted({t.lstrip("*") for t in _pointer_types(spec)}))]
     shown += [f"{name}={_constexpr_text(values[name])}" for name, param in zip(names, spec.kernel.params)
               if param.is_constexpr and name not in _HIDDEN_CONSTEXPRS and name in values]
@@ -393,7 +397,7 @@ WIDEST_SPILL_LIMIT = 2304
 def spill_limit(spec: Spec, sixteen_bit_dot: bool) -> int:
     """The local memory (bytes a thread) `spec` may use: WIDEST_SPILL_LIMIT for a fused kernel's 16-bit
     128 × 128 tiles on sm_90, 0 for any other specialization."""
-    values = {**dict(zip(spec.kernel.arg_names, spec.args)), **spec.kwargs}
+    values = spec.arguments
     widest = (values.get("BLOCK_N"), values.get("BLOCK_V")) == (128, 128)
     return WIDEST_SPILL_LIMIT if spec.name in FUSED_KERNELS and spec.arch == "sm_90" and sixteen_bit_dot and \
         widest else 0
@@ -412,7 +416,7 @@ def _compile_job(index: int) -> Compiled:
         result.shared_bytes = int(compiled.metadata.shared)
         for field, value in analyse_cubin(compiled.asm["cubin"], spec.arch, spec.name in FUSED_KERNELS).items():
             setattr(result, field, value)
-        if str({**dict(zip(spec.kernel.arg_names, spec.args)), **spec.kwargs}.get("ACC")) != "fp64":
+        if str(spec.arguments.get("ACC")) != "fp64":
             result.float64_instructions = float64_math(compiled.asm["ptx"])
     except Exception as error:  # noqa: BLE001 - every failure is a row of the report
         result.seconds = time.perf_counter() - start

@@ -42,16 +42,15 @@ def row_weights(mask: torch.Tensor, reduction: str, num_items_in_batch=None,
 
 
 def scale_by_upstream(grads, upstream: torch.Tensor, on_device: bool) -> list:
-    """The gradients (None where absent) times the scalar upstream gradient, in place. `on_device` (the Triton
-    engine): by `_launch.scale_unless_one`, which leaves them untouched where the upstream is 1 without the host
-    reading it; otherwise the host reads it (one synchronization) and multiplies, in the gradients' dtype,
-    unless it is 1. loss.backward() passes 1: skipping the multiply saves a pass over dW and dH (2 GiB of
-    traffic at V = 128k, H = 4096 in bf16)."""
+    """The gradients (None where absent; the contiguous buffers the chunked paths fill) times the scalar upstream
+    gradient, in place. `on_device` (the Triton engine): by `_launch.scale_unless_one`, which leaves them
+    untouched where the upstream is 1 without the host reading it; otherwise the host reads it (one
+    synchronization) and multiplies, in the gradients' dtype, unless it is 1. loss.backward() passes 1: skipping
+    the multiply saves a pass over dW and dH (2 GiB of traffic at V = 128k, H = 4096 in bf16)."""
     if on_device:
         from . import _launch
 
-        return [None if g is None else _launch.scale_unless_one(g, upstream) if g.is_contiguous()
-                else g.mul_(upstream.to(g.dtype)) for g in grads]
+        return [None if g is None else _launch.scale_unless_one(g, upstream) for g in grads]
     if upstream.numel() == 1 and upstream.item() == 1.0:
         return list(grads)
     return [None if g is None else g.mul_(upstream.to(g.dtype)) for g in grads]

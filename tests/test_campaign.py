@@ -148,6 +148,16 @@ def _meta():
                 triton="x", liger_kernel=None, trl=None)
 
 
+def _run_step(tmp_path, name, step):
+    """Run a step's function in-process on the CPU: (its report's text, its records), having checked its status."""
+    ctx = Context(name, tmp_path, _meta(), seconds=600, device="cpu")
+    step(ctx)
+    text = "\n".join(ctx.result.lines)
+    assert ctx.result.status == "ok", text
+    records = [json.loads(line) for line in (tmp_path / "campaign-test-device.jsonl").read_text().splitlines()]
+    return text, records
+
+
 def test_a_step_process_runs_and_writes_the_report_and_the_records(tmp_path):
     done, _ = _run_campaign("--allow-cpu", "--steps", "probe", "--minutes", "0.5", "--output", str(tmp_path),
                             env={"KDOPS_CAMPAIGN_PROBE_S": "0"})
@@ -299,12 +309,8 @@ def tiny_headline(monkeypatch):
 def test_headline_step_on_a_tiny_case(tmp_path, tiny_headline):
     """The headline's code path on the CPU: the sweep's records in both JSON-lines files, a table per
     divergence, the charts; the CUDA-only competitors skipped with their reason."""
-    ctx = Context("headline", tmp_path, _meta(), seconds=600, device="cpu")
-    campaign._headline(ctx)
-    text = "\n".join(ctx.result.lines)
-    assert ctx.result.status == "ok", text
+    text, records = _run_step(tmp_path, "headline", campaign._headline)
     assert text.count("| competitor | status |") == 2 and "skipped: needs CUDA" in text
-    records = [json.loads(line) for line in (tmp_path / "campaign-test-device.jsonl").read_text().splitlines()]
     assert {r["competitor"] for r in records} == set(campaign.HEADLINE_COMPETITORS)
     assert all(r["kind"] == "headline" and r["command"] == "python -m bench.campaign" for r in records)
     assert {r["status"] for r in records if r["competitor"] in ("floor", "reference")} == {"ok"}
@@ -317,26 +323,18 @@ def test_headline_step_on_a_tiny_case(tmp_path, tiny_headline):
 def test_tune_headline_step_on_a_tiny_case(tmp_path, tiny_headline, monkeypatch):
     """The fused tiles at the (cut) headline shape: a table per divergence, every trial timed and recorded."""
     monkeypatch.setattr(campaign, "HEADLINE_FUSED_TRIALS", ({}, dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=16)))
-    ctx = Context("tune_headline", tmp_path, _meta(), seconds=600, device="cpu")
-    campaign._tune_headline(ctx)
-    text = "\n".join(ctx.result.lines)
-    assert ctx.result.status == "ok", text
+    text, records = _run_step(tmp_path, "tune_headline", campaign._tune_headline)
     assert text.count("| trial | config |") == len(campaign.DIVERGENCES) and "generalized_jsd" in text
-    records = [json.loads(line) for line in (tmp_path / "campaign-test-device.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records if r["kind"] == "tune"] == ["ok"] * 2 * len(campaign.DIVERGENCES)
     assert "tune_headline" in campaign.STEPS and "tune_headline" not in campaign.DEFAULT_STEPS
 
 
 def test_profile_step_on_a_tiny_case(tmp_path, tiny_headline):
     """The profile's code path on the CPU (no device events there): measured times and the model's phases."""
-    ctx = Context("profile", tmp_path, _meta(), seconds=600, device="cpu")
-    campaign._profile(ctx)
-    text = "\n".join(ctx.result.lines)
-    assert ctx.result.status == "ok", text
+    text, records = _run_step(tmp_path, "profile", campaign._profile)
     assert text.count("Measured (CUDA events") == 6  # two divergences × impls fused, chunked, sliced
     assert text.count("| phase | GFLOP |") == 6 or "cost model unavailable" in text
-    kinds = [json.loads(line)["kind"] for line in (tmp_path / "campaign-test-device.jsonl").read_text().splitlines()]
-    assert kinds.count("profile") == 6
+    assert [r["kind"] for r in records].count("profile") == 6
 
 
 def test_fused_check_retries_with_fewer_tokens_and_judges_the_errors(tmp_path, monkeypatch):
@@ -384,11 +382,7 @@ def test_tune_kinds_step_on_a_tiny_case(tmp_path, tiny_headline, monkeypatch):
     small = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=16)
     monkeypatch.setattr(campaign, "KINDS_FUSED_TRIALS", (
         ("tvd", {}, ({}, dict(forward=small))), ("forward_kl", dict(hard_weight=0.5), ({}, dict(backward=small)))))
-    ctx = Context("tune_kinds", tmp_path, _meta(), seconds=600, device="cpu")
-    campaign._tune_kinds(ctx)
-    text = "\n".join(ctx.result.lines)
-    assert ctx.result.status == "ok", text
+    text, records = _run_step(tmp_path, "tune_kinds", campaign._tune_kinds)
     assert text.count("| trial | config |") == 2 and "**fused hard_weight=0.5**" in text
-    records = [json.loads(line) for line in (tmp_path / "campaign-test-device.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records if r["kind"] == "tune"] == ["ok"] * 4
     assert "tune_kinds" in campaign.STEPS and "tune_kinds" not in campaign.DEFAULT_STEPS

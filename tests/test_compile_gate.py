@@ -85,8 +85,8 @@ def test_spill_limit_covers_the_widest_fused_tiles_alone():
     """Only the fused kernels' 16-bit 128 × 128 tiles on sm_90 may spill (up to WIDEST_SPILL_LIMIT): not the same
     tiles before Hopper or with float32 operands, not narrower fused tiles, not the kernels on logits."""
     def spec(name="fused_forward_kernel", arch="sm_90", **config):
-        return SimpleNamespace(name=name, arch=arch, kernel=SimpleNamespace(arg_names=["BLOCK_N"]),
-                               args=[config.pop("BLOCK_N", 64)], kwargs=config)
+        kernel = SimpleNamespace(__name__=name, arg_names=["BLOCK_N"])  # BLOCK_N positional, the rest keywords
+        return gate.Spec(kernel, (config.pop("BLOCK_N", 64),), config, call=None, arch=arch)
 
     widest, limit = dict(BLOCK_N=128, BLOCK_V=128), gate.WIDEST_SPILL_LIMIT
     assert gate.spill_limit(spec(**widest), True) == gate.spill_limit(spec("fused_gradient_kernel", **widest), True) \

@@ -45,7 +45,8 @@ def test_scales_with_one_rounding(dtype, n):
 
 
 def test_an_upstream_of_one_leaves_every_bit():
-    """s == 1 (loss.backward()): the tensor keeps every bit, NaN payloads and signed zeros included."""
+    """s == 1 (loss.backward()): the tensor keeps every bit, NaN payloads and signed zeros included (on a GPU,
+    where a multiply by 1 returns the canonical NaN, this shows the kernel skipped the tensor)."""
     x = _values(5000, torch.float32, seed=3)
     x.view(torch.int32)[7] = 0x7FC00123  # a NaN with a payload
     y = x.clone()
@@ -61,3 +62,10 @@ def test_the_scale_is_read_as_its_own_dtype():
     _launch.scale_unless_one(y, s)
     finite = torch.isfinite(x) & (x != 0)
     assert torch.equal(y[finite], x[finite] * s) and not torch.equal(y[finite], x[finite])
+
+
+def test_a_strided_tensor_is_refused():
+    """The kernel walks memory in order: a view with gaps would have its gaps scaled and its tail left out."""
+    x = _values(64, torch.float32, seed=5).view(8, 8)[:, :4]
+    with pytest.raises(ValueError, match="contiguous"):
+        _launch.scale_unless_one(x, torch.tensor(2.0, device=DEVICE))
