@@ -77,8 +77,9 @@ def scale_unless_one(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x ·= scale in place, for a contiguous x and a one-element `scale` on x's device, unless scale is exactly
     1 (`kernels/scale.py`: the kernel reads it, the host does not; the product in float32, float64 for float64
     x). Returns x."""
-    if not x.is_contiguous():  # the kernel walks the elements in memory order
-        raise ValueError(f"kdops internal: scale_unless_one takes a contiguous tensor, got strides {x.stride()}")
+    # an invariant of the callers (the chunked paths' own gradient buffers), not a user error: the kernel walks
+    # the elements in memory order
+    assert x.is_contiguous(), f"scale_unless_one takes a contiguous tensor, got strides {x.stride()}"
     kernel = _scale_kernels().scale_unless_one_kernel
     tl = _kernels()[0]
     gpu = targets.of_device(x.device)
