@@ -623,7 +623,8 @@ def _headline(ctx: Context) -> None:
     from bench.sweep import run_sweep
 
     competitors = tuple(c for c in COMPETITORS if c.name in HEADLINE_COMPETITORS)
-    ctx.line(f"{HEADLINE_REPS} repetitions after {HEADLINE_WARMUP} warm-ups (medians); extra = peak memory beyond "
+    ctx.line(f"{HEADLINE_REPS} repetitions after {HEADLINE_WARMUP} warm-ups (medians), the competitors taking turns "
+             "repetition by repetition (`bench.measure.measure_in_turn`); extra = peak memory beyond "
              "the inputs and the student's gradients; Δloss = relative difference to the reference's loss.")
     sweep_file = None
     for divergence in DIVERGENCES:

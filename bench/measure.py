@@ -3,7 +3,9 @@
 Per repetition, after `warmup` untimed runs: forward (autograd on), then backward, each timed on its own
 (CUDA events on a GPU, `time.perf_counter` on the CPU); total = forward + backward of the same repetition,
 unless the competitor times a single fused pass for it (the floor of `kd_loss`). Reported: the median and
-the spread IQR = q75 − q25 of each phase.
+the spread IQR = q75 − q25 of each phase. The sweep times a case's competitors in turn (`measure_in_turn`:
+each one's first repetition, then each one's second, ...), so that their ratios do not depend on which of
+them ran while the GPU was cooler.
 
 Memory, in one more untimed forward + backward: `peak` = the most bytes live at once beyond the inputs
 (`torch.cuda.max_memory_allocated` − bytes allocated before the call on CUDA; `bench.memory.AllocationTracker`
@@ -152,16 +154,21 @@ def median_iqr(samples) -> tuple[float, float]:
     return float(q50), float(q75 - q25)
 
 
-def _timings(phases: Phases, inputs: Inputs, device, reps: int, warmup: int) -> dict[str, list[float]]:
-    samples = {p: [] for p in PHASES}
-    for rep in range(warmup + reps):
-        inputs.clear_grads()
-        forward, backward = time_steps([phases.forward, phases.backward], device)
-        total = time_steps([phases.total], device)[0] if phases.total else forward + backward
-        if rep >= warmup:
-            for phase, ms in zip(PHASES, (forward, backward, total)):
-                samples[phase].append(ms)
-    return samples
+def _one_rep(phases: Phases, inputs: Inputs, device) -> tuple[float, float, float]:
+    """(forward, backward, total) milliseconds of one repetition, from cleared gradients."""
+    inputs.clear_grads()
+    forward, backward = time_steps([phases.forward, phases.backward], device)
+    total = time_steps([phases.total], device)[0] if phases.total else forward + backward
+    return forward, backward, total
+
+
+def _empty_samples() -> dict[str, list[float]]:
+    return {p: [] for p in PHASES}
+
+
+def _add_sample(samples: dict[str, list[float]], values) -> None:
+    for phase, ms in zip(PHASES, values):
+        samples[phase].append(ms)
 
 
 def _peak_memory(phases: Phases, inputs: Inputs, device) -> tuple[int, float]:
@@ -200,10 +207,10 @@ def failure(name: str, error: BaseException) -> Result:
     return Result(name, "error", f"{type(error).__name__}: {first_line}")
 
 
-def _measure(name: str, build: Callable[[], Phases], inputs: Inputs, device, reps: int, warmup: int) -> Result:
-    phases = build()
+def _result(name: str, phases: Phases, samples: dict[str, list[float]], inputs: Inputs, device) -> Result:
+    """The Result of timed samples: medians and spreads, and for a loss its peak memory and value."""
     result = Result(name, input_bytes=inputs.input_bytes)
-    for phase, values in _timings(phases, inputs, device, reps, warmup).items():
+    for phase, values in samples.items():
         result.median_ms[phase], result.iqr_ms[phase] = median_iqr(values)
     if phases.loss:
         result.peak_bytes, result.loss = _peak_memory(phases, inputs, device)
@@ -213,12 +220,39 @@ def _measure(name: str, build: Callable[[], Phases], inputs: Inputs, device, rep
     return result
 
 
-def measure(name: str, build: Callable[[], Phases], inputs: Inputs, device, reps: int, warmup: int) -> Result:
-    """Time `build()`'s phases and, for a loss, its peak memory; failures become an "oom" / "error" Result."""
-    try:
-        result = _measure(name, build, inputs, device, reps, warmup)
-    except Exception as error:  # noqa: BLE001 - any competitor failure is a record, never the end of the sweep
-        result = failure(name, error)
-    inputs.clear_grads()
-    free_memory(device)  # after the except block: the traceback no longer holds the competitor's tensors
-    return result
+def measure_in_turn(builds: list[tuple[str, Callable[[], Phases]]], inputs: Inputs, device, reps: int,
+                    warmup: int) -> list[Result]:
+    """Time each competitor's phases (`build()`) and, for a loss, its peak memory, the competitors taking turns
+    on the same inputs: every one's first repetition, then every one's second, and so on (warm-ups the same
+    way), so that a drift of the device's speed during the run (a GPU's clocks as it heats) weighs on all of
+    them alike instead of on whoever runs last. A competitor that fails (out of memory or any exception) gets an
+    "oom" / "error" Result and leaves the turns; the others go on. Results in the order of `builds`."""
+    results: dict[str, Result] = {}
+    running: dict[str, tuple[Phases, dict]] = {}
+    for name, build in builds:
+        try:
+            running[name] = (build(), _empty_samples())
+        except Exception as error:  # noqa: BLE001 - a competitor that cannot be built is a record
+            results[name] = failure(name, error)
+    for rep in range(warmup + reps):
+        for name in list(running):
+            phases, samples = running[name]
+            try:
+                values = _one_rep(phases, inputs, device)
+            except Exception as error:  # noqa: BLE001
+                results[name] = failure(name, error)
+                del running[name]
+            else:
+                if rep >= warmup:
+                    _add_sample(samples, values)
+                continue
+            inputs.clear_grads()
+            free_memory(device)  # after the except block: its traceback no longer holds the tensors
+    for name, (phases, samples) in running.items():
+        try:
+            results[name] = _result(name, phases, samples, inputs, device)
+        except Exception as error:  # noqa: BLE001
+            results[name] = failure(name, error)
+        inputs.clear_grads()
+        free_memory(device)
+    return [results[name] for name, _ in builds]

@@ -1,4 +1,5 @@
-"""The sweep: every case × every competitor that implements its function, on fresh inputs per case.
+"""The sweep: every case × every competitor that implements its function, on fresh inputs per case, the
+competitors of a case timed in turn, repetition by repetition (`bench.measure.measure_in_turn`).
 
 A competitor that does not apply (no CUDA, not installed, not implemented yet) is recorded as "skipped"
 with the reason; one that runs out of memory or raises is recorded as "oom" / "error"; the sweep goes on.
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from .cases import Case
 from .competitors import COMPETITORS, Competitor
-from .measure import Result, failure, free_memory, make_inputs, measure
+from .measure import Result, failure, free_memory, make_inputs, measure_in_turn
 from .report import (Progress, append_jsonl, case_records, describe_inputs, describe_trade, format_case, header,
                      results_path, run_metadata)
 
@@ -22,17 +23,20 @@ def _run_case(case: Case, competitors, device, reps: int, warmup: int, progress:
         inputs, input_error = make_inputs(case, device), None
     except Exception as error:  # noqa: BLE001 - e.g. the inputs alone do not fit: every competitor fails alike
         inputs, input_error = None, error
-    results = []
+    results, measured = {}, []
     for competitor in competitors:
         applies, reason = competitor.applies(case, device)
         progress.step(f"{case.label} · {competitor.name}")
         if not applies:
-            results.append(Result(competitor.name, "skipped", reason))
+            results[competitor.name] = Result(competitor.name, "skipped", reason)
         elif input_error is not None:
-            results.append(failure(competitor.name, input_error))
+            results[competitor.name] = failure(competitor.name, input_error)
         else:
-            build = functools.partial(competitor.build, case, inputs)
-            results.append(measure(competitor.name, build, inputs, device, reps, warmup))
+            measured.append((competitor.name, functools.partial(competitor.build, case, inputs)))
+    if measured:
+        for result in measure_in_turn(measured, inputs, device, reps, warmup):
+            results[result.competitor] = result
+    results = [results[competitor.name] for competitor in competitors]
     del inputs
     free_memory(device)
     return results

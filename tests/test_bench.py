@@ -13,7 +13,7 @@ from bench.__main__ import main
 from bench.cases import FUSED, KD_LOSS, QUICK, Case, parse_shape, select
 from bench.competitors import COMPETITORS, FLOOR, KDOPS, REFERENCE, Competitor, liger_beta, trl_beta
 from bench.floor import chunk_rows, floor_work
-from bench.measure import Phases, Result, failure, make_inputs
+from bench.measure import Phases, Result, failure, make_inputs, measure_in_turn
 from bench.report import RECORD_FIELDS, case_records, results_path
 from bench.sweep import run_sweep
 
@@ -266,3 +266,32 @@ def test_a_slower_kdops_row_says_what_it_trades():
     assert "kdops-torch takes 1.16 × the reference's time at 0.25 × its extra memory" in slower
     assert describe_trade([row("reference", 250.0, 400.0), row("kdops", 100.0, 10.0)]) == ""
     assert describe_trade([row("kdops", 100.0, 10.0)]) == ""
+
+
+def test_competitors_take_turns_and_a_failure_leaves_the_others_running():
+    """measure_in_turn: repetition k of every competitor before repetition k + 1 of any (warm-ups included); one
+    that fails on its third run leaves the turns as an error, one that cannot be built is an error from the start,
+    and the others keep every sample."""
+    calls = []
+    inputs = make_inputs(KD, "cpu")
+
+    def build(name, fail_at=None):
+        def forward():
+            calls.append(name)
+            if fail_at is not None and calls.count(name) == fail_at:
+                raise RuntimeError(f"{name} broke")
+            return (inputs.args[0].float() * 2).sum()
+        return lambda: Phases.of_loss(forward)
+
+    def unbuildable():
+        raise torch.OutOfMemoryError("CUDA oom")
+
+    results = measure_in_turn([("a", build("a")), ("b", build("b", fail_at=3)), ("c", unbuildable), ("d", build("d"))],
+                              inputs, "cpu", reps=3, warmup=1)
+    assert [r.competitor for r in results] == ["a", "b", "c", "d"]
+    # four turns (one warm-up, three timed): in the third b fails, and d goes on; then one untimed run each for memory
+    assert calls == ["a", "b", "d"] * 2 + ["a", "b", "d"] + ["a", "d"] + ["a", "d"]
+    assert [r.status for r in results] == ["ok", "error", "oom", "ok"]
+    assert results[1].message == "RuntimeError: b broke"
+    for r in (results[0], results[3]):
+        assert r.median_ms["forward"] >= 0 and r.peak_bytes is not None and r.loss is not None
