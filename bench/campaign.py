@@ -789,7 +789,9 @@ def _profile(ctx: Context) -> None:
             forward_ms = statistics.median(s[0] for s in samples)
             backward_ms = statistics.median(s[1] for s in samples)
             if cuda:
-                torch.cuda.synchronize()  # the GPU idle at the call, as time_steps has it
+                # the GPU idle at the call (time_steps' head start left out): the host's lead before the first
+                # kernel shows in the profile
+                torch.cuda.synchronize()
             with torch.profiler.profile(activities=activities) as profile:
                 with torch.profiler.record_function(HOST_MARK):
                     loss = forward()
@@ -804,7 +806,7 @@ def _profile(ctx: Context) -> None:
             ctx.record("profile", impl=impl, divergence=divergence, label=case.label, forward_ms=forward_ms,
                        backward_ms=backward_ms, gpu_ms=total_us / 1e3, idle=idle, host_lead=lead,
                        kernels=[dict(name=n, calls=c, ms=us / 1e3, share=us / total_us) for n, c, us in kernels])
-            ctx.line(f"Measured (CUDA events, median of {PROFILE_REPS}): forward {forward_ms:.2f} ms, backward "
+            ctx.line(f"Measured (CUDA events after a head start, median of {PROFILE_REPS}): forward {forward_ms:.2f} ms, backward "
                      f"{backward_ms:.2f} ms; GPU time in the profiled forward + backward {total_us / 1e3:.2f} ms.")
             ctx.line("")
             shown = kernels[:12]

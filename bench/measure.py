@@ -1,11 +1,12 @@
-"""Timing and peak memory of one competitor on one case.
+"""Timing and peak memory of the competitors on one case.
 
 Per repetition, after `warmup` untimed runs: forward (autograd on), then backward, each timed on its own
 (CUDA events on a GPU, `time.perf_counter` on the CPU); total = forward + backward of the same repetition,
 unless the competitor times a single fused pass for it (the floor of `kd_loss`). Reported: the median and
-the spread IQR = q75 − q25 of each phase. The sweep times a case's competitors in turn (`measure_in_turn`:
-each one's first repetition, then each one's second, ...), so that their ratios do not depend on which of
-them ran while the GPU was cooler.
+the spread IQR = q75 − q25 of each phase. On a GPU each repetition starts from a GPU kept busy for a few
+milliseconds (`time_steps`: the host's work before the first kernel overlaps it, as in a training step). A
+case's competitors take turns (`measure_in_turn`: each one's first repetition, then each one's second, ...),
+so that their ratios do not depend on which of them ran while the GPU was cooler.
 
 Memory, in one more untimed forward + backward: `peak` = the most bytes live at once beyond the inputs
 (`torch.cuda.max_memory_allocated` − bytes allocated before the call on CUDA; `bench.memory.AllocationTracker`
@@ -135,10 +136,23 @@ def _mark(cuda: bool):
     return event
 
 
+#: GPU clock cycles of the wait `time_steps` queues before its first mark (`torch.cuda._sleep`): 5 to 6 ms at an
+#: H100's clocks, more than any competitor's host work before its first kernel.
+HEAD_START_CYCLES = 10_000_000
+
+
 def time_steps(steps, device) -> list[float]:
-    """Milliseconds of each step, run back to back; each step receives the previous step's return value."""
+    """Milliseconds of each step, run back to back; each step receives the previous step's return value.
+
+    On a GPU the steps start with a head start: the device idle (synchronized), then a wait of
+    HEAD_START_CYCLES queued ahead of the first mark, during which the host runs the first step's Python and
+    queues its first kernels. So the marks time the device's work as a training step sees it, where the loss's
+    host work overlaps the model's forward still running on the GPU, instead of adding the host's lead before the
+    first kernel to whoever has the most Python before it; host-bound stretches later in a step still count."""
     cuda = torch.device(device).type == "cuda"
     _sync(device)
+    if cuda:
+        torch.cuda._sleep(HEAD_START_CYCLES)
     marks, value = [_mark(cuda)], None
     for i, step in enumerate(steps):
         value = step() if i == 0 else step(value)

@@ -13,7 +13,7 @@ from bench.__main__ import main
 from bench.cases import FUSED, KD_LOSS, QUICK, Case, parse_shape, select
 from bench.competitors import COMPETITORS, FLOOR, KDOPS, REFERENCE, Competitor, liger_beta, trl_beta
 from bench.floor import chunk_rows, floor_work
-from bench.measure import Phases, Result, failure, make_inputs, measure_in_turn
+from bench.measure import HEAD_START_CYCLES, Phases, Result, failure, make_inputs, measure_in_turn, time_steps
 from bench.report import RECORD_FIELDS, case_records, results_path
 from bench.sweep import run_sweep
 
@@ -295,3 +295,27 @@ def test_competitors_take_turns_and_a_failure_leaves_the_others_running():
     assert results[1].message == "RuntimeError: b broke"
     for r in (results[0], results[3]):
         assert r.median_ms["forward"] >= 0 and r.peak_bytes is not None and r.loss is not None
+
+
+def test_gpu_steps_are_timed_after_a_head_start(monkeypatch):
+    """On CUDA, time_steps synchronizes, queues HEAD_START_CYCLES of GPU wait, and only then records its first mark
+    and runs the first step: the host's work before the first kernel overlaps the wait (CUDA faked here)."""
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            log.append("mark")
+            self.at = len(log)
+
+        def elapsed_time(self, other):
+            return float(other.at - self.at)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: log.append("sync"))
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: log.append(("wait", cycles)))
+    ms = time_steps([lambda: log.append("step 1") or 7, lambda value: log.append(f"step 2 of {value}")], "cuda")
+    assert log == ["sync", ("wait", HEAD_START_CYCLES), "mark", "step 1", "mark", "step 2 of 7", "mark", "sync"]
+    assert ms == [2.0, 2.0] and HEAD_START_CYCLES >= 5_000_000
