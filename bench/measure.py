@@ -238,7 +238,7 @@ def measure_in_turn(builds: list[tuple[str, Callable[[], Phases]]], inputs: Inpu
                     warmup: int) -> list[Result]:
     """Time each competitor's phases (`build()`) and, for a loss, its peak memory, the competitors taking turns
     on the same inputs: every one's first repetition, then every one's second, and so on (warm-ups the same
-    way), so that a drift of the device's speed during the run (a GPU's clocks as it heats) weighs on all of
+    way, which also lets the caching allocator's pool settle on what all of them allocate), so that a drift of the device's speed during the run (a GPU's clocks as it heats) weighs on all of
     them alike instead of on whoever runs last. A competitor that fails (out of memory or any exception) gets an
     "oom" / "error" Result and leaves the turns; the others go on. Results in the order of `builds`."""
     results: dict[str, Result] = {}
@@ -254,14 +254,13 @@ def measure_in_turn(builds: list[tuple[str, Callable[[], Phases]]], inputs: Inpu
             try:
                 values = _one_rep(phases, inputs, device)
             except Exception as error:  # noqa: BLE001
-                results[name] = failure(name, error)
+                results[name], values = failure(name, error), None
                 del running[name]
-            else:
-                if rep >= warmup:
-                    _add_sample(samples, values)
-                continue
-            inputs.clear_grads()
-            free_memory(device)  # after the except block: its traceback no longer holds the tensors
+            if values is None:
+                inputs.clear_grads()
+                free_memory(device)  # after the except block: its traceback no longer holds the tensors
+            elif rep >= warmup:
+                _add_sample(samples, values)
     for name, (phases, samples) in running.items():
         try:
             results[name] = _result(name, phases, samples, inputs, device)
