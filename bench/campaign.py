@@ -806,8 +806,9 @@ def _profile(ctx: Context) -> None:
             ctx.record("profile", impl=impl, divergence=divergence, label=case.label, forward_ms=forward_ms,
                        backward_ms=backward_ms, gpu_ms=total_us / 1e3, idle=idle, host_lead=lead,
                        kernels=[dict(name=n, calls=c, ms=us / 1e3, share=us / total_us) for n, c, us in kernels])
-            ctx.line(f"Measured (CUDA events after a head start, median of {PROFILE_REPS}): forward {forward_ms:.2f} ms, backward "
-                     f"{backward_ms:.2f} ms; GPU time in the profiled forward + backward {total_us / 1e3:.2f} ms.")
+            ctx.line(f"Measured (CUDA events after a head start, median of {PROFILE_REPS}): forward {forward_ms:.2f} "
+                     f"ms, backward {backward_ms:.2f} ms; GPU time in the profiled forward + backward "
+                     f"{total_us / 1e3:.2f} ms.")
             ctx.line("")
             shown = kernels[:12]
             rest = kernels[12:]

@@ -238,8 +238,9 @@ def measure_in_turn(builds: list[tuple[str, Callable[[], Phases]]], inputs: Inpu
                     warmup: int) -> list[Result]:
     """Time each competitor's phases (`build()`) and, for a loss, its peak memory, the competitors taking turns
     on the same inputs: every one's first repetition, then every one's second, and so on (warm-ups the same
-    way, which also lets the caching allocator's pool settle on what all of them allocate), so that a drift of the device's speed during the run (a GPU's clocks as it heats) weighs on all of
-    them alike instead of on whoever runs last. A competitor that fails (out of memory or any exception) gets an
+    way, which also lets the caching allocator's pool settle on what all of them allocate), so that a drift of
+    the device's speed during the run (a GPU's clocks as it heats) weighs on all of them alike instead of on
+    whoever runs last. A competitor that fails (out of memory or any exception) gets an
     "oom" / "error" Result and leaves the turns; the others go on. Results in the order of `builds`."""
     results: dict[str, Result] = {}
     running: dict[str, tuple[Phases, dict]] = {}

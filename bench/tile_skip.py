@@ -6,7 +6,8 @@
 The fused backward (`kdops._fused`, `kernels/linear.py`) computes, per tile of BLOCK_N rows × BLOCK_V vocabulary
 columns, both models' logits, the logit gradient G = ∂ℓ_r/∂z_s of each row's loss, and its two products
 dH[rows] += G·W[cols] and dW[cols] += Gᵀ·h[rows]. Cut-cross-entropy skips those products for a tile whose
-every |G| is below a threshold ε (its "gradient filtering"; by default the dtype's epsilon / 32, 2^-12 in bf16). A skipped tile drops
+every |G| is below a threshold ε (its "gradient filtering"; by default the dtype's epsilon / 32, 2^-12 in
+bf16). A skipped tile drops
 
     ΔdH[r] = Σ_{v in skipped tiles} G[r, v]·W[v],    ΔdW[v] = Σ_{r in skipped tiles} G[r, v]·h[r]
 
@@ -95,11 +96,10 @@ def skip_errors(grad: torch.Tensor, weight: torch.Tensor, hidden: torch.Tensor, 
         for eps in thresholds:
             skip = peaks < eps
             dropped = grad * skip.repeat_interleave(block_rows, 0)[:n].repeat_interleave(block_cols, 1)[:, :v]
-            dh_drop, dw_drop = dropped @ weight, dropped.T @ hidden
-            worst = (dh_drop.double().norm(dim=-1) / dh.norm(dim=-1).clamp_min(1e-300)).max()
+            dh_drop, dw_drop = (dropped @ weight).double(), (dropped.T @ hidden).double()
+            worst = (dh_drop.norm(dim=-1) / dh.norm(dim=-1).clamp_min(1e-300)).max()
             out.append(SkipResult(block_rows, block_cols, eps, float(skip.double().mean()),
-                                  float(dh_drop.double().norm() / dh.norm()), float(dw_drop.double().norm() / dw.norm()),
-                                  float(worst)))
+                                  float(dh_drop.norm() / dh.norm()), float(dw_drop.norm() / dw.norm()), float(worst)))
     return out
 
 
@@ -152,19 +152,19 @@ def report(tokens: int, divergences=("forward_kl", "generalized_jsd"), temperatu
         "|---|---|---|---|---|" + "---|" * len(THRESHOLDS),
     ]
     for temperature in temperatures:
-        p_t = torch.log_softmax(teacher_logits / temperature, -1)
+        log_p = torch.log_softmax(teacher_logits / temperature, -1)
         for name, hidden in students.items():
             student_logits = hidden.double() @ weight.double().T
             log_q = torch.log_softmax(student_logits / temperature, -1)
-            kl = float((p_t.exp() * (p_t - log_q)).sum(-1).mean())
+            kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
             for divergence in divergences:
                 grad = logit_gradient(student_logits, teacher_logits, divergence, temperature)
                 results = skip_errors(grad, weight, hidden)
                 for block_rows, block_cols in TILES:
-                    cells = [f"{r.skipped:.1%}: {r.dh_error:.0e} / {r.dw_error:.0e} / {r.worst_row:.0e}" for r in results
-                             if (r.block_rows, r.block_cols) == (block_rows, block_cols)]
-                    lines.append(f"| {divergence} | {temperature:g} | {name} | {kl:.3g} | {block_rows} × {block_cols} | "
-                                 + " | ".join(cells) + " |")
+                    cells = [f"{r.skipped:.1%}: {r.dh_error:.0e} / {r.dw_error:.0e} / {r.worst_row:.0e}"
+                             for r in results if (r.block_rows, r.block_cols) == (block_rows, block_cols)]
+                    lines.append(f"| {divergence} | {temperature:g} | {name} | {kl:.3g} | "
+                                 f"{block_rows} × {block_cols} | " + " | ".join(cells) + " |")
     lines += ["", f"({time.perf_counter() - began:.0f} s on {torch.get_num_threads()} CPU threads.)", ""]
     return "\n".join(lines)
 
