@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import MISSING
 from pathlib import Path
 
-from .cases import CASE_FIELDS_BUT_TOKENS
+from .cases import CASE_FIELDS_BUT_TOKENS, Case
 from .report import COLUMNS, MiB, RESULTS_DIR, cells, slug, status_text
+
+
+CASE_DEFAULTS = {name: f.default for name, f in Case.__dataclass_fields__.items() if f.default is not MISSING}
 
 
 def load_latest(paths) -> list[dict]:
@@ -22,7 +26,8 @@ def load_latest(paths) -> list[dict]:
     for path in paths:
         for line in Path(path).read_text().splitlines():
             if line.strip():
-                record = json.loads(line)
+                # a record written before a case field existed has that field's default (e.g. k = 0: dense)
+                record = {**CASE_DEFAULTS, **json.loads(line)}
                 key = (record["device"], record["label"], record["competitor"])
                 if key not in latest or record["run_id"] >= latest[key]["run_id"]:
                     latest[key] = record

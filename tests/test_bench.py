@@ -2,6 +2,7 @@
 
 import io
 import json
+import pathlib
 import sys
 
 import pytest
@@ -221,6 +222,19 @@ def test_chart_and_summary(tmp_path, with_fused):
     assert all(f"]({p.name})" in summary for p in charts)
 
 
+def test_plot_reads_the_repository_s_own_records(tmp_path):
+    """`python -m bench plot` as docs/performance.md gives it: every committed bench/results/*.jsonl, records
+    written before a case field existed (the top-k `k`) included."""
+    pytest.importorskip("matplotlib")
+    from bench.plot import plot
+    from bench.report import RESULTS_DIR
+
+    inputs = sorted(pathlib.Path(RESULTS_DIR).glob("*.jsonl"))
+    assert inputs
+    written = plot(inputs, tmp_path)
+    assert any(p.suffix == ".png" for p in written) and (tmp_path / "SUMMARY.md").exists()
+
+
 def test_cli_filters_and_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
     assert parse_shape("512x32000") == (512, 32000)
     with pytest.raises(ValueError, match="TOKENSxVOCAB"):
@@ -319,3 +333,23 @@ def test_gpu_steps_are_timed_after_a_head_start(monkeypatch):
     ms = time_steps([lambda: log.append("step 1") or 7, lambda value: log.append(f"step 2 of {value}")], "cuda")
     assert log == ["sync", ("wait", HEAD_START_CYCLES), "mark", "step 1", "mark", "step 2 of 7", "mark", "sync"]
     assert ms == [2.0, 2.0] and HEAD_START_CYCLES >= 5_000_000
+
+
+def test_no_installed_peer_is_skipped_as_not_importable():
+    """`python -m bench --quick` from the repository root, in a fresh interpreter: a peer that is installed imports
+    there (a top-level folder of the project shadowing one of its dependencies made TRL "not importable: no module
+    'kernels'"), so every skip reason is "not installed", a missing function or "needs CUDA"."""
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    probe = ("from bench.cases import PRESETS, TOPK_PRESET\n"
+             "from bench.competitors import COMPETITORS\n"
+             "for case in PRESETS['quick'].cases() + TOPK_PRESET.cases():\n"
+             "    for c in COMPETITORS:\n"
+             "        print(c.name, '|', c.applies(case, 'cpu')[1])\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={"PATH": "", "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    reasons = set(done.stdout.splitlines())
+    assert reasons and not [r for r in reasons if "not importable" in r], sorted(reasons)

@@ -119,7 +119,7 @@ def _cases_for_each_function():
             yield pytest.param(name, *case.values, id=f"{name}-{case.id}")
 
 
-@pytest.mark.parametrize("function, overrides, error, match", _cases_for_each_function())
+@pytest.mark.parametrize("function, overrides, error, match", list(_cases_for_each_function()))
 def test_invalid_input_raises(function, overrides, error, match):
     with pytest.raises(error, match=match):
         _call(FUNCTIONS[function], overrides)
