@@ -1,4 +1,4 @@
-"""The paper cost model (bench/model.py): floors, counts checkable by hand, configurations taken from the code,
+"""The paper cost model (bench/model/): floors, counts checkable by hand, configurations taken from the code,
 the CLI, the bench records' predicted fields, and bench/results/MODEL.md being current."""
 
 import json
@@ -11,6 +11,8 @@ import torch
 from bench import model, report
 from bench.cases import FUSED, KD_LOSS, Case
 from bench.model import PATHS, Shape, predict, predict_all
+from bench.model.kernels import Ctx
+from bench.model.peers import liger_chunks
 import kdops
 from kdops import _chunked, _fused, targets
 
@@ -71,7 +73,7 @@ def _plan_budget(chunk: int, group: int, accumulate: bool) -> int:
 def test_chunked_counts_follow_the_plan(monkeypatch, chunk, group, accumulate):
     n, hs, ht, v = SMALL.tokens, SMALL.hidden_student, SMALL.hidden_teacher, SMALL.vocab
     monkeypatch.setattr(_chunked, "MEMORY_BUDGET", _plan_budget(chunk, group, accumulate))
-    plan = model.chunked_plan(model._Ctx(SMALL, H100, kdops.as_divergence("forward_kl"), torch.bfloat16, False))
+    plan = model.chunked_plan(Ctx(SMALL, H100, kdops.as_divergence("forward_kl"), torch.bfloat16, False))
     assert (plan.chunk, plan.accumulate) == (chunk, accumulate) and plan.group >= group
     chunks, groups = sum(math.ceil(min(plan.group, n - g) / chunk) for g in range(0, n, plan.group)), \
         math.ceil(n / plan.group)
@@ -127,7 +129,7 @@ def test_chunked_model_matches_an_independent_count(budget):
         patch.setattr(torch.Tensor, "to", to)
         kdops.fused_linear_kd_loss(**x, impl="chunked", backend="triton", memory_budget=budget).backward()
 
-    ctx = model._Ctx(shape, H100, kdops.as_divergence("forward_kl"), torch.bfloat16, False, budget)
+    ctx = Ctx(shape, H100, kdops.as_divergence("forward_kl"), torch.bfloat16, False, budget)
     plan = model.chunked_plan(ctx)
     p = predict("chunked", shape, H100, "forward_kl", torch.bfloat16, budget=budget)
     assert matmuls["flops"] == sum(ph.flops for ph in p.phases)
@@ -324,9 +326,9 @@ def test_auto_path_follows_the_memory_budget():
 
 
 def test_liger_chunks_follow_torch_chunk():
-    assert model._liger_chunks(8192) == [(1024, 8)]
-    assert model._liger_chunks(1000) == [(1000, 1)]
-    assert model._liger_chunks(2500) == [(1250, 2)]
+    assert liger_chunks(8192) == [(1024, 8)]
+    assert liger_chunks(1000) == [(1000, 1)]
+    assert liger_chunks(2500) == [(1250, 2)]
 
 
 def test_cli_json(capsys):
