@@ -34,7 +34,7 @@ settings.load_profile("ci")
 # interpreter) that every kernel goes through — kd_loss's Triton forward and backward, the fused lm_head
 # kernels and the chunked path, the merge of vocabulary splits (partials), the log-sums — in bfloat16 and
 # float32 at odd shapes (37 or 3×13 rows, V = 1000 and 4099, Hs = 67, Ht = 96). `python -m bench.campaign`
-# runs it first on a lent GPU. A test id, or a test function's id for all its parameters
+# runs it first on a GPU. A test id, or a test function's id for all its parameters
 # (tests/test_campaign.py checks that every entry still names a test).
 GPU_SMOKE = (
     "tests/test_kd_loss.py::test_matches_float64_oracle[forward_kl-torch.float32-2.5-2d-V4099-triton-sum]",

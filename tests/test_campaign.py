@@ -13,10 +13,14 @@ import pytest
 import torch
 
 import kdops._fused
-from bench import campaign
-from bench.campaign import (DEFAULT_STEPS, STEPS, Budget, Context, Step, StepResult, render_report, run_steps,
-                            simulate)
+from bench.campaign import (cli, headline, plan, predictions, profile, runner, smoke, timeline, tune_headline,
+                            tuning)
+from bench.campaign import fused_check as fused_check_step  # the step; bench.fused_check is what it runs
+from bench.campaign.plan import DEFAULT_STEPS, STEPS, simulate
+from bench.campaign.report import add_to_readme, render_report
+from bench.campaign.runner import Budget, Context, Step, StepResult, run_steps
 from bench.cases import FUSED, Case
+from bench.report import record_dir
 from conftest import GPU_SMOKE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,21 +49,21 @@ def test_dry_run_prints_every_step_and_the_predictions():
 
 
 def test_dry_run_writes_nothing_unless_told(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(campaign, "RESULTS_DIR", tmp_path / "results")
-    assert campaign.main(["--dry-run", "--minutes", "3"]) == 0
+    monkeypatch.setattr(cli, "RESULTS_DIR", tmp_path / "results")
+    assert cli.main(["--dry-run", "--minutes", "3"]) == 0
     assert not (tmp_path / "results").exists()
     out = capsys.readouterr().out
     assert "would be skipped: does not fit" in out  # 3 minutes: not every step
-    assert campaign.main(["--dry-run", "--output", str(tmp_path / "plan")]) == 0
+    assert cli.main(["--dry-run", "--output", str(tmp_path / "plan")]) == 0
     assert [p.name for p in (tmp_path / "plan").iterdir()] == ["campaign-plan.md"]
     assert "**headline**" in (tmp_path / "plan" / "campaign-plan.md").read_text()
 
 
 def test_unknown_steps_and_no_cuda(capsys):
     with pytest.raises(SystemExit):
-        campaign.main(["--steps", "nobody", "--dry-run"])
+        cli.main(["--steps", "nobody", "--dry-run"])
     if not torch.cuda.is_available():
-        assert campaign.main([]) == 2
+        assert cli.main([]) == 2
         assert "--dry-run" in capsys.readouterr().err
 
 
@@ -82,7 +86,7 @@ def test_budget_arithmetic():
     assert budget.fits(90) and not budget.fits(90.5)
     clock.now = 95
     assert (budget.elapsed(), budget.left(), budget.usable()) == (95, 5, 0)
-    assert Budget(540).reserve == campaign.RESERVE_S and Budget(30).reserve == 3  # at most a tenth
+    assert Budget(540).reserve == runner.RESERVE_S and Budget(30).reserve == 3  # at most a tenth
 
 
 def test_a_step_that_does_not_fit_is_skipped_and_reported():
@@ -100,7 +104,7 @@ def test_a_step_that_does_not_fit_is_skipped_and_reported():
     results = run_steps(steps, budget, execute, out=open(os.devnull, "w"))
     assert [r.status for r in results] == ["ok", "skipped", "ok"]
     assert results[1].message == "does not fit: estimated 200 s, 140 s left"
-    assert given == {"a": 2 * 100 + campaign.TIMEOUT_SLACK_S, "c": 140}  # its cap, then what is left
+    assert given == {"a": 2 * 100 + runner.TIMEOUT_SLACK_S, "c": 140}  # its cap, then what is left
     assert [r.seconds for r in results] == [150, None, 20]
     report = render_report(_meta(), steps, results, budget)
     assert "| 2 | b | skipped | - | 200 | does not fit: estimated 200 s, 140 s left |" in report
@@ -125,7 +129,7 @@ def test_inline_steps_record_their_failures(tmp_path):
         ctx.record("thing", value=2)
         raise ValueError("bad input")
 
-    execute = campaign.execute_inline(tmp_path, _meta(), device="cpu")
+    execute = runner.execute_inline(tmp_path, _meta(), device="cpu")
     result = execute(Step("x", "x", 1, (), body), 10)
     assert (result.status, result.message, result.lines[0]) == ("error", "ValueError: bad input", "before")
     record = json.loads((tmp_path / "campaign-test-device.jsonl").read_text())
@@ -134,11 +138,11 @@ def test_inline_steps_record_their_failures(tmp_path):
 
 def test_the_plan_follows_the_budget():
     steps = [STEPS[n] for n in DEFAULT_STEPS]
-    results, budget = simulate(steps, 60 * campaign.DEFAULT_MINUTES)
+    results, budget = simulate(steps, 60 * plan.DEFAULT_MINUTES)
     assert all(r.status == "planned" for r in results)
     results, budget = simulate(steps, 240)
     assert "skipped" in [r.status for r in results]
-    lines = "\n".join(campaign.plan_lines(steps, results, budget))
+    lines = "\n".join(plan.plan_lines(steps, results, budget))
     assert all(f"**{name}**" in lines for name in DEFAULT_STEPS) and "would be skipped" in lines
 
 
@@ -173,6 +177,27 @@ def test_a_step_process_runs_and_writes_the_report_and_the_records(tmp_path):
     assert record["torch"] == torch.__version__ and record["kind"] == "probe"
 
 
+def test_the_default_output_is_the_record_dir_with_a_readme(tmp_path, monkeypatch):
+    """Without --output: bench/results/<device>/<kdops version>/ (`bench.report.record_dir`), with a README.md
+    naming the command, date, commit and device; a second campaign there adds its line."""
+    monkeypatch.setattr(cli, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setenv("KDOPS_CAMPAIGN_PROBE_S", "0")
+    assert cli.main(["--allow-cpu", "--steps", "probe", "--minutes", "0.5"]) == 0
+    (folder,) = (tmp_path / "results").glob("*/*")
+    assert folder.name == kdops.__version__
+    record = json.loads(next(folder.glob("campaign-*.jsonl")).read_text())
+    assert folder == record_dir(record["device"], tmp_path / "results")
+    assert (folder / f"campaign-{record['device_slug']}.md").exists()
+    readme = (folder / "README.md").read_text()
+    for what in ("`python -m bench.campaign --allow-cpu --steps probe --minutes 0.5`", record["timestamp"],
+                 f"commit {record['commit']}", record["device"]):
+        assert what in readme, what
+    add_to_readme(folder, dict(record, command="python -m bench.campaign --steps tune"))
+    readme = (folder / "README.md").read_text()
+    assert readme.startswith(f"# {record['device']} · kdops {record['kdops']}\n") and readme.count("\n# ") == 0
+    assert readme.count("\n* `python -m bench.campaign") == 2
+
+
 def test_a_step_process_is_killed_within_the_budget(tmp_path):
     budget_s = 8
     done, seconds = _run_campaign("--allow-cpu", "--steps", "probe", "--minutes", str(budget_s / 60), "--output",
@@ -185,7 +210,7 @@ def test_a_step_process_is_killed_within_the_budget(tmp_path):
 
 def test_gpu_smoke_names_existing_kernel_tests():
     """Every GPU_SMOKE entry names a collected test; the selection covers each kernel module, bf16 and fp32."""
-    modules = campaign.smoke_modules()  # what the campaign's smoke run collects
+    modules = smoke.smoke_modules()  # what the campaign's smoke run collects
     assert set(modules) == {e.split("::")[0] for e in GPU_SMOKE}
     done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu_smoke",
                            "-p", "no:cacheprovider", *modules], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -201,13 +226,13 @@ def test_gpu_smoke_names_existing_kernel_tests():
 def test_patched_fused_config_keeps_the_number_of_programs():
     gpu = kdops.targets.H100
     base = kdops._fused.fused_config(4096, 32000, gpu)
-    patched = campaign.patched_fused_config(kdops._fused.fused_config, dict(BLOCK_N=128, BLOCK_V=256))(4096, 32000, gpu)
+    patched = tuning.patched_fused_config(kdops._fused.fused_config, dict(BLOCK_N=128, BLOCK_V=256))(4096, 32000, gpu)
     assert (patched["BLOCK_N"], patched["BLOCK_V"]) == (128, 256) and patched["split_size"] % 256 == 0
     programs = -(-32000 // base["split_size"]) * -(-4096 // base["BLOCK_N"])
     assert -(-32000 // patched["split_size"]) * (4096 // 128) <= programs
-    assert campaign.patched_fused_config(kdops._fused.fused_config, {})(4096, 32000, gpu) == base
+    assert tuning.patched_fused_config(kdops._fused.fused_config, {})(4096, 32000, gpu) == base
     # entries for one kernel: the other keeps kdops' own configuration
-    one_side = campaign.patched_fused_config(kdops._fused.fused_config, dict(backward=dict(BLOCK_N=32, num_stages=4)))
+    one_side = tuning.patched_fused_config(kdops._fused.fused_config, dict(backward=dict(BLOCK_N=32, num_stages=4)))
     assert one_side(4096, 32000, gpu, forward=True) == kdops._fused.fused_config(4096, 32000, gpu, forward=True)
     backward = one_side(4096, 32000, gpu)
     assert (backward["BLOCK_N"], backward["num_stages"], backward["BLOCK_V"]) == (32, 4, base["BLOCK_V"])
@@ -220,8 +245,8 @@ def test_tune_records_every_trial_and_the_fastest(tmp_path):
     original = kdops._fused.fused_config
     case = Case(FUSED, "forward_kl", 24, 300, 16, 24, "float32")
     trials = ({}, dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=16), dict(BLOCK_V=100))  # 100: not a power of 2
-    assert campaign.patched_fused_config(original, {})(24, 300, None) == original(24, 300, None)
-    rows = campaign.tune(ctx, "fused", kdops._fused, "fused_config", campaign.patched_fused_config, trials, case,
+    assert tuning.patched_fused_config(original, {})(24, 300, None) == original(24, 300, None)
+    rows = tuning.tune(ctx, "fused", kdops._fused, "fused_config", tuning.patched_fused_config, trials, case,
                          lambda *a: kdops.fused_linear_kd_loss(*a, impl="fused", backend="triton"), 1.0, reps=1)
     assert kdops._fused.fused_config is original
     assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
@@ -233,16 +258,16 @@ def test_tune_records_every_trial_and_the_fastest(tmp_path):
 
 
 def test_pytest_summary_and_tables():
-    summary, counts = campaign.pytest_summary("....\nFAILED x\n==== 1 failed, 20 passed, 909 deselected in 5.1s ====\n")
+    summary, counts = smoke.pytest_summary("....\nFAILED x\n==== 1 failed, 20 passed, 909 deselected in 5.1s ====\n")
     assert summary == "1 failed, 20 passed, 909 deselected in 5.1s"
     assert counts == {"failed": 1, "passed": 20, "deselected": 909}
     ok = dict(status="ok", message="", forward_ms=1.0, backward_ms=2.0, total_ms=3.0, ratio_floor_total=1.5,
               extra_bytes=2**20, loss_rel_diff=0.0)
     records = [dict(ok, competitor="kdops-fused"), dict(ok, competitor="reference", total_ms=6.0),
                dict(ok, competitor="liger-chunked-jsd", status="oom", message="out of memory")]
-    rows = campaign.headline_rows(records)
+    rows = headline.headline_rows(records)
     assert rows[1][:7] == ["reference", "ok", 1.0, 2.0, 6.0, 1.5, 2.0] and rows[1][7] == 1.0
-    assert rows[2][1] == "oom: out of memory" and len(rows[2]) == len(campaign.HEADLINE_HEADER)
+    assert rows[2][1] == "oom: out of memory" and len(rows[2]) == len(headline.HEADLINE_HEADER)
 
 
 def test_kernel_times_of_device_events():
@@ -253,7 +278,7 @@ def test_kernel_times_of_device_events():
 
     events = [event("gemm", DeviceType.CUDA, 30.0), event("aten::mm", DeviceType.CPU, 99.0),
               event("kd_kernel", DeviceType.CUDA, 50.0), event("gemm", DeviceType.CUDA, 30.0)]
-    assert campaign.kernel_times(events) == [("gemm", 2, 60.0), ("kd_kernel", 1, 50.0)]
+    assert timeline.kernel_times(events) == [("gemm", 2, 60.0), ("kd_kernel", 1, 50.0)]
 
 
 def test_idle_gaps_of_a_timeline():
@@ -267,10 +292,10 @@ def test_idle_gaps_of_a_timeline():
               event("kd_kernel", DeviceType.CUDA, 15, 20), event("gemm", DeviceType.CUDA, 40, 50),
               event("forward", DeviceType.CPU, 0, 60), event("cudaMalloc", DeviceType.CPU, 25, 35),
               event("aten::empty", DeviceType.CPU, 11, 16)]
-    idle = campaign.idle_gaps(events, top=1)
+    idle = timeline.idle_gaps(events, top=1)
     assert idle["span_us"] == 50 and idle["idle_us"] == 3 + 20 and idle["gaps"] == 2
     assert idle["longest"] == [dict(us=20, after="kd_kernel", before="gemm", host="cudaMalloc")]
-    assert campaign.idle_gaps([event("forward", DeviceType.CPU, 0, 1)]) == {}
+    assert timeline.idle_gaps([event("forward", DeviceType.CPU, 0, 1)]) == {}
 
 
 def test_host_lead_of_a_timeline():
@@ -280,38 +305,39 @@ def test_host_lead_of_a_timeline():
     def event(name, device_type, start, end):
         return SimpleNamespace(name=name, device_type=device_type, time_range=SimpleNamespace(start=start, end=end))
 
-    events = [event("setup", DeviceType.CPU, 0, 5), event(campaign.HOST_MARK, DeviceType.CPU, 10, 300),
+    events = [event("setup", DeviceType.CPU, 0, 5), event(timeline.HOST_MARK, DeviceType.CPU, 10, 300),
               event("aten::empty", DeviceType.CPU, 12, 40), event("cudaMalloc", DeviceType.CPU, 15, 38),
               event("aten::ne", DeviceType.CPU, 45, 47), event("aten::empty", DeviceType.CPU, 60, 80),
               event("cudaLaunchKernel", DeviceType.CPU, 90, 95), event("gemm", DeviceType.CUDA, 100, 200),
               event("aten::mm", DeviceType.CPU, 96, 150), event("fill", DeviceType.CUDA, 210, 220)]
-    lead = campaign.host_lead(events, top=2)
+    lead = timeline.host_lead(events, top=2)
     assert lead["lead_us"] == 90
     assert lead["ops"] == [dict(name="aten::empty", calls=2, us=48), dict(name="cudaLaunchKernel", calls=1, us=5)]
-    assert campaign.host_lead(events[:7]) == {}  # no device event
-    assert campaign.host_lead([e for e in events if e.name != campaign.HOST_MARK]) == {}
+    assert timeline.host_lead(events[:7]) == {}  # no device event
+    assert timeline.host_lead([e for e in events if e.name != timeline.HOST_MARK]) == {}
 
 
 def test_predictions_degrade_without_the_cost_model(monkeypatch):
     monkeypatch.setitem(sys.modules, "bench.model", None)
-    (line,) = campaign.prediction_lines(kdops.targets.H100)
+    (line,) = predictions.prediction_lines(kdops.targets.H100)
     assert line.startswith("cost model unavailable")
 
 
 @pytest.fixture
 def tiny_headline(monkeypatch):
     """The headline's shape cut to 16 tokens × H 8 × V 100, one repetition."""
-    for name, value in (("HEADLINE_TOKENS", 16), ("HEADLINE_VOCAB", 100), ("HEADLINE_HIDDEN", 8),
-                        ("HEADLINE_REPS", 1), ("HEADLINE_WARMUP", 0), ("PROFILE_REPS", 1)):
-        monkeypatch.setattr(campaign, name, value)
+    for module, name, value in ((headline, "HEADLINE_TOKENS", 16), (headline, "HEADLINE_VOCAB", 100),
+                                (headline, "HEADLINE_HIDDEN", 8), (headline, "HEADLINE_REPS", 1),
+                                (headline, "HEADLINE_WARMUP", 0), (profile, "PROFILE_REPS", 1)):
+        monkeypatch.setattr(module, name, value)
 
 
 def test_headline_step_on_a_tiny_case(tmp_path, tiny_headline):
     """The headline's code path on the CPU: the sweep's records in both JSON-lines files, a table per
     divergence, the charts; the CUDA-only competitors skipped with their reason."""
-    text, records = _run_step(tmp_path, "headline", campaign._headline)
+    text, records = _run_step(tmp_path, "headline", headline.run_headline)
     assert text.count("| competitor | status |") == 2 and "skipped: needs CUDA" in text
-    assert {r["competitor"] for r in records} == set(campaign.HEADLINE_COMPETITORS)
+    assert {r["competitor"] for r in records} == set(headline.HEADLINE_COMPETITORS)
     assert all(r["kind"] == "headline" and r["command"] == "python -m bench.campaign" for r in records)
     assert {r["status"] for r in records if r["competitor"] in ("floor", "reference")} == {"ok"}
     sweep_files = [p for p in tmp_path.glob("*.jsonl") if not p.name.startswith("campaign-")]
@@ -322,16 +348,16 @@ def test_headline_step_on_a_tiny_case(tmp_path, tiny_headline):
 
 def test_tune_headline_step_on_a_tiny_case(tmp_path, tiny_headline, monkeypatch):
     """The fused tiles at the (cut) headline shape: a table per divergence, every trial timed and recorded."""
-    monkeypatch.setattr(campaign, "HEADLINE_FUSED_TRIALS", ({}, dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=16)))
-    text, records = _run_step(tmp_path, "tune_headline", campaign._tune_headline)
-    assert text.count("| trial | config |") == len(campaign.DIVERGENCES) and "generalized_jsd" in text
-    assert [r["status"] for r in records if r["kind"] == "tune"] == ["ok"] * 2 * len(campaign.DIVERGENCES)
-    assert "tune_headline" in campaign.STEPS and "tune_headline" not in campaign.DEFAULT_STEPS
+    monkeypatch.setattr(tune_headline, "HEADLINE_FUSED_TRIALS", ({}, dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=16)))
+    text, records = _run_step(tmp_path, "tune_headline", tune_headline.run_tune_headline)
+    assert text.count("| trial | config |") == len(headline.DIVERGENCES) and "generalized_jsd" in text
+    assert [r["status"] for r in records if r["kind"] == "tune"] == ["ok"] * 2 * len(headline.DIVERGENCES)
+    assert "tune_headline" in plan.STEPS and "tune_headline" not in plan.DEFAULT_STEPS
 
 
 def test_profile_step_on_a_tiny_case(tmp_path, tiny_headline):
     """The profile's code path on the CPU (no device events there): measured times and the model's phases."""
-    text, records = _run_step(tmp_path, "profile", campaign._profile)
+    text, records = _run_step(tmp_path, "profile", profile.run_profile)
     assert text.count("Measured (CUDA events") == 6  # two divergences × impls fused, chunked, sliced
     assert text.count("| phase | GFLOP |") == 6 or "cost model unavailable" in text
     assert [r["kind"] for r in records].count("profile") == 6
@@ -355,7 +381,7 @@ def test_fused_check_retries_with_fewer_tokens_and_judges_the_errors(tmp_path, m
 
     monkeypatch.setattr(fused_check, "main", fake_main)
     ctx = Context("fused_check", tmp_path, _meta(), seconds=600, device="cpu")
-    campaign._fused_check(ctx)
+    fused_check_step.run_fused_check(ctx)
     assert calls == [("forward_kl", "8192"), ("generalized_jsd", "8192"), ("generalized_jsd", "4096")]
     assert (ctx.result.status, ctx.result.message) == ("failed", "1 result(s) beyond 0.02")
     text = "\n".join(ctx.result.lines)
@@ -365,12 +391,12 @@ def test_fused_check_retries_with_fewer_tokens_and_judges_the_errors(tmp_path, m
 
 def test_smoke_step_reports_the_tests_summary(tmp_path, monkeypatch):
     ctx = Context("smoke", tmp_path, _meta(), seconds=60, device="cpu")
-    monkeypatch.setattr(campaign, "SMOKE_COMMAND", ("-c", "print('== 21 passed, 9 deselected in 3.2s ==')"))
-    campaign._smoke(ctx)
+    monkeypatch.setattr(smoke, "SMOKE_COMMAND", ("-c", "print('== 21 passed, 9 deselected in 3.2s ==')"))
+    smoke.run_smoke(ctx)
     assert ctx.result.status == "ok" and "**21 passed, 9 deselected in 3.2s**" in "\n".join(ctx.result.lines)
     ctx = Context("smoke", tmp_path, _meta(), seconds=60, device="cpu")
-    monkeypatch.setattr(campaign, "SMOKE_COMMAND", ("-c", "print('== 1 failed, 3 passed in 1s =='); exit(1)"))
-    campaign._smoke(ctx)
+    monkeypatch.setattr(smoke, "SMOKE_COMMAND", ("-c", "print('== 1 failed, 3 passed in 1s =='); exit(1)"))
+    smoke.run_smoke(ctx)
     assert (ctx.result.status, ctx.result.message) == ("failed", "1 failed, 3 passed in 1s")
     records = [json.loads(line) for line in (tmp_path / "campaign-test-device.jsonl").read_text().splitlines()]
     assert [r["counts"] for r in records] == [{"passed": 21, "deselected": 9}, {"failed": 1, "passed": 3}]
@@ -380,9 +406,9 @@ def test_tune_kinds_step_on_a_tiny_case(tmp_path, tiny_headline, monkeypatch):
     """The other kinds' fused tiles at the (cut) headline shape: a table per case, the options (the hard-label
     term) reaching the loss: a case the loss rejects would fail every trial."""
     small = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=16)
-    monkeypatch.setattr(campaign, "KINDS_FUSED_TRIALS", (
+    monkeypatch.setattr(tune_headline, "KINDS_FUSED_TRIALS", (
         ("tvd", {}, ({}, dict(forward=small))), ("forward_kl", dict(hard_weight=0.5), ({}, dict(backward=small)))))
-    text, records = _run_step(tmp_path, "tune_kinds", campaign._tune_kinds)
+    text, records = _run_step(tmp_path, "tune_kinds", tune_headline.run_tune_kinds)
     assert text.count("| trial | config |") == 2 and "**fused hard_weight=0.5**" in text
     assert [r["status"] for r in records if r["kind"] == "tune"] == ["ok"] * 4
-    assert "tune_kinds" in campaign.STEPS and "tune_kinds" not in campaign.DEFAULT_STEPS
+    assert "tune_kinds" in plan.STEPS and "tune_kinds" not in plan.DEFAULT_STEPS

@@ -1,0 +1,38 @@
+"""What every record of a campaign carries: the command line, the commit, the device and the versions."""
+
+from __future__ import annotations
+
+import datetime
+import shlex
+import subprocess
+import sys
+
+import torch
+
+
+def gpu_name() -> str | None:
+    """The first GPU's name from nvidia-smi: the campaign's own process stays off the GPU (no CUDA context)."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    names = done.stdout.strip().splitlines() if done.returncode == 0 else []
+    return names[0].strip() if names else None
+
+
+def campaign_metadata(device: str, argv: list[str]) -> dict:
+    """What every record carries: the command line, commit, device, versions."""
+    from bench.report import _git, _version, device_name, slug  # imports kdops: only where a campaign runs
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    name = (gpu_name() if torch.device(device).type == "cuda" else None) or device_name(device)
+    return {
+        "campaign_id": now.strftime("%Y%m%dT%H%M%SZ"), "timestamp": now.isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "-m", "bench.campaign", *argv]),
+        "commit": _git("rev-parse", "HEAD") or "unknown", "dirty": bool(_git("status", "--porcelain")),
+        "device": name, "device_slug": slug(name), "device_type": torch.device(device).type,
+        "torch": torch.__version__, "triton": _version("triton"), "kdops": _version("kdops"),
+        "liger_kernel": _version("liger-kernel"), "trl": _version("trl"), "transformers": _version("transformers"),
+        "python": sys.version.split()[0],
+    }
