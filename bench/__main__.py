@@ -2,10 +2,15 @@
 
     python -m bench [--quick | --full | --topk] [--function F ...] [--divergence D ...] [--impl NAME ...]
                     [--shape TOKENSxVOCAB ...] [--reps N] [--warmup N] [--no-save] [--output DIR]
-    python -m bench plot [--input FILE ...] [--output DIR]
+    python -m bench plot [--input PATH ...] [--output DIR]
 
 The preset defaults to --full where CUDA is available and --quick elsewhere. --impl takes competitor names
 or shell patterns ('liger-*'); the floor always runs, since every ratio is taken to it.
+
+A run appends its JSON lines to <output>/<device slug>/<kdops version>/<device slug>.jsonl
+(`bench.report.record_dir`; <output> is bench/results by default). `plot` reads every record under its
+inputs (files, or folders searched recursively; by default bench/results) and writes the charts and
+SUMMARY.md into --output (bench/results by default).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import kdops
 
 from .cases import DEFAULT_DIVERGENCES, FUNCTIONS, PRESETS, select
 from .competitors import COMPETITORS, FLOOR
-from .report import RESULTS_DIR
+from .report import RESULTS_DIR, device_name, record_dir
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -42,14 +47,17 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reps", type=int, help="timed repetitions (default: the preset's)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up runs (default: the preset's)")
     parser.add_argument("--no-save", action="store_true", help="do not append to the results JSON lines")
-    parser.add_argument("--output", default=str(RESULTS_DIR), help="results folder (default: bench/results)")
+    parser.add_argument("--output", default=str(RESULTS_DIR),
+                        help="results folder; the records go to OUTPUT/<device slug>/<kdops version>/ "
+                             "(default: bench/results)")
     return parser
 
 
 def _plot_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench plot",
                                      description="PNG charts and SUMMARY.md from the results JSON lines.")
-    parser.add_argument("--input", nargs="+", help="JSON-lines files (default: bench/results/*.jsonl)")
+    parser.add_argument("--input", nargs="+", metavar="PATH",
+                        help="JSON-lines files or folders searched recursively (default: bench/results)")
     parser.add_argument("--output", default=str(RESULTS_DIR), help="folder for the charts and SUMMARY.md")
     return parser
 
@@ -100,7 +108,7 @@ def main(argv=None) -> int:
     run_sweep(cases, device=device, preset=preset.name, competitors=pick_competitors(args.impl, parser),
               reps=preset.reps if args.reps is None else args.reps,
               warmup=preset.warmup if args.warmup is None else args.warmup,
-              results_dir=None if args.no_save else args.output)
+              results_dir=None if args.no_save else record_dir(device_name(device), args.output))
     return 0
 
 

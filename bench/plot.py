@@ -1,6 +1,9 @@
 """`python -m bench plot`: PNG charts and a markdown summary from the JSON lines of `python -m bench`.
 
-Only the newest record of each (device, case, competitor) counts, so partial runs merge. One chart per
+The records are read from every *.jsonl file under bench/results/ (recursively: a run's records live in
+bench/results/<device slug>/<kdops version>/), or under the given files and folders. Lines that are not bench
+records (a campaign's other measurements, the fused check's) are left out. Only the newest record of each
+(device, case, competitor) counts, so partial runs and the records of several versions merge. One chart per
 device × function × divergence × dtype × vocabulary/width, three panels against tokens N: total time
 (forward + backward), extra memory (peak − gradients), and time / floor time. SUMMARY.md holds, per
 device, the table of those records and links to the charts.
@@ -20,14 +23,32 @@ from .report import COLUMNS, MiB, RESULTS_DIR, cells, slug, status_text
 CASE_DEFAULTS = {name: f.default for name, f in Case.__dataclass_fields__.items() if f.default is not MISSING}
 
 
+#: The fields that make a JSON line a bench record (`bench.report.case_records`).
+KEY_FIELDS = ("run_id", "device", "label", "competitor", "status")
+#: The key `load_latest` adds to each record: the file it was read from.
+SOURCE = "_file"
+
+
+def record_files(inputs=None) -> list[Path]:
+    """The JSON-lines files of `inputs` (files, and folders searched recursively; default: bench/results)."""
+    files = []
+    for path in map(Path, inputs or [RESULTS_DIR]):
+        files += sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
+    return files
+
+
 def load_latest(paths) -> list[dict]:
-    """Records from JSON-lines files, the newest (by run_id) of each device × case × competitor."""
+    """Bench records from JSON-lines files, the newest (by run_id) of each device × case × competitor; lines
+    without a bench record's key fields are skipped."""
     latest: dict[tuple, dict] = {}
     for path in paths:
         for line in Path(path).read_text().splitlines():
             if line.strip():
+                record = json.loads(line)
+                if not all(field in record for field in KEY_FIELDS):
+                    continue
                 # a record written before a case field existed has that field's default (e.g. k = 0: dense)
-                record = {**CASE_DEFAULTS, **json.loads(line)}
+                record = {**CASE_DEFAULTS, **record, SOURCE: str(path)}
                 key = (record["device"], record["label"], record["competitor"])
                 if key not in latest or record["run_id"] >= latest[key]["run_id"]:
                     latest[key] = record
@@ -103,30 +124,41 @@ def _markdown_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def _source(record: dict) -> str:
+    """'; records in <file>' (relative to bench/results where it lies there), or '' for a record without it."""
+    if SOURCE not in record:
+        return ""
+    path = Path(record[SOURCE]).resolve()
+    if path.is_relative_to(Path(RESULTS_DIR).resolve()):
+        path = path.relative_to(Path(RESULTS_DIR).resolve())
+    return f"; records in `{path}`"
+
+
 def write_summary(records: list[dict], charts: dict[str, list[str]], path: Path) -> None:
     lines = ["# kdops benchmark summary", "",
-             "Written by `python -m bench plot` from bench/results/*.jsonl (newest record of each case and "
-             "competitor). Times are medians in ms; extra MiB = peak memory − gradients; ×floor and ×kdops are "
-             "total-time ratios; Δloss is the relative difference to the reference loss.", ""]
+             "Written by `python -m bench plot` from every record under bench/results/ (newest record of each "
+             "device, case and competitor). Times are medians in ms; extra MiB = peak memory − gradients; ×floor "
+             "and ×kdops are total-time ratios; Δloss is the relative difference to the reference loss.", ""]
     by_device = defaultdict(list)
     for r in records:
         by_device[r["device"]].append(r)
     for device, device_records in sorted(by_device.items()):
         newest = max(device_records, key=lambda r: r["run_id"])
         lines += [f"## {device}", "",
-                  f"Latest run {newest['timestamp']}, commit `{newest['commit'][:10]}`"
-                  f"{' (dirty)' if newest.get('dirty') else ''}, torch {newest['torch']}, triton {newest['triton']}, "
-                  f"liger-kernel {newest['liger_kernel'] or 'not installed'}.", ""]
+                  f"Latest run {newest['timestamp']}, kdops {newest.get('kdops') or 'unknown'}, commit "
+                  f"`{newest['commit'][:10]}`{' (dirty)' if newest.get('dirty') else ''}, torch {newest['torch']}, "
+                  f"triton {newest['triton']}, liger-kernel {newest['liger_kernel'] or 'not installed'}"
+                  f"{_source(newest)}.", ""]
         lines += _markdown_table(device_records) + [""]
         lines += [f"![{name}]({name})" for name in charts.get(device, [])] + [""]
     path.write_text("\n".join(lines))
 
 
 def plot(inputs=None, output: Path | None = None) -> list[Path]:
-    """Charts and SUMMARY.md into `output` (bench/results) from `inputs` (every results/*.jsonl)."""
+    """Charts and SUMMARY.md into `output` (bench/results) from `inputs` (files or folders; by default every
+    *.jsonl under bench/results, recursively)."""
     output = Path(output or RESULTS_DIR)
-    paths = list(inputs) if inputs else sorted(Path(RESULTS_DIR).glob("*.jsonl"))
-    records = load_latest(paths)
+    records = load_latest(record_files(inputs))
     output.mkdir(parents=True, exist_ok=True)
     written, charts = [], defaultdict(list)
     for key, group in sorted(_groups(records).items(), key=lambda item: str(item[0])):

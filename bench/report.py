@@ -159,7 +159,14 @@ def run_metadata(device, preset: str, reps: int, warmup: int) -> dict:
     }
 
 
+def record_dir(device: str, results_dir: Path = RESULTS_DIR) -> Path:
+    """The folder of one device's records of this kdops version: <results>/<device slug>/<kdops version>/
+    (`python -m bench` writes there; `device` is the device's name, e.g. 'NVIDIA H100 80GB HBM3')."""
+    return Path(results_dir) / slug(device) / kdops.__version__
+
+
 def results_path(results_dir: Path, device: str) -> Path:
+    """The JSON-lines file of `device`'s records in the folder `results_dir`: <results_dir>/<device slug>.jsonl."""
     return Path(results_dir) / f"{slug(device)}.jsonl"
 
 

@@ -223,16 +223,62 @@ def test_chart_and_summary(tmp_path, with_fused):
 
 
 def test_plot_reads_the_repository_s_own_records(tmp_path):
-    """`python -m bench plot` as docs/performance.md gives it: every committed bench/results/*.jsonl, records
-    written before a case field existed (the top-k `k`) included."""
+    """`python -m bench plot` as docs/performance.md gives it: every committed record under bench/results/, read
+    recursively from the folders <device slug>/<kdops version>/ (a campaign's other JSON lines left out), records
+    written before a case field existed (the top-k `k`) included; the newest record of each case wins."""
     pytest.importorskip("matplotlib")
-    from bench.plot import plot
-    from bench.report import RESULTS_DIR
+    from bench.plot import load_latest, plot, record_files
+    from bench.report import RESULTS_DIR, slug
 
-    inputs = sorted(pathlib.Path(RESULTS_DIR).glob("*.jsonl"))
-    assert inputs
-    written = plot(inputs, tmp_path)
+    results = pathlib.Path(RESULTS_DIR)
+    inputs = record_files()
+    assert inputs and inputs == sorted(results.rglob("*.jsonl"))
+    assert not list(results.glob("*.jsonl")), "records belong in <device slug>/<kdops version>/"
+    records = load_latest(inputs)
+    devices = {r["device"] for r in records}
+    assert {"NVIDIA H100 80GB HBM3", "NVIDIA H200"} <= devices and len(devices) >= 3
+    for path in inputs:
+        folder = path.relative_to(results).parts
+        assert len(folder) >= 3 and folder[0] in {slug(d) for d in devices}, path
+    newest_h100 = max(r["run_id"] for r in records if r["device"] == "NVIDIA H100 80GB HBM3")
+    headline = [r for r in records if r["device"] == "NVIDIA H100 80GB HBM3" and r["competitor"] == "kdops-chunked"]
+    assert headline and all(r["run_id"][:9] == newest_h100[:9] for r in headline)
+    written = plot(None, tmp_path)
     assert any(p.suffix == ".png" for p in written) and (tmp_path / "SUMMARY.md").exists()
+    summary = (tmp_path / "SUMMARY.md").read_text()
+    assert all(f"## {device}" in summary for device in devices)
+
+
+def test_plot_skips_lines_that_are_not_bench_records(tmp_path):
+    """A campaign's JSON lines mix the bench's records with other measurements (smoke, fused check, profile):
+    `load_latest` keeps the records alone, and `record_files` searches folders recursively."""
+    from bench.plot import load_latest, record_files
+
+    records, _ = _sweep([KD], tmp_path / "results")
+    sweep_file = results_path(tmp_path / "results", records[0]["device"])
+    other = tmp_path / "results" / "deeper" / "campaign-cpu.jsonl"
+    other.parent.mkdir()
+    other.write_text(json.dumps({"step": "smoke", "device": records[0]["device"], "summary": "1 passed"}) + "\n"
+                     + sweep_file.read_text())
+    assert sorted(record_files([tmp_path / "results"])) == sorted([other, sweep_file])
+    latest = load_latest(record_files([tmp_path]))
+    assert sorted(r["competitor"] for r in latest) == sorted(r["competitor"] for r in records)
+
+
+def test_a_run_appends_to_its_device_and_version_folder(tmp_path, monkeypatch):
+    """`python -m bench --output DIR` writes into DIR/<device slug>/<kdops version>/ (`bench.report.record_dir`),
+    the folder layout of bench/results; --no-save writes nothing."""
+    import bench.sweep
+    from bench.report import device_name, record_dir, slug
+
+    calls = []
+    monkeypatch.setattr(bench.sweep, "run_sweep", lambda cases, **kwargs: calls.append(kwargs["results_dir"]))
+    assert main(["--quick", "--function", KD_LOSS, "--reps", "1", "--warmup", "0", "--output", str(tmp_path)]) == 0
+    assert main(["--quick", "--function", KD_LOSS, "--no-save"]) == 0
+    device = device_name("cpu")
+    assert calls == [tmp_path / slug(device) / kdops.__version__, None]
+    assert calls[0] == record_dir(device, tmp_path)
+    assert results_path(calls[0], device) == tmp_path / slug(device) / kdops.__version__ / f"{slug(device)}.jsonl"
 
 
 def test_cli_filters_and_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
