@@ -1,7 +1,7 @@
 """The CUDA compile gate (`python -m bench.compile`): every kernel compiles for sm_90 and sm_80 without
 spills, and 16-bit fused matmuls use the tensor cores — checked ahead of time, on this GPU-less machine.
 
-The gate itself runs in a subprocess: this test session has TRITON_INTERPRET set, and interpreted kernels
+The gate itself runs in a subprocess: the test process has TRITON_INTERPRET set, and interpreted kernels
 cannot be compiled."""
 
 import inspect

@@ -45,7 +45,7 @@ def test_a_loop_without_branches_counts_its_body():
 
 def test_the_cost_model_counts_are_the_code_s():
     """bench.model.LOGITS_KERNEL_SASS ("now") is what the kernels compile to: a kernel change that moves the count
-    must update the model (its predictions scale with it). In a subprocess: this session interprets kernels."""
+    must update the model (its predictions scale with it). In a subprocess: the test process interprets kernels."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "bench.loops", "--check"], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
