@@ -8,7 +8,7 @@ read from the binary.
 How the specializations are found: the public API (`kd_loss`, `fused_linear_kd_loss` with both impls, and
 both under vocabulary parallelism on a one-rank group) is called on small CPU tensors over the grid of
 dtypes, divergences, hard-label term, biases and gradient flags, with `kdops.targets.assume(gpu)` (so the
-launchers pick the configurations they pick on that GPU) and `kdops._launch.recording` (so each launch is
+launchers pick the configurations they pick on that GPU) and `kdops.launchers.common.recording` (so each launch is
 recorded, not run). Each distinct (kernel, signature, constexprs, warps, stages) is then compiled with
 Triton's own argument specialization (`triton.runtime.jit.create_function_from_signature`, as a launch
 would) for `GPUTarget("cuda", capability, 32)`, and its cubin is read with the `cuobjdump` that Triton's
@@ -79,7 +79,7 @@ class Call:
     @property
     def label(self) -> str:
         parts = [self.function, self.dtype, self.divergence] + ([f"transform={self.transform}"] if self.transform
-                                                                  else [])
+                                                                else [])
         if self.function == "topk":
             return " ".join(parts + [f"tail={self.tail}"])
         if self.function != "kd_loss":
@@ -226,7 +226,8 @@ def record(arch: str, quick: bool, dtypes=None, divergences=None, transforms_onl
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    from kdops import _launch, targets
+    import kdops.launchers.common
+    from kdops import targets
 
     backend = make_backend(GPUTarget("cuda", ARCHS[arch][0] * 10 + ARCHS[arch][1], 32))
     found: dict[tuple, Spec] = {}
@@ -245,7 +246,7 @@ def record(arch: str, quick: bool, dtypes=None, divergences=None, transforms_onl
             found[key] = Spec(kernel, args, dict(kwargs), current[-1], arch, key)
 
     _one_rank_group()
-    with targets.assume(GPU_OF_ARCH[arch]), _launch.recording(recorder):
+    with targets.assume(GPU_OF_ARCH[arch]), kdops.launchers.common.recording(recorder):
         for call in calls(quick, dtypes, divergences, transforms_only):
             current.append(call)
             _run_call(call)
@@ -385,9 +386,11 @@ def float64_math(ptx: str) -> int:
     return sum(op not in ("ld", "cvt", "mov", "setp") for op in _FLOAT64_OP.findall(ptx))
 
 
-# The fused kernels' 16-bit 128 × 128 tiles on Hopper (`kdops._fused.tile_width`, WIDEST) spill, and ran faster
+# The fused kernels' 16-bit 128 × 128 tiles on Hopper (`kdops.launchers.linear.tile_width`, WIDEST) spill, and ran
+# faster
 # on an H100 than the narrower tiles that do not, in every kind measured (the comment above
-# `kdops._fused._HOPPER_TILES`), spilling up to 2008 B (generalized JSD's second pass) and 1464 B (skew reverse
+# `kdops.launchers.linear._HOPPER_TILES`), spilling up to 2008 B (generalized JSD's second pass) and 1464 B (skew
+# reverse
 # KL's gradient). The grid's largest, 2128 B, is skew reverse KL's gradient with the hard-label term and the
 # student's bias (not measured). Their spills are reported and bounded, so that a kernel change that spills
 # more still fails the gate before a GPU measures it.
@@ -466,7 +469,7 @@ def report(results: list[Compiled], archs, quick: bool, wall: float, dtypes=None
         "dynamic allocation. A specialization is one (kernel, argument types, constexprs, warps, stages) "
         "that the launchers produce (see bench/compile.py). A spill fails the gate, but those of the fused "
         f"kernels' 16-bit 128 × 128 tiles on sm_90 up to {WIDEST_SPILL_LIMIT} B a thread (WIDEST_SPILL_LIMIT: "
-        "measured faster on an H100 despite them, kdops/_fused.py).",
+        "measured faster on an H100 despite them, kdops/launchers/linear.py).",
         "",
         f"**{len(results)} specializations, {len(failures)} failures.**",
         "",

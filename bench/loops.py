@@ -5,7 +5,7 @@
 The kernels on logits are compute-bound on an H100/H200 (bench/model.py, LOGITS_KERNEL_FLOPS): their time
 follows the instructions each thread issues per element of its tile. This compiles the kernels that
 `fused_linear_kd_loss(impl="chunked")` launches (bf16, sm_90, through `bench.compile`'s recording), at the
-headline shape's launch configuration (`kdops._launch.logits_config` for 8192 × 128256 on an H100), finds each
+headline shape's launch configuration (`kdops.launchers.logits.logits_config` for 8192 × 128256 on an H100), finds each
 vocabulary loop in the SASS (a backward branch), takes the shortest path through it (`hot_loops`: a tile that
 neither grows nor holds its row's max, kernels/divergences.py "Lanes" — all tiles but a row's first few) and
 divides its instructions by the elements a thread holds per tile
@@ -69,9 +69,10 @@ HEADLINE_ROWS, HEADLINE_VOCAB = 8192, 128256
 
 def headline_config(forward: bool = False) -> dict:
     """The block sizes of the forward kernel on logits (`forward`) or of the gradient's at the headline shape."""
-    from kdops import _launch, targets
+    import kdops.launchers.logits
+    from kdops import targets
 
-    config = _launch.logits_config(HEADLINE_ROWS, HEADLINE_VOCAB, targets.H100, forward=forward)
+    config = kdops.launchers.logits.logits_config(HEADLINE_ROWS, HEADLINE_VOCAB, targets.H100, forward=forward)
     return {key: value for key, value in config.items() if key in ("BLOCK_R", "BLOCK_V", "num_warps")}
 
 

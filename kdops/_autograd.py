@@ -1,12 +1,17 @@
-"""Autograd Functions over the launchers: they route tensors and hold no math."""
+"""The autograd Functions over the launchers and the paths' prepared problems: they route tensors and hold no
+math. Per-row losses of logits by the kernels (`KDLogitsFunction`), of a prepared fused-linear problem
+(`FusedLinearKDFunction`, `problem_loss`), and of any per-row function of row chunks, recomputed chunk by chunk in
+the backward (`ChunkedRowsFunction`) or under activation checkpointing inside torch.compile (`checkpointed_rows`)."""
 
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from . import _launch
 from ._reduction import reduce_rows, row_weights, scale_by_upstream
 from .divergences import Canonical
+from .launchers.logits import logits_backward, logits_forward
+from .torch_math import compute_dtype
 
 
 class KDLogitsFunction(torch.autograd.Function):
@@ -14,7 +19,7 @@ class KDLogitsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, mask, canon: Canonical, temperature: float, shards=None):
-        loss, stats = _launch.logits_forward(student, teacher, None, canon, 1.0 / temperature, shards=shards)
+        loss, stats = logits_forward(student, teacher, None, canon, 1.0 / temperature, shards=shards)
         ctx.save_for_backward(student, teacher, mask, stats)
         ctx.canon, ctx.temperature = canon, temperature
         return torch.where(mask, loss, 0.0)
@@ -23,13 +28,14 @@ class KDLogitsFunction(torch.autograd.Function):
     def backward(ctx, grad_rows):
         student, teacher, mask, stats = ctx.saved_tensors
         row_scale = torch.where(mask, grad_rows, 0.0)
-        grad_student, grad_teacher = _launch.logits_backward(student, teacher, None, stats, row_scale, ctx.canon,
-                                                             1.0 / ctx.temperature, *ctx.needs_input_grad[:2])
+        grad_student, grad_teacher = logits_backward(student, teacher, None, stats, row_scale, ctx.canon,
+                                                     1.0 / ctx.temperature, *ctx.needs_input_grad[:2])
         return grad_student, grad_teacher, None, None, None, None
 
 
 class FusedLinearKDFunction(torch.autograd.Function):
-    """The fused-linear loss of a prepared `problem` (`_fused.FusedProblem` or `_chunked.ChunkedProblem`).
+    """The fused-linear loss of a prepared `problem` (`kdops.launchers.linear.FusedProblem`, or a path's own:
+    `kdops.paths`).
 
     Returns the per-row losses [rows] (0 where the mask is False), whose gradients the backward computes
     with the upstream gradient as row scale. With `row_weight` (an eager problem and a scalar reduction)
@@ -73,3 +79,61 @@ def problem_loss(problem, tensors, mask, reduction, num_items_in_batch, leading)
         return FusedLinearKDFunction.apply(problem, mask, weights, *tensors)
     rows = FusedLinearKDFunction.apply(problem, mask, None, *tensors)
     return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)
+
+
+class ChunkedRowsFunction(torch.autograd.Function):
+    """Per-row losses [rows] (0 where the mask is False) of `rows_fn` over row chunks of 2-D tensors.
+
+    The forward runs rows_fn(*chunk_slices) chunk by chunk without a graph; the backward recomputes each chunk
+    under autograd and writes its slices of the gradients (of the tensors that require them): one chunk's
+    temporaries at a time, never a [rows, V] one beyond the gradients themselves.
+    """
+
+    @staticmethod
+    def forward(ctx, rows_fn, chunk: int, mask, *tensors):
+        rows = tensors[0].shape[0]
+        out = None
+        for start in range(0, rows, chunk):
+            part = rows_fn(*(t[start:start + chunk] for t in tensors))
+            if out is None:
+                out = torch.zeros(rows, dtype=part.dtype, device=part.device)
+            out[start:start + chunk] = part
+        if out is None:
+            out = torch.zeros(0, dtype=compute_dtype(*tensors), device=mask.device)
+        ctx.save_for_backward(mask, *tensors)
+        ctx.rows_fn, ctx.chunk = rows_fn, chunk
+        return torch.where(mask, out, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        mask, *tensors = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:]
+        grad_rows = torch.where(mask, grad_rows, 0.0)
+        grads = [torch.zeros_like(t) if need else None for t, need in zip(tensors, needs)]
+        for start in range(0, mask.shape[0], ctx.chunk):
+            end = min(start + ctx.chunk, mask.shape[0])
+            live = mask[start:end]
+            if not bool(live.any()):
+                continue
+            leaves = [t[start:end].detach().requires_grad_(need) for t, need in zip(tensors, needs)]
+            with torch.enable_grad():
+                loss = ctx.rows_fn(*leaves)
+                # (a teacher may drop out of the graph — TAID at t = 0, a zero weight: a zero gradient)
+                parts = list(torch.autograd.grad(loss, [x for x in leaves if x.requires_grad], grad_rows[start:end],
+                                                 allow_unused=True, materialize_grads=True))
+            del loss, leaves
+            for grad, need in zip(grads, needs):
+                if need:  # popped: no chunk gradient outlives its copy into the whole one
+                    grad[start:end] = torch.where(live[:, None], parts.pop(0), 0.0)
+        return (None, None, None, *grads)
+
+
+def checkpointed_rows(fn, rows: int, chunk: int, *row_tensors) -> torch.Tensor:
+    """torch.cat of fn(*chunk_slices) over row chunks, each under activation checkpointing: what the torch
+    backend runs inside torch.compile, where the autograd Functions above cannot be traced. Only the
+    chunks' inputs are kept for the backward, which recomputes one chunk at a time."""
+    parts = []
+    for start in range(0, rows, chunk):
+        sliced = [None if t is None else t[start:start + chunk] for t in row_tensors]
+        parts.append(checkpoint(fn, *sliced, use_reentrant=False))
+    return torch.cat(parts)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .launchers.scale import scale_unless_one
+
 
 def row_mask(labels, ignore_index: int, leading_shape: torch.Size, device: torch.device) -> torch.Tensor:
     """m_i = (labels_i != ignore_index), or all ones without labels."""
@@ -43,14 +45,12 @@ def row_weights(mask: torch.Tensor, reduction: str, num_items_in_batch=None,
 
 def scale_by_upstream(grads, upstream: torch.Tensor, on_device: bool) -> list:
     """The gradients (None where absent; the contiguous buffers the chunked paths fill) times the scalar upstream
-    gradient, in place. `on_device` (the Triton engine): by `_launch.scale_unless_one`, which leaves them
+    gradient, in place. `on_device` (the Triton engine): by `scale_unless_one` (kernels/scale.py), which leaves them
     untouched where the upstream is 1 without the host reading it; otherwise the host reads it (one
     synchronization) and multiplies, in the gradients' dtype, unless it is 1. loss.backward() passes 1: skipping
     the multiply saves a pass over dW and dH (2 GiB of traffic at V = 128k, H = 4096 in bf16)."""
     if on_device:
-        from . import _launch
-
-        return [None if g is None else _launch.scale_unless_one(g, upstream) for g in grads]
+        return [None if g is None else scale_unless_one(g, upstream) for g in grads]
     if upstream.numel() == 1 and upstream.item() == 1.0:
         return list(grads)
     return [None if g is None else g.mul_(upstream.to(g.dtype)) for g in grads]

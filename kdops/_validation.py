@@ -9,9 +9,13 @@ import os
 
 import torch
 
-from . import _launch
+from .divergences import Canonical, Kind
+from .ensemble import TeacherMix
+from .launchers.common import is_recording
 
 REDUCTIONS = ("batchmean", "sum", "none")
+
+
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -159,10 +163,10 @@ def resolve_backend(backend, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" and _triton_importable() else "torch"
     if backend == "triton":
-        # (While launches are recorded, `kdops._launch.recording`, nothing runs: any device will do.)
+        # (While launches are recorded, `kdops.launchers.common.recording`, nothing runs: any device will do.)
         runnable = _triton_importable() and (
             device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled())
-            or _launch.is_recording()
+            or is_recording()
         )
         if not runnable:
             raise ValueError(
@@ -176,7 +180,7 @@ def resolve_backend(backend, device: torch.device) -> str:
 IMPLS = ("auto", "fused", "chunked", "sliced")
 
 
-def _check_weight_factor(name: str, value) -> float:
+def check_weight_factor(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a non-negative finite number, got {type(value).__name__}")
     if not (math.isfinite(value) and value >= 0):
@@ -236,8 +240,8 @@ def check_head(prefix: str, hidden, weight, bias, names=None) -> None:
 
 
 def check_loss_weights(labels, hard_weight, soft_weight) -> None:
-    hard_weight = _check_weight_factor("hard_weight", hard_weight)
-    _check_weight_factor("soft_weight", soft_weight)
+    hard_weight = check_weight_factor("hard_weight", hard_weight)
+    check_weight_factor("soft_weight", soft_weight)
     if hard_weight > 0 and labels is None:
         raise ValueError("hard_weight: a hard-label loss (hard_weight > 0) needs labels, got labels=None")
 
@@ -274,3 +278,127 @@ def resolve_impl(impl: str, backend: str, fits_chunk: bool) -> str:
     if impl == "auto":
         return "chunked" if fits_chunk else "sliced"
     return impl
+
+
+# --- several teachers (`teacher_mix`) -----------------------------------------------------------------------------
+
+def as_teachers(name: str, teachers) -> list:
+    """A tensor (one teacher) or a sequence of tensors, as a list (elements may be None only for biases)."""
+    if teachers is None or isinstance(teachers, torch.Tensor):
+        return [teachers]
+    if isinstance(teachers, (list, tuple)):
+        if not teachers:
+            raise ValueError(f"{name}: expected a tensor or a non-empty sequence of tensors, got an empty sequence")
+        return list(teachers)
+    raise TypeError(f"{name}: expected a tensor or a sequence of tensors, got {type(teachers).__name__}")
+
+
+def check_mix_type(mix) -> TeacherMix | None:
+    """None, or a mix (whose weights `check_mix` checks against the teachers of a call)."""
+    if mix is not None and not isinstance(mix, TeacherMix):
+        raise TypeError(f"teacher_mix: expected kdops.Ensemble or kdops.LogitSum, got {type(mix).__name__}")
+    return mix
+
+
+def check_mix(mix, count: int, name: str) -> TeacherMix | None:
+    """`teacher_mix` for `count` teachers given as `name`: None for one teacher, else a TeacherMix with one
+    weight per teacher."""
+    if check_mix_type(mix) is None:
+        if count != 1:
+            raise ValueError(f"{name}: {count} teachers need teacher_mix=kdops.Ensemble(weights) or "
+                             "kdops.LogitSum(weights) to say how they make one target")
+        return None
+    if len(mix.weights) != count:
+        raise ValueError(f"teacher_mix: {len(mix.weights)} weights for {count} teachers ({name}); give one weight "
+                         "per teacher")
+    return mix
+
+
+def linear_teachers(teacher_hidden, teacher_weight, teacher_bias, teacher_mix):
+    """The teachers' tensors as given (one teacher, no mix), or as three lists of one entry per teacher (a bias
+    list of Nones when none is given) and the validated mix."""
+    several = isinstance(teacher_hidden, (list, tuple)) or isinstance(teacher_weight, (list, tuple))
+    if not several and teacher_mix is None:
+        return teacher_hidden, teacher_weight, teacher_bias, None
+    hidden, weight = as_teachers("teacher_hidden", teacher_hidden), as_teachers("teacher_weight", teacher_weight)
+    bias = [None] * len(hidden) if teacher_bias is None else as_teachers("teacher_bias", teacher_bias)
+    if len(weight) != len(hidden):
+        raise ValueError(f"teacher_hidden has {len(hidden)} tensors and teacher_weight {len(weight)}: give one "
+                         "of each per teacher")
+    if len(bias) != len(hidden):
+        raise ValueError(f"teacher_bias has {len(bias)} entries for {len(hidden)} teachers: give one per teacher "
+                         "(None for a teacher without a bias), or None")
+    return hidden, weight, bias, check_mix(teacher_mix, len(hidden), "teacher_hidden")
+
+
+# --- a sparse (top-k) teacher ------------------------------------------------------------------------------------
+
+TAILS = ("bucket", "renormalize", "zero")
+
+
+TOPK_IMPLS = ("auto", "chunked", "gathered")
+
+
+#: Σp may exceed 1 by this much in "bucket" mode (rounding of the teacher's log-probabilities), no more.
+MASS_SLACK = 1e-3
+
+
+def check_tail(tail, canon: Canonical, name: str) -> None:
+    """`tail` is one of TAILS, and "zero" only with a divergence that is finite where P̂ = 0 < Q."""
+    if not isinstance(tail, str) or tail not in TAILS:
+        raise ValueError(f"tail: expected one of {', '.join(map(repr, TAILS))}, got {tail!r}")
+    if canon.teacher_share != 1.0:
+        raise ValueError(f"divergence {name!r} with a top-k teacher: TAID interpolates the student's and the "
+                         "teacher's logits over the whole vocabulary, which a sparse teacher does not have; use "
+                         "kdops.kd_loss or kdops.fused_linear_kd_loss with the dense teacher")
+    if tail != "zero":
+        return
+    # Canonical D(P ‖ Q) with the student as P weighs the teacher's zeros by log(q / 0): KL(q ‖ p̂) is infinite,
+    # and so is the skew KL(q ‖ αq + (1 − α)p̂) at α = 0. Every other kind stays finite.
+    if canon.student_is_p and (canon.kind == Kind.KL or (canon.kind == Kind.SKEW and canon.c1 == 0)):
+        raise ValueError(
+            f"tail='zero' with divergence {name!r}: the teacher's distribution is 0 outside its ids while the "
+            "student's is not, and this divergence weighs that by log(q / 0) = ∞; use tail='bucket' or "
+            "'renormalize', or a divergence that stays finite there (forward_kl, generalized_jsd with β < 1, "
+            "skew_forward_kl, skew_reverse_kl with α > 0, tvd, alpha_beta)")
+
+
+def check_topk_teacher(teacher_ids, teacher_logprobs, leading: torch.Size, vocab: int, tail: str,
+                       device: torch.device) -> None:
+    """Shapes, dtypes and (on the CPU, where it costs no synchronization) values of a top-k teacher."""
+    check_tensor("teacher_ids", teacher_ids, floating=False)
+    check_tensor("teacher_logprobs", teacher_logprobs)
+    if teacher_ids.is_complex() or teacher_ids.dtype == torch.bool or teacher_ids.is_floating_point():
+        raise TypeError(f"teacher_ids: expected an integer dtype, got {teacher_ids.dtype}")
+    if teacher_ids.shape != teacher_logprobs.shape:
+        raise ValueError(f"teacher_ids and teacher_logprobs: expected the same shape [..., k], got "
+                         f"{tuple(teacher_ids.shape)} and {tuple(teacher_logprobs.shape)}")
+    if teacher_ids.shape[:-1] != leading:
+        raise ValueError(f"teacher_ids: expected leading dimensions {tuple(leading)} (the student's), got shape "
+                         f"{tuple(teacher_ids.shape)}")
+    if teacher_ids.shape[-1] == 0:
+        raise ValueError(f"teacher_ids: k (the last dimension) is 0, got shape {tuple(teacher_ids.shape)}")
+    for name, t in (("teacher_ids", teacher_ids), ("teacher_logprobs", teacher_logprobs)):
+        if t.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device} (where the student is), got one on {t.device}")
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    lp = teacher_logprobs.detach()
+    present = lp != -math.inf
+    if bool(torch.isnan(lp).any()) or bool((lp > 0).any()):
+        bad = lp[torch.isnan(lp) | (lp > 0)][0].item()
+        raise ValueError(f"teacher_logprobs: expected log-probabilities (≤ 0, or -inf for an absent entry), got {bad!r}")
+    ids = teacher_ids[present]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"teacher_ids: expected ids in [0, {vocab}) (the student's vocabulary) where the "
+                         f"log-probability is not -inf, got values in [{int(ids.min())}, {int(ids.max())}]")
+    flat_ids = torch.where(present, teacher_ids, -1 - torch.arange(teacher_ids.shape[-1], device=device))
+    ordered = flat_ids.reshape(-1, flat_ids.shape[-1]).sort(dim=-1).values
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        row = int((ordered[:, 1:] == ordered[:, :-1]).any(-1).nonzero()[0])
+        raise ValueError(f"teacher_ids: a row lists an id twice (flattened row {row}); each id may appear once")
+    if tail == "bucket":
+        mass = lp.double().exp().sum(-1)
+        if bool((mass > 1 + MASS_SLACK).any()):
+            raise ValueError(f"teacher_logprobs: with tail='bucket' a row's probabilities must sum to at most 1 "
+                             f"(+{MASS_SLACK:g} for rounding), got {float(mass.max()):.6g}")

@@ -1,7 +1,7 @@
 """The divergence catalog: what each loss is, its parameters, and how it maps onto the kernels.
 
 Every divergence is one of five canonical kinds D(P ‖ Q) (see `kernels/divergences.py` and
-`kdops.reference`), with P and Q assigned to teacher and student. Reverse KL is KL with the student as P;
+`kdops.torch_math`), with P and Q assigned to teacher and student. Reverse KL is KL with the student as P;
 the reverse skew KL is the forward skew with the roles swapped:
 KL(q ‖ (1−α)p + αq) = KL(P ‖ αP + (1−α)Q) with P = q, Q = p.
 """

@@ -8,18 +8,20 @@ from ._validation import (
     BACKENDS,
     IMPLS,
     REDUCTIONS,
-    _check_weight_factor,
+    TOPK_IMPLS,
     check_choice,
-    check_memory_budget,
     check_ignore_index,
+    check_memory_budget,
+    check_mix_type,
     check_softcap,
+    check_tail,
     check_temperature,
+    check_weight_factor,
 )
 from .api import fused_linear_kd_loss, kd_loss
 from .divergences import as_divergence
-from .ensemble import check_mix_type
 from .parallel import VocabParallel
-from .topk import TOPK_IMPLS, check_tail, fused_linear_topk_kd_loss, topk_kd_loss
+from .topk import fused_linear_topk_kd_loss, topk_kd_loss
 
 
 def _check_options(temperature, ignore_index, reduction, backend, vocab_parallel) -> None:
@@ -67,8 +69,8 @@ class FusedLinearKDLoss(torch.nn.Module):
         check_choice("impl", impl, IMPLS)
         check_memory_budget(memory_budget)
         self.options = dict(temperature=temperature, ignore_index=ignore_index, reduction=reduction,
-                            hard_weight=_check_weight_factor("hard_weight", hard_weight),
-                            soft_weight=_check_weight_factor("soft_weight", soft_weight), impl=impl, backend=backend,
+                            hard_weight=check_weight_factor("hard_weight", hard_weight),
+                            soft_weight=check_weight_factor("soft_weight", soft_weight), impl=impl, backend=backend,
                             memory_budget=memory_budget, vocab_parallel=vocab_parallel,
                             student_softcap=check_softcap("student_softcap", student_softcap),
                             teacher_softcap=check_softcap("teacher_softcap", teacher_softcap),
@@ -120,8 +122,8 @@ class FusedLinearTopKKDLoss(torch.nn.Module):
         check_choice("impl", impl, TOPK_IMPLS)
         check_memory_budget(memory_budget)
         self.options = dict(temperature=temperature, tail=tail, ignore_index=ignore_index, reduction=reduction,
-                            hard_weight=_check_weight_factor("hard_weight", hard_weight),
-                            soft_weight=_check_weight_factor("soft_weight", soft_weight), impl=impl, backend=backend,
+                            hard_weight=check_weight_factor("hard_weight", hard_weight),
+                            soft_weight=check_weight_factor("soft_weight", soft_weight), impl=impl, backend=backend,
                             memory_budget=memory_budget,
                             student_softcap=check_softcap("student_softcap", student_softcap))
 

@@ -18,8 +18,8 @@ Every call also all-gathers each rank's shard and call signature (a few integers
 tile [0, V) without gaps or overlaps and that every rank computes the same loss over the same rows; an
 inconsistency raises the same ValueError on every rank instead of hanging a collective.
 
-The torch backend runs the reference math on the shard, with the log-softmax normalizers all-reduced
-inside autograd (`log_softmax_across`).
+The torch backend runs the plain-PyTorch math on the shard, with the log-softmax normalizers all-reduced
+inside autograd (`kdops.paths.torch_engine.log_softmax_across`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from typing import Any
 import torch
 
 from .divergences import Divergence
-from .reference import CANONICAL, compute_dtype, loss_logits
 
 
 @dataclass(frozen=True)
@@ -115,6 +114,7 @@ class VocabShards:
         return grads
 
 
+@torch.compiler.disable  # collectives: outside any compiled graph
 def resolve(spec, *, width: int, rows: int, device: torch.device, options: tuple, weight_rows=None) -> VocabShards:
     """Check `spec` on every rank of its group and return the agreed layout; raises the same ValueError on
     every rank when a shard, a width or the call itself differs.
@@ -184,70 +184,3 @@ def _check_table(table) -> None:
 def options_of(divergence: Divergence, **options) -> tuple:
     """What the ranks of a group must agree on, in a form `resolve` hashes."""
     return (repr(divergence.canonical()), *sorted((k, repr(v)) for k, v in options.items()))
-
-
-# --------------------------------------------------------------------------------------------------------
-# The torch backend: the reference divergences on the shard, with normalizers taken over the group.
-# --------------------------------------------------------------------------------------------------------
-
-
-class _SumOverGroup(torch.autograd.Function):
-    """Σ over the ranks of a per-rank quantity that every rank then uses in its own way: the gradient of
-    each rank's input is the sum of all ranks' gradients."""
-
-    @staticmethod
-    def forward(ctx, x, shards: VocabShards):
-        ctx.shards = shards
-        return shards.all_reduce_sum(x.clone())
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.shards.all_reduce_sum(grad.contiguous().clone()), None
-
-
-class _LossOverGroup(torch.autograd.Function):
-    """Σ over the ranks of their shares of the loss: every rank holds the same loss and receives the same
-    upstream gradient, which is its share's gradient as it is."""
-
-    @staticmethod
-    def forward(ctx, x, shards: VocabShards):
-        return shards.all_reduce_sum(x.clone())
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def log_softmax_across(shards: VocabShards, *logits: torch.Tensor):
-    """log-softmax over the whole vocabulary of each [rows, width] shard of logits, with one all-reduce MAX
-    (the stabilizing shifts, outside autograd) and one all-reduce SUM (the normalizers) for all of them."""
-    with torch.no_grad():
-        shift = torch.stack([z.amax(-1) for z in logits], -1)
-        shards.all_reduce_max(shift)
-        shift = torch.where(shift == float("-inf"), 0.0, shift)
-    sums = torch.stack([(z - shift[:, i, None]).exp().sum(-1) for i, z in enumerate(logits)], -1)
-    log_norm = _SumOverGroup.apply(sums, shards).log() + shift
-    return [z - log_norm[:, i, None] for i, z in enumerate(logits)]
-
-
-def vocab_parallel_rows(shards: VocabShards, student, teacher, labels, divergence: Divergence, temperature: float,
-                        soft_weight: float = 1.0, hard_weight: float = 0.0, softcaps=(None, None)) -> torch.Tensor:
-    """Per-row soft·D(teacher ‖ student at T) + hard·CE(student, label) [rows] of this rank's shard of the
-    logits [rows, width]: the same for every rank of the group, differentiable with respect to the shard.
-    Every canonical divergence is a sum over the vocabulary of terms of (log p, log q), so each rank sums its
-    shard's terms and the shares add up; CE is −log q(label), from the shard that holds the label."""
-    c = divergence.canonical().with_softcaps(*softcaps)
-    dtype = compute_dtype(student, teacher)
-    student, teacher = loss_logits(c, student.to(dtype), teacher.to(dtype))
-    hard = hard_weight > 0
-    scaled = [student / temperature, teacher / temperature] + ([student] if hard else [])
-    log_q, log_p, *log_q1 = log_softmax_across(shards, *scaled)
-    if c.student_is_p:
-        log_p, log_q = log_q, log_p
-    share = soft_weight * CANONICAL[c.kind](log_p, log_q, c)
-    if hard:
-        local = shards.local_labels(labels)
-        here = local >= 0
-        picked = log_q1[0].gather(-1, torch.where(here, local, 0)[:, None]).squeeze(-1)
-        share = share - hard_weight * torch.where(here, picked, 0.0)
-    return _LossOverGroup.apply(share, shards)

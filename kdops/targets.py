@@ -3,8 +3,8 @@
 A `GPU` holds what the launchers read (compute capability, SM count, shared memory and registers) and
 what the cost model reads (achievable rates). The launchers take the description of the live device
 (`of_device`); the tools that work without a GPU (`python -m bench.compile`, `python -m bench.model`) ask
-for a named one instead with `assume(name)`, so that one code path — `kdops._launch.logits_config` and
-`kdops._fused.fused_config` — decides every configuration, with or without the device.
+for a named one instead with `assume(name)`, so that one code path — `kdops.launchers.logits.logits_config` and
+`kdops.launchers.linear.fused_config` — decides every configuration, with or without the device.
 
 `None` stands for no GPU: CPU tensors under Triton's interpreter, whose configurations are sized for the
 interpreter's per-operation cost instead.

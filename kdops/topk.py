@@ -13,105 +13,22 @@ absent entry). The student's distribution is q = softmax(s / T) over the whole v
 Every mode is thus one divergence between two distributions over k or k + 1 outcomes, whose log-weights
 are columns of a small [rows, k (+1)] "logits" pair: the student's s_ids / T (−inf where absent) and its
 complement's log-mass R = log Σ_{j ∉ ids} e^(s_j / T) (softmax of the pair is exactly (q_ids, q_tail)), the
-teacher's lp and log(1 − Σp). That pair goes to the dense loss (`kd_loss`'s kernels or reference math,
+teacher's lp and log(1 − Σp). That pair goes to the dense loss (`kd_loss`'s kernels or torch math,
 whichever backend), so each divergence's math stays where it is; what is new is only the student's side —
 the gather, R (computed over the complement, so q_tail is exact to its own size however small), and their
 gradient, one write per element of the student's logits (`kernels/topk.py`).
 
-This module validates and dispatches; the paths are in `kdops._topk`.
+This module holds the public functions; the paths are `kdops.paths.topk` and `kdops.paths.topk_linear`.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from . import _chunked
-from ._autograd import problem_loss
-from ._reduction import reduce_rows, row_mask
-from ._topk import TopKChunkedProblem, TopKGatheredProblem, TopKTeacher, ordered_topk, topk_rows
-from ._validation import check_loss_options, check_same_device, check_tensor, resolve_backend
-from .divergences import Canonical, Divergence, Kind, as_divergence
-from .reference import compute_dtype
-
-TAILS = ("bucket", "renormalize", "zero")
-TOPK_IMPLS = ("auto", "chunked", "gathered")
-#: Σp may exceed 1 by this much in "bucket" mode (rounding of the teacher's log-probabilities), no more.
-MASS_SLACK = 1e-3
-
-
-def check_tail(tail, canon: Canonical, name: str) -> None:
-    """`tail` is one of TAILS, and "zero" only with a divergence that is finite where P̂ = 0 < Q."""
-    if not isinstance(tail, str) or tail not in TAILS:
-        raise ValueError(f"tail: expected one of {', '.join(map(repr, TAILS))}, got {tail!r}")
-    if canon.teacher_share != 1.0:
-        raise ValueError(f"divergence {name!r} with a top-k teacher: TAID interpolates the student's and the "
-                         "teacher's logits over the whole vocabulary, which a sparse teacher does not have; use "
-                         "kdops.kd_loss or kdops.fused_linear_kd_loss with the dense teacher")
-    if tail != "zero":
-        return
-    # Canonical D(P ‖ Q) with the student as P weighs the teacher's zeros by log(q / 0): KL(q ‖ p̂) is infinite,
-    # and so is the skew KL(q ‖ αq + (1 − α)p̂) at α = 0. Every other kind stays finite.
-    if canon.student_is_p and (canon.kind == Kind.KL or (canon.kind == Kind.SKEW and canon.c1 == 0)):
-        raise ValueError(
-            f"tail='zero' with divergence {name!r}: the teacher's distribution is 0 outside its ids while the "
-            "student's is not, and this divergence weighs that by log(q / 0) = ∞; use tail='bucket' or "
-            "'renormalize', or a divergence that stays finite there (forward_kl, generalized_jsd with β < 1, "
-            "skew_forward_kl, skew_reverse_kl with α > 0, tvd, alpha_beta)")
-
-
-def check_topk_teacher(teacher_ids, teacher_logprobs, leading: torch.Size, vocab: int, tail: str,
-                       device: torch.device) -> None:
-    """Shapes, dtypes and (on the CPU, where it costs no synchronization) values of a top-k teacher."""
-    check_tensor("teacher_ids", teacher_ids, floating=False)
-    check_tensor("teacher_logprobs", teacher_logprobs)
-    if teacher_ids.is_complex() or teacher_ids.dtype == torch.bool or teacher_ids.is_floating_point():
-        raise TypeError(f"teacher_ids: expected an integer dtype, got {teacher_ids.dtype}")
-    if teacher_ids.shape != teacher_logprobs.shape:
-        raise ValueError(f"teacher_ids and teacher_logprobs: expected the same shape [..., k], got "
-                         f"{tuple(teacher_ids.shape)} and {tuple(teacher_logprobs.shape)}")
-    if teacher_ids.shape[:-1] != leading:
-        raise ValueError(f"teacher_ids: expected leading dimensions {tuple(leading)} (the student's), got shape "
-                         f"{tuple(teacher_ids.shape)}")
-    if teacher_ids.shape[-1] == 0:
-        raise ValueError(f"teacher_ids: k (the last dimension) is 0, got shape {tuple(teacher_ids.shape)}")
-    for name, t in (("teacher_ids", teacher_ids), ("teacher_logprobs", teacher_logprobs)):
-        if t.device != device:
-            raise ValueError(f"{name}: expected a tensor on {device} (where the student is), got one on {t.device}")
-    if device.type != "cpu" or torch.compiler.is_compiling():
-        return
-    lp = teacher_logprobs.detach()
-    present = lp != -math.inf
-    if bool(torch.isnan(lp).any()) or bool((lp > 0).any()):
-        bad = lp[torch.isnan(lp) | (lp > 0)][0].item()
-        raise ValueError(f"teacher_logprobs: expected log-probabilities (≤ 0, or -inf for an absent entry), got {bad!r}")
-    ids = teacher_ids[present]
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        raise ValueError(f"teacher_ids: expected ids in [0, {vocab}) (the student's vocabulary) where the "
-                         f"log-probability is not -inf, got values in [{int(ids.min())}, {int(ids.max())}]")
-    flat_ids = torch.where(present, teacher_ids, -1 - torch.arange(teacher_ids.shape[-1], device=device))
-    ordered = flat_ids.reshape(-1, flat_ids.shape[-1]).sort(dim=-1).values
-    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
-        row = int((ordered[:, 1:] == ordered[:, :-1]).any(-1).nonzero()[0])
-        raise ValueError(f"teacher_ids: a row lists an id twice (flattened row {row}); each id may appear once")
-    if tail == "bucket":
-        mass = lp.double().exp().sum(-1)
-        if bool((mass > 1 + MASS_SLACK).any()):
-            raise ValueError(f"teacher_logprobs: with tail='bucket' a row's probabilities must sum to at most 1 "
-                             f"(+{MASS_SLACK:g} for rounding), got {float(mass.max()):.6g}")
-
-
-def _shards(vocab_parallel, divergence: Divergence, rows: int, device, teacher_ids, width=None, weight_rows=None,
-            **options):
-    """The group's agreed layout under `vocab_parallel` (`kdops.parallel.resolve`), or None."""
-    if vocab_parallel is None:
-        return None
-    from . import parallel
-
-    options = parallel.options_of(divergence, k=tuple(teacher_ids.shape)[-1:], **options)
-    return parallel.resolve(vocab_parallel, width=width, weight_rows=weight_rows, rows=rows, device=device,
-                            options=options)
+from . import paths
+from .divergences import Divergence
+from .paths.topk_linear import top_logprobs
+from .problem import check_topk_logprobs, describe_fused_linear_topk, describe_topk
 
 
 def topk_kd_loss(
@@ -147,7 +64,7 @@ def topk_kd_loss(
     those are not checked: an id outside [0, V) fails the device-side bounds assertion of the gather that reads
     the student's logit there (CUDA then reports an error and the context is unusable), never a silent read.
 
-    `backend`: "triton" (kernels over the vocabulary: extra memory O(rows · k)), "torch" (the reference math
+    `backend`: "triton" (kernels over the vocabulary: extra memory O(rows · k)), "torch" (the torch math
     chunked over rows), "auto" (Triton on CUDA, torch elsewhere).
 
     `vocab_parallel`: a `kdops.VocabParallel(start, stop, group)` when the student's logits are this rank's
@@ -155,27 +72,10 @@ def topk_kd_loss(
     its shard, its complement's log-mass) is combined over the group with two all-reduces per call; the loss
     is the whole vocabulary's, the same on every rank, and each rank's gradient is its shard's.
     """
-    divergence = as_divergence(divergence)
-    check_tensor("student_logits", student_logits)
-    vocab = student_logits.shape[-1]
-    if vocab == 0:
-        raise ValueError(f"student_logits: the vocabulary (last dimension) is empty, got shape "
-                         f"{tuple(student_logits.shape)}")
-    leading = student_logits.shape[:-1]
-    device = student_logits.device
-    temperature = check_loss_options(labels, leading, device, temperature, ignore_index, reduction,
-                                     num_items_in_batch)
-    check_tail(tail, divergence.canonical(), divergence.name)
-    backend = resolve_backend(backend, device)
-    shards = _shards(vocab_parallel, divergence, leading.numel(), device, teacher_ids, width=vocab,
-                     temperature=temperature, tail=tail, backend=backend, reduction=reduction)
-    check_topk_teacher(teacher_ids, teacher_logprobs, leading, vocab if shards is None else shards.vocab, tail,
-                       device)
-    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    teacher = TopKTeacher(teacher_ids, teacher_logprobs, vocab, tail, dtype, shards)
-    mask = row_mask(labels, ignore_index, leading, device).reshape(-1)
-    rows = topk_rows(student_logits.reshape(-1, vocab), teacher, mask, divergence, temperature, backend, shards)
-    return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)
+    return paths.loss(describe_topk(
+        student_logits, teacher_ids, teacher_logprobs, labels, divergence=divergence, temperature=temperature,
+        tail=tail, ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
+        backend=backend, vocab_parallel=vocab_parallel))
 
 
 def fused_linear_topk_kd_loss(
@@ -211,7 +111,7 @@ def fused_linear_topk_kd_loss(
     its model gave).
 
     `impl`: "chunked" (token chunks of float32 logits within `memory_budget` bytes, default
-    `kdops._chunked.MEMORY_BUDGET`; the vocabulary-wide passes of `topk_kd_loss` on each chunk), "gathered"
+    `kdops.paths.chunked.MEMORY_BUDGET`; the vocabulary-wide passes of `topk_kd_loss` on each chunk), "gathered"
     (tail="renormalize" without the hard-label term only: only the k gathered weight rows are multiplied,
     O(rows·k·H) flops; the weight gradient is summed in a float32 [V, H] accumulator), "auto" (gathered where
     it applies, else chunked). A fused lm_head kernel for sparse teachers does not exist yet ("fused" raises).
@@ -223,63 +123,12 @@ def fused_linear_topk_kd_loss(
     rank, weight and bias gradients are the shard's, hidden-state gradients are summed over the group unless
     `reduce_hidden_grad=False`.
     """
-    from ._validation import (
-        check_choice,
-        check_head,
-        check_label_range,
-        check_loss_weights,
-        check_memory_budget,
-        check_softcap,
-    )
-
-    divergence = as_divergence(divergence)
-    check_head("student_", student_hidden, student_weight, student_bias)
-    check_same_device(student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias)
-    check_loss_weights(labels, hard_weight, soft_weight)
-    check_choice("impl", impl, TOPK_IMPLS)
-    check_memory_budget(memory_budget)
-    vocab, leading, device = student_weight.shape[0], student_hidden.shape[:-1], student_hidden.device
-    temperature = check_loss_options(labels, leading, device, temperature, ignore_index, reduction,
-                                     num_items_in_batch)
-    check_tail(tail, divergence.canonical(), divergence.name)
-    cap = check_softcap("student_softcap", student_softcap)
-    hard_weight, soft_weight = float(hard_weight), float(soft_weight)
-    shards = _shards(vocab_parallel, divergence, leading.numel(), device, teacher_ids,
-                     weight_rows=(student_weight.shape[0],), temperature=temperature, tail=tail, impl=impl,
-                     backend=backend, reduction=reduction, hard=hard_weight, soft=soft_weight, softcap=cap,
-                     grads=tuple(t is not None and t.requires_grad for t in (student_hidden, student_weight,
-                                                                              student_bias)))
-    if shards is not None:
-        vocab = shards.width
-    total = vocab if shards is None else shards.vocab
-    check_topk_teacher(teacher_ids, teacher_logprobs, leading, total, tail, device)
-    if hard_weight > 0:
-        check_label_range(labels, ignore_index, total)
-    gathered = tail == "renormalize" and hard_weight == 0
-    if impl == "gathered" and not gathered:
-        raise ValueError("impl='gathered': only tail='renormalize' without the hard-label term reads just the k "
-                         f"gathered weight rows; got tail={tail!r}, hard_weight={hard_weight:g}; use impl='chunked' "
-                         "or 'auto'")
-    backend = resolve_backend(backend, device)
-    engine = "triton" if backend == "triton" else "torch"
-    dtype = compute_dtype(student_hidden, student_weight)
-    teacher = TopKTeacher(teacher_ids, teacher_logprobs, vocab, tail, dtype, shards)
-    if gathered and impl != "chunked":
-        problem = TopKGatheredProblem(student_hidden, student_weight, student_bias, teacher, divergence, temperature,
-                                      soft_weight, engine, memory_budget, shards, cap)
-    else:
-        problem = TopKChunkedProblem(student_hidden, student_weight, student_bias, teacher, labels, divergence,
-                                     temperature, vocab, soft_weight, hard_weight, ignore_index, engine,
-                                     memory_budget, shards, cap)
-    mask = row_mask(labels, ignore_index, leading, device).reshape(-1)
-    return problem_loss(problem, (student_hidden, student_weight, student_bias, None, None, None), mask, reduction,
-                        num_items_in_batch, leading)
-
-
-# --- the teacher's side ------------------------------------------------------------------------------------------
-
-#: Default memory of `topk_logprobs`' float32 [chunk, V] logits and their temporaries, in bytes.
-TOPK_LOGPROBS_BUDGET = 256 * 2**20
+    return paths.loss(describe_fused_linear_topk(
+        student_hidden, student_weight, teacher_ids, teacher_logprobs, labels, divergence=divergence,
+        temperature=temperature, tail=tail, ignore_index=ignore_index, reduction=reduction,
+        num_items_in_batch=num_items_in_batch, student_bias=student_bias, hard_weight=hard_weight,
+        soft_weight=soft_weight, impl=impl, backend=backend, memory_budget=memory_budget,
+        vocab_parallel=vocab_parallel, student_softcap=student_softcap))
 
 
 @torch.no_grad()
@@ -288,35 +137,9 @@ def topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, tempera
     """The teacher's side of a sparse teacher: (ids [..., k] int64, logprobs [..., k]) of the k most likely
     tokens under softmax((hidden · weightᵀ + bias) / T), most likely first, without the [tokens, V] logits:
     rows go in chunks whose float32 logits and temporaries take at most `memory_budget` bytes (default
-    TOPK_LOGPROBS_BUDGET = 256 MiB; at least one row per chunk). Equal to
+    `kdops.paths.topk_linear.TOPK_LOGPROBS_BUDGET` = 256 MiB; at least one row per chunk). Equal to
     ``torch.topk(torch.log_softmax(logits / T, -1), k)`` up to ties, which are broken by the smaller id (in
     which tied entries make the cut, and in their order). Log-probabilities are float32 (float64 for float64
     inputs), at the temperature T: what `topk_kd_loss` takes. No gradients."""
-    from ._validation import check_head, check_memory_budget, check_temperature
-
-    check_head("", hidden, weight, bias)
-    check_same_device(hidden=hidden, weight=weight, bias=bias)
-    temperature = check_temperature(temperature)
-    check_memory_budget(memory_budget)
-    vocab = weight.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab:
-        raise ValueError(f"k: expected an int in [1, {vocab}] (the vocabulary of the weight), got {k!r}")
-    dtype = compute_dtype(hidden, weight)
-    side = _chunked._Side(hidden, weight, bias, vocab, dtype)
-    n_rows = hidden.numel() // hidden.shape[-1]
-    budget = TOPK_LOGPROBS_BUDGET if memory_budget is None else memory_budget
-    # the logits, a scaled copy, and topk's and the tie check's temporaries: about four float32 rows per row
-    chunk = max(1, budget // (4 * vocab * dtype.itemsize))
-    ids = torch.empty((n_rows, k), dtype=torch.int64, device=hidden.device)
-    logprobs = torch.empty((n_rows, k), dtype=dtype, device=hidden.device)
-    buffer = torch.empty((min(chunk, max(n_rows, 1)), vocab), dtype=dtype, device=hidden.device)
-    for r0 in range(0, n_rows, chunk):
-        r1 = min(r0 + chunk, n_rows)
-        x = side.logits(side.rows(r0, r1), buffer[: r1 - r0])
-        if temperature != 1.0:
-            x.mul_(1.0 / temperature)
-        top = ordered_topk(x, k)
-        ids[r0:r1] = top
-        logprobs[r0:r1] = x.gather(-1, top) - torch.logsumexp(x, dim=-1, keepdim=True)
-    leading = hidden.shape[:-1]
-    return ids.view(*leading, k), logprobs.view(*leading, k)
+    temperature = check_topk_logprobs(hidden, weight, k, temperature, bias, memory_budget)
+    return top_logprobs(hidden, weight, bias, k, temperature, memory_budget)

@@ -13,8 +13,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import kdops._launch  # noqa: E402
-
+import kdops.launchers.common  # noqa: E402
+import kdops.paths.chunked  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Hypothesis profiles (tests/test_properties.py). "ci", the default: a bounded number of examples, the same
@@ -82,7 +82,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def poison_kernel_outputs(monkeypatch):
     """Every kernel output starts as NaN: an element a kernel forgets to write fails the comparison."""
-    monkeypatch.setattr(kdops._launch, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(kdops.launchers.common, "POISON_OUTPUTS", True)
 
 
 @pytest.fixture(autouse=True)
@@ -92,9 +92,8 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _thin_chunks(monkeypatch):
-    """The chunked path never plans chunks thinner than kdops._chunked.MIN_CHUNK_ROWS = 256 rows (or every
+    """The chunked path never plans chunks thinner than kdops.paths.chunked.MIN_CHUNK_ROWS = 256 rows (or every
     row), more than the small shapes of the tests hold: they run with 1, so that a small memory_budget
     still gives many chunks. tests/test_chunked_plan.py checks the real floor."""
-    from kdops import _chunked
 
-    monkeypatch.setattr(_chunked, "MIN_CHUNK_ROWS", 1)
+    monkeypatch.setattr(kdops.paths.chunked, "MIN_CHUNK_ROWS", 1)

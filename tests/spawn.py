@@ -1,6 +1,7 @@
 """Run a test body in several processes joined by a gloo process group (CPU, `torch.multiprocessing`).
 
-The workers are fresh interpreters, CPU-only and with TRITON_INTERPRET=1 on any machine; each poisons kernel outputs and lowers the chunked plan's floor like conftest does, seeds torch, and uses one thread (the machine has
+The workers are fresh interpreters, CPU-only and with TRITON_INTERPRET=1 on any machine; each poisons kernel outputs and
+lowers the chunked plan's floor like conftest does, seeds torch, and uses one thread (the machine has
 two cores for all of them). An exception in any worker fails the test with that worker's traceback.
 """
 
@@ -14,15 +15,15 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
+import kdops.launchers.common
+import kdops.paths.chunked
+
 
 def _entry(rank: int, world_size: int, store_path: str, errors, body, args) -> None:
     import torch.distributed as dist
 
-    import kdops._chunked
-    import kdops._launch
-
-    kdops._launch.POISON_OUTPUTS = True
-    kdops._chunked.MIN_CHUNK_ROWS = 1  # as tests/conftest.py: small budgets give many chunks at small shapes
+    kdops.launchers.common.POISON_OUTPUTS = True
+    kdops.paths.chunked.MIN_CHUNK_ROWS = 1  # as tests/conftest.py: small budgets give many chunks at small shapes
     torch.set_num_threads(1)
     torch.manual_seed(0)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)

@@ -21,7 +21,13 @@ import pytest
 import torch
 
 import kdops
-from kdops import api, reference
+import kdops.launchers.linear
+import kdops.launchers.matmul
+import kdops.paths.chunked
+import kdops.paths.linear
+import kdops.paths.sliced
+import kdops.problem
+from kdops import reference
 
 N, H, V = 1024, 48, 333  # 333: not a multiple of any block; rows split into 16..256 chunks below
 RATIO = 1.5
@@ -53,12 +59,11 @@ def _error(value, oracle):
 def _force_plan(monkeypatch, chunks: int, groups: int) -> None:
     """Make the chunked path run N / chunks-row chunks in N / groups-row groups (float32 weight-gradient
     accumulators whenever there are several groups)."""
-    from kdops import _chunked
 
-    plan = _chunked.Plan(N // chunks, N // groups, groups > 1)
+    plan = kdops.paths.chunked.Plan(N // chunks, N // groups, groups > 1)
     if groups == 1:  # the one-group dW in float32 vocabulary slices (off CUDA): four of them
-        monkeypatch.setattr(_chunked, "DW_SLICE_BYTES", 100 * H * 4)
-    monkeypatch.setattr(_chunked.ChunkedProblem, "plan", lambda self, needs: plan)
+        monkeypatch.setattr(kdops.launchers.matmul, "DW_SLICE_BYTES", 100 * H * 4)
+    monkeypatch.setattr(kdops.paths.chunked.ChunkedProblem, "plan", lambda self, needs: plan)
 
 
 def _native(hs, ws, ht, wt, *, student_bias, reduction, divergence):
@@ -106,10 +111,9 @@ def test_chunked_weight_gradients_sum_in_float32(oracles, monkeypatch, dtype, ba
 def test_sliced_backwards_sum_in_float32(oracles, monkeypatch, impl):
     """impl="fused" and "sliced", at their smallest vocabulary slices (one tile; 128 columns): per slice, dW
     is one product over every row (float32 sums, rounded once), and dH a float32 sum over the slices."""
-    from kdops import _fused, _sliced
 
-    monkeypatch.setattr(_fused, "GRADIENT_BYTES", 1)
-    monkeypatch.setattr(_sliced, "SLICE_BYTES", 1)
+    monkeypatch.setattr(kdops.launchers.linear, "GRADIENT_BYTES", 1)
+    monkeypatch.setattr(kdops.paths.sliced, "SLICE_BYTES", 1)
     inputs, oracle, bounds = oracles[torch.bfloat16]
     got = _grads(kdops.fused_linear_kd_loss, inputs, torch.bfloat16, divergence="forward_kl", impl=impl,
                  backend="triton")
@@ -120,18 +124,16 @@ def test_compiled_torch_backend_weight_gradients_sum_in_float32(oracles, monkeyp
     """The torch backend as torch.compile runs it (chunks under activation checkpointing, called eagerly
     here: the same autograd graph): the weights are cast to float32 once, outside the chunks, so autograd
     sums the chunks' weight gradients in float32."""
-    from kdops import _chunked
 
     inputs, oracle, bounds = oracles[torch.bfloat16]
     # 64 chunks: the torch engine's logits rows (no G kept under autograd) of N / 64 rows
-    monkeypatch.setattr(_chunked, "MEMORY_BUDGET", _chunked.logits_row_bytes(V, "torch", torch.float32) * (N // 64))
+    row_bytes = kdops.paths.chunked.logits_row_bytes(V, "torch", torch.float32)
+    monkeypatch.setattr(kdops.paths.chunked, "MEMORY_BUDGET", row_bytes * (N // 64))
 
     def compiled_rows(hs, ws, ht, wt, *, student_bias, reduction, divergence):
-        mask = torch.ones(N, dtype=torch.bool)
-        options = dict(divergence=kdops.divergences.as_divergence(divergence), temperature=1.0, vocab=V,
-                       soft_weight=1.0, hard_weight=0.0, ignore_index=-100, impl="chunked", backend="torch",
-                       memory_budget=None, softcaps=(None, None))
-        return api._compiled_fused_rows((hs, ws, student_bias, ht, wt, None), None, mask, options).sum()
+        problem = kdops.problem.describe_fused_linear(hs, ws, ht, wt, student_bias=student_bias, divergence=divergence,
+                                                      impl="chunked", backend="torch")
+        return kdops.paths.linear.compiled_rows(problem).sum()
 
     got = _grads(compiled_rows, inputs, torch.bfloat16, divergence="forward_kl")
     _check(got, oracle, bounds, "compiled torch backend, 64 chunks")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kdops
+import kdops.launchers.common
 from test_fused_linear import make_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,7 +90,7 @@ def test_autocast_launches_the_16bit_kernels_the_compile_gate_checks():
     """What `python -m bench.compile` records for an H100: under autocast, float32 master weights beside
     bf16 hidden states reach the fused kernels as bf16 matmul operands (DOT_S = DOT_T = bf16, the tensor-core
     specializations of the gate's bf16 calls), not as float32 ones on the CUDA cores."""
-    from kdops import _launch, targets
+    from kdops import targets
 
     x = make_inputs(torch.float32, seed=35)
     inputs = _leaves(x, {"student_hidden": torch.bfloat16, "teacher_hidden": torch.bfloat16})
@@ -99,6 +100,7 @@ def test_autocast_launches_the_16bit_kernels_the_compile_gate_checks():
         if "DOT_S" in kwargs:
             dots.add((kernel.__name__, str(kwargs["DOT_S"]), str(kwargs["DOT_T"])))
 
-    with targets.assume("h100"), _launch.recording(recorder), torch.autocast(DEVICE, dtype=torch.bfloat16):
+    with targets.assume("h100"), kdops.launchers.common.recording(recorder), torch.autocast(DEVICE,
+                                                                                            dtype=torch.bfloat16):
         kdops.fused_linear_kd_loss(**inputs, impl="fused", backend="triton", reduction="none").sum().backward()
     assert dots and all(d[1:] == ("bf16", "bf16") for d in dots), dots

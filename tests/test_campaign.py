@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import kdops._fused
+import kdops.launchers.linear
+from kdops.launchers.linear import fused_config
 from bench.campaign import (cli, headline, plan, predictions, profile, runner, smoke, timeline, tune_headline,
                             tuning)
 from bench.campaign import fused_check as fused_check_step  # the step; bench.fused_check is what it runs
@@ -225,15 +226,15 @@ def test_gpu_smoke_names_existing_kernel_tests():
 
 def test_patched_fused_config_keeps_the_number_of_programs():
     gpu = kdops.targets.H100
-    base = kdops._fused.fused_config(4096, 32000, gpu)
-    patched = tuning.patched_fused_config(kdops._fused.fused_config, dict(BLOCK_N=128, BLOCK_V=256))(4096, 32000, gpu)
+    base = fused_config(4096, 32000, gpu)
+    patched = tuning.patched_fused_config(fused_config, dict(BLOCK_N=128, BLOCK_V=256))(4096, 32000, gpu)
     assert (patched["BLOCK_N"], patched["BLOCK_V"]) == (128, 256) and patched["split_size"] % 256 == 0
     programs = -(-32000 // base["split_size"]) * -(-4096 // base["BLOCK_N"])
     assert -(-32000 // patched["split_size"]) * (4096 // 128) <= programs
-    assert tuning.patched_fused_config(kdops._fused.fused_config, {})(4096, 32000, gpu) == base
+    assert tuning.patched_fused_config(fused_config, {})(4096, 32000, gpu) == base
     # entries for one kernel: the other keeps kdops' own configuration
-    one_side = tuning.patched_fused_config(kdops._fused.fused_config, dict(backward=dict(BLOCK_N=32, num_stages=4)))
-    assert one_side(4096, 32000, gpu, forward=True) == kdops._fused.fused_config(4096, 32000, gpu, forward=True)
+    one_side = tuning.patched_fused_config(fused_config, dict(backward=dict(BLOCK_N=32, num_stages=4)))
+    assert one_side(4096, 32000, gpu, forward=True) == fused_config(4096, 32000, gpu, forward=True)
     backward = one_side(4096, 32000, gpu)
     assert (backward["BLOCK_N"], backward["num_stages"], backward["BLOCK_V"]) == (32, 4, base["BLOCK_V"])
 
@@ -242,13 +243,13 @@ def test_tune_records_every_trial_and_the_fastest(tmp_path):
     """Under the interpreter at a tiny size: a configuration that cannot compile is recorded as failed, the
     others are timed and checked against the first one's loss, and the launcher's config is restored."""
     ctx = Context("tune", tmp_path, _meta(), seconds=600, device="cpu")
-    original = kdops._fused.fused_config
+    original = kdops.launchers.linear.fused_config
     case = Case(FUSED, "forward_kl", 24, 300, 16, 24, "float32")
     trials = ({}, dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=16), dict(BLOCK_V=100))  # 100: not a power of 2
     assert tuning.patched_fused_config(original, {})(24, 300, None) == original(24, 300, None)
-    rows = tuning.tune(ctx, "fused", kdops._fused, "fused_config", tuning.patched_fused_config, trials, case,
-                         lambda *a: kdops.fused_linear_kd_loss(*a, impl="fused", backend="triton"), 1.0, reps=1)
-    assert kdops._fused.fused_config is original
+    rows = tuning.tune(ctx, "fused", kdops.launchers.linear, "fused_config", tuning.patched_fused_config, trials, case,
+                       lambda *a: kdops.fused_linear_kd_loss(*a, impl="fused", backend="triton"), 1.0, reps=1)
+    assert kdops.launchers.linear.fused_config is original
     assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
     assert rows[1]["config"]["BLOCK_V"] == 64 and rows[1]["total_ms"] > 0
     records = [json.loads(line) for line in (tmp_path / "campaign-test-device.jsonl").read_text().splitlines()]

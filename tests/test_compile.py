@@ -1,11 +1,11 @@
 """torch.compile(fullgraph=True) of a step that calls each loss: no graph break, same loss and gradients
-as eager (the losses are custom ops, kdops._ops)."""
+as eager (the Triton paths are custom ops: kdops.paths.logits, kdops.paths.linear)."""
 
 import pytest
 import torch
 
 import kdops
-from kdops._ops import divergence_from_repr
+from kdops.problem import divergence_from_repr
 from conftest import DEVICE
 
 BACKENDS = ["torch", "triton"]

@@ -16,8 +16,11 @@ import torch
 import triton.language as tl
 
 import kdops
+import kdops.launchers.common
+import kdops.launchers.linear
+import kdops.launchers.logits
 from bench import compile as gate
-from kdops import _fused, _launch, targets
+from kdops import targets
 from kdops.kernels import linear
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,7 +129,7 @@ def test_float_arguments_reach_the_kernels_unrounded():
     labels = torch.randint(0, 1000, (5,))
     hs = torch.randn(37, 64, dtype=torch.bfloat16, requires_grad=True)
     ws = torch.randn(1000, 64, dtype=torch.bfloat16, requires_grad=True)
-    with targets.assume("h100"), _launch.recording(recorder):
+    with targets.assume("h100"), kdops.launchers.common.recording(recorder):
         kdops.kd_loss(s, t, labels, divergence="generalized_jsd", temperature=1.5, backend="triton").backward()
         for impl in ("fused", "chunked"):
             kdops.fused_linear_kd_loss(hs, ws, hs.detach(), ws.detach(), torch.randint(0, 1000, (37,)),
@@ -148,23 +151,25 @@ def test_recording_finds_every_kernel_with_the_gpu_configs():
     hs = torch.randn(37, 64, dtype=torch.bfloat16, requires_grad=True)
     ws = torch.randn(1000, 64, dtype=torch.bfloat16, requires_grad=True)
     ht, wt = torch.randn(37, 96, dtype=torch.bfloat16), torch.randn(1000, 96, dtype=torch.bfloat16)
-    with targets.assume("h100"), _launch.recording(recorder):
+    with targets.assume("h100"), kdops.launchers.common.recording(recorder):
         kdops.fused_linear_kd_loss(hs, ws, ht, wt, impl="fused", backend="triton").backward()
         s = torch.randn(5, 1000, requires_grad=True)
         kdops.kd_loss(s, torch.randn(5, 1000), backend="triton").backward()
     assert KERNELS <= set(seen)
     # Forward KL without a hard label, biases or softcaps, a frozen teacher, TMA: the widest Hopper tiles in both.
     for name in ("fused_forward_kernel", "fused_gradient_kernel"):
-        expected = _fused.fused_config(37, 1000, targets.H100, torch.bfloat16, forward=name == "fused_forward_kernel",
-                                       width=_fused.WIDEST)
+        expected = kdops.launchers.linear.fused_config(37, 1000, targets.H100, torch.bfloat16,
+                                                       forward=name == "fused_forward_kernel",
+                                                       width=kdops.launchers.linear.WIDEST)
         assert (expected["BLOCK_N"], expected["BLOCK_V"]) == (128, 128) and seen[name]["LOADS"] == linear.TMA.value
         for key in ("BLOCK_N", "BLOCK_V", "BLOCK_H", "num_warps", "num_stages"):
             assert seen[name][key] == expected[key]
     for name, forward in (("kd_logits_forward_kernel", True), ("kd_logits_backward_kernel", False)):
-        config = _launch.logits_config(5, 1000, targets.H100, forward=forward)
+        config = kdops.launchers.logits.logits_config(5, 1000, targets.H100, forward=forward)
         assert {key: seen[name][key] for key in config} == config
     # At a real vocabulary the forward takes 1024 columns and 4 warps, the gradient 2048 and 8 (measured).
-    forward, gradient = (_launch.logits_config(8192, 128256, targets.H100, forward=f) for f in (True, False))
+    forward, gradient = (kdops.launchers.logits.logits_config(8192, 128256, targets.H100, forward=f) for f in (True,
+                                                                                                               False))
     assert (forward["BLOCK_V"], forward["num_warps"], gradient["BLOCK_V"], gradient["num_warps"]) == (1024, 4, 2048, 8)
     # The hard-label term and the other kinds: the widest tiles too; a softcap (a tile transform): the common
     # tiles; the teacher's gradients too: the widest forward, the wide gradient kernel (forward KL's least state).
@@ -177,14 +182,14 @@ def test_recording_finds_every_kernel_with_the_gpu_configs():
             (wt, dict(student_softcap=30.0), (64, 64), (64, 64)),
             (wt_grad, {}, (128, 128), (128, 64))):
         seen.clear()
-        with targets.assume("h100"), _launch.recording(recorder):
+        with targets.assume("h100"), kdops.launchers.common.recording(recorder):
             kdops.fused_linear_kd_loss(hs, ws, ht, teacher_weight, labels, impl="fused", backend="triton",
                                        **options).backward()
         for name, tiles in (("fused_forward_kernel", forward_tiles), ("fused_gradient_kernel", gradient_tiles)):
             assert (seen[name]["BLOCK_N"], seen[name]["BLOCK_V"]) == tiles, (options, name)
     # Before Hopper the same call loads by pointers (masked along H: BLOCK_H does not divide Ht = 96).
     seen.clear()
-    with targets.assume("a100"), _launch.recording(recorder):
+    with targets.assume("a100"), kdops.launchers.common.recording(recorder):
         kdops.fused_linear_kd_loss(hs, ws, ht, wt, impl="fused", backend="triton").backward()
     assert seen["fused_forward_kernel"]["LOADS"] == seen["fused_gradient_kernel"]["LOADS"] == linear.MASKED_K.value
 
@@ -192,59 +197,65 @@ def test_recording_finds_every_kernel_with_the_gpu_configs():
 def test_configs_follow_the_named_gpu():
     """One code path decides the configs: the split count follows the GPU's SM count; the interpreter's
     configuration is the one without a GPU."""
-    h100 = _fused.fused_config(512, 128256, targets.H100)
-    a100 = _fused.fused_config(512, 128256, targets.A100)
+    h100 = kdops.launchers.linear.fused_config(512, 128256, targets.H100)
+    a100 = kdops.launchers.linear.fused_config(512, 128256, targets.A100)
     rows = 512 // h100["BLOCK_N"]
     assert -(-128256 // h100["split_size"]) == pytest.approx(2 * 132 // rows, abs=1)
     assert -(-128256 // a100["split_size"]) == pytest.approx(2 * 108 // rows, abs=1)
     # Many rows: splits enough that the programs in flight cover FORWARD_ROW_BLOCKS_IN_FLIGHT row blocks.
-    many = _fused.fused_config(8192, 128256, targets.H100)
-    assert -(-128256 // many["split_size"]) == pytest.approx(132 // _fused.FORWARD_ROW_BLOCKS_IN_FLIGHT, abs=1)
-    assert _fused.fused_config(512, 128256, targets.H100, torch.float32)["BLOCK_H"] < h100["BLOCK_H"]
+    many = kdops.launchers.linear.fused_config(8192, 128256, targets.H100)
+    in_flight = kdops.launchers.linear.FORWARD_ROW_BLOCKS_IN_FLIGHT
+    assert -(-128256 // many["split_size"]) == pytest.approx(132 // in_flight, abs=1)
+    assert kdops.launchers.linear.fused_config(512, 128256, targets.H100, torch.float32)["BLOCK_H"] < h100["BLOCK_H"]
     # The 16-bit forward before Hopper: narrower tiles (its KL first pass spilled on sm_80); the backward's own.
-    assert _fused.fused_config(512, 128256, targets.A100, forward=True)["BLOCK_V"] == a100["BLOCK_V"] // 2
-    assert _fused.fused_config(512, 128256, targets.H100, forward=True) == h100
-    assert "num_warps" not in _fused.fused_config(512, 128256, None)
+    assert kdops.launchers.linear.fused_config(512, 128256, targets.A100,
+                                               forward=True)["BLOCK_V"] == a100["BLOCK_V"] // 2
+    assert kdops.launchers.linear.fused_config(512, 128256, targets.H100, forward=True) == h100
+    assert "num_warps" not in kdops.launchers.linear.fused_config(512, 128256, None)
     # The least live state (one pass, no hard label, teacher bias or transform): 128-row 16-bit tiles on Hopper
     # only; the other specializations, float32 operands and the A100 keep theirs.
-    wide = _fused.fused_config(512, 128256, targets.H100, width=_fused.WIDE)
+    wide = kdops.launchers.linear.fused_config(512, 128256, targets.H100, width=kdops.launchers.linear.WIDE)
     assert (wide["BLOCK_N"], wide["BLOCK_V"]) == (128, 64) and wide["split_size"] % 64 == 0
-    widest = _fused.fused_config(512, 128256, targets.H100, width=_fused.WIDEST)
+    widest = kdops.launchers.linear.fused_config(512, 128256, targets.H100, width=kdops.launchers.linear.WIDEST)
     assert (widest["BLOCK_N"], widest["BLOCK_V"]) == (128, 128)
-    assert _fused.fused_config(512, 128256, targets.H100, forward=True, width=_fused.WIDE) == wide
-    assert _fused.fused_config(512, 128256, targets.A100, width=_fused.WIDE) == a100
-    assert _fused.fused_config(512, 128256, targets.H100, torch.float32, width=_fused.WIDE) == \
-        _fused.fused_config(512, 128256, targets.H100, torch.float32)
+    assert kdops.launchers.linear.fused_config(512, 128256, targets.H100, forward=True,
+                                               width=kdops.launchers.linear.WIDE) == wide
+    assert kdops.launchers.linear.fused_config(512, 128256, targets.A100, width=kdops.launchers.linear.WIDE) == a100
+    assert kdops.launchers.linear.fused_config(512, 128256, targets.H100, torch.float32,
+                                               width=kdops.launchers.linear.WIDE) == \
+        kdops.launchers.linear.fused_config(512, 128256, targets.H100, torch.float32)
 
     def width(forward=True, two_pass=False, hard=0.0, bias=False, transform=0, tma=True, grads=False):
-        return _fused.tile_width(forward, two_pass, hard, bias, transform, tma, grads)
+        return kdops.launchers.linear.tile_width(forward, two_pass, hard, bias, transform, tma, grads)
 
     # With TMA and no tile transform, the widest tiles (measured faster on an H100 despite their spills): in the
     # forward of every specialization, and in the gradient kernel where it stores the student's gradient alone.
     for options in ({}, dict(two_pass=True), dict(hard=0.5), dict(bias=True), dict(grads=True)):
-        assert width(**options) == _fused.WIDEST
+        assert width(**options) == kdops.launchers.linear.WIDEST
         if "grads" not in options:
-            assert width(forward=False, **options) == _fused.WIDEST
+            assert width(forward=False, **options) == kdops.launchers.linear.WIDEST
     # Elsewhere (pointer loads, a tile transform, the teacher's gradients too) the tiles that do not spill: wide
     # for the least live state (one pass, no hard label, teacher bias or transform), narrow otherwise.
-    assert width(tma=False) == width(forward=False, tma=False) == width(forward=False, grads=True) == _fused.WIDE
-    assert width(transform=1) == width(forward=False, transform=1) == _fused.NARROW
+    assert width(tma=False) == width(forward=False, tma=False) == width(forward=False,
+                                                                        grads=True) == kdops.launchers.linear.WIDE
+    assert width(transform=1) == width(forward=False, transform=1) == kdops.launchers.linear.NARROW
     for options in (dict(two_pass=True), dict(hard=0.5), dict(bias=True)):
-        assert width(tma=False, **options) == width(forward=False, grads=True, **options) == _fused.NARROW
+        assert width(tma=False, **options) == width(forward=False, grads=True,
+                                                    **options) == kdops.launchers.linear.NARROW
     # Generalized JSD (the most live state): half the columns in its float64 forward; every other kernel of
     # it keeps the common tiles.
     jsd = dict(jsd=True)
-    assert _fused.fused_config(512, 128256, targets.H100, **jsd) == h100
-    assert _fused.fused_config(512, 128256, targets.H100, forward=True, **jsd) == h100
-    assert _fused.fused_config(512, 128256, targets.A100, **jsd) == a100
-    fp64 = _fused.fused_config(512, 128256, targets.H100, torch.float64)
+    assert kdops.launchers.linear.fused_config(512, 128256, targets.H100, **jsd) == h100
+    assert kdops.launchers.linear.fused_config(512, 128256, targets.H100, forward=True, **jsd) == h100
+    assert kdops.launchers.linear.fused_config(512, 128256, targets.A100, **jsd) == a100
+    fp64 = kdops.launchers.linear.fused_config(512, 128256, targets.H100, torch.float64)
     for gpu in (targets.H100, targets.A100):
-        assert _fused.fused_config(512, 128256, gpu, torch.float64, forward=True, **jsd)["BLOCK_V"] == \
+        assert kdops.launchers.linear.fused_config(512, 128256, gpu, torch.float64, forward=True, **jsd)["BLOCK_V"] == \
             fp64["BLOCK_V"] // 2
-        assert _fused.fused_config(512, 128256, gpu, torch.float64, **jsd)["BLOCK_V"] == fp64["BLOCK_V"]
+        assert kdops.launchers.linear.fused_config(512, 128256, gpu, torch.float64, **jsd)["BLOCK_V"] == fp64["BLOCK_V"]
     seen = {}
     hs, ws = torch.randn(37, 64, dtype=torch.bfloat16, requires_grad=True), torch.randn(1000, 64, dtype=torch.bfloat16)
-    with targets.assume("a100"), _launch.recording(lambda kernel, grid, args, kwargs: seen.setdefault(
+    with targets.assume("a100"), kdops.launchers.common.recording(lambda kernel, grid, args, kwargs: seen.setdefault(
             kernel.__name__, kwargs)):
         kdops.fused_linear_kd_loss(hs, ws, hs.detach(), ws, divergence="generalized_jsd", impl="fused",
                                    backend="triton", student_softcap=30.0).backward()

@@ -26,8 +26,8 @@ import pytest
 import torch
 
 import kdops
-import kdops._fused
-import kdops._launch
+import kdops.launchers.common
+import kdops.launchers.linear
 from conftest import DEVICE
 from oracle import logit_pair
 from spawn import spawn
@@ -49,16 +49,16 @@ FUSED_CASES = [("fused", "batchmean"), ("chunked", "batchmean"), ("chunked", "no
 @contextlib.contextmanager
 def poisoned_with(value: float):
     """Kernel outputs start as `value` instead of NaN inside the block."""
-    original = kdops._launch._empty
+    original = kdops.launchers.common.empty
 
     def empty(shape, dtype, device):
         return torch.full(shape, value, dtype=dtype, device=device)
 
-    kdops._launch._empty = empty
+    kdops.launchers.common.empty = empty
     try:
         yield
     finally:
-        kdops._launch._empty = original
+        kdops.launchers.common.empty = original
 
 
 def kd_inputs(seed=0):
@@ -138,7 +138,7 @@ def twice(fn, *args, **kwargs):
 @pytest.fixture
 def small_slices(monkeypatch):
     """The fused backward in several vocabulary slices on the interpreter."""
-    monkeypatch.setattr(kdops._fused, "GRADIENT_BYTES", 1)
+    monkeypatch.setattr(kdops.launchers.linear, "GRADIENT_BYTES", 1)
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])

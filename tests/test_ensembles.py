@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kdops
-import kdops._torch_backend
+import kdops.paths.torch_engine
 from bench.memory import AllocationTracker
 from kdops import reference
 from oracle import TOLERANCE, make_logits, masked_vocab, rel_error
@@ -103,7 +103,7 @@ def test_kd_loss_mixes_match_oracle(count, mix, backend):
 
 @pytest.mark.parametrize("divergence", list(kdops.DIVERGENCES))
 def test_kd_loss_every_divergence_with_two_teachers(divergence, monkeypatch):
-    monkeypatch.setattr(kdops._torch_backend, "BUDGET_BYTES", 8 * V * 4 * 30)  # chunks of a few rows
+    monkeypatch.setattr(kdops.paths.torch_engine, "BUDGET_BYTES", 8 * V * 4 * 30)  # chunks of a few rows
     student, teachers = teachers_like((20, V), 2, torch.float32, seed=7)
     kwargs = dict(teacher_mix=kdops.Ensemble((0.6, 0.4)), divergence=divergence, temperature=1.5)
     oracle = run_kd(oracle_kd, student.double(), [t.double() for t in teachers], None, (1,), **kwargs)
@@ -195,7 +195,7 @@ def run_linear(fn, case, trainable, dtype=None, **kwargs):
 
 @pytest.mark.parametrize("impl,backend", [("chunked", "triton"), ("chunked", "torch"), ("auto", "triton")])
 @pytest.mark.parametrize("count,mix", [c for c in CASES if c[0] > 1], ids=[f"{n}-{type(m).__name__}" for n, m in
-                                                                          CASES if n > 1])
+                                                                           CASES if n > 1])
 def test_fused_linear_mixes_match_oracle(count, mix, impl, backend):
     """Teachers of different widths, biases on some, the first trainable; the hard-label term; many chunks in
     several groups."""
@@ -245,7 +245,7 @@ def test_kd_loss_with_teachers_holds_one_chunk_at_a_time(monkeypatch):
     """Three teachers on logits: beyond the gradients, the mix and the loss hold one row chunk's temporaries
     (the chunk budget), recomputed in the backward; no [rows, V] tensor."""
     budget = 2**20
-    monkeypatch.setattr(kdops._torch_backend, "BUDGET_BYTES", budget)
+    monkeypatch.setattr(kdops.paths.torch_engine, "BUDGET_BYTES", budget)
     rows = 200
     student, teachers = teachers_like((rows, V), 3, torch.float32, seed=17)
     for backend in ("triton", "torch"):

@@ -3,13 +3,14 @@ and the parameter-validation bullet of "Divergences"); valid edge cases do not r
 
 import math
 import os
+import sys
 
 import pytest
 import torch
 
 import kdops
-import kdops._launch
-import kdops._torch_backend
+import kdops._autograd
+import kdops.launchers.common
 from kdops import reference
 
 FUNCTIONS = {"kdops": kdops.kd_loss, "reference": reference.kd_loss}
@@ -127,13 +128,17 @@ def test_invalid_input_raises(function, overrides, error, match):
 
 @pytest.fixture
 def no_kernels(monkeypatch):
-    """Any launch of the Triton kernels or of the chunked torch path fails the test."""
+    """Any launch of a Triton kernel (every one goes through `kdops.launchers.common.launch`, wherever a module
+    imported it) or of the chunked torch path fails the test."""
 
     def kernel_ran(*args, **kwargs):
         raise AssertionError("kernel ran")
 
-    monkeypatch.setattr(kdops._launch, "logits_forward", kernel_ran)
-    monkeypatch.setattr(kdops._torch_backend.ChunkedRowsFunction, "apply", kernel_ran)
+    launch = kdops.launchers.common.launch
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("kdops.") and getattr(module, "launch", None) is launch:
+            monkeypatch.setattr(module, "launch", kernel_ran)
+    monkeypatch.setattr(kdops._autograd.ChunkedRowsFunction, "apply", kernel_ran)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "auto"])

@@ -7,10 +7,9 @@ import triton
 import triton.language as tl
 
 import kdops
+import kdops.launchers.linear
+import kdops.paths.sliced
 import kdops._autograd
-import kdops._chunked
-import kdops._fused
-import kdops._sliced
 from kdops import reference
 from kdops.kernels import linear as linear_kernels
 from conftest import DEVICE
@@ -104,13 +103,13 @@ def test_leading_dims_and_strided_hidden(divergence, impl, backend, monkeypatch)
     x["labels"] = x["labels"][:, :-1]
     assert not x["student_hidden"].is_contiguous()
     seen = []
-    spy = kdops._fused.FusedProblem.__init__
+    spy = kdops.launchers.linear.FusedProblem.__init__
 
     def record(self, hs, *args, **kwargs):
         seen.append(hs.is_contiguous())
         return spy(self, hs, *args, **kwargs)
 
-    monkeypatch.setattr(kdops._fused.FusedProblem, "__init__", record)
+    monkeypatch.setattr(kdops.launchers.linear.FusedProblem, "__init__", record)
     assert_matches_oracle(x, teacher_grad=False, divergence=divergence, hard_weight=0.5, impl=impl,
                           backend=backend)
     assert seen == ([False] if impl == "fused" else [])
@@ -165,16 +164,17 @@ def test_several_chunks_splits_and_slices(monkeypatch):
     """Small budgets: the chunked path takes many chunks, the fused backward many vocabulary slices, the
     fused forward many vocabulary splits, the sliced path many vocabulary slices (of 128 columns here), each
     with a partial last one."""
-    monkeypatch.setattr(kdops._fused, "GRADIENT_BYTES", 1)  # one vocabulary tile per backward slice
-    monkeypatch.setattr(kdops._fused, "GROUP_ROWS", 3)  # row groups of the backward's ordering, the last partial
-    monkeypatch.setattr(kdops._sliced, "FORWARD_ROWS", 16)  # the sliced forward in chunks of 16, 16 and 5 rows
-    original = kdops._fused.fused_config
+    monkeypatch.setattr(kdops.launchers.linear, "GRADIENT_BYTES", 1)  # one vocabulary tile per backward slice
+    monkeypatch.setattr(kdops.launchers.linear, "GROUP_ROWS",
+                        3)  # row groups of the backward's ordering, the last partial
+    monkeypatch.setattr(kdops.paths.sliced, "FORWARD_ROWS", 16)  # the sliced forward in chunks of 16, 16 and 5 rows
+    original = kdops.launchers.linear.fused_config
 
     def small(n_rows, vocab, gpu, dtype, **kwargs):
         return dict(original(n_rows, vocab, gpu, dtype, **kwargs), BLOCK_N=16, BLOCK_V=64, BLOCK_H=32,
                     split_size=192)
 
-    monkeypatch.setattr(kdops._fused, "fused_config", small)
+    monkeypatch.setattr(kdops.launchers.linear, "fused_config", small)
     x = make_inputs(torch.bfloat16, seed=7)
     for impl in ("fused", "chunked", "sliced"):
         assert_matches_oracle(x, divergence="skew_reverse_kl", hard_weight=0.4, impl=impl, backend="triton",
@@ -198,10 +198,10 @@ def test_k_loop_loads(divergence, tma, monkeypatch):
         seen.append((kernel.__name__, kwargs["LOADS"]))
         return launch(kernel, grid, *args, **kwargs)
 
-    launch = kdops._fused.launch
-    monkeypatch.setattr(kdops._fused, "launch", spy)
-    original = kdops._fused.fused_config
-    monkeypatch.setattr(kdops._fused, "fused_config", lambda *a, **k: dict(original(*a, **k), tma=tma))
+    launch = kdops.launchers.linear.launch
+    monkeypatch.setattr(kdops.launchers.linear, "launch", spy)
+    original = kdops.launchers.linear.fused_config
+    monkeypatch.setattr(kdops.launchers.linear, "fused_config", lambda *a, **k: dict(original(*a, **k), tma=tma))
     block_h = original(N, V, None)["BLOCK_H"]
     names = {"fused_forward_kernel", "fused_gradient_kernel"}
 
@@ -327,7 +327,7 @@ def test_module_matches_function():
     module = kdops.FusedLinearKDLoss(divergence="tvd", hard_weight=0.5, backend="torch")
     got = module(x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"], labels,
                  x["student_bias"], x["teacher_bias"])
-    want = kdops.reference.fused_linear_kd_loss(**x, labels=labels, divergence="tvd", hard_weight=0.5)
+    want = reference.fused_linear_kd_loss(**x, labels=labels, divergence="tvd", hard_weight=0.5)
     assert rel_error(got, want) < 1e-6
     assert "hard_weight=0.5" in repr(module)
     with pytest.raises(ValueError, match="impl"):

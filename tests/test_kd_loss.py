@@ -1,12 +1,13 @@
 """kdops.kd_loss against the float64 oracle (SPEC "Accuracy"): every divergence, both backends."""
 
-import itertools
 import zlib
 
 import pytest
 import torch
 
 import kdops
+import kdops._autograd
+import kdops.launchers.logits
 from kdops import reference
 from oracle import assert_matches_oracle, logit_pair, run_loss, rel_error
 from conftest import DEVICE
@@ -135,13 +136,13 @@ def test_nan_propagates(backend):
 def test_frozen_teacher_pays_nothing(divergence, monkeypatch):
     """A teacher without requires_grad gets no gradient, and the kernel is not asked to write one."""
     calls = []
-    original = kdops._launch.logits_backward
+    original = kdops._autograd.logits_backward
 
     def spy(*args, **kwargs):
         calls.append(args[7:9])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(kdops._launch, "logits_backward", spy)
+    monkeypatch.setattr(kdops._autograd, "logits_backward", spy)
     student, teacher = logit_pair((6, 77), torch.float32, DEVICE)
     student.requires_grad_(True)
     kdops.kd_loss(student, teacher, divergence=divergence, backend="triton").backward()
@@ -152,7 +153,7 @@ def test_frozen_teacher_pays_nothing(divergence, monkeypatch):
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "generalized_jsd", "alpha_beta"])
 def test_block_boundaries(divergence, monkeypatch):
     """Tiny blocks: many row blocks and vocabulary blocks, with a partial last one of each."""
-    monkeypatch.setattr(kdops._launch, "logits_config", lambda *args, **kwargs: dict(BLOCK_R=4, BLOCK_V=64))
+    monkeypatch.setattr(kdops.launchers.logits, "logits_config", lambda *args, **kwargs: dict(BLOCK_R=4, BLOCK_V=64))
     student, teacher = logit_pair((37, 1000), torch.float32, DEVICE, seed=7)
     assert_matches_oracle(kdops.kd_loss, reference.kd_loss, student, teacher, divergence=divergence,
                           temperature=2.5, backend="triton", reduction="sum")

@@ -12,7 +12,10 @@ import pytest
 import torch
 
 import kdops
-from kdops import _fused, _launch
+import kdops.divergences
+import kdops.launchers.linear
+import kdops.launchers.logits
+
 from kdops.divergences import as_divergence
 from spawn import spawn
 
@@ -85,13 +88,14 @@ def _stats(path, student, teacher, labels, divergence, hard):
     canon = as_divergence(divergence).canonical()
     inv_temp = 1.0 / TEMPERATURE
     if path == "logits":
-        return _launch.logits_forward(student, teacher, labels, canon, inv_temp, 1.0, hard)[1]
+        return kdops.launchers.logits.logits_forward(student, teacher, labels, canon, inv_temp, 1.0, hard)[1]
     # One-hot hidden states: the fused kernel's logits are exactly the rows of the weight's columns.
     rows, vocab = student.shape
     hidden = torch.eye(rows, device=DEVICE)  # as wide as the weight ([V, rows]): no read past its end
-    problem = _fused.FusedProblem(hidden, student.T.contiguous(), None, hidden, teacher.T.contiguous(), None, labels,
-                                  canon, inv_temp, vocab, 1.0, hard)
-    return _fused.fused_forward(problem)[1]
+    problem = kdops.launchers.linear.FusedProblem(hidden, student.T.contiguous(), None, hidden, teacher.T.contiguous(),
+                                                  None, labels,
+                                                  canon, inv_temp, vocab, 1.0, hard)
+    return kdops.launchers.linear.fused_forward(problem)[1]
 
 
 @pytest.mark.parametrize("path", ["logits", "fused"])
@@ -111,8 +115,9 @@ def test_masked_row_keeps_its_log_sum():
     student[:, :2048] = float("-inf")
     student[0, 2100] = 30.0
     teacher = peaked_logits(vocab, seed=6)
-    stats = _launch.logits_forward(student.to(DEVICE), teacher.to(DEVICE), None, as_divergence("forward_kl").canonical(),
-                                   1.0)[1].cpu()
+    stats = kdops.launchers.logits.logits_forward(student.to(DEVICE), teacher.to(DEVICE), None,
+                                                  as_divergence("forward_kl").canonical(),
+                                                  1.0)[1].cpu()
     assert_close_in_ulps(stats[:, 3], log_sum64(student), "log-sum of the student")
 
 
@@ -122,7 +127,7 @@ def test_log_sums_kept_in_lanes(divergence, monkeypatch):
     (kernels/divergences.py, "Lanes"): ties at the max in one lane of two tiles and in two lanes of one tile,
     a max that grows in a late tile after others, and rows of one block whose maxima grow in different tiles
     (BLOCK_R = 4, BLOCK_V = 64: 16 tiles, the last partial)."""
-    monkeypatch.setattr(_launch, "logits_config", lambda *args, **kwargs: dict(BLOCK_R=4, BLOCK_V=64))
+    monkeypatch.setattr(kdops.launchers.logits, "logits_config", lambda *args, **kwargs: dict(BLOCK_R=4, BLOCK_V=64))
     vocab = 1000
     student = peaked_logits(vocab, seed=11)
     teacher = peaked_logits(vocab, seed=12).flip(0)
@@ -135,8 +140,8 @@ def test_log_sums_kept_in_lanes(divergence, monkeypatch):
     assert_sums_exact(_stats("logits", student, teacher, labels, divergence, hard=0.5), student, teacher, divergence)
     # the hard-label term: its label's logit is gathered in the one tile that holds it
     canon = as_divergence(divergence).canonical()
-    with_ce = _launch.logits_forward(student, teacher, labels, canon, 1.0 / TEMPERATURE, 1.0, 0.5)[0]
-    without = _launch.logits_forward(student, teacher, labels, canon, 1.0 / TEMPERATURE, 1.0, 0.0)[0]
+    with_ce = kdops.launchers.logits.logits_forward(student, teacher, labels, canon, 1.0 / TEMPERATURE, 1.0, 0.5)[0]
+    without = kdops.launchers.logits.logits_forward(student, teacher, labels, canon, 1.0 / TEMPERATURE, 1.0, 0.0)[0]
     ce = torch.nn.functional.cross_entropy(student.double().cpu(), labels.cpu(), reduction="none")
     torch.testing.assert_close((with_ce - without).double().cpu() / 0.5, ce, rtol=1e-5, atol=1e-5)
 
@@ -155,8 +160,9 @@ def vocab_parallel_body(rank, world):
     canon = as_divergence("alpha_beta").canonical()
     shards = parallel.resolve(kdops.VocabParallel(start, stop), width=stop - start, rows=6, device=student.device,
                               options=())
-    stats = _launch.logits_forward(student[:, start:stop], teacher[:, start:stop], labels, canon, 1.0 / TEMPERATURE,
-                                   1.0, 0.5, shards=shards)[1]
+    stats = kdops.launchers.logits.logits_forward(student[:, start:stop], teacher[:, start:stop], labels, canon,
+                                                  1.0 / TEMPERATURE,
+                                                  1.0, 0.5, shards=shards)[1]
     assert_sums_exact(stats, student, teacher, "alpha_beta")
 
 

@@ -4,8 +4,11 @@ import pytest
 import torch
 
 import kdops
-import kdops._chunked
-import kdops._torch_backend
+import kdops.launchers.linear
+import kdops.launchers.matmul
+import kdops.paths.chunked
+import kdops.paths.sliced
+import kdops.paths.torch_engine
 from bench.memory import AllocationTracker
 from oracle import logit_pair
 from conftest import DEVICE
@@ -39,9 +42,9 @@ def test_triton_backend_extra_memory_is_o_rows(divergence, teacher_grad):
 def test_torch_backend_temporaries_within_budget(divergence, monkeypatch):
     """The chunked torch path keeps its temporaries within BUDGET_BYTES, whatever the batch size."""
     budget = 2 * 2**20
-    monkeypatch.setattr(kdops._torch_backend, "BUDGET_BYTES", budget)
+    monkeypatch.setattr(kdops.paths.torch_engine, "BUDGET_BYTES", budget)
     rows, vocab = 160, 1000
-    assert kdops._torch_backend.chunk_rows(vocab) * 4 < rows  # several chunks
+    assert kdops.paths.torch_engine.chunk_rows(vocab) * 4 < rows  # several chunks
     student, teacher = logit_pair((rows, vocab), torch.float32, DEVICE)
     tracker, grad_bytes = _measure(student, teacher, divergence=divergence, backend="torch", teacher_grad=True)
     assert tracker.peak - grad_bytes <= budget
@@ -68,11 +71,10 @@ def _fused_inputs(rows, vocab, hs, ht, dtype):
 def test_fused_impl_never_allocates_rows_by_vocab(divergence, monkeypatch):
     """impl="fused": no tensor of N·V/4 elements or more, ever (the weights are smaller than that here): the
     backward's G buffers cover one vocabulary slice of GRADIENT_BYTES."""
-    import kdops._fused
 
     rows, vocab = 256, 2200
-    block_v = kdops._fused.fused_config(rows, vocab, None)["BLOCK_V"]
-    monkeypatch.setattr(kdops._fused, "GRADIENT_BYTES", rows * 2 * block_v)  # one tile per slice
+    block_v = kdops.launchers.linear.fused_config(rows, vocab, None)["BLOCK_V"]
+    monkeypatch.setattr(kdops.launchers.linear, "GRADIENT_BYTES", rows * 2 * block_v)  # one tile per slice
     x = _fused_inputs(rows, vocab, 16, 24, torch.bfloat16)
     tracker, _ = _measure_fused(x, divergence=divergence, impl="fused", backend="triton", hard_weight=0.5)
     element_bytes = 1  # the smallest element: any tensor of N·V/4 elements has at least this many bytes
@@ -86,12 +88,11 @@ def test_fused_backward_extra_memory(teacher_grad, monkeypatch):
     """impl="fused" with 16-bit inputs: beyond the gradients, the backward holds the G buffers of one
     vocabulary slice (at most GRADIENT_BYTES, whole tiles), the float32 sums of each hidden gradient over the
     slices, and (off CUDA only) one slice's float32 dW product before its rounding: nothing of V × H or N × V."""
-    import kdops._fused
 
     rows, vocab, hs, ht = 512, 1000, 24, 40
-    block_v = kdops._fused.fused_config(rows, vocab, None)["BLOCK_V"]
+    block_v = kdops.launchers.linear.fused_config(rows, vocab, None)["BLOCK_V"]
     budget = rows * 2 * (1 + teacher_grad) * 2 * block_v  # two tiles per slice: four slices, the last partial
-    monkeypatch.setattr(kdops._fused, "GRADIENT_BYTES", budget)
+    monkeypatch.setattr(kdops.launchers.linear, "GRADIENT_BYTES", budget)
     x = _fused_inputs(rows, vocab, hs, ht, torch.bfloat16)
     inputs = {k: (v.detach().requires_grad_(k.startswith("student") or teacher_grad) if v.is_floating_point() else v)
               for k, v in x.items()}
@@ -103,7 +104,7 @@ def test_fused_backward_extra_memory(teacher_grad, monkeypatch):
     buffers = [n for n, _ in tracker.allocations if n == rows * 2 * block_v * 2]
     assert len(buffers) == 1 + teacher_grad, "one G buffer per side, allocated once"
     hidden_sums = sum(rows * w * 4 for w in widths)
-    # Off CUDA the products' 16-bit operands are upcast to float32 (kdops._chunked._mm_into): a slice's G and
+    # Off CUDA the products' 16-bit operands are upcast to float32 (kdops.launchers.matmul.mm_into): a slice's G and
     # weight rows, the hidden states, and the float32 dW product before its rounding.
     width = 2 * block_v
     upcasts = (rows * width + (rows + width) * max(widths)) * 4 if DEVICE == "cpu" else 0
@@ -121,10 +122,10 @@ def test_chunked_impl_stays_within_its_memory_budget(divergence, backend, dtype)
     x = _fused_inputs(rows, vocab, 24, 40, dtype)
     tracker, grad_bytes = _measure_fused(x, divergence=divergence, impl="chunked", backend=backend,
                                          memory_budget=budget, hard_weight=0.5)
-    sides = [kdops._chunked.SideNeeds(dtype, width, True, True) for width in (24, 40)]
-    plan = kdops._chunked.plan(rows, vocab, backend, torch.float32, sides, budget)
+    sides = [kdops.paths.chunked.SideNeeds(dtype, width, True, True) for width in (24, 40)]
+    plan = kdops.paths.chunked.plan(rows, vocab, backend, torch.float32, sides, budget)
     assert plan.chunk <= plan.group < rows and plan.accumulate  # several groups (of several chunks but in fp32-triton)
-    # Off CUDA, 16-bit matmul operands are upcast to float32 (kdops._chunked._mm_into): the weights once, a
+    # Off CUDA, 16-bit matmul operands are upcast to float32 (kdops.launchers.matmul.mm_into): the weights once, a
     # group's G per product; cuBLAS takes them as they are.
     upcasts = vocab * (24 + 40) * 4 + plan.group * vocab * 4 if dtype != torch.float32 and DEVICE == "cpu" else 0
     assert tracker.peak - grad_bytes <= budget + upcasts + rows * 64 + vocab * 16
@@ -135,13 +136,13 @@ def test_sliced_impl_stays_within_its_memory_budget(divergence, teacher_grad):
     """impl="sliced" with 16-bit inputs: beyond the gradients, the slice's buffers (float32 logits of both
     models, G of each side asked for) within memory_budget less the float32 dH sums, those sums, and per-row
     vectors; nothing of rows × V (off CUDA, also the float32 upcasts of the matmuls' 16-bit operands)."""
-    import kdops._sliced
 
     rows, vocab, hs, ht = 512, 1000, 24, 40
     widths = (hs, ht) if teacher_grad else (hs,)
     hidden_sums = sum(rows * w * 4 for w in widths)
-    per_column = kdops._sliced.slice_bytes_per_column(rows, torch.float32, [torch.bfloat16] * len(widths))
-    budget = hidden_sums + 2 * kdops._sliced.SLICE_ALIGN * per_column  # slices of 256 columns: four, the last partial
+    per_column = kdops.paths.sliced.slice_bytes_per_column(rows, torch.float32, [torch.bfloat16] * len(widths))
+    # slices of 256 columns: four, the last partial
+    budget = hidden_sums + 2 * kdops.paths.sliced.SLICE_ALIGN * per_column
     x = _fused_inputs(rows, vocab, hs, ht, torch.bfloat16)
     inputs = {k: (v.detach().requires_grad_(k.startswith("student") or teacher_grad) if v.is_floating_point() else v)
               for k, v in x.items()}
@@ -149,7 +150,7 @@ def test_sliced_impl_stays_within_its_memory_budget(divergence, teacher_grad):
         kdops.fused_linear_kd_loss(**inputs, divergence=divergence, impl="sliced", backend="triton",
                                    memory_budget=budget, hard_weight=0.5).backward()
         grad_bytes = sum(v.grad.numel() * v.grad.element_size() for v in inputs.values() if v.grad is not None)
-    width = 2 * kdops._sliced.SLICE_ALIGN
+    width = 2 * kdops.paths.sliced.SLICE_ALIGN
     assert rows * width * 4 in [n for n, _ in tracker.allocations], "a slice's float32 logits buffer was seen"
     assert tracker.largest < rows * vocab * 2  # not even a 16-bit [rows, V] matrix
     # Off CUDA: per pass both weights and both hidden states upcast once, and for the products the hidden
@@ -184,7 +185,8 @@ def test_topk_paths_never_hold_rows_by_vocab(tail, backend):
     large = [n for n, _ in tracker.allocations if n >= rows * vocab // 4]
     if backend == "triton":
         assert large == [rows * vocab * 2], "only the gradient may be large"
-    assert tracker.peak - grad_bytes <= (rows * 64 * k if backend == "triton" else kdops._torch_backend.BUDGET_BYTES)
+    bound = rows * 64 * k if backend == "triton" else kdops.paths.torch_engine.BUDGET_BYTES
+    assert tracker.peak - grad_bytes <= bound
     x = dict(h=torch.randn(rows, 24, generator=g).to(DEVICE), w=torch.randn(vocab, 24, generator=g).to(DEVICE))
     tracker, grad_bytes = _measure_topk(x, ids, logprobs, tail=tail, backend=backend, memory_budget=budget)
     assert tracker.largest < rows * vocab * 4 // 2

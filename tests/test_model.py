@@ -14,7 +14,12 @@ from bench.model import PATHS, Shape, predict, predict_all
 from bench.model.kernels import Ctx
 from bench.model.peers import liger_chunks
 import kdops
-from kdops import _chunked, _fused, targets
+import kdops.launchers.common
+import kdops.launchers.linear
+import kdops.launchers.matmul
+import kdops.paths.chunked
+import kdops.paths.sliced
+from kdops import targets
 
 H100 = targets.H100
 SMALL = Shape(tokens=1000, hidden_student=64, hidden_teacher=96, vocab=5000)
@@ -59,11 +64,11 @@ def test_kd_loss_triton_reads_both_logits_per_pass_and_writes_the_gradient():
 
 def _plan_budget(chunk: int, group: int, accumulate: bool) -> int:
     """A memory_budget whose plan at SMALL (bf16, student gradients) has `chunk`-row chunks in `group`-row
-    groups: kdops._chunked.plan's arithmetic run backwards."""
+    groups: kdops.paths.chunked.plan's arithmetic run backwards."""
     v = SMALL.vocab
     logits_row, store_row = 2 * 4 * v, 2 * v
     if not accumulate:  # one group: every row's G, the chunk's logits and the off-CUDA dW slice
-        return SMALL.tokens * store_row + chunk * logits_row + _chunked.DW_SLICE_BYTES
+        return SMALL.tokens * store_row + chunk * logits_row + kdops.launchers.matmul.DW_SLICE_BYTES
     room = 2 * chunk * logits_row  # half for the chunk's logits, the other half for the group's G
     assert room - chunk * logits_row >= group * store_row
     return room + v * SMALL.hidden_student * 4  # + dW's float32 accumulator
@@ -72,7 +77,7 @@ def _plan_budget(chunk: int, group: int, accumulate: bool) -> int:
 @pytest.mark.parametrize("chunk, group, accumulate", [(256, 1000, False), (48, 192, True)])
 def test_chunked_counts_follow_the_plan(monkeypatch, chunk, group, accumulate):
     n, hs, ht, v = SMALL.tokens, SMALL.hidden_student, SMALL.hidden_teacher, SMALL.vocab
-    monkeypatch.setattr(_chunked, "MEMORY_BUDGET", _plan_budget(chunk, group, accumulate))
+    monkeypatch.setattr(kdops.paths.chunked, "MEMORY_BUDGET", _plan_budget(chunk, group, accumulate))
     plan = model.chunked_plan(Ctx(SMALL, H100, kdops.as_divergence("forward_kl"), torch.bfloat16, False))
     assert (plan.chunk, plan.accumulate) == (chunk, accumulate) and plan.group >= group
     chunks, groups = sum(math.ceil(min(plan.group, n - g) / chunk) for g in range(0, n, plan.group)), \
@@ -99,7 +104,7 @@ def test_chunked_model_matches_an_independent_count(budget):
     """The model's matmul flops, weight re-reads and kernel launches of impl="chunked" against what the code
     does at a small shape: every aten matmul it calls (2·m·n·k flops each; a weight operand counted as a
     re-read) and every Triton launch on logits (rows × vocabulary of each), recorded while it runs."""
-    from kdops import _launch
+
 
     n, hs, ht, v = 200, 24, 40, 333
     shape = Shape(n, hs, ht, v)
@@ -125,7 +130,8 @@ def test_chunked_model_matches_an_independent_count(budget):
             weights[out.untyped_storage().data_ptr()] = weights[tensor.data_ptr()]
         return out
 
-    with pytest.MonkeyPatch.context() as patch, _launch.recording(recorder), _count_matmuls(weights, matmuls):
+    with pytest.MonkeyPatch.context() as patch, kdops.launchers.common.recording(recorder), _count_matmuls(weights,
+                                                                                                           matmuls):
         patch.setattr(torch.Tensor, "to", to)
         kdops.fused_linear_kd_loss(**x, impl="chunked", backend="triton", memory_budget=budget).backward()
 
@@ -184,11 +190,11 @@ def test_fused_model_matches_an_independent_count(budget, monkeypatch):
     the H100's configurations (`kdops.targets.assume`): every Triton launch recorded (its grid and tiles: each
     program of the forward walks its split's vocabulary tiles, each of the gradient kernel one tile, loading
     its hidden rows and weight columns of both models), and every aten matmul of the backward counted."""
-    from kdops import _launch
+
 
     n, hs, ht, v = 300, 64, 96, 1000
     if budget:
-        monkeypatch.setattr(_fused, "GRADIENT_BYTES", budget)
+        monkeypatch.setattr(kdops.launchers.linear, "GRADIENT_BYTES", budget)
     shape = Shape(n, hs, ht, v)
     x = _bf16_inputs(shape)
     matmuls = {"flops": 0}
@@ -214,7 +220,7 @@ def test_fused_model_matches_an_independent_count(budget, monkeypatch):
         counted["h loads"] += visits * bn * (hs + ht) * 2
         counted["w loads"] += visits * bv * (hs + ht) * 2
 
-    with targets.assume("h100"), _launch.recording(recorder), _count_matmuls({}, matmuls):
+    with targets.assume("h100"), kdops.launchers.common.recording(recorder), _count_matmuls({}, matmuls):
         kdops.fused_linear_kd_loss(**x, impl="fused", backend="triton").backward()
 
     p = predict("fused", shape, H100, "forward_kl", torch.bfloat16)
@@ -236,9 +242,9 @@ def test_sliced_model_matches_an_independent_count(budget, divergence, monkeypat
     """The model's matmul flops and kernels on logits of impl="sliced" against what the code does at a small
     shape: every aten matmul (2·m·n·k flops each), and every Triton launch on logits (its rows × the columns
     of its slice), recorded while it runs; the forward in row chunks (FORWARD_ROWS), two passes for JSD."""
-    from kdops import _launch, _sliced
 
-    monkeypatch.setattr(_sliced, "FORWARD_ROWS", 128)
+
+    monkeypatch.setattr(kdops.paths.sliced, "FORWARD_ROWS", 128)
     n, hs, ht, v = 300, 24, 40, 1000
     shape = Shape(n, hs, ht, v)
     x = _bf16_inputs(shape)
@@ -249,7 +255,7 @@ def test_sliced_model_matches_an_independent_count(budget, divergence, monkeypat
         if kernel.__name__.startswith("kd_logits"):
             launches.append((kernel.__name__, args[0].shape[0] * args[0].shape[1]))
 
-    with _launch.recording(recorder), _count_matmuls({}, matmuls):
+    with kdops.launchers.common.recording(recorder), _count_matmuls({}, matmuls):
         kdops.fused_linear_kd_loss(**x, divergence=divergence, impl="sliced", backend="triton",
                                    memory_budget=budget).backward()
 
@@ -344,7 +350,7 @@ def test_cli_json(capsys):
 
 
 def test_model_md_is_current(tmp_path, monkeypatch):
-    monkeypatch.setattr(_chunked, "MIN_CHUNK_ROWS", 256)  # the library's floor (tests/conftest.py lowers it)
+    monkeypatch.setattr(kdops.paths.chunked, "MIN_CHUNK_ROWS", 256)  # the library's floor (tests/conftest.py lowers it)
     assert model.main(["--markdown", str(tmp_path / "MODEL.md")]) == 0
     generated = (tmp_path / "MODEL.md").read_text()
     assert "## Headline: 8192 tokens × 128256 vocabulary" in generated
@@ -373,13 +379,13 @@ def test_topk_paths_follow_the_code():
     """The sparse-teacher paths: the chunked one plans like kdops (one side), its matmuls are the student's
     three; the gathered one never multiplies the vocabulary (its flops grow with k, not V); the kernels on
     logits read the student's logits twice and write the gradient once."""
-    from kdops import _chunked
+
 
     shape = model.Shape(4096, 2048, 2048, 65536)
     chunked = model.predict("topk-chunked", shape, "h100", "forward_kl", k=32)
     assert chunked.flops == pytest.approx(2 * 4096 * 65536 * 2048 * 3)
-    sides = (_chunked.SideNeeds(torch.bfloat16, 2048, True, True),)
-    plan = _chunked.plan(4096, 65536, "triton", torch.float32, sides)
+    sides = (kdops.paths.chunked.SideNeeds(torch.bfloat16, 2048, True, True),)
+    plan = kdops.paths.chunked.plan(4096, 65536, "triton", torch.float32, sides)
     assert chunked.extra_bytes >= plan.extra_bytes(65536, "triton", torch.float32, sides)
     small, large = (model.predict("topk-gathered", shape, "h100", "forward_kl", k=k) for k in (8, 64))
     assert large.flops == pytest.approx(8 * small.flops) and large.flops < 2 * 4096 * 64 * 2048 * 3 * 1.01

@@ -45,6 +45,7 @@ import pytest
 import torch
 
 import kdops
+import kdops.launchers.linear
 from kdops import reference
 from conftest import DEVICE
 from oracle import TOLERANCE, rel_error
@@ -359,9 +360,8 @@ def real_pair(hidden, weight, seed=0, grid=False):
 def wide_interpreter_tiles(monkeypatch):
     """Under Triton's interpreter, fused vocabulary tiles of 1024 instead of 128: the same kernels and math
     over 49152 columns in an eighth of the steps (each costs milliseconds there)."""
-    import kdops._fused
 
-    config = kdops._fused.fused_config
+    config = kdops.launchers.linear.fused_config
 
     def wide(n_rows, vocab, gpu, *args, **kwargs):
         tiles = config(n_rows, vocab, gpu, *args, **kwargs)
@@ -370,7 +370,7 @@ def wide_interpreter_tiles(monkeypatch):
             tiles["split_size"] = -(-tiles["split_size"] // 1024) * 1024
         return tiles
 
-    monkeypatch.setattr(kdops._fused, "fused_config", wide)
+    monkeypatch.setattr(kdops.launchers.linear, "fused_config", wide)
 
 
 def test_real_model(smollm2, monkeypatch):

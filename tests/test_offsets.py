@@ -45,7 +45,10 @@ import pytest
 import torch
 
 import kdops
-import kdops._launch
+import kdops.launchers.common
+import kdops.launchers.logits
+import kdops.launchers.topk
+import kdops.paths.chunked
 from kdops import reference
 from oracle import TOLERANCE, make_logits, rel_error
 
@@ -71,7 +74,7 @@ def bounded_memory(monkeypatch):
     """Fails the test if a launcher asks for a buffer the size of the storages, or if the process's resident
     memory grows by more than RSS_GROWTH_LIMIT; deterministic mode (which would fill the storages) is off."""
     assert not torch.are_deterministic_algorithms_enabled()
-    original = kdops._launch._empty
+    original = kdops.launchers.common.empty
 
     def checked_empty(shape, dtype, device):
         numel = 1
@@ -80,7 +83,8 @@ def bounded_memory(monkeypatch):
         assert numel <= LAUNCH_NUMEL_LIMIT, f"launcher buffer of {tuple(shape)} elements"
         return original(shape, dtype, device)
 
-    monkeypatch.setattr(kdops._launch, "_empty", checked_empty)
+    for launchers in (kdops.launchers.logits, kdops.launchers.topk, kdops.paths.chunked):  # every caller of empty
+        monkeypatch.setattr(launchers, "empty", checked_empty)
     before = _rss()
     yield
     grown = _rss() - before
@@ -161,7 +165,7 @@ def test_logits_rows_past_2_31(layout, backend):
     2^31 elements: each row's loss and gradient at the place of that row."""
     leading, strides = LOGIT_LAYOUTS[layout]
     s_dense, t_dense = make_logits((*leading, V), torch.bfloat16), make_logits((*leading, V), torch.bfloat16,
-                                                                             peaked_every=2)
+                                                                               peaked_every=2)
     strides = (*strides, 1)
     numel = sum((n - 1) * st for n, st in zip(s_dense.shape, strides)) + 2 * V
     # Student and teacher in one storage: the teacher's row r right after the student's.

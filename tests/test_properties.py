@@ -32,8 +32,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kdops
-import kdops._fused
-import kdops._launch
+import kdops.launchers.logits
+import kdops.divergences
+import kdops.launchers.linear
+import kdops.torch_math
 from kdops import reference
 from kdops.divergences import Kind
 from conftest import DEVICE
@@ -456,7 +458,7 @@ def _small_logits_tiles(tiles):
         return dict(BLOCK_R=_pow2_at_least(-(-n_rows // row_blocks)),
                     BLOCK_V=max(16, _pow2_at_least(-(-vocab // vocab_blocks))))
 
-    return mock.patch.object(kdops._launch, "logits_config", config)
+    return mock.patch.object(kdops.launchers.logits, "logits_config", config)
 
 
 def _small_fused_tiles(tiles, width):
@@ -465,7 +467,7 @@ def _small_fused_tiles(tiles, width):
     if tiles is None:
         return contextlib.nullcontext()
     vocab_blocks, block_h, blocks_per_split = tiles
-    original = kdops._fused.fused_config
+    original = kdops.launchers.linear.fused_config
 
     def small(n_rows, vocab, *args, **kwargs):
         block_v = max(16, _pow2_at_least(-(-vocab // vocab_blocks)))
@@ -473,8 +475,8 @@ def _small_fused_tiles(tiles, width):
                     split_size=block_v * blocks_per_split)
 
     stack = contextlib.ExitStack()
-    stack.enter_context(mock.patch.object(kdops._fused, "fused_config", small))
-    stack.enter_context(mock.patch.object(kdops._fused, "GRADIENT_BYTES", 1))
+    stack.enter_context(mock.patch.object(kdops.launchers.linear, "fused_config", small))
+    stack.enter_context(mock.patch.object(kdops.launchers.linear, "GRADIENT_BYTES", 1))
     stack.enter_context(_small_logits_tiles((3, vocab_blocks)))
     return stack
 
@@ -525,10 +527,10 @@ def check_fused_linear(case, floor=FLOOR):
 
     def rows_of(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=None,
                 teacher_bias=None):
-        s = reference.linear_logits(student_hidden, student_weight, student_bias, vocab, F64)
-        t = reference.linear_logits(teacher_hidden, teacher_weight, teacher_bias, vocab, F64)
-        ell = reference.linear_kd_rows(s.detach().reshape(-1, vocab), t.detach().reshape(-1, vocab),
-                                       None if labels is None else labels.reshape(-1), kdops.as_divergence(
+        s = kdops.torch_math.linear_logits(student_hidden, student_weight, student_bias, vocab, F64)
+        t = kdops.torch_math.linear_logits(teacher_hidden, teacher_weight, teacher_bias, vocab, F64)
+        ell = kdops.torch_math.linear_kd_rows(s.detach().reshape(-1, vocab), t.detach().reshape(-1, vocab),
+                                              None if labels is None else labels.reshape(-1), kdops.as_divergence(
                                            case["divergence"]), case["temperature"], case["soft_weight"],
                                        case["hard_weight"], case["ignore_index"])
         return ell, s.reshape(-1, vocab), t.reshape(-1, vocab)
@@ -566,7 +568,7 @@ def test_regression_torch_backend_loss_dtype_of_f64_teacher(student_dtype):
     """kd_loss(backend="torch") with a float64 teacher and a narrower student: the math is float64 (the
     reference's compute dtype of both inputs), so the loss is float64, as with backend="triton" and the
     reference — and its value is not rounded to float32. Found by test_kd_loss_properties: the torch backend
-    stored the per-row losses in promote_types(student.dtype, float32) (kdops/_torch_backend.py)."""
+    stored the per-row losses in promote_types(student.dtype, float32) (kdops/_autograd.py, ChunkedRowsFunction)."""
     case = dict(seed=0, leading=(3, 7), vocab=301, view="contiguous", student_dtype=student_dtype,
                 teacher_dtype="fp64", divergence="forward_kl", temperature=1.0, labels=None, ignore_index=-100,
                 reduction="batchmean", upstream=1.0, inf_mode="none", inf_count=0, peaked="teacher", near=False,

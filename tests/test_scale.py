@@ -1,10 +1,10 @@
-"""`_launch.scale_unless_one` (kernels/scale.py): the upstream gradient applied in place to gradients the
+"""`kdops.launchers.scale.scale_unless_one` (kernels/scale.py): the upstream gradient applied in place to gradients the
 forward finished, read by the kernel, never by the host."""
 
 import pytest
 import torch
+import kdops.launchers.scale
 
-from kdops import _launch
 from conftest import DEVICE
 
 
@@ -23,7 +23,8 @@ def _values(n, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-@pytest.mark.parametrize("n", [1, 2047, 2 * _launch.SCALE_BLOCK * 4 + 7])  # the last: several blocks per program
+@pytest.mark.parametrize("n", [1, 2047,
+                               2 * kdops.launchers.scale.SCALE_BLOCK * 4 + 7])  # the last: several blocks per program
 def test_scales_with_one_rounding(dtype, n):
     """x · s: the product in float32 (float64 for float64 x), rounded once to x's dtype (to nearest on a GPU; the
     interpreter rounds float32 to bfloat16 toward zero); infinities, zeros and NaNs as the product gives them;
@@ -36,7 +37,7 @@ def test_scales_with_one_rounding(dtype, n):
     if dtype == torch.bfloat16:  # toward zero: the float32's low 16 bits dropped
         roundings.append((product.view(torch.int32) & -65536).view(torch.float32).to(dtype))
     y = x.clone()
-    _launch.scale_unless_one(y[:n], s)
+    kdops.launchers.scale.scale_unless_one(y[:n], s)
     once = torch.zeros(n, dtype=torch.bool, device=DEVICE)
     for rounded in roundings:
         once |= (y[:n] == rounded) | (torch.isnan(y[:n]) & torch.isnan(rounded))
@@ -50,7 +51,7 @@ def test_an_upstream_of_one_leaves_every_bit():
     x = _values(5000, torch.float32, seed=3)
     x.view(torch.int32)[7] = 0x7FC00123  # a NaN with a payload
     y = x.clone()
-    _launch.scale_unless_one(y, torch.tensor(1.0, device=DEVICE))
+    kdops.launchers.scale.scale_unless_one(y, torch.tensor(1.0, device=DEVICE))
     assert torch.equal(_bits(y), _bits(x))
 
 
@@ -59,7 +60,7 @@ def test_the_scale_is_read_as_its_own_dtype():
     x = _values(300, torch.float64, seed=4)
     s = torch.tensor(1 + 2.0**-40, dtype=torch.float64, device=DEVICE)
     y = x.clone()
-    _launch.scale_unless_one(y, s)
+    kdops.launchers.scale.scale_unless_one(y, s)
     finite = torch.isfinite(x) & (x != 0)
     assert torch.equal(y[finite], x[finite] * s) and not torch.equal(y[finite], x[finite])
 
@@ -68,4 +69,4 @@ def test_a_strided_tensor_is_refused():
     """The kernel walks memory in order: a view with gaps would have its gaps scaled and its tail left out."""
     x = _values(64, torch.float32, seed=5).view(8, 8)[:, :4]
     with pytest.raises(AssertionError, match="contiguous"):
-        _launch.scale_unless_one(x, torch.tensor(2.0, device=DEVICE))
+        kdops.launchers.scale.scale_unless_one(x, torch.tensor(2.0, device=DEVICE))

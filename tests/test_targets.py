@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 import kdops
+import kdops.torch_math
 from kdops import reference
 from kdops.kernels import transforms
 from oracle import TOLERANCE, logit_pair, rel_error
@@ -123,7 +124,7 @@ def linear_oracle(hs, ws, ht, wt, labels, *, divergence, temperature=1.0, hard_w
     if isinstance(divergence, kdops.TAID):
         rows = taid_rows(s, z, divergence.t, temperature)
     else:
-        rows = reference.divergence_rows(kdops.as_divergence(divergence), s, z, temperature)
+        rows = kdops.torch_math.divergence_rows(kdops.as_divergence(divergence), s, z, temperature)
     rows = soft_weight * rows
     mask = labels != -100
     if hard_weight:

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import kdops
+import kdops.paths.topk
+import kdops.paths.topk_linear
 from kdops import reference
 from oracle import TOLERANCE, make_logits, rel_error
 
@@ -81,7 +83,8 @@ def oracle_rows(student, ids, logprobs, d, temperature, tail):
     return torch.stack(rows).view(student.shape[:-1])
 
 
-def oracle_loss(student, ids, logprobs, labels=None, *, divergence, temperature=1.0, tail="bucket", reduction="batchmean",
+def oracle_loss(student, ids, logprobs, labels=None, *, divergence, temperature=1.0, tail="bucket",
+                reduction="batchmean",
                 ignore_index=-100, **_):
     rows = oracle_rows(student, ids, logprobs, divergence, temperature, tail)
     mask = torch.ones_like(rows, dtype=torch.bool) if labels is None else labels != ignore_index
@@ -151,7 +154,7 @@ def test_every_tail_and_divergence(tail, name, backend):
 def test_k_dtypes_and_temperature_one(tail, name, k, dtype, backend):
     """k = 1, 7 and V (211: the whole vocabulary, in several tiles of the kernel's window of ids). With k = 1 the
     pair is two outcomes, one holding nearly all of the student's mass: the top-k side must not pass on the
-    dense gradient's rounding along the shift (`kdops._topk.shift_free`), nor TVD's kernels cancel
+    dense gradient's rounding along the shift (`kdops.paths.topk.shift_free`), nor TVD's kernels cancel
     (`kernels/divergences.py`: sums by sign class)."""
     vocab = 211
     # No −inf logits here: with k = V they would be exactly the ids the teacher lacks, the student's complement
@@ -184,7 +187,7 @@ def test_bucket_with_the_whole_vocabulary_is_the_dense_loss(name, backend):
 def test_small_student_tail_is_exact_to_its_size(backend):
     """The ids hold all but ~1e-9 of the student's mass: q_tail from the complement keeps its relative
     precision, where 1 − Σ q_ids would be pure rounding error (~1e-7 absolute)."""
-    from kdops._topk import StudentTopKFunction, TopKTeacher
+    from kdops.paths.topk import StudentTopKFunction, TopKTeacher
 
     vocab, k = 300, 5
     student = torch.randn(4, vocab) - 14.0
@@ -347,12 +350,12 @@ def test_fused_linear_matches_oracle(tail, name, hard, impl, dtype, backend):
 def test_fused_linear_paths_and_errors(monkeypatch):
     """"auto" takes the gathered path exactly where it applies (renormalize, no hard term), and it never
     multiplies more than the gathered rows; impl="gathered" elsewhere, and "fused", raise."""
-    from kdops import _topk
 
     tensors, ids, logprobs, labels = linear_inputs(torch.float32)
     seen = []
-    for cls in (_topk.TopKGatheredProblem, _topk.TopKChunkedProblem):
-        monkeypatch.setattr(cls, "run", lambda self, *a, _run=cls.run: seen.append(type(self).__name__) or _run(self, *a))
+    for cls in (kdops.paths.topk_linear.TopKGatheredProblem, kdops.paths.topk_linear.TopKChunkedProblem):
+        monkeypatch.setattr(cls, "run", lambda self, *a, _run=cls.run: seen.append(type(self).__name__) or _run(self,
+                                                                                                                *a))
     kdops.fused_linear_topk_kd_loss(*tensors[:2], ids, logprobs, labels, tail="renormalize")
     kdops.fused_linear_topk_kd_loss(*tensors[:2], ids, logprobs, labels, tail="renormalize", hard_weight=0.1)
     kdops.fused_linear_topk_kd_loss(*tensors[:2], ids, logprobs, labels, tail="bucket")

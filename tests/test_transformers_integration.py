@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from kdops import reference
+import kdops.divergences
+import kdops.torch_math
 from kdops.integrations import transformers as kd_tf
 
 transformers = pytest.importorskip("transformers")
@@ -42,7 +43,8 @@ def reference_loss(student, teacher, b, divergence="forward_kl", temperature=1.0
         t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
     labels = b["labels"][:, 1:]
     mask = labels != -100
-    rows = soft_weight * reference.divergence_rows(reference.as_divergence(divergence), s, t, temperature)
+    divergence = kdops.divergences.as_divergence(divergence)
+    rows = soft_weight * kdops.torch_math.divergence_rows(divergence, s, t, temperature)
     if hard_weight:
         ce = torch.nn.functional.cross_entropy(s.reshape(-1, s.shape[-1]).float(), labels.reshape(-1),
                                                reduction="none").view(labels.shape)

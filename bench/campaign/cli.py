@@ -16,11 +16,11 @@ in the report and the campaign goes on):
                 total, extra memory).
 5. profile      `torch.profiler`, per kernel, over one forward + backward of kdops' fused and chunked impls
                 at the headline shape, next to the cost model's per-phase prediction (`bench.model`).
-6. tune         a handful of block-size choices of `kdops._fused.fused_config` and
-                `kdops._launch.logits_config`, timed forward + backward at a medium shape; the fastest is
+6. tune         a handful of block-size choices of `kdops.launchers.linear.fused_config` and
+                `kdops.launchers.logits.logits_config`, timed forward + backward at a medium shape; the fastest is
                 recorded.
 
-Opt-in (`--steps tune_headline`): the fused tiles of `kdops._fused.fused_config` at the headline shape itself,
+Opt-in (`--steps tune_headline`): the fused tiles of `kdops.launchers.linear.fused_config` at the headline shape itself,
 for both divergences, kdops' choice against its neighbours; (`--steps tune_kinds`) the same for the other kinds
 and the hard-label term.
 

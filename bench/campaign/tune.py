@@ -1,4 +1,5 @@
-"""The tune step: a handful of block-size choices of `kdops._launch.logits_config` and `kdops._fused.fused_config`,
+"""The tune step: a handful of block-size choices of `kdops.launchers.logits.logits_config` and
+`kdops.launchers.linear.fused_config`,
 timed forward + backward at medium shapes against kdops' own choice ({}); the fastest recorded."""
 
 from __future__ import annotations
@@ -47,21 +48,21 @@ TUNE_LOGITS_CASES = (("forward_kl", "bfloat16"), ("generalized_jsd", "float32"))
 def run_tune(ctx: Context) -> None:
     """The logits kernels' trials per case of TUNE_LOGITS_CASES, then the fused kernels' at TUNE_FUSED_SHAPE."""
     import kdops
-    import kdops._fused
-    import kdops._launch
+    import kdops.launchers.linear
+    import kdops.launchers.logits
     from bench.cases import FUSED, KD_LOSS, Case
 
     # The kernels on logits first: they are what stands between the chunked impl and the matmul floor.
     tokens, vocab = TUNE_LOGITS_SHAPE
     for divergence, dtype in TUNE_LOGITS_CASES:
         logits_case = Case(KD_LOSS, divergence, tokens, vocab, dtype=dtype)
-        tune(ctx, "logits", kdops._launch, "logits_config", patched_logits_config, LOGITS_TRIALS, logits_case,
+        tune(ctx, "logits", kdops.launchers.logits, "logits_config", patched_logits_config, LOGITS_TRIALS, logits_case,
              lambda *a, divergence=divergence: kdops.kd_loss(*a, divergence=divergence, backend="triton"),
              TUNE_LOGITS_TRIAL_S)
         ctx.flush()
     tokens, vocab, hs, ht = TUNE_FUSED_SHAPE
     fused_case = Case(FUSED, "forward_kl", tokens, vocab, hs, ht, "bfloat16")
-    tune(ctx, "fused", kdops._fused, "fused_config", patched_fused_config, FUSED_TRIALS, fused_case,
+    tune(ctx, "fused", kdops.launchers.linear, "fused_config", patched_fused_config, FUSED_TRIALS, fused_case,
          lambda *a: kdops.fused_linear_kd_loss(*a, divergence="forward_kl", impl="fused", backend="triton"),
          TUNE_FUSED_TRIAL_S)
     ctx.flush()
@@ -72,9 +73,9 @@ def run_tune(ctx: Context) -> None:
 
 TUNE = Step(
     "tune", "block sizes: a handful of alternatives to kdops' own choice", TUNE_S,
-    (f"kdops._fused.fused_config: {len(FUSED_TRIALS)} configurations (the default first) at fused "
+    (f"kdops.launchers.linear.fused_config: {len(FUSED_TRIALS)} configurations (the default first) at fused "
      "{} × V {} × Hs {} × Ht {}, bf16".format(*TUNE_FUSED_SHAPE),
-     f"kdops._launch.logits_config: {len(LOGITS_TRIALS)} configurations at kd_loss {TUNE_LOGITS_SHAPE[0]} × "
+     f"kdops.launchers.logits.logits_config: {len(LOGITS_TRIALS)} configurations at kd_loss {TUNE_LOGITS_SHAPE[0]} × "
      f"{TUNE_LOGITS_SHAPE[1]}, " + ", ".join(f"{d} {t}" for d, t in TUNE_LOGITS_CASES)
      + f"; forward + backward, {TUNE_REPS} reps; the fastest recorded"),
     run_tune)

@@ -1,5 +1,5 @@
 """The opt-in tile steps at the headline shape (`--steps tune_headline`, `--steps tune_kinds`): the fused tiles of
-`kdops._fused.fused_config`, kdops' choice against its neighbours, for the headline's divergences and for the
+`kdops.launchers.linear.fused_config`, kdops' choice against its neighbours, for the headline's divergences and for the
 kinds and terms the headline does not run."""
 
 from __future__ import annotations
@@ -46,14 +46,15 @@ HEADLINE_SHAPE_TEXT = (f"fused {HEADLINE_TOKENS} × V {HEADLINE_VOCAB} × Hs {HE
 
 
 def tune_fused_at_headline(ctx: Context, cases) -> None:
-    """`tune` of kdops._fused.fused_config at the headline shape, bf16, for each (divergence, loss options,
+    """`tune` of kdops.launchers.linear.fused_config at the headline shape, bf16, for each (divergence, loss options,
     trials) of `cases`."""
     import kdops
-    import kdops._fused
+    import kdops.launchers.linear
 
     for divergence, options, trials in cases:
         target = " ".join(["fused", *(f"{k}={v}" for k, v in options.items())])
-        tune(ctx, target, kdops._fused, "fused_config", patched_fused_config, trials, headline_case(divergence),
+        tune(ctx, target, kdops.launchers.linear, "fused_config", patched_fused_config, trials,
+             headline_case(divergence),
              lambda *a, divergence=divergence, options=options: kdops.fused_linear_kd_loss(
                  *a, divergence=divergence, impl="fused", backend="triton", **options),
              TUNE_HEADLINE_TRIAL_S, reps=HEADLINE_TUNE_REPS)
@@ -73,13 +74,13 @@ def run_tune_kinds(ctx: Context) -> None:
 TUNE_HEADLINE = Step(
     "tune_headline", "the fused tiles at the headline shape, both divergences (not a default step)",
     len(DIVERGENCES) * len(HEADLINE_FUSED_TRIALS) * HEADLINE_TRIAL_ESTIMATE_S,
-    (f"kdops._fused.fused_config: {len(HEADLINE_FUSED_TRIALS)} configurations (the default first) at "
+    (f"kdops.launchers.linear.fused_config: {len(HEADLINE_FUSED_TRIALS)} configurations (the default first) at "
      f"{HEADLINE_SHAPE_TEXT}, {' and '.join(DIVERGENCES)}; forward + backward, {HEADLINE_TUNE_REPS} reps",),
     run_tune_headline)
 TUNE_KINDS = Step(
     "tune_kinds", "the fused tiles of the other kinds and the hard-label term at the headline shape "
     "(not a default step)", sum(len(trials) for _, _, trials in KINDS_FUSED_TRIALS) * HEADLINE_TRIAL_ESTIMATE_S,
-    (f"kdops._fused.fused_config at {HEADLINE_SHAPE_TEXT}: "
+    (f"kdops.launchers.linear.fused_config at {HEADLINE_SHAPE_TEXT}: "
      + "; ".join(f"{d} {o or ''} {len(t)} configurations" for d, o, t in KINDS_FUSED_TRIALS)
      + f"; forward + backward, {HEADLINE_TUNE_REPS} reps",),
     run_tune_kinds)

@@ -20,7 +20,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def patched_fused_config(original, override: dict):
-    """`original` (kdops._fused.fused_config(n_rows, vocab, gpu, ...)) with `override`'s entries, and the
+    """`original` (kdops.launchers.linear.fused_config(n_rows, vocab, gpu, ...)) with `override`'s entries, and the
     vocabulary split re-derived so that the forward launches as many programs as with kdops' own tiles.
     `override` may instead hold a "forward" and / or a "backward" dict: entries for that kernel alone."""
     def config(n_rows, vocab, gpu, *args, **kwargs):
@@ -39,7 +39,7 @@ def patched_fused_config(original, override: dict):
 
 
 def patched_logits_config(original, override: dict):
-    """`original` (kdops._launch.logits_config(n_rows, vocab, gpu, ...)) with `override`'s entries."""
+    """`original` (kdops.launchers.logits.logits_config(n_rows, vocab, gpu, ...)) with `override`'s entries."""
     def config(n_rows, vocab, gpu, *args, **kwargs):
         return {**original(n_rows, vocab, gpu, *args, **kwargs), **override}
     return config

@@ -12,9 +12,9 @@ per pass, gradient scratch read-modify-writes, ...), and takes a roofline per ke
 
 summed over the kernels. f = min(1, programs / SMs) is the share of the GPU a launch with fewer programs
 than SMs can use (it limits the compute rates, not the bandwidth). The rates are `kdops.targets`' achievable
-ones. Launch configurations come from the code itself — `kdops._fused.fused_config`, `kdops._fused.slice_columns`
-(G buffers under `GRADIENT_BYTES`), `kdops._launch.logits_config`, `kdops._chunked.chunk_rows /
-bytes_per_row`, `kdops._torch_backend.chunk_rows` — so the model follows the code when they change.
+ones. Launch configurations come from the code itself — `kdops.launchers.linear.fused_config`,
+`kdops.launchers.linear.slice_columns` (G buffers under `GRADIENT_BYTES`), `kdops.launchers.logits.logits_config`,
+`kdops.paths.chunked.plan`, `kdops.paths.torch_engine.chunk_rows` — so the model follows the code when they change.
 
 Assumptions (see MODEL.md for the numbers they give):
 * The fused Triton kernels as the H100 measured them (FUSED_L2_BYTES_PER_S, FUSED_FORWARD_TILE_S): their

@@ -1,5 +1,5 @@
 """`fused_linear_kd_loss` impl="chunked" (path "chunked"): token chunks of float32 logits by cuBLAS, the kernels
-on logits writing G into a group's store, dH and dW by cuBLAS per group (`kdops._chunked.plan`). Its pieces
+on logits writing G into a group's store, dH and dW by cuBLAS per group (`kdops.paths.chunked.plan`). Its pieces
 (the plan, the logits matmuls, the per-group backprop) serve the other chunked paths too: backend="torch",
 the sparse teacher's, Liger's."""
 
@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 
 import kdops
-from kdops import _chunked, targets
+import kdops.paths.chunked
+import kdops.paths.mixed
+from kdops import targets
 
 from .kernels import Ctx, Kernel, cdiv, chunk_counts, kernel_constants
 from .logits import kernels_on_logits, mix_kernel
@@ -16,30 +18,30 @@ from .prediction import Shape
 from .units import size_text
 
 
-def chunked_plan(ctx: Ctx, engine: str = "triton") -> "_chunked.Plan":
-    """`kdops._chunked.plan` for the student's gradients (dH, dW; frozen teachers), as ChunkedProblem (or, with
+def chunked_plan(ctx: Ctx, engine: str = "triton") -> "kdops.paths.chunked.Plan":
+    """`kdops.paths.chunked.plan` for the student's gradients (dH, dW; frozen teachers), as ChunkedProblem (or, with
     several teachers, MixedChunkedProblem) plans."""
-    return _chunked.plan(ctx.shape.tokens, ctx.shape.vocab, engine, ctx.acc_dtype, chunked_sides(ctx), ctx.budget,
-                         logit_rows(ctx))
+    return kdops.paths.chunked.plan(ctx.shape.tokens, ctx.shape.vocab, engine, ctx.acc_dtype, chunked_sides(ctx),
+                                    ctx.budget,
+                                    logit_rows(ctx))
 
 
 def logit_rows(ctx: Ctx) -> int:
-    """float32 [chunk, V] rows per chunk row: both models' logits, or `kdops.ensemble.MixedChunkedProblem`'s."""
-    from kdops import ensemble
-
+    """float32 [chunk, V] rows per chunk row: both models' logits, or `kdops.paths.mixed.MixedChunkedProblem`'s."""
     if not ctx.mix:
         return 2
-    return 1 + ctx.teachers + 2 + ensemble.MIX_TEMPORARIES * ctx.teachers
+    return 1 + ctx.teachers + 2 + kdops.paths.mixed.MIX_TEMPORARIES * ctx.teachers
 
 
 def chunked_sides(ctx: Ctx):
     """The plan's sides: the student's gradients (dH, dW), frozen teachers."""
-    return (_chunked.SideNeeds(ctx.dtype, ctx.shape.hidden_student, True, True),
-            *[_chunked.SideNeeds(ctx.dtype, ctx.shape.hidden_teacher, False, False)] * ctx.teachers)
+    return (kdops.paths.chunked.SideNeeds(ctx.dtype, ctx.shape.hidden_student, True, True),
+            *[kdops.paths.chunked.SideNeeds(ctx.dtype, ctx.shape.hidden_teacher, False, False)] * ctx.teachers)
 
 
 def group_backprop(ctx: Ctx, rows: int, launches: float, accumulate: bool) -> list[Kernel]:
-    """`kdops._chunked._Side.backprop` of one group of `rows` rows (student; frozen teacher), by cuBLAS: dH = G·W
+    """`kdops.launchers.matmul.LMHead.backprop` of one group of `rows` rows (student; frozen teacher), by cuBLAS: dH =
+    G·W
     (G kept in the weight dtype), and dW += Gᵀ·h into the float32 accumulator (`accumulate`: several groups,
     read-modify-written per group), or dW = Gᵀ·h summed in float32 and rounded once by cuBLAS (one group)."""
     v, hs, b, acc = ctx.shape.vocab, ctx.shape.hidden_student, ctx.b, ctx.acc
@@ -118,12 +120,12 @@ def chunked_common(ctx: Ctx, engine: str, chunk_kernels) -> tuple:
 
 def plan_text(ctx: Ctx, plan) -> str:
     """The plan in words: its chunks, its groups and the memory budget it was made for."""
-    budget = _chunked.MEMORY_BUDGET if ctx.budget is None else ctx.budget
+    budget = kdops.paths.chunked.MEMORY_BUDGET if ctx.budget is None else ctx.budget
     groups = cdiv(ctx.shape.tokens, plan.group)
     return (f"{cdiv(ctx.shape.tokens, plan.chunk)} chunks of {plan.chunk} rows, "
             + (f"{groups} groups of {plan.group} rows (dW summed in a float32 accumulator)" if plan.accumulate
                else "one group (G of every row kept; dW one product, no accumulator)")
-            + f" (kdops._chunked.plan, memory_budget {size_text(budget)})")
+            + f" (kdops.paths.chunked.plan, memory_budget {size_text(budget)})")
 
 
 def chunked_path(ctx: Ctx):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 import kdops
+import kdops.paths.chunked
 from kdops import targets
 from kdops.divergences import Divergence
 
@@ -82,7 +83,7 @@ def predict(path: str, shape: Shape, gpu: targets.GPU | str = targets.H100, dive
             mix: str | None = None) -> Prediction:
     """The predicted phases, time, ratio to the floor and extra memory of `path` at `shape` on `gpu`; with
     `tf32`, float32 matmuls at the TF32 rate instead of exact ("ieee") float32 products; `budget`, the
-    chunked paths' memory_budget (default kdops._chunked.MEMORY_BUDGET); `autocast`, kdops' paths under
+    chunked paths' memory_budget (default kdops.paths.chunked.MEMORY_BUDGET); `autocast`, kdops' paths under
     torch.autocast of `dtype` with float32 master weights (the casts added); `k`, the sparse teacher's top-k
     (TOPK_PATHS: the student's side only, the floor is its matmuls or its logits' bytes); `softcaps`, how many
     sides' logits are softcapped (fused-API paths: 0, 1 or 2; top-k paths from hidden states: the student's, 0

@@ -1,11 +1,12 @@
 """`fused_linear_kd_loss` impl="fused" (path "fused"): the forward's Triton kernels recompute both models' logit
-tiles from the hidden states (`kdops._fused.fused_config`: row blocks × vocabulary splits, partial states
-merged once per pass); the backward, by vocabulary slices of G (`kdops._fused.slice_columns`), recomputes the
+tiles from the hidden states (`kdops.launchers.linear.fused_config`: row blocks × vocabulary splits, partial states
+merged once per pass); the backward, by vocabulary slices of G (`kdops.launchers.linear.slice_columns`), recomputes the
 tiles in the gradient kernel, then cuBLAS makes dW[slice] and dH."""
 
 from __future__ import annotations
 
-from kdops import _fused, _launch
+from kdops.launchers import linear as fused_launchers
+from kdops.launchers.common import next_pow2
 
 from .kernels import Ctx, Kernel, cdiv, kernel_constants
 from .rates import logits_kernel_flops
@@ -14,19 +15,19 @@ from .units import MiB
 
 
 def _configs(ctx: Ctx) -> tuple[dict, dict]:
-    """`kdops._fused.fused_config` of the forward kernel and of the gradient kernel, as `FusedProblem.config`
+    """`kdops.launchers.linear.fused_config` of the forward kernel and of the gradient kernel, as `FusedProblem.config`
     makes them here: no hard label, no biases, a frozen teacher (every modelled case); TMA for 16-bit operands on
     Hopper."""
     jsd = ctx.divergence.canonical().kind.name == "JSD"
     tma = ctx.gpu.capability >= (9, 0) and ctx.b == 2
 
     def width(forward):
-        return _fused.tile_width(forward, ctx.passes > 1, 0.0, False, ctx.transform, tma, teacher_grads=False)
+        return fused_launchers.tile_width(forward, ctx.passes > 1, 0.0, False, ctx.transform, tma, teacher_grads=False)
 
-    return (_fused.fused_config(ctx.shape.tokens, ctx.shape.vocab, ctx.gpu, ctx.dtype, forward=True, jsd=jsd,
-                                transform=ctx.transform, width=width(True)),
-            _fused.fused_config(ctx.shape.tokens, ctx.shape.vocab, ctx.gpu, ctx.dtype, jsd=jsd,
-                                transform=ctx.transform, width=width(False)))
+    return (fused_launchers.fused_config(ctx.shape.tokens, ctx.shape.vocab, ctx.gpu, ctx.dtype, forward=True, jsd=jsd,
+                                         transform=ctx.transform, width=width(True)),
+            fused_launchers.fused_config(ctx.shape.tokens, ctx.shape.vocab, ctx.gpu, ctx.dtype, jsd=jsd,
+                                         transform=ctx.transform, width=width(False)))
 
 
 def _forward(ctx: Ctx, config: dict) -> tuple[list[Kernel], float]:
@@ -53,21 +54,21 @@ def _forward(ctx: Ctx, config: dict) -> tuple[list[Kernel], float]:
                    ("h_s, h_t re-read per vocabulary tile", visits * bn * (hs + ht) * b),
                    ("partial states written", partial), ("statistics read", n * num_stats * acc * p)],
             bytes_l2=v * (hs + ht) * b + n * (hs + ht) * b + partial + n * num_stats * acc * p))
-        kernels.append(Kernel(f"fwd: merge partials pass {p + 1}", programs=cdiv(n, min(128, _launch._next_pow2(n))),
+        kernels.append(Kernel(f"fwd: merge partials pass {p + 1}", programs=cdiv(n, min(128, next_pow2(n))),
                               items=[("partial states read", partial),
                                      ("statistics and loss written", n * (num_stats + 1) * acc)]))
     return kernels, partial
 
 
 def _backward(ctx: Ctx, block_h: int, config: dict) -> tuple[list[Kernel], int, int]:
-    """The backward (`kdops._fused.fused_backward`): vocabulary slices of G for every row (GRADIENT_BYTES), each
-    a launch of the gradient kernel (one program per tile, recomputing both logit tiles of `block_h`-wide
+    """The backward (`kdops.launchers.linear.fused_backward`): vocabulary slices of G for every row
+    (GRADIENT_BYTES), each a launch of the gradient kernel (one program per tile, recomputing both logit tiles of `block_h`-wide
     hidden blocks), then cuBLAS: dW[slice] = Gᵀ·h_s and dH += G·W_s[slice] into float32 sums. Returns
     (kernels, slice width, slices)."""
     n, v, b = ctx.shape.tokens, ctx.shape.vocab, ctx.b
     hs, ht = ctx.shape.hidden_student, ctx.shape.hidden_teacher
     gn, gv = config["BLOCK_N"], config["BLOCK_V"]
-    width = _fused.slice_columns(n, v, gv, b)
+    width = fused_launchers.slice_columns(n, v, gv, b)
     slices = [(lo, min(v, lo + width)) for lo in range(0, v, width)]
     g_tile_mm = 2.0 * gn * gv * (cdiv(hs, block_h) * block_h + cdiv(ht, block_h) * block_h)
     per_gradient = logits_kernel_flops(ctx.divergence, ctx.softcaps, lanes=False)[1]
@@ -100,7 +101,7 @@ def fused_path(ctx: Ctx):
     n_splits = cdiv(ctx.shape.vocab, split)
     notes = (f"fused_config: BLOCK_N={bn}, BLOCK_V={bv}, BLOCK_H={bh}, {n_splits} vocabulary splits of {split} "
              f"({cdiv(n, bn) * n_splits} forward programs); backward: {slices} vocabulary slices of {width} "
-             f"columns (GRADIENT_BYTES = {_fused.GRADIENT_BYTES // MiB} MiB), {backward_config['BLOCK_N']} × "
+             f"columns (GRADIENT_BYTES = {fused_launchers.GRADIENT_BYTES // MiB} MiB), {backward_config['BLOCK_N']} × "
              f"{backward_config['BLOCK_V']} gradient tiles",
              "no L2 reuse: every tile load is an HBM read (total_l2_s: operands once per launch)")
     return forward + backward, extra, detail, notes

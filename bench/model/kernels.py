@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kdops import _launch, targets
+from kdops import targets
+import kdops.launchers.logits
+import kdops.paths.chunked
 from kdops.divergences import Divergence
 
 from .paths import DEFAULT_K
@@ -120,7 +122,7 @@ class Ctx:
     divergence: Divergence
     dtype: torch.dtype
     tf32: bool
-    budget: int | None = None  # the chunked paths' memory_budget (None: kdops._chunked.MEMORY_BUDGET)
+    budget: int | None = None  # the chunked paths' memory_budget (None: kdops.paths.chunked.MEMORY_BUDGET)
     k: int = DEFAULT_K  # the sparse teacher's top-k (the top-k paths only)
     softcaps: int = 0  # how many sides' logits are softcapped (the student's only on the top-k paths)
     teachers: int = 1  # teachers mixed into one target (`kdops.ensemble`; kd_loss-triton and chunked)
@@ -145,7 +147,7 @@ class Ctx:
 
     @property
     def two_pass(self) -> bool:
-        return _launch.kind_of(self.divergence.canonical())[1]
+        return kdops.launchers.logits.kind_of(self.divergence.canonical())[1]
 
     @property
     def passes(self) -> int:

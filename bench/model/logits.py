@@ -1,10 +1,12 @@
 """`kd_loss` on existing [N, V] logits with kdops' Triton kernels (path "kd_loss-triton"), and the kernels on
 logits (`kernels/logits.py`) that the fused API's chunked and sliced paths launch over their float32 buffers;
-with several teachers, their mix into one target (`kdops.ensemble`)."""
+with several teachers, their mix into one target (`kdops.paths.mixed`)."""
 
 from __future__ import annotations
 
-from kdops import _launch, _torch_backend
+import kdops.launchers.logits
+import kdops.paths.mixed
+import kdops.paths.torch_engine
 
 from .kernels import Ctx, Kernel, cdiv, chunk_counts, kernel_constants
 from .rates import logits_kernel_flops
@@ -18,7 +20,7 @@ def kernels_on_logits(ctx: Ctx, rows: int, itemsize: int, label: str, phase: str
     `grad_itemsize` bytes, by default the logits')."""
     v, gpu = ctx.shape.vocab, ctx.gpu
     num_stats, _ = kernel_constants()
-    config = _launch.logits_config(rows, v, gpu, ctx.acc_dtype)
+    config = kdops.launchers.logits.logits_config(rows, v, gpu, ctx.acc_dtype)
     programs = cdiv(rows, config["BLOCK_R"])
     both = 2 * rows * v * itemsize
     stats = rows * num_stats * ctx.acc
@@ -54,7 +56,7 @@ def mix_kernel(ctx: Ctx, rows: int, launches: float, phase: str, teacher_itemsiz
 
 
 def kd_loss_triton(ctx: Ctx):
-    n, v, b = ctx.shape.tokens, ctx.shape.vocab, ctx.b
+    n, b = ctx.shape.tokens, ctx.b
     num_stats, _ = kernel_constants()
     if ctx.mix:
         return _kd_triton_mixed(ctx)
@@ -69,13 +71,11 @@ def kd_loss_triton(ctx: Ctx):
 
 
 def _kd_triton_mixed(ctx: Ctx):
-    """kd_loss with several teachers (`kdops.ensemble.mixed_kd_rows`): per row chunk the mix into a float32
+    """kd_loss with several teachers (`kdops.paths.mixed.mixed_kd_rows`): per row chunk the mix into a float32
     target and the kernels on (student, target); the backward recomputes the mix and the forward passes of each
     chunk before the gradient kernel."""
-    from kdops import ensemble
-
     n, v, b = ctx.shape.tokens, ctx.shape.vocab, ctx.b
-    chunk = min(n, ensemble.mixed_chunk_rows(v, ctx.teachers, "triton"))
+    chunk = min(n, kdops.paths.mixed.mixed_chunk_rows(v, ctx.teachers, "triton"))
     pair = (b + 4) / 2  # the student's logits in their dtype, the target in float32
     kernels = []
     for rows, count in chunk_counts(n, chunk):
@@ -85,9 +85,9 @@ def _kd_triton_mixed(ctx: Ctx):
                                          False, count)
         kernels += kernels_on_logits(ctx, rows, pair, "student and target", "bwd: kernel on logits (gradient)",
                                      True, count, grad_itemsize=b)
-    peak_chunk = chunk * v * 4 * (5 + ensemble.MIX_TEMPORARIES * ctx.teachers)
-    detail = (f"{cdiv(n, chunk)} chunks of {chunk} rows (kdops._torch_backend.BUDGET_BYTES): one chunk's target "
+    peak_chunk = chunk * v * 4 * (5 + kdops.paths.mixed.MIX_TEMPORARIES * ctx.teachers)
+    detail = (f"{cdiv(n, chunk)} chunks of {chunk} rows (kdops.paths.torch_engine.BUDGET_BYTES): one chunk's target "
               "and mix temporaries at a time")
     notes = (f"{ctx.teachers} teachers ({ctx.mix}): the mix in PyTorch (MIX_PASSES, an estimate), recomputed in "
              "the backward with the chunk's forward passes",)
-    return kernels, min(peak_chunk, _torch_backend.BUDGET_BYTES), detail, notes
+    return kernels, min(peak_chunk, kdops.paths.torch_engine.BUDGET_BYTES), detail, notes

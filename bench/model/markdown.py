@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 import kdops
+import kdops.paths.torch_engine
 from kdops import targets
 
 from .paths import AUTOCAST_PATHS, DEFAULT_DIVERGENCES, DESCRIPTIONS, KD_PATHS, MIX_PATHS, PATHS, TOPK_PATHS
@@ -255,8 +256,9 @@ def _mix_section(shape: Shape, gpu: targets.GPU, dtype: torch.dtype) -> list[str
              f"{gpu.name.upper()})", "",
              "Every teacher's logits (a matmul per teacher and chunk on `chunked`), their mix into one float32 target "
              "in PyTorch (`MIX_PASSES`: bandwidth-bound passes over the chunk, an estimate), then the loss of "
-             "(student, target) by the kernels. `kd_loss` goes in row chunks of `kdops._torch_backend.BUDGET_BYTES` "
-             "and recomputes each chunk's mix and forward in the backward. Each teacher's Ht is the shape's.", ""]
+             "(student, target) by the kernels. `kd_loss` goes in row chunks of "
+             "`kdops.paths.torch_engine.BUDGET_BYTES` and recomputes each chunk's mix and forward in the backward. "
+             "Each teacher's Ht is the shape's.", ""]
     rows = []
     for path in MIX_PATHS:
         plain = predict(path, shape, gpu, "forward_kl", dtype)

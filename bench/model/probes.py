@@ -15,7 +15,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import kdops
-from kdops import _chunked, _torch_backend
+import kdops.paths.chunked
+import kdops.paths.torch_engine
+
 from kdops.divergences import Divergence
 
 from .kernels import Ctx, Kernel
@@ -145,13 +147,14 @@ def _record_kd_loss_torch(probe: _Probe, randn, divergence: Divergence, caps: tu
     student = randn(PROBE_ROWS, PROBE_VOCAB, scale=4.0, grad=True)
     teacher = randn(PROBE_ROWS, PROBE_VOCAB, scale=4.0)
     # Chunks of PROBE_CHUNK rows: the budget that gives them, through the code's own chunk_rows.
-    budget = PROBE_CHUNK * PROBE_VOCAB * max(4, student.element_size()) * _torch_backend.TEMPORARIES_PER_ELEMENT
-    saved, _torch_backend.BUDGET_BYTES = _torch_backend.BUDGET_BYTES, budget
+    budget = PROBE_CHUNK * PROBE_VOCAB * max(4,
+                                             student.element_size()) * kdops.paths.torch_engine.TEMPORARIES_PER_ELEMENT
+    saved, kdops.paths.torch_engine.BUDGET_BYTES = kdops.paths.torch_engine.BUDGET_BYTES, budget
     try:
-        assert _torch_backend.chunk_rows(PROBE_VOCAB, max(4, student.element_size())) == PROBE_CHUNK
+        assert kdops.paths.torch_engine.chunk_rows(PROBE_VOCAB, max(4, student.element_size())) == PROBE_CHUNK
         _record_loss(probe, lambda: kdops.kd_loss(student, teacher, divergence=divergence, backend="torch"))
     finally:
-        _torch_backend.BUDGET_BYTES = saved
+        kdops.paths.torch_engine.BUDGET_BYTES = saved
 
 
 def _record_kd_loss_reference(probe: _Probe, randn, divergence: Divergence, caps: tuple) -> None:
@@ -174,8 +177,9 @@ def _record_fused_torch(probe: _Probe, randn, divergence: Divergence, caps: tupl
     matmuls around it are counted like the chunked path's."""
     hs, ws = randn(PROBE_CHUNK, PROBE_HS), randn(PROBE_VOCAB, PROBE_HS)
     ht, wt = randn(PROBE_CHUNK, PROBE_HT), randn(PROBE_VOCAB, PROBE_HT)
-    problem = _chunked.ChunkedProblem(hs, ws, None, ht, wt, None, None, divergence, 1.0, PROBE_VOCAB, 1.0, 0.0,
-                                      -100, "torch", None, softcaps=caps)
+    problem = kdops.paths.chunked.ChunkedProblem(hs, ws, None, ht, wt, None, None, divergence, 1.0, PROBE_VOCAB, 1.0,
+                                                 0.0,
+                                                 -100, "torch", None, softcaps=caps)
     zs = randn(PROBE_CHUNK, PROBE_VOCAB, dtype=problem.acc_dtype, scale=4.0)
     zt = randn(PROBE_CHUNK, PROBE_VOCAB, dtype=problem.acc_dtype, scale=4.0)
     scale = torch.full((PROBE_CHUNK,), 1.0 / PROBE_CHUNK, dtype=problem.acc_dtype)

@@ -4,7 +4,8 @@ The GPUs' own achievable rates are `kdops.targets`'."""
 
 from __future__ import annotations
 
-from kdops import _launch, targets
+from kdops import targets
+import kdops.launchers.logits
 from kdops.divergences import Divergence
 
 #: Elementwise flops per (row, vocabulary) element per pass of a PyTorch-level kernel over both models'
@@ -76,7 +77,7 @@ def logits_kernel_flops(divergence: Divergence, softcaps: int = 0, lanes: bool =
     `softcaps` softcapped sides (0, 1 or 2) and TAID's mixed target where `divergence` is TAID. `lanes`: the
     kernels on logits (LOGITS_KERNEL_FLOPS scaled by LOGITS_KERNEL_SASS); otherwise the fused kernels, whose
     tiles still reduce per tile (FUSED_TILE_FLOPS)."""
-    kind = {0: "kl", 1: "jsd"}.get(int(_launch.kind_of(divergence.canonical())[0]))
+    kind = {0: "kl", 1: "jsd"}.get(int(kdops.launchers.logits.kind_of(divergence.canonical())[0]))
     measured = LOGITS_KERNEL_FLOPS if lanes else FUSED_TILE_FLOPS
     per_pass, per_gradient = measured.get(kind, tuple(max(figures) for figures in zip(*measured.values())))
     if lanes:

@@ -27,7 +27,7 @@ COMPETITOR_PATHS = {
 
 
 def auto_path(shape: Shape, dtype: torch.dtype, budget: int | None = None) -> str:
-    """The path impl="auto" (backend "triton") takes, by the rule of `kdops.api._fused_problem`: chunked,
+    """The path impl="auto" (backend "triton") takes, by the rule of `kdops.paths.linear.prepare`: chunked,
     unless a given `budget` is below its smallest plan (then sliced)."""
     from kdops._validation import resolve_impl
 

@@ -1,4 +1,5 @@
-"""The backward by vocabulary slices that the fused and sliced paths share (`kdops._fused._SideGrads`): dH and
+"""The backward by vocabulary slices that the fused and sliced paths share (`kdops.launchers.matmul.LMHeadGrads`): dH
+and
 dW zeroed, then per slice of G over every row cuBLAS's dW[slice] and dH += G·W_s[slice] into float32 sums,
 rounded once at the end."""
 
@@ -8,7 +9,7 @@ from .kernels import Ctx, Kernel
 
 
 def zero_grads(ctx: Ctx, phase: str) -> Kernel:
-    """dH zeroed in its dtype, dW's float32 accumulator (`kdops._chunked`) zeroed."""
+    """dH zeroed in its dtype, dW's float32 accumulator (`kdops.paths.chunked`) zeroed."""
     n, v, hs = ctx.shape.tokens, ctx.shape.vocab, ctx.shape.hidden_student
     return Kernel(phase, launches=2, items=[("dH and dW zeroed", n * hs * ctx.b / 2 + v * hs * ctx.acc / 2)])
 

@@ -1,4 +1,4 @@
-"""`fused_linear_kd_loss` impl="sliced" (path "sliced", `kdops._sliced.SlicedProblem`): cuBLAS logits per
+"""`fused_linear_kd_loss` impl="sliced" (path "sliced", `kdops.paths.sliced.SlicedProblem`): cuBLAS logits per
 vocabulary slice into float32 buffers and the kernels on logits over them (partial states, merged once per
 pass); the backward computes each slice's logits again, writes G and makes dW[slice], dH by cuBLAS."""
 
@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from kdops import _launch, _sliced
+import kdops.launchers.common
+import kdops.paths.sliced
 
 from .kernels import Ctx, Kernel, cdiv, chunk_counts, kernel_constants
 from .logits import kernels_on_logits
@@ -42,7 +43,7 @@ def _forward(ctx: Ctx, chunk: int, width: int, partial: float) -> list[Kernel]:
             kernels += kernels_on_logits(_one_slice(ctx, cols), rows, acc, "logits buffers",
                                          "fwd: kernels on logits (partial states)", False, count * chunks)
     kernels.append(Kernel("fwd: merge partials", launches=ctx.passes * cdiv(n, chunk),
-                          programs=cdiv(n, min(128, _launch._next_pow2(n))),
+                          programs=cdiv(n, min(128, kdops.launchers.common.next_pow2(n))),
                           items=[("partial states copied and read", 2 * partial),
                                  ("statistics and loss written", n * (num_stats + 1) * acc)]))
     return kernels
@@ -63,15 +64,15 @@ def _backward(ctx: Ctx, width: int) -> list[Kernel]:
 
 
 def sliced_path(ctx: Ctx):
-    """`kdops._sliced.SlicedProblem`: the forward in row chunks (FORWARD_ROWS) and vocabulary slices, the
-    backward in slices of every row (`kdops._sliced.slice_width`, under the budget less the float32 dH sums)."""
+    """`kdops.paths.sliced.SlicedProblem`: the forward in row chunks (FORWARD_ROWS) and vocabulary slices, the
+    backward in slices of every row (`kdops.paths.sliced.slice_width`, under the budget less the float32 dH sums)."""
     n, v, b, acc, hs = ctx.shape.tokens, ctx.shape.vocab, ctx.b, ctx.acc, ctx.shape.hidden_student
     num_stats, num_partial = kernel_constants()
     hidden_sums = n * hs * acc if b < acc else 0
     budget = None if ctx.budget is None else ctx.budget - hidden_sums
-    chunk = min(n, _sliced.FORWARD_ROWS)  # the forward's rows per chunk
-    fwd_width = _sliced.slice_width(chunk, v, ctx.acc_dtype, (), ctx.budget)
-    bwd_width = _sliced.slice_width(n, v, ctx.acc_dtype, (ctx.dtype,), budget)
+    chunk = min(n, kdops.paths.sliced.FORWARD_ROWS)  # the forward's rows per chunk
+    fwd_width = kdops.paths.sliced.slice_width(chunk, v, ctx.acc_dtype, (), ctx.budget)
+    bwd_width = kdops.paths.sliced.slice_width(n, v, ctx.acc_dtype, (ctx.dtype,), budget)
     partial = chunk * cdiv(v, fwd_width) * num_partial * acc
     kernels = _forward(ctx, chunk, fwd_width, partial) + _backward(ctx, bwd_width)
     buffers = n * bwd_width * (2 * acc + b)
@@ -80,6 +81,6 @@ def sliced_path(ctx: Ctx):
               f"slice buffers ({buffers / MiB:.0f} MiB) and float32 dH sums ({hidden_sums / MiB:.0f} MiB))")
     notes = (f"forward: {cdiv(n, chunk)} row chunks of {chunk} (FORWARD_ROWS) × {cdiv(v, fwd_width)} slices of "
              f"{fwd_width} columns; backward: {cdiv(v, bwd_width)} slices of "
-             f"{bwd_width} (kdops._sliced.slice_width, SLICE_BYTES = {_sliced.SLICE_BYTES // MiB} MiB"
+             f"{bwd_width} (kdops.paths.sliced.slice_width, SLICE_BYTES = {kdops.paths.sliced.SLICE_BYTES // MiB} MiB"
              + ("" if ctx.budget is None else f", memory_budget {size_text(ctx.budget)}") + ")",)
     return kernels, extra, detail, notes

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from kdops import _chunked, _launch
+import kdops.launchers.topk
+import kdops.paths.chunked
 
 from .chunked import cast_weight_grad, chunks_and_groups, logits_matmuls, plan_text
 from .kernels import Ctx, Kernel, cdiv
@@ -20,7 +21,7 @@ def _topk_kernels(ctx: Ctx, rows: int, itemsize: int, launches: float, phase: st
     counted), the gradient (logits read, G written in `grad_itemsize` bytes); each also reads the rows'
     sorted ids."""
     v, k = ctx.shape.vocab, ctx.k
-    config = _launch.topk_config(rows, v, ctx.gpu, ctx.acc_dtype)
+    config = kdops.launchers.topk.topk_config(rows, v, ctx.gpu, ctx.acc_dtype)
     programs = cdiv(rows, config["BLOCK_R"])
     lse_flops, grad_flops = topk_kernel_flops(k, v, config, ctx.softcaps > 0)
     ids = rows * k * 4
@@ -32,7 +33,7 @@ def _topk_kernels(ctx: Ctx, rows: int, itemsize: int, launches: float, phase: st
 
 
 def kd_loss_topk(ctx: Ctx):
-    n, v, b = ctx.shape.tokens, ctx.shape.vocab, ctx.b
+    n, b = ctx.shape.tokens, ctx.b
     kernels = _topk_kernels(ctx, n, b, 1, "fwd", 0)[:1] + _topk_kernels(ctx, n, b, 1, "bwd", b)[1:]
     extra = n * (ctx.k + 1) * (4 * ctx.acc + 8)
     detail = "the sorted ids, the order and the k + 1 outcomes' columns and gradients per row"
@@ -42,12 +43,12 @@ def kd_loss_topk(ctx: Ctx):
 
 
 def _topk_sides(ctx: Ctx):
-    return (_chunked.SideNeeds(ctx.dtype, ctx.shape.hidden_student, True, True),)
+    return (kdops.paths.chunked.SideNeeds(ctx.dtype, ctx.shape.hidden_student, True, True),)
 
 
 def topk_chunked(ctx: Ctx):
     n, v, b, acc = ctx.shape.tokens, ctx.shape.vocab, ctx.b, ctx.acc
-    plan = _chunked.plan(n, v, "triton", ctx.acc_dtype, _topk_sides(ctx), ctx.budget)
+    plan = kdops.paths.chunked.plan(n, v, "triton", ctx.acc_dtype, _topk_sides(ctx), ctx.budget)
 
     def chunk_kernels(rows, count):  # the student's logits, G straight into the store
         return logits_matmuls(ctx, rows, count, "fwd: logits matmul (float32 out)", acc)[:1] \
@@ -55,7 +56,7 @@ def topk_chunked(ctx: Ctx):
 
     kernels = chunks_and_groups(ctx, plan, chunk_kernels)
     extra = plan.extra_bytes(v, "triton", ctx.acc_dtype, _topk_sides(ctx)) + n * (ctx.k + 1) * (4 * acc + 8)
-    detail = plan_text(ctx, plan).replace("kdops._chunked.plan", "kdops._chunked.plan, one side") \
+    detail = plan_text(ctx, plan).replace("kdops.paths.chunked.plan", "kdops.paths.chunked.plan, one side") \
         + ": a float32 [chunk, V] logits buffer, G [group, V] in the weight dtype"
     notes = ("no hard-label term: with one, G is summed in float32 over the logits buffer and copied into the "
              "store (one more pass, not counted here)",
@@ -67,7 +68,7 @@ def topk_gathered(ctx: Ctx):
     """Per row chunk: W[ids] gathered and upcast ([rows, k, H] float32), s_ids = h·W[ids]ᵀ and dH = G·W[ids] by
     batched float32 products (CUDA cores), dW and db index-added into float32 accumulators, then cast."""
     n, v, h, b, acc, k = ctx.shape.tokens, ctx.shape.vocab, ctx.shape.hidden_student, ctx.b, ctx.acc, ctx.k
-    budget = _chunked.MEMORY_BUDGET if ctx.budget is None else ctx.budget
+    budget = kdops.paths.chunked.MEMORY_BUDGET if ctx.budget is None else ctx.budget
     chunk = max(1, budget // 4 // (k * h * acc))
     launches = cdiv(n, chunk)
     gathered = n * k * h

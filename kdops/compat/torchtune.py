@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .._torch_backend import chunk_rows
+from ..paths.torch_engine import chunk_rows
 from ..api import kd_loss
 
 __all__ = [

@@ -9,7 +9,7 @@ import torch
 
 from ..api import fused_linear_kd_loss, kd_loss
 from ..divergences import GeneralizedJSD, ReverseKL
-from ..reference import kl_terms, log_mix
+from ..torch_math import kl_terms, log_mix
 
 IGNORE_INDEX = -100  # TRL's, fixed
 

@@ -17,6 +17,7 @@ import functools
 import torch
 
 from ..api import fused_linear_kd_loss
+from ..taid import TAIDSchedule
 
 __all__ = [
     "distillation_loss", "DistillationTrainer", "logit_transform", "logit_multiplier", "logit_softcap",
@@ -148,8 +149,6 @@ def _trainer_class():
 
         def __init__(self, *args, teacher_model, divergence="forward_kl", temperature=1.0, hard_weight=0.0,
                      soft_weight=1.0, impl="auto", taid=None, **kwargs):
-            from ..taid import TAIDSchedule
-
             if taid is not None:
                 if not isinstance(taid, TAIDSchedule):
                     raise TypeError(f"taid: expected a kdops.TAIDSchedule, got {type(taid).__name__}")

@@ -1,34 +1,32 @@
-"""Launchers of the fused lm_head kernels (`kdops.kernels.linear`): block sizes, vocabulary splits,
-scratch groups under a memory budget. They return tensors; the math is in the kernels."""
+"""The fused lm_head kernels (`kernels/linear.py`): their inputs prepared once (`FusedProblem`), block sizes and
+vocabulary splits per GPU, the forward's launches and merge, and the backward's gradient kernel with cuBLAS
+products over vocabulary slices. They return tensors; the math is in the kernels."""
 
 from __future__ import annotations
 
 import torch
 
-from . import _launch, targets
-from ._chunked import _float32_sums, _mm_into
-from ._launch import _cdiv, _next_pow2, _rows_of, launch
-from .divergences import Canonical
+from .. import targets
+from ..divergences import Canonical
+from .common import acc_of, cdiv, kernel_modules, launch, next_pow2, rows_of, torch_acc
+from .logits import flat_labels, kind_of, staged_forward
+from .matmul import LMHeadGrads, float32_sums
 
 #: Bytes of the backward's gradient buffers: G = ∂/∂logits for every row over one vocabulary slice, in the
 #: dot dtype (16 bits for 16-bit inputs), per side whose gradients are asked for. The float32 sums of dH
 #: ([rows, H] per side) come on top, unless the hidden gradient is itself float32 or wider.
 GRADIENT_BYTES = 64 * 2**20
 
+
 #: Row blocks that the forward's programs in flight cover (its splits vary fastest, `fused_config` takes enough of
 #: them): their hidden rows, read once from HBM, stay in L2 (8 × 64 rows × (4096 + 4096) × 2 B = 8 MiB at the
 #: Llama-3 8B widths) while every split streams its weight tiles.
 FORWARD_ROW_BLOCKS_IN_FLIGHT = 8
 
+
 #: Row blocks that the backward's programs in flight walk down each vocabulary tile together (`grouped_tile`):
 #: their hidden rows and weight tiles are shared through L2.
 GROUP_ROWS = 8
-
-
-def _linear():
-    from .kernels import linear
-
-    return linear
 
 
 # GPU tiles by operand size in bytes: the two logit tiles, their gradient tiles and the per-row statistics must fit a
@@ -43,6 +41,8 @@ _GPU_TILES = {
     4: dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=8, num_stages=3, maxnreg=255),
     8: dict(BLOCK_N=32, BLOCK_V=32, BLOCK_H=16, num_warps=8, num_stages=3, maxnreg=255),
 }
+
+
 # Hopper (wgmma), 16-bit: WIDE, 128 rows × 64 columns, halves the re-reads of the weights; WIDEST, 128 × 128, halves
 # them again. Measured on an H100 at the headline (8192 × 128256 × 4096, bf16, bench/results/nvidia-h100-campaign/):
 # forward KL 190.2 ms at 64 × 64 → 135.7 ms with WIDE → 124.4 ms with the WIDEST gradient; then (0.3.5-wide-tiles/,
@@ -54,17 +54,25 @@ _GPU_TILES = {
 # traffic. The gate keeps their spills under WIDEST_SPILL_LIMIT (bench/compile.py); the specializations not measured (a
 # tile transform, the teacher's gradients too, pointer loads) keep the widths that compile without spills.
 NARROW, WIDE, WIDEST = 0, 1, 2
+
+
 _HOPPER_TILES = {WIDE: {2: dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3)},
                  WIDEST: {2: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)}}
+
+
 # The forward before Hopper (mma.sync, whose accumulator fragments take more registers than wgmma's): 16-bit
 # tiles half as wide, where the KL first pass with its centred sums spilled at 64 × 64 on sm_80; and up to 255
 # registers, where ptxas squeezed the JSD and skew second passes into 128 and spilled 8–16 B (sm_80).
 _PRE_HOPPER_FORWARD_TILES = {2: dict(_GPU_TILES[2], BLOCK_V=32, maxnreg=255)}
+
+
 # Generalized JSD holds the most live state per element (both log-probabilities and the mixture's, on both
 # sides): its float64 forward spilled 32–128 B at 32 × 32 (`python -m bench.compile`, both archs): half the
 # columns there. Its backward (`fused_gradient_kernel`, which keeps no dH / dW product in registers) fits the
 # common tiles.
 _JSD_FORWARD_TILES = {8: dict(_GPU_TILES[8], BLOCK_V=16)}
+
+
 # The tile transforms (softcaps: a tanh and its slope per element and side) in the 16-bit backward before Hopper:
 # the gradient kernel spilled 8 B at 64 × 64 with every optional term (generalized JSD, sm_80): half the rows.
 _TRANSFORM_PRE_HOPPER_BACKWARD_TILES = {2: dict(_GPU_TILES[2], BLOCK_N=32)}
@@ -108,11 +116,11 @@ def fused_config(n_rows: int, vocab: int, gpu: targets.GPU | None, dtype: torch.
         if jsd and forward:
             special = {**special, **_JSD_FORWARD_TILES}
         tiles = special.get(size, _GPU_TILES[size])
-        splits = max(2 * gpu.sm_count // _cdiv(n_rows, tiles["BLOCK_N"]), gpu.sm_count // FORWARD_ROW_BLOCKS_IN_FLIGHT)
+        splits = max(2 * gpu.sm_count // cdiv(n_rows, tiles["BLOCK_N"]), gpu.sm_count // FORWARD_ROW_BLOCKS_IN_FLIGHT)
     else:
-        tiles = dict(BLOCK_N=min(32, max(16, _next_pow2(n_rows))), BLOCK_V=128, BLOCK_H=64)
+        tiles = dict(BLOCK_N=min(32, max(16, next_pow2(n_rows))), BLOCK_V=128, BLOCK_H=64)
         splits = 3
-    split_size = _cdiv(_cdiv(vocab, splits), tiles["BLOCK_V"]) * tiles["BLOCK_V"]
+    split_size = cdiv(cdiv(vocab, splits), tiles["BLOCK_V"]) * tiles["BLOCK_V"]
     return dict(tiles, split_size=split_size, tma=tma)
 
 
@@ -131,7 +139,7 @@ def _precision(dot) -> str | None:
 
 def _side(tl, hidden, weight, gpu):
     """(hidden, its row layout, weight with unit stride along H, dot dtype, multiply dtype, precision)."""
-    hidden, layout = _rows_of(hidden)
+    hidden, layout = rows_of(hidden)
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     dot = _dot_dtype(tl, hidden, weight)
@@ -145,7 +153,7 @@ class FusedProblem:
 
     def __init__(self, hs, ws, bs, ht, wt, bt, labels, canon: Canonical, inv_temp: float, vocab: int, soft: float,
                  hard: float, shards=None):
-        tl, *_ = _launch._kernels()
+        tl = kernel_modules().tl
         self.n_rows = hs.numel() // hs.shape[-1]
         self.vocab, self.canon = vocab, canon
         self.gpu = targets.of_device(hs.device)
@@ -154,13 +162,13 @@ class FusedProblem:
         self.bs, self.bt = bs, bt
         self.shards = shards
         # Global token ids (the labels' range check), and as indices into this rank's vocabulary shard.
-        self.global_labels = _launch.flat_labels(labels, hard)
+        self.global_labels = flat_labels(labels, hard)
         self.labels = self.global_labels if shards is None else shards.local_labels(self.global_labels)
-        self.acc = _launch._acc(tl, hs, ws, bs, ht, wt, bt)
+        self.acc = acc_of(tl, hs, ws, bs, ht, wt, bt)
         # The widest matmul operand dtype of the two sides: it decides the tiles (`fused_config`).
         self.dot_dtypes = (torch.promote_types(hs.dtype, ws.dtype), torch.promote_types(ht.dtype, wt.dtype))
         self.dot_dtype = torch.promote_types(*self.dot_dtypes)
-        kind, self.two_pass = _launch.kind_of(canon)
+        kind, self.two_pass = kind_of(canon)
         self.jsd = canon.kind.name == "JSD"  # its kernels take narrower tiles (`fused_config`)
         self.device = hs.device
         self.shape_args = (self.hs.shape[-1], self.ht.shape[-1])
@@ -191,7 +199,7 @@ class FusedProblem:
         (hs, ws, ht, wt) as they take them: tensor descriptors (TMA) where `config["tma"]` asks for them and
         every operand allows them (`tma_operands`), else the tensors, read without masks where BLOCK_H divides
         both hidden sizes."""
-        linear = _linear()
+        linear = kernel_modules().linear
         block_n, block_v, block_h = config["BLOCK_N"], config["BLOCK_V"], config["BLOCK_H"]
         matrices = self.tma_operands if config.get("tma") else None
         if matrices is not None:
@@ -204,7 +212,7 @@ class FusedProblem:
 
     @property
     def acc_dtype(self) -> torch.dtype:
-        return _launch._acc_torch(self.acc)
+        return torch_acc(self.acc)
 
     eager = False  # gradients need the final statistics: they are computed in the backward
 
@@ -241,26 +249,26 @@ def _tma_matrix(x: torch.Tensor, dot: torch.dtype) -> torch.Tensor | None:
 def fused_forward(problem: FusedProblem):
     """Per-row losses soft·D + hard·CE [rows] and statistics [rows, NUM_STATS] (of the group's vocabulary
     under `problem.shards`)."""
-    linear = _linear()
+    linear = kernel_modules().linear
     n = problem.n_rows
     config = problem.config(forward=True)
     loads, operands = problem.operands(config)
     split_size = config.pop("split_size")
     config.pop("tma", None)
-    n_splits = _cdiv(problem.vocab, split_size)
+    n_splits = cdiv(problem.vocab, split_size)
     inputs, labels = problem.pointers(problem.hs, operands)
 
     def launch_pass(second, partial, stats):
         launch(
-            linear.fused_forward_kernel, (n_splits, _cdiv(n, config["BLOCK_N"])), *inputs, labels, partial, stats,
+            linear.fused_forward_kernel, (n_splits, cdiv(n, config["BLOCK_N"])), *inputs, labels, partial, stats,
             n, problem.vocab, *problem.shape_args, split_size, n_splits, *problem.layout_args, *problem.scalars,
             SECOND_PASS=second, LOADS=loads, **problem.constexprs, **config,
         )
 
     shards = problem.shards
-    return _launch.staged_forward(launch_pass, n, n_splits, problem.canon, *problem.weights, problem.global_labels,
-                                  problem.vocab if shards is None else shards.vocab, problem.constexprs,
-                                  problem.device, shards)
+    return staged_forward(launch_pass, n, n_splits, problem.canon, *problem.weights, problem.global_labels,
+                          problem.vocab if shards is None else shards.vocab, problem.constexprs,
+                          problem.device, shards)
 
 
 def slice_columns(n_rows: int, vocab: int, block_v: int, bytes_per_column_row: int) -> int:
@@ -268,12 +276,7 @@ def slice_columns(n_rows: int, vocab: int, block_v: int, bytes_per_column_row: i
     whose gradients are asked for, `bytes_per_column_row` bytes per row and column) take at most
     GRADIENT_BYTES; at least one tile."""
     columns = GRADIENT_BYTES // max(1, n_rows * bytes_per_column_row) // block_v * block_v
-    return min(max(block_v, columns), _cdiv(vocab, block_v) * block_v)
-
-
-def _matrix(hidden: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """Hidden states as a [rows, width] matrix of `dtype` (copied only where a view cannot be taken)."""
-    return hidden.reshape(-1, width).to(dtype)
+    return min(max(block_v, columns), cdiv(vocab, block_v) * block_v)
 
 
 def fused_backward(problem: FusedProblem, stats, row_scale, needs):
@@ -285,11 +288,11 @@ def fused_backward(problem: FusedProblem, stats, row_scale, needs):
     (summed in float32, rounded once), db[slice] = Σ_rows G, and dH += G·W[slice] is summed over the slices in
     float32 (the gradient itself when it is float32 or wider). Under `problem.shards` the hidden gradients
     are summed over the group while still float32 sums and rounded once."""
-    linear = _linear()
+    linear = kernel_modules().linear
     device, acc_dtype = problem.device, problem.acc_dtype
     n, vocab = problem.n_rows, problem.vocab
-    sides = _SideGrads.both((problem.hs, problem.ht), (problem.ws, problem.wt), (problem.bs, problem.bt), n, needs,
-                            problem.dot_dtypes, acc_dtype)
+    sides = LMHeadGrads.both((problem.hs, problem.ht), (problem.ws, problem.wt), (problem.bs, problem.bt), n, needs,
+                             problem.dot_dtypes, acc_dtype)
     if n == 0 or not any(side.any for side in sides):
         return tuple(g for side in sides for g in side.results())
 
@@ -304,62 +307,15 @@ def fused_backward(problem: FusedProblem, stats, row_scale, needs):
     inputs, labels = problem.pointers(stats, operands)
     for start in range(0, vocab, width):
         end = min(vocab, start + width)
-        grid = (_cdiv(n, block_n) * _cdiv(end - start, block_v),)
+        grid = (cdiv(n, block_n) * cdiv(end - start, block_v),)
         launch(linear.fused_gradient_kernel, grid, *inputs, labels, stats, row_scale,
                *(stats if b is None else b for b in buffers), n, start, end, width, *problem.shape_args,
                *problem.layout_args, *problem.scalars, *problem.weights, STORE_S=sides[0].any, STORE_T=sides[1].any,
                GROUP_ROWS=GROUP_ROWS, LOADS=loads, **problem.constexprs, **config)
-        with _float32_sums():
+        with float32_sums():
             for side, g in zip(sides, buffers):
                 if side.any:
                     side.add_slice(g[:, :end - start], start, end)
     if problem.shards is not None:  # this rank's part of a sum over the vocabulary: summed in float32
         problem.shards.reduce_hidden(sides[0].hidden_sums, sides[1].hidden_sums)
     return tuple(g for side in sides for g in side.results())
-
-
-class _SideGrads:
-    """One model's gradients in the fused backward: dH summed over the vocabulary slices in float32 (or in the
-    gradient itself, when that is float32 or wider), dW and db written slice by slice."""
-
-    def __init__(self, hidden, weight, bias, n, need_h, need_w, need_b, dot, acc_dtype):
-        device = weight.device
-        self.width = hidden.shape[-1]
-        self.hidden, self.weight, self.dot, self.acc_dtype = hidden, weight, dot, acc_dtype
-        self.any = need_h or need_w or need_b
-        self.grad_h = torch.zeros((n, self.width), dtype=hidden.dtype, device=device) if need_h else None
-        wider = need_h and hidden.dtype.itemsize >= acc_dtype.itemsize
-        self.hidden_sums = self.grad_h if wider or not need_h else torch.zeros((n, self.width), dtype=acc_dtype,
-                                                                              device=device)
-        self.grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=device) if need_w else None
-        self.grad_b = torch.zeros(bias.shape, dtype=bias.dtype, device=device) if need_b else None
-        self._matrix = None
-
-    @classmethod
-    def both(cls, hidden, weights, biases, n, needs, dots, acc_dtype) -> list:
-        """The student's and the teacher's, from pairs and `needs` = (hs, ws, bs, ht, wt, bt) flags."""
-        return [cls(h, w, b, n, needs[3 * i], needs[3 * i + 1], needs[3 * i + 2] and b is not None, dot, acc_dtype)
-                for i, (h, w, b, dot) in enumerate(zip(hidden, weights, biases, dots))]
-
-    def add_slice(self, g: torch.Tensor, start: int, end: int) -> None:
-        """The contributions of G = ∂/∂logits[:, start:end] (in the dot dtype) to dH, dW[start:end], db[start:end]."""
-        if self.grad_w is not None:
-            if self._matrix is None:
-                self._matrix = _matrix(self.hidden, self.width, self.dot)
-            out = self.grad_w[start:end]
-            # cuBLAS sums 16-bit products in float32 and rounds once into a 16-bit output; elsewhere (CPU, or a
-            # gradient dtype other than the operands') the float32 product is rounded by a copy.
-            if out.dtype == g.dtype and (g.is_cuda or out.dtype.itemsize >= self.acc_dtype.itemsize):
-                _mm_into(g.t(), self._matrix, out)
-            else:
-                product = torch.empty(out.shape, dtype=self.acc_dtype, device=g.device)
-                out.copy_(_mm_into(g.t(), self._matrix, product))
-        if self.grad_b is not None:
-            self.grad_b[start:end] = g.sum(0, dtype=self.acc_dtype)
-        if self.hidden_sums is not None:
-            _mm_into(g, self.weight[start:end].to(self.dot), self.hidden_sums, accumulate=True)
-
-    def results(self):
-        if self.grad_h is not None and self.hidden_sums is not self.grad_h:
-            self.grad_h.copy_(self.hidden_sums)
-        return self.grad_h, self.grad_w, self.grad_b

@@ -1,9 +1,9 @@
-"""impl="chunked" (Triton) and backend="torch" of the fused API: token chunks with float32 logits.
+"""fused_linear_kd_loss's impl="chunked" (Triton) and backend="torch": token chunks with float32 logits.
 
 Per chunk of C rows: the logits of both models by matmuls into reused float32 [C, V] buffers (on CUDA,
 cuBLAS with a float32 output: no bf16 rounding before the softmax); the loss and the logit gradient
 G = ∂ℓ/∂logits of the chunk from them, by the kernels on logits (engine "triton", which write G straight in
-the weight's dtype) or by the reference math under autograd (engine "torch"). G is kept, in the weight's
+the weight's dtype) or by the torch math under autograd (engine "torch"). G is kept, in the weight's
 dtype, for a *group* of rows (several chunks); per group, dH[group] = G·W and dW += Gᵀ·h[group] by one
 matmul each.
 
@@ -19,26 +19,25 @@ chunks thinner than MIN_CHUNK_ROWS (a budget too small for that is exceeded).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from . import _launch
-from .parallel import vocab_parallel_rows
-from .reference import compute_dtype, linear_kd_rows
+from ..launchers.common import empty
+from ..launchers.logits import logits_backward, logits_forward
+from ..launchers.matmul import DW_SLICE_BYTES, LMHead
+from ..torch_math import compute_dtype, linear_kd_rows
+from .torch_engine import vocab_parallel_rows
 
 #: Default extra memory of the chunked path, in bytes (`memory_budget` of the fused API overrides it): the
 #: chunk's logits, the group's G and the weight gradients' float32 accumulators.
 MEMORY_BUDGET = 4 * 2**30
 
+
 #: The fewest rows per chunk (or every row): thinner chunks re-read both weights for too few rows. Below it a
 #: single group gives way to several (a float32 accumulator), and a budget too small for either is exceeded.
 MIN_CHUNK_ROWS = 256
 
-#: Bytes of the float32 [slice, H] product a one-group weight gradient is computed through off CUDA, slice by
-#: slice of the vocabulary, before its one rounding to the weight dtype (cuBLAS writes it directly).
-DW_SLICE_BYTES = 64 * 2**20
 
 # Float32 [C, V] temporaries of the torch engine's autograd, on top of the two logits buffers (JSD, the
 # worst divergence, peaks at 14; tests/test_memory.py checks the bound).
@@ -135,108 +134,6 @@ def plan(n_rows: int, vocab: int, engine: str, acc_dtype: torch.dtype, sides, bu
     return Plan(chunk, group, group < n_rows)
 
 
-@contextlib.contextmanager
-def _float32_sums():
-    """cuBLAS sums 16-bit products in float32 (PyTorch's CUBLAS_COMPUTE_32F); its split-K partial sums stay
-    float32 too only while PyTorch's reduced-precision reductions are off: off for the duration."""
-    flags = torch.backends.cuda.matmul
-    saved = flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction
-    flags.allow_bf16_reduced_precision_reduction = flags.allow_fp16_reduced_precision_reduction = False
-    try:
-        yield
-    finally:
-        flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction = saved
-
-
-def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
-    """out = a · b (or out += a · b) in out's dtype, for a, b of one dtype, with every product summed in out's
-    dtype: cuBLAS with a float32 output for bf16 / fp16 on CUDA; elsewhere the operands upcast, which
-    multiplies the same rounded values exactly."""
-    if a.dtype != out.dtype and not a.is_cuda:
-        a, b = a.to(out.dtype), b.to(out.dtype)
-    if a.dtype == out.dtype:
-        return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
-    if accumulate:
-        return torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
-    return torch.mm(a, b, out_dtype=out.dtype, out=out)
-
-
-class _Side:
-    """One model's lm_head over the shared vocabulary, with row access to its hidden states."""
-
-    def __init__(self, hidden, weight, bias, vocab: int, acc_dtype: torch.dtype):
-        self.width, self.weight_rows = hidden.shape[-1], weight.shape[0]
-        self.weight = weight[:vocab]
-        self.bias = None if bias is None else bias[:vocab]
-        self.leading = hidden.shape[:-1]
-        try:
-            self.flat = hidden.view(-1, self.width)
-        except RuntimeError:  # a strided view such as hidden[:, :-1]: chunks are gathered, never the whole
-            self.flat = None
-        self.hidden = hidden
-        self.acc_dtype = acc_dtype
-        # The matmul's operands: one dtype, float32 output. Where cuBLAS cannot produce that directly
-        # (CPU, or mixed dtypes), the weight is upcast once per pass.
-        fast = hidden.dtype == self.weight.dtype and (hidden.dtype == acc_dtype or hidden.is_cuda)
-        self.mm_dtype = hidden.dtype if fast else acc_dtype
-        self._mm_weight = self.weight if fast else None
-
-    @property
-    def mm_weight(self) -> torch.Tensor:
-        if self._mm_weight is None:
-            self._mm_weight = self.weight.to(self.mm_dtype)
-        return self._mm_weight
-
-    def rows(self, start: int, end: int) -> torch.Tensor:
-        if self.flat is not None:
-            return self.flat[start:end]
-        index = torch.arange(start, end, device=self.hidden.device)
-        return self.hidden[torch.unravel_index(index, self.leading)]
-
-    def logits(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        _mm_into(h.to(self.mm_dtype), self.mm_weight.t(), out)
-        if self.bias is not None:
-            out += self.bias
-        return out
-
-    def needs(self, need_h: bool, need_w: bool, need_b: bool) -> SideNeeds:
-        return SideNeeds(self.weight.dtype, self.width, need_h or need_w or need_b, need_w)
-
-    def backprop(self, h, g, r0: int, r1: int, grad_h, grad_w, accumulate: bool, shards=None) -> None:
-        """Add a group's logit gradient g [rows, V] (in the weight's dtype, for the tensor cores) into the
-        hidden and weight gradients, products summed in float32 (ACC): dH[r0:r1] = g·W, rounded once;
-        dW += gᵀ·h into a float32 accumulator (`accumulate`: several groups, cast once by the caller), or
-        with a single group dW = gᵀ·h rounded once (by cuBLAS; elsewhere vocabulary slice by slice
-        through a float32 product).
-        Under `shards` the group's dH is this rank's part of a sum over the vocabulary: it is summed over
-        the group of ranks in float32 too, then rounded once."""
-        if grad_h is not None:
-            if shards is not None and shards.reduce_hidden_grad:
-                part = _mm_into(g, self.weight, torch.empty((r1 - r0, self.width), dtype=self.acc_dtype,
-                                                             device=g.device))
-                grad_h[r0:r1] = shards.all_reduce_sum(part)
-            elif grad_h.dtype == g.dtype:
-                with _float32_sums():
-                    torch.mm(g, self.weight, out=grad_h[r0:r1])
-            else:
-                grad_h[r0:r1] = torch.mm(g, self.weight)
-        if grad_w is None:
-            return
-        h = h.to(self.weight.dtype)
-        if accumulate or grad_w.dtype == self.acc_dtype:
-            _mm_into(g.t(), h, grad_w[: g.shape[1]], accumulate=accumulate)
-            return
-        if g.is_cuda:  # float32 sums, one rounding to grad_w's dtype
-            with _float32_sums():
-                torch.mm(g.t(), h, out=grad_w[: g.shape[1]])
-            return
-        step = max(1, DW_SLICE_BYTES // (self.width * self.acc_dtype.itemsize))
-        product = torch.empty((min(step, g.shape[1]), self.width), dtype=self.acc_dtype, device=g.device)
-        for v0 in range(0, g.shape[1], step):
-            v1 = min(v0 + step, g.shape[1])
-            grad_w[v0:v1] = _mm_into(g[:, v0:v1].t(), h, product[: v1 - v0])
-
-
 class ChunkedProblem:
     """The inputs of one fused-linear loss, prepared for chunked passes."""
 
@@ -244,8 +141,8 @@ class ChunkedProblem:
                  hard: float, ignore_index: int, engine: str, budget: int | None, shards=None, softcaps=(None, None)):
         self.acc_dtype = compute_dtype(hs, ws, ht, wt)
         self.softcaps = softcaps
-        self.student = _Side(hs, ws, bs, vocab, self.acc_dtype)
-        self.teacher = _Side(ht, wt, bt, vocab, self.acc_dtype)
+        self.student = LMHead(hs, ws, bs, vocab, self.acc_dtype)
+        self.teacher = LMHead(ht, wt, bt, vocab, self.acc_dtype)
         self.sides = (self.student, self.teacher)
         self._options(hs, labels, divergence, temperature, vocab, soft, hard, ignore_index, engine, budget, shards)
 
@@ -260,7 +157,8 @@ class ChunkedProblem:
     def _sides(self, needs):
         """The plan's width and one SideNeeds per side, from `needs` (dH, dW, db per side, in order)."""
         width = self.vocab if self.shards is None else self.shards.max_width
-        return width, tuple(side.needs(*needs[3 * i: 3 * i + 3]) for i, side in enumerate(self.sides))
+        return width, tuple(SideNeeds(side.weight.dtype, side.width, any(needs[3 * i: 3 * i + 3]), needs[3 * i + 1])
+                            for i, side in enumerate(self.sides))
 
     def plan(self, needs) -> Plan:
         """The chunks and groups for the gradients `needs` (hs, ws, bs, ht, wt, bt) asks for. Under vocabulary
@@ -299,17 +197,17 @@ class ChunkedProblem:
         need_s, need_t = out_s is not None, out_t is not None
         if self.engine == "triton":
             canon, inv_temp = self.divergence.canonical().with_softcaps(*self.softcaps), 1.0 / self.temperature
-            loss, stats = _launch.logits_forward(zs, zt, labels, canon, inv_temp, self.soft, self.hard, self.shards)
+            loss, stats = logits_forward(zs, zt, labels, canon, inv_temp, self.soft, self.hard, self.shards)
             if need_s or need_t:
-                _launch.logits_backward(zs, zt, labels, stats, scale, canon, inv_temp, need_s, need_t, self.soft,
-                                        self.hard, out_s=out_s, out_t=out_t, shards=self.shards)
+                logits_backward(zs, zt, labels, stats, scale, canon, inv_temp, need_s, need_t, self.soft,
+                                self.hard, out_s=out_s, out_t=out_t, shards=self.shards)
             return loss, out_s, out_t
         if not (need_s or need_t):
             with torch.no_grad():
-                return self._reference_rows(zs, zt, labels), None, None
+                return self._torch_rows(zs, zt, labels), None, None
         zs, zt = zs.detach().requires_grad_(need_s), zt.detach().requires_grad_(need_t)
         with torch.enable_grad():
-            loss = self._reference_rows(zs, zt, labels)
+            loss = self._torch_rows(zs, zt, labels)
             inputs = [z for z, need in ((zs, need_s), (zt, need_t)) if need]
             # (TAID at t = 0 leaves the teacher out of the graph: a zero gradient)
             grads = list(torch.autograd.grad(loss, inputs, scale, allow_unused=True, materialize_grads=True))
@@ -318,7 +216,7 @@ class ChunkedProblem:
         g_t = torch.where(live, grads.pop(0), 0.0) if need_t else None
         return loss.detach(), g_s, g_t
 
-    def _reference_rows(self, zs, zt, labels):
+    def _torch_rows(self, zs, zt, labels):
         if self.shards is None:
             return linear_kd_rows(zs, zt, labels, self.divergence, self.temperature, self.soft, self.hard,
                                   self.ignore_index, self.softcaps)
@@ -352,19 +250,19 @@ class ChunkedProblem:
         device, acc = self.device, self.acc_dtype
         plan = self.plan(tuple(f for a in asked for f in a) + (False,) * (self.num_inputs - 3 * len(sides)))
 
-        def zeros(shape, dtype, need):
+        def zeros_if(shape, dtype, need):
             return torch.zeros(shape, dtype=dtype, device=device) if need else None
 
-        def empty(shape, dtype, need):
+        def empty_if(shape, dtype, need):
             return torch.empty(shape, dtype=dtype, device=device) if need else None
 
-        grad_h = [empty((self.n_rows, side.width), side.hidden.dtype, a[0]) for side, a in zip(sides, asked)]
+        grad_h = [empty_if((self.n_rows, side.width), side.hidden.dtype, a[0]) for side, a in zip(sides, asked)]
         grad_w = [self._weight_grad(side, plan.accumulate) if a[1] else None for side, a in zip(sides, asked)]
-        grad_b = [zeros((self.vocab,), acc, a[2]) for a in asked]
+        grad_b = [zeros_if((self.vocab,), acc, a[2]) for a in asked]
         rows = torch.empty(self.n_rows, dtype=acc, device=device)
         chunk, group = plan.chunk, plan.group
         buffers = [torch.empty((chunk, self.vocab), dtype=acc, device=device) for _ in sides]
-        stores = [empty((group, self.vocab), side.weight.dtype, k) for side, k in zip(sides, keep)]
+        stores = [empty_if((group, self.vocab), side.weight.dtype, k) for side, k in zip(sides, keep)]
         for g0 in range(0, self.n_rows, group):
             g1 = min(g0 + group, self.n_rows)
             for r0 in range(g0, g1, chunk):
@@ -392,20 +290,20 @@ class ChunkedProblem:
             out += [g_h, _cast(g_w, side.weight.dtype), self._bias_grad(g_b, side)]
         return rows, tuple(out + [None] * (self.num_inputs - len(out)))
 
-    def _weight_grad(self, side: _Side, accumulate: bool) -> torch.Tensor:
+    def _weight_grad(self, side: LMHead, accumulate: bool) -> torch.Tensor:
         """Where a side's weight gradient is summed: over several groups, a float32 (ACC) accumulator of zeros,
         rounded once at the end; with a single group, the gradient itself, whose rows of the shared vocabulary
-        `_Side.backprop` writes once (only the padding rows past it are zeroed here: a zero fill of the whole
+        `LMHead.backprop` writes once (only the padding rows past it are zeroed here: a zero fill of the whole
         [V, H] gradient costs a pass over it, 0.3 ms at V = 128256, H = 4096 in bf16)."""
         shape = (side.weight_rows, side.width)
         if accumulate or self.n_rows == 0:  # no rows: no group writes it
             return torch.zeros(shape, dtype=self.acc_dtype if accumulate else side.weight.dtype, device=self.device)
-        grad = _launch._empty(shape, side.weight.dtype, self.device)  # NaN under the tests: every row must be written
+        grad = empty(shape, side.weight.dtype, self.device)  # NaN under the tests: every row must be written
         grad[self.vocab:].zero_()
         return grad
 
     @staticmethod
-    def _bias_grad(g, side: _Side):
+    def _bias_grad(g, side: LMHead):
         """The float32 sums over the shared vocabulary as a gradient of the whole bias (zeros past it)."""
         if g is None:
             return None

@@ -4,10 +4,10 @@ Per slice [v0, v1): both models' logits for every row by cuBLAS into float32 [N,
 path computes a token chunk's), and the kernels on logits on them:
 
 * forward: each slice's partial per-row state — the stage that vocabulary-parallel ranks compute for their
-  shards — merged over the slices like the fused kernels' vocabulary splits (`_launch.staged_forward`);
+  shards — merged over the slices like the fused kernels' vocabulary splits (`kdops.launchers.logits.staged_forward`);
 * backward: the logits recomputed slice by slice, the gradient kernel writing the slice's G = ∂ℓ/∂logits in
   the matmul operands' dtype, then cuBLAS: dW[slice] = Gᵀ·h over every row (summed in float32, rounded once)
-  and dH += G·W[slice] into float32 sums (`_fused._SideGrads`, shared with the fused path).
+  and dH += G·W[slice] into float32 sums (`kdops.launchers.matmul.LMHeadGrads`, shared with the fused path).
 
 Under vocabulary parallelism (`shards`) each rank slices its own shard; the slices' partial states are merged
 and combined over the group as the fused kernels' splits are, and the hidden gradients summed over the group
@@ -20,19 +20,29 @@ from __future__ import annotations
 
 import torch
 
-from . import _launch
-from ._chunked import _float32_sums, _mm_into, _Side
-from ._fused import _SideGrads
-from ._launch import _cdiv, launch
-from .divergences import Canonical
-from .parallel import labels_in_range
+from .. import targets
+from ..divergences import Canonical
+from ..launchers.common import cdiv, kernel_modules, launch
+from ..launchers.logits import (
+    flat_labels,
+    logits_args,
+    logits_backward,
+    logits_config,
+    logits_constexprs,
+    staged_forward,
+)
+from ..launchers.matmul import LMHead, LMHeadGrads, float32_sums, mm_into
+from ..parallel import labels_in_range
+from ..torch_math import compute_dtype
 
 #: Default bytes of one slice's buffers: both float32 logits and the logit gradients kept for dW and dH.
 SLICE_BYTES = 64 * 2**20
 
+
 #: Rows per chunk of the forward (each chunk re-reads the weights): its partial states, one per row and slice,
 #: stay bounded whatever the number of rows.
 FORWARD_ROWS = 4096
+
 
 #: Columns of a slice are a multiple of this (and at least this many, whatever the budget).
 SLICE_ALIGN = 128
@@ -69,14 +79,12 @@ def _contiguous(buffer: torch.Tensor, n_rows: int, width: int) -> torch.Tensor:
 
 class SlicedProblem:
     """The inputs of one fused-linear loss, prepared for vocabulary slices (the `FusedLinearKDFunction`
-    protocol of `_fused.FusedProblem`: statistics from the forward, gradients in the backward)."""
+    protocol of `kdops.launchers.linear.FusedProblem`: statistics from the forward, gradients in the backward)."""
 
     eager = False
 
     def __init__(self, hs, ws, bs, ht, wt, bt, labels, canon: Canonical, inv_temp: float, vocab: int, soft: float,
                  hard: float, budget: int | None = None, shards=None):
-        from .reference import compute_dtype
-
         self.acc_dtype = compute_dtype(hs, ws, ht, wt)
         self.n_rows = hs.numel() // hs.shape[-1]
         self.vocab, self.canon, self.inv_temp, self.soft, self.hard = vocab, canon, inv_temp, soft, hard
@@ -86,7 +94,7 @@ class SlicedProblem:
         self.dot_dtypes = tuple(torch.promote_types(h.dtype, w.dtype) for h, w in ((hs, ws), (ht, wt)))
         # Global token ids (the range check of the merge), and as indices into this rank's vocabulary shard
         # under `shards` (`kdops.parallel.VocabShards`: then `vocab` is the shard's width).
-        self.global_labels = _launch.flat_labels(labels, hard)
+        self.global_labels = flat_labels(labels, hard)
         self.labels = self.global_labels if shards is None else shards.local_labels(self.global_labels)
         self.shards = shards
         self.budget = budget
@@ -103,7 +111,7 @@ class SlicedProblem:
     def _operands(self):
         """Per side, for one pass: (the lm_head, its hidden states as a [rows, H] matrix in the matmul dtype).
         Made anew per pass, so that no upcast copy (off CUDA, or mixed dtypes) lives from forward to backward."""
-        sides = [_Side(h, w, b, self.vocab, self.acc_dtype) for h, w, b in zip(self.hidden, self.weights, self.biases)]
+        sides = [LMHead(h, w, b, self.vocab, self.acc_dtype) for h, w, b in zip(self.hidden, self.weights, self.biases)]
         return [(side, side.rows(0, self.n_rows).to(side.mm_dtype)) for side in sides]
 
     def _logits(self, operands, start: int, end: int, buffers, rows=None):
@@ -113,7 +121,7 @@ class SlicedProblem:
         for (side, hidden), buffer in zip(operands, buffers):
             h = hidden if rows is None else hidden[rows]
             z = _contiguous(buffer, h.shape[0], end - start)
-            _mm_into(h, side.mm_weight[start:end].t(), z)
+            mm_into(h, side.mm_weight[start:end].t(), z)
             if side.bias is not None:
                 z += side.bias[start:end]
             out.append(z)
@@ -126,10 +134,10 @@ class SlicedProblem:
         """Per-row losses [rows] and statistics [rows, NUM_STATS]: per chunk of at most FORWARD_ROWS rows, each
         slice's partial state, then their merge (so that the partial states, [rows, slices, NUM_PARTIAL], stay
         bounded whatever the number of rows)."""
-        tl = _launch._kernels()[0]
-        constexprs = _launch.logits_constexprs(self.canon, self.hard,
-                                               tl.float64 if self.acc_dtype == torch.float64 else tl.float32)
-        num_stats = _launch._kernels()[2].NUM_STATS.value
+        tl = kernel_modules().tl
+        constexprs = logits_constexprs(self.canon, self.hard,
+                                       tl.float64 if self.acc_dtype == torch.float64 else tl.float32)
+        num_stats = kernel_modules().logits.NUM_STATS.value
         loss = torch.empty((self.n_rows,), dtype=self.acc_dtype, device=self.device)
         stats = torch.empty((self.n_rows, num_stats), dtype=self.acc_dtype, device=self.device)
         operands = self._operands() if self.n_rows else None
@@ -141,7 +149,7 @@ class SlicedProblem:
         for r0 in range(0, self.n_rows, max(chunk, 1)):  # under `shards`, every rank has the same rows and chunks
             rows = slice(r0, min(self.n_rows, r0 + chunk))
             labels, local = (None, None) if self.labels is None else (self.global_labels[rows], self.labels[rows])
-            loss[rows], stats[rows] = _launch.staged_forward(
+            loss[rows], stats[rows] = staged_forward(
                 self._partials(operands, rows, local, slices, buffers), rows.stop - r0, len(slices), self.canon,
                 self.soft, self.hard, labels, vocab, constexprs, self.device, self.shards)
         return loss, [stats]
@@ -149,7 +157,7 @@ class SlicedProblem:
     def _partials(self, operands, rows: slice, labels, slices, buffers):
         """`staged_forward`'s launch_pass for a chunk of rows: slice by slice, the logits and their partial state
         (the kernels' stage for a vocabulary shard) into partial[:, slice]."""
-        logits_kernels = _launch._kernels()[2]
+        logits_kernels = kernel_modules().logits
         n_rows = rows.stop - rows.start
 
         def launch_pass(second, partial, stats):
@@ -157,11 +165,11 @@ class SlicedProblem:
             stage = logits_kernels.SECOND_PARTIAL if second else logits_kernels.FIRST_PARTIAL
             for j, (start, end) in enumerate(slices):
                 s, t = self._logits(operands, start, end, buffers, rows)
-                s, t, local, args, constexprs, two_pass = _launch._logits_args(
+                s, t, local, args, constexprs, two_pass = logits_args(
                     s, t, labels, self.canon, self.inv_temp, self.soft, self.hard, VocabSlice(start, end))
-                config = _launch.logits_config(n_rows, end - start, _launch.targets.of_device(self.device),
-                                               self.acc_dtype, self.canon.transform, forward=True)
-                launch(logits_kernels.kd_logits_forward_kernel, (_cdiv(n_rows, config["BLOCK_R"]),), s, t,
+                config = logits_config(n_rows, end - start, targets.of_device(self.device),
+                                       self.acc_dtype, self.canon.transform, forward=True)
+                launch(logits_kernels.kd_logits_forward_kernel, (cdiv(n_rows, config["BLOCK_R"]),), s, t,
                        stats if local is None else local, stats, stats, part, n_rows, *args, TWO_PASS=two_pass,
                        STAGE=stage, **constexprs, **config)
                 partial[:, j] = part[:, 0]
@@ -171,8 +179,8 @@ class SlicedProblem:
     def backward(self, saved, row_scale, needs):
         """Gradients (hs, ws, bs, ht, wt, bt) of Σ_r row_scale[r]·loss[r], slice by slice."""
         (stats,) = saved
-        grads = _SideGrads.both(self.hidden, self.weights, self.biases, self.n_rows, needs, self.dot_dtypes,
-                                self.acc_dtype)
+        grads = LMHeadGrads.both(self.hidden, self.weights, self.biases, self.n_rows, needs, self.dot_dtypes,
+                                 self.acc_dtype)
         if self.n_rows == 0 or not any(g.any for g in grads):
             return tuple(x for g in grads for x in g.results())
         sums = sum(g.hidden_sums.numel() * g.hidden_sums.element_size() for g in grads
@@ -186,10 +194,10 @@ class SlicedProblem:
         for start, end in self.slices(width):
             s, t = self._logits(operands, start, end, logits_buffers)
             outs = [None if b is None else _contiguous(b, self.n_rows, end - start) for b in grad_buffers]
-            _launch.logits_backward(s, t, self.labels, stats, row_scale, self.canon, self.inv_temp, grads[0].any,
-                                    grads[1].any, self.soft, self.hard, out_s=outs[0], out_t=outs[1],
-                                    shards=VocabSlice(start, end))
-            with _float32_sums():
+            logits_backward(s, t, self.labels, stats, row_scale, self.canon, self.inv_temp, grads[0].any,
+                            grads[1].any, self.soft, self.hard, out_s=outs[0], out_t=outs[1],
+                            shards=VocabSlice(start, end))
+            with float32_sums():
                 for g, out in zip(grads, outs):
                     if g.any:
                         g.add_slice(out, start, end)
