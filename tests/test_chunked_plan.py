@@ -16,7 +16,7 @@ GEMMA = (8192, 256000, 2304, 2304)
 
 @pytest.fixture
 def real_floor(monkeypatch):
-    monkeypatch.setattr(kdops.paths.chunked, "MIN_CHUNK_ROWS", 256)
+    monkeypatch.setattr(chunked, "MIN_CHUNK_ROWS", 256)
 
 
 def _plan(shape, budget, dtype=torch.bfloat16, teacher_grads=False, engine="triton"):
