@@ -88,6 +88,17 @@ def test_num_items_in_batch_and_tied_embeddings():
                  _loss_and_grads(reference_loss, student, teacher, b, num_items_in_batch=100))
 
 
+def test_decoders_run_without_a_key_value_cache():
+    """Both models' decoders are called with use_cache=False: no layer's keys and values are kept for the loss."""
+    student, teacher = tiny(seed=2), tiny(hidden=48, seed=3)
+    seen = []
+    for model in (student, teacher):
+        model.get_decoder().register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs.get("use_cache")),
+                                                      with_kwargs=True)
+    kd_tf.distillation_loss(student, teacher, batch(seed=4)).backward()
+    assert seen == [False, False]
+
+
 def test_label_shift():
     labels = torch.tensor([[5, 6, 7], [-100, 8, 9]])
     assert kd_tf.shift_labels(labels).tolist() == [[6, 7, -100], [8, 9, -100]]

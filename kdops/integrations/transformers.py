@@ -77,7 +77,9 @@ def logit_softcap(model) -> float | None:
 
 
 def final_hidden_and_head(model, input_ids, attention_mask=None):
-    """(final hidden states [B, L, H] with the logit multiplier folded in, lm_head weight, lm_head bias)."""
+    """(final hidden states [B, L, H] with the logit multiplier folded in, lm_head weight, lm_head bias). The
+    decoder runs without its key-value cache (`use_cache=False`): a loss reads each position once, and a cache
+    would hold every layer's keys and values for nothing (half a gigabyte for an 8B teacher at 4096 tokens)."""
     lm = _unwrap(model)
     head = lm.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
@@ -88,9 +90,10 @@ def final_hidden_and_head(model, input_ids, attention_mask=None):
         # A DistributedDataParallel wrapper: its forward must run, or its hooks never average the
         # gradients. The whole model runs, with logits for the last position only.
         hidden = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                       logits_to_keep=1).hidden_states[-1]
+                       logits_to_keep=1, use_cache=False).hidden_states[-1]
     else:
-        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                  use_cache=False).last_hidden_state
     if multiplier != 1.0:
         hidden = hidden * multiplier
     return hidden, head.weight, head.bias
