@@ -90,12 +90,14 @@ def make_inputs(case: Case, device) -> Inputs:
 @dataclass
 class Phases:
     """What a competitor runs: forward() → state, backward(state). `total`, when given, is a single pass
-    timed as the total instead of forward then backward. `loss` marks a loss whose memory is measured."""
+    timed as the total instead of forward then backward. `loss` marks a loss whose memory is measured; `detail`
+    says how it was built where that varies (the floor's variant), and goes into its Result."""
 
     forward: Callable[[], Any]
     backward: Callable[[Any], Any]
     total: Callable[[], Any] | None = None
     loss: bool = False
+    detail: str = ""
 
     @classmethod
     def of_loss(cls, loss_fn: Callable[[], torch.Tensor]) -> "Phases":
@@ -115,6 +117,7 @@ class Result:
     grad_bytes: int | None = None
     input_bytes: int | None = None
     loss: float | None = None
+    detail: str = ""  # the Phases' detail
 
     @property
     def extra_bytes(self) -> int | None:
@@ -223,7 +226,7 @@ def failure(name: str, error: BaseException) -> Result:
 
 def _result(name: str, phases: Phases, samples: dict[str, list[float]], inputs: Inputs, device) -> Result:
     """The Result of timed samples: medians and spreads, and for a loss its peak memory and value."""
-    result = Result(name, input_bytes=inputs.input_bytes)
+    result = Result(name, input_bytes=inputs.input_bytes, detail=phases.detail)
     for phase, values in samples.items():
         result.median_ms[phase], result.iqr_ms[phase] = median_iqr(values)
     if phases.loss:

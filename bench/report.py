@@ -4,15 +4,21 @@ For each phase (forward, backward, total) of a competitor c on one case:
     ratio_floor_<phase> = median_ms(c) / median_ms(floor)
     ratio_kdops_<phase> = median_ms(c) / median_ms(kdops)
     loss_rel_diff       = |loss(c) − loss(reference)| / |loss(reference)|
-None where a side did not run. The floor's own work (bytes or flops, `bench.floor`) is in every record.
+None where a side did not run. The floor's own work (bytes or flops, `bench.floor`) is in every record, and
+`floor_variant`: which of its matmul variants the floor timed ("full", "chunked", or "<forward>/<backward>"
+where they differ: the floor Result's `detail`), None for the floors on logits or where it did not run.
 On a GPU, the records of the competitors that `bench.model` models also carry its prediction for the live
 GPU (`predicted_*`: forward, backward and total ms, ratio to the floor, extra bytes; None elsewhere), so
-every measurement calibrates the cost model.
+every measurement calibrates the cost model; the floor's own record carries the model's floor
+(`predicted_path` "floor", ratio 1).
+Every record names the code that ran: `commit`, `dirty`, and `source_hash` (a hash of the content of kernels/,
+kdops/ and bench/ on disk when the run started, `source_hash`).
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -25,20 +31,22 @@ import torch
 
 import kdops
 
-from .cases import CASE_FIELDS, Case
+from .cases import CASE_FIELDS, FUSED, FUSED_TOPK, KD_LOSS, TOPK, Case
 from .competitors import FLOOR, KDOPS, REFERENCE
 from .floor import floor_work
 from .measure import PHASES, Result
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPOSITORY = Path(__file__).resolve().parents[1]
+SOURCE_DIRS = ("kernels", "kdops", "bench")
 MiB = 2**20
 
-META_FIELDS = ("run_id", "timestamp", "commit", "dirty", "device", "device_type", "torch", "triton", "kdops",
-               "liger_kernel", "python", "preset", "reps", "warmup")
+META_FIELDS = ("run_id", "timestamp", "commit", "dirty", "source_hash", "device", "device_type", "torch", "triton",
+               "kdops", "liger_kernel", "python", "preset", "reps", "warmup")
 FIGURE_FIELDS = (
     tuple(f"{p}_ms" for p in PHASES) + tuple(f"{p}_iqr_ms" for p in PHASES)
     + ("peak_bytes", "input_bytes", "grad_bytes", "extra_bytes", "loss", "loss_rel_diff", "floor_unit")
-    + tuple(f"floor_{p}" for p in PHASES)
+    + tuple(f"floor_{p}" for p in PHASES) + ("floor_variant",)
     + tuple(f"ratio_{base}_{p}" for base in (FLOOR, KDOPS) for p in PHASES)
 )
 # `bench.model.RECORD_FIELDS` (kept here as names so that importing the report does not import the model).
@@ -69,16 +77,14 @@ def case_records(case: Case, results: list[Result], meta: dict) -> list[dict]:
     """One flat record per competitor, with every figure and its ratios to the floor and to kdops."""
     by_name = {r.competitor: r for r in results}
     reference = by_name.get(REFERENCE)
-    work = floor_work(case)
     predicted = _predictions(case, [r.competitor for r in results], meta)
+    floor = _floor_fields(case, by_name.get(FLOOR))
     records = []
     for r in results:
         record = {**meta, **case.fields(), "label": case.label, "competitor": r.competitor, "status": r.status,
                   "message": r.message, "peak_bytes": r.peak_bytes, "input_bytes": r.input_bytes,
                   "grad_bytes": r.grad_bytes, "extra_bytes": r.extra_bytes, "loss": r.loss,
-                  "loss_rel_diff": relative_difference(r.loss, reference.loss if reference else None),
-                  "floor_unit": work.unit,
-                  **{f"floor_{p}": w for p, w in zip(PHASES, (work.forward, work.backward, work.total))}}
+                  "loss_rel_diff": relative_difference(r.loss, reference.loss if reference else None), **floor}
         for p in PHASES:
             record[f"{p}_ms"] = r.median_ms.get(p)
             record[f"{p}_iqr_ms"] = r.iqr_ms.get(p)
@@ -89,9 +95,35 @@ def case_records(case: Case, results: list[Result], meta: dict) -> list[dict]:
     return records
 
 
+def _floor_fields(case: Case, floor: Result | None) -> dict:
+    """The floor's work per phase and, where it ran, the variant it timed."""
+    work = floor_work(case)
+    ran = floor is not None and floor.status == "ok"
+    return {"floor_unit": work.unit, "floor_forward": work.forward, "floor_backward": work.backward,
+            "floor_total": work.total, "floor_variant": (floor.detail or None) if ran else None}
+
+
+#: A path of each function, for `bench.model.floor_seconds` (which reads only the function of the path).
+_FLOOR_PATHS = {KD_LOSS: "kd_loss-triton", FUSED: "chunked", TOPK: "kd_loss-topk", FUSED_TOPK: "topk-chunked"}
+
+
+def model_floor(case: Case, gpu) -> dict:
+    """The cost model's floor on `gpu` as the floor record's `predicted_*` fields: `bench.model`'s floor time,
+    split between the phases as `floor_work` splits the work (one rate for both); ratio 1, no extra bytes."""
+    from .model import Shape
+    from .model.dispatch import floor_seconds
+
+    shape = Shape(case.tokens, case.hidden_student or 1, case.hidden_teacher or 1, case.vocab)
+    total_ms = floor_seconds(_FLOOR_PATHS[case.function], shape, gpu, case.torch_dtype) * 1e3
+    work = floor_work(case)
+    return {"predicted_path": FLOOR, "predicted_forward_ms": total_ms * work.forward / work.total,
+            "predicted_backward_ms": total_ms * work.backward / work.total, "predicted_total_ms": total_ms,
+            "predicted_total_l2_ms": total_ms, "predicted_ratio_floor": 1.0, "predicted_extra_bytes": None}
+
+
 def _predictions(case: Case, competitors: list[str], meta: dict) -> dict[str, dict]:
-    """`bench.model.record_fields` of each competitor for the live GPU (all None off CUDA, or if the model
-    fails: a prediction never costs a measurement)."""
+    """`bench.model.record_fields` of each competitor for the live GPU, `model_floor` for the floor (all None off
+    CUDA, or if the model fails: a prediction never costs a measurement)."""
     empty = dict.fromkeys(PREDICTED_FIELDS)
     if meta.get("device_type") != "cuda":
         return {name: dict(empty) for name in competitors}
@@ -103,7 +135,8 @@ def _predictions(case: Case, competitors: list[str], meta: dict) -> dict[str, di
     out = {}
     for name in competitors:
         try:
-            out[name] = {**empty, **model.record_fields(case, name, gpu)}
+            fields = model_floor(case, gpu) if name == FLOOR else model.record_fields(case, name, gpu)
+            out[name] = {**empty, **fields}
         except Exception as error:  # noqa: BLE001
             print(f"bench.model: no prediction for {case.label} {name}: {type(error).__name__}: {error}",
                   file=sys.stderr)
@@ -147,12 +180,38 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
 
+def source_files(root: Path = REPOSITORY) -> list[Path]:
+    """Every file under `root`'s kernels/, kdops/ and bench/ but __pycache__ and bench/results/, sorted by path."""
+    skip = {Path(root) / "bench" / "results"}
+    files = []
+    for top in SOURCE_DIRS:
+        for folder, subfolders, names in os.walk(Path(root) / top):
+            subfolders[:] = [d for d in subfolders if d != "__pycache__" and Path(folder, d) not in skip]
+            files += [Path(folder, name) for name in names]
+    return sorted(files, key=lambda path: path.relative_to(root).as_posix())
+
+
+def source_hash(root: Path = REPOSITORY) -> str:
+    """The first 16 hex digits of a sha256 over each of `source_files(root)`: its path relative to `root`, its
+    length and its bytes, in path order. It names the code on disk — tracked or not, committed or not — where a
+    commit names it only for a clean tree."""
+    digest = hashlib.sha256()
+    for path in source_files(root):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # removed between the listing and the read (an editor's temporary file)
+            continue
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()[:16]
+
+
 def run_metadata(device, preset: str, reps: int, warmup: int) -> dict:
     now = datetime.datetime.now(datetime.timezone.utc)
     return {
         "run_id": now.strftime("%Y%m%dT%H%M%S.%fZ"), "timestamp": now.isoformat(timespec="seconds"),
         "commit": _git("rev-parse", "HEAD") or "unknown", "dirty": bool(_git("status", "--porcelain")),
-        "device": device_name(device), "device_type": torch.device(device).type,
+        "source_hash": source_hash(), "device": device_name(device), "device_type": torch.device(device).type,
         "torch": torch.__version__, "triton": _version("triton"), "kdops": kdops.__version__,
         "liger_kernel": _version("liger-kernel"), "python": platform.python_version(),
         "preset": preset, "reps": reps, "warmup": warmup,

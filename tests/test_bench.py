@@ -399,3 +399,122 @@ def test_no_installed_peer_is_skipped_as_not_importable():
     assert done.returncode == 0, done.stderr[-3000:]
     reasons = set(done.stdout.splitlines())
     assert reasons and not [r for r in reasons if "not importable" in r], sorted(reasons)
+
+
+# --- the floor's variants, the model's floor, the source hash --------------------------------------------------
+
+FLOOR_VARIANTS = {"full", "chunked", "full/chunked", "chunked/full"}
+
+
+def test_the_matmul_floor_times_the_faster_variant_of_each_phase(monkeypatch, with_fused):
+    """With chunks of 5 of the 16 tokens, the floor has a full and a chunked variant and times the faster one of
+    each phase; every record of the case names it, once; the floors on logits have none."""
+    import bench.floor
+
+    monkeypatch.setattr(bench.floor, "CHUNK_BYTES", 5 * 100 * 4)  # 5 rows of V = 100 float32 logits
+    assert sorted(bench.floor.matmul_variants(FUSED_KL, make_inputs(FUSED_KL, "cpu"))) == ["chunked", "full"]
+    records, _ = _sweep([FUSED_KL, KD])
+    variants = {r["floor_variant"] for r in records if r["label"] == FUSED_KL.label}
+    assert len(variants) == 1 and variants <= FLOOR_VARIANTS
+    assert {r["floor_variant"] for r in records if r["label"] == KD.label} == {None}
+    monkeypatch.setattr(bench.floor, "CHUNK_BYTES", 16 * 100 * 4)  # one chunk: the variants are the same
+    assert list(bench.floor.matmul_variants(FUSED_KL, make_inputs(FUSED_KL, "cpu"))) == ["full"]
+
+
+def test_fastest_picks_each_phase_s_faster_variant():
+    import time
+
+    from bench.floor import fastest
+
+    def sleeping(forward_s, backward_s):
+        return Phases(lambda: time.sleep(forward_s), lambda _: time.sleep(backward_s))
+
+    variants = {"slow-forward": sleeping(0.02, 0.0), "slow-backward": sleeping(0.0, 0.02)}
+    assert fastest(variants, "cpu", reps=1) == ("slow-backward", "slow-forward")
+    assert fastest({"full": sleeping(0.0, 0.0)}, "cpu") == ("full", "full")
+
+
+def test_the_full_floor_that_runs_out_of_memory_leaves_the_chunked_one(monkeypatch, with_fused):
+    """Out of memory while allocating the full variant's buffers: the chunked variant alone, named in the records;
+    any other error is the floor's."""
+    import bench.floor
+
+    def allocate(case, inputs, rows, error=torch.OutOfMemoryError("CUDA out of memory")):
+        if rows == case.tokens:
+            raise error
+        return chunked(case, inputs, rows)
+
+    chunked = bench.floor._matmul_phases
+    monkeypatch.setattr(bench.floor, "CHUNK_BYTES", 5 * 100 * 4)
+    monkeypatch.setattr(bench.floor, "_matmul_phases", allocate)
+    assert list(bench.floor.matmul_variants(FUSED_KL, make_inputs(FUSED_KL, "cpu"))) == ["chunked"]
+    records, _ = _sweep([FUSED_KL])
+    assert {r["floor_variant"] for r in records} == {"chunked"}
+    assert _by(records, FUSED_KL.label, FLOOR)["status"] == "ok"
+    monkeypatch.setattr(bench.floor, "_matmul_phases",
+                        lambda case, inputs, rows: allocate(case, inputs, rows, ValueError("not memory")))
+    with pytest.raises(ValueError, match="not memory"):
+        bench.floor.matmul_variants(FUSED_KL, make_inputs(FUSED_KL, "cpu"))
+
+
+def test_the_floor_record_carries_the_model_s_floor(monkeypatch):
+    """On a GPU (faked: the H100's rates) the floor's record carries `bench.model`'s floor time, split by phase
+    as the work is, ratio 1; the modelled competitors their own prediction, with the same floor."""
+    import kdops.targets
+    from bench.model import Shape, predict
+    from bench.report import model_floor
+
+    headline = Case(FUSED, "forward_kl", 8192, 128256, 4096, 4096, "bfloat16")
+    floor = model_floor(headline, kdops.targets.H100)
+    chunked = predict("chunked", Shape(8192, 4096, 4096, 128256), kdops.targets.H100)
+    assert floor["predicted_total_ms"] == pytest.approx(chunked.floor_s * 1e3)
+    assert floor["predicted_forward_ms"] + floor["predicted_backward_ms"] == pytest.approx(floor["predicted_total_ms"])
+    assert floor["predicted_forward_ms"] / floor["predicted_backward_ms"] == pytest.approx(2 * 8192 / (4 * 4096))
+    monkeypatch.setattr(kdops.targets, "of_device", lambda device: kdops.targets.H100)
+    results = [_ok(FLOOR, 40.0, 5.0, None), _ok(KDOPS, 50.0, 10.0, 1.0)]
+    records = {r["competitor"]: r for r in case_records(headline, results, {"device_type": "cuda"})}
+    assert records[FLOOR]["predicted_path"] == FLOOR and records[FLOOR]["predicted_ratio_floor"] == 1.0
+    assert records[FLOOR]["predicted_total_ms"] == pytest.approx(floor["predicted_total_ms"])
+    kdops_ms = records[KDOPS]["predicted_total_ms"]
+    assert kdops_ms / records[KDOPS]["predicted_ratio_floor"] == pytest.approx(floor["predicted_total_ms"])
+    assert set(records[FLOOR]) == set(records[KDOPS])
+
+
+def _source_tree(tmp_path):
+    """A copy of kernels/, kdops/ and bench/ without their caches and records."""
+    import shutil
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for top in ("kernels", "kdops", "bench"):
+        shutil.copytree(root / top, tmp_path / top, ignore=shutil.ignore_patterns("__pycache__", "results"))
+    return tmp_path
+
+
+def test_the_source_hash_names_the_code_on_disk(tmp_path):
+    """Stable; changed by an edit under kdops/ or a new file under bench/, tracked or not; blind to __pycache__
+    and bench/results/."""
+    from bench.report import source_files, source_hash
+
+    root = _source_tree(tmp_path)
+    first = source_hash(root)
+    assert first == source_hash(root) and len(first) == 16 and int(first, 16) >= 0
+    for extra in ("kdops/__pycache__/api.cpython-311.pyc", "bench/results/gpu/0.4.0/gpu.jsonl"):
+        (root / extra).parent.mkdir(parents=True, exist_ok=True)
+        (root / extra).write_bytes(b"not code")
+    assert source_hash(root) == first
+    assert not [p for p in source_files(root) if "__pycache__" in p.parts or "results" in p.parts]
+    edited = root / "kdops" / "__init__.py"
+    original = edited.read_bytes()
+    edited.write_bytes(original + b"\n# an edit\n")
+    assert source_hash(root) != first
+    edited.write_bytes(original)
+    assert source_hash(root) == first
+    (root / "bench" / "notes.txt").write_text("an untracked file")
+    assert source_hash(root) != first
+
+
+def test_records_carry_the_source_hash():
+    from bench.report import source_hash
+
+    records, _ = _sweep([KD])
+    assert {r["source_hash"] for r in records} == {source_hash()}

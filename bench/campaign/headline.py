@@ -29,6 +29,12 @@ def headline_case(divergence: str):
     return Case(FUSED, divergence, HEADLINE_TOKENS, HEADLINE_VOCAB, HEADLINE_HIDDEN, HEADLINE_HIDDEN, "bfloat16")
 
 
+def competitor_name(record: dict) -> str:
+    """The competitor of a row; the floor's with the variant it timed ("floor (full)": `bench.floor`)."""
+    variant = record.get("floor_variant") if record["competitor"] == "floor" else None
+    return record["competitor"] + (f" ({variant})" if variant else "")
+
+
 def headline_rows(records: list[dict]) -> list[list]:
     """Table rows: every competitor's times, ratios to the floor and to kdops-fused, extra memory, Δloss."""
     by_name = {r["competitor"]: r for r in records}
@@ -40,7 +46,7 @@ def headline_rows(records: list[dict]) -> list[list]:
             continue
         to_fused = (r["total_ms"] / base["total_ms"]) if base and base["status"] == "ok" and base["total_ms"] else None
         extra = None if r["extra_bytes"] is None else r["extra_bytes"] / MiB
-        rows.append([r["competitor"], "ok", r["forward_ms"], r["backward_ms"], r["total_ms"], r["ratio_floor_total"],
+        rows.append([competitor_name(r), "ok", r["forward_ms"], r["backward_ms"], r["total_ms"], r["ratio_floor_total"],
                      to_fused, extra, r["loss_rel_diff"]])
     return rows
 

@@ -1,4 +1,5 @@
-"""What every record of a campaign carries: the command line, the commit, the device and the versions."""
+"""What every record of a campaign carries: the command line, the commit and the source hash, the device and the
+versions."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ def gpu_name() -> str | None:
 
 
 def campaign_metadata(device: str, argv: list[str]) -> dict:
-    """What every record carries: the command line, commit, device, versions."""
-    from bench.report import _git, _version, device_name, slug  # imports kdops: only where a campaign runs
+    """What every record carries: the command line, commit, source hash (`bench.report.source_hash`: the code on
+    disk as the campaign starts), device, versions."""
+    from bench.report import _git, _version, device_name, slug, source_hash  # imports kdops: only in a campaign
 
     now = datetime.datetime.now(datetime.timezone.utc)
     name = (gpu_name() if torch.device(device).type == "cuda" else None) or device_name(device)
@@ -31,7 +33,8 @@ def campaign_metadata(device: str, argv: list[str]) -> dict:
         "campaign_id": now.strftime("%Y%m%dT%H%M%SZ"), "timestamp": now.isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "bench.campaign", *argv]),
         "commit": _git("rev-parse", "HEAD") or "unknown", "dirty": bool(_git("status", "--porcelain")),
-        "device": name, "device_slug": slug(name), "device_type": torch.device(device).type,
+        "source_hash": source_hash(), "device": name, "device_slug": slug(name),
+        "device_type": torch.device(device).type,
         "torch": torch.__version__, "triton": _version("triton"), "kdops": _version("kdops"),
         "liger_kernel": _version("liger-kernel"), "trl": _version("trl"), "transformers": _version("transformers"),
         "python": sys.version.split()[0],

@@ -1,5 +1,6 @@
 """The campaign's markdown: the report (campaign-<device>.md: a table of the steps, then each step's section or
-why it was skipped) and the output folder's README.md (a line per campaign: its command, date, commit, device)."""
+why it was skipped) and the output folder's README.md (a line per campaign: its command, date, commit, source hash,
+device)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def render_report(meta: dict, steps, results: list[StepResult], budget: Budget) 
     """The report: the campaign's metadata, a row per step, then each step's lines."""
     lines = [f"# kdops GPU campaign: {meta['device']}", "",
              f"`{meta['command']}` · commit `{str(meta['commit'])[:10]}`{' (dirty)' if meta.get('dirty') else ''} · "
-             f"{versions_text(meta)} · started {meta['timestamp']}.", "",
+             f"source `{meta.get('source_hash')}` · {versions_text(meta)} · started {meta['timestamp']}.", "",
              f"Budget {budget.seconds:.0f} s, used {budget.elapsed():.0f} s. Every measurement is in "
              f"`{report_name(meta, '.jsonl')}`.", ""]
     lines += table_lines(["#", "step", "status", "seconds", "estimate", "note"],
@@ -44,11 +45,12 @@ def render_report(meta: dict, steps, results: list[StepResult], budget: Budget) 
 
 
 def readme_entry(meta: dict) -> str:
-    """A campaign's line of README.md: the exact command line, the date, the commit, the versions, its files."""
+    """A campaign's line of README.md: the exact command line, the date, the commit and the source hash (the code
+    that ran, dirty or not: `bench.report.source_hash`), the versions, its files."""
     dirty = " (dirty)" if meta.get("dirty") else ""
     return (f"* `{meta['command']}`, started {meta['timestamp']} on {meta['device']}, kdops {meta.get('kdops')} at "
-            f"commit {meta['commit']}{dirty}; {versions_text(meta)}. Report: `{report_name(meta, '.md')}`; every "
-            f"measurement: `{report_name(meta, '.jsonl')}`.\n")
+            f"commit {meta['commit']}{dirty}, source hash {meta.get('source_hash')}; {versions_text(meta)}. "
+            f"Report: `{report_name(meta, '.md')}`; every measurement: `{report_name(meta, '.jsonl')}`.\n")
 
 
 def add_to_readme(output: Path, meta: dict) -> Path:
