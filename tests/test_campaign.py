@@ -41,12 +41,19 @@ def test_dry_run_prints_every_step_and_the_predictions():
     out = done.stdout
     for name in DEFAULT_STEPS:
         assert f"**{name}**" in out, name
-    for what in ("pytest -m gpu_smoke", "bench.fused_check", "bench.memory_target", "run_sweep", "torch.profiler",
-                 "fused_config", "logits_config", "trl-chunked-jsd", "liger-chunked-jsd", "reference-compiled",
-                 "8192, 128256, 4096, 4096, 'bfloat16'"):
+    # the default plan: the kernels' numerics, then every competitor's every memory point beside the true floor at
+    # the headline shape, each with its estimate, then a whole training step of every trainer
+    for what in ("pytest -m gpu_smoke", "fused forward_kl 8192x128256 h4096/4096 bf16", "floor: ~",
+                 "kdops-chunked memory_budget=2.26 GiB (smallest plan): ~", "kdops-chunked memory_budget=8.00 GiB: ~",
+                 "kdops-sliced: ~", "kdops-fused: ~", "liger-chunked-jsd chunk_size=4096: ~",
+                 "liger-fused-linear-jsd jsd_impl=nvidia-triton: ~", "trl-chunked-jsd TOKEN_CHUNK_SIZE=8192: ~",
+                 "orda-kd chunk_size=dynamic (default): ~", "preset 1b-8b", "kdops-transformers: ~",
+                 "kdops-trl: ~", "liger-jsd: ~", "torch-logits: ~"):
         assert what in out, what
     assert "Cost model (`bench.model`)" in out or "cost model unavailable" in out
     assert "would be skipped" not in out  # the default plan fits the default budget
+    total = sum(STEPS[name].estimate_s for name in DEFAULT_STEPS)
+    assert total <= 9 * 60 - 10  # nine minutes of steps, the report's reserve aside: 15 minutes with a start-up
 
 
 def test_dry_run_writes_nothing_unless_told(tmp_path, monkeypatch, capsys):
@@ -57,7 +64,7 @@ def test_dry_run_writes_nothing_unless_told(tmp_path, monkeypatch, capsys):
     assert "would be skipped: does not fit" in out  # 3 minutes: not every step
     assert cli.main(["--dry-run", "--output", str(tmp_path / "plan")]) == 0
     assert [p.name for p in (tmp_path / "plan").iterdir()] == ["campaign-plan.md"]
-    assert "**headline**" in (tmp_path / "plan" / "campaign-plan.md").read_text()
+    assert "**fronts**" in (tmp_path / "plan" / "campaign-plan.md").read_text()
 
 
 def test_unknown_steps_and_no_cuda(capsys):
@@ -413,3 +420,25 @@ def test_tune_kinds_step_on_a_tiny_case(tmp_path, tiny_headline, monkeypatch):
     assert text.count("| trial | config |") == 2 and "**fused hard_weight=0.5**" in text
     assert [r["status"] for r in records if r["kind"] == "tune"] == ["ok"] * 4
     assert "tune_kinds" in plan.STEPS and "tune_kinds" not in plan.DEFAULT_STEPS
+
+
+def test_the_campaign_s_metadata_and_readme_name_the_source_hash(tmp_path):
+    """`campaign_metadata` carries `bench.report.source_hash` beside the commit; the README line and the report
+    name it."""
+    from bench.campaign.metadata import campaign_metadata
+    from bench.report import source_hash
+
+    meta = campaign_metadata("cpu", ["--steps", "probe"])
+    assert meta["source_hash"] == source_hash() and {"commit", "dirty"} <= set(meta)
+    assert f"source hash {meta['source_hash']}" in add_to_readme(tmp_path, meta).read_text()
+    steps = [Step("probe", "a probe", 1.0, ("probe",), lambda ctx: None)]
+    assert meta["source_hash"] in render_report(meta, steps, [StepResult("probe", seconds=0.1)], Budget(60))
+
+
+def test_the_headline_table_names_the_floor_s_variant():
+    rows = headline.headline_rows([
+        {"competitor": "floor", "status": "ok", "forward_ms": 20.0, "backward_ms": 25.0, "total_ms": 45.0,
+         "ratio_floor_total": 1.0, "extra_bytes": None, "loss_rel_diff": None, "floor_variant": "full"},
+        {"competitor": "kdops-fused", "status": "ok", "forward_ms": 50.0, "backward_ms": 40.0, "total_ms": 90.0,
+         "ratio_floor_total": 2.0, "extra_bytes": 2**20, "loss_rel_diff": 0.0, "floor_variant": "full"}])
+    assert [row[0] for row in rows] == ["floor (full)", "kdops-fused"]

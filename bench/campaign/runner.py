@@ -145,7 +145,8 @@ class Step:
     """One step: its estimate (seconds, its process's start included: a step runs only where its estimate fits
     what is left, so a stale, high estimate skips it), what it runs (the plan's lines), its body (run in the
     step's own process; the lines it writes are its section of the report) and extra environment variables of
-    that process."""
+    that process; `details`, where given, lists for the dry run what the step measures, each item with its estimate
+    (called on the machine of the dry run, which needs no GPU)."""
 
     name: str
     title: str
@@ -153,6 +154,7 @@ class Step:
     plan: tuple[str, ...]
     body: Callable[[Context], None]
     env: tuple[tuple[str, str], ...] = ()
+    details: Callable[[], list[str]] | None = None
 
 
 Executor = Callable[[Step, float], StepResult]
