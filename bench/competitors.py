@@ -218,7 +218,7 @@ def liger_beta(divergence) -> float | None:
     return jsd_beta(divergence)
 
 
-def _import_reason(package: str, module: str, needs: str = "") -> str | None:
+def import_reason(package: str, module: str, needs: str = "") -> str | None:
     """None when `module` imports; else why not, as a skip reason: "<package> not installed", "<package> has no
     <module> (<needs>)" for an older release, "<package> not importable: ..." for a missing dependency."""
     top = module.split(".")[0]
@@ -243,7 +243,7 @@ def _import_reason(package: str, module: str, needs: str = "") -> str | None:
 def liger_check(case: Case, device) -> str | None:
     if liger_beta(case.divergence) is None:
         return f"liger-kernel has no {case.divergence}"
-    return _import_reason("liger-kernel", "liger_kernel")
+    return import_reason("liger-kernel", "liger_kernel")
 
 
 def _liger_jsd(case: Case, inputs: Inputs) -> Phases:
@@ -263,7 +263,7 @@ LIGER_JSD_IMPLS = {"nvidia-triton": "triton", "nvidia-cutedsl": "nvidia-cutlass-
 def liger_jsd_impls() -> tuple[str, ...]:
     """LIGER_JSD_IMPLS and any other implementation of LIGER_JSD_OP registered here (LIGER_JSD_IMPLS alone
     without liger-kernel: each point then says why it is skipped)."""
-    if _import_reason("liger-kernel", "liger_kernel.ops.fused_linear_jsd") is not None:
+    if import_reason("liger-kernel", "liger_kernel.ops.fused_linear_jsd") is not None:
         return tuple(LIGER_JSD_IMPLS)
     from liger_kernel.backends import all_impls
 
@@ -274,7 +274,7 @@ def liger_jsd_impl_check(impl: str) -> Callable[[Case, object], str | None]:
     """`liger_check`, then why Liger's inner JSD implementation `impl` cannot run on the device: not registered
     here (its module does not import) or its capability's reason (e.g. 'device sm_90 < required sm_100')."""
     def check(case: Case, device) -> str | None:
-        reason = liger_check(case, device) or _import_reason("liger-kernel", "liger_kernel.ops.fused_linear_jsd")
+        reason = liger_check(case, device) or import_reason("liger-kernel", "liger_kernel.ops.fused_linear_jsd")
         if reason is not None:
             return reason
         from liger_kernel.backends.registry import get_registered
@@ -337,7 +337,7 @@ def import_trl_loss():
 def trl_check(case: Case, device) -> str | None:
     if trl_beta(case.divergence) is None:
         return f"trl has no {case.divergence}"
-    reason = _import_reason("trl", TRL_MODULE, "needs trl >= 1.16")
+    reason = import_reason("trl", TRL_MODULE, "needs trl >= 1.16")
     if reason is None and not hasattr(sys.modules[TRL_MODULE], TRL_FUNCTION):
         reason = f"trl has no {TRL_FUNCTION} (needs trl >= 1.16)"
     return reason
@@ -378,7 +378,7 @@ def orda_divergence(divergence) -> tuple[str, float | None] | None:
 def orda_check(case: Case, device) -> str | None:
     if orda_divergence(case.divergence) is None:
         return f"orda-kernel has no {case.divergence}"
-    return _import_reason("orda-kernel", ORDA_MODULE)
+    return import_reason("orda-kernel", ORDA_MODULE)
 
 
 def orda_kd(chunk_rows: int | None = None, backend: str = "triton") -> Callable[[Case, Inputs], Phases]:

@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import fnmatch
 import functools
-import importlib.metadata
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -58,7 +57,8 @@ from .competitors import (COMPETITORS, FLOOR, Competitor, kdops_check, kdops_los
                           module_constant, orda_check, orda_kd, trl_check, trl_chunked_jsd)
 from .floor import floor_work
 from .measure import PHASES, Inputs, Result, free_memory, make_inputs, measure_in_turn
-from .report import MiB, append_jsonl, device_name, record_dir, relative_difference, run_metadata, slug
+from .report import (MiB, append_jsonl, device_name, package_version, record_dir, relative_difference, run_metadata,
+                     slug)
 
 GiB = 2**30
 HEADLINE_SHAPE = "8192x4096x4096x128256"  # bench.model.paths.HEADLINE: Llama-3 8B's lm_head on both sides
@@ -289,13 +289,8 @@ def point_record(case: Case, order: int, point: Point, result: Result, oracle: t
 
 def fronts_metadata(device, reps: int, warmup: int) -> dict:
     """`bench.report.run_metadata` with the other peers' versions (None where not installed)."""
-    def version(name):
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-    return {**run_metadata(device, "fronts", reps, warmup), "trl": version("trl"),
-            "orda_kernel": version("orda-kernel")}
+    return {**run_metadata(device, "fronts", reps, warmup), "trl": package_version("trl"),
+            "orda_kernel": package_version("orda-kernel")}
 
 
 def live_gpu(device):

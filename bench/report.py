@@ -155,7 +155,7 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def _version(module: str) -> str | None:
+def package_version(module: str) -> str | None:
     try:
         from importlib.metadata import version
         return version(module)
@@ -212,8 +212,8 @@ def run_metadata(device, preset: str, reps: int, warmup: int) -> dict:
         "run_id": now.strftime("%Y%m%dT%H%M%S.%fZ"), "timestamp": now.isoformat(timespec="seconds"),
         "commit": _git("rev-parse", "HEAD") or "unknown", "dirty": bool(_git("status", "--porcelain")),
         "source_hash": source_hash(), "device": device_name(device), "device_type": torch.device(device).type,
-        "torch": torch.__version__, "triton": _version("triton"), "kdops": kdops.__version__,
-        "liger_kernel": _version("liger-kernel"), "python": platform.python_version(),
+        "torch": torch.__version__, "triton": package_version("triton"), "kdops": kdops.__version__,
+        "liger_kernel": package_version("liger-kernel"), "python": platform.python_version(),
         "preset": preset, "reps": reps, "warmup": warmup,
     }
 

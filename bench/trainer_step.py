@@ -47,7 +47,7 @@ from typing import Callable
 
 import torch
 
-from .competitors import _import_reason
+from .competitors import import_reason
 from .measure import failure, free_memory, median_iqr
 
 BETA, TEMPERATURE = 0.5, 1.0
@@ -247,25 +247,18 @@ def liger_loss(student, teacher, inputs):
     return mean * count, count
 
 
-def generalized_jsd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Per row: β·KL(p ‖ m) + (1 − β)·KL(q ‖ m), m = β·p + (1 − β)·q (p teacher, q student), in float32, the plain
-    PyTorch way (log_softmax, logsumexp of the mixture, F.kl_div)."""
-    q = torch.log_softmax(student_logits.float() / TEMPERATURE, dim=-1)
-    p = torch.log_softmax(teacher_logits.float() / TEMPERATURE, dim=-1)
-    m = torch.logsumexp(torch.stack([p + math.log(BETA), q + math.log(1 - BETA)]), dim=0)
-    kl = torch.nn.functional.kl_div
-    return (BETA * kl(m, p, reduction="none", log_target=True)
-            + (1 - BETA) * kl(m, q, reduction="none", log_target=True)).sum(-1)
-
-
 def logits_loss(student, teacher, inputs):
-    """The plain loss on both models' full `.logits`: (sum of `generalized_jsd_rows` over counted tokens, count)."""
+    """The plain loss on both models' full `.logits` (`kdops.torch_math`, the reference's math): (its sum over
+    counted tokens, their count)."""
+    from kdops.divergences import GeneralizedJSD
+    from kdops.torch_math import divergence_rows
+
     ids, mask = inputs["input_ids"], inputs.get("attention_mask")
     logits = student(input_ids=ids, attention_mask=mask).logits
     with torch.no_grad():
         t_logits = teacher(input_ids=ids, attention_mask=mask).logits
     _, counted = _shifted(inputs)
-    rows = generalized_jsd_rows(logits, t_logits)
+    rows = divergence_rows(GeneralizedJSD(BETA), logits, t_logits, TEMPERATURE)
     return torch.where(counted, rows, 0.0).sum(), counted.sum()
 
 
@@ -319,7 +312,7 @@ class Competitor:
 
     def missing(self) -> str | None:
         """Why it cannot run here (a package that does not import), or None."""
-        return next(filter(None, (_import_reason(package, module) for package, module in self.needs)), None)
+        return next(filter(None, (import_reason(package, module) for package, module in self.needs)), None)
 
 
 COMPETITORS = (
@@ -533,10 +526,11 @@ def train(competitor: Competitor, preset: Preset, teacher, ids: torch.Tensor, de
 def metadata(preset: Preset, device, warmup: int, steps: int) -> dict:
     """What every record carries: `bench.report.run_metadata` (device, commit, torch, triton, kdops, liger_kernel),
     the transformers and TRL versions, and the run's setting."""
-    from .report import _version, run_metadata
+    from .report import package_version, run_metadata
 
-    return {**run_metadata(device, preset.name, steps, warmup), "transformers": _version("transformers"),
-            "trl": _version("trl"), "divergence": DIVERGENCE_TEXT, "dtype": preset.dtype, "batch": preset.batch,
+    return {**run_metadata(device, preset.name, steps, warmup), "transformers": package_version("transformers"),
+            "trl": package_version("trl"), "divergence": DIVERGENCE_TEXT, "dtype": preset.dtype,
+            "batch": preset.batch,
             "sequence": preset.sequence, "tokens_per_step": preset.tokens, "vocab": preset.vocab,
             "student_params": preset.student.parameters(preset.vocab),
             "teacher_params": preset.teacher.parameters(preset.vocab),

@@ -29,8 +29,6 @@ from . import divergences as _divergences
 from . import parallel
 from ._reduction import reduce_rows, row_mask
 from ._validation import (
-    BACKENDS,
-    IMPLS,
     TOPK_IMPLS,
     as_teachers,
     check_choice,
@@ -159,10 +157,6 @@ class Problem:
     def tensors(self) -> tuple:
         """(hidden, weight, bias) of the student, then of each teacher: what the autograd Functions take."""
         return tuple(x for head in (self.student, *self.teachers) for x in head.tensors())
-
-    def grads(self) -> tuple:
-        """Which of `tensors()` require a gradient."""
-        return tuple(t is not None and t.requires_grad for t in self.tensors())
 
     def autocast_off(self):
         """autocast disabled for the path where the inputs were cast as autocast would (`autocast`)."""
@@ -411,4 +405,3 @@ def check_topk_logprobs(hidden, weight, k, temperature, bias, memory_budget) -> 
     return temperature
 
 
-__all__ = ["BACKENDS", "IMPLS", "Head", "Options", "Problem"]

@@ -25,7 +25,7 @@ def gpu_name() -> str | None:
 def campaign_metadata(device: str, argv: list[str]) -> dict:
     """What every record carries: the command line, commit, source hash (`bench.report.source_hash`: the code on
     disk as the campaign starts), device, versions."""
-    from bench.report import _git, _version, device_name, slug, source_hash  # imports kdops: only in a campaign
+    from bench.report import _git, package_version, device_name, slug, source_hash  # imports kdops: only in a campaign
 
     now = datetime.datetime.now(datetime.timezone.utc)
     name = (gpu_name() if torch.device(device).type == "cuda" else None) or device_name(device)
@@ -35,7 +35,8 @@ def campaign_metadata(device: str, argv: list[str]) -> dict:
         "commit": _git("rev-parse", "HEAD") or "unknown", "dirty": bool(_git("status", "--porcelain")),
         "source_hash": source_hash(), "device": name, "device_slug": slug(name),
         "device_type": torch.device(device).type,
-        "torch": torch.__version__, "triton": _version("triton"), "kdops": _version("kdops"),
-        "liger_kernel": _version("liger-kernel"), "trl": _version("trl"), "transformers": _version("transformers"),
+        "torch": torch.__version__, "triton": package_version("triton"), "kdops": package_version("kdops"),
+        "liger_kernel": package_version("liger-kernel"), "trl": package_version("trl"),
+        "transformers": package_version("transformers"),
         "python": sys.version.split()[0],
     }
