@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ._reduction import reduce_rows, row_weights, scale_by_upstream
+from ._reduction import scale_by_upstream
 from .divergences import Canonical
 from .launchers.logits import logits_backward, logits_forward
 from .torch_math import compute_dtype
@@ -71,14 +71,14 @@ class FusedLinearKDFunction(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-def problem_loss(problem, tensors, mask, reduction, num_items_in_batch, leading):
-    """The reduced loss of a prepared problem (`FusedLinearKDFunction`): with a scalar reduction, an eager
-    problem computes its gradients in the forward, already weighted."""
-    if problem.eager and reduction != "none":
-        weights = row_weights(mask, reduction, num_items_in_batch, problem.acc_dtype)
-        return FusedLinearKDFunction.apply(problem, mask, weights, *tensors)
-    rows = FusedLinearKDFunction.apply(problem, mask, None, *tensors)
-    return reduce_rows(rows.view(leading), mask.view(leading), reduction, num_items_in_batch)
+def problem_loss(prepared, tensors, problem):
+    """The reduced loss of a prepared problem (`FusedLinearKDFunction`) for the `kdops.problem.Problem` it came from
+    (its mask, weights and reduction): with a scalar reduction, an eager problem computes its gradients in the
+    forward, already weighted."""
+    if prepared.eager and problem.options.reduction != "none":
+        return FusedLinearKDFunction.apply(prepared, problem.mask, problem.row_weights(prepared.acc_dtype), *tensors)
+    rows = FusedLinearKDFunction.apply(prepared, problem.mask, None, *tensors)
+    return problem.reduce(rows)
 
 
 class ChunkedRowsFunction(torch.autograd.Function):

@@ -68,6 +68,24 @@ def check_labels(labels, leading_shape: torch.Size, device: torch.device) -> Non
         raise ValueError(f"labels: expected a tensor on {device} (where the logits are), got one on {labels.device}")
 
 
+def check_row_weights(weights, leading_shape: torch.Size, device: torch.device) -> None:
+    """Per-row loss weights: None, or a floating-point tensor of the labels' (leading) shape on the logits' device.
+    Values may be signed; they are constants (never differentiated)."""
+    if weights is None:
+        return
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"weights: expected a floating-point torch.Tensor or None, got {type(weights).__name__}")
+    if not weights.is_floating_point():
+        raise TypeError(f"weights: expected a floating-point dtype, got {weights.dtype}")
+    if weights.shape != leading_shape:
+        raise ValueError(
+            f"weights: expected shape {tuple(leading_shape)} (the labels' shape: the leading dimensions of the "
+            f"logits / hidden states), got {tuple(weights.shape)}"
+        )
+    if weights.device != device:
+        raise ValueError(f"weights: expected a tensor on {device} (where the logits are), got one on {weights.device}")
+
+
 def _positive_number(name: str, value, expected: str) -> float:
     """`value` as a float, if it is a positive finite real number (TypeError / ValueError naming `name`)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -122,9 +140,10 @@ def check_ignore_index(ignore_index) -> None:
 
 
 def check_loss_options(labels, leading_shape, device, temperature, ignore_index, reduction,
-                       num_items_in_batch) -> float:
-    """The checks common to kd_loss and fused_linear_kd_loss; returns the temperature as a float."""
+                       num_items_in_batch, weights=None) -> float:
+    """The checks common to every loss; returns the temperature as a float."""
     check_labels(labels, leading_shape, device)
+    check_row_weights(weights, leading_shape, device)
     check_ignore_index(ignore_index)
     check_choice("reduction", reduction, REDUCTIONS)
     check_num_items(num_items_in_batch)

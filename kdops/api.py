@@ -10,7 +10,7 @@ from . import paths
 from .divergences import Divergence
 from .ensemble import TeacherMix
 from .parallel import VocabParallel
-from .problem import describe_fused_linear, describe_kd_loss
+from .problem import LossParts, describe_fused_linear, describe_kd_loss
 
 
 def kd_loss(
@@ -26,7 +26,9 @@ def kd_loss(
     backend: str = "auto",
     vocab_parallel: VocabParallel | None = None,
     teacher_mix: TeacherMix | None = None,
-) -> torch.Tensor:
+    weights: torch.Tensor | None = None,
+    return_parts: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, LossParts]:
     """Distillation loss between student and teacher logits of shape [..., V], in float32.
 
     Per row, ℓ = D(softmax(teacher / T), softmax(student / T)) for the chosen divergence (a name or a
@@ -47,11 +49,19 @@ def kd_loss(
     Σ w_i softmax(z_i / T)) or `kdops.LogitSum(weights)` (softmax(Σ w_i z_i / T)); see `kdops.ensemble`. Rows go
     in chunks (`kdops.paths.torch_engine.BUDGET_BYTES`), the mix recomputed in the backward; not with
     `vocab_parallel`, and eager under torch.compile (a graph break).
+
+    `weights`: per-row loss weights, a floating-point tensor of the labels' (leading) shape, signed values allowed,
+    constants (no gradient): each row's loss (soft and hard terms) is multiplied by w inside the same pass and its
+    gradients alike; "none" gives w·ℓ per row, "sum" Σ w·ℓ, "batchmean" Σ w·ℓ / (valid rows or
+    num_items_in_batch). Ignored rows stay 0.
+
+    `return_parts=True` returns (loss, parts), parts a `kdops.LossParts` of detached float32 per-row tensors (see
+    `kdops.LossParts`), from the passes the loss makes anyway.
     """
     return paths.loss(describe_kd_loss(
         student_logits, teacher_logits, labels, divergence=divergence, temperature=temperature,
         ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch, backend=backend,
-        vocab_parallel=vocab_parallel, teacher_mix=teacher_mix))
+        vocab_parallel=vocab_parallel, teacher_mix=teacher_mix, weights=weights, return_parts=return_parts))
 
 
 def fused_linear_kd_loss(
@@ -77,7 +87,9 @@ def fused_linear_kd_loss(
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
     teacher_mix: TeacherMix | None = None,
-) -> torch.Tensor:
+    weights: torch.Tensor | None = None,
+    return_parts: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, LossParts]:
     """Distillation loss from hidden states and lm_head weights, without the [tokens, V] logits in memory.
 
     Logits s = student_hidden · student_weightᵀ (+ student_bias) and t likewise for the teacher, over the
@@ -121,6 +133,8 @@ def fused_linear_kd_loss(
     `kdops.LogitSum(weights)` (`kdops.ensemble`): the target is the mix of the teachers' (softcapped) logits.
     The chunked path only (every model's chunk logits; "auto" takes it, "fused" and "sliced" raise); not with
     `vocab_parallel`; eager under torch.compile (a graph break).
+
+    `weights`, `return_parts`: as in `kdops.kd_loss` (per-row loss weights; the loss's `kdops.LossParts`).
     """
     return paths.loss(describe_fused_linear(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence=divergence,
@@ -128,4 +142,4 @@ def fused_linear_kd_loss(
         num_items_in_batch=num_items_in_batch, student_bias=student_bias, teacher_bias=teacher_bias,
         hard_weight=hard_weight, soft_weight=soft_weight, impl=impl, backend=backend, memory_budget=memory_budget,
         vocab_parallel=vocab_parallel, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
-        teacher_mix=teacher_mix))
+        teacher_mix=teacher_mix, weights=weights, return_parts=return_parts))

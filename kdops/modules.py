@@ -45,9 +45,11 @@ class KDLoss(torch.nn.Module):
         self.options = dict(temperature=temperature, ignore_index=ignore_index, reduction=reduction,
                             backend=backend, vocab_parallel=vocab_parallel, teacher_mix=check_mix_type(teacher_mix))
 
-    def forward(self, student_logits, teacher_logits, labels=None, num_items_in_batch=None):
+    def forward(self, student_logits, teacher_logits, labels=None, num_items_in_batch=None, weights=None,
+                return_parts=False):
         return kd_loss(student_logits, teacher_logits, labels, divergence=self.divergence,
-                       num_items_in_batch=num_items_in_batch, **self.options)
+                       num_items_in_batch=num_items_in_batch, weights=weights, return_parts=return_parts,
+                       **self.options)
 
     def extra_repr(self) -> str:
         return f"divergence={self.divergence}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -77,10 +79,11 @@ class FusedLinearKDLoss(torch.nn.Module):
                             teacher_mix=check_mix_type(teacher_mix))
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
-                student_bias=None, teacher_bias=None, num_items_in_batch=None):
+                student_bias=None, teacher_bias=None, num_items_in_batch=None, weights=None, return_parts=False):
         return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                                     divergence=self.divergence, student_bias=student_bias, teacher_bias=teacher_bias,
-                                    num_items_in_batch=num_items_in_batch, **self.options)
+                                    num_items_in_batch=num_items_in_batch, weights=weights,
+                                    return_parts=return_parts, **self.options)
 
     def extra_repr(self) -> str:
         return f"divergence={self.divergence}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -99,9 +102,11 @@ class TopKKDLoss(torch.nn.Module):
         self.options = dict(temperature=temperature, tail=tail, ignore_index=ignore_index, reduction=reduction,
                             backend=backend)
 
-    def forward(self, student_logits, teacher_ids, teacher_logprobs, labels=None, num_items_in_batch=None):
+    def forward(self, student_logits, teacher_ids, teacher_logprobs, labels=None, num_items_in_batch=None,
+                weights=None, return_parts=False):
         return topk_kd_loss(student_logits, teacher_ids, teacher_logprobs, labels, divergence=self.divergence,
-                            num_items_in_batch=num_items_in_batch, **self.options)
+                            num_items_in_batch=num_items_in_batch, weights=weights, return_parts=return_parts,
+                            **self.options)
 
     def extra_repr(self) -> str:
         return f"divergence={self.divergence}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -128,10 +133,11 @@ class FusedLinearTopKKDLoss(torch.nn.Module):
                             student_softcap=check_softcap("student_softcap", student_softcap))
 
     def forward(self, student_hidden, student_weight, teacher_ids, teacher_logprobs, labels=None, student_bias=None,
-                num_items_in_batch=None):
+                num_items_in_batch=None, weights=None, return_parts=False):
         return fused_linear_topk_kd_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels,
                                          divergence=self.divergence, student_bias=student_bias,
-                                         num_items_in_batch=num_items_in_batch, **self.options)
+                                         num_items_in_batch=num_items_in_batch, weights=weights,
+                                         return_parts=return_parts, **self.options)
 
     def extra_repr(self) -> str:
         return f"divergence={self.divergence}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())

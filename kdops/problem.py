@@ -22,12 +22,13 @@ import ast
 import contextlib
 import re
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 
 from . import divergences as _divergences
 from . import parallel
-from ._reduction import reduce_rows, row_mask
+from ._reduction import reduce_rows, row_mask, row_weights
 from ._validation import (
     TOPK_IMPLS,
     as_teachers,
@@ -51,6 +52,23 @@ from ._validation import (
 )
 from .divergences import Divergence, as_divergence
 from .ensemble import TeacherMix
+
+
+class LossParts(NamedTuple):
+    """The parts of a loss, per row: detached float32 (float64 for float64 inputs) tensors of the labels' (leading)
+    shape, 0 on ignored rows, what `return_parts=True` returns beside the loss.
+
+    soft             D(teacher ‖ student at T) of the row, before any weight (`soft_weight`, `weights`)
+    hard             CE(student at T = 1, label), or None without labels
+    student_entropy  H(softmax(s / T)) = −Σ q log q
+    teacher_entropy  H(P) of the target at T: the teacher's softmax (a mix's target with several teachers; the
+                     k (+1)-outcome distribution of a sparse teacher, as its `tail` builds it)
+    """
+
+    soft: torch.Tensor
+    hard: torch.Tensor | None
+    student_entropy: torch.Tensor
+    teacher_entropy: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -132,7 +150,8 @@ class Problem:
     `path`: "logits", "mixed_logits", "linear", "mixed_linear", "topk" or "linear_topk" (`kdops.paths.PATHS`).
     `student`: its logits [..., V] or its `Head`. `teachers`: the teachers' logits or Heads (several with `mix`).
     `topk`: a sparse teacher's (ids, log-probabilities) [..., k]. `mask`: [rows] bool, the rows whose label is not
-    ignore_index (all without labels). `leading`: the shape of the rows."""
+    ignore_index (all without labels). `leading`: the shape of the rows. `weights`: [rows] per-row loss weights
+    (constants) or None. `parts`: whether the call returns its `kdops.LossParts` too."""
 
     path: str
     student: torch.Tensor | Head
@@ -148,11 +167,26 @@ class Problem:
     mode: str = "eager"
     autocast: bool = False
     device: torch.device = field(default=None)
+    weights: torch.Tensor | None = None
+    parts: bool = False
+
+    def weighted(self, rows: torch.Tensor) -> torch.Tensor:
+        """w_r · ℓ_r of per-row losses [rows] (0 where masked), or the rows themselves without `weights`."""
+        if self.weights is None:
+            return rows
+        return rows * torch.where(self.mask, self.weights.to(rows.dtype), 0.0)
+
+    def row_weights(self, dtype: torch.dtype) -> torch.Tensor:
+        """w' [rows] with Σ_r w'_r ℓ_r equal to the scalar reduction of the weighted rows (`reduce`): the reduction's
+        own row weights (`kdops._reduction.row_weights`) times `weights`."""
+        scale = row_weights(self.mask, self.options.reduction, self.num_items_in_batch, dtype)
+        return self.weighted(scale)
 
     def reduce(self, rows: torch.Tensor) -> torch.Tensor:
-        """The loss of per-row losses [rows] (0 where masked) by the options' reduction."""
-        return reduce_rows(rows.view(self.leading), self.mask.view(self.leading), self.options.reduction,
-                           self.num_items_in_batch)
+        """The loss of per-row losses [rows] (0 where masked), weighted by `weights`, by the options' reduction:
+        "none" w_r·ℓ_r, "sum" Σ w_r·ℓ_r, "batchmean" Σ w_r·ℓ_r / (valid rows or num_items_in_batch)."""
+        return reduce_rows(self.weighted(rows).view(self.leading), self.mask.view(self.leading),
+                           self.options.reduction, self.num_items_in_batch)
 
     def tensors(self) -> tuple:
         """(hidden, weight, bias) of the student, then of each teacher: what the autograd Functions take."""
@@ -177,6 +211,17 @@ def _shards(vocab_parallel, divergence: Divergence, rows: int, device, width=Non
                             options=parallel.options_of(divergence, **options))
 
 
+def _rows_of(weights):
+    """Per-row loss weights [rows] as constants (detached), or None."""
+    return None if weights is None else weights.detach().reshape(-1)
+
+
+def _parts(return_parts) -> bool:
+    if not isinstance(return_parts, bool):
+        raise TypeError(f"return_parts: expected a bool, got {type(return_parts).__name__}")
+    return return_parts
+
+
 def _no_mix_under_vocab_parallel(mix, vocab_parallel) -> None:
     if mix is not None and vocab_parallel is not None:
         raise ValueError("vocab_parallel with teacher_mix: several teachers are not supported under vocabulary "
@@ -186,7 +231,7 @@ def _no_mix_under_vocab_parallel(mix, vocab_parallel) -> None:
 # --- kd_loss ------------------------------------------------------------------------------------------------------
 
 def check_kd_loss(student_logits, teacher_logits, labels, divergence, temperature, ignore_index, reduction,
-                  num_items_in_batch, teacher_mix):
+                  num_items_in_batch, teacher_mix, weights=None):
     """kd_loss's argument checks (shared with `kdops.reference.kd_loss`): (divergence, the teachers as a list,
     the mix or None, the leading shape, the temperature as a float)."""
     divergence = as_divergence(divergence)
@@ -196,17 +241,17 @@ def check_kd_loss(student_logits, teacher_logits, labels, divergence, temperatur
         check_logits_pair(student_logits, teacher, "teacher_logits" if mix is None else f"teacher_logits[{i}]")
     leading = student_logits.shape[:-1]
     temperature = check_loss_options(labels, leading, student_logits.device, temperature, ignore_index, reduction,
-                                     num_items_in_batch)
+                                     num_items_in_batch, weights)
     return divergence, teachers, mix, leading, temperature
 
 
 def describe_kd_loss(student_logits, teacher_logits, labels=None, *, divergence="forward_kl", temperature=1.0,
                      ignore_index=-100, reduction="batchmean", num_items_in_batch=None, backend="auto",
-                     vocab_parallel=None, teacher_mix=None) -> Problem:
+                     vocab_parallel=None, teacher_mix=None, weights=None, return_parts=False) -> Problem:
     """The Problem of `kdops.kd_loss` (same arguments)."""
     divergence, teachers, mix, leading, temperature = check_kd_loss(
         student_logits, teacher_logits, labels, divergence, temperature, ignore_index, reduction, num_items_in_batch,
-        teacher_mix)
+        teacher_mix, weights)
     device = student_logits.device
     engine = resolve_backend(backend, device)
     mask = row_mask(labels, ignore_index, leading, device).reshape(-1)
@@ -218,14 +263,15 @@ def describe_kd_loss(student_logits, teacher_logits, labels=None, *, divergence=
                       vocab=student_logits.shape[-1])
     return Problem("logits" if mix is None else "mixed_logits", student_logits, tuple(teachers), labels, mask,
                    leading, options, num_items_in_batch, mix=mix, shards=shards,
-                   mode=_mode(mix is not None or shards is not None), device=device)
+                   mode=_mode(mix is not None or shards is not None), device=device, weights=_rows_of(weights),
+                   parts=_parts(return_parts))
 
 
 # --- fused_linear_kd_loss ---------------------------------------------------------------------------------------
 
 def check_fused_linear(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
                        teacher_bias, divergence, temperature, ignore_index, reduction, num_items_in_batch, hard_weight,
-                       soft_weight, impl, memory_budget, student_softcap, teacher_softcap, teacher_mix):
+                       soft_weight, impl, memory_budget, student_softcap, teacher_softcap, teacher_mix, weights=None):
     """fused_linear_kd_loss's argument checks (shared with `kdops.reference.fused_linear_kd_loss`): (divergence,
     the teachers' hidden states, weights and biases — lists with a mix —, the mix or None, the shared vocabulary,
     the leading shape, the temperature, the softcaps)."""
@@ -236,7 +282,7 @@ def check_fused_linear(student_hidden, student_weight, teacher_hidden, teacher_w
                                teacher_bias, hard_weight, soft_weight, impl)
     leading = student_hidden.shape[:-1]
     temperature = check_loss_options(labels, leading, student_hidden.device, temperature, ignore_index, reduction,
-                                     num_items_in_batch)
+                                     num_items_in_batch, weights)
     check_memory_budget(memory_budget)
     softcaps = (check_softcap("student_softcap", student_softcap), check_softcap("teacher_softcap", teacher_softcap))
     return divergence, (teacher_hidden, teacher_weight, teacher_bias), mix, vocab, leading, temperature, softcaps
@@ -271,12 +317,13 @@ def describe_fused_linear(student_hidden, student_weight, teacher_hidden, teache
                           divergence="forward_kl", temperature=1.0, ignore_index=-100, reduction="batchmean",
                           num_items_in_batch=None, student_bias=None, teacher_bias=None, hard_weight=0.0,
                           soft_weight=1.0, impl="auto", backend="auto", memory_budget=None, vocab_parallel=None,
-                          student_softcap=None, teacher_softcap=None, teacher_mix=None) -> Problem:
+                          student_softcap=None, teacher_softcap=None, teacher_mix=None, weights=None,
+                          return_parts=False) -> Problem:
     """The Problem of `kdops.fused_linear_kd_loss` (same arguments)."""
     divergence, teacher, mix, vocab, leading, temperature, softcaps = check_fused_linear(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
         divergence, temperature, ignore_index, reduction, num_items_in_batch, hard_weight, soft_weight, impl,
-        memory_budget, student_softcap, teacher_softcap, teacher_mix)
+        memory_budget, student_softcap, teacher_softcap, teacher_mix, weights)
     device = student_hidden.device
     engine = resolve_backend(backend, device)
     hard_weight, soft_weight = float(hard_weight), float(soft_weight)
@@ -302,13 +349,14 @@ def describe_fused_linear(student_hidden, student_weight, teacher_hidden, teache
         options = replace(options, vocab=shards.width)
     return Problem("linear" if mix is None else "mixed_linear", student, tuple(teachers), labels, mask, leading,
                    options, num_items_in_batch, mix=mix, shards=shards,
-                   mode=_mode(mix is not None or shards is not None), autocast=autocast is not None, device=device)
+                   mode=_mode(mix is not None or shards is not None), autocast=autocast is not None, device=device,
+                   weights=_rows_of(weights), parts=_parts(return_parts))
 
 
 # --- sparse teachers ----------------------------------------------------------------------------------------------
 
 def check_topk(student_logits, teacher_ids, teacher_logprobs, labels, divergence, temperature, tail, ignore_index,
-               reduction, num_items_in_batch):
+               reduction, num_items_in_batch, weights=None):
     """topk_kd_loss's argument checks but the teacher's values (shared with `kdops.reference.topk_kd_loss`):
     (divergence, leading shape, temperature)."""
     divergence = as_divergence(divergence)
@@ -318,17 +366,18 @@ def check_topk(student_logits, teacher_ids, teacher_logprobs, labels, divergence
                          f"{tuple(student_logits.shape)}")
     leading = student_logits.shape[:-1]
     temperature = check_loss_options(labels, leading, student_logits.device, temperature, ignore_index, reduction,
-                                     num_items_in_batch)
+                                     num_items_in_batch, weights)
     check_tail(tail, divergence.canonical(), divergence.name)
     return divergence, leading, temperature
 
 
 def describe_topk(student_logits, teacher_ids, teacher_logprobs, labels=None, *, divergence="forward_kl",
                   temperature=1.0, tail="bucket", ignore_index=-100, reduction="batchmean", num_items_in_batch=None,
-                  backend="auto", vocab_parallel=None) -> Problem:
+                  backend="auto", vocab_parallel=None, weights=None, return_parts=False) -> Problem:
     """The Problem of `kdops.topk_kd_loss` (same arguments)."""
     divergence, leading, temperature = check_topk(student_logits, teacher_ids, teacher_logprobs, labels, divergence,
-                                                  temperature, tail, ignore_index, reduction, num_items_in_batch)
+                                                  temperature, tail, ignore_index, reduction, num_items_in_batch,
+                                                  weights)
     device, vocab = student_logits.device, student_logits.shape[-1]
     engine = resolve_backend(backend, device)
     shards = None if vocab_parallel is None else _shards(
@@ -339,12 +388,13 @@ def describe_topk(student_logits, teacher_ids, teacher_logprobs, labels=None, *,
     mask = row_mask(labels, ignore_index, leading, device).reshape(-1)
     options = Options(divergence, temperature, ignore_index, reduction, engine=engine, tail=tail, vocab=vocab)
     return Problem("topk", student_logits, (), labels, mask, leading, options, num_items_in_batch,
-                   topk=(teacher_ids, teacher_logprobs), shards=shards, mode=_mode(shards is not None), device=device)
+                   topk=(teacher_ids, teacher_logprobs), shards=shards, mode=_mode(shards is not None), device=device,
+                   weights=_rows_of(weights), parts=_parts(return_parts))
 
 
 def check_fused_linear_topk(student_hidden, student_weight, labels, student_bias, divergence, temperature, tail,
                             ignore_index, reduction, num_items_in_batch, hard_weight, soft_weight, impl, memory_budget,
-                            student_softcap):
+                            student_softcap, weights=None):
     """fused_linear_topk_kd_loss's argument checks but the teacher's (shared with the reference): (divergence,
     leading shape, temperature, the student's softcap)."""
     divergence = as_divergence(divergence)
@@ -355,7 +405,7 @@ def check_fused_linear_topk(student_hidden, student_weight, labels, student_bias
     check_memory_budget(memory_budget)
     leading = student_hidden.shape[:-1]
     temperature = check_loss_options(labels, leading, student_hidden.device, temperature, ignore_index, reduction,
-                                     num_items_in_batch)
+                                     num_items_in_batch, weights)
     check_tail(tail, divergence.canonical(), divergence.name)
     return divergence, leading, temperature, check_softcap("student_softcap", student_softcap)
 
@@ -364,11 +414,11 @@ def describe_fused_linear_topk(student_hidden, student_weight, teacher_ids, teac
                                divergence="forward_kl", temperature=1.0, tail="bucket", ignore_index=-100,
                                reduction="batchmean", num_items_in_batch=None, student_bias=None, hard_weight=0.0,
                                soft_weight=1.0, impl="auto", backend="auto", memory_budget=None, vocab_parallel=None,
-                               student_softcap=None) -> Problem:
+                               student_softcap=None, weights=None, return_parts=False) -> Problem:
     """The Problem of `kdops.fused_linear_topk_kd_loss` (same arguments)."""
     divergence, leading, temperature, cap = check_fused_linear_topk(
         student_hidden, student_weight, labels, student_bias, divergence, temperature, tail, ignore_index, reduction,
-        num_items_in_batch, hard_weight, soft_weight, impl, memory_budget, student_softcap)
+        num_items_in_batch, hard_weight, soft_weight, impl, memory_budget, student_softcap, weights)
     device, vocab = student_hidden.device, student_weight.shape[0]
     hard_weight, soft_weight = float(hard_weight), float(soft_weight)
     shards = None if vocab_parallel is None else _shards(
@@ -390,7 +440,8 @@ def describe_fused_linear_topk(student_hidden, student_weight, teacher_ids, teac
                       impl, memory_budget, tail, vocab if shards is None else shards.width)
     return Problem("linear_topk", Head(student_hidden, student_weight, student_bias), (), labels, mask, leading,
                    options, num_items_in_batch, topk=(teacher_ids, teacher_logprobs), shards=shards,
-                   mode=_mode(shards is not None), device=device)
+                   mode=_mode(shards is not None), device=device, weights=_rows_of(weights),
+                   parts=_parts(return_parts))
 
 
 def check_topk_logprobs(hidden, weight, k, temperature, bias, memory_budget) -> float:

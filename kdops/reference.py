@@ -24,30 +24,34 @@ from .problem import (
 from .torch_math import compute_dtype, divergence_rows, linear_kd_rows, linear_logits, softcap, teacher_rest
 
 
-def _reduce(rows, labels, ignore_index: int, leading, device, reduction: str, num_items_in_batch):
+def _reduce(rows, labels, ignore_index: int, leading, device, reduction: str, num_items_in_batch, weights=None):
+    """The masked rows, times `weights` where given, reduced."""
     mask = row_mask(labels, ignore_index, leading, device)
+    if weights is not None:
+        rows = rows * weights.detach().to(rows.dtype)
     return reduce_rows(torch.where(mask, rows, 0.0), mask, reduction, num_items_in_batch)
 
 
 def kd_loss(student_logits, teacher_logits, labels=None, *, divergence="forward_kl", temperature=1.0,
-            ignore_index=-100, reduction="batchmean", num_items_in_batch=None, backend="auto", teacher_mix=None):
+            ignore_index=-100, reduction="batchmean", num_items_in_batch=None, backend="auto", teacher_mix=None,
+            weights=None):
     """Reference for `kdops.kd_loss` (same signature, without `vocab_parallel`). With `teacher_mix`, the mixed
     target's logits over the whole batch, then the same loss."""
     divergence, teachers, mix, leading, temperature = check_kd_loss(
         student_logits, teacher_logits, labels, divergence, temperature, ignore_index, reduction, num_items_in_batch,
-        teacher_mix)
+        teacher_mix, weights)
     check_choice("backend", backend, BACKENDS)
     teacher_logits = teachers[0] if mix is None else mix.target_logits(
         [t.to(compute_dtype(student_logits, *teachers)) for t in teachers], temperature)
     rows = divergence_rows(divergence, student_logits, teacher_logits, temperature)
-    return _reduce(rows, labels, ignore_index, leading, student_logits.device, reduction, num_items_in_batch)
+    return _reduce(rows, labels, ignore_index, leading, student_logits.device, reduction, num_items_in_batch, weights)
 
 
 def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
                          divergence="forward_kl", temperature=1.0, ignore_index=-100, reduction="batchmean",
                          num_items_in_batch=None, student_bias=None, teacher_bias=None, hard_weight=0.0,
                          soft_weight=1.0, impl="auto", backend="auto", memory_budget=None, student_softcap=None,
-                         teacher_softcap=None, teacher_mix=None):
+                         teacher_softcap=None, teacher_mix=None, weights=None):
     """Reference for `kdops.fused_linear_kd_loss`: the logits of both models in float32 over the shared
     vocabulary [0, min(Vs, Vt)), softcapped where a cap is given, then per token soft_weight · D(teacher ‖
     student at T) + hard_weight · CE(student logits at T = 1, label), masked and reduced like `kd_loss`. With
@@ -55,7 +59,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
     divergence, teacher, mix, vocab, leading, temperature, softcaps = check_fused_linear(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
         divergence, temperature, ignore_index, reduction, num_items_in_batch, hard_weight, soft_weight, impl,
-        memory_budget, student_softcap, teacher_softcap, teacher_mix)
+        memory_budget, student_softcap, teacher_softcap, teacher_mix, weights)
     check_choice("backend", backend, BACKENDS)
     teacher_hidden, teacher_weight, teacher_bias = teacher
     if mix is None:
@@ -70,19 +74,20 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
     rows = linear_kd_rows(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab),
                           None if labels is None else labels.reshape(-1), divergence, temperature, soft_weight,
                           hard_weight, ignore_index, softcaps).view(leading)
-    return _reduce(rows, labels, ignore_index, leading, student_hidden.device, reduction, num_items_in_batch)
+    return _reduce(rows, labels, ignore_index, leading, student_hidden.device, reduction, num_items_in_batch, weights)
 
 
 def topk_kd_loss(student_logits, teacher_ids, teacher_logprobs, labels=None, *, divergence="forward_kl",
                  temperature=1.0, tail="bucket", ignore_index=-100, reduction="batchmean", num_items_in_batch=None,
-                 backend="auto"):
+                 backend="auto", weights=None):
     """Reference for `kdops.topk_kd_loss` (same signature, without `vocab_parallel`)."""
     divergence, leading, temperature = check_topk(student_logits, teacher_ids, teacher_logprobs, labels, divergence,
-                                                  temperature, tail, ignore_index, reduction, num_items_in_batch)
+                                                  temperature, tail, ignore_index, reduction, num_items_in_batch,
+                                                  weights)
     check_choice("backend", backend, BACKENDS)
     check_topk_teacher(teacher_ids, teacher_logprobs, leading, student_logits.shape[-1], tail, student_logits.device)
     rows = topk_rows(student_logits, teacher_ids, teacher_logprobs, divergence, temperature, tail)
-    return _reduce(rows, labels, ignore_index, leading, student_logits.device, reduction, num_items_in_batch)
+    return _reduce(rows, labels, ignore_index, leading, student_logits.device, reduction, num_items_in_batch, weights)
 
 
 def topk_rows(student_logits, teacher_ids, teacher_logprobs, divergence: Divergence, temperature: float,
@@ -114,13 +119,14 @@ def topk_rows(student_logits, teacher_ids, teacher_logprobs, divergence: Diverge
 def fused_linear_topk_kd_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels=None, *,
                               divergence="forward_kl", temperature=1.0, tail="bucket", ignore_index=-100,
                               reduction="batchmean", num_items_in_batch=None, student_bias=None, hard_weight=0.0,
-                              soft_weight=1.0, impl="auto", backend="auto", memory_budget=None, student_softcap=None):
+                              soft_weight=1.0, impl="auto", backend="auto", memory_budget=None, student_softcap=None,
+                              weights=None):
     """Reference for `kdops.fused_linear_topk_kd_loss`: the student's logits in float32 (softcapped by
     `student_softcap`), then per token soft_weight · (the top-k loss) + hard_weight · CE(logits at T = 1, label),
     masked and reduced like `kd_loss`."""
     divergence, leading, temperature, cap = check_fused_linear_topk(
         student_hidden, student_weight, labels, student_bias, divergence, temperature, tail, ignore_index, reduction,
-        num_items_in_batch, hard_weight, soft_weight, impl, memory_budget, student_softcap)
+        num_items_in_batch, hard_weight, soft_weight, impl, memory_budget, student_softcap, weights)
     check_choice("backend", backend, BACKENDS)
     vocab = student_weight.shape[0]
     check_topk_teacher(teacher_ids, teacher_logprobs, leading, vocab, tail, student_hidden.device)
@@ -130,7 +136,7 @@ def fused_linear_topk_kd_loss(student_hidden, student_weight, teacher_ids, teach
     if hard_weight > 0:
         rows = rows + hard_weight * torch.nn.functional.cross_entropy(
             logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=ignore_index, reduction="none").view(leading)
-    return _reduce(rows, labels, ignore_index, leading, student_hidden.device, reduction, num_items_in_batch)
+    return _reduce(rows, labels, ignore_index, leading, student_hidden.device, reduction, num_items_in_batch, weights)
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ import torch
 from . import paths
 from .divergences import Divergence
 from .paths.topk_linear import top_logprobs
-from .problem import check_topk_logprobs, describe_fused_linear_topk, describe_topk
+from .problem import LossParts, check_topk_logprobs, describe_fused_linear_topk, describe_topk
 
 
 def topk_kd_loss(
@@ -45,7 +45,9 @@ def topk_kd_loss(
     num_items_in_batch=None,
     backend: str = "auto",
     vocab_parallel=None,
-) -> torch.Tensor:
+    weights: torch.Tensor | None = None,
+    return_parts: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, LossParts]:
     """Distillation loss against a sparse teacher: its top-k ids [..., k] and log-probabilities [..., k] at
     temperature T (−inf: an absent entry), and the student's logits [..., V], in float32 (float64 for float64
     logits).
@@ -71,11 +73,13 @@ def topk_kd_loss(
     shard [..., stop − start] of the vocabulary; the teacher's ids stay global. Each rank's side (the ids in
     its shard, its complement's log-mass) is combined over the group with two all-reduces per call; the loss
     is the whole vocabulary's, the same on every rank, and each rank's gradient is its shard's.
+
+    `weights`, `return_parts`: as in `kdops.kd_loss` (per-row loss weights; the loss's `kdops.LossParts`).
     """
     return paths.loss(describe_topk(
         student_logits, teacher_ids, teacher_logprobs, labels, divergence=divergence, temperature=temperature,
         tail=tail, ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
-        backend=backend, vocab_parallel=vocab_parallel))
+        backend=backend, vocab_parallel=vocab_parallel, weights=weights, return_parts=return_parts))
 
 
 def fused_linear_topk_kd_loss(
@@ -99,7 +103,9 @@ def fused_linear_topk_kd_loss(
     memory_budget: int | None = None,
     vocab_parallel=None,
     student_softcap: float | None = None,
-) -> torch.Tensor:
+    weights: torch.Tensor | None = None,
+    return_parts: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, LossParts]:
     """`topk_kd_loss` from the student's hidden states [..., H] and lm_head weight [V, H] (+ bias [V]),
     without its [tokens, V] logits: per row,
 
@@ -122,13 +128,16 @@ def fused_linear_topk_kd_loss(
     and the teacher's ids are global. As in `fused_linear_kd_loss`: the loss is the whole vocabulary's on every
     rank, weight and bias gradients are the shard's, hidden-state gradients are summed over the group unless
     `reduce_hidden_grad=False`.
+
+    `weights`, `return_parts`: as in `kdops.kd_loss` (per-row loss weights; the loss's `kdops.LossParts`).
     """
     return paths.loss(describe_fused_linear_topk(
         student_hidden, student_weight, teacher_ids, teacher_logprobs, labels, divergence=divergence,
         temperature=temperature, tail=tail, ignore_index=ignore_index, reduction=reduction,
         num_items_in_batch=num_items_in_batch, student_bias=student_bias, hard_weight=hard_weight,
         soft_weight=soft_weight, impl=impl, backend=backend, memory_budget=memory_budget,
-        vocab_parallel=vocab_parallel, student_softcap=student_softcap))
+        vocab_parallel=vocab_parallel, student_softcap=student_softcap, weights=weights,
+        return_parts=return_parts))
 
 
 @torch.no_grad()

@@ -35,13 +35,15 @@ def test_kd_loss_compiles_fullgraph(backend, reduction):
     x, teacher = torch.randn(2, 9, 24, device=DEVICE), torch.randn(2, 9, 301, device=DEVICE) * 3
     labels = torch.randint(0, 301, (2, 9), device=DEVICE)
     labels[0, :3] = -100
+    # per-row weights (signed) in one of the two cases: a graph input multiplying the rows
+    weights = torch.randn(2, 9, device=DEVICE) if reduction == "none" else None
 
-    def step(x, teacher, labels):
+    def step(x, teacher, labels, weights):
         loss = kdops.kd_loss(head(x), teacher, labels, divergence=kdops.GeneralizedJSD(beta=0.3), temperature=2.0,
-                             reduction=reduction, backend=backend)
+                             reduction=reduction, backend=backend, weights=weights)
         return loss.sum()
 
-    _compare_compiled(step, list(head.parameters()), x, teacher, labels)
+    _compare_compiled(step, list(head.parameters()), x, teacher, labels, weights)
 
 
 @pytest.mark.parametrize("impl, backend, transforms", [
@@ -56,17 +58,18 @@ def test_fused_linear_kd_loss_compiles_fullgraph(impl, backend, transforms):
     teacher_hidden, teacher_weight = torch.randn(3, 7, 28, device=DEVICE), torch.randn(310, 28, device=DEVICE) * 0.5
     labels = torch.randint(0, 300, (3, 7), device=DEVICE)
     labels[1, :2] = -100
+    weights = torch.randn(3, 7, device=DEVICE) if transforms else None  # per-row weights, a graph input
 
     # the tile transforms travel through the custom op's options: softcaps, and TAID as a divergence
     options = dict(divergence=kdops.TAID(0.4), student_softcap=2.0, teacher_softcap=3.0) if transforms else dict(
         divergence="reverse_kl")
 
-    def step(x, teacher_hidden, teacher_weight, labels):
+    def step(x, teacher_hidden, teacher_weight, labels, weights):
         return kdops.fused_linear_kd_loss(torch.tanh(body(x)), weight, teacher_hidden, teacher_weight, labels,
                                           student_bias=bias, hard_weight=0.5, temperature=1.5, impl=impl,
-                                          backend=backend, **options)
+                                          backend=backend, weights=weights, **options)
 
-    _compare_compiled(step, [*body.parameters(), weight, bias], x, teacher_hidden, teacher_weight, labels)
+    _compare_compiled(step, [*body.parameters(), weight, bias], x, teacher_hidden, teacher_weight, labels, weights)
 
 
 @pytest.mark.parametrize("name", list(kdops.DIVERGENCES))

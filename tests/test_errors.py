@@ -110,6 +110,14 @@ ERROR_CASES = [
                  r"num_items_in_batch.*one-element", id="num_items_in_batch-2-elements"),
     *[pytest.param(dict(ignore_index=value), TypeError, r"ignore_index.*int", id=f"ignore_index={value!r}")
       for value in (-100.0, 1.5, "x", None)],
+    # per-row weights
+    pytest.param(dict(weights=_Lazy(lambda: torch.ones(5))), ValueError, r"weights.*\(4,\).*\(5,\)",
+                 id="weights-length"),
+    pytest.param(dict(weights=_Lazy(lambda: torch.ones(4, dtype=torch.long))), TypeError,
+                 r"weights.*floating.*int64", id="weights-int"),
+    pytest.param(dict(weights=[1.0] * 4), TypeError, r"weights.*Tensor.*list", id="weights-list"),
+    pytest.param(dict(weights=_Lazy(lambda: torch.ones(4, device="meta"))), ValueError, r"weights.*meta",
+                 id="weights-on-meta"),
     pytest.param(dict(divergence="kl"), ValueError, r"divergence.*'kl'.*forward_kl", id="divergence-unknown"),
     pytest.param(dict(divergence=3), ValueError, r"divergence.*3", id="divergence-int"),
 ]

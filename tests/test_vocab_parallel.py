@@ -128,6 +128,10 @@ def correctness_body(rank, world):
             check_kd_loss(s, t, labels, start, stop, divergence=divergence, temperature=1.5, backend=backend,
                           vocab_parallel=vp)
 
+    for backend in ("triton", "torch"):  # per-row weights (signed), the same on every rank
+        check_kd_loss(s, t, labels, start, stop, divergence="tvd", backend=backend, reduction="none",
+                      weights=torch.linspace(-1.0, 2.0, 15).view(3, 5), vocab_parallel=vp)
+
     # The tile transforms: softcaps on both sides and TAID's target (the student's share detached).
     for impl, backend in FUSED_PATHS:
         check_fused(x, start, stop, divergence=kdops.TAID(0.6), temperature=1.5, hard_weight=0.3, impl=impl,
@@ -144,6 +148,9 @@ def correctness_body(rank, world):
             check_fused(x, start, stop, padding=3 if stop == last else 0, divergence="generalized_jsd",
                         reduction=reduction, num_items_in_batch=num_items, hard_weight=0.5, impl=impl,
                         backend=backend, vocab_parallel=vp)
+        # per-row weights (signed), the same on every rank
+        check_fused(dict(x, weights=torch.linspace(-1.0, 2.0, N)), start, stop, divergence="forward_kl",
+                    hard_weight=0.5, impl=impl, backend=backend, vocab_parallel=vp)
         remote = dict(x, labels=torch.full((N,), V - 2))  # every label in the last shard
         remote["labels"][1] = 0  # and one in the first
         check_fused(remote, start, stop, divergence="reverse_kl", hard_weight=1.0, impl=impl, backend=backend,

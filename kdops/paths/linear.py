@@ -85,8 +85,7 @@ def loss(problem: Problem) -> torch.Tensor:
         return problem.reduce(rows)
     o, (teacher,) = problem.options, problem.teachers
     prepared = prepare(problem.student, teacher, problem.labels, o, problem.shards)
-    return problem_loss(prepared, problem.tensors(), problem.mask, o.reduction, problem.num_items_in_batch,
-                        problem.leading)
+    return problem_loss(prepared, problem.tensors(), problem)
 
 
 # --- inside torch.compile: the Triton paths as a custom op, opaque to Dynamo --------------------------------------

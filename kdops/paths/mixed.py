@@ -102,5 +102,4 @@ def linear_loss(problem: Problem) -> torch.Tensor:
     prepared = MixedChunkedProblem(*problem.student.tensors(), [t.tensors() for t in problem.teachers],
                                    problem.labels, o.divergence, o.temperature, o.vocab, o.soft_weight, o.hard_weight,
                                    o.ignore_index, o.engine, o.memory_budget, o.softcaps, problem.mix)
-    return problem_loss(prepared, problem.tensors(), problem.mask, o.reduction, problem.num_items_in_batch,
-                        problem.leading)
+    return problem_loss(prepared, problem.tensors(), problem)

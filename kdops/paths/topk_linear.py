@@ -199,8 +199,7 @@ def loss(problem: Problem) -> torch.Tensor:
         prepared = TopKChunkedProblem(hs, ws, bs, teacher, problem.labels, o.divergence, o.temperature, o.vocab,
                                       o.soft_weight, o.hard_weight, o.ignore_index, o.engine, o.memory_budget,
                                       problem.shards, cap)
-    return problem_loss(prepared, (hs, ws, bs, None, None, None), problem.mask, o.reduction,
-                        problem.num_items_in_batch, problem.leading)
+    return problem_loss(prepared, (hs, ws, bs, None, None, None), problem)
 
 
 #: Default memory of `top_logprobs`' float32 [chunk, V] logits and their temporaries, in bytes.
