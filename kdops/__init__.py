@@ -18,6 +18,7 @@ from .divergences import (
 from .ensemble import Ensemble, LogitSum, TeacherMix
 from .modules import FusedLinearKDLoss, FusedLinearTopKKDLoss, KDLoss, TopKKDLoss
 from .parallel import VocabParallel
+from .problem import LossParts
 from .taid import TAIDSchedule
 from .topk import fused_linear_topk_kd_loss, topk_kd_loss, topk_logprobs
 
@@ -32,6 +33,8 @@ __all__ = [
     "TAID", "DIVERGENCES", "as_divergence",
     # targets and schedules
     "TeacherMix", "Ensemble", "LogitSum", "TAIDSchedule",
+    # the parts of a loss (return_parts=True)
+    "LossParts",
     # distribution, reference
     "VocabParallel", "reference",
 ]

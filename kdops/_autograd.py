@@ -15,22 +15,29 @@ from .torch_math import compute_dtype
 
 
 class KDLogitsFunction(torch.autograd.Function):
-    """Per-row losses [rows] (0 where the mask is False) of [..., V] logits, by the Triton kernels."""
+    """Per-row losses [rows] (0 where the mask is False) of [..., V] logits, by the Triton kernels; with `parts`,
+    also the rows' parts [rows, 4] from the same pass (`kdops.launchers.logits.logits_forward`; no gradient),
+    the cross-entropy against `labels` where given."""
 
     @staticmethod
-    def forward(ctx, student, teacher, mask, canon: Canonical, temperature: float, shards=None):
-        loss, stats = logits_forward(student, teacher, None, canon, 1.0 / temperature, shards=shards)
+    def forward(ctx, student, teacher, mask, canon: Canonical, temperature: float, shards=None, labels=None,
+                parts=False):
+        loss, stats, *row_parts = logits_forward(student, teacher, labels if parts else None, canon,
+                                                 1.0 / temperature, shards=shards, parts=parts)
         ctx.save_for_backward(student, teacher, mask, stats)
         ctx.canon, ctx.temperature = canon, temperature
-        return torch.where(mask, loss, 0.0)
+        if not parts:
+            return torch.where(mask, loss, 0.0)
+        ctx.mark_non_differentiable(row_parts[0])
+        return torch.where(mask, loss, 0.0), torch.where(mask[:, None], row_parts[0], 0.0)
 
     @staticmethod
-    def backward(ctx, grad_rows):
+    def backward(ctx, grad_rows, grad_parts=None):
         student, teacher, mask, stats = ctx.saved_tensors
         row_scale = torch.where(mask, grad_rows, 0.0)
         grad_student, grad_teacher = logits_backward(student, teacher, None, stats, row_scale, ctx.canon,
                                                      1.0 / ctx.temperature, *ctx.needs_input_grad[:2])
-        return grad_student, grad_teacher, None, None, None, None
+        return grad_student, grad_teacher, None, None, None, None, None, None
 
 
 class FusedLinearKDFunction(torch.autograd.Function):
@@ -74,7 +81,20 @@ class FusedLinearKDFunction(torch.autograd.Function):
 def problem_loss(prepared, tensors, problem):
     """The reduced loss of a prepared problem (`FusedLinearKDFunction`) for the `kdops.problem.Problem` it came from
     (its mask, weights and reduction): with a scalar reduction, an eager problem computes its gradients in the
-    forward, already weighted."""
+    forward, already weighted. With `problem.parts`, (loss, `kdops.LossParts`): a chunked problem's chunks write
+    their parts (`row_parts`) in the forward's pass over their logits."""
+    if not problem.parts:
+        return _reduced_loss(prepared, tensors, problem)
+    if getattr(prepared, "row_parts", False) is not None:
+        raise ValueError(f"return_parts: the chunked path reports the loss's parts, this call resolved to "
+                         f"{type(prepared).__name__}; use impl='chunked' (or a memory_budget that its plan fits)")
+    prepared.row_parts = torch.empty((problem.mask.numel(), 4), dtype=prepared.acc_dtype, device=problem.device)
+    loss = _reduced_loss(prepared, tensors, problem)
+    parts, prepared.row_parts = prepared.row_parts, None
+    return loss, problem.parts_of(parts)
+
+
+def _reduced_loss(prepared, tensors, problem):
     if prepared.eager and problem.options.reduction != "none":
         return FusedLinearKDFunction.apply(prepared, problem.mask, problem.row_weights(prepared.acc_dtype), *tensors)
     rows = FusedLinearKDFunction.apply(prepared, problem.mask, None, *tensors)
@@ -137,3 +157,20 @@ def checkpointed_rows(fn, rows: int, chunk: int, *row_tensors) -> torch.Tensor:
         sliced = [None if t is None else t[start:start + chunk] for t in row_tensors]
         parts.append(checkpoint(fn, *sliced, use_reentrant=False))
     return torch.cat(parts)
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    """(log p(token), entropy) [2, rows] of a prepared `kdops.paths.token_logprobs.TokenLogprobsProblem`: the forward
+    runs its row chunks without a graph (keeping per-row statistics at most), the backward recomputes each chunk's
+    logits and returns the gradients of hidden, weight and bias that are asked for."""
+
+    @staticmethod
+    def forward(ctx, problem, hidden, weight, bias):
+        out, saved = problem.forward()
+        ctx.problem = problem
+        ctx.save_for_backward(*saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, *ctx.problem.backward(ctx.saved_tensors, grad, tuple(ctx.needs_input_grad[1:4])))

@@ -188,6 +188,19 @@ class Problem:
         return reduce_rows(self.weighted(rows).view(self.leading), self.mask.view(self.leading),
                            self.options.reduction, self.num_items_in_batch)
 
+    def result(self, rows: torch.Tensor, parts: torch.Tensor | None = None):
+        """The call's return value: the reduced loss of per-row losses [rows] (`reduce`), and with `parts` asked
+        for, (loss, `LossParts`) of the rows' parts [rows, 4] (soft, hard, student entropy, teacher entropy)."""
+        loss = self.reduce(rows)
+        return (loss, self.parts_of(parts)) if self.parts else loss
+
+    def parts_of(self, parts: torch.Tensor) -> LossParts:
+        """The `LossParts` of the rows' parts [rows, 4] (soft, hard, student entropy, teacher entropy): 0 on
+        ignored rows, in the rows' shape, hard None without labels."""
+        parts = torch.where(self.mask[:, None], parts.detach(), 0.0)
+        soft, hard, student_entropy, teacher_entropy = (parts[:, i].view(self.leading) for i in range(4))
+        return LossParts(soft, None if self.labels is None else hard, student_entropy, teacher_entropy)
+
     def tensors(self) -> tuple:
         """(hidden, weight, bias) of the student, then of each teacher: what the autograd Functions take."""
         return tuple(x for head in (self.student, *self.teachers) for x in head.tensors())
@@ -216,9 +229,15 @@ def _rows_of(weights):
     return None if weights is None else weights.detach().reshape(-1)
 
 
-def _parts(return_parts) -> bool:
+def _parts(return_parts, **unsupported) -> bool:
+    """return_parts as a bool; `unsupported`: what this call asks for that reports no parts (name → bool)."""
     if not isinstance(return_parts, bool):
         raise TypeError(f"return_parts: expected a bool, got {type(return_parts).__name__}")
+    asked = [name for name, present in unsupported.items() if present]
+    if return_parts and asked:
+        raise ValueError(f"return_parts with {asked[0]}: the loss's parts come from the kernels on logits and the "
+                         "chunked path (one teacher, the whole vocabulary on this rank); call without "
+                         "return_parts there")
     return return_parts
 
 
@@ -263,8 +282,9 @@ def describe_kd_loss(student_logits, teacher_logits, labels=None, *, divergence=
                       vocab=student_logits.shape[-1])
     return Problem("logits" if mix is None else "mixed_logits", student_logits, tuple(teachers), labels, mask,
                    leading, options, num_items_in_batch, mix=mix, shards=shards,
-                   mode=_mode(mix is not None or shards is not None), device=device, weights=_rows_of(weights),
-                   parts=_parts(return_parts))
+                   mode=_mode(mix is not None or shards is not None or return_parts is True), device=device,
+                   weights=_rows_of(weights),
+                   parts=_parts(return_parts, teacher_mix=mix is not None, vocab_parallel=shards is not None))
 
 
 # --- fused_linear_kd_loss ---------------------------------------------------------------------------------------
@@ -349,8 +369,10 @@ def describe_fused_linear(student_hidden, student_weight, teacher_hidden, teache
         options = replace(options, vocab=shards.width)
     return Problem("linear" if mix is None else "mixed_linear", student, tuple(teachers), labels, mask, leading,
                    options, num_items_in_batch, mix=mix, shards=shards,
-                   mode=_mode(mix is not None or shards is not None), autocast=autocast is not None, device=device,
-                   weights=_rows_of(weights), parts=_parts(return_parts))
+                   mode=_mode(mix is not None or shards is not None or return_parts is True),
+                   autocast=autocast is not None, device=device, weights=_rows_of(weights),
+                   parts=_parts(return_parts, teacher_mix=mix is not None, vocab_parallel=shards is not None,
+                                **{f"impl={impl!r}": impl in ("fused", "sliced")}))
 
 
 # --- sparse teachers ----------------------------------------------------------------------------------------------
@@ -388,8 +410,8 @@ def describe_topk(student_logits, teacher_ids, teacher_logprobs, labels=None, *,
     mask = row_mask(labels, ignore_index, leading, device).reshape(-1)
     options = Options(divergence, temperature, ignore_index, reduction, engine=engine, tail=tail, vocab=vocab)
     return Problem("topk", student_logits, (), labels, mask, leading, options, num_items_in_batch,
-                   topk=(teacher_ids, teacher_logprobs), shards=shards, mode=_mode(shards is not None), device=device,
-                   weights=_rows_of(weights), parts=_parts(return_parts))
+                   topk=(teacher_ids, teacher_logprobs), shards=shards, mode=_mode(shards is not None or return_parts is True), device=device,
+                   weights=_rows_of(weights), parts=_parts(return_parts, vocab_parallel=shards is not None))
 
 
 def check_fused_linear_topk(student_hidden, student_weight, labels, student_bias, divergence, temperature, tail,
@@ -440,8 +462,8 @@ def describe_fused_linear_topk(student_hidden, student_weight, teacher_ids, teac
                       impl, memory_budget, tail, vocab if shards is None else shards.width)
     return Problem("linear_topk", Head(student_hidden, student_weight, student_bias), (), labels, mask, leading,
                    options, num_items_in_batch, topk=(teacher_ids, teacher_logprobs), shards=shards,
-                   mode=_mode(shards is not None), device=device, weights=_rows_of(weights),
-                   parts=_parts(return_parts))
+                   mode=_mode(shards is not None or return_parts is True), device=device, weights=_rows_of(weights),
+                   parts=_parts(return_parts, vocab_parallel=shards is not None, **{"impl='gathered'": impl == "gathered"}))
 
 
 def check_topk_logprobs(hidden, weight, k, temperature, bias, memory_budget) -> float:

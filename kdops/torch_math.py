@@ -161,3 +161,49 @@ def teacher_rest(lp: torch.Tensor, vocab: int) -> torch.Tensor:
     if lp.shape[-1] >= vocab:
         rest = rest.masked_fill(present.sum(-1, keepdim=True) >= vocab, -math.inf)
     return rest.to(lp.dtype)
+
+
+def token_logprob_rows(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float, cap: float | None,
+                       counted: torch.Tensor | None = None) -> torch.Tensor:
+    """(log p(token), H) [rows, 2] of float logits [rows, V] and token ids [rows]: y = softcap(logits, cap) / T,
+    log p = log_softmax(y), H = −Σ p log p (terms where p = 0 contribute 0, and no gradient). Where `counted` is
+    False the row's token is not read and its log p is 0 (its entropy is still computed)."""
+    log_p = torch.log_softmax(softcap(logits, cap) / temperature, dim=-1)
+    if counted is None:
+        counted = torch.ones_like(token_ids, dtype=torch.bool)
+    picked = log_p.gather(-1, torch.where(counted, token_ids, 0).long()[:, None]).squeeze(-1)
+    return torch.stack([torch.where(counted, picked, 0.0), entropy_of(log_p)], dim=-1)
+
+
+def entropy_of(log_p: torch.Tensor) -> torch.Tensor:
+    """−Σ p log p over the last dimension of log-probabilities (a −inf entry, p = 0, contributes 0)."""
+    p = log_p.exp()
+    return -(p * torch.where(p > 0, log_p, 0.0)).sum(-1)
+
+
+def loss_parts_rows(divergence: Divergence, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    labels: torch.Tensor | None, temperature: float, softcaps=(None, None)) -> torch.Tensor:
+    """The parts of `kdops.LossParts` per row, [rows, 4], without gradients: D(target ‖ student at T)
+    (`divergence_rows`), CE(softcapped student at T = 1, label) and H(softmax(student / T))
+    (`student_rows_parts`), and H(softmax(target / T)), of the logits the divergence compares (`loss_logits`)."""
+    with torch.no_grad():
+        c = divergence.canonical().with_softcaps(*softcaps)
+        dtype = compute_dtype(student_logits, teacher_logits)
+        student, target = loss_logits(c, student_logits.to(dtype), teacher_logits.to(dtype))
+        soft = divergence_rows(divergence, student_logits, teacher_logits, temperature, softcaps)
+        entropy, hard = student_rows_parts(student, student / temperature, labels).unbind(-1)
+        return torch.stack([soft, hard, entropy, entropy_of(torch.log_softmax(target / temperature, -1))], dim=-1)
+
+
+def student_rows_parts(logits: torch.Tensor, scaled: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """(H(softmax(scaled)), CE(logits, label)) [rows, 2] of a student's (softcapped) logits [rows, V] and the same
+    at temperature, `scaled` = logits / T; CE at T = 1 is 0 without labels and where a label is outside [0, V)
+    (ignore_index among them)."""
+    with torch.no_grad():
+        entropy = entropy_of(torch.log_softmax(scaled, -1))
+        hard = torch.zeros_like(entropy)
+        if labels is not None:
+            valid = (labels >= 0) & (labels < logits.shape[-1])
+            hard = torch.where(valid, torch.nn.functional.cross_entropy(
+                logits, torch.where(valid, labels, 0).long(), reduction="none"), 0.0)
+        return torch.stack([entropy, hard], dim=-1)

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .divergences import FLOAT, INTERPRETED, NEG_INF, in_acc, second_pass_add
+from .entropy import entropy_finish, entropy_init, entropy_update
 from .partials import NUM_PARTIAL, store_partial, store_second_partial
 from .passes import (
     NUM_STATS,  # noqa: F401  (re-exported for the launchers)
@@ -25,10 +26,12 @@ from .passes import (
     load_labels,
     load_stats,
     scale_rows,
+    scaled_pq,
     second_pass_results,
     second_pass_tile,
     store_stats,
 )
+from .transforms import transformed_tiles
 
 
 @triton.jit
@@ -52,16 +55,19 @@ SECOND_PARTIAL = tl.constexpr(2)
 
 @triton.jit
 def kd_logits_forward_kernel(
-    s_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, partial_ptr,
+    s_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, partial_ptr, parts_ptr,
     n_rows, V, s_inner, s_stride_outer, s_stride_inner, t_inner, t_stride_outer, t_stride_inner,
     inv_temp: FLOAT, c1: FLOAT, c2: FLOAT, soft: FLOAT, hard: FLOAT, cap_s: FLOAT, cap_t: FLOAT, share: FLOAT,
     KIND: tl.constexpr, TWO_PASS: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr,
-    TRANSFORM: tl.constexpr, STAGE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    TRANSFORM: tl.constexpr, STAGE: tl.constexpr, PARTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """loss[r] = soft·D(teacher_r ‖ student_r at T) + hard·CE(student_r, label_r); stats[r] as in passes.py.
 
     FIRST_PARTIAL stores the rows' first-pass state to partial[r] instead; SECOND_PARTIAL reads the merged
-    statistics from stats[r] and stores the second-pass sums (y1, y2, y3) to partial[r].
+    statistics from stats[r] and stores the second-pass sums (y1, y2, y3) to partial[r]. PARTS (FULL only) also
+    stores parts[r] = (D, CE, H(student at T), H(target at T)), the entropies streamed beside the first pass
+    (`entropy.py`) and CE that of HARD (0 without it).
     """
     inv_temp, c1, c2, soft = in_acc(inv_temp, ACC), in_acc(c1, ACC), in_acc(c2, ACC), in_acc(soft, ACC)
     hard, cap_s, cap_t, share = in_acc(hard, ACC), in_acc(cap_s, ACC), in_acc(cap_t, ACC), in_acc(share, ACC)
@@ -80,10 +86,18 @@ def kd_logits_forward_kernel(
     else:
         m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, m_c, u_c, n_c, s_lab = first_pass_lanes_init(BLOCK_R, BLOCK_V,
                                                                                                    ACC)
+        if PARTS:
+            m_hs, s_hs, a_hs = entropy_init(BLOCK_R, BLOCK_V, ACC)
+            m_ht, s_ht, a_ht = entropy_init(BLOCK_R, BLOCK_V, ACC)
         for v0 in range(0, V, BLOCK_V):
             col_ok = v0 + cols < V
             s = load_tile(s_ptr + v0, s_off, cols, col_ok, ACC)
             t = load_tile(t_ptr + v0, t_off, cols, col_ok, ACC)
+            if PARTS:  # the tiles as the divergence sees them (transformed, at T), teacher side first
+                s_tr, _, t_tr = transformed_tiles(TRANSFORM, s, t, cap_s, cap_t, share)
+                t_tr, s_tr = scaled_pq(False, s_tr, t_tr, inv_temp)
+                m_hs, s_hs, a_hs = entropy_update(m_hs, s_hs, a_hs, s_tr)
+                m_ht, s_ht, a_ht = entropy_update(m_ht, s_ht, a_ht, t_tr)
             m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, m_c, u_c, n_c, s_lab = first_pass_lanes_tile(
                 KIND, HARD, STUDENT_IS_P, TRANSFORM, s, t, v0, v0 + cols, labels, inv_temp, cap_s, cap_t, share, m_x,
                 u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, m_c, u_c, n_c, s_lab, c1, c2)
@@ -92,7 +106,7 @@ def kd_logits_forward_kernel(
         if STAGE == FIRST_PARTIAL:
             store_partial(part, row_ok, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab)
         else:
-            ls_x, ls_y, r, aux1, aux2, aux3, L, ls_c, loss = first_pass_results(
+            ls_x, ls_y, r, aux1, aux2, aux3, L, ls_c, ce, loss = first_pass_results(
                 KIND, HARD, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab, labels, V, c1, c2, soft, hard)
 
     if TWO_PASS and STAGE != FIRST_PARTIAL:
@@ -118,6 +132,12 @@ def kd_logits_forward_kernel(
     if STAGE == FULL:
         tl.store(loss_ptr + rows, loss, mask=row_ok)
         store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c)
+        if PARTS:
+            p = parts_ptr + rows.to(tl.int64) * 4
+            tl.store(p + 0, L, mask=row_ok)
+            tl.store(p + 1, ce, mask=row_ok)
+            tl.store(p + 2, entropy_finish(s_hs, a_hs), mask=row_ok)
+            tl.store(p + 3, entropy_finish(s_ht, a_ht), mask=row_ok)
 
 
 @triton.jit

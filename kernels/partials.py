@@ -108,7 +108,7 @@ def merge_partials_kernel(
                           m_c, u_c, s_lab)
         else:
             labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_N)
-            ls_x, ls_y, r, aux1, aux2, aux3, L, ls_c, loss = first_pass_results(
+            ls_x, ls_y, r, aux1, aux2, aux3, L, ls_c, _, loss = first_pass_results(
                 KIND, HARD, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab, labels, V, c1, c2, soft, hard)
             store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c)
             tl.store(loss_ptr + rows, loss, mask=row_ok)

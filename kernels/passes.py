@@ -123,15 +123,18 @@ def first_pass_lanes_state(KIND: tl.constexpr, m_x, u_x, n_x, m_y, u_y, n_y, acc
 @triton.jit
 def first_pass_results(KIND: tl.constexpr, HARD: tl.constexpr, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c,
                        s_lab, labels, V, c1, c2, soft, hard):
-    """(ls_x, ls_y, r, aux1..3, L, ls_c, loss) of each row from its complete first-pass state. For the
-    two-pass kinds L is 0 here and `loss` holds only the hard-label part."""
+    """(ls_x, ls_y, r, aux1..3, L, ls_c, ce, loss) of each row from its complete first-pass state (ce: the
+    hard-label cross-entropy, 0 without HARD). For the two-pass kinds L is 0 here and `loss` holds only the
+    hard-label part. HARD with hard = 0 (the cross-entropy only reported, `return_parts`) adds nothing to the
+    loss, not even the NaN of 0·∞ from a label at a −inf logit."""
     ls_x, ls_y, r, L, aux1, aux2, aux3 = first_pass_finish(KIND, m_x, u_x, m_y, u_y, acc1, acc2, acc3, c1, c2)
     loss = soft * L
     ls_c = tl.zeros_like(ls_x)
+    ce = tl.zeros_like(ls_x)
     if HARD:
         ls_c, ce = hard_label_finish(m_c, u_c, s_lab, labels, V)
-        loss += hard * ce
-    return ls_x, ls_y, r, aux1, aux2, aux3, L, ls_c, loss
+        loss += tl.where(hard != 0.0, hard * ce, 0.0)
+    return ls_x, ls_y, r, aux1, aux2, aux3, L, ls_c, ce, loss
 
 
 @triton.jit

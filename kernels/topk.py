@@ -20,8 +20,11 @@ The gradient of ℓ(s_ids / T, R) is one write per element:
 import triton
 import triton.language as tl
 
+from .cross_entropy import hard_label_finish, hard_label_update
 from .divergences import FLOAT, NEG_INF, in_acc, log1p, online_lse_update
+from .entropy import entropy_finish, entropy_init, entropy_update
 from .logits import as_output, load_tile, row_offsets
+from .passes import load_labels
 from .transforms import softcap, softcap_slope
 
 
@@ -57,11 +60,13 @@ def member_tile(ids_ptr, g_ptr, row_base, lo, k, v0, BLOCK_R: tl.constexpr, BLOC
 
 @triton.jit
 def complement_lse_kernel(
-    s_ptr, ids_ptr, out_ptr, n_rows, V, k, s_inner, s_stride_outer, s_stride_inner, inv_temp: FLOAT,
-    cap: FLOAT, SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    s_ptr, ids_ptr, out_ptr, parts_ptr, labels_ptr, n_rows, V, k, s_inner, s_stride_outer, s_stride_inner,
+    inv_temp: FLOAT, cap: FLOAT, SOFTCAP: tl.constexpr, PARTS: tl.constexpr, HARD: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
     """out[r] = log Σ_{j ∉ ids_r} e^(s_rj / T), ids [rows, k] sorted (absent as V); with SOFTCAP, of the logits
-    cap·tanh(s / cap) (`transforms.py`)."""
+    cap·tanh(s / cap) (`transforms.py`). PARTS also stores parts[r] = (H(softmax(s / T)) over the whole row,
+    CE(s at T = 1, label_r) with HARD, else 0), streamed in the same pass (`entropy.py`, `cross_entropy.py`)."""
     inv_temp, cap = in_acc(inv_temp, ACC), in_acc(cap, ACC)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
@@ -72,6 +77,12 @@ def complement_lse_kernel(
     lo = tl.zeros([BLOCK_R], tl.int32)
     m = tl.full([BLOCK_R], NEG_INF, ACC)
     u = tl.full([BLOCK_R], -1.0, ACC)
+    if PARTS:
+        m_h, s_h, a_h = entropy_init(BLOCK_R, BLOCK_V, ACC)
+        labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_R)
+        m_c = tl.full([BLOCK_R], NEG_INF, ACC)
+        u_c = tl.full([BLOCK_R], -1.0, ACC)
+        s_lab = tl.zeros([BLOCK_R], ACC)
     for v0 in range(0, V, BLOCK_V):
         col_ok = v0 + cols < V
         member, _, lo = member_tile(ids_ptr, ids_ptr, row_base, lo, k, v0, BLOCK_R, BLOCK_V, BLOCK_C, False, ACC)
@@ -81,7 +92,16 @@ def complement_lse_kernel(
         # One rounded product per logit, as in `passes.scaled_pq` (never contracted into the max's shift).
         x = tl.fma(s, inv_temp, 0.0)
         m, u = online_lse_update(m, u, tl.where(member, NEG_INF, x))
+        if PARTS:
+            m_h, s_h, a_h = entropy_update(m_h, s_h, a_h, x)
+            m_c, u_c, s_lab = hard_label_update(HARD, s, v0 + cols, labels, m_c, u_c, s_lab)
     tl.store(out_ptr + rows, m + log1p(u), mask=row_ok)
+    if PARTS:
+        tl.store(parts_ptr + rows.to(tl.int64) * 2, entropy_finish(s_h, a_h), mask=row_ok)
+        ce = tl.zeros([BLOCK_R], ACC)
+        if HARD:
+            _, ce = hard_label_finish(m_c, u_c, s_lab, labels, V)
+        tl.store(parts_ptr + rows.to(tl.int64) * 2 + 1, ce, mask=row_ok)
 
 
 @triton.jit

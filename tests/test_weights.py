@@ -100,17 +100,18 @@ def test_topk(backend, reduction, num_items):
             reduction=reduction, num_items_in_batch=num_items, backend=backend)
 
 
-@pytest.mark.parametrize("impl, backend, tail, hard", [("chunked", "triton", "bucket", 0.5),
-                                                       ("chunked", "torch", "bucket", 0.5),
-                                                       ("gathered", "triton", "renormalize", 0.0)])
-def test_fused_linear_topk(impl, backend, tail, hard):
+@pytest.mark.parametrize("impl, backend, tail, hard, reduction", [("chunked", "triton", "bucket", 0.5, "batchmean"),
+                                                                  ("chunked", "torch", "bucket", 0.5, "none"),
+                                                                  ("gathered", "triton", "renormalize", 0.0, "none"),
+                                                                  ("gathered", "torch", "renormalize", 0.0, "sum")])
+def test_fused_linear_topk(impl, backend, tail, hard, reduction):
     x = linear_inputs(seed=3)
     ids, lp = topk_teacher(3)
     inputs = dict(student_hidden=x["student_hidden"], student_weight=x["student_weight"], teacher_ids=ids,
                   teacher_logprobs=lp, labels=x["labels"], student_bias=x["student_bias"], weights=x["weights"])
     compare(kdops.fused_linear_topk_kd_loss, reference.fused_linear_topk_kd_loss, inputs,
             ("student_hidden", "student_weight", "student_bias"), tail=tail, hard_weight=hard, impl=impl,
-            backend=backend, reduction="batchmean", memory_budget=64 * 1024)
+            backend=backend, reduction=reduction, memory_budget=64 * 1024)
 
 
 def test_weights_are_constants_and_ones_change_nothing():

@@ -37,17 +37,20 @@ def kind_of(canon: Canonical):
     return getattr(divergences, canon.kind.name), int(canon.kind) in divergences.TWO_PASS_KINDS
 
 
-def logits_args(student, teacher, labels, canon: Canonical, inv_temp: float, soft: float, hard: float, shards):
+def logits_args(student, teacher, labels, canon: Canonical, inv_temp: float, soft: float, hard: float, shards,
+                parts: bool = False):
     """Row layouts, scalars and constexprs common to both kernels on logits (labels as indices into the
-    vocabulary shard under `shards`)."""
+    vocabulary shard under `shards`). With `parts` and labels the hard-label term is computed (HARD) even at
+    hard = 0, for its cross-entropy."""
     tl = kernel_modules().tl
     student, (s_inner, s_outer, s_stride) = rows_of(student)
     teacher, (t_inner, t_outer, t_stride) = rows_of(teacher)
     args = (student.shape[-1], s_inner, s_outer, s_stride, t_inner, t_outer, t_stride, inv_temp, canon.c1,
             canon.c2, soft, hard, *canon.transform_args())
     two_pass = kind_of(canon)[1]
-    constexprs = logits_constexprs(canon, hard, acc_of(tl, student, teacher))
-    labels = flat_labels(labels, hard)
+    reads_labels = hard > 0 or (parts and labels is not None)
+    constexprs = logits_constexprs(canon, 1.0 if reads_labels else 0.0, acc_of(tl, student, teacher))
+    labels = flat_labels(labels, 1.0 if reads_labels else 0.0)
     return student, teacher, labels if shards is None else shards.local_labels(labels), args, constexprs, two_pass
 
 
@@ -64,12 +67,14 @@ def flat_labels(labels, hard: float):
 
 
 def logits_forward(student: torch.Tensor, teacher: torch.Tensor, labels, canon: Canonical, inv_temp: float,
-                   soft: float = 1.0, hard: float = 0.0, shards=None):
+                   soft: float = 1.0, hard: float = 0.0, shards=None, parts: bool = False):
     """Per-row losses soft·D + hard·CE [rows] and statistics [rows, NUM_STATS] of [..., V] logits; with
-    `shards` (`kdops.parallel.VocabShards`), of the group's logits, this rank holding its shard of them."""
+    `shards` (`kdops.parallel.VocabShards`), of the group's logits, this rank holding its shard of them. With
+    `parts` (not with `shards`) a third output, parts [rows, 4]: D, CE (0 without labels), H(student at T),
+    H(target at T), from the same pass."""
     logits = kernel_modules().logits
     student, teacher, tile_labels, args, constexprs, two_pass = logits_args(student, teacher, labels, canon,
-                                                                            inv_temp, soft, hard, shards)
+                                                                            inv_temp, soft, hard, shards, parts)
     n_rows = student.numel() // student.shape[-1]
     out_dtype = torch_acc(constexprs["ACC"])
     config = logits_config(n_rows, student.shape[-1], targets.of_device(student.device), out_dtype, canon.transform,
@@ -79,22 +84,23 @@ def logits_forward(student: torch.Tensor, teacher: torch.Tensor, labels, canon: 
         def launch_pass(second, partial, stats):
             launch(
                 logits.kd_logits_forward_kernel, grid, student, teacher,
-                stats if tile_labels is None else tile_labels, stats, stats, partial, n_rows, *args,
-                TWO_PASS=two_pass, STAGE=logits.SECOND_PARTIAL if second else logits.FIRST_PARTIAL, **constexprs,
-                **config,
+                stats if tile_labels is None else tile_labels, stats, stats, partial, stats, n_rows, *args,
+                TWO_PASS=two_pass, STAGE=logits.SECOND_PARTIAL if second else logits.FIRST_PARTIAL, PARTS=False,
+                **constexprs, **config,
             )
 
         return staged_forward(launch_pass, n_rows, 1, canon, soft, hard, flat_labels(labels, hard), shards.vocab,
                               constexprs, student.device, shards)
     loss = empty((n_rows,), out_dtype, student.device)
     stats = empty((n_rows, logits.NUM_STATS.value), out_dtype, student.device)
-    if n_rows == 0:
-        return loss, stats
-    launch(
-        logits.kd_logits_forward_kernel, grid, student, teacher, loss if tile_labels is None else tile_labels, loss,
-        stats, loss, n_rows, *args, TWO_PASS=two_pass, STAGE=logits.FULL, **constexprs, **config,
-    )
-    return loss, stats
+    parts_out = empty((n_rows, 4), out_dtype, student.device) if parts else None
+    if n_rows:
+        launch(
+            logits.kd_logits_forward_kernel, grid, student, teacher, loss if tile_labels is None else tile_labels,
+            loss, stats, loss, loss if parts_out is None else parts_out, n_rows, *args, TWO_PASS=two_pass,
+            STAGE=logits.FULL, PARTS=parts, **constexprs, **config,
+        )
+    return (loss, stats) if parts_out is None else (loss, stats, parts_out)
 
 
 # Columns of the first-pass partial state (kernels/partials.py) that the group combines: the maxima (an

@@ -18,10 +18,12 @@ def topk_config(n_rows: int, vocab: int, gpu: targets.GPU | None, acc: torch.dty
     return dict(logits_config(n_rows, vocab, gpu, acc, int(softcap)), BLOCK_C=1 if gpu is not None else 8)
 
 
-def complement_lse(student: torch.Tensor, sorted_ids: torch.Tensor, inv_temp: float, softcap: float | None = None
-                   ) -> torch.Tensor:
+def complement_lse(student: torch.Tensor, sorted_ids: torch.Tensor, inv_temp: float, softcap: float | None = None,
+                   parts: bool = False, labels: torch.Tensor | None = None):
     """R[r] = log Σ_{j ∉ ids_r} e^(s_rj / T) [rows] of [..., V] logits, with `sorted_ids` [rows, k] int32 sorted
-    per row (absent entries as V); in the accumulation dtype. With `softcap` c, of c·tanh(s / c)."""
+    per row (absent entries as V); in the accumulation dtype. With `softcap` c, of c·tanh(s / c). With `parts`,
+    (R, parts [rows, 2]): the entropy of softmax(s / T) over the whole row and CE(s at T = 1, labels) (0 without
+    labels), from the same pass."""
     modules = kernel_modules()
     tl, topk = modules.tl, modules.topk
     student, (s_inner, s_outer, s_stride) = rows_of(student)
@@ -29,12 +31,15 @@ def complement_lse(student: torch.Tensor, sorted_ids: torch.Tensor, inv_temp: fl
     n_rows, k = sorted_ids.shape
     acc = acc_of(tl, student)
     out = empty((n_rows,), torch_acc(acc), student.device)
-    if n_rows == 0:
-        return out
-    config = topk_config(n_rows, vocab, targets.of_device(student.device), torch_acc(acc), bool(softcap))
-    launch(topk.complement_lse_kernel, (cdiv(n_rows, config["BLOCK_R"]),), student, sorted_ids, out, n_rows, vocab,
-           k, s_inner, s_outer, s_stride, inv_temp, float(softcap or 0.0), SOFTCAP=bool(softcap), ACC=acc, **config)
-    return out
+    row_parts = empty((n_rows, 2), torch_acc(acc), student.device) if parts else None
+    hard = parts and labels is not None
+    if n_rows:
+        config = topk_config(n_rows, vocab, targets.of_device(student.device), torch_acc(acc), bool(softcap))
+        launch(topk.complement_lse_kernel, (cdiv(n_rows, config["BLOCK_R"]),), student, sorted_ids, out,
+               out if row_parts is None else row_parts, labels.reshape(-1).contiguous() if hard else out, n_rows,
+               vocab, k, s_inner, s_outer, s_stride, inv_temp, float(softcap or 0.0), SOFTCAP=bool(softcap),
+               PARTS=parts, HARD=hard, ACC=acc, **config)
+    return out if row_parts is None else (out, row_parts)
 
 
 def topk_student_backward(student: torch.Tensor, sorted_ids: torch.Tensor, g_ids: torch.Tensor, lse_rest, g_rest,

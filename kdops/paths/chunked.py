@@ -26,7 +26,7 @@ import torch
 from ..launchers.common import empty
 from ..launchers.logits import logits_backward, logits_forward
 from ..launchers.matmul import DW_SLICE_BYTES, LMHead
-from ..torch_math import compute_dtype, linear_kd_rows
+from ..torch_math import compute_dtype, linear_kd_rows, loss_parts_rows
 from .torch_engine import vocab_parallel_rows
 
 #: Default extra memory of the chunked path, in bytes (`memory_budget` of the fused API overrides it): the
@@ -182,6 +182,9 @@ class ChunkedProblem:
 
     eager = True  # each chunk's logits are there in the forward: its gradients are computed at once
 
+    #: Where the chunks write their rows' `kdops.LossParts` [rows, 4] (`return_parts`), or None.
+    row_parts = None
+
     def forward(self):
         return self.run(None, (False,) * self.num_inputs)[0], []
 
@@ -191,13 +194,20 @@ class ChunkedProblem:
     def loss_and_grads(self, row_scale, needs):
         return self.run(row_scale, needs)
 
-    def _loss_and_logit_grads(self, zs, zt, labels, scale, out_s, out_t):
+    def _loss_and_logit_grads(self, zs, zt, labels, scale, out_s, out_t, parts=None):
         """Per-row losses of a chunk and, where an output is given, the row-scaled gradients of its logits:
-        written into out_s / out_t (engine "triton", in their dtype), or returned in float32 (engine "torch")."""
+        written into out_s / out_t (engine "triton", in their dtype), or returned in float32 (engine "torch").
+        `parts` [chunk, 4]: where the chunk's `kdops.LossParts` go (from the kernels' forward pass, or the torch
+        math on the chunk's logits)."""
         need_s, need_t = out_s is not None, out_t is not None
+        if parts is not None and self.engine == "torch":
+            parts.copy_(loss_parts_rows(self.divergence, zs, zt, labels, self.temperature, self.softcaps))
         if self.engine == "triton":
             canon, inv_temp = self.divergence.canonical().with_softcaps(*self.softcaps), 1.0 / self.temperature
-            loss, stats = logits_forward(zs, zt, labels, canon, inv_temp, self.soft, self.hard, self.shards)
+            loss, stats, *chunk_parts = logits_forward(zs, zt, labels, canon, inv_temp, self.soft, self.hard,
+                                                       self.shards, parts=parts is not None)
+            if parts is not None:
+                parts.copy_(chunk_parts[0])
             if need_s or need_t:
                 logits_backward(zs, zt, labels, stats, scale, canon, inv_temp, need_s, need_t, self.soft,
                                 self.hard, out_s=out_s, out_t=out_t, shards=self.shards)
@@ -234,7 +244,8 @@ class ChunkedProblem:
     def _chunk(self, logits, labels, scale, outs, r0: int, r1: int):
         """(per-row losses, logit gradients per side) of rows r0..r1 from their logits (one per side)."""
         zs, zt = logits
-        loss, g_s, g_t = self._loss_and_logit_grads(zs, zt, labels, scale, *outs)
+        parts = None if self.row_parts is None else self.row_parts[r0:r1]
+        loss, g_s, g_t = self._loss_and_logit_grads(zs, zt, labels, scale, *outs, parts=parts)
         return loss, (g_s, g_t)
 
     def run(self, row_scale, needs):

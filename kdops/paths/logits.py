@@ -17,7 +17,7 @@ from ..divergences import Divergence
 from ..launchers.logits import logits_backward, logits_forward
 from ..problem import Problem, divergence_from_repr, divergence_repr
 from ..torch_math import compute_dtype, divergence_rows
-from .torch_engine import chunk_rows, chunked_kd_rows
+from .torch_engine import chunk_rows, chunked_kd_rows, chunked_parts
 
 
 def rows(student_logits, teacher_logits, mask, divergence: Divergence, temperature: float, engine: str,
@@ -30,6 +30,18 @@ def rows(student_logits, teacher_logits, mask, divergence: Divergence, temperatu
     vocab = student_logits.shape[-1]
     return chunked_kd_rows(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab), mask, divergence,
                            temperature, shards)
+
+
+def rows_and_parts(student_logits, teacher_logits, mask, labels, divergence: Divergence, temperature: float,
+                   engine: str):
+    """(`rows`, their `kdops.LossParts` [rows, 4]): engine "triton" from the kernels' own pass, engine "torch" by
+    the torch math in a chunk loop of its own (`chunked_parts`)."""
+    labels = None if labels is None else labels.reshape(-1)
+    if engine == "triton":
+        return KDLogitsFunction.apply(student_logits, teacher_logits, mask, divergence.canonical(), temperature, None,
+                                      labels, True)
+    per_row = rows(student_logits, teacher_logits, mask, divergence, temperature, engine)
+    return per_row, chunked_parts(student_logits, teacher_logits, labels, divergence, temperature)
 
 
 def compiled_rows(student_logits, teacher_logits, mask, divergence: Divergence, temperature: float,
@@ -52,6 +64,9 @@ def loss(problem: Problem) -> torch.Tensor:
     (teacher,) = problem.teachers
     if problem.mode == "compiled":
         per_row = compiled_rows(problem.student, teacher, problem.mask, o.divergence, o.temperature, o.engine)
+    elif problem.parts:
+        return problem.result(*rows_and_parts(problem.student, teacher, problem.mask, problem.labels, o.divergence,
+                                              o.temperature, o.engine))
     else:
         per_row = rows(problem.student, teacher, problem.mask, o.divergence, o.temperature, o.engine, problem.shards)
     return problem.reduce(per_row)

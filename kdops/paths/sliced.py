@@ -170,8 +170,8 @@ class SlicedProblem:
                 config = logits_config(n_rows, end - start, targets.of_device(self.device),
                                        self.acc_dtype, self.canon.transform, forward=True)
                 launch(logits_kernels.kd_logits_forward_kernel, (cdiv(n_rows, config["BLOCK_R"]),), s, t,
-                       stats if local is None else local, stats, stats, part, n_rows, *args, TWO_PASS=two_pass,
-                       STAGE=stage, **constexprs, **config)
+                       stats if local is None else local, stats, stats, part, stats, n_rows, *args,
+                       TWO_PASS=two_pass, STAGE=stage, PARTS=False, **constexprs, **config)
                 partial[:, j] = part[:, 0]
 
         return launch_pass

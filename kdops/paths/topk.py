@@ -15,7 +15,7 @@ import torch
 from ..divergences import Divergence
 from ..launchers.topk import complement_lse, topk_student_backward
 from ..problem import Problem
-from ..torch_math import softcap, softcap_slope, teacher_rest
+from ..torch_math import softcap, softcap_slope, student_rows_parts, teacher_rest
 from . import logits
 from .torch_engine import chunk_rows
 
@@ -69,19 +69,25 @@ class TopKTeacher:
 
 class StudentTopKFunction(torch.autograd.Function):
     """(s_ids / T [rows, k] in the accumulation dtype, −inf where absent; R [rows], or an empty tensor
-    without a tail) of 2-D student logits, by the chosen engine."""
+    without a tail) of 2-D student logits, by the chosen engine; with `parts`, also the student's parts [rows, 2]
+    (its entropy at T, CE against `labels`) from the same pass (no gradient)."""
 
     @staticmethod
-    def forward(ctx, student, teacher: TopKTeacher, temperature: float, engine: str, shards=None):
-        columns, lse_rest = ENGINES[engine][0](student, teacher, 1.0 / temperature)
+    def forward(ctx, student, teacher: TopKTeacher, temperature: float, engine: str, shards=None, labels=None,
+                parts=False):
+        columns, lse_rest, student_parts = ENGINES[engine][0](student, teacher, 1.0 / temperature, labels=labels,
+                                                              parts=parts)
         if shards is not None:
             columns, lse_rest = over_group(columns, lse_rest, shards)
         ctx.save_for_backward(student, columns, lse_rest)
         ctx.teacher, ctx.temperature, ctx.engine = teacher, temperature, engine
-        return columns, lse_rest
+        if not parts:
+            return columns, lse_rest
+        ctx.mark_non_differentiable(student_parts)
+        return columns, lse_rest, student_parts
 
     @staticmethod
-    def backward(ctx, g_columns, g_rest):
+    def backward(ctx, g_columns, g_rest, g_parts=None):
         student, columns, lse_rest = ctx.saved_tensors
         teacher = ctx.teacher
         if teacher.has_tail:
@@ -89,7 +95,7 @@ class StudentTopKFunction(torch.autograd.Function):
         else:
             g_columns, g_rest, lse_rest = shift_free(g_columns, columns), None, None
         grad = ENGINES[ctx.engine][1](student, teacher, g_columns, lse_rest, g_rest, 1.0 / ctx.temperature)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def join_tail(columns, rest):
@@ -133,13 +139,18 @@ def _gathered(student, teacher: TopKTeacher, inv_temp: float, dtype: torch.dtype
     return torch.where(teacher.present, columns, -math.inf)
 
 
-def _triton_forward(student, teacher: TopKTeacher, inv_temp: float, cap=None):
+def _triton_forward(student, teacher: TopKTeacher, inv_temp: float, cap=None, labels=None, parts=False):
+    """(s_ids / T, R, the student's parts or None) by the kernels. With `parts` the complement's pass runs for
+    "renormalize" too (the only pass over the student's logits that this tail then makes), for the entropy."""
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-    if teacher.has_tail:
+    student_parts = None
+    if parts:
+        lse_rest, student_parts = complement_lse(student, teacher.sorted_ids, inv_temp, cap, True, labels)
+    elif teacher.has_tail:
         lse_rest = complement_lse(student, teacher.sorted_ids, inv_temp, cap)
-    else:
+    if not teacher.has_tail:
         lse_rest = torch.empty(0, dtype=dtype, device=student.device)
-    return _gathered(student, teacher, inv_temp, dtype, cap), lse_rest
+    return _gathered(student, teacher, inv_temp, dtype, cap), lse_rest, student_parts
 
 
 def _triton_backward(student, teacher: TopKTeacher, g_columns, lse_rest, g_rest, inv_temp: float, out=None,
@@ -155,19 +166,25 @@ def _members(student, teacher: TopKTeacher, start: int, end: int) -> torch.Tenso
     return counts > 0
 
 
-def _torch_forward(student, teacher: TopKTeacher, inv_temp: float, cap=None):
+def _torch_forward(student, teacher: TopKTeacher, inv_temp: float, cap=None, labels=None, parts=False):
     """The torch math chunked over rows: R = logsumexp of s / T with the ids at −inf (s softcapped by
-    `cap` first)."""
+    `cap` first); with `parts`, the student's parts [rows, 2] (entropy at T, CE at T = 1) in the same loop."""
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     n_rows, vocab = student.shape
     lse_rest = torch.empty(n_rows if teacher.has_tail else 0, dtype=dtype, device=student.device)
-    if teacher.has_tail:
+    student_parts = torch.zeros(n_rows, 2, dtype=dtype, device=student.device) if parts else None
+    if teacher.has_tail or parts:
         chunk = chunk_rows(vocab)
         for start in range(0, n_rows, chunk):
             end = min(start + chunk, n_rows)
-            x = softcap(student[start:end].to(dtype), cap) * inv_temp
-            lse_rest[start:end] = torch.logsumexp(x.masked_fill(_members(student, teacher, start, end), -math.inf), -1)
-    return _gathered(student, teacher, inv_temp, dtype, cap), lse_rest
+            z = softcap(student[start:end].to(dtype), cap)
+            x = z * inv_temp
+            if teacher.has_tail:
+                members = _members(student, teacher, start, end)
+                lse_rest[start:end] = torch.logsumexp(x.masked_fill(members, -math.inf), -1)
+            if parts:
+                student_parts[start:end] = student_rows_parts(z, x, None if labels is None else labels[start:end])
+    return _gathered(student, teacher, inv_temp, dtype, cap), lse_rest, student_parts
 
 
 def _torch_backward(student, teacher: TopKTeacher, g_columns, lse_rest, g_rest, inv_temp: float, out=None,
@@ -196,25 +213,41 @@ ENGINES = {"triton": (_triton_forward, _triton_backward), "torch": (_torch_forwa
 
 
 def rows(student2d, teacher: TopKTeacher, mask, divergence: Divergence, temperature: float, backend: str,
-         shards=None):
-    """Per-row losses [rows] (0 where the mask is False): the dense loss of the (k + 1)-outcome pair."""
-    columns, lse_rest = StudentTopKFunction.apply(student2d, teacher, temperature, backend, shards)
+         shards=None, labels=None, parts=False):
+    """Per-row losses [rows] (0 where the mask is False): the dense loss of the (k + 1)-outcome pair. With
+    `parts`, (rows, their parts [rows, 4]: `with_student_parts`)."""
+    columns, lse_rest, *student_parts = StudentTopKFunction.apply(student2d, teacher, temperature, backend, shards,
+                                                                  labels, parts)
     if teacher.has_tail:
         columns = join_tail(columns, lse_rest)
     # Both sides are log-weights at T already: the dense loss runs at T = 1.
-    return logits.rows(columns, teacher.columns, mask, divergence, 1.0, backend)
+    if not parts:
+        return logits.rows(columns, teacher.columns, mask, divergence, 1.0, backend)
+    per_row, pair_parts = logits.rows_and_parts(columns, teacher.columns, mask, None, divergence, 1.0, backend)
+    return per_row, with_student_parts(pair_parts, student_parts[0])
 
 
-def pair_loss_and_grads(columns, teacher: TopKTeacher, scale, divergence: Divergence, engine: str, soft: float):
+def with_student_parts(pair_parts, student_parts):
+    """The parts [rows, 4] of a sparse teacher's loss: the pair's divergence and the teacher's entropy over its
+    k (+1) outcomes (the pair's parts), the student's CE and its entropy over the whole vocabulary (`student_parts`
+    [rows, 2]: entropy, CE; not the pair's, which would be its entropy over the k (+1) outcomes)."""
+    return torch.stack([pair_parts[:, 0], student_parts[:, 1], student_parts[:, 0], pair_parts[:, 3]], dim=-1)
+
+
+def pair_loss_and_grads(columns, teacher: TopKTeacher, scale, divergence: Divergence, engine: str, soft: float,
+                        parts: bool = False):
     """soft · D of the k (+1)-outcome pair per row, and (where `scale` is given) ∂(Σ_r scale_r·ℓ_r)/∂columns,
-    by the dense loss's own math (autograd over the small [rows, k (+1)] pair)."""
+    by the dense loss's own math (autograd over the small [rows, k (+1)] pair); with `parts`, also the pair's
+    parts [rows, 4] (`kdops.paths.logits.rows_and_parts`)."""
     mask = torch.ones(columns.shape[0], dtype=torch.bool, device=columns.device)
     need = scale is not None
     columns = columns.detach().requires_grad_(need)
     with torch.set_grad_enabled(need):
-        loss = soft * logits.rows(columns, teacher.columns, mask, divergence, 1.0, engine)
+        pair = logits.rows_and_parts(columns, teacher.columns, mask, None, divergence, 1.0, engine) if parts else (
+            logits.rows(columns, teacher.columns, mask, divergence, 1.0, engine), None)
+        loss = soft * pair[0]
         grad = shift_free(torch.autograd.grad(loss, columns, scale)[0], columns.detach()) if need else None
-    return loss.detach(), grad
+    return (loss.detach(), grad) if not parts else (loss.detach(), grad, pair[1])
 
 
 def loss(problem: Problem) -> torch.Tensor:
@@ -222,6 +255,7 @@ def loss(problem: Problem) -> torch.Tensor:
     o, student = problem.options, problem.student
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     teacher = TopKTeacher(*problem.topk, o.vocab, o.tail, dtype, problem.shards)
-    per_row = rows(student.reshape(-1, o.vocab), teacher, problem.mask, o.divergence, o.temperature, o.engine,
-                   problem.shards)
-    return problem.reduce(per_row)
+    labels = None if problem.labels is None else problem.labels.reshape(-1)
+    result = rows(student.reshape(-1, o.vocab), teacher, problem.mask, o.divergence, o.temperature, o.engine,
+                  problem.shards, labels, problem.parts)
+    return problem.result(*result) if problem.parts else problem.reduce(result)

@@ -15,7 +15,7 @@ from ..launchers.matmul import LMHead
 from ..problem import Problem
 from ..torch_math import compute_dtype, softcap, softcap_slope
 from . import chunked
-from .topk import ENGINES, TopKTeacher, join_tail, over_group, pair_loss_and_grads, split_tail
+from .topk import ENGINES, TopKTeacher, join_tail, over_group, pair_loss_and_grads, split_tail, with_student_parts
 
 
 class TopKChunkedProblem(chunked.ChunkedProblem):
@@ -48,14 +48,18 @@ class TopKChunkedProblem(chunked.ChunkedProblem):
         inv_temp = 1.0 / self.temperature
         need = outs[0] is not None
         forward, backward = ENGINES[self.engine]
-        columns, lse_rest = forward(zs, teacher, inv_temp, self.softcap)
+        parts = None if self.row_parts is None else self.row_parts[r0:r1]
+        columns, lse_rest, student_parts = forward(zs, teacher, inv_temp, self.softcap, labels=labels,
+                                                   parts=parts is not None)
         if self.shards is not None:
             columns, lse_rest = over_group(columns, lse_rest, self.shards)
         tail = teacher.has_tail
         if tail:
             columns = join_tail(columns, lse_rest)
-        loss, g_columns = pair_loss_and_grads(columns, teacher, scale if need else None, self.divergence,
-                                              self.engine, self.soft)
+        loss, g_columns, *pair_parts = pair_loss_and_grads(columns, teacher, scale if need else None,
+                                                           self.divergence, self.engine, self.soft, parts is not None)
+        if parts is not None:
+            parts.copy_(with_student_parts(pair_parts[0], student_parts))
         if self.hard > 0:
             ce, g_ce = hard_label(softcap(zs, self.softcap), labels, self.ignore_index,
                                   scale * self.hard if need else None, self.shards)
@@ -106,6 +110,7 @@ class TopKGatheredProblem:
     gradients are index-added into float32 accumulators ([V, H]: the size of the weight in float32)."""
 
     eager = True
+    num_inputs = 6  # the autograd Function's (hidden, weight, bias) of the student, and an absent teacher's
 
     def __init__(self, hs, ws, bs, teacher: TopKTeacher, divergence, temperature: float, soft: float, engine: str,
                  budget: int | None, shards=None, student_softcap=None):
@@ -188,11 +193,13 @@ def ordered_topk(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def loss(problem: Problem) -> torch.Tensor:
     """fused_linear_topk_kd_loss of a Problem whose path is "linear_topk": the k gathered weight rows where they
-    suffice (tail="renormalize" without the hard-label term) unless impl="chunked", else token chunks."""
+    suffice (tail="renormalize" without the hard-label term) unless impl="chunked" or the parts are asked for (the
+    student's entropy needs its whole rows), else token chunks."""
     o, (hs, ws, bs) = problem.options, problem.student.tensors()
     teacher = TopKTeacher(*problem.topk, o.vocab, o.tail, compute_dtype(hs, ws), problem.shards)
     cap = o.softcaps[0]
-    if o.tail == "renormalize" and o.hard_weight == 0 and o.impl != "chunked":
+    if o.tail == "renormalize" and o.hard_weight == 0 and (o.impl == "gathered" or (o.impl == "auto" and
+                                                                                   not problem.parts)):
         prepared = TopKGatheredProblem(hs, ws, bs, teacher, o.divergence, o.temperature, o.soft_weight, o.engine,
                                        o.memory_budget, problem.shards, cap)
     else:

@@ -15,7 +15,7 @@ import torch
 from .._autograd import ChunkedRowsFunction
 from ..divergences import Divergence
 from ..parallel import VocabShards
-from ..torch_math import CANONICAL, compute_dtype, divergence_rows, loss_logits
+from ..torch_math import CANONICAL, compute_dtype, divergence_rows, loss_logits, loss_parts_rows
 
 #: Default budget for one chunk's temporaries, in bytes (`chunk_rows` sizes chunks from it).
 BUDGET_BYTES = 256 * 2**20
@@ -47,6 +47,19 @@ def _rows(divergence: Divergence, student, teacher, temperature: float, shards):
     if shards is None:
         return divergence_rows(divergence, student, teacher, temperature)
     return vocab_parallel_rows(shards, student, teacher, None, divergence, temperature)
+
+
+def chunked_parts(student, teacher, labels, divergence: Divergence, temperature: float, softcaps=(None, None)):
+    """The `kdops.LossParts` of [..., V] logits per row, [rows, 4] (`kdops.torch_math.loss_parts_rows`), in row
+    chunks within `BUDGET_BYTES`, without gradients: the torch engine's parts, a loop of its own over the chunks
+    (the Triton kernels take them from the loss's pass instead)."""
+    vocab = student.shape[-1]
+    student, teacher = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
+    labels = None if labels is None else labels.reshape(-1)
+    chunk = chunk_rows(vocab)
+    return torch.cat([loss_parts_rows(divergence, student[i:i + chunk], teacher[i:i + chunk],
+                                      None if labels is None else labels[i:i + chunk], temperature, softcaps)
+                      for i in range(0, max(student.shape[0], 1), chunk)])
 
 
 class _SumOverGroup(torch.autograd.Function):
