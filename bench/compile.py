@@ -6,8 +6,8 @@ read from the binary.
                             [--kernel ...] [--output bench/results/KERNELS.md] [--jobs N]
 
 How the specializations are found: the public API (`kd_loss`, `fused_linear_kd_loss` with both impls, and
-both under vocabulary parallelism on a one-rank group) is called on small CPU tensors over the grid of
-dtypes, divergences, hard-label term, biases and gradient flags, with `kdops.targets.assume(gpu)` (so the
+both under vocabulary parallelism on a one-rank group; `token_logprobs`) is called on small CPU tensors over the
+grid of dtypes, divergences, hard-label term, biases and gradient flags, with `kdops.targets.assume(gpu)` (so the
 launchers pick the configurations they pick on that GPU) and `kdops.launchers.common.recording` (so each launch is
 recorded, not run). Each distinct (kernel, signature, constexprs, warps, stages) is then compiled with
 Triton's own argument specialization (`triton.runtime.jit.create_function_from_signature`, as a launch
@@ -63,7 +63,7 @@ TOPK = 7
 class Call:
     """One public call whose launches are recorded."""
 
-    function: str  # "kd_loss" | "fused" | "chunked" | "sliced" | "topk"
+    function: str  # "kd_loss" | "fused" | "chunked" | "sliced" | "topk" | "token_logprobs"
     dtype: str
     divergence: str
     hard: bool = False
@@ -75,13 +75,18 @@ class Call:
     # "taid" (TAID's target, in place of a forward_kl divergence), or both joined by "+"; "ensemble": two
     # teachers mixed into a float32 target (kd_loss: a student in its dtype against a float32 target).
     transform: str = ""
+    # return_parts=True (kd_loss and topk): the forward kernels' PARTS specializations, which stream the entropies
+    # and the cross-entropy beside their first pass (kernels/entropy.py)
+    parts: bool = False
 
     @property
     def label(self) -> str:
         parts = [self.function, self.dtype, self.divergence] + ([f"transform={self.transform}"] if self.transform
-                                                                else [])
+                                                                else []) + (["parts"] if self.parts else [])
         if self.function == "topk":
             return " ".join(parts + [f"tail={self.tail}"])
+        if self.function == "token_logprobs":  # no divergence
+            return " ".join([self.function, self.dtype, f"bias={self.bias}"] + parts[3:])
         if self.function != "kd_loss":
             parts += [f"hard={int(self.hard)}", f"bias={self.bias}"]
         parts.append(f"grads={self.grads}")
@@ -119,6 +124,17 @@ def calls(quick: bool, dtypes=None, divergences=None, transforms_only: bool = Fa
             out.append(Call("topk", dtype, divergence, tail="bucket", transform="softcap"))
         elif divergence == divergences[0] and dtype == dtypes[0]:
             out.append(Call("topk", dtype, divergence, tail="bucket", transform="softcap"))
+        # return_parts: the PARTS specializations of the forward kernels on logits (with labels: the hard-label
+        # sums too) and of the top-k student's pass; the quick gate: the first dtype's, per divergence
+        if not quick or dtype == dtypes[0]:
+            out += [Call("kd_loss", dtype, divergence, grads="all", parts=True),
+                    Call("topk", dtype, divergence, tail="bucket", parts=True)]
+        # kdops.token_logprobs' kernels (kernels/token_logprobs.py) differ by dtype, softcap and the dtype of the
+        # gradient they write (the weight's; float32 with a bias): one call without either and one with both; the
+        # quick gate: those of the first dtype
+        if divergence == divergences[0] and (not quick or dtype == dtypes[0]):
+            out += [Call("token_logprobs", dtype, divergence, bias="none", grads="all"),
+                    Call("token_logprobs", dtype, divergence, bias="student", grads="all", transform="softcap")]
         taid = divergence == "forward_kl"
         if taid and (not quick or dtype == dtypes[0]):
             out.append(Call("kd_loss", dtype, divergence, grads="all", transform="ensemble"))
@@ -169,7 +185,9 @@ def _run_call(call: Call) -> None:
                                             student_softcap=caps["student_softcap"], **options).backward()
             return
         student = torch.randn(ROWS, VOCAB, dtype=dtype, requires_grad=True)
-        kdops.topk_kd_loss(student, ids, logprobs, tail=call.tail, **options).backward()
+        loss = kdops.topk_kd_loss(student, ids, logprobs, labels if call.parts else None, tail=call.tail,
+                                  return_parts=call.parts, **options)
+        (loss[0] if call.parts else loss).backward()
         return
     if call.function == "kd_loss":
         student = torch.randn(ROWS, VOCAB, dtype=dtype, requires_grad=True)
@@ -178,13 +196,20 @@ def _run_call(call: Call) -> None:
             other = torch.randn(ROWS, VOCAB, dtype=dtype)
             options["teacher_mix"] = kdops.Ensemble((0.5, 0.5))
             teacher = [teacher, other]
-        kdops.kd_loss(student, teacher, labels, **options).backward()
+        loss = kdops.kd_loss(student, teacher, labels, return_parts=call.parts, **options)
+        (loss[0] if call.parts else loss).backward()
         return
     has_bs, has_bt = BIASES[call.bias]
 
     def leaf(*shape, grad):
         return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
 
+    if call.function == "token_logprobs":
+        hs, ws = leaf(ROWS, HIDDEN_S, grad=True), leaf(VOCAB, HIDDEN_S, grad=True)
+        logp, entropy = kdops.token_logprobs(hs, ws, labels, bias=leaf(VOCAB, grad=True) if has_bs else None,
+                                             softcap=caps.get("student_softcap"), return_entropy=True, backend="triton")
+        (logp.sum() + entropy.sum()).backward()
+        return
     hs, ws = leaf(ROWS, HIDDEN_S, grad=g_sh), leaf(VOCAB, HIDDEN_S, grad=g_sw)
     ht, wt = leaf(ROWS, HIDDEN_T, grad=g_th), leaf(VOCAB, HIDDEN_T, grad=g_tw)
     bs = leaf(VOCAB, grad=g_sw) if has_bs else None

@@ -21,7 +21,9 @@ from .problem import (
     check_topk,
     check_topk_logprobs,
 )
-from .torch_math import compute_dtype, divergence_rows, linear_kd_rows, linear_logits, softcap, teacher_rest
+from .logprobs import check_token_logprobs, check_token_range
+from .torch_math import (compute_dtype, divergence_rows, linear_kd_rows, linear_logits, softcap, teacher_rest,
+                         token_logprob_rows)
 
 
 def _reduce(rows, labels, ignore_index: int, leading, device, reduction: str, num_items_in_batch, weights=None):
@@ -149,3 +151,20 @@ def topk_logprobs(hidden, weight, k, *, temperature=1.0, bias=None, memory_budge
     log_p = torch.log_softmax(logits / temperature, dim=-1)
     order = torch.sort(log_p, dim=-1, descending=True, stable=True).indices[..., :k]
     return order, log_p.gather(-1, order)
+
+
+def token_logprobs(hidden, weight, token_ids, *, temperature=1.0, bias=None, softcap=None, ignore_index=-100,
+                   return_entropy=False, memory_budget=None, backend="auto"):
+    """Reference for `kdops.token_logprobs` (same signature, without `vocab_parallel`): the whole float32 (float64)
+    logits, softcapped, their log_softmax at T, the token's entry and the row's entropy (0 on ignored rows)."""
+    temperature, cap = check_token_logprobs(hidden, weight, token_ids, temperature, bias, softcap, ignore_index,
+                                            return_entropy, memory_budget)
+    check_choice("backend", backend, BACKENDS)
+    vocab = weight.shape[0]
+    check_token_range(token_ids, ignore_index, vocab)
+    logits = linear_logits(hidden, weight, bias, vocab, compute_dtype(hidden, weight)).reshape(-1, vocab)
+    ids = token_ids.reshape(-1)
+    counted = ids != ignore_index
+    rows = token_logprob_rows(logits, ids, temperature, cap, counted)
+    rows = torch.where(counted[:, None], rows, 0.0).view(*token_ids.shape, 2)
+    return (rows[..., 0], rows[..., 1]) if return_entropy else rows[..., 0]

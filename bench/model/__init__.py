@@ -41,8 +41,8 @@ default cases), `rates` (calibrations, SASS counts), `prediction` (`Shape`, `Pha
 (the roofline, `Ctx`); `logits` (kd_loss-triton and the kernels on logits), `probes` (the torch paths op by
 op), `chunked`, `slice_backward` (fused and sliced share it), `fused`, `sliced`, `torch_backend`
 (kd_loss-torch, fused-torch), `reference` (kd_loss-reference, reference), `peers` (liger-chunked,
-trl-chunked), `topk`; `dispatch` (`predict` over the paths), `records` (the bench's fields), `markdown`
-(MODEL.md), `cli` (`python -m bench.model`).
+trl-chunked), `topk`, `logprobs` (token-logprobs); `dispatch` (`predict` over the paths), `records` (the bench's
+fields), `markdown` (MODEL.md), `cli` (`python -m bench.model`).
 
 As a library: `predict(path, shape, gpu, divergence, dtype)` → `Prediction`; `predict_all(...)`;
 `record_fields(case, competitor, gpu)` gives the `predicted_*` fields the bench stores beside each GPU

@@ -17,7 +17,8 @@ from .chunked import chunked_path
 from .fused import fused_path
 from .kernels import Ctx, Kernel, to_phases
 from .logits import MIX_PASSES, kd_loss_triton
-from .paths import AUTOCAST_PATHS, DEFAULT_K, KD_PATHS, MIX_PATHS, PATHS, TOPK_PATHS
+from .logprobs import token_logprobs_path
+from .paths import AUTOCAST_PATHS, DEFAULT_K, KD_PATHS, LOGPROBS_PATHS, MIX_PATHS, PATHS, TOPK_PATHS
 from .peers import jsd_beta, liger_chunked, trl_chunked
 from .prediction import Prediction, Shape
 from .reference import kd_loss_reference, reference_path
@@ -29,7 +30,8 @@ from .torch_backend import fused_torch, kd_loss_torch
 _BUILDERS = {"kd_loss-triton": kd_loss_triton, "kd_loss-torch": kd_loss_torch, "kd_loss-reference": kd_loss_reference,
              "fused": fused_path, "chunked": chunked_path, "sliced": sliced_path, "fused-torch": fused_torch,
              "reference": reference_path, "liger-chunked": liger_chunked, "trl-chunked": trl_chunked,
-             "kd_loss-topk": kd_loss_topk, "topk-chunked": topk_chunked, "topk-gathered": topk_gathered}
+             "kd_loss-topk": kd_loss_topk, "topk-chunked": topk_chunked, "topk-gathered": topk_gathered,
+             "token-logprobs": token_logprobs_path}
 
 
 def applies(path: str, divergence) -> bool:
@@ -41,7 +43,9 @@ def applies(path: str, divergence) -> bool:
 
 def floor_seconds(path: str, shape: Shape, gpu: targets.GPU, dtype: torch.dtype) -> float:
     """`bench.floor.floor_work` of the path's function, at the dtype's matmul rate or the HBM rate."""
-    function = {"kd_loss-topk": TOPK, "topk-chunked": FUSED_TOPK, "topk-gathered": FUSED_TOPK}.get(
+    # (token-logprobs: the student's lm_head alone, as the sparse teacher's fused paths)
+    function = {"kd_loss-topk": TOPK, "topk-chunked": FUSED_TOPK, "topk-gathered": FUSED_TOPK,
+                "token-logprobs": FUSED_TOPK}.get(
         path, KD_LOSS if path in KD_PATHS else FUSED)
     dtype_name = str(dtype).removeprefix("torch.")
     work = floor_work(Case(function, "forward_kl", shape.tokens, shape.vocab, shape.hidden_student,
@@ -67,7 +71,7 @@ def _check_options(path: str, divergence: Divergence, softcaps: int, teachers: i
     takes no such `teachers` and `mix`."""
     if not applies(path, divergence):
         raise ValueError(f"{path} has no {divergence.name}")
-    most = 0 if path in KD_PATHS or path == "kd_loss-topk" else 1 if path in TOPK_PATHS else 2
+    most = 0 if path in KD_PATHS or path == "kd_loss-topk" else 1 if path in TOPK_PATHS + LOGPROBS_PATHS else 2
     if not (isinstance(softcaps, int) and 0 <= softcaps <= most):
         raise ValueError(f"softcaps: {path} has at most {most} softcapped side(s), got {softcaps!r}")
     if mix is not None and mix not in MIX_PASSES:
@@ -90,7 +94,7 @@ def predict(path: str, shape: Shape, gpu: targets.GPU | str = targets.H100, dive
     or 1). TAID is a `divergence` (`kdops.TAID(t)`). `teachers` > 1 with `mix` ("ensemble" or "logit_sum"):
     several teachers mixed into one target (`kdops.ensemble`), on MIX_PATHS."""
     if path not in _BUILDERS:
-        raise ValueError(f"unknown path {path!r}; known: {', '.join(PATHS + TOPK_PATHS)}")
+        raise ValueError(f"unknown path {path!r}; known: {', '.join(PATHS + TOPK_PATHS + LOGPROBS_PATHS)}")
     gpu = targets.by_name(gpu) if isinstance(gpu, str) else gpu
     divergence = kdops.as_divergence(divergence)
     _check_options(path, divergence, softcaps, teachers, mix)

@@ -33,6 +33,11 @@ DESCRIPTIONS.update({
                      "only)",
 })
 
+#: kdops.token_logprobs (the student's side of on-policy estimators); predicted alone, not in PATHS' tables.
+LOGPROBS_PATHS = ("token-logprobs",)
+DESCRIPTIONS["token-logprobs"] = ("token_logprobs backend=\"triton\" (log p(token) and entropy with their gradients; "
+                                  "row chunks of float32 logits, recomputed in the backward)")
+
 #: The sparse teacher's k in the model's top-k paths unless `predict(..., k=)` says otherwise.
 DEFAULT_K = 32
 

@@ -68,6 +68,12 @@ TAID_INSTRUCTIONS = (5, 6)
 TOPK_LOOP_INSTRUCTIONS = ((38.4, 4.6), (32.5, 7.4))
 FLOPS_PER_INSTRUCTION = 272 / 94
 
+#: kdops.token_logprobs' kernels (`kernels/token_logprobs.py`): instructions per element of their vocabulary loops
+#: in the sm_90 SASS (`bench.compile`'s cubins at the headline's launch configurations: the statistics kernel
+#: 1024 columns and 4 warps, the gradient's 2048 and 8; `bench.loops.hot_loops`), (statistics, gradient), without
+#: and with the softcap. Not measured on a GPU yet: flop-equivalents at FLOPS_PER_INSTRUCTION, like the top-k ones.
+TOKEN_LOGPROBS_INSTRUCTIONS = {False: (17.6, 25.0), True: (48.8, 63.8)}
+
 #: The least time a launch takes (the host's launch overhead of an eager op or a Triton kernel).
 LAUNCH_S = 5e-6
 
@@ -95,3 +101,8 @@ def topk_kernel_flops(k: int, vocab: int, config: dict, softcap: bool = False) -
     windows = k * config["BLOCK_V"] / vocab / config["BLOCK_C"]
     return tuple(FLOPS_PER_INSTRUCTION * (loop + windows * window + (cap if softcap else 0))
                  for (loop, window), cap in zip(TOPK_LOOP_INSTRUCTIONS, SOFTCAP_INSTRUCTIONS))
+
+
+def token_logprobs_kernel_flops(softcap: bool = False) -> tuple[float, float]:
+    """(statistics, gradient) flop-equivalents per element of kdops.token_logprobs' kernels."""
+    return tuple(FLOPS_PER_INSTRUCTION * n for n in TOKEN_LOGPROBS_INSTRUCTIONS[bool(softcap)])

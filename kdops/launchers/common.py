@@ -56,10 +56,10 @@ def kernel_modules() -> types.SimpleNamespace:
     (tests/conftest.py sets it on a machine without a GPU)."""
     import triton.language as tl
 
-    from ..kernels import divergences, linear, logits, partials, scale, topk
+    from ..kernels import divergences, linear, logits, partials, scale, token_logprobs, topk
 
     return types.SimpleNamespace(tl=tl, divergences=divergences, linear=linear, logits=logits, partials=partials,
-                                 scale=scale, topk=topk)
+                                 scale=scale, token_logprobs=token_logprobs, topk=topk)
 
 
 def empty(shape, dtype, device) -> torch.Tensor:
