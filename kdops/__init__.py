@@ -16,13 +16,14 @@ from .divergences import (
     as_divergence,
 )
 from .ensemble import Ensemble, LogitSum, TeacherMix
+from .logprobs import token_logprobs
 from .modules import FusedLinearKDLoss, FusedLinearTopKKDLoss, KDLoss, TopKKDLoss
 from .parallel import VocabParallel
 from .problem import LossParts
 from .taid import TAIDSchedule
 from .topk import fused_linear_topk_kd_loss, topk_kd_loss, topk_logprobs
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     # losses and their modules
@@ -31,6 +32,8 @@ __all__ = [
     # divergences
     "Divergence", "ForwardKL", "ReverseKL", "GeneralizedJSD", "SkewForwardKL", "SkewReverseKL", "TVD", "AlphaBeta",
     "TAID", "DIVERGENCES", "as_divergence",
+    # log-probabilities of given tokens
+    "token_logprobs",
     # targets and schedules
     "TeacherMix", "Ensemble", "LogitSum", "TAIDSchedule",
     # the parts of a loss (return_parts=True)

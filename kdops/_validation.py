@@ -53,37 +53,32 @@ def check_same_device(**tensors) -> None:
 
 
 def check_labels(labels, leading_shape: torch.Size, device: torch.device) -> None:
-    if labels is None:
-        return
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels: expected an integer torch.Tensor or None, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels: expected an integer dtype, got {labels.dtype}")
-    if labels.shape != leading_shape:
-        raise ValueError(
-            f"labels: expected shape {tuple(leading_shape)} (the leading dimensions of the logits / hidden "
-            f"states), got {tuple(labels.shape)}"
-        )
-    if labels.device != device:
-        raise ValueError(f"labels: expected a tensor on {device} (where the logits are), got one on {labels.device}")
+    """Labels: None, or an integer tensor of the leading shape on the logits' device."""
+    _check_row_tensor("labels", labels, leading_shape, device, floating=False)
 
 
 def check_row_weights(weights, leading_shape: torch.Size, device: torch.device) -> None:
     """Per-row loss weights: None, or a floating-point tensor of the labels' (leading) shape on the logits' device.
     Values may be signed; they are constants (never differentiated)."""
-    if weights is None:
+    _check_row_tensor("weights", weights, leading_shape, device, floating=True)
+
+
+def _check_row_tensor(name: str, x, leading_shape: torch.Size, device: torch.device, floating: bool) -> None:
+    """None, or a tensor of one value per row (integer or floating-point) of the leading shape on `device`."""
+    if x is None:
         return
-    if not isinstance(weights, torch.Tensor):
-        raise TypeError(f"weights: expected a floating-point torch.Tensor or None, got {type(weights).__name__}")
-    if not weights.is_floating_point():
-        raise TypeError(f"weights: expected a floating-point dtype, got {weights.dtype}")
-    if weights.shape != leading_shape:
+    kind = "a floating-point" if floating else "an integer"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected {kind} torch.Tensor or None, got {type(x).__name__}")
+    if x.is_floating_point() != floating or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name}: expected {kind} dtype, got {x.dtype}")
+    if x.shape != leading_shape:
         raise ValueError(
-            f"weights: expected shape {tuple(leading_shape)} (the labels' shape: the leading dimensions of the "
-            f"logits / hidden states), got {tuple(weights.shape)}"
+            f"{name}: expected shape {tuple(leading_shape)} (the leading dimensions of the logits / hidden "
+            f"states), got {tuple(x.shape)}"
         )
-    if weights.device != device:
-        raise ValueError(f"weights: expected a tensor on {device} (where the logits are), got one on {weights.device}")
+    if x.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (where the logits are), got one on {x.device}")
 
 
 def _positive_number(name: str, value, expected: str) -> float:
