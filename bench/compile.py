@@ -125,9 +125,12 @@ def calls(quick: bool, dtypes=None, divergences=None, transforms_only: bool = Fa
         elif divergence == divergences[0] and dtype == dtypes[0]:
             out.append(Call("topk", dtype, divergence, tail="bucket", transform="softcap"))
         # return_parts: the PARTS specializations of the forward kernels on logits (with labels: the hard-label
-        # sums too) and of the top-k student's pass; the quick gate: the first dtype's, per divergence
-        if not quick or dtype == dtypes[0]:
+        # sums too; their vocabulary-shard stage under vocab_parallel, as the sliced path runs it), of the fused
+        # forward and of the top-k student's pass; the quick gate: those of its first dtype and divergence
+        if not quick or (dtype == dtypes[0] and divergence == divergences[0]):
             out += [Call("kd_loss", dtype, divergence, grads="all", parts=True),
+                    Call("kd_loss", dtype, divergence, grads="all", vocab_parallel=True, parts=True),
+                    Call("fused", dtype, divergence, parts=True),
                     Call("topk", dtype, divergence, tail="bucket", parts=True)]
         # kdops.token_logprobs' kernels (kernels/token_logprobs.py) differ by dtype, softcap and the dtype of the
         # gradient they write (the weight's; float32 with a bias): one call without either and one with both; the
@@ -215,8 +218,9 @@ def _run_call(call: Call) -> None:
     bs = leaf(VOCAB, grad=g_sw) if has_bs else None
     bt = leaf(VOCAB, grad=g_tw) if has_bt else None
     loss = kdops.fused_linear_kd_loss(hs, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt,
-                                      hard_weight=0.5 if call.hard else 0.0, impl=call.function, **caps, **options)
-    loss.backward()
+                                      hard_weight=0.5 if call.hard else 0.0, impl=call.function, **caps,
+                                      return_parts=call.parts, **options)
+    (loss[0] if call.parts else loss).backward()
 
 
 @dataclasses.dataclass

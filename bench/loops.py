@@ -76,8 +76,10 @@ def headline_config(forward: bool = False) -> dict:
     return {key: value for key, value in config.items() if key in ("BLOCK_R", "BLOCK_V", "num_warps")}
 
 
-def count(divergence: str) -> dict[str, list[tuple[float, collections.Counter]]]:
-    """Per kernel on logits of the chunked bf16 call: (instructions per element, opcode counts) of each loop."""
+def count(divergence: str, parts: bool = False) -> dict[str, list[tuple[float, collections.Counter]]]:
+    """Per kernel on logits of the chunked bf16 call: (instructions per element, opcode counts) of each loop; with
+    `parts`, of kd_loss's call with return_parts=True instead (its forward kernel's PARTS specialization, which
+    streams the entropies and the hard-label sums beside the first pass)."""
     out = {}
     # the recorded calls at a vocabulary that, like the headline's (128256 = 16 · 8016), is a multiple of 16:
     # Triton specializes the sizes and strides on it (aligned rows: vectorized loads)
@@ -88,8 +90,10 @@ def count(divergence: str) -> dict[str, list[tuple[float, collections.Counter]]]
         gate.VOCAB = vocab
     for spec in specs:
         call = spec.call
-        if not spec.name.startswith("kd_logits") or call.function != "chunked" or call.transform \
-                or call.vocab_parallel or call.hard or spec.name in out:
+        wanted = (call.function == "kd_loss" and call.parts) if parts else (
+            call.function == "chunked" and not call.hard)
+        if not spec.name.startswith("kd_logits") or not wanted or call.transform or call.vocab_parallel \
+                or spec.name in out:
             continue
         config = headline_config(forward=spec.name == "kd_logits_forward_kernel")
         per_thread = config["BLOCK_R"] * config["BLOCK_V"] / (32 * config["num_warps"])
@@ -110,9 +114,18 @@ def model_counts(kind: str) -> tuple[float, float]:
             sum(n for n, _ in loops["kd_logits_backward_kernel"]))
 
 
+def parts_counts(kind: str) -> float:
+    """Instructions per element that return_parts adds to the forward passes of a kind (bench.model.PARTS_SASS):
+    the PARTS specialization's forward loops less the plain one's."""
+    loops = count(MODEL_KINDS[kind], parts=True)
+    return sum(n for n, _ in loops["kd_logits_forward_kernel"]) - model_counts(kind)[0]
+
+
 def check(tolerance: float = 0.5) -> list[str]:
-    """Where the cost model's counts (bench.model.LOGITS_KERNEL_SASS, "now") differ from the code's."""
+    """Where the cost model's counts (bench.model.LOGITS_KERNEL_SASS, "now"; bench.model.PARTS_SASS) differ from the
+    code's."""
     from .model import LOGITS_KERNEL_SASS
+    from .model.rates import PARTS_SASS
 
     out = []
     for kind, (_, recorded) in LOGITS_KERNEL_SASS.items():
@@ -120,6 +133,11 @@ def check(tolerance: float = 0.5) -> list[str]:
         if any(abs(a - b) > tolerance for a, b in zip(counted, recorded)):
             out.append(f"{kind}: the code has {counted[0]:.1f} / {counted[1]:.1f} instructions per element "
                        f"(forward passes / gradient), bench.model.LOGITS_KERNEL_SASS says {recorded[0]} / {recorded[1]}")
+    for kind, recorded in PARTS_SASS.items():
+        counted = parts_counts(kind)
+        if abs(counted - recorded) > tolerance:
+            out.append(f"{kind}: return_parts adds {counted:.1f} instructions per element to the forward passes, "
+                       f"bench.model.PARTS_SASS says {recorded}")
     return out
 
 

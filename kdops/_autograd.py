@@ -85,9 +85,7 @@ def problem_loss(prepared, tensors, problem):
     their parts (`row_parts`) in the forward's pass over their logits."""
     if not problem.parts:
         return _reduced_loss(prepared, tensors, problem)
-    if getattr(prepared, "row_parts", False) is not None:
-        raise ValueError(f"return_parts: the chunked path reports the loss's parts, this call resolved to "
-                         f"{type(prepared).__name__}; use impl='chunked' (or a memory_budget that its plan fits)")
+    assert getattr(prepared, "row_parts", False) is None, f"{type(prepared).__name__} reports no parts"
     prepared.row_parts = torch.empty((problem.mask.numel(), 4), dtype=prepared.acc_dtype, device=problem.device)
     loss = _reduced_loss(prepared, tensors, problem)
     parts, prepared.row_parts = prepared.row_parts, None

@@ -118,4 +118,3 @@ def check_token_range(token_ids: torch.Tensor, ignore_index: int, vocab: int) ->
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab):
         raise ValueError(f"token_ids: expected values in [0, {vocab}) (the vocabulary of the weight) or ignore_index="
                          f"{ignore_index}, got values in [{int(valid.min())}, {int(valid.max())}]")
-

@@ -235,8 +235,8 @@ def _parts(return_parts, **unsupported) -> bool:
         raise TypeError(f"return_parts: expected a bool, got {type(return_parts).__name__}")
     asked = [name for name, present in unsupported.items() if present]
     if return_parts and asked:
-        raise ValueError(f"return_parts with {asked[0]}: the loss's parts come from the kernels on logits and the "
-                         "chunked path (one teacher, the whole vocabulary on this rank); call without "
+        raise ValueError(f"return_parts with {asked[0]}: a sparse teacher's parts are read from one pass over the "
+                         "student's whole vocabulary on one rank, which this call does not make; call without "
                          "return_parts there")
     return return_parts
 
@@ -284,7 +284,7 @@ def describe_kd_loss(student_logits, teacher_logits, labels=None, *, divergence=
                    leading, options, num_items_in_batch, mix=mix, shards=shards,
                    mode=_mode(mix is not None or shards is not None or return_parts is True), device=device,
                    weights=_rows_of(weights),
-                   parts=_parts(return_parts, teacher_mix=mix is not None, vocab_parallel=shards is not None))
+                   parts=_parts(return_parts))
 
 
 # --- fused_linear_kd_loss ---------------------------------------------------------------------------------------
@@ -371,8 +371,7 @@ def describe_fused_linear(student_hidden, student_weight, teacher_hidden, teache
                    options, num_items_in_batch, mix=mix, shards=shards,
                    mode=_mode(mix is not None or shards is not None or return_parts is True),
                    autocast=autocast is not None, device=device, weights=_rows_of(weights),
-                   parts=_parts(return_parts, teacher_mix=mix is not None, vocab_parallel=shards is not None,
-                                **{f"impl={impl!r}": impl in ("fused", "sliced")}))
+                   parts=_parts(return_parts))
 
 
 # --- sparse teachers ----------------------------------------------------------------------------------------------
@@ -410,7 +409,8 @@ def describe_topk(student_logits, teacher_ids, teacher_logprobs, labels=None, *,
     mask = row_mask(labels, ignore_index, leading, device).reshape(-1)
     options = Options(divergence, temperature, ignore_index, reduction, engine=engine, tail=tail, vocab=vocab)
     return Problem("topk", student_logits, (), labels, mask, leading, options, num_items_in_batch,
-                   topk=(teacher_ids, teacher_logprobs), shards=shards, mode=_mode(shards is not None or return_parts is True), device=device,
+                   topk=(teacher_ids, teacher_logprobs), shards=shards,
+                   mode=_mode(shards is not None or return_parts is True), device=device,
                    weights=_rows_of(weights), parts=_parts(return_parts, vocab_parallel=shards is not None))
 
 
@@ -463,7 +463,8 @@ def describe_fused_linear_topk(student_hidden, student_weight, teacher_ids, teac
     return Problem("linear_topk", Head(student_hidden, student_weight, student_bias), (), labels, mask, leading,
                    options, num_items_in_batch, topk=(teacher_ids, teacher_logprobs), shards=shards,
                    mode=_mode(shards is not None or return_parts is True), device=device, weights=_rows_of(weights),
-                   parts=_parts(return_parts, vocab_parallel=shards is not None, **{"impl='gathered'": impl == "gathered"}))
+                   parts=_parts(return_parts, vocab_parallel=shards is not None,
+                                **{"impl='gathered'": impl == "gathered"}))
 
 
 def check_topk_logprobs(hidden, weight, k, temperature, bias, memory_budget) -> float:
@@ -476,5 +477,3 @@ def check_topk_logprobs(hidden, weight, k, temperature, bias, memory_budget) -> 
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab:
         raise ValueError(f"k: expected an int in [1, {vocab}] (the vocabulary of the weight), got {k!r}")
     return temperature
-
-

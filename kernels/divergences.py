@@ -514,11 +514,34 @@ def first_pass_update(KIND: tl.constexpr, x, y, m_x, u_x, m_y, u_y, acc1, acc2, 
 
 
 @triton.jit
-def first_pass_update_lanes(KIND: tl.constexpr, x, y, m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, c1, c2):
+def entropy_rescale(h, plain, grew, shift):
+    """An entropy sum h = Σ e^d·d [rows, block] (d = v − max, `entropy.py`) re-expressed at a max that grew by
+    −shift (rows `grew`; `plain`: the lanes' plain sums Σ e^d at the old max): e^shift·(h + shift·plain); 0 where
+    nothing was seen yet (shift = −inf)."""
+    factor = tl.exp(shift)[:, None]
+    moved = tl.where(factor > 0, factor * (h + shift[:, None] * plain), 0.0)
+    return tl.where(grew[:, None], moved, h)
+
+
+@triton.jit
+def entropy_terms(e, d):
+    """e^d·d of a centred tile's terms e = e^d: 0 where e is (a −inf logit, or one flushed below float32's range)."""
+    return tl.where(e > 0, e * d, 0.0)
+
+
+@triton.jit
+def first_pass_update_lanes(KIND: tl.constexpr, ENTROPY: tl.constexpr, x, y, m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2,
+                            acc3, h_x, h_y, c1, c2):
     """`first_pass_update` with the sums in lanes [rows, block] (the excesses as lanes u and counts n [rows];
-    ALPHA_BETA's acc2, acc3 share the counts n_x, n_y of the terms at the maxima); the maxima stay per row."""
+    ALPHA_BETA's acc2, acc3 share the counts n_x, n_y of the terms at the maxima); the maxima stay per row. With
+    ENTROPY also h_x = Σ e^dx·dx and h_y in lanes (`entropy_terms`, `entropy_rescale`): each side's entropy is
+    then ls − h / Σ e^d (`entropy.py`), for one multiply-add per element and side beside the terms e^d already
+    made here."""
     m_x_new, m_y_new, grew_x, grew_y, holds_x, holds_y, dx, dy, shift_x, shift_y = centred_tiles(x, y, m_x, m_y)
     if any_row(grew_x, grew_y):
+        if ENTROPY:  # before the excesses are re-expressed: their plain sums at the old maxima
+            h_x = entropy_rescale(h_x, lanes_plain(u_x, n_x), grew_x, shift_x)
+            h_y = entropy_rescale(h_y, lanes_plain(u_y, n_y), grew_y, shift_y)
         # the sums are linear in their old terms: each lane is re-expressed as the whole row's sums are
         if KIND == ALPHA_BETA:
             acc1 = acc1 * tl.exp(c1 * shift_x + c2 * shift_y)[:, None]
@@ -530,6 +553,9 @@ def first_pass_update_lanes(KIND: tl.constexpr, x, y, m_x, u_x, n_x, m_y, u_y, n
         u_x, n_x = lanes_rescale(u_x, n_x, grew_x, tl.exp(shift_x))
         u_y, n_y = lanes_rescale(u_y, n_y, grew_y, tl.exp(shift_y))
     e_x, e_y, a1, a2, a3 = first_pass_addends(KIND, dx, dy, c1, c2)
+    if ENTROPY:
+        h_x += entropy_terms(e_x, dx)
+        h_y += entropy_terms(e_y, dy)
     if KIND == ALPHA_BETA:
         acc1 += a1
     else:
@@ -552,7 +578,7 @@ def first_pass_update_lanes(KIND: tl.constexpr, x, y, m_x, u_x, n_x, m_y, u_y, n
         if KIND == ALPHA_BETA:
             acc2 += a2
             acc3 += a3
-    return m_x_new, u_x, n_x, m_y_new, u_y, n_y, acc1, acc2, acc3
+    return m_x_new, u_x, n_x, m_y_new, u_y, n_y, acc1, acc2, acc3, h_x, h_y
 
 
 @triton.jit

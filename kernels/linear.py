@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .divergences import FLOAT, NEG_INF, in_acc, second_pass_add
+from .entropy import entropy_init_rows, entropy_store_partial, entropy_update_rows
 from .logits import round_to_bf16, row_offsets
 from .partials import NUM_PARTIAL, store_partial, store_second_partial
 from .passes import (
@@ -31,8 +32,10 @@ from .passes import (
     load_labels,
     load_stats,
     scale_rows,
+    scaled_pq,
     second_pass_tile,
 )
+from .transforms import transformed_tiles
 
 
 @triton.jit
@@ -104,18 +107,20 @@ def both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_off, ht_off, r
 
 @triton.jit
 def fused_forward_kernel(
-    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, partial_ptr, stats_ptr,
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, partial_ptr, stats_ptr, parts_ptr,
     n_rows, V, Hs, Ht, split_size, n_splits,
     hs_inner, hs_outer, hs_stride, ht_inner, ht_outer, ht_stride, ws_stride, wt_stride,
     inv_temp: FLOAT, c1: FLOAT, c2: FLOAT, cap_s: FLOAT, cap_t: FLOAT, share: FLOAT,
     KIND: tl.constexpr, SECOND_PASS: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr,
-    TRANSFORM: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, LOADS: tl.constexpr, BLOCK_N: tl.constexpr,
+    TRANSFORM: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, LOADS: tl.constexpr, PARTS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr, MMA_S: tl.constexpr,
     MMA_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr, ACC: tl.constexpr,
 ):
     """partial[row, split] = the pass's state of the row over vocabulary [split·split_size, +split_size).
 
-    SECOND_PASS reads the merged (m_x, ls_x, m_y, r) of the first from `stats` and writes (y1, y2, y3).
+    SECOND_PASS reads the merged (m_x, ls_x, m_y, r) of the first from `stats` and writes (y1, y2, y3). PARTS
+    (first pass) also writes parts[row, split], the split's entropy states of both models (`entropy.py`).
     """
     inv_temp, c1, c2 = in_acc(inv_temp, ACC), in_acc(c1, ACC), in_acc(c2, ACC)
     cap_s, cap_t, share = in_acc(cap_s, ACC), in_acc(cap_t, ACC), in_acc(share, ACC)
@@ -139,6 +144,9 @@ def fused_forward_kernel(
     else:
         labels = load_labels(HARD, labels_ptr, safe_rows, BLOCK_N)
         m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab = first_pass_init(BLOCK_N, ACC)
+        if PARTS:
+            m_hs, s_hs, a_hs = entropy_init_rows(BLOCK_N, ACC)
+            m_ht, s_ht, a_ht = entropy_init_rows(BLOCK_N, ACC)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + vcols
         col_ok = cols < v_hi
@@ -154,6 +162,11 @@ def fused_forward_kernel(
             m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab = first_pass_tile(
                 KIND, HARD, STUDENT_IS_P, TRANSFORM, s, t, cols, labels, inv_temp, cap_s, cap_t, share, m_x, u_x, m_y,
                 u_y, acc1, acc2, acc3, m_c, u_c, s_lab, c1, c2)
+            if PARTS:  # the tiles as the divergence sees them (transformed, at T); columns past v_hi are −inf
+                s_tr, _, t_tr = transformed_tiles(TRANSFORM, s, t, cap_s, cap_t, share)
+                t_tr, s_tr = scaled_pq(False, s_tr, t_tr, inv_temp)
+                m_hs, s_hs, a_hs = entropy_update_rows(m_hs, s_hs, a_hs, s_tr)
+                m_ht, s_ht, a_ht = entropy_update_rows(m_ht, s_ht, a_ht, t_tr)
     # (the row addresses made here, after the loop, hold no registers through it)
     rows = row0 + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
@@ -162,6 +175,9 @@ def fused_forward_kernel(
         store_second_partial(part, row_ok, y1, y2, y3)
     else:
         store_partial(part, row_ok, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab)
+        if PARTS:
+            entropy_store_partial(parts_ptr + (rows.to(tl.int64) * n_splits + pid_s) * 6, row_ok, m_hs, s_hs, a_hs,
+                                  m_ht, s_ht, a_ht)
 
 
 @triton.jit

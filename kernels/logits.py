@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .divergences import FLOAT, INTERPRETED, NEG_INF, in_acc, second_pass_add
-from .entropy import entropy_finish, entropy_init, entropy_update
+from .entropy import entropy_of_excess, entropy_store_partial
 from .partials import NUM_PARTIAL, store_partial, store_second_partial
 from .passes import (
     NUM_STATS,  # noqa: F401  (re-exported for the launchers)
@@ -26,12 +26,10 @@ from .passes import (
     load_labels,
     load_stats,
     scale_rows,
-    scaled_pq,
     second_pass_results,
     second_pass_tile,
     store_stats,
 )
-from .transforms import transformed_tiles
 
 
 @triton.jit
@@ -65,9 +63,11 @@ def kd_logits_forward_kernel(
     """loss[r] = soft·D(teacher_r ‖ student_r at T) + hard·CE(student_r, label_r); stats[r] as in passes.py.
 
     FIRST_PARTIAL stores the rows' first-pass state to partial[r] instead; SECOND_PARTIAL reads the merged
-    statistics from stats[r] and stores the second-pass sums (y1, y2, y3) to partial[r]. PARTS (FULL only) also
-    stores parts[r] = (D, CE, H(student at T), H(target at T)), the entropies streamed beside the first pass
-    (`entropy.py`) and CE that of HARD (0 without it).
+    statistics from stats[r] and stores the second-pass sums (y1, y2, y3) to partial[r]. PARTS also stores
+    parts[r] = (D, CE, H(student at T), H(target at T)) at FULL, the entropies streamed beside the first pass
+    from the sums e^d·d of the terms e^d of the first pass's log-sum-exps (`divergences.first_pass_update_lanes`)
+    and CE that of HARD (0 without it), and at FIRST_PARTIAL the entropies' partial states (`entropy_store_partial`:
+    parts[r] holds six values).
     """
     inv_temp, c1, c2, soft = in_acc(inv_temp, ACC), in_acc(c1, ACC), in_acc(c2, ACC), in_acc(soft, ACC)
     hard, cap_s, cap_t, share = in_acc(hard, ACC), in_acc(cap_s, ACC), in_acc(cap_t, ACC), in_acc(share, ACC)
@@ -86,25 +86,29 @@ def kd_logits_forward_kernel(
     else:
         m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, m_c, u_c, n_c, s_lab = first_pass_lanes_init(BLOCK_R, BLOCK_V,
                                                                                                    ACC)
+        h_x = 0.0  # the entropy sums (PARTS): lanes, or nothing
+        h_y = 0.0
         if PARTS:
-            m_hs, s_hs, a_hs = entropy_init(BLOCK_R, BLOCK_V, ACC)
-            m_ht, s_ht, a_ht = entropy_init(BLOCK_R, BLOCK_V, ACC)
+            h_x = tl.zeros([BLOCK_R, BLOCK_V], ACC)
+            h_y = tl.zeros([BLOCK_R, BLOCK_V], ACC)
         for v0 in range(0, V, BLOCK_V):
             col_ok = v0 + cols < V
             s = load_tile(s_ptr + v0, s_off, cols, col_ok, ACC)
             t = load_tile(t_ptr + v0, t_off, cols, col_ok, ACC)
-            if PARTS:  # the tiles as the divergence sees them (transformed, at T), teacher side first
-                s_tr, _, t_tr = transformed_tiles(TRANSFORM, s, t, cap_s, cap_t, share)
-                t_tr, s_tr = scaled_pq(False, s_tr, t_tr, inv_temp)
-                m_hs, s_hs, a_hs = entropy_update(m_hs, s_hs, a_hs, s_tr)
-                m_ht, s_ht, a_ht = entropy_update(m_ht, s_ht, a_ht, t_tr)
-            m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, m_c, u_c, n_c, s_lab = first_pass_lanes_tile(
-                KIND, HARD, STUDENT_IS_P, TRANSFORM, s, t, v0, v0 + cols, labels, inv_temp, cap_s, cap_t, share, m_x,
-                u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, m_c, u_c, n_c, s_lab, c1, c2)
+            m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, h_x, h_y, m_c, u_c, n_c, s_lab = first_pass_lanes_tile(
+                KIND, HARD, STUDENT_IS_P, TRANSFORM, PARTS, s, t, v0, v0 + cols, labels, inv_temp, cap_s, cap_t,
+                share, m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, h_x, h_y, m_c, u_c, n_c, s_lab, c1, c2)
         m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab = first_pass_lanes_state(
             KIND, m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, m_c, u_c, n_c, s_lab)
+        if PARTS:  # (Σ e^d, Σ e^d·d) of each side: the student's and the target's, whichever is P
+            h_x = tl.sum(h_x, axis=1)
+            h_y = tl.sum(h_y, axis=1)
+            u_s, h_s, m_s, u_t, h_t, m_t = as_sides(STUDENT_IS_P, u_x, h_x, m_x, u_y, h_y, m_y)
         if STAGE == FIRST_PARTIAL:
             store_partial(part, row_ok, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab)
+            if PARTS:
+                entropy_store_partial(parts_ptr + rows.to(tl.int64) * 6, row_ok, m_s, u_s + 1.0, h_s, m_t, u_t + 1.0,
+                                      h_t)
         else:
             ls_x, ls_y, r, aux1, aux2, aux3, L, ls_c, ce, loss = first_pass_results(
                 KIND, HARD, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab, labels, V, c1, c2, soft, hard)
@@ -136,8 +140,16 @@ def kd_logits_forward_kernel(
             p = parts_ptr + rows.to(tl.int64) * 4
             tl.store(p + 0, L, mask=row_ok)
             tl.store(p + 1, ce, mask=row_ok)
-            tl.store(p + 2, entropy_finish(s_hs, a_hs), mask=row_ok)
-            tl.store(p + 3, entropy_finish(s_ht, a_ht), mask=row_ok)
+            tl.store(p + 2, entropy_of_excess(u_s, h_s), mask=row_ok)
+            tl.store(p + 3, entropy_of_excess(u_t, h_t), mask=row_ok)
+
+
+@triton.jit
+def as_sides(STUDENT_IS_P: tl.constexpr, u_x, h_x, m_x, u_y, h_y, m_y):
+    """(the student's, the target's) sums of the canonical sides (P = x, Q = y): the inverse of `passes.as_pq`."""
+    if STUDENT_IS_P:
+        return u_x, h_x, m_x, u_y, h_y, m_y
+    return u_y, h_y, m_y, u_x, h_x, m_x
 
 
 @triton.jit

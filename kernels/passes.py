@@ -101,15 +101,17 @@ def first_pass_lanes_init(BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.
 
 @triton.jit
 def first_pass_lanes_tile(KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr,
-                          TRANSFORM: tl.constexpr, s, t, v0, cols, labels, inv_temp, cap_s, cap_t, share, m_x, u_x, n_x,
-                          m_y, u_y, n_y, acc1, acc2, acc3, m_c, u_c, n_c, s_lab, c1, c2):
-    """`first_pass_tile` into the state of `first_pass_lanes_init` (the tile's columns cols = v0, v0 + 1, …)."""
+                          TRANSFORM: tl.constexpr, ENTROPY: tl.constexpr, s, t, v0, cols, labels, inv_temp, cap_s,
+                          cap_t, share, m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, h_x, h_y, m_c, u_c, n_c, s_lab,
+                          c1, c2):
+    """`first_pass_tile` into the state of `first_pass_lanes_init` (the tile's columns cols = v0, v0 + 1, …); with
+    ENTROPY also the entropy sums h_x, h_y in lanes (`divergences.first_pass_update_lanes`)."""
     s, _, t = transformed_tiles(TRANSFORM, s, t, cap_s, cap_t, share)
     x, y = scaled_pq(STUDENT_IS_P, s, t, inv_temp)
-    m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3 = first_pass_update_lanes(
-        KIND, x, y, m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, c1, c2)
+    m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, h_x, h_y = first_pass_update_lanes(
+        KIND, ENTROPY, x, y, m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, h_x, h_y, c1, c2)
     m_c, u_c, n_c, s_lab = hard_label_update_lanes(HARD, s, v0, cols, labels, m_c, u_c, n_c, s_lab)
-    return m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, m_c, u_c, n_c, s_lab
+    return m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, h_x, h_y, m_c, u_c, n_c, s_lab
 
 
 @triton.jit

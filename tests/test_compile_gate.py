@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 KERNELS = {"kd_logits_forward_kernel", "kd_logits_backward_kernel", "merge_partials_kernel", *gate.FUSED_KERNELS}
 TOPK_KERNELS = {"complement_lse_kernel", "topk_student_backward_kernel"}  # the quick gate's sparse-teacher call
 SCALE_KERNELS = {"scale_unless_one_kernel"}  # the chunked paths' upstream gradient (no float argument)
+TOKEN_LOGPROBS_KERNELS = {"token_logprobs_forward_kernel", "token_logprobs_backward_kernel"}
 
 
 def test_quick_gate_compiles_every_kernel_within_its_spill_limit(tmp_path):
@@ -42,8 +43,10 @@ def test_quick_gate_compiles_every_kernel_within_its_spill_limit(tmp_path):
     text = report.read_text()
     assert " 0 failures.**" in text
     for arch in ("sm_90", "sm_80"):
-        for kernel in KERNELS | TOPK_KERNELS | SCALE_KERNELS:
+        for kernel in KERNELS | TOPK_KERNELS | SCALE_KERNELS | TOKEN_LOGPROBS_KERNELS:
             assert f"| {arch} | {kernel} |" in text, (arch, kernel)
+    for kernel in ("kd_logits_forward_kernel", "fused_forward_kernel", "complement_lse_kernel"):  # return_parts'
+        assert any(f"| {kernel} |" in line and "PARTS=1" in line for line in text.splitlines()), kernel
 
 
 def test_the_sass_is_read_only_where_it_can_count(tmp_path):

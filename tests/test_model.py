@@ -294,6 +294,19 @@ def test_tf32_speeds_up_float32_matmuls_only():
     assert predict("chunked", HEADLINE, H100, "forward_kl", torch.bfloat16, tf32=True).total_s == bf16.total_s
 
 
+@pytest.mark.parametrize("path", ["kd_loss-triton", "chunked", "sliced"])
+def test_parts_add_work_to_the_first_pass_and_no_reads(path):
+    """return_parts: the first forward pass of the kernels on logits does PARTS_SASS more instructions per element;
+    the bytes grow only by the parts written, a few floats a row (no pass of their own); paths without them raise."""
+    for divergence in ("forward_kl", "generalized_jsd"):
+        plain = predict(path, HEADLINE, H100, divergence, torch.bfloat16)
+        parts = predict(path, HEADLINE, H100, divergence, torch.bfloat16, parts=True)
+        assert 0 < parts.hbm_bytes - plain.hbm_bytes < 1e-3 * plain.hbm_bytes
+        assert plain.total_s < parts.total_s < 1.25 * plain.total_s
+    with pytest.raises(ValueError, match="parts"):
+        predict("fused", HEADLINE, H100, parts=True)
+
+
 def test_predict_all_and_records():
     preds = predict_all(SMALL, "h100", "forward_kl", torch.bfloat16)
     assert tuple(preds) == PATHS

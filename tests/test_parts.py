@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import kdops
+import kdops.launchers.logits
+import kdops.launchers.topk
 from kdops import reference
 from kdops.torch_math import loss_logits
 from oracle import logit_pair
@@ -37,9 +39,8 @@ def oracle_parts(student_logits, teacher_logits, labels, divergence, temperature
     return [torch.where(valid, x, 0.0) for x in (soft, hard, entropy(student), entropy(target))]
 
 
-def assert_parts(parts, expected, dtype):
-    assert isinstance(parts, kdops.LossParts)
-    for name, got, want in zip(kdops.LossParts._fields, parts, expected):
+def assert_parts(parts, expected, dtype, names=kdops.LossParts._fields):
+    for name, got, want in zip(names, parts, expected):
         assert got.shape == want.shape and not got.requires_grad, name
         scale = want.abs().max().clamp_min(1.0)
         assert float((got.double() - want).abs().max() / scale) <= TOL[dtype], name
@@ -59,6 +60,7 @@ def test_kd_loss_parts(backend, divergence, dtype):
     labels = labels_of((3, 5))
     loss, parts = kdops.kd_loss(s, t, labels, divergence=divergence, temperature=1.7, backend=backend,
                                 reduction="none", return_parts=True)
+    assert isinstance(parts, kdops.LossParts)
     assert torch.equal(loss, kdops.kd_loss(s, t, labels, divergence=divergence, temperature=1.7, backend=backend,
                                            reduction="none"))
     expected = oracle_parts(s, t, labels, divergence, 1.7)
@@ -69,15 +71,19 @@ def test_kd_loss_parts(backend, divergence, dtype):
     assert_parts(parts, expected, dtype)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("reduction", ["batchmean", "none"])
-def test_fused_linear_parts(backend, reduction):
+@pytest.mark.parametrize("impl, backend, reduction, vocab", [
+    ("chunked", "triton", "batchmean", V), ("chunked", "torch", "none", V), ("chunked", "triton", "none", V),
+    ("sliced", "triton", "none", 301), ("fused", "triton", "batchmean", V)])
+def test_fused_linear_parts(impl, backend, reduction, vocab):
+    """Every path: chunks (a small budget: several), vocabulary slices (V = 301 in slices of 128: their entropy
+    states merged), the fused kernels (the interpreter's several vocabulary splits, merged)."""
     g = torch.Generator().manual_seed(2)
     hs, ht = torch.randn(3, 5, H, generator=g), torch.randn(3, 5, H + 4, generator=g) * 2
-    ws, wt = torch.randn(V, H, generator=g), torch.randn(V + 3, H + 4, generator=g)
+    ws, wt = torch.randn(vocab, H, generator=g), torch.randn(vocab + 3, H + 4, generator=g)
     labels = labels_of((3, 5))
     options = dict(divergence="reverse_kl", temperature=2.0, hard_weight=0.3, student_softcap=5.0,
-                   reduction=reduction, backend=backend, impl="chunked", memory_budget=20_000)  # several chunks
+                   reduction=reduction, backend=backend, impl=impl,
+                   memory_budget=20_000 if impl == "chunked" else 4096 if impl == "sliced" else None)
     leaves = [x.clone().requires_grad_(True) for x in (hs, ws)]
     loss, parts = kdops.fused_linear_kd_loss(*leaves, ht, wt, labels, return_parts=True, **options)
     plain = kdops.fused_linear_kd_loss(hs, ws, ht, wt, labels, **options)
@@ -86,8 +92,8 @@ def test_fused_linear_parts(backend, reduction):
     plain_grads = torch.autograd.grad(kdops.fused_linear_kd_loss(*leaves, ht, wt, labels, **options).sum(), leaves)
     for a, b in zip(grads, plain_grads):
         torch.testing.assert_close(a, b)
-    expected = oracle_parts(hs.double() @ ws.double().T, ht.double() @ wt[:V].double().T, labels, "reverse_kl", 2.0,
-                            (5.0, None))
+    expected = oracle_parts(hs.double() @ ws.double().T, ht.double() @ wt[:vocab].double().T, labels, "reverse_kl",
+                            2.0, (5.0, None))
     assert_parts(parts, expected, torch.float32)
 
 
@@ -133,26 +139,68 @@ def test_fused_linear_topk_parts(backend, impl, reduction):
     assert_parts(parts, [soft, *sparse_oracle(z, lp, "renormalize", 1.5, labels)], torch.float32)
 
 
+def test_parts_across_tiles(monkeypatch):
+    """Tiny vocabulary blocks (the interpreter's blocks otherwise hold a whole small row): the entropy sums re-expressed
+    whenever a row's max grows from one tile to the next, in the kernels on logits (their lanes), the top-k student's
+    pass, and the fused kernels (two tiles per vocabulary split at V = 701)."""
+    def small(*args, **kwargs):
+        return dict(BLOCK_R=4, BLOCK_V=16)
+
+    monkeypatch.setattr(kdops.launchers.logits, "logits_config", small)
+    monkeypatch.setattr(kdops.launchers.topk, "logits_config", small)
+    s, t = logit_pair((N, V), seed=12)
+    labels = labels_of((N,))
+    _, parts = kdops.kd_loss(s, t, labels, divergence="generalized_jsd", temperature=0.7, backend="triton",
+                             return_parts=True)
+    assert_parts(parts, oracle_parts(s, t, labels, "generalized_jsd", 0.7), torch.float32)
+    lp, ids = torch.log_softmax(t / 0.7, -1).topk(5, -1)
+    _, parts = kdops.topk_kd_loss(s, ids, lp, labels, temperature=0.7, backend="triton", return_parts=True)
+    assert_parts(parts[1:3], sparse_oracle(s, lp, "bucket", 0.7, labels)[:2], torch.float32, ("hard", "entropy"))
+    g = torch.Generator().manual_seed(13)
+    hs, ws = torch.randn(N, H, generator=g), torch.randn(701, H, generator=g) * 1.5
+    ht, wt = torch.randn(N, H, generator=g), torch.randn(701, H, generator=g) * 2
+    _, parts = kdops.fused_linear_kd_loss(hs, ws, ht, wt, labels, impl="fused", backend="triton", return_parts=True)
+    assert_parts(parts, oracle_parts(hs.double() @ ws.double().T, ht.double() @ wt.double().T, labels, "forward_kl",
+                                     1.0), torch.float32)
+
+
 def test_without_labels_hard_is_none():
     s, t = logit_pair((N, V), seed=3)
     _, parts = kdops.kd_loss(s, t, return_parts=True, backend="triton")
     assert parts.hard is None and parts.soft.shape == (N,)
 
 
-@pytest.mark.parametrize("call", ["gathered", "mix", "sliced"])
-def test_calls_without_parts_raise(call):
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("mix", [kdops.Ensemble([0.3, 0.7]), kdops.LogitSum([0.6, 0.4])], ids=str)
+def test_several_teachers_parts(backend, mix):
+    """The target's entropy is the mix's (an Ensemble's mixture of softmaxes, a LogitSum's softmax of the sum)."""
+    s, t = logit_pair((N, V), seed=9)
+    other = torch.randn(N, V, generator=torch.Generator().manual_seed(10)) * 3
+    labels = labels_of((N,))
+    options = dict(teacher_mix=mix, divergence="reverse_kl", temperature=1.5, backend=backend, reduction="none")
+    loss, parts = kdops.kd_loss(s, [t, other], labels, return_parts=True, **options)
+    torch.testing.assert_close(loss, kdops.kd_loss(s, [t, other], labels, **options))
+    target = mix.target_logits([t.double(), other.double()], 1.5)  # logits whose softmax at T is the target
+    assert_parts(parts, oracle_parts(s, target, labels, "reverse_kl", 1.5), torch.float32)
+    g = torch.Generator().manual_seed(11)
+    hs, ws = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
+    heads = [(torch.randn(N, 9, generator=g) * 2, torch.randn(V, 9, generator=g)),
+             (torch.randn(N, 7, generator=g), torch.randn(V, 7, generator=g))]
+    _, parts = kdops.fused_linear_kd_loss(hs, ws, [h for h, _ in heads], [w for _, w in heads], labels,
+                                          memory_budget=20_000, return_parts=True, **options)
+    target = mix.target_logits([h.double() @ w.double().T for h, w in heads], 1.5)
+    assert_parts(parts, oracle_parts(hs.double() @ ws.double().T, target, labels, "reverse_kl", 1.5), torch.float32)
+
+
+def test_gathered_path_raises():
+    """The gathered top-k path never reads the whole vocabulary: no student entropy to report."""
     s, t = logit_pair((N, V), seed=4)
-    with pytest.raises(ValueError, match="return_parts"):
-        if call == "gathered":
-            lp, ids = torch.log_softmax(t, -1).topk(3, -1)
-            kdops.fused_linear_topk_kd_loss(torch.randn(N, H), torch.randn(V, H), ids, lp, tail="renormalize",
-                                            impl="gathered", return_parts=True)
-        elif call == "mix":
-            kdops.kd_loss(s, [t, t], teacher_mix=kdops.Ensemble([0.5, 0.5]), return_parts=True)
-        else:
-            h = torch.randn(N, H)
-            kdops.fused_linear_kd_loss(h, torch.randn(V, H), h, torch.randn(V, H), impl="sliced", backend="triton",
-                                       return_parts=True)
+    lp, ids = torch.log_softmax(t, -1).topk(3, -1)
+    with pytest.raises(ValueError, match="return_parts with impl='gathered'"):
+        kdops.fused_linear_topk_kd_loss(torch.randn(N, H), torch.randn(V, H), ids, lp, tail="renormalize",
+                                        impl="gathered", return_parts=True)
+    with pytest.raises(TypeError, match="return_parts: expected a bool"):
+        kdops.kd_loss(s, t, return_parts=1)
     with pytest.raises(TypeError, match="return_parts"):
         kdops.kd_loss(s, t, return_parts=1)
 

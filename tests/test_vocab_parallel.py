@@ -87,6 +87,16 @@ def check_fused(x, start, stop, padding=0, reduce_group=None, **options):
         assert err <= ref_err + TOLERANCE[x["student_hidden"].dtype], f"{name}: error {err:.3g} vs {ref_err:.3g}"
 
 
+def check_parts(fn, whole, local, **options):
+    """This rank's parts of fn on its shard `local` vs the whole vocabulary's (`whole`, float64, the torch engine)."""
+    _, expected = fn(**whole, return_parts=True, **dict(strip(options), backend="torch", impl="auto") if "impl" in
+                     options else dict(strip(options), backend="torch"))
+    _, got = fn(**local, return_parts=True, **options)
+    for name, g, e in zip(kdops.LossParts._fields, got, expected):
+        assert g.shape == e.shape, name
+        assert float((g.double() - e).abs().max()) <= 5e-5 * max(1.0, float(e.abs().max())), name
+
+
 def strip(options):
     return {k: v for k, v in options.items() if k != "vocab_parallel"}
 
@@ -158,6 +168,17 @@ def correctness_body(rank, world):
         unreduced = kdops.VocabParallel(start, stop, reduce_hidden_grad=False)
         check_fused(x, start, stop, reduce_group=torch.distributed.group.WORLD, divergence="tvd",
                     impl=impl, backend=backend, memory_budget=4 * 1024, vocab_parallel=unreduced)
+    # The loss's parts (return_parts): the group's entropies and cross-entropy, on every rank, equal to the whole
+    # vocabulary's (the torch engine's float64 parts there, which tests/test_parts.py holds to its oracle).
+    for impl, backend in FUSED_PATHS:
+        check_parts(kdops.fused_linear_kd_loss, {k: v.double() if k in TENSORS else v for k, v in x.items()},
+                    shard_of(x, start, stop), impl=impl, backend=backend, divergence="generalized_jsd",
+                    temperature=1.5, student_softcap=4.0, vocab_parallel=vp)
+    for backend in ("triton", "torch"):
+        logits = dict(student_logits=s, teacher_logits=t, labels=labels)
+        check_parts(kdops.kd_loss, {k: v.double() if v.is_floating_point() else v for k, v in logits.items()},
+                    dict(logits, student_logits=s[..., start:stop], teacher_logits=t[..., start:stop]),
+                    backend=backend, divergence="reverse_kl", vocab_parallel=vp)
     # The modules take vocab_parallel like the functions.
     local = shard_of(x, start, stop)
     module = kdops.FusedLinearKDLoss(divergence="tvd", hard_weight=0.2, backend="torch", vocab_parallel=vp)
@@ -381,6 +402,9 @@ def topk_body(rank, world):
                     o, r = o[..., start:stop], r[..., start:stop]
                 err, ref_err = rel_error(got, o), rel_error(r, o)
                 assert err <= ref_err + TOLERANCE[torch.float32], f"{tail} {backend} {i}: {err:.3g} vs {ref_err:.3g}"
+    # a sparse teacher's parts are not merged over a group yet: the call says so, on every rank
+    with pytest.raises(ValueError, match="return_parts with vocab_parallel"):
+        kdops.topk_kd_loss(student[..., start:stop], ids, logprobs, labels, vocab_parallel=vp, return_parts=True)
     tensors, ids, logprobs, labels = linear_inputs(torch.float32, vocab=V)
     for tail, hard, impl, backend in (("bucket", 0.5, "chunked", "triton"), ("zero", 0.0, "chunked", "torch"),
                                       ("renormalize", 0.0, "auto", "triton"), ("renormalize", 0.3, "auto", "torch")):

@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tf32", action="store_true", help="float32 matmuls at the TF32 rate")
     parser.add_argument("--autocast", action="store_true",
                         help="kdops' paths under torch.autocast of --dtype with float32 master weights")
+    parser.add_argument("--parts", action="store_true",
+                        help="calls with return_parts=True (the paths of the kernels on logits)")
     parser.add_argument("--path", action="append", choices=PATHS, help="only these paths (repeatable)")
     parser.add_argument("--json", action="store_true", help="one JSON document: every prediction with its phases")
     parser.add_argument("--markdown", metavar="PATH", help="write the MODEL.md report to PATH")
@@ -61,7 +63,7 @@ def _predictions(args: argparse.Namespace, shape: Shape, divergence: str, gpu: t
         predictions = {path: predict(path, shape, gpu, divergence, dtype, autocast=True) for path in AUTOCAST_PATHS
                        if applies(path, divergence)}
     else:
-        predictions = predict_all(shape, gpu, divergence, dtype, args.tf32)
+        predictions = predict_all(shape, gpu, divergence, dtype, args.tf32, args.parts)
     if args.path:
         predictions = {k: v for k, v in predictions.items() if k in args.path}
     return predictions

@@ -18,7 +18,7 @@ from .fused import fused_path
 from .kernels import Ctx, Kernel, to_phases
 from .logits import MIX_PASSES, kd_loss_triton
 from .logprobs import token_logprobs_path
-from .paths import AUTOCAST_PATHS, DEFAULT_K, KD_PATHS, LOGPROBS_PATHS, MIX_PATHS, PATHS, TOPK_PATHS
+from .paths import AUTOCAST_PATHS, DEFAULT_K, KD_PATHS, LOGPROBS_PATHS, MIX_PATHS, PARTS_PATHS, PATHS, TOPK_PATHS
 from .peers import jsd_beta, liger_chunked, trl_chunked
 from .prediction import Prediction, Shape
 from .reference import kd_loss_reference, reference_path
@@ -84,7 +84,7 @@ def _check_options(path: str, divergence: Divergence, softcaps: int, teachers: i
 def predict(path: str, shape: Shape, gpu: targets.GPU | str = targets.H100, divergence="forward_kl",
             dtype: torch.dtype = torch.bfloat16, tf32: bool = False, budget: int | None = None,
             autocast: bool = False, k: int = DEFAULT_K, softcaps: int = 0, teachers: int = 1,
-            mix: str | None = None) -> Prediction:
+            mix: str | None = None, parts: bool = False) -> Prediction:
     """The predicted phases, time, ratio to the floor and extra memory of `path` at `shape` on `gpu`; with
     `tf32`, float32 matmuls at the TF32 rate instead of exact ("ieee") float32 products; `budget`, the
     chunked paths' memory_budget (default kdops.paths.chunked.MEMORY_BUDGET); `autocast`, kdops' paths under
@@ -92,13 +92,17 @@ def predict(path: str, shape: Shape, gpu: targets.GPU | str = targets.H100, dive
     (TOPK_PATHS: the student's side only, the floor is its matmuls or its logits' bytes); `softcaps`, how many
     sides' logits are softcapped (fused-API paths: 0, 1 or 2; top-k paths from hidden states: the student's, 0
     or 1). TAID is a `divergence` (`kdops.TAID(t)`). `teachers` > 1 with `mix` ("ensemble" or "logit_sum"):
-    several teachers mixed into one target (`kdops.ensemble`), on MIX_PATHS."""
+    several teachers mixed into one target (`kdops.ensemble`), on MIX_PATHS. `parts`: the call asks for
+    return_parts (PARTS_PATHS: the kernels on logits' first pass streams them, `rates.parts_kernel_flops`)."""
     if path not in _BUILDERS:
         raise ValueError(f"unknown path {path!r}; known: {', '.join(PATHS + TOPK_PATHS + LOGPROBS_PATHS)}")
     gpu = targets.by_name(gpu) if isinstance(gpu, str) else gpu
     divergence = kdops.as_divergence(divergence)
     _check_options(path, divergence, softcaps, teachers, mix)
-    ctx = Ctx(shape, gpu, divergence, dtype, tf32, budget, k, softcaps, teachers, mix or "")
+    if parts and path not in PARTS_PATHS:
+        raise ValueError(f"parts: modelled on the paths of the kernels on logits ({', '.join(PARTS_PATHS)}), "
+                         f"not {path}")
+    ctx = Ctx(shape, gpu, divergence, dtype, tf32, budget, k, softcaps, teachers, mix or "", parts)
     kernels, extra, detail, notes = _BUILDERS[path](ctx)
     if autocast:
         if path not in AUTOCAST_PATHS or dtype.itemsize != 2:
@@ -112,6 +116,8 @@ def predict(path: str, shape: Shape, gpu: targets.GPU | str = targets.H100, dive
 
 
 def predict_all(shape: Shape, gpu: targets.GPU | str = targets.H100, divergence="forward_kl",
-                dtype: torch.dtype = torch.bfloat16, tf32: bool = False) -> dict[str, Prediction]:
-    """`predict` of every path that computes `divergence`."""
-    return {path: predict(path, shape, gpu, divergence, dtype, tf32) for path in PATHS if applies(path, divergence)}
+                dtype: torch.dtype = torch.bfloat16, tf32: bool = False, parts: bool = False) -> dict[str, Prediction]:
+    """`predict` of every path that computes `divergence` (with `parts`, of PARTS_PATHS)."""
+    return {path: predict(path, shape, gpu, divergence, dtype, tf32, parts=parts) for path in PATHS
+            if applies(path, divergence) and (path in PARTS_PATHS or not parts)}
+

@@ -127,6 +127,7 @@ class Ctx:
     softcaps: int = 0  # how many sides' logits are softcapped (the student's only on the top-k paths)
     teachers: int = 1  # teachers mixed into one target (`kdops.ensemble`; kd_loss-triton and chunked)
     mix: str = ""  # "ensemble" or "logit_sum" with several teachers
+    parts: bool = False  # return_parts: the kernels on logits' PARTS specialization (`rates.parts_kernel_flops`)
 
     @property
     def b(self) -> int:

@@ -9,7 +9,7 @@ import kdops.paths.mixed
 import kdops.paths.torch_engine
 
 from .kernels import Ctx, Kernel, cdiv, chunk_counts, kernel_constants
-from .rates import logits_kernel_flops
+from .rates import logits_kernel_flops, parts_kernel_flops
 
 
 def kernels_on_logits(ctx: Ctx, rows: int, itemsize: int, label: str, phase: str, write_grad: bool,
@@ -32,10 +32,13 @@ def kernels_on_logits(ctx: Ctx, rows: int, itemsize: int, label: str, phase: str
                               ("statistics read", stats)])]
     kernels = []
     for p in range(ctx.passes):
-        kernels.append(Kernel(f"{phase} pass {p + 1}", ew_flops=rows * v * per_pass, programs=programs,
-                              launches=launches,
+        # return_parts adds its sums to the first pass, and [rows, 4] parts written: no more reads of the logits
+        parts = ctx.parts and p == 0
+        kernels.append(Kernel(f"{phase} pass {p + 1}", ew_flops=rows * v * (per_pass + (parts_kernel_flops(
+            ctx.divergence) if parts else 0.0)), programs=programs, launches=launches,
                               items=[(f"both {label} read", both),
-                                     ("statistics and loss written" if p == ctx.passes - 1 else "", stats)]))
+                                     ("statistics and loss written" if p == ctx.passes - 1 else "", stats),
+                                     ("parts written" if parts else "", rows * 4 * ctx.acc if parts else 0)]))
     return kernels
 
 

@@ -22,6 +22,9 @@ DESCRIPTIONS = {
 
 #: The paths that take several teachers (`teacher_mix`) in the model.
 MIX_PATHS = ("kd_loss-triton", "chunked")
+#: The paths whose return_parts the model counts: those of the kernels on logits (the fused kernels' PARTS
+#: specialization, with its spills on sm_90, is not modelled).
+PARTS_PATHS = ("kd_loss-triton", "chunked", "sliced")
 
 #: The sparse-teacher paths (`kdops.topk`); predicted with `k` (the teacher's top-k), not in PATHS' tables.
 TOPK_PATHS = ("kd_loss-topk", "topk-chunked", "topk-gathered")

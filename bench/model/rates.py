@@ -95,6 +95,23 @@ def logits_kernel_flops(divergence: Divergence, softcaps: int = 0, lanes: bool =
     return per_pass + FLOPS_PER_INSTRUCTION * extra[0], per_gradient + FLOPS_PER_INSTRUCTION * extra[1]
 
 
+#: Instructions per element that return_parts adds to the forward passes of the kernels on logits (their PARTS
+#: specialization, kd_loss with labels: the entropy sums beside the first pass's exponentials, one multiply-add per
+#: element and side, and the hard-label log-sum-exp at T = 1 with the label's logit), from the sm_90 SASS at the
+#: headline's blocks (`python -m bench.loops`: `parts_counts`, checked against the code by `--check`). Not measured
+#: on a GPU yet: turned into flop-equivalents at the measured flops per instruction of the kernels' own passes.
+PARTS_SASS = {"kl": 20.9, "jsd": 22.0}
+
+
+def parts_kernel_flops(divergence: Divergence) -> float:
+    """Flop-equivalents per element that return_parts adds to the first forward pass of the kernels on logits:
+    PARTS_SASS at the flops per instruction LOGITS_KERNEL_FLOPS measured for the kind's passes."""
+    kind = {0: "kl", 1: "jsd"}.get(int(kdops.launchers.logits.kind_of(divergence.canonical())[0]), "jsd")
+    measured_pass, _ = LOGITS_KERNEL_FLOPS[kind]
+    (then_pass, _), _ = LOGITS_KERNEL_SASS[kind]
+    return PARTS_SASS[kind] * measured_pass / then_pass
+
+
 def topk_kernel_flops(k: int, vocab: int, config: dict, softcap: bool = False) -> tuple[float, float]:
     """(complement, gradient) flop-equivalents per element: the loop, plus one more window per id a tile holds
     on average (k·BLOCK_V / V), plus the student's softcap (SOFTCAP_INSTRUCTIONS) where it has one."""

@@ -151,8 +151,11 @@ def _side(tl, hidden, weight, gpu):
 class FusedProblem:
     """Everything the fused kernels take besides the per-call row scale: the inputs, prepared once."""
 
+    #: Where the forward writes the rows' `kdops.LossParts` [rows, 4] (`return_parts`), or None.
+    row_parts = None
+
     def __init__(self, hs, ws, bs, ht, wt, bt, labels, canon: Canonical, inv_temp: float, vocab: int, soft: float,
-                 hard: float, shards=None):
+                 hard: float, shards=None, parts: bool = False):
         tl = kernel_modules().tl
         self.n_rows = hs.numel() // hs.shape[-1]
         self.vocab, self.canon = vocab, canon
@@ -162,7 +165,9 @@ class FusedProblem:
         self.bs, self.bt = bs, bt
         self.shards = shards
         # Global token ids (the labels' range check), and as indices into this rank's vocabulary shard.
-        self.global_labels = flat_labels(labels, hard)
+        # With `parts` the forward reads the labels for the cross-entropy even at hard = 0 (`forward_hard`).
+        self.forward_hard = hard > 0 or (parts and labels is not None)
+        self.global_labels = flat_labels(labels, 1.0 if self.forward_hard else 0.0)
         self.labels = self.global_labels if shards is None else shards.local_labels(self.global_labels)
         self.acc = acc_of(tl, hs, ws, bs, ht, wt, bt)
         # The widest matmul operand dtype of the two sides: it decides the tiles (`fused_config`).
@@ -217,7 +222,9 @@ class FusedProblem:
     eager = False  # gradients need the final statistics: they are computed in the backward
 
     def forward(self):
-        loss, stats = fused_forward(self)
+        loss, stats, *row_parts = fused_forward(self, parts=self.row_parts is not None)
+        if row_parts:
+            self.row_parts.copy_(row_parts[0])
         return loss, [stats]
 
     def backward(self, saved, row_scale, needs):
@@ -246,9 +253,9 @@ def _tma_matrix(x: torch.Tensor, dot: torch.dtype) -> torch.Tensor | None:
     return m if m.stride(-1) == 1 and aligned and m.shape[0] > 0 else None
 
 
-def fused_forward(problem: FusedProblem):
+def fused_forward(problem: FusedProblem, parts: bool = False):
     """Per-row losses soft·D + hard·CE [rows] and statistics [rows, NUM_STATS] (of the group's vocabulary
-    under `problem.shards`)."""
+    under `problem.shards`); with `parts`, the rows' parts [rows, 4] too (`staged_forward`)."""
     linear = kernel_modules().linear
     n = problem.n_rows
     config = problem.config(forward=True)
@@ -258,17 +265,20 @@ def fused_forward(problem: FusedProblem):
     n_splits = cdiv(problem.vocab, split_size)
     inputs, labels = problem.pointers(problem.hs, operands)
 
-    def launch_pass(second, partial, stats):
+    constexprs = dict(problem.constexprs, HARD=problem.forward_hard)
+
+    def launch_pass(second, partial, stats, entropy=None):
         launch(
             linear.fused_forward_kernel, (n_splits, cdiv(n, config["BLOCK_N"])), *inputs, labels, partial, stats,
-            n, problem.vocab, *problem.shape_args, split_size, n_splits, *problem.layout_args, *problem.scalars,
-            SECOND_PASS=second, LOADS=loads, **problem.constexprs, **config,
+            stats if entropy is None else entropy, n, problem.vocab, *problem.shape_args, split_size, n_splits,
+            *problem.layout_args, *problem.scalars, SECOND_PASS=second, LOADS=loads, PARTS=entropy is not None,
+            **constexprs, **config,
         )
 
     shards = problem.shards
     return staged_forward(launch_pass, n, n_splits, problem.canon, *problem.weights, problem.global_labels,
-                          problem.vocab if shards is None else shards.vocab, problem.constexprs,
-                          problem.device, shards)
+                          problem.vocab if shards is None else shards.vocab, constexprs, problem.device, shards,
+                          parts)
 
 
 def slice_columns(n_rows: int, vocab: int, block_v: int, bytes_per_column_row: int) -> int:

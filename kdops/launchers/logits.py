@@ -70,8 +70,8 @@ def logits_forward(student: torch.Tensor, teacher: torch.Tensor, labels, canon: 
                    soft: float = 1.0, hard: float = 0.0, shards=None, parts: bool = False):
     """Per-row losses soft·D + hard·CE [rows] and statistics [rows, NUM_STATS] of [..., V] logits; with
     `shards` (`kdops.parallel.VocabShards`), of the group's logits, this rank holding its shard of them. With
-    `parts` (not with `shards`) a third output, parts [rows, 4]: D, CE (0 without labels), H(student at T),
-    H(target at T), from the same pass."""
+    `parts` a third output, parts [rows, 4]: D, CE (0 without labels), H(student at T), H(target at T), from the
+    same pass (under `shards`, the group's)."""
     logits = kernel_modules().logits
     student, teacher, tile_labels, args, constexprs, two_pass = logits_args(student, teacher, labels, canon,
                                                                             inv_temp, soft, hard, shards, parts)
@@ -81,16 +81,18 @@ def logits_forward(student: torch.Tensor, teacher: torch.Tensor, labels, canon: 
                            forward=True)
     grid = (cdiv(n_rows, config["BLOCK_R"]),)
     if shards is not None:
-        def launch_pass(second, partial, stats):
+        def launch_pass(second, partial, stats, entropy=None):
             launch(
                 logits.kd_logits_forward_kernel, grid, student, teacher,
-                stats if tile_labels is None else tile_labels, stats, stats, partial, stats, n_rows, *args,
-                TWO_PASS=two_pass, STAGE=logits.SECOND_PARTIAL if second else logits.FIRST_PARTIAL, PARTS=False,
+                stats if tile_labels is None else tile_labels, stats, stats, partial,
+                stats if entropy is None else entropy, n_rows, *args, TWO_PASS=two_pass,
+                STAGE=logits.SECOND_PARTIAL if second else logits.FIRST_PARTIAL, PARTS=entropy is not None,
                 **constexprs, **config,
             )
 
-        return staged_forward(launch_pass, n_rows, 1, canon, soft, hard, flat_labels(labels, hard), shards.vocab,
-                              constexprs, student.device, shards)
+        return staged_forward(launch_pass, n_rows, 1, canon, soft, hard,
+                              flat_labels(labels, 1.0 if constexprs["HARD"] else 0.0), shards.vocab, constexprs,
+                              student.device, shards, parts)
     loss = empty((n_rows,), out_dtype, student.device)
     stats = empty((n_rows, logits.NUM_STATS.value), out_dtype, student.device)
     parts_out = empty((n_rows, 4), out_dtype, student.device) if parts else None
@@ -165,25 +167,69 @@ def _combine_over_group(partial, canon: Canonical, constexprs, second: bool, sha
 
 
 def staged_forward(launch_pass, n_rows: int, n_parts: int, canon: Canonical, soft: float, hard: float, labels,
-                   vocab: int, constexprs, device, shards=None):
+                   vocab: int, constexprs, device, shards=None, parts: bool = False):
     """Loss and statistics of a forward whose kernel writes partial states: launch_pass(second, partial,
     stats) fills partial [rows, n_parts, NUM_PARTIAL] for the first pass (second=False) and, for the two-pass
     kinds, the second; each pass's parts are merged (over the group first, under `shards`) and finished.
-    `labels` (global token ids) and `vocab` (the whole vocabulary) serve the labels' range check only."""
+    `labels` (global token ids) and `vocab` (the whole vocabulary) serve the labels' range check only.
+
+    With `parts`, launch_pass(False, partial, stats, entropy) also fills the parts' entropy states entropy
+    [rows, n_parts, 6] (`kernels/entropy.py`), and a third output holds the rows' parts [rows, 4]: D, CE (of the
+    merged hard-label sums: lse − s_label, where the constexprs compute them), and both entropies
+    (`merged_entropies`)."""
     modules = kernel_modules()
     divergences, logits, partials = modules.divergences, modules.logits, modules.partials
     dtype = torch_acc(constexprs["ACC"])
     loss = empty((n_rows,), dtype, device)
     stats = empty((n_rows, logits.NUM_STATS.value), dtype, device)
+    row_parts = torch.zeros((n_rows, 4), dtype=dtype, device=device) if parts else None
     if n_rows == 0:
-        return loss, stats
+        return (loss, stats) if row_parts is None else (loss, stats, row_parts)
     partial = empty((n_rows, n_parts, partials.NUM_PARTIAL.value), dtype, device)
+    entropy = empty((n_rows, n_parts, 6), dtype, device) if parts else None
     two_pass = int(canon.kind) in divergences.TWO_PASS_KINDS
     for second in (False, True) if two_pass else (False,):
-        launch_pass(second, partial, stats)
+        if second or entropy is None:
+            launch_pass(second, partial, stats)
+        else:
+            launch_pass(second, partial, stats, entropy)
         merged = partial if shards is None else _combine_over_group(partial, canon, constexprs, second, shards, stats)
+        if parts and not second:
+            label_logit = merged[:, :, _LABEL_LOGIT_COLUMN].sum(1)  # the one part (rank) holding the label adds it
         merge_partials(merged, labels, loss, stats, canon, vocab, soft, hard, constexprs, second)
-    return loss, stats
+    if not parts:
+        return loss, stats
+    row_parts[:, 0] = stats[:, _DIVERGENCE_STAT]
+    if constexprs["HARD"]:
+        row_parts[:, 1] = (stats[:, _CE_STATS[0]] + stats[:, _CE_STATS[1]]) - label_logit
+    row_parts[:, 2:] = merged_entropies(entropy, shards)
+    return loss, stats, row_parts
+
+
+# Where staged_forward reads the parts: the label's logit among the partial state's columns (kernels/partials.py),
+# the divergence L and the hard-label (m_c, ls_c) among the statistics (kernels/passes.py).
+_LABEL_LOGIT_COLUMN, _DIVERGENCE_STAT, _CE_STATS = 9, 8, (9, 10)
+
+
+def merged_entropies(states: torch.Tensor, shards=None) -> torch.Tensor:
+    """(H(student), H(target)) [rows, 2] of entropy states [rows, parts, 6] — per part (m, S, A) of the student, then
+    of the target, S = Σ e^(v − m), A = Σ e^(v − m)(v − m) over its columns (`kernels/entropy.py`) — merged over the
+    parts and, under `shards`, the group: at the max M of the maxima, S = Σ e^(m − M)·S_i and
+    A = Σ e^(m − M)·(A_i + (m_i − M)·S_i), then H = log S − A / S (0 for a row without a finite logit)."""
+    m, sums, terms = states[..., 0::3], states[..., 1::3], states[..., 2::3]  # [rows, parts, 2] each
+    top = m.amax(1)
+    if shards is not None:
+        top = shards.all_reduce_max(top.contiguous())
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    seen = torch.isfinite(m)
+    shift = torch.where(seen, m - top[:, None], 0.0)
+    factor = torch.where(seen, torch.exp(shift), 0.0)
+    total = torch.cat([(factor * sums).sum(1), (factor * (terms + shift * sums)).sum(1)], dim=-1)
+    if shards is not None:
+        total = shards.all_reduce_sum(total.contiguous())
+    sums, terms = total[:, :2], total[:, 2:]
+    safe = torch.where(sums > 0, sums, 1.0)
+    return torch.where(sums > 0, torch.log(safe) - terms / safe, 0.0)
 
 
 def logits_backward(student, teacher, labels, stats, row_scale, canon: Canonical, inv_temp: float, grad_s: bool,

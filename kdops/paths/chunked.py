@@ -26,8 +26,8 @@ import torch
 from ..launchers.common import empty
 from ..launchers.logits import logits_backward, logits_forward
 from ..launchers.matmul import DW_SLICE_BYTES, LMHead
-from ..torch_math import compute_dtype, linear_kd_rows, loss_parts_rows
-from .torch_engine import vocab_parallel_rows
+from ..torch_math import compute_dtype, linear_kd_rows
+from .torch_engine import parts_rows, vocab_parallel_rows
 
 #: Default extra memory of the chunked path, in bytes (`memory_budget` of the fused API overrides it): the
 #: chunk's logits, the group's G and the weight gradients' float32 accumulators.
@@ -201,7 +201,7 @@ class ChunkedProblem:
         math on the chunk's logits)."""
         need_s, need_t = out_s is not None, out_t is not None
         if parts is not None and self.engine == "torch":
-            parts.copy_(loss_parts_rows(self.divergence, zs, zt, labels, self.temperature, self.softcaps))
+            parts.copy_(parts_rows(zs, zt, labels, self.divergence, self.temperature, self.softcaps, self.shards))
         if self.engine == "triton":
             canon, inv_temp = self.divergence.canonical().with_softcaps(*self.softcaps), 1.0 / self.temperature
             loss, stats, *chunk_parts = logits_forward(zs, zt, labels, canon, inv_temp, self.soft, self.hard,

@@ -25,10 +25,11 @@ from .chunked import ChunkedProblem, logits_chunk_rows
 from .sliced import SlicedProblem
 
 
-def prepare(student: Head, teacher: Head, labels, options: Options, shards=None):
+def prepare(student: Head, teacher: Head, labels, options: Options, shards=None, parts: bool = False):
     """The prepared inputs of the implementation that `options.impl` (resolved) and `options.engine` select. Under
     `shards`, `options.vocab` is this rank's shard, and the choice of "auto" is the widest shard's, so that every
-    rank takes the same path."""
+    rank takes the same path. `parts`: the call asks for its `kdops.LossParts` (the fused and sliced forwards then
+    read the labels for the cross-entropy)."""
     o = options
     hs, ws, bs = student.tensors()
     ht, wt, bt = teacher.tensors()
@@ -42,10 +43,10 @@ def prepare(student: Head, teacher: Head, labels, options: Options, shards=None)
     canon = o.divergence.canonical().with_softcaps(*o.softcaps)
     if resolved == "fused":
         return FusedProblem(hs, ws, bs, ht, wt, bt, labels, canon, 1.0 / o.temperature, o.vocab, o.soft_weight,
-                            o.hard_weight, shards)
+                            o.hard_weight, shards, parts)
     if resolved == "sliced":
         return SlicedProblem(hs, ws, bs, ht, wt, bt, labels, canon, 1.0 / o.temperature, o.vocab, o.soft_weight,
-                             o.hard_weight, o.memory_budget, shards)
+                             o.hard_weight, o.memory_budget, shards, parts)
     return chunked
 
 
@@ -84,7 +85,7 @@ def loss(problem: Problem) -> torch.Tensor:
         rows = compiled_rows(problem)
         return problem.reduce(rows)
     o, (teacher,) = problem.options, problem.teachers
-    prepared = prepare(problem.student, teacher, problem.labels, o, problem.shards)
+    prepared = prepare(problem.student, teacher, problem.labels, o, problem.shards, problem.parts)
     return problem_loss(prepared, problem.tensors(), problem)
 
 

@@ -33,15 +33,15 @@ def rows(student_logits, teacher_logits, mask, divergence: Divergence, temperatu
 
 
 def rows_and_parts(student_logits, teacher_logits, mask, labels, divergence: Divergence, temperature: float,
-                   engine: str):
+                   engine: str, shards=None):
     """(`rows`, their `kdops.LossParts` [rows, 4]): engine "triton" from the kernels' own pass, engine "torch" by
-    the torch math in a chunk loop of its own (`chunked_parts`)."""
+    the torch math in a chunk loop of its own (`chunked_parts`); under `shards`, the group's."""
     labels = None if labels is None else labels.reshape(-1)
     if engine == "triton":
-        return KDLogitsFunction.apply(student_logits, teacher_logits, mask, divergence.canonical(), temperature, None,
-                                      labels, True)
-    per_row = rows(student_logits, teacher_logits, mask, divergence, temperature, engine)
-    return per_row, chunked_parts(student_logits, teacher_logits, labels, divergence, temperature)
+        return KDLogitsFunction.apply(student_logits, teacher_logits, mask, divergence.canonical(), temperature,
+                                      shards, labels, True)
+    per_row = rows(student_logits, teacher_logits, mask, divergence, temperature, engine, shards)
+    return per_row, chunked_parts(student_logits, teacher_logits, labels, divergence, temperature, shards=shards)
 
 
 def compiled_rows(student_logits, teacher_logits, mask, divergence: Divergence, temperature: float,
@@ -66,7 +66,7 @@ def loss(problem: Problem) -> torch.Tensor:
         per_row = compiled_rows(problem.student, teacher, problem.mask, o.divergence, o.temperature, o.engine)
     elif problem.parts:
         return problem.result(*rows_and_parts(problem.student, teacher, problem.mask, problem.labels, o.divergence,
-                                              o.temperature, o.engine))
+                                              o.temperature, o.engine, problem.shards))
     else:
         per_row = rows(problem.student, teacher, problem.mask, o.divergence, o.temperature, o.engine, problem.shards)
     return problem.reduce(per_row)

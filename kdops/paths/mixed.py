@@ -34,23 +34,33 @@ def mixed_chunk_rows(vocab: int, teachers: int, backend: str) -> int:
     return max(1, torch_engine.BUDGET_BYTES // per_row)
 
 
-def mixed_kd_rows(student, teachers, mask, mix: TeacherMix, divergence, temperature: float, backend: str):
+def mixed_kd_rows(student, teachers, mask, mix: TeacherMix, divergence, temperature: float, backend: str,
+                  labels=None, parts=None):
     """`kd_loss`'s per-row losses [rows] against the mixed target of several teachers' [..., V] logits: row chunk
     by row chunk, the chunk's target logits (`TeacherMix.target_logits`, float32) and the loss of the pair by
     `backend` (the kernels, or the torch math); recomputed chunk by chunk in the backward
-    (`kdops._autograd.ChunkedRowsFunction`)."""
+    (`kdops._autograd.ChunkedRowsFunction`). `parts` [rows, 4]: where the forward's chunks write their
+    `kdops.LossParts` (the cross-entropy against `labels`), from the pair's pass."""
     vocab = student.shape[-1]
     dtype = compute_dtype(student, *teachers)
+    written = [0]  # the forward's chunks come in order: the next one's first row
 
-    def rows(s, m, *ts):
+    def rows(s, m, y, *ts):
         target = mix.target_logits([t.to(dtype) for t in ts], temperature)
+        if parts is not None and not torch.is_grad_enabled():  # the forward (the backward recomputes with a graph)
+            loss, chunk_parts = logits.rows_and_parts(s, target, m, None if labels is None else y, divergence,
+                                                      temperature, backend)
+            parts[written[0]:written[0] + s.shape[0]] = chunk_parts
+            written[0] += s.shape[0]
+            return loss
         if backend == "triton":
             return logits.rows(s, target, m, divergence, temperature, backend)
         return torch.where(m, divergence_rows(divergence, s, target, temperature), 0.0)
 
     flat = [t.reshape(-1, vocab) for t in teachers]
+    y = mask if labels is None else labels.reshape(-1)  # (a stand-in without labels: never read)
     return ChunkedRowsFunction.apply(rows, mixed_chunk_rows(vocab, len(teachers), backend), mask,
-                                     student.reshape(-1, vocab), mask, *flat)
+                                     student.reshape(-1, vocab), mask, y, *flat)
 
 
 class MixedChunkedProblem(ChunkedProblem):
@@ -80,7 +90,8 @@ class MixedChunkedProblem(ChunkedProblem):
         # The target's G: the kernels write it into a float32 buffer; the torch engine returns its own (the
         # argument only says that it is wanted)
         g_target = None if not any(need) else torch.empty_like(target) if self.engine == "triton" else target
-        loss, g_s, g_y = self._loss_and_logit_grads(zs, target.detach(), labels, scale, outs[0], g_target)
+        parts = None if self.row_parts is None else self.row_parts[r0:r1]
+        loss, g_s, g_y = self._loss_and_logit_grads(zs, target.detach(), labels, scale, outs[0], g_target, parts)
         if not any(need):
             return loss, (g_s, *[None] * len(zts))
         grads = iter(torch.autograd.grad(target, [x for x in leaves if x.requires_grad], g_y, allow_unused=True,
@@ -91,9 +102,11 @@ class MixedChunkedProblem(ChunkedProblem):
 def logits_loss(problem: Problem) -> torch.Tensor:
     """kd_loss of a Problem whose path is "mixed_logits"."""
     o = problem.options
+    parts = torch.empty((problem.mask.numel(), 4), dtype=compute_dtype(problem.student, *problem.teachers),
+                        device=problem.device) if problem.parts else None
     rows = mixed_kd_rows(problem.student, list(problem.teachers), problem.mask, problem.mix, o.divergence,
-                         o.temperature, o.engine)
-    return problem.reduce(rows)
+                         o.temperature, o.engine, problem.labels, parts)
+    return problem.result(rows, parts)
 
 
 def linear_loss(problem: Problem) -> torch.Tensor:

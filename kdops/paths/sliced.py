@@ -83,8 +83,11 @@ class SlicedProblem:
 
     eager = False
 
+    #: Where the forward writes the rows' `kdops.LossParts` [rows, 4] (`return_parts`), or None.
+    row_parts = None
+
     def __init__(self, hs, ws, bs, ht, wt, bt, labels, canon: Canonical, inv_temp: float, vocab: int, soft: float,
-                 hard: float, budget: int | None = None, shards=None):
+                 hard: float, budget: int | None = None, shards=None, parts: bool = False):
         self.acc_dtype = compute_dtype(hs, ws, ht, wt)
         self.n_rows = hs.numel() // hs.shape[-1]
         self.vocab, self.canon, self.inv_temp, self.soft, self.hard = vocab, canon, inv_temp, soft, hard
@@ -94,7 +97,10 @@ class SlicedProblem:
         self.dot_dtypes = tuple(torch.promote_types(h.dtype, w.dtype) for h, w in ((hs, ws), (ht, wt)))
         # Global token ids (the range check of the merge), and as indices into this rank's vocabulary shard
         # under `shards` (`kdops.parallel.VocabShards`: then `vocab` is the shard's width).
-        self.global_labels = flat_labels(labels, hard)
+        # With `parts` the forward reads the labels for the cross-entropy even at hard = 0.
+        self.parts = parts
+        self.reads_labels = 1.0 if hard > 0 or (parts and labels is not None) else 0.0
+        self.global_labels = flat_labels(labels, self.reads_labels)
         self.labels = self.global_labels if shards is None else shards.local_labels(self.global_labels)
         self.shards = shards
         self.budget = budget
@@ -135,8 +141,9 @@ class SlicedProblem:
         slice's partial state, then their merge (so that the partial states, [rows, slices, NUM_PARTIAL], stay
         bounded whatever the number of rows)."""
         tl = kernel_modules().tl
-        constexprs = logits_constexprs(self.canon, self.hard,
+        constexprs = logits_constexprs(self.canon, self.reads_labels,
                                        tl.float64 if self.acc_dtype == torch.float64 else tl.float32)
+        parts = self.row_parts is not None
         num_stats = kernel_modules().logits.NUM_STATS.value
         loss = torch.empty((self.n_rows,), dtype=self.acc_dtype, device=self.device)
         stats = torch.empty((self.n_rows, num_stats), dtype=self.acc_dtype, device=self.device)
@@ -149,9 +156,11 @@ class SlicedProblem:
         for r0 in range(0, self.n_rows, max(chunk, 1)):  # under `shards`, every rank has the same rows and chunks
             rows = slice(r0, min(self.n_rows, r0 + chunk))
             labels, local = (None, None) if self.labels is None else (self.global_labels[rows], self.labels[rows])
-            loss[rows], stats[rows] = staged_forward(
+            loss[rows], stats[rows], *row_parts = staged_forward(
                 self._partials(operands, rows, local, slices, buffers), rows.stop - r0, len(slices), self.canon,
-                self.soft, self.hard, labels, vocab, constexprs, self.device, self.shards)
+                self.soft, self.hard, labels, vocab, constexprs, self.device, self.shards, parts)
+            if parts:
+                self.row_parts[rows] = row_parts[0]
         return loss, [stats]
 
     def _partials(self, operands, rows: slice, labels, slices, buffers):
@@ -160,19 +169,24 @@ class SlicedProblem:
         logits_kernels = kernel_modules().logits
         n_rows = rows.stop - rows.start
 
-        def launch_pass(second, partial, stats):
+        def launch_pass(second, partial, stats, entropy=None):
             part = torch.empty((n_rows, 1, partial.shape[2]), dtype=partial.dtype, device=self.device)
+            part_entropy = None if entropy is None else torch.empty((n_rows, 6), dtype=partial.dtype,
+                                                                    device=self.device)
             stage = logits_kernels.SECOND_PARTIAL if second else logits_kernels.FIRST_PARTIAL
             for j, (start, end) in enumerate(slices):
                 s, t = self._logits(operands, start, end, buffers, rows)
                 s, t, local, args, constexprs, two_pass = logits_args(
-                    s, t, labels, self.canon, self.inv_temp, self.soft, self.hard, VocabSlice(start, end))
+                    s, t, labels, self.canon, self.inv_temp, self.soft, self.hard, VocabSlice(start, end), self.parts)
                 config = logits_config(n_rows, end - start, targets.of_device(self.device),
                                        self.acc_dtype, self.canon.transform, forward=True)
                 launch(logits_kernels.kd_logits_forward_kernel, (cdiv(n_rows, config["BLOCK_R"]),), s, t,
-                       stats if local is None else local, stats, stats, part, stats, n_rows, *args,
-                       TWO_PASS=two_pass, STAGE=stage, PARTS=False, **constexprs, **config)
+                       stats if local is None else local, stats, stats, part,
+                       stats if part_entropy is None else part_entropy, n_rows, *args, TWO_PASS=two_pass, STAGE=stage,
+                       PARTS=part_entropy is not None, **constexprs, **config)
                 partial[:, j] = part[:, 0]
+                if entropy is not None:
+                    entropy[:, j] = part_entropy
 
         return launch_pass
 

@@ -198,8 +198,8 @@ def loss(problem: Problem) -> torch.Tensor:
     o, (hs, ws, bs) = problem.options, problem.student.tensors()
     teacher = TopKTeacher(*problem.topk, o.vocab, o.tail, compute_dtype(hs, ws), problem.shards)
     cap = o.softcaps[0]
-    if o.tail == "renormalize" and o.hard_weight == 0 and (o.impl == "gathered" or (o.impl == "auto" and
-                                                                                   not problem.parts)):
+    gathered = o.impl == "gathered" or (o.impl == "auto" and not problem.parts)
+    if o.tail == "renormalize" and o.hard_weight == 0 and gathered:
         prepared = TopKGatheredProblem(hs, ws, bs, teacher, o.divergence, o.temperature, o.soft_weight, o.engine,
                                        o.memory_budget, problem.shards, cap)
     else:

@@ -15,7 +15,7 @@ import torch
 from .._autograd import ChunkedRowsFunction
 from ..divergences import Divergence
 from ..parallel import VocabShards
-from ..torch_math import CANONICAL, compute_dtype, divergence_rows, loss_logits, loss_parts_rows
+from ..torch_math import CANONICAL, compute_dtype, divergence_rows, entropy_of, loss_logits, loss_parts_rows
 
 #: Default budget for one chunk's temporaries, in bytes (`chunk_rows` sizes chunks from it).
 BUDGET_BYTES = 256 * 2**20
@@ -49,17 +49,41 @@ def _rows(divergence: Divergence, student, teacher, temperature: float, shards):
     return vocab_parallel_rows(shards, student, teacher, None, divergence, temperature)
 
 
-def chunked_parts(student, teacher, labels, divergence: Divergence, temperature: float, softcaps=(None, None)):
-    """The `kdops.LossParts` of [..., V] logits per row, [rows, 4] (`kdops.torch_math.loss_parts_rows`), in row
-    chunks within `BUDGET_BYTES`, without gradients: the torch engine's parts, a loop of its own over the chunks
-    (the Triton kernels take them from the loss's pass instead)."""
+def chunked_parts(student, teacher, labels, divergence: Divergence, temperature: float, softcaps=(None, None),
+                  shards=None):
+    """The `kdops.LossParts` of [..., V] logits per row, [rows, 4] (`parts_rows`), in row chunks within
+    `BUDGET_BYTES`, without gradients: the torch engine's parts, a loop of its own over the chunks (the Triton
+    kernels take them from the loss's pass instead); under `shards`, of the group's logits."""
     vocab = student.shape[-1]
     student, teacher = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
     labels = None if labels is None else labels.reshape(-1)
     chunk = chunk_rows(vocab)
-    return torch.cat([loss_parts_rows(divergence, student[i:i + chunk], teacher[i:i + chunk],
-                                      None if labels is None else labels[i:i + chunk], temperature, softcaps)
+    return torch.cat([parts_rows(student[i:i + chunk], teacher[i:i + chunk],
+                                 None if labels is None else labels[i:i + chunk], divergence, temperature, softcaps,
+                                 shards)
                       for i in range(0, max(student.shape[0], 1), chunk)])
+
+
+def parts_rows(student, teacher, labels, divergence: Divergence, temperature: float, softcaps=(None, None),
+               shards=None) -> torch.Tensor:
+    """`kdops.torch_math.loss_parts_rows` [rows, 4] of [rows, width] logits; under `shards`, this rank's shard of the
+    group's: the divergence by `vocab_parallel_rows`, the entropies and the cross-entropy (labels global) as sums of
+    every shard's share of −Σ p log p and of −log q(label), over the group (normalizers by `log_softmax_across`)."""
+    if shards is None:
+        return loss_parts_rows(divergence, student, teacher, labels, temperature, softcaps)
+    with torch.no_grad():
+        soft = vocab_parallel_rows(shards, student, teacher, None, divergence, temperature, softcaps=softcaps)
+        c = divergence.canonical().with_softcaps(*softcaps)
+        dtype = compute_dtype(student, teacher)
+        student, target = loss_logits(c, student.to(dtype), teacher.to(dtype))
+        log_q, log_p, log_q1 = log_softmax_across(shards, student / temperature, target / temperature, student)
+        hard = torch.zeros_like(soft)
+        if labels is not None:
+            local = shards.local_labels(labels)
+            here = local >= 0
+            hard = -torch.where(here, log_q1.gather(-1, torch.where(here, local, 0)[:, None]).squeeze(-1), 0.0)
+        shares = torch.stack([hard, entropy_of(log_q), entropy_of(log_p)], dim=-1)
+        return torch.cat([soft[:, None], shards.all_reduce_sum(shares.contiguous())], dim=-1)
 
 
 class _SumOverGroup(torch.autograd.Function):
