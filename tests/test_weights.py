@@ -141,8 +141,8 @@ def test_modules_take_weights():
                        kdops.fused_linear_kd_loss(*args, hard_weight=0.5, backend="torch", weights=x["weights"]))
     ids, lp = topk_teacher(6)
     topk = kdops.TopKKDLoss(backend="torch")
-    assert torch.equal(topk(s, ids, lp, labels, weights=w), kdops.topk_kd_loss(s, ids, lp, labels, backend="torch",
-                                                                                 weights=w))
+    assert torch.equal(topk(s, ids, lp, labels, weights=w),
+                       kdops.topk_kd_loss(s, ids, lp, labels, backend="torch", weights=w))
     linear_topk = kdops.FusedLinearTopKKDLoss(backend="torch")
     assert torch.equal(linear_topk(x["student_hidden"], x["student_weight"], ids, lp, labels, weights=w),
                        kdops.fused_linear_topk_kd_loss(x["student_hidden"], x["student_weight"], ids, lp, labels,
