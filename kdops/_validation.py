@@ -270,14 +270,20 @@ def check_memory_budget(memory_budget) -> None:
 
 
 def check_label_range(labels, ignore_index: int, vocab: int) -> None:
-    """Labels of the hard-label term must index the shared vocabulary. Checked for CPU tensors; on an
-    accelerator the check would synchronize, and the kernels give a NaN loss for such a label instead."""
-    if labels.device.type != "cpu" or torch.compiler.is_compiling():
+    """Labels of the hard-label term must index the shared vocabulary (`check_ids_in_range`); on an accelerator the
+    kernels give a NaN loss for such a label instead."""
+    check_ids_in_range("labels", labels, ignore_index, vocab, "the shared vocabulary")
+
+
+def check_ids_in_range(name: str, ids: torch.Tensor, ignore_index: int, vocab: int, vocabulary: str) -> None:
+    """Ids other than ignore_index must index [0, vocab) (`vocabulary` says which). Checked for CPU tensors only:
+    on an accelerator the check would synchronize."""
+    if ids.device.type != "cpu" or torch.compiler.is_compiling():
         return
-    valid = labels[labels != ignore_index]
+    valid = ids[ids != ignore_index]
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab):
-        raise ValueError(f"labels: expected values in [0, {vocab}) (the shared vocabulary) or ignore_index="
-                         f"{ignore_index}, got values in [{int(valid.min())}, {int(valid.max())}]")
+        raise ValueError(f"{name}: expected values in [0, {vocab}) ({vocabulary}) or ignore_index={ignore_index}, got "
+                         f"values in [{int(valid.min())}, {int(valid.max())}]")
 
 
 def resolve_impl(impl: str, backend: str, fits_chunk: bool) -> str:

@@ -12,6 +12,7 @@ import torch
 from . import parallel
 from ._validation import (
     check_head,
+    check_ids_in_range,
     check_ignore_index,
     check_memory_budget,
     check_same_device,
@@ -110,11 +111,6 @@ def check_token_logprobs(hidden, weight, token_ids, temperature, bias, softcap, 
 
 
 def check_token_range(token_ids: torch.Tensor, ignore_index: int, vocab: int) -> None:
-    """Ids other than ignore_index must index the vocabulary [0, vocab). Checked for CPU tensors; on an
-    accelerator the check would synchronize, and such an id gives a NaN log-probability instead."""
-    if token_ids.device.type != "cpu" or torch.compiler.is_compiling():
-        return
-    valid = token_ids[token_ids != ignore_index]
-    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab):
-        raise ValueError(f"token_ids: expected values in [0, {vocab}) (the vocabulary of the weight) or ignore_index="
-                         f"{ignore_index}, got values in [{int(valid.min())}, {int(valid.max())}]")
+    """Ids other than ignore_index must index the vocabulary [0, vocab) (`check_ids_in_range`); on an accelerator
+    such an id gives a NaN log-probability instead."""
+    check_ids_in_range("token_ids", token_ids, ignore_index, vocab, "the vocabulary of the weight")

@@ -72,9 +72,15 @@ def assert_matches_oracle(fn, reference, student, teacher, **kwargs):
     oracle = run_loss(reference, student.double(), teacher.double(), **dict(kwargs))
     same_dtype = run_loss(reference, student, teacher, **dict(kwargs))
     ours = run_loss(fn, student, teacher, **dict(kwargs))
-    for name, o, r, k in zip(("loss", "grad_student", "grad_teacher"), oracle, same_dtype, ours):
+    assert_within_reference(("loss", "grad_student", "grad_teacher"), oracle, same_dtype, ours, dtype)
+    return ours
+
+
+def assert_within_reference(names, oracle, same_dtype, ours, dtype):
+    """Each of `ours` (kdops' outputs) has the reference's dtype and shape and an error against the float64 `oracle`
+    no larger than the same-dtype reference's (`same_dtype`) + TOLERANCE[dtype] (SPEC "Accuracy")."""
+    for name, o, r, k in zip(names, oracle, same_dtype, ours):
         assert k.dtype == r.dtype, f"{name}: dtype {k.dtype}, reference gives {r.dtype}"
-        assert k.shape == r.shape
+        assert k.shape == r.shape, name
         err, ref_err = rel_error(k, o), rel_error(r, o)
         assert err <= ref_err + TOLERANCE[dtype], f"{name}: error {err:.3g} vs reference {ref_err:.3g}"
-    return ours
