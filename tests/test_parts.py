@@ -164,6 +164,14 @@ def test_parts_across_tiles(monkeypatch):
                                      1.0), torch.float32)
 
 
+def test_modules_return_parts():
+    s, t = logit_pair((N, V), seed=14)
+    labels = labels_of((N,))
+    loss, parts = kdops.KDLoss(divergence="tvd", backend="torch")(s, t, labels, return_parts=True)
+    expected = kdops.kd_loss(s, t, labels, divergence="tvd", backend="torch", return_parts=True)
+    assert torch.equal(loss, expected[0]) and all(torch.equal(a, b) for a, b in zip(parts, expected[1]))
+
+
 def test_without_labels_hard_is_none():
     s, t = logit_pair((N, V), seed=3)
     _, parts = kdops.kd_loss(s, t, return_parts=True, backend="triton")
