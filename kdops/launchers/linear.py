@@ -95,7 +95,7 @@ def tile_width(forward: bool, two_pass: bool, hard: float, teacher_bias: bool, t
 
 def fused_config(n_rows: int, vocab: int, gpu: targets.GPU | None, dtype: torch.dtype = torch.bfloat16,
                  forward: bool = False, jsd: bool = False, transform: int = 0, width: int = NARROW,
-                 tma: bool = False) -> dict:
+                 tma: bool = False, parts: bool = False) -> dict:
     """Tile sizes and the number of vocabulary splits of the forward for `gpu` (None: the interpreter), whose
     widest matmul operands have `dtype`; the backward takes the same tiles unless `forward`; `jsd`: the
     generalized-JSD kernels; `transform`: the tile transforms (`Canonical.transform`); `width`: how wide the
@@ -104,8 +104,9 @@ def fused_config(n_rows: int, vocab: int, gpu: targets.GPU | None, dtype: torch.
     for a transformed backward there, `_JSD_FORWARD_TILES` for JSD's forward), and vocabulary splits enough to
     fill the device twice and to spread the programs in flight over FORWARD_ROW_BLOCKS_IN_FLIGHT row blocks.
     `tma` (the operands allow TMA: `FusedProblem.tma_operands`) is carried in the result, the launchers' switch
-    (`FusedProblem.operands`), so that a caller can turn it off. Under the interpreter: few large tiles,
-    several splits so that the merge is exercised."""
+    (`FusedProblem.operands`), so that a caller can turn it off. `parts`: the forward's PARTS specialization
+    (`return_parts`), whose float64 tiles take 16 rows. Under the interpreter: few large tiles, several splits so
+    that the merge is exercised."""
     if gpu is not None:
         size = min(torch.empty((), dtype=dtype).element_size(), 8)
         special = _PRE_HOPPER_FORWARD_TILES if forward and gpu.capability < (9, 0) else {}
@@ -116,6 +117,8 @@ def fused_config(n_rows: int, vocab: int, gpu: targets.GPU | None, dtype: torch.
         if jsd and forward:
             special = {**special, **_JSD_FORWARD_TILES}
         tiles = special.get(size, _GPU_TILES[size])
+        if parts and forward and size == 8:  # return_parts' entropy sums: 32 float64 rows spill 8 B on sm_90
+            tiles = dict(tiles, BLOCK_N=16)
         splits = max(2 * gpu.sm_count // cdiv(n_rows, tiles["BLOCK_N"]), gpu.sm_count // FORWARD_ROW_BLOCKS_IN_FLIGHT)
     else:
         tiles = dict(BLOCK_N=min(32, max(16, next_pow2(n_rows))), BLOCK_V=128, BLOCK_H=64)
@@ -166,6 +169,7 @@ class FusedProblem:
         self.shards = shards
         # Global token ids (the labels' range check), and as indices into this rank's vocabulary shard.
         # With `parts` the forward reads the labels for the cross-entropy even at hard = 0 (`forward_hard`).
+        self.parts = parts
         self.forward_hard = hard > 0 or (parts and labels is not None)
         self.global_labels = flat_labels(labels, 1.0 if self.forward_hard else 0.0)
         self.labels = self.global_labels if shards is None else shards.local_labels(self.global_labels)
@@ -197,7 +201,7 @@ class FusedProblem:
         width = tile_width(forward, self.two_pass, self.weights[1], self.bt is not None, self.canon.transform, tma,
                            teacher_grads)
         return fused_config(self.n_rows, self.vocab, self.gpu, self.dot_dtype, forward=forward, jsd=self.jsd,
-                            transform=self.canon.transform, width=width, tma=tma)
+                            transform=self.canon.transform, width=width, tma=tma, parts=self.parts)
 
     def operands(self, config: dict) -> tuple[int, tuple]:
         """How the kernels' K loops load for `config` (LOADS, `kernels/linear.py`) and the four matmul operands
