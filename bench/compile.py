@@ -129,9 +129,10 @@ def calls(quick: bool, dtypes=None, divergences=None, transforms_only: bool = Fa
         # forward and of the top-k student's pass; the quick gate: those of its first dtype and divergence
         if not quick or (dtype == dtypes[0] and divergence == divergences[0]):
             out += [Call("kd_loss", dtype, divergence, grads="all", parts=True),
-                    Call("kd_loss", dtype, divergence, grads="all", vocab_parallel=True, parts=True),
                     Call("fused", dtype, divergence, parts=True),
                     Call("topk", dtype, divergence, tail="bucket", parts=True)]
+            if not quick:
+                out.append(Call("kd_loss", dtype, divergence, grads="all", vocab_parallel=True, parts=True))
         # kdops.token_logprobs' kernels (kernels/token_logprobs.py) differ by dtype, softcap and the dtype of the
         # gradient they write (the weight's; float32 with a bias): one call without either and one with both; the
         # quick gate: those of the first dtype

@@ -207,7 +207,7 @@ def test_fused_model_matches_an_independent_count(budget, monkeypatch):
             return
         bn, bv, bh = kwargs["BLOCK_N"], kwargs["BLOCK_V"], kwargs["BLOCK_H"]
         if name == "fused_forward_kernel":
-            rows, vocab, split, splits = args[9], args[10], args[13], args[14]
+            rows, vocab, split, splits = args[10], args[11], args[14], args[15]
             per_row_block = sum(math.ceil((min(vocab, lo + split) - lo) / bv) for lo in range(0, vocab, split))
             visits = math.ceil(rows / bn) * per_row_block
             assert grid == (splits, math.ceil(rows / bn))
