@@ -191,7 +191,7 @@ def resolve_backend(backend, device: torch.device) -> str:
     return backend
 
 
-IMPLS = ("auto", "fused", "chunked", "sliced")
+IMPLS = ("auto", "fused", "chunked", "sliced", "epilogue")
 
 
 def check_weight_factor(name: str, value) -> float:
@@ -287,10 +287,10 @@ def check_ids_in_range(name: str, ids: torch.Tensor, ignore_index: int, vocab: i
 
 
 def resolve_impl(impl: str, backend: str, fits_chunk: bool) -> str:
-    """'fused', 'chunked' or 'sliced' for the fused API (see `kdops.fused_linear_kd_loss` for the rule of
+    """'fused', 'chunked', 'sliced' or 'epilogue' for the fused API (see `kdops.fused_linear_kd_loss` for the rule of
     "auto")."""
     if backend == "torch":
-        if impl in ("fused", "sliced"):
+        if impl in ("fused", "sliced", "epilogue"):
             raise ValueError(f"impl={impl!r}: the {impl} path runs Triton kernels and needs backend='triton' (CUDA "
                              "tensors, or CPU tensors with TRITON_INTERPRET=1); backend='torch' runs the chunked "
                              "path (impl='chunked' or 'auto')")

@@ -116,8 +116,11 @@ def fused_linear_kd_loss(
     most `memory_budget` less the float32 dH sums, default `kdops.paths.sliced.SLICE_BYTES` = 64 MiB, plus those
     sums and O(rows) statistics); "auto" takes "chunked" — its four matmuls are cheaper than the six of
     "sliced" and "fused" — unless a `memory_budget` was given that even its smallest plan exceeds: then
-    "sliced". `backend="torch"` (the default off CUDA) runs the chunked path with the torch math instead
-    of the kernels.
+    "sliced". "epilogue" (experimental, never taken by "auto"; `pip install "kdops[quack]"`, CUDA compute
+    capability 9.x or 10.x) is "chunked" whose logits GEMMs keep each row's maximum and sum of exponentials in
+    their epilogue (`kdops.paths.epilogue`): for KL(teacher ‖ student), with or without the hard-label term, the
+    kernels then read each float32 logit once instead of twice. `backend="torch"` (the default off CUDA) runs the
+    chunked path with the torch math instead of the kernels.
 
     With reduction "batchmean" or "sum", the chunked paths compute the gradients during the forward
     (the backward multiplies them by the upstream gradient), so the loss supports a single backward.

@@ -353,7 +353,7 @@ def describe_fused_linear(student_hidden, student_weight, teacher_hidden, teache
     student, teachers = _heads(Head(student_hidden, student_weight, student_bias), teachers, autocast)
     if mix is not None:
         _no_mix_under_vocab_parallel(mix, vocab_parallel)
-        if impl in ("fused", "sliced"):
+        if impl in ("fused", "sliced", "epilogue"):
             raise ValueError(f"impl={impl!r} with teacher_mix: the {impl} path takes one teacher; several teachers "
                              "run the chunked path (impl='chunked' or 'auto')")
     options = Options(divergence, temperature, ignore_index, reduction, soft_weight, hard_weight, softcaps, engine,

@@ -35,9 +35,17 @@ def hard_label_update_lanes(HARD: tl.constexpr, s, v0, cols, labels, m_c, u_c, n
     "Lanes"); s_label gathered only in the tile that holds a row's label (columns cols = v0, v0 + 1, …)."""
     if HARD:
         m_c, u_c, n_c = online_lse_update_lanes(m_c, u_c, n_c, s)
-        if tl.max(flag((labels >= v0) & (labels < v0 + s.shape[1])), axis=0) > 0:
-            s_lab += tl.sum(tl.where(is_label(cols, labels), s, 0.0), axis=1)
+        s_lab = label_logit_update(s, v0, cols, labels, s_lab)
     return m_c, u_c, n_c, s_lab
+
+
+@triton.jit
+def label_logit_update(s, v0, cols, labels, s_lab):
+    """s_label gathered from a tile of raw student logits (columns cols = v0, v0 + 1, …), only in the tile that holds a
+    row's label."""
+    if tl.max(flag((labels >= v0) & (labels < v0 + s.shape[1])), axis=0) > 0:
+        s_lab += tl.sum(tl.where(is_label(cols, labels), s, 0.0), axis=1)
+    return s_lab
 
 
 @triton.jit
@@ -60,8 +68,14 @@ def hard_label_merge(m_c, u_c, s_lab, n_c, v_c, t_lab):
 def hard_label_finish(m_c, u_c, s_lab, labels, V):
     """(log-sum, CE) of each row; lse(s) = m_c + log1p(u_c) is kept in two parts, as for the divergences."""
     ls_c = log1p(u_c)
+    return ls_c, hard_label_loss(m_c, ls_c, s_lab, labels, V)
+
+
+@triton.jit
+def hard_label_loss(m_c, ls_c, s_lab, labels, V):
+    """CE = (m_c − s_label) + ls_c of each row (NaN for a label outside [0, V))."""
     ce = (m_c - s_lab) + ls_c
-    return ls_c, tl.where((labels >= 0) & (labels < V), ce, float("nan"))
+    return tl.where((labels >= 0) & (labels < V), ce, float("nan"))
 
 
 @triton.jit

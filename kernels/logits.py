@@ -24,6 +24,8 @@ from .passes import (
     first_pass_results,
     gradient_tile,
     load_labels,
+    one_read_results,
+    one_read_tile,
     load_stats,
     scale_rows,
     second_pass_results,
@@ -176,15 +178,20 @@ def as_output(x, out_ptr):
 
 @triton.jit
 def kd_logits_backward_kernel(
-    s_ptr, t_ptr, labels_ptr, grad_s_ptr, grad_t_ptr, stats_ptr, row_scale_ptr,
+    s_ptr, t_ptr, labels_ptr, grad_s_ptr, grad_t_ptr, stats_ptr, row_scale_ptr, loss_ptr,
     n_rows, V, s_inner, s_stride_outer, s_stride_inner, t_inner, t_stride_outer, t_stride_inner,
     inv_temp: FLOAT, c1: FLOAT, c2: FLOAT, soft: FLOAT, hard: FLOAT, cap_s: FLOAT, cap_t: FLOAT, share: FLOAT,
     KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, TRANSFORM: tl.constexpr, GRAD_S: tl.constexpr,
-    GRAD_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    GRAD_T: tl.constexpr, LOSS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
     """grad_s[r] = row_scale[r] · ∂ℓ_r/∂s_r (and grad_t likewise); gradients are contiguous [rows, V].
 
     A row whose scale is 0 (ignored, or zero upstream gradient) gets exact zeros, whatever its logits.
+
+    LOSS (KL, the student as Q, no teacher gradient: what needs only the log-normalizers) also stores loss[r], from
+    KL's sums over the gradient's own log-probabilities (`one_read_tile`): each logit is read once, and no first
+    pass runs. For stats[r] that came from elsewhere — the statistics of the logits GEMM's epilogue
+    (`launchers/epilogue.py`); only the log-normalizers, r and the cross-entropy's (m_c, ls_c) are read.
     """
     inv_temp, c1, c2, soft = in_acc(inv_temp, ACC), in_acc(c1, ACC), in_acc(c2, ACC), in_acc(soft, ACC)
     hard, cap_s, cap_t, share = in_acc(hard, ACC), in_acc(cap_s, ACC), in_acc(cap_t, ACC), in_acc(share, ACC)
@@ -200,13 +207,25 @@ def kd_logits_backward_kernel(
     m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
     scale = tl.load(row_scale_ptr + safe_rows).to(ACC)
     live = scale != 0
+    if LOSS:  # KL's sums in lanes, from the gradient's own log-probabilities (`one_read_tile`)
+        p_sum = tl.zeros([BLOCK_R, BLOCK_V], ACC)
+        acc1 = tl.zeros([BLOCK_R, BLOCK_V], ACC)
+        acc2 = tl.zeros([BLOCK_R, BLOCK_V], ACC)
+        acc3 = tl.zeros([BLOCK_R, BLOCK_V], ACC)
+        s_lab = tl.zeros([BLOCK_R], ACC)
 
     for v0 in range(0, V, BLOCK_V):
         col_ok = v0 + cols < V
         s = load_tile(s_ptr + v0, s_off, cols, col_ok, ACC)
         t = load_tile(t_ptr + v0, t_off, cols, col_ok, ACC)
-        g_s, g_t = gradient_tile(KIND, HARD, STUDENT_IS_P, TRANSFORM, s, t, v0 + cols, labels, inv_temp, cap_s, cap_t,
-                                 share, m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c, c1, c2, soft, hard)
+        if LOSS:
+            g_s, g_t, p_sum, acc1, acc2, acc3, s_lab = one_read_tile(
+                HARD, STUDENT_IS_P, TRANSFORM, s, t, v0, v0 + cols, labels, inv_temp, cap_s, cap_t, share, m_x, ls_x,
+                m_y, ls_y, r, m_c, ls_c, c1, c2, soft, hard, p_sum, acc1, acc2, acc3, s_lab)
+        else:
+            g_s, g_t = gradient_tile(KIND, HARD, STUDENT_IS_P, TRANSFORM, s, t, v0 + cols, labels, inv_temp, cap_s,
+                                     cap_t, share, m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c, c1, c2,
+                                     soft, hard)
         out_mask = row_ok[:, None] & col_ok[None, :]
         if GRAD_S:
             tl.store(grad_s_ptr + v0 + g_off[:, None] + cols[None, :],
@@ -214,3 +233,6 @@ def kd_logits_backward_kernel(
         if GRAD_T:
             tl.store(grad_t_ptr + v0 + g_off[:, None] + cols[None, :],
                      as_output(scale_rows(g_t, scale, live), grad_t_ptr), mask=out_mask)
+    if LOSS:
+        tl.store(loss_ptr + rows, one_read_results(HARD, p_sum, acc1, acc2, acc3, m_c, ls_c, s_lab, labels, V, c1, c2,
+                                                   soft, hard), mask=row_ok)

@@ -7,6 +7,9 @@ vocabulary parallelism) writes the row's unfinished state there, NUM_PARTIAL val
                                                                  maxima, `divergences.py` / `cross_entropy.py`)
     second pass   y1, y2, y3                                    (plain sums of normalized terms)
 
+`merge_tile_statistics_kernel` merges the per-tile maxima and sums of exponentials of the logits GEMM's epilogue
+(`kernels/epilogue.py`) into the statistics the one-read gradient takes (`logits.kd_logits_backward_kernel`, LOSS).
+
 `merge_partials_kernel` merges a row's parts (`first_pass_merge`, `hard_label_merge`; second-pass sums
 add) and finishes the row's statistics and loss. Across ranks the merge is two all-reduces instead (max
 of the maxima, then sum of the sums re-expressed relative to them): its RESCALE mode does the
@@ -20,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .cross_entropy import hard_label_at, hard_label_merge
-from .divergences import FLOAT, first_pass_at, first_pass_merge, in_acc
+from .divergences import FLOAT, NEG_INF, finite_or_zero, first_pass_at, first_pass_merge, in_acc
 from .passes import first_pass_results, load_labels, load_stats, second_pass_results, store_stats
 
 NUM_PARTIAL = tl.constexpr(10)
@@ -112,3 +115,43 @@ def merge_partials_kernel(
                 KIND, HARD, m_x, u_x, m_y, u_y, acc1, acc2, acc3, m_c, u_c, s_lab, labels, V, c1, c2, soft, hard)
             store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c)
             tl.store(loss_ptr + rows, loss, mask=row_ok)
+
+
+@triton.jit
+def tile_log_sum(top_ptr, sums_ptr, rows, row_ok, n_tiles, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+                 ACC: tl.constexpr):
+    """(M, ls) of `rows` from their per-tile maxima and sums of exponentials [rows, n_tiles] (top_j = max v over the
+    tile, sums_j = Σ e^(v − top_j)): M = max_j top_j and ls = log Σ_j sums_j·e^(top_j − M), both relative to the
+    row's own maximum (ls to the sums' precision); a tile of −inf only (top −inf, sums 0) adds nothing."""
+    base = rows.to(tl.int64)[:, None] * n_tiles
+    cols = tl.arange(0, BLOCK_T)
+    m = tl.full([BLOCK_R], NEG_INF, ACC)
+    for j0 in range(0, n_tiles, BLOCK_T):
+        ok = row_ok[:, None] & (j0 + cols < n_tiles)[None, :]
+        m = tl.maximum(m, tl.max(tl.load(top_ptr + base + j0 + cols[None, :], mask=ok, other=NEG_INF).to(ACC), 1))
+    total = tl.zeros([BLOCK_R, BLOCK_T], ACC)
+    shift = finite_or_zero(m)[:, None]
+    for j0 in range(0, n_tiles, BLOCK_T):
+        ok = row_ok[:, None] & (j0 + cols < n_tiles)[None, :]
+        top = tl.load(top_ptr + base + j0 + cols[None, :], mask=ok, other=NEG_INF).to(ACC)
+        sums = tl.load(sums_ptr + base + j0 + cols[None, :], mask=ok, other=0.0).to(ACC)
+        total += tl.where(top == NEG_INF, 0.0, sums * tl.exp(top - shift))
+    return m, tl.log(tl.sum(total, axis=1))
+
+
+@triton.jit
+def merge_tile_statistics_kernel(x_top_ptr, x_sums_ptr, y_top_ptr, y_sums_ptr, c_top_ptr, c_sums_ptr, stats_ptr,
+                                 n_rows, n_tiles, CE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+                                 ACC: tl.constexpr):
+    """stats[r] (`passes.py`) of the two sides' per-tile statistics (x = P, y = Q; c: the student's at T = 1, CE):
+    (M, ls) of each by `tile_log_sum`, r = ls_y − ls_x; aux1..3 and L are 0 (a one-read gradient reads none)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    m_x, ls_x = tile_log_sum(x_top_ptr, x_sums_ptr, rows, row_ok, n_tiles, BLOCK_R, BLOCK_T, ACC)
+    m_y, ls_y = tile_log_sum(y_top_ptr, y_sums_ptr, rows, row_ok, n_tiles, BLOCK_R, BLOCK_T, ACC)
+    zero = tl.zeros([BLOCK_R], ACC)
+    m_c = zero
+    ls_c = zero
+    if CE:
+        m_c, ls_c = tile_log_sum(c_top_ptr, c_sums_ptr, rows, row_ok, n_tiles, BLOCK_R, BLOCK_T, ACC)
+    store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, ls_y - ls_x, zero, zero, zero, zero, m_c, ls_c)

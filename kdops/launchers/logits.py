@@ -233,28 +233,44 @@ def merged_entropies(states: torch.Tensor, shards=None) -> torch.Tensor:
 
 
 def logits_backward(student, teacher, labels, stats, row_scale, canon: Canonical, inv_temp: float, grad_s: bool,
-                    grad_t: bool, soft: float = 1.0, hard: float = 0.0, out_s=None, out_t=None, shards=None):
+                    grad_t: bool, soft: float = 1.0, hard: float = 0.0, out_s=None, out_t=None, shards=None,
+                    loss=None):
     """(∂/∂student, ∂/∂teacher) of Σ_r row_scale[r]·loss[r], contiguous [..., V] in the logits' dtypes (None
     where not asked for). `out_s` / `out_t` receive them instead when given: contiguous buffers of the
-    logits' shape, which may be the logits themselves (the gradient then overwrites them)."""
+    logits' shape, which may be the logits themselves (the gradient then overwrites them).
+
+    `loss` [rows]: the same pass also writes the rows' losses there, as `logits_forward` computes them, so that
+    each logit is read once (the kernel's LOSS). Only where `one_read(canon, grad_t)`: the
+    gradient then needs no statistic but the log-normalizers (stats from the logits GEMM's epilogue)."""
     logits = kernel_modules().logits
     student, teacher, labels, args, constexprs, _ = logits_args(student, teacher, labels, canon, inv_temp,
                                                                 soft, hard, shards)
     n_rows = stats.shape[0]
+    if loss is not None and not (shards is None and one_read(canon, grad_t)):  # a caller's error, not a user's
+        raise AssertionError(f"the gradient of {canon.kind.name} (student is P: {canon.student_is_p}, teacher's "
+                         f"gradient: {grad_t}) needs the forward's statistics: it cannot write the loss")
     if grad_s and out_s is None:
         out_s = empty(student.shape, student.dtype, student.device)
     if grad_t and out_t is None:
         out_t = empty(teacher.shape, teacher.dtype, teacher.device)
     out_s, out_t = (out_s if grad_s else None), (out_t if grad_t else None)
-    if n_rows == 0 or not (grad_s or grad_t):
+    if n_rows == 0 or not (grad_s or grad_t or loss is not None):
         return out_s, out_t
     config = logits_config(n_rows, student.shape[-1], targets.of_device(student.device),
-                           torch_acc(constexprs["ACC"]), canon.transform)
+                           torch_acc(constexprs["ACC"]), canon.transform, forward=loss is not None)
     grid = (cdiv(n_rows, config["BLOCK_R"]),)
-    # An absent gradient or label vector still needs a pointer argument; constexpr flags keep it unused.
+    # An absent gradient, label or loss vector still needs a pointer argument; constexpr flags keep it unused.
     launch(
         logits.kd_logits_backward_kernel, grid, student, teacher, stats if labels is None else labels,
-        stats if out_s is None else out_s, stats if out_t is None else out_t, stats, row_scale.contiguous(), n_rows,
-        *args, GRAD_S=grad_s, GRAD_T=grad_t, **constexprs, **config,
+        stats if out_s is None else out_s, stats if out_t is None else out_t, stats, row_scale.contiguous(),
+        stats if loss is None else loss, n_rows, *args, GRAD_S=grad_s, GRAD_T=grad_t, LOSS=loss is not None,
+        **constexprs, **config,
     )
     return out_s, out_t
+
+
+def one_read(canon: Canonical, grad_t: bool = False) -> bool:
+    """Whether `logits_backward` can write the loss beside the gradient (one read of each logit, given the
+    log-normalizers): KL with the student as Q (forward KL and its TAID target, whose gradient is q − p), without
+    the teacher's gradient (which needs the loss itself)."""
+    return canon.kind.name == "KL" and not canon.student_is_p and not grad_t

@@ -241,6 +241,10 @@ class ChunkedProblem:
         direct = self.engine == "triton" and not (need_bias and store.dtype != self.acc_dtype)
         return store if direct else logits
 
+    def _logits(self, r0: int, r1: int, buffers):
+        """The logits of rows r0..r1, one per side, in the chunk's float32 buffers."""
+        return tuple(side.logits(side.rows(r0, r1), buf[: r1 - r0]) for side, buf in zip(self.sides, buffers))
+
     def _chunk(self, logits, labels, scale, outs, r0: int, r1: int):
         """(per-row losses, logit gradients per side) of rows r0..r1 from their logits (one per side)."""
         zs, zt = logits
@@ -278,7 +282,7 @@ class ChunkedProblem:
             g1 = min(g0 + group, self.n_rows)
             for r0 in range(g0, g1, chunk):
                 r1 = min(r0 + chunk, g1)
-                logits = tuple(side.logits(side.rows(r0, r1), buf[: r1 - r0]) for side, buf in zip(sides, buffers))
+                logits = self._logits(r0, r1, buffers)
                 labels = None if self.labels is None else self.labels[r0:r1]
                 scale = None if row_scale is None else row_scale[r0:r1]
                 outs = [None if store is None else store[r0 - g0: r1 - g0] for store in stores]

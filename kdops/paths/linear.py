@@ -22,6 +22,7 @@ from ..launchers.linear import FusedProblem
 from ..problem import Head, Options, Problem
 from ..torch_math import compute_dtype, linear_kd_rows, linear_logits
 from .chunked import ChunkedProblem, logits_chunk_rows
+from .epilogue import EpilogueProblem
 from .sliced import SlicedProblem
 
 
@@ -44,6 +45,9 @@ def prepare(student: Head, teacher: Head, labels, options: Options, shards=None,
     if resolved == "fused":
         return FusedProblem(hs, ws, bs, ht, wt, bt, labels, canon, 1.0 / o.temperature, o.vocab, o.soft_weight,
                             o.hard_weight, shards, parts)
+    if resolved == "epilogue":
+        return EpilogueProblem(hs, ws, bs, ht, wt, bt, labels, o.divergence, o.temperature, o.vocab, o.soft_weight,
+                               o.hard_weight, o.ignore_index, o.engine, o.memory_budget, shards, o.softcaps)
     if resolved == "sliced":
         return SlicedProblem(hs, ws, bs, ht, wt, bt, labels, canon, 1.0 / o.temperature, o.vocab, o.soft_weight,
                              o.hard_weight, o.memory_budget, shards, parts)

@@ -1,0 +1,64 @@
+"""fused_linear_kd_loss's impl="epilogue" (experimental): the chunked path (`kdops.paths.chunked`) whose logits
+GEMMs keep each row's maximum and sum of exponentials in their epilogue (`kdops.launchers.epilogue`), so that
+the kernels on logits read each float32 logit once instead of twice.
+
+Per chunk: the two GEMMs write the float32 logits and their per-tile statistics; the statistics, merged, give
+each row's log-normalizers at T (and the student's at T = 1, for the hard-label term); one pass of
+`logits_backward(..., loss=...)` then writes the chunk's losses and the student's logit gradient G. That is the
+whole of the kernels' work for the losses whose gradient needs nothing but the log-normalizers
+(`launchers.logits.one_read`: KL(teacher ‖ student), with or without the hard-label term), when neither lm_head
+has a bias and no tile transform applies. Every other loss (and the teacher's gradient, `return_parts`, a
+vocabulary-parallel group) runs the chunked path's passes on the same logits: a statistics pass, then the
+gradient.
+
+The GEMM is quack-kernels' CuTe DSL on CUDA compute capability 9.x and 10.x with 16-bit operands of one dtype;
+other operands take cuBLAS, as the chunked path does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..launchers.epilogue import gemm_for, statistics
+from ..launchers.logits import logits_backward, one_read
+from .chunked import ChunkedProblem
+
+
+class EpilogueProblem(ChunkedProblem):
+    """The inputs of one fused-linear loss, prepared for chunked passes whose GEMMs keep row statistics."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gemm = gemm_for(self.device)
+        self.canon = self.divergence.canonical().with_softcaps(*self.softcaps)
+        self.inv_temp = 1.0 / self.temperature
+        #: whether the epilogue GEMM computes both sides' logits (else cuBLAS, as in the chunked path)
+        self.in_epilogue = all(side.bias is None and self.gemm.accepts(side.hidden, side.weight)
+                               for side in self.sides)
+        #: whether its statistics replace the statistics pass: one read of each logit
+        self.reads_once = (self.in_epilogue and self.engine == "triton" and self.shards is None
+                           and one_read(self.canon) and self.canon.transform == 0)
+        self._partials = None
+
+    @property
+    def hard_term(self) -> bool:
+        return self.hard > 0 and self.labels is not None
+
+    def _logits(self, r0: int, r1: int, buffers):
+        if not self.in_epilogue:
+            return super()._logits(r0, r1, buffers)
+        logits = tuple(buf[: r1 - r0] for buf in buffers)
+        ce = self.hard_term and self.inv_temp != 1.0
+        self._partials = [self.gemm(side.rows(r0, r1), side.weight, z, self.inv_temp, ce)
+                          for side, z in zip(self.sides, logits)]
+        return logits
+
+    def _loss_and_logit_grads(self, zs, zt, labels, scale, out_s, out_t, parts=None):
+        if not self.reads_once or out_t is not None or parts is not None:
+            return super()._loss_and_logit_grads(zs, zt, labels, scale, out_s, out_t, parts)
+        stats = statistics(*self._partials, self.canon.student_is_p, self.hard_term)
+        loss = torch.empty(zs.shape[0], dtype=self.acc_dtype, device=zs.device)
+        scale = torch.zeros_like(loss) if scale is None else scale
+        logits_backward(zs, zt, labels, stats, scale, self.canon, self.inv_temp, out_s is not None, False, self.soft,
+                        self.hard, out_s=out_s, loss=loss)
+        return loss, out_s, None

@@ -1,0 +1,180 @@
+"""impl="epilogue": the chunked path whose logits GEMMs keep row statistics (`kdops.paths.epilogue`).
+
+Off the GPU the GEMM is its PyTorch definition (`ReferenceGEMM`, KDOPS_EPILOGUE_REFERENCE=<tile width>) and the
+kernels on logits run in Triton's interpreter: the statistics' merge, the one-read kernel (`logits_backward` with
+`loss=`) and the path are checked against the float64 oracle here; the CuTe DSL GEMM itself is compiled for sm_90a
+and sm_100a without a launch (`bench.epilogue`, below) and checked against the oracle on a GPU (`gpu_smoke`).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kdops
+import kdops.launchers.logits
+import kdops.paths.chunked
+from kdops.launchers import epilogue
+from kdops.launchers.logits import logits_backward, logits_forward, one_read
+from oracle import logit_pair
+from test_fused_linear import assert_matches_oracle, make_inputs
+
+V = 1000
+TILE = 64  # the reference GEMM's tile width: 16 tiles of V = 1000, the last one ragged (40 columns)
+
+
+@pytest.fixture
+def reference_gemm(monkeypatch):
+    monkeypatch.setenv("KDOPS_EPILOGUE_REFERENCE", str(TILE))
+
+
+def count_launches(monkeypatch):
+    """The names of the kernels on logits launched, in order."""
+    seen = []
+    original = kdops.launchers.logits.launch
+
+    def record(kernel, *args, **kwargs):
+        seen.append((kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, kwargs.get("LOSS")))
+        return original(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(kdops.launchers.logits, "launch", record)
+    return seen
+
+
+@pytest.mark.parametrize("temperature, hard", [(1.0, 0.0), (2.0, 0.4), (1.0, 0.4)], ids=["T1", "T2-hard", "T1-hard"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_forward_kl_reads_each_logit_once(dtype, temperature, hard, reference_gemm, monkeypatch):
+    """Forward KL through the epilogue's statistics: the loss and every student gradient match the float64 oracle,
+    in many chunks (each its own statistics) with ignored rows and peaked teacher rows, and the kernels on logits
+    run one pass per chunk: the one-read gradient, never the statistics pass."""
+    monkeypatch.setattr(kdops.paths.chunked, "MIN_CHUNK_ROWS", 8)
+    x = make_inputs(dtype, vt=V, seed=3, bias=False)
+    launches = count_launches(monkeypatch)
+    assert_matches_oracle(x, teacher_grad=False, divergence="forward_kl", temperature=temperature, hard_weight=hard,
+                          impl="epilogue", backend="triton", memory_budget=16 * V * 4 * 3)
+    chunks = len(launches)
+    assert chunks >= 3 and launches == [("kd_logits_backward_kernel", True)] * chunks
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "generalized_jsd", "tvd"])
+def test_other_losses_take_the_chunked_passes(divergence, reference_gemm, monkeypatch):
+    """Losses whose gradient needs more than the log-normalizers, the teacher's gradient and biases: the chunked
+    path's passes on the epilogue GEMM's logits, still exact."""
+    launches = count_launches(monkeypatch)
+    assert_matches_oracle(make_inputs(torch.bfloat16, vt=V, seed=4, bias=False), teacher_grad=True,
+                          divergence=divergence, temperature=2.0, hard_weight=0.3, impl="epilogue", backend="triton")
+    assert ("kd_logits_backward_kernel", True) not in launches
+    launches.clear()
+    assert_matches_oracle(make_inputs(torch.bfloat16, vt=V, seed=5), teacher_grad=False, divergence="forward_kl",
+                          impl="epilogue", backend="triton")  # biases: cuBLAS and the two passes
+    assert ("kd_logits_forward_kernel", None) in launches
+
+
+@pytest.mark.parametrize("source", ["epilogue", "forward"])
+@pytest.mark.parametrize("hard", [0.0, 0.5])
+def test_one_read_kernel(source, hard):
+    """`logits_backward(..., loss=...)` on [..., V] logits with −inf entries and peaked rows: its losses are the
+    forward's (to a float32 rounding) and its gradient the two-pass gradient's, with the statistics from the
+    reference epilogue's tiles or from the forward itself. Outputs are poisoned first."""
+    torch.manual_seed(0)
+    s, t = logit_pair((13, 1003), torch.float32, seed=11)
+    labels = torch.randint(0, 1003, (13,))
+    canon = kdops.divergences.ForwardKL().canonical()
+    inv_temp = 1 / 1.5
+    loss_ref, stats = logits_forward(s, t, labels, canon, inv_temp, 1.0, hard)
+    scale = torch.rand(13) + 0.5
+    scale[5] = 0.0
+    g_ref, _ = logits_backward(s, t, labels, stats, scale, canon, inv_temp, True, False, 1.0, hard)
+    if source == "epilogue":
+        gemm = epilogue.ReferenceGEMM(TILE)
+        parts = [dict(zip(("top", "sums"), gemm._tiles(z * torch.tensor(inv_temp))))
+                 | dict(zip(("top_ce", "sums_ce"), gemm._tiles(z))) for z in (s, t)]
+        stats = epilogue.statistics(parts[0], parts[1], False, hard > 0)
+    loss = torch.full((13,), float("nan"))
+    g = torch.full_like(s, float("nan"))
+    logits_backward(s, t, labels, stats, scale, canon, inv_temp, True, False, 1.0, hard, out_s=g, loss=loss)
+    torch.testing.assert_close(loss, loss_ref, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-8)
+    assert torch.all(g[5] == 0)
+
+
+def test_one_read_refuses_what_needs_the_forward():
+    s, t = logit_pair((3, 100))
+    for canon, grad_t in ((kdops.divergences.ForwardKL().canonical(), True),
+                          (kdops.divergences.ReverseKL().canonical(), False),
+                          (kdops.divergences.GeneralizedJSD().canonical(), False)):
+        assert not one_read(canon, grad_t)
+        with pytest.raises(AssertionError, match="needs the forward's statistics"):
+            logits_backward(s, t, None, torch.zeros(3, 11), torch.ones(3), canon, 1.0, True, grad_t,
+                            loss=torch.empty(3))
+
+
+def test_merged_statistics_of_peaked_rows():
+    """The tiles' merge (`merged`, and the kernel of `statistics`) keeps the log-sum to a few float32 ulps of its own
+    size on rows whose logits are of order 60 (a log-sum-exp of the logits' size would lose 4e-6), with a tile
+    holding only −inf (it adds nothing) and a ragged last tile; the statistics put P's and Q's where the kernels
+    read them, with r = ls_y − ls_x and the student's T = 1 pair."""
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(3, 5, 1000, generator=g, dtype=torch.float64) * 4 + 60
+    v[0, 1, :100] = float("-inf")
+    v = v.float()
+    exact = torch.logsumexp(v.double(), -1) - v.double().amax(-1)
+    gemm = epilogue.ReferenceGEMM(96)
+    sinks = [dict(zip(("top", "sums"), gemm._tiles(v[i]))) for i in range(3)]
+    for i in range(3):
+        m, ls = epilogue.merged(sinks[i]["top"], sinks[i]["sums"])
+        assert torch.equal(m, v[i].amax(-1))
+        assert (ls.double() - exact[i]).abs().max() < 4 * torch.finfo(torch.float32).eps * exact[i].abs().max()
+    student = dict(sinks[0], top_ce=sinks[2]["top"], sums_ce=sinks[2]["sums"])
+    stats = torch.full((5, 11), float("nan"))
+    stats.copy_(epilogue.statistics(student, sinks[1], False, True))
+    eps = 4 * torch.finfo(torch.float32).eps * exact.abs().max()
+    for (m_col, ls_col), side in (((0, 1), 1), ((2, 3), 0), ((9, 10), 2)):  # x = P = teacher, y = Q = student
+        assert torch.equal(stats[:, m_col], v[side].amax(-1))
+        assert (stats[:, ls_col].double() - exact[side]).abs().max() < eps
+    assert torch.equal(stats[:, 4], stats[:, 3] - stats[:, 1]) and torch.all(stats[:, 5:9] == 0)
+
+
+def test_errors(monkeypatch):
+    monkeypatch.delenv("KDOPS_EPILOGUE_REFERENCE", raising=False)
+    x = make_inputs(torch.bfloat16, bias=False)
+    args = [x[k] for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")]
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="impl='epilogue': the epilogue path runs on CUDA GPUs"):
+            kdops.fused_linear_kd_loss(*args, impl="epilogue", backend="triton")
+    with pytest.raises(ValueError, match="needs backend='triton'"):
+        kdops.fused_linear_kd_loss(*args, impl="epilogue", backend="torch")
+    with pytest.raises(ValueError, match="takes one teacher"):
+        kdops.fused_linear_kd_loss(args[0], args[1], [args[2], args[2]], [args[3], args[3]],
+                                   teacher_mix=kdops.Ensemble([0.5, 0.5]), impl="epilogue", backend="triton")
+
+
+# --- the CuTe DSL GEMM, compiled without a GPU ---------------------------------------------------------------------
+
+HAS_QUACK = importlib.util.find_spec("quack") is not None
+
+
+@pytest.mark.skipif(not HAS_QUACK, reason='quack-kernels is not installed (pip install "kdops[quack]")')
+@pytest.mark.parametrize("arch", ["sm_90", "sm_100"])
+def test_gemm_compiles(arch):
+    """Both epilogues compile for `arch` (a fresh process: the DSL's target is fixed at import): the plan's GEMM tile,
+    its sinks' buffers [rows, ⌈V / tile_n⌉] of float32, a cubin for that architecture with tensor-core instructions,
+    and no more local memory than `bench.epilogue.SPILL_LIMITS` allows."""
+    from bench.epilogue import SPILL_LIMITS
+
+    out = subprocess.run([sys.executable, "-m", "bench.epilogue", "--arch", arch, "--rows", "200", "--vocab", "1000",
+                          "--hidden", "96", "--json"], capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {r["epilogue"] for r in report} == {"logits_statistics", "logits_statistics_ce"}
+    for r in report:
+        tiles = -(-1000 // r["tile_n"])
+        names = ["top", "sums"] + (["top_ce", "sums_ce"] if r["epilogue"].endswith("_ce") else [])
+        assert r["sinks"] == {name: [[200, tiles], "torch.float32"] for name in names}
+        assert r["arch"] == arch + "a" and 0 < r["registers"] <= 255 and r["tensor_core_instructions"] > 0
+        assert r["spill_bytes"] <= SPILL_LIMITS[arch][r["epilogue"]]
