@@ -76,10 +76,12 @@ def headline_config(forward: bool = False) -> dict:
     return {key: value for key, value in config.items() if key in ("BLOCK_R", "BLOCK_V", "num_warps")}
 
 
-def count(divergence: str, parts: bool = False) -> dict[str, list[tuple[float, collections.Counter]]]:
+def count(divergence: str, parts: bool = False,
+          one_read: bool = False) -> dict[str, list[tuple[float, collections.Counter]]]:
     """Per kernel on logits of the chunked bf16 call: (instructions per element, opcode counts) of each loop; with
     `parts`, of kd_loss's call with return_parts=True instead (its forward kernel's PARTS specialization, which
-    streams the entropies and the hard-label sums beside the first pass)."""
+    streams the entropies and the hard-label sums beside the first pass); with `one_read`, of the chunked call's
+    gradient kernel as impl="epilogue" launches it (LOSS, at the forward's blocks: `logits_backward(loss=...)`)."""
     out = {}
     # the recorded calls at a vocabulary that, like the headline's (128256 = 16 · 8016), is a multiple of 16:
     # Triton specializes the sizes and strides on it (aligned rows: vectorized loads)
@@ -95,9 +97,11 @@ def count(divergence: str, parts: bool = False) -> dict[str, list[tuple[float, c
         if not spec.name.startswith("kd_logits") or not wanted or call.transform or call.vocab_parallel \
                 or spec.name in out:
             continue
-        config = headline_config(forward=spec.name == "kd_logits_forward_kernel")
+        if one_read and spec.name != "kd_logits_backward_kernel":
+            continue
+        config = headline_config(forward=one_read or spec.name == "kd_logits_forward_kernel")
         per_thread = config["BLOCK_R"] * config["BLOCK_V"] / (32 * config["num_warps"])
-        spec.kwargs.update(config)
+        spec.kwargs.update(config, **(dict(LOSS=True, maxnreg=255) if one_read else {}))
         loops = hot_loops(gate.sass(gate.compile_spec(spec).asm["cubin"]))
         out[spec.name] = [(n / per_thread, ops) for n, ops in loops]
     return out
@@ -121,23 +125,34 @@ def parts_counts(kind: str) -> float:
     return sum(n for n, _ in loops["kd_logits_forward_kernel"]) - model_counts(kind)[0]
 
 
+def one_read_counts(kind: str = "kl") -> float:
+    """Instructions per element of the one-read kernel's loop (bench.model.rates.ONE_READ_SASS)."""
+    return sum(n for n, _ in count(MODEL_KINDS[kind], one_read=True)["kd_logits_backward_kernel"])
+
+
 def check(tolerance: float = 0.5) -> list[str]:
     """Where the cost model's counts (bench.model.LOGITS_KERNEL_SASS, "now"; bench.model.PARTS_SASS) differ from the
     code's."""
     from .model import LOGITS_KERNEL_SASS
-    from .model.rates import PARTS_SASS
+    from .model.rates import ONE_READ_SASS, PARTS_SASS
 
     out = []
     for kind, (_, recorded) in LOGITS_KERNEL_SASS.items():
         counted = model_counts(kind)
         if any(abs(a - b) > tolerance for a, b in zip(counted, recorded)):
             out.append(f"{kind}: the code has {counted[0]:.1f} / {counted[1]:.1f} instructions per element "
-                       f"(forward passes / gradient), bench.model.LOGITS_KERNEL_SASS says {recorded[0]} / {recorded[1]}")
+                       f"(forward passes / gradient), bench.model.LOGITS_KERNEL_SASS says "
+                       f"{recorded[0]} / {recorded[1]}")
     for kind, recorded in PARTS_SASS.items():
         counted = parts_counts(kind)
         if abs(counted - recorded) > tolerance:
             out.append(f"{kind}: return_parts adds {counted:.1f} instructions per element to the forward passes, "
                        f"bench.model.PARTS_SASS says {recorded}")
+    for kind, recorded in ONE_READ_SASS.items():
+        counted = one_read_counts(kind)
+        if abs(counted - recorded) > tolerance:
+            out.append(f"{kind}: the one-read kernel has {counted:.1f} instructions per element, "
+                       f"bench.model.rates.ONE_READ_SASS says {recorded}")
     return out
 
 

@@ -14,6 +14,7 @@ from kdops.divergences import Divergence
 from ..cases import FUSED, FUSED_TOPK, KD_LOSS, TOPK, Case
 from ..floor import floor_work
 from .chunked import chunked_path
+from .epilogue import epilogue_path
 from .fused import fused_path
 from .kernels import Ctx, Kernel, to_phases
 from .logits import MIX_PASSES, kd_loss_triton
@@ -28,7 +29,8 @@ from .torch_backend import fused_torch, kd_loss_torch
 
 #: Each path's builder: ctx → (kernels, extra bytes, what the extra bytes are, notes).
 _BUILDERS = {"kd_loss-triton": kd_loss_triton, "kd_loss-torch": kd_loss_torch, "kd_loss-reference": kd_loss_reference,
-             "fused": fused_path, "chunked": chunked_path, "sliced": sliced_path, "fused-torch": fused_torch,
+             "fused": fused_path, "chunked": chunked_path, "epilogue": epilogue_path, "sliced": sliced_path,
+             "fused-torch": fused_torch,
              "reference": reference_path, "liger-chunked": liger_chunked, "trl-chunked": trl_chunked,
              "kd_loss-topk": kd_loss_topk, "topk-chunked": topk_chunked, "topk-gathered": topk_gathered,
              "token-logprobs": token_logprobs_path}

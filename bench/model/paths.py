@@ -3,8 +3,8 @@ default."""
 
 from __future__ import annotations
 
-PATHS = ("kd_loss-triton", "kd_loss-torch", "kd_loss-reference", "fused", "chunked", "sliced", "fused-torch",
-         "reference", "liger-chunked", "trl-chunked")
+PATHS = ("kd_loss-triton", "kd_loss-torch", "kd_loss-reference", "fused", "chunked", "epilogue", "sliced",
+         "fused-torch", "reference", "liger-chunked", "trl-chunked")
 KD_PATHS = PATHS[:3]
 DESCRIPTIONS = {
     "kd_loss-triton": "kd_loss, Triton kernels on existing [N, V] logits",
@@ -12,6 +12,8 @@ DESCRIPTIONS = {
     "kd_loss-reference": "kdops.reference.kd_loss on [N, V] logits (estimate)",
     "fused": "fused_linear_kd_loss impl=\"fused\" (logit tiles recomputed in Triton kernels)",
     "chunked": "fused_linear_kd_loss impl=\"chunked\" (token chunks, float32 logits, kernels on logits)",
+    "epilogue": "fused_linear_kd_loss impl=\"epilogue\" (experimental: chunked, the row statistics in the logits "
+                "GEMMs' epilogue; forward KL reads each float32 logit once)",
     "sliced": "fused_linear_kd_loss impl=\"sliced\" (vocabulary slices of every row, float32 logits, kernels on "
               "logits, the logits again in the backward)",
     "fused-torch": "fused_linear_kd_loss backend=\"torch\" (chunks, reference math under autograd; estimate)",
@@ -45,7 +47,7 @@ DESCRIPTIONS["token-logprobs"] = ("token_logprobs backend=\"triton\" (log p(toke
 DEFAULT_K = 32
 
 #: The paths that cast their operands under torch.autocast (kdops' fused API).
-AUTOCAST_PATHS = ("fused", "chunked", "sliced", "fused-torch")
+AUTOCAST_PATHS = ("fused", "chunked", "epilogue", "sliced", "fused-torch")
 
 HEADLINE = "8192x4096x4096x128256"
 STANDARD_SHAPES = (("Llama-3 8B widths", HEADLINE), ("Qwen2.5 1.5B → 7B", "8192x1536x3584x151936"),

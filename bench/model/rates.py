@@ -112,6 +112,24 @@ def parts_kernel_flops(divergence: Divergence) -> float:
     return PARTS_SASS[kind] * measured_pass / then_pass
 
 
+#: Instructions per element of the one-read kernel (`kd_logits_backward_kernel` with LOSS: forward KL's loss from the
+#: gradient's own log-probabilities, impl="epilogue"), from the sm_90 SASS at the forward's headline blocks (`python -m
+#: bench.loops`: `one_read_counts`, checked by `--check`), against 47.1 + 39.1 for the first pass and the gradient.
+#: Not measured on a GPU yet.
+ONE_READ_SASS = {"kl": 62.4}
+
+
+def one_read_kernel_flops(divergence: Divergence) -> float:
+    """Flop-equivalents per element of the one-read kernel: what the gradient kernel, which moves the same bytes,
+    measured (LOGITS_KERNEL_FLOPS), or ONE_READ_SASS at the flops per instruction of the forward's first pass,
+    whichever is more. (At the headline both measured kernels ran at 65–70 % of the H100's HBM bandwidth and
+    issued on 28 % (gradient) and 46 % (forward) of the cycles: more instructions than the gradient's, at the
+    forward's rate, still fit in its time.)"""
+    measured_pass, measured_gradient = LOGITS_KERNEL_FLOPS["kl"]
+    (then_pass, _), _ = LOGITS_KERNEL_SASS["kl"]
+    return max(measured_gradient, ONE_READ_SASS["kl"] * measured_pass / then_pass)
+
+
 def topk_kernel_flops(k: int, vocab: int, config: dict, softcap: bool = False) -> tuple[float, float]:
     """(complement, gradient) flop-equivalents per element: the loop, plus one more window per id a tile holds
     on average (k·BLOCK_V / V), plus the student's softcap (SOFTCAP_INSTRUCTIONS) where it has one."""
