@@ -65,6 +65,11 @@ GPU_SMOKE = (
     "tests/test_scale.py::test_scales_with_one_rounding",
     "tests/test_scale.py::test_an_upstream_of_one_leaves_every_bit",  # a GPU multiply would drop NaN payloads
     "tests/test_fused_linear.py::test_upstream_gradient_is_read_on_the_device",
+    # impl="epilogue": the CuTe DSL GEMM against its definition, the path against the oracle (skipped without a
+    # Hopper or Blackwell GPU and quack-kernels), and the one-read kernel compiled
+    "tests/test_epilogue.py::test_quack_gemm_keeps_its_definition",
+    "tests/test_epilogue.py::test_path_on_the_gpu",
+    "tests/test_epilogue.py::test_one_read_kernel",
 )
 
 

@@ -153,6 +153,45 @@ def test_errors(monkeypatch):
                                    teacher_mix=kdops.Ensemble([0.5, 0.5]), impl="epilogue", backend="triton")
 
 
+# --- the CuTe DSL GEMM on a GPU (tests/conftest.py's GPU_SMOKE) --------------------------------------------------------
+
+ON_GPU = torch.cuda.is_available() and epilogue.unavailable(torch.device("cuda")) is None
+NEEDS_GPU = pytest.mark.skipif(not ON_GPU, reason="the epilogue GEMM runs on a Hopper or Blackwell GPU with "
+                                                  "quack-kernels")
+
+
+@NEEDS_GPU
+@pytest.mark.parametrize("ce", [False, True], ids=["T", "T-and-CE"])
+def test_quack_gemm_keeps_its_definition(ce):
+    """`QuackGEMM` against `ReferenceGEMM` at the plan's tile width: the float32 logits (the same bf16 products,
+    summed in another order), each tile's max and sum of exponentials, on a ragged vocabulary, poisoned outputs."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = (torch.randn(300, 96, device="cuda", generator=g) * 2).bfloat16()
+    w = (torch.randn(V, 96, device="cuda", generator=g) * 0.4).bfloat16()
+    out = torch.full((300, V), float("nan"), device="cuda")
+    sinks = epilogue.QuackGEMM()(h, w, out, 1 / 1.5, ce)
+    tile_n = -(-V // sinks["top"].shape[1])
+    ref_out = torch.empty_like(out)
+    ref = epilogue.ReferenceGEMM(tile_n)(h, w, ref_out, 1 / 1.5, ce)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert sinks.keys() == ref.keys()
+    for name in sinks:
+        torch.testing.assert_close(sinks[name], ref[name], rtol=2e-5, atol=1e-5)
+
+
+@NEEDS_GPU
+@pytest.mark.parametrize("divergence", list(kdops.DIVERGENCES))
+def test_path_on_the_gpu(divergence):
+    """impl="epilogue" with its CuTe DSL GEMM against the float64 oracle: every divergence, T = 2, the hard-label
+    term, bf16, the student's gradients; then forward KL with softcaps (the chunked passes on the GEMM's logits)."""
+    x = make_inputs(torch.bfloat16, vt=V, seed=6, bias=False)
+    assert_matches_oracle(x, teacher_grad=False, divergence=divergence, temperature=2.0, hard_weight=0.3,
+                          impl="epilogue", backend="triton")
+    if divergence == "forward_kl":
+        assert_matches_oracle(x, teacher_grad=False, divergence=divergence, impl="epilogue", backend="triton",
+                              student_softcap=20.0, teacher_softcap=30.0)
+
+
 # --- the CuTe DSL GEMM, compiled without a GPU ---------------------------------------------------------------------
 
 HAS_QUACK = importlib.util.find_spec("quack") is not None
