@@ -2,8 +2,12 @@
 named GPUs on a machine without one, with registers, spills, shared memory and tensor-core instructions
 read from the binary.
 
-    python -m bench.compile [--arch sm_90 sm_80] [--quick] [--transforms] [--dtype ...] [--divergence ...]
-                            [--kernel ...] [--output bench/results/KERNELS.md] [--jobs N]
+    python -m bench.compile [--arch {sm_90,sm_80,sm_100} ...] [--quick] [--transforms] [--dtype ...]
+                            [--divergence ...] [--kernel ...] [--output FILE] [--jobs N]
+
+Without `--arch` it gates sm_90 (H100) and sm_80 (A100) and writes bench/results/KERNELS.md; a run that includes
+sm_100 (Blackwell: B200, sm_100a) writes bench/results/KERNELS_SM100.md instead (`default_output`), so that
+KERNELS.md stays the record of those two.
 
 How the specializations are found: the public API (`kd_loss`, `fused_linear_kd_loss` with both impls, and
 both under vocabulary parallelism on a one-rank group; `token_logprobs`) is called on small CPU tensors over the
@@ -12,12 +16,13 @@ launchers pick the configurations they pick on that GPU) and `kdops.launchers.co
 recorded, not run). Each distinct (kernel, signature, constexprs, warps, stages) is then compiled with
 Triton's own argument specialization (`triton.runtime.jit.create_function_from_signature`, as a launch
 would) for `GPUTarget("cuda", capability, 32)`, and its cubin is read with the `cuobjdump` that Triton's
-wheel ships: `-res-usage` for registers and local memory (spills), `-sass` for HGMMA / HMMA instructions.
+wheel ships: `-res-usage` for registers and local memory (spills), `-sass` for the arch's tensor-core
+instructions (TENSOR_CORE_OPCODES: HGMMA / HMMA on sm_90, HMMA on sm_80, UTCHMMA — tcgen05.mma — on sm_100).
 
 The gate fails (exit 1) on any compile error, any specialization that uses local memory (a spill) — but the
-fused kernels' 16-bit 128 × 128 Hopper tiles, measured faster despite theirs, up to WIDEST_SPILL_LIMIT bytes —,
-float64 arithmetic in a float32-accumulating kernel, and any fused lm_head kernel whose dot operands are 16-bit
-but whose SASS has no tensor-core instruction.
+fused kernels' 16-bit 128 × 128 tiles from Hopper on, measured faster on an H100 despite theirs, up to
+WIDEST_SPILL_LIMIT bytes —, float64 arithmetic in a float32-accumulating kernel, and any fused lm_head kernel whose
+dot operands are 16-bit but whose SASS has none of its arch's tensor-core instructions.
 Float32 fused kernels multiply exactly ("ieee", FFMA on the CUDA cores) by design: they are reported,
 not failed. The report is markdown: a summary per kernel and architecture, then one row per
 specialization. `--quick` compiles a representative subset (every kernel; bf16 and fp32; the heaviest
@@ -37,6 +42,7 @@ import os
 import re
 import subprocess
 import sys
+from unittest import mock
 import tempfile
 import time
 from pathlib import Path
@@ -44,8 +50,19 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "KERNELS.md"
-ARCHS = {"sm_90": (9, 0), "sm_80": (8, 0)}
-GPU_OF_ARCH = {"sm_90": "h100", "sm_80": "a100"}
+BLACKWELL_RESULTS = RESULTS.with_name("KERNELS_SM100.md")
+ARCHS = {"sm_90": (9, 0), "sm_80": (8, 0), "sm_100": (10, 0)}
+DEFAULT_ARCHS = ("sm_90", "sm_80")  # what KERNELS.md records
+GPU_OF_ARCH = {"sm_90": "h100", "sm_80": "a100", "sm_100": "b200"}
+# A B200's SM count: the one property of a Blackwell part, besides its capability, that the launchers read
+# (kdops.launchers.linear's split count, kdops.launchers.scale's programs).
+B200_SM_COUNT = 148
+# The SASS opcodes that count as tensor-core instructions on each arch: what a 16-bit fused kernel must issue.
+# sm_80: warp-level HMMA (mma.sync). sm_90: warpgroup HGMMA (wgmma), or HMMA, which Triton emits there for a dot
+# of fewer than 64 rows. sm_100: tcgen05.mma, which ptxas writes as UTCHMMA (kinds f16 and tf32) or UTCQMMA
+# (f8f6f4). Every 16-bit fused tile the launchers pick on sm_100 (64 or 128 rows) compiles to UTCHMMA; HMMA there
+# is Triton's mma.sync fallback (a dot of fewer than 64 rows), which leaves tcgen05 unused: it does not count.
+TENSOR_CORE_OPCODES = {"sm_80": ("HMMA",), "sm_90": ("HGMMA", "HMMA"), "sm_100": ("UTCHMMA", "UTCQMMA")}
 DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", "skew_forward_kl", "skew_reverse_kl", "tvd",
                "alpha_beta")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -63,7 +80,7 @@ TOPK = 7
 class Call:
     """One public call whose launches are recorded."""
 
-    function: str  # "kd_loss" | "fused" | "chunked" | "sliced" | "topk" | "token_logprobs"
+    function: str  # "kd_loss" | "fused" | "chunked" | "sliced" | "epilogue" | "topk" | "token_logprobs"
     dtype: str
     divergence: str
     hard: bool = False
@@ -142,6 +159,9 @@ def calls(quick: bool, dtypes=None, divergences=None, transforms_only: bool = Fa
         taid = divergence == "forward_kl"
         if taid and (not quick or dtype == dtypes[0]):
             out.append(Call("kd_loss", dtype, divergence, grads="all", transform="ensemble"))
+            # impl="epilogue": the merge of its GEMMs' tile statistics and the one-read gradient (LOSS), which
+            # forward KL alone takes; its GEMM is recorded as its PyTorch definition (`ReferenceGEMM`)
+            out += [Call("epilogue", dtype, divergence, hard=h) for h in (False, True)]
         for vp in (False, True):
             out += [Call("kd_loss", dtype, divergence, grads=g, vocab_parallel=vp) for g in ("student", "all")]
             if taid and not quick:
@@ -218,9 +238,13 @@ def _run_call(call: Call) -> None:
     ht, wt = leaf(ROWS, HIDDEN_T, grad=g_th), leaf(VOCAB, HIDDEN_T, grad=g_tw)
     bs = leaf(VOCAB, grad=g_sw) if has_bs else None
     bt = leaf(VOCAB, grad=g_tw) if has_bt else None
-    loss = kdops.fused_linear_kd_loss(hs, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt,
-                                      hard_weight=0.5 if call.hard else 0.0, impl=call.function, **caps,
-                                      return_parts=call.parts, **options)
+    # impl="epilogue" with its GEMM's PyTorch definition: the CuTe DSL GEMM has its own compile check (`python -m
+    # bench.epilogue`); here only the Triton kernels around it are recorded
+    reference = {"KDOPS_EPILOGUE_REFERENCE": "1"} if call.function == "epilogue" else {}
+    with mock.patch.dict(os.environ, reference):
+        loss = kdops.fused_linear_kd_loss(hs, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt,
+                                          hard_weight=0.5 if call.hard else 0.0, impl=call.function, **caps,
+                                          return_parts=call.parts, **options)
     (loss[0] if call.parts else loss).backward()
 
 
@@ -250,16 +274,37 @@ def _constexpr_text(value) -> str:
     return {"True": "1", "False": "0"}.get(text, text)
 
 
+def _target(arch: str):
+    """Triton's `GPUTarget` of an arch (capability 100 is sm_100a: Triton appends the "a" from sm_90 on)."""
+    from triton.backends.compiler import GPUTarget
+
+    major, minor = ARCHS[arch]
+    return GPUTarget("cuda", major * 10 + minor, 32)
+
+
+def gpu_of_arch(arch: str):
+    """The `kdops.targets.GPU` whose launch configurations are compiled for `arch`: the named one where
+    kdops.targets has it; otherwise (a B200) the H100's description with the part's capability and SM count, the
+    only fields the launchers read (the rates serve the cost model), as `targets.of_device` builds one for a
+    device it does not name."""
+    from kdops import targets
+
+    name = GPU_OF_ARCH[arch]
+    if name in targets.GPUS:
+        return targets.by_name(name)
+    assert arch == "sm_100", arch
+    return dataclasses.replace(targets.H100, name=name, capability=ARCHS[arch], sm_count=B200_SM_COUNT)
+
+
 def record(arch: str, quick: bool, dtypes=None, divergences=None, transforms_only: bool = False) -> list[Spec]:
     """The distinct launches of every call of the grid, as the launchers make them for the arch's GPU."""
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
     import kdops.launchers.common
     from kdops import targets
 
-    backend = make_backend(GPUTarget("cuda", ARCHS[arch][0] * 10 + ARCHS[arch][1], 32))
+    backend = make_backend(_target(arch))
     found: dict[tuple, Spec] = {}
     current: list[Call] = []
 
@@ -276,7 +321,7 @@ def record(arch: str, quick: bool, dtypes=None, divergences=None, transforms_onl
             found[key] = Spec(kernel, args, dict(kwargs), current[-1], arch, key)
 
     _one_rank_group()
-    with targets.assume(GPU_OF_ARCH[arch]), kdops.launchers.common.recording(recorder):
+    with targets.assume(gpu_of_arch(arch)), kdops.launchers.common.recording(recorder):
         for call in calls(quick, dtypes, divergences, transforms_only):
             current.append(call)
             _run_call(call)
@@ -301,7 +346,7 @@ class Compiled:
     seconds: float = 0.0
     sixteen_bit_dot: bool = False
     float64_instructions: int = 0  # float64 arithmetic in a kernel that accumulates in float32 (`float64_math`)
-    spill_limit: int = 0  # the local memory it may use: WIDEST_SPILL_LIMIT for the fused Hopper 128 × 128 tiles
+    spill_limit: int = 0  # the local memory it may use: WIDEST_SPILL_LIMIT for the fused 128 × 128 tiles (sm_90 on)
 
     @property
     def failures(self) -> list[str]:
@@ -347,11 +392,19 @@ def _tool(name: str) -> str:
 
 
 _RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+# an instruction's opcode after its offset (four hex digits, more past 64 KiB of code) and predicate
+_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def tensor_core_instructions(sass_text: str, arch: str) -> int:
+    """The instructions of `sass_text` (`cuobjdump -sass`) that are `arch`'s tensor-core ones
+    (TENSOR_CORE_OPCODES)."""
+    return sum(op.startswith(TENSOR_CORE_OPCODES[arch]) for op in _OPCODE.findall(sass_text))
 
 
 def analyse_cubin(cubin: bytes, arch: str, has_dot: bool = True) -> dict:
-    """Registers, local (spill) bytes, STL/LDL and tensor-core instruction counts of one kernel's cubin. The
-    SASS is read (one `cuobjdump -res-usage -sass`) where it can hold either: a kernel with a dot (`has_dot`)
+    """Registers, local (spill) bytes, STL/LDL and `arch`'s tensor-core instruction counts of one kernel's cubin.
+    The SASS is read (one `cuobjdump -res-usage -sass`) where it can hold either: a kernel with a dot (`has_dot`)
     or with local memory; without both, its counts are 0 and `-res-usage` alone says so (half the time)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -368,11 +421,9 @@ def analyse_cubin(cubin: bytes, arch: str, has_dot: bool = True) -> dict:
         registers, stack, _, local = map(int, match.groups())
         if not has_dot and (local or stack):
             out = dump("-sass")
-    opcodes = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", out)
-    tensor_core = sum(op.startswith(("HGMMA", "HMMA")) for op in opcodes)
-    spills = sum(op.startswith(("STL", "LDL")) for op in opcodes)
+    spills = sum(op.startswith(("STL", "LDL")) for op in _OPCODE.findall(out))
     return dict(registers=registers, local_bytes=max(local, stack), spill_instructions=spills,
-                tensor_core_instructions=tensor_core)
+                tensor_core_instructions=tensor_core_instructions(out, arch))
 
 
 _JOBS: list[Spec] = []
@@ -381,11 +432,10 @@ _JOBS: list[Spec] = []
 def compile_spec(spec: Spec):
     """Triton's compiled kernel of one specialization for its arch (`.asm["cubin"]`, `.metadata`)."""
     import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    target = GPUTarget("cuda", ARCHS[spec.arch][0] * 10 + ARCHS[spec.arch][1], 32)
+    target = _target(spec.arch)
     backend = make_backend(target)
     kernel = spec.kernel
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
@@ -417,23 +467,24 @@ def float64_math(ptx: str) -> int:
 
 
 # The fused kernels' 16-bit 128 × 128 tiles on Hopper (`kdops.launchers.linear.tile_width`, WIDEST) spill, and ran
-# faster
-# on an H100 than the narrower tiles that do not, in every kind measured (the comment above
+# faster on an H100 than the narrower tiles that do not, in every kind measured (the comment above
 # `kdops.launchers.linear._HOPPER_TILES`), spilling up to 2008 B (generalized JSD's second pass) and 1464 B (skew
-# reverse
-# KL's gradient). The grid's largest, 2128 B, is skew reverse KL's gradient with the hard-label term and the
+# reverse KL's gradient). The grid's largest, 2128 B, is skew reverse KL's gradient with the hard-label term and the
 # student's bias (not measured). Their spills are reported and bounded, so that a kernel change that spills
-# more still fails the gate before a GPU measures it.
+# more still fails the gate before a GPU measures it. The launchers pick the same tiles on every GPU from Hopper
+# on (compute capability 9.0 and later: sm_100 too), and the gate holds them to the same bound there; no
+# Blackwell part has measured them.
 WIDEST_SPILL_LIMIT = 2304
+WIDEST_TILES_FROM = (9, 0)  # the capability from which the launchers pick the widest tiles (and TMA loads)
 
 
 def spill_limit(spec: Spec, sixteen_bit_dot: bool) -> int:
     """The local memory (bytes a thread) `spec` may use: WIDEST_SPILL_LIMIT for a fused kernel's 16-bit
-    128 × 128 tiles on sm_90, 0 for any other specialization."""
+    128 × 128 tiles on sm_90 and later (sm_100), 0 for any other specialization."""
     values = spec.arguments
     widest = (values.get("BLOCK_N"), values.get("BLOCK_V")) == (128, 128)
-    return WIDEST_SPILL_LIMIT if spec.name in FUSED_KERNELS and spec.arch == "sm_90" and sixteen_bit_dot and \
-        widest else 0
+    return WIDEST_SPILL_LIMIT if spec.name in FUSED_KERNELS and ARCHS[spec.arch] >= WIDEST_TILES_FROM and \
+        sixteen_bit_dot and widest else 0
 
 
 def _compile_job(index: int) -> Compiled:
@@ -489,17 +540,21 @@ def report(results: list[Compiled], archs, quick: bool, wall: float, dtypes=None
     command += f" --divergence {' '.join(divergences)}" if divergences else ""
     command += f" --kernel {' '.join(kernels)}" if kernels else ""
     failures = [(r, f) for r in results for f in r.failures]
+    # each arch's first tensor-core opcode names its instructions; sm_100 shares the widest tiles' spill bound
+    tensor_cores = ", ".join(f"{TENSOR_CORE_OPCODES[arch][0]} on {arch}" for arch in archs)
+    blackwell = "sm_100" in archs
     lines = [
         "# Kernels compiled for CUDA",
         "",
         f"Made by `{command}` with Triton "
         f"{triton.__version__} and torch {torch.__version__}, on a machine without a GPU (ahead-of-time "
         f"compile, {wall:.0f} s wall). Registers and local memory from `cuobjdump -res-usage`, tensor-core "
-        "instructions (HGMMA on sm_90, HMMA on sm_80) counted in the SASS; shared memory is Triton's "
+        f"instructions ({tensor_cores}) counted in the SASS; shared memory is Triton's "
         "dynamic allocation. A specialization is one (kernel, argument types, constexprs, warps, stages) "
         "that the launchers produce (see bench/compile.py). A spill fails the gate, but those of the fused "
-        f"kernels' 16-bit 128 × 128 tiles on sm_90 up to {WIDEST_SPILL_LIMIT} B a thread (WIDEST_SPILL_LIMIT: "
-        "measured faster on an H100 despite them, kdops/launchers/linear.py).",
+        f"kernels' 16-bit 128 × 128 tiles on sm_90{' and sm_100' if blackwell else ''} up to {WIDEST_SPILL_LIMIT} "
+        "B a thread (WIDEST_SPILL_LIMIT: measured faster on an H100 despite them, kdops/launchers/linear.py"
+        f"{'; the same tiles and bound on sm_100, not measured there' if blackwell else ''}).",
         "",
         f"**{len(results)} specializations, {len(failures)} failures.**",
         "",
@@ -549,11 +604,19 @@ def run(archs, quick: bool, jobs: int, dtypes=None, divergences=None,
     return results, time.perf_counter() - start
 
 
+def default_output(archs) -> Path:
+    """Where a run over `archs` writes its report without `--output`: bench/results/KERNELS.md, the record of
+    sm_90 and sm_80, unless the run includes sm_100 (bench/results/KERNELS_SM100.md)."""
+    return BLACKWELL_RESULTS if "sm_100" in archs else RESULTS
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compile", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", nargs="+", choices=tuple(ARCHS), default=list(ARCHS))
+    parser.add_argument("--arch", nargs="+", choices=tuple(ARCHS), default=list(DEFAULT_ARCHS),
+                        help="the archs to gate (default: sm_90 sm_80)")
     parser.add_argument("--quick", action="store_true", help="a representative subset (the CI test's)")
-    parser.add_argument("--output", default=str(RESULTS), help="markdown report (default: bench/results/KERNELS.md)")
+    parser.add_argument("--output", help="markdown report (default: bench/results/KERNELS.md; with sm_100 among "
+                                         "the archs, bench/results/KERNELS_SM100.md)")
     parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), help="only these input dtypes")
     parser.add_argument("--divergence", nargs="+", choices=tuple(DIVERGENCES), help="only these divergences")
     parser.add_argument("--transforms", action="store_true",
@@ -564,6 +627,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("TRITON_INTERPRET is set: interpreted kernels cannot be compiled; unset it")
     results, wall = run(args.arch, args.quick, args.jobs, args.dtype, args.divergence, args.transforms, args.kernel)
+    args.output = args.output or str(default_output(args.arch))
     Path(args.output).write_text(report(results, args.arch, args.quick, wall, args.dtype, args.divergence,
                                         args.transforms, args.kernel))
     failures = [(r, f) for r in results for f in r.failures]

@@ -1,10 +1,12 @@
 """The CUDA compile gate (`python -m bench.compile`): every kernel compiles for sm_90 and sm_80 without
-spills, and 16-bit fused matmuls use the tensor cores — checked ahead of time, on this GPU-less machine.
+spills, and 16-bit fused matmuls use the tensor cores — checked ahead of time, on this GPU-less machine; for
+sm_100 (Blackwell), a part of the grid with the arch's own tensor-core rule (tcgen05: UTCHMMA).
 
 The gate itself runs in a subprocess: the test process has TRITON_INTERPRET set, and interpreted kernels
 cannot be compiled."""
 
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +30,7 @@ KERNELS = {"kd_logits_forward_kernel", "kd_logits_backward_kernel", "merge_parti
 TOPK_KERNELS = {"complement_lse_kernel", "topk_student_backward_kernel"}  # the quick gate's sparse-teacher call
 SCALE_KERNELS = {"scale_unless_one_kernel"}  # the chunked paths' upstream gradient (no float argument)
 TOKEN_LOGPROBS_KERNELS = {"token_logprobs_forward_kernel", "token_logprobs_backward_kernel"}
+EPILOGUE_KERNELS = {"merge_tile_statistics_kernel"}  # impl="epilogue": its GEMMs' tile statistics merged
 
 
 def test_quick_gate_compiles_every_kernel_within_its_spill_limit(tmp_path):
@@ -43,10 +46,14 @@ def test_quick_gate_compiles_every_kernel_within_its_spill_limit(tmp_path):
     text = report.read_text()
     assert " 0 failures.**" in text
     for arch in ("sm_90", "sm_80"):
-        for kernel in KERNELS | TOPK_KERNELS | SCALE_KERNELS | TOKEN_LOGPROBS_KERNELS:
+        for kernel in KERNELS | TOPK_KERNELS | SCALE_KERNELS | TOKEN_LOGPROBS_KERNELS | EPILOGUE_KERNELS:
             assert f"| {arch} | {kernel} |" in text, (arch, kernel)
     for kernel in ("kd_logits_forward_kernel", "fused_forward_kernel", "complement_lse_kernel"):  # return_parts'
         assert any(f"| {kernel} |" in line and "PARTS=1" in line for line in text.splitlines()), kernel
+    # the one-read gradient of impl="epilogue", with and without the hard-label term
+    for hard in (0, 1):
+        assert any("| kd_logits_backward_kernel |" in line and f"HARD={hard}" in line and "LOSS=1" in line
+                   for line in text.splitlines()), hard
 
 
 def test_the_sass_is_read_only_where_it_can_count(tmp_path):
@@ -61,6 +68,81 @@ def test_the_sass_is_read_only_where_it_can_count(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+# Records the quick grid's bf16 calls for reverse KL on sm_100 and compiles, through the gate's own job, one 16-bit
+# fused gradient kernel at 64 × 64 tiles (no spill); prints what the assertions read of it, its report and its SASS.
+_BLACKWELL = r"""
+import json, re
+from bench import compile as gate
+
+specs = [s for s in gate.record("sm_100", True, ["bf16"], ["reverse_kl"])
+         if s.name == "fused_gradient_kernel" and gate._describe(s)[2]]
+spec = next(s for s in specs if s.arguments["BLOCK_N"] == 64)
+result, = gate.compile_all([spec], jobs=1)
+compiled = gate.compile_spec(spec)  # Triton's cache: the cubin just analysed
+sass = gate.sass(compiled.asm["cubin"])
+without = "\n".join(line for line in sass.splitlines() if "UTCHMMA" not in line)
+print(json.dumps(dict(
+    tiles=sorted({(s.arguments["BLOCK_N"], s.arguments["BLOCK_V"], s.arguments["LOADS"]) for s in specs}),
+    failures=result.failures, tensor_core_instructions=result.tensor_core_instructions,
+    local_bytes=result.local_bytes, report=gate.report([result], ["sm_100"], True, 0.0),
+    ptx_target=re.findall(r"^\.target\s+(\S+)", compiled.asm["ptx"], re.M), sass_arch="code for sm_100a" in sass,
+    counts={arch: gate.tensor_core_instructions(sass, arch) for arch in gate.ARCHS},
+    without=gate.tensor_core_instructions(without, "sm_100"))))
+"""
+
+
+def test_blackwell_gate_demands_tcgen05():
+    """The sm_100 gate records the configurations the launchers pick on a B200 (the Hopper ones: 128 × 128 tiles
+    where they are widest, TMA loads), compiles them for sm_100a, and passes a 16-bit fused kernel for its tcgen05
+    instructions (UTCHMMA), which the sm_90 and sm_80 opcodes do not name: the same SASS without them fails."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _BLACKWELL], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    tma = linear.TMA.value
+    assert [128, 128, tma] in seen["tiles"] and all(loads == tma for _, _, loads in seen["tiles"])
+    assert seen["ptx_target"] == ["sm_100a"] and seen["sass_arch"]
+    assert seen["failures"] == [] and seen["local_bytes"] == 0
+    assert seen["tensor_core_instructions"] == seen["counts"]["sm_100"] > 0
+    assert seen["counts"]["sm_90"] == seen["counts"]["sm_80"] == 0  # no HGMMA, no HMMA: tcgen05 alone
+    assert "(UTCHMMA on sm_100)" in seen["report"] and "tiles on sm_90 and sm_100 up to" in seen["report"]
+    assert seen["without"] == 0
+    missing = gate.Compiled("fused_gradient_kernel", "sm_100", "c", "", "", registers=200, sixteen_bit_dot=True,
+                            tensor_core_instructions=seen["without"])
+    assert missing.failures == ["16-bit dot without tensor-core instructions"]
+
+
+def test_tensor_core_opcodes_follow_the_arch():
+    """Each arch counts its own tensor-core instructions in the SASS, predicated or not, at any offset: UTCHMMA
+    (tcgen05.mma) on sm_100 only; HGMMA on sm_90; HMMA on sm_80 and sm_90, not on sm_100 (mma.sync, which
+    leaves tcgen05 unused there)."""
+    def line(offset, instruction):
+        return f"        /*{offset}*/                   {instruction} ;   /* 0x00ff1c0e040075ea */"
+
+    utc = line("1710", "UTCHMMA gdesc[UR4], gdesc[UR14], tmem[UR9], tmem[UR28], idesc[UR29], UPT")
+    utc_far = line("10a40", "@UP0 UTCHMMA gdesc[UR16], gdesc[UR18], tmem[UR9], tmem[UR28], idesc[UR29], UPT")
+    hgmma = line("0f20", "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT")
+    hmma = line("0f30", "HMMA.16816.F32.BF16 R4, R8, R12, R4")
+    count = gate.tensor_core_instructions
+    assert [count(f"{utc}\n{utc_far}", arch) for arch in ("sm_100", "sm_90", "sm_80")] == [2, 0, 0]
+    assert [count(hgmma, arch) for arch in ("sm_100", "sm_90", "sm_80")] == [0, 1, 0]
+    assert [count(hmma, arch) for arch in ("sm_100", "sm_90", "sm_80")] == [0, 1, 1]
+    assert set(gate.TENSOR_CORE_OPCODES) == set(gate.ARCHS)
+
+
+def test_blackwell_runs_keep_their_own_report():
+    """Without --arch the gate covers sm_90 and sm_80 and writes KERNELS.md (their record); a run that includes
+    sm_100 writes KERNELS_SM100.md. The B200 it assumes: capability (10, 0), 148 SMs."""
+    assert gate.DEFAULT_ARCHS == ("sm_90", "sm_80")
+    assert gate.default_output(gate.DEFAULT_ARCHS) == gate.default_output(["sm_80"]) == gate.RESULTS
+    assert gate.default_output(["sm_100"]) == gate.default_output(["sm_90", "sm_100"]) == gate.BLACKWELL_RESULTS
+    assert gate.BLACKWELL_RESULTS != gate.RESULTS and gate.BLACKWELL_RESULTS.parent == gate.RESULTS.parent
+    b200 = gate.gpu_of_arch("sm_100")
+    assert (b200.capability, b200.sm_count, b200.arch) == ((10, 0), 148, "sm_100")
+    assert gate.gpu_of_arch("sm_90") is targets.H100 and gate.gpu_of_arch("sm_80") is targets.A100
 
 
 def test_failures_are_named():
@@ -88,8 +170,8 @@ def test_failures_are_named():
 
 
 def test_spill_limit_covers_the_widest_fused_tiles_alone():
-    """Only the fused kernels' 16-bit 128 × 128 tiles on sm_90 may spill (up to WIDEST_SPILL_LIMIT): not the same
-    tiles before Hopper or with float32 operands, not narrower fused tiles, not the kernels on logits."""
+    """Only the fused kernels' 16-bit 128 × 128 tiles on sm_90 and sm_100 may spill (up to WIDEST_SPILL_LIMIT): not
+    the same tiles before Hopper or with float32 operands, not narrower fused tiles, not the kernels on logits."""
     def spec(name="fused_forward_kernel", arch="sm_90", **config):
         kernel = SimpleNamespace(__name__=name, arg_names=["BLOCK_N"])  # BLOCK_N positional, the rest keywords
         return gate.Spec(kernel, (config.pop("BLOCK_N", 64),), config, call=None, arch=arch)
@@ -97,6 +179,7 @@ def test_spill_limit_covers_the_widest_fused_tiles_alone():
     widest, limit = dict(BLOCK_N=128, BLOCK_V=128), gate.WIDEST_SPILL_LIMIT
     assert gate.spill_limit(spec(**widest), True) == gate.spill_limit(spec("fused_gradient_kernel", **widest), True) \
         == limit > 0
+    assert gate.spill_limit(spec(arch="sm_100", **widest), True) == limit  # the same tiles from Hopper on
     assert gate.spill_limit(spec(**widest), False) == gate.spill_limit(spec(arch="sm_80", **widest), True) == 0
     assert gate.spill_limit(spec(BLOCK_N=128, BLOCK_V=64), True) == 0
     assert gate.spill_limit(spec("kd_logits_forward_kernel", **widest), True) == 0
