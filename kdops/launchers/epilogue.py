@@ -62,8 +62,11 @@ class QuackGEMM:
 
     @staticmethod
     def accepts(hidden, weight) -> bool:
-        """16-bit operands of one dtype (`OPERAND_DTYPES`), the weight's rows contiguous (read in place, K-major)."""
-        return hidden.dtype == weight.dtype and hidden.dtype in OPERAND_DTYPES and weight.stride(-1) == 1
+        """16-bit operands of one dtype (`OPERAND_DTYPES`), the weight's rows contiguous (read in place, K-major), and
+        the 16-byte aligned rows that the GEMM's TMA copies need: H a multiple of 8 (16-bit operands), V of 4 (the
+        float32 logits)."""
+        return (hidden.dtype == weight.dtype and hidden.dtype in OPERAND_DTYPES and weight.stride(-1) == 1
+                and hidden.shape[-1] % 8 == 0 and weight.shape[0] % 4 == 0)
 
     def __call__(self, h, weight, out, inv_temp: float, ce: bool) -> dict:
         h = h.contiguous()
