@@ -23,7 +23,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 _SLOW_OK = [HealthCheck.too_slow]
-settings.register_profile("ci", max_examples=10, deadline=None, derandomize=True, database=None,
+settings.register_profile("ci", max_examples=6, deadline=None, derandomize=True, database=None,
                           suppress_health_check=_SLOW_OK, print_blob=True)
 settings.register_profile("thorough", max_examples=2000, deadline=None, suppress_health_check=_SLOW_OK,
                           print_blob=True)
