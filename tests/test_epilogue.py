@@ -63,7 +63,7 @@ def test_forward_kl_reads_each_logit_once(dtype, temperature, hard, reference_ge
 @pytest.mark.parametrize("divergence", ["reverse_kl", "generalized_jsd", "tvd"])
 def test_other_losses_take_the_chunked_passes(divergence, reference_gemm, monkeypatch):
     """Losses whose gradient needs more than the log-normalizers, the teacher's gradient and biases: the chunked
-    path's passes on the epilogue GEMM's logits, still exact."""
+    path as it is, still exact."""
     launches = count_launches(monkeypatch)
     assert_matches_oracle(make_inputs(torch.bfloat16, vt=V, seed=4, bias=False), teacher_grad=True,
                           divergence=divergence, temperature=2.0, hard_weight=0.3, impl="epilogue", backend="triton")
@@ -183,7 +183,7 @@ def test_quack_gemm_keeps_its_definition(ce):
 @pytest.mark.parametrize("divergence", list(kdops.DIVERGENCES))
 def test_path_on_the_gpu(divergence):
     """impl="epilogue" with its CuTe DSL GEMM against the float64 oracle: every divergence, T = 2, the hard-label
-    term, bf16, the student's gradients; then forward KL with softcaps (the chunked passes on the GEMM's logits)."""
+    term, bf16, the student's gradients; then forward KL with softcaps (the chunked path)."""
     x = make_inputs(torch.bfloat16, vt=V, seed=6, bias=False)
     assert_matches_oracle(x, teacher_grad=False, divergence=divergence, temperature=2.0, hard_weight=0.3,
                           impl="epilogue", backend="triton")

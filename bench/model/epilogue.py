@@ -1,7 +1,7 @@
 """`fused_linear_kd_loss` impl="epilogue" (path "epilogue", `kdops.paths.epilogue`): the chunked path whose logits
 GEMMs (quack's CuTe DSL) keep each row's maximum and sum of exponentials per N tile in their epilogue. For forward
 KL without softcaps, one kernel merges the tiles' statistics and one pass over the logits writes the loss and G
-(the statistics pass is gone); every other loss takes the chunked path's passes on the same logits."""
+(the statistics pass is gone); every other loss runs as the chunked path does."""
 
 from __future__ import annotations
 
@@ -27,8 +27,7 @@ def epilogue_path(ctx: Ctx):
     if not one_read(ctx):
         kernels, extra, detail, notes = chunked_path(ctx)
         return kernels, extra, detail, notes + (
-            f"{ctx.divergence.name}: the chunked path's passes on the epilogue GEMM's logits (the statistics kept by "
-            "the epilogue are not used)",)
+            f"{ctx.divergence.name}: the chunked path itself (cuBLAS's logits, no statistics kept)",)
     num_stats, _ = kernel_constants()
     tile_n = EPILOGUE_TILE_N.get(ctx.gpu.capability[0], EPILOGUE_TILE_N[9])
     models = 1 + ctx.teachers

@@ -248,7 +248,7 @@ def logits_backward(student, teacher, labels, stats, row_scale, canon: Canonical
     n_rows = stats.shape[0]
     if loss is not None and not (shards is None and one_read(canon, grad_t)):  # a caller's error, not a user's
         raise AssertionError(f"the gradient of {canon.kind.name} (student is P: {canon.student_is_p}, teacher's "
-                         f"gradient: {grad_t}) needs the forward's statistics: it cannot write the loss")
+                             f"gradient: {grad_t}) needs the forward's statistics: it cannot write the loss")
     if grad_s and out_s is None:
         out_s = empty(student.shape, student.dtype, student.device)
     if grad_t and out_t is None:

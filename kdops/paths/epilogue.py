@@ -7,9 +7,8 @@ each row's log-normalizers at T (and the student's at T = 1, for the hard-label 
 `logits_backward(..., loss=...)` then writes the chunk's losses and the student's logit gradient G. That is the
 whole of the kernels' work for the losses whose gradient needs nothing but the log-normalizers
 (`launchers.logits.one_read`: KL(teacher ‖ student), with or without the hard-label term), when neither lm_head
-has a bias and no tile transform applies. Every other loss (and the teacher's gradient, `return_parts`, a
-vocabulary-parallel group) runs the chunked path's passes on the same logits: a statistics pass, then the
-gradient.
+has a bias and no tile transform applies. Every other loss runs as the chunked path does, cuBLAS's logits included;
+the teacher's gradient and `return_parts` take the chunked passes on the epilogue GEMM's logits.
 
 The GEMM is quack-kernels' CuTe DSL on CUDA compute capability 9.x and 10.x with 16-bit operands of one dtype;
 other operands take cuBLAS, as the chunked path does.
@@ -32,12 +31,13 @@ class EpilogueProblem(ChunkedProblem):
         self.gemm = gemm_for(self.device)
         self.canon = self.divergence.canonical().with_softcaps(*self.softcaps)
         self.inv_temp = 1.0 / self.temperature
-        #: whether the epilogue GEMM computes both sides' logits (else cuBLAS, as in the chunked path)
-        self.in_epilogue = all(side.bias is None and self.gemm.accepts(side.hidden, side.weight)
-                               for side in self.sides)
-        #: whether its statistics replace the statistics pass: one read of each logit
-        self.reads_once = (self.in_epilogue and self.engine == "triton" and self.shards is None
-                           and one_read(self.canon) and self.canon.transform == 0)
+        #: whether the epilogue GEMM computes both sides' logits and its statistics replace the statistics pass (one
+        #: read of each logit); else the chunked path runs as it is, cuBLAS's logits included: no statistics are
+        #: kept that nothing reads
+        self.reads_once = (self.engine == "triton" and self.shards is None and one_read(self.canon)
+                           and self.canon.transform == 0
+                           and all(side.bias is None and self.gemm.accepts(side.hidden, side.weight)
+                                   for side in self.sides))
         self._partials = None
 
     @property
@@ -45,7 +45,7 @@ class EpilogueProblem(ChunkedProblem):
         return self.hard > 0 and self.labels is not None
 
     def _logits(self, r0: int, r1: int, buffers):
-        if not self.in_epilogue:
+        if not self.reads_once:
             return super()._logits(r0, r1, buffers)
         logits = tuple(buf[: r1 - r0] for buf in buffers)
         ce = self.hard_term and self.inv_temp != 1.0
