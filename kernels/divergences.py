@@ -718,17 +718,42 @@ def mix_ratio_log(ratio, w_q):
 
 @triton.jit
 def jsd_terms(lp, lq, lpq, c1):
-    """(p, q, log p − log m, p·ψ, log q − log m, q·ψ) of `kl_to_mix` for both of JSD's KL(P ‖ M) and
-    KL(Q ‖ M), M = c1·P + (1 − c1)·Q, sharing their ratios: e^(lq − lp) = q/p and its inverse (each side's m/p
-    from `mix_ratio_log`; their expm1 from one `expm1_pair`)."""
+    """(p, q, log p − log m, p·ψ, log q − log m, q·ψ, p·(log p − log m), q·(log q − log m)) of `kl_to_mix` for both
+    of JSD's KL(P ‖ M) and KL(Q ‖ M), M = c1·P + (1 − c1)·Q, sharing their ratios: e^(lq − lp) = q/p and its
+    inverse (each side's m/p from `mix_ratio_log`; their expm1 from one `expm1_pair`)."""
     p = exp_flushed(lp)
     q = exp_flushed(lq)
     q_over_p = exp_flushed(-lpq)
     p_over_q = exp_flushed(lpq)
     q_over_p_m1, p_over_q_m1 = expm1_pair(-lpq, q_over_p, p_over_q)
-    lpm, _, psi_p = kl_to_mix(p, q, mix_ratio_log(q_over_p, 1.0 - c1), q_over_p_m1, 1.0 - c1)
-    lqm, _, psi_q = kl_to_mix(q, p, mix_ratio_log(p_over_q, c1), p_over_q_m1, c1)
-    return p, q, lpm, psi_p, lqm, psi_q
+    lpm, p_lpm, psi_p = kl_to_mix(p, q, mix_ratio_log(q_over_p, 1.0 - c1), q_over_p_m1, 1.0 - c1)
+    lqm, q_lqm, psi_q = kl_to_mix(q, p, mix_ratio_log(p_over_q, c1), p_over_q_m1, c1)
+    return p, q, lpm, psi_p, lqm, psi_q, p_lpm, q_lqm
+
+
+@triton.jit
+def jsd_given_terms(lp, lq, lpq, c1):
+    """JSD's second-pass terms where the statistics came from elsewhere (`kernels/logits.py`, GIVEN): P·ψ and Q·ψ,
+    whose sums make L as `second_pass_terms`' do, and P·(log p − log m), Q·(log q − log m), whose plain sums are the
+    gradient's aux1, aux2 (`jsd_given_finish`).
+
+    Given log-normalizers and r are exact only to their own size: P and Q are then each normalized to about 1e-6,
+    and r = ls_y − ls_x no longer makes Σ Q = Σ P·e^−d to the precision of their difference, as the first pass's r
+    does. The ψ terms carry that normalization error at first order (`kl_to_mix`), each side's ~1e-6; in L the two
+    sides' errors cancel element by element. The gradient's projection (`gradient_terms`: g = c·p·(lpm − aux1))
+    sums to zero only with aux1 = Σ p·lpm of the very p and lpm it weighs, which the plain sums are: with the ψ
+    sums instead, G is off by ~1e-6·p per element, which dH = G·W does not cancel (four times the float32
+    reference's error on near-identical rows, a divergence of 1e-4). The plain sums cancel at the sums' own size,
+    a few ulps of Σ |p·lpm| (the JSD itself is of the order of its square)."""
+    _, _, _, psi_p, _, psi_q, p_lpm, q_lqm = jsd_terms(lp, lq, lpq, c1)
+    return psi_p, psi_q, p_lpm, q_lqm
+
+
+@triton.jit
+def jsd_given_finish(y1, y2, y3, y4, c1):
+    """(L, aux1, aux2, aux3) of each row from the summed `jsd_given_terms`: L = c1·Σ P·ψ + (1 − c1)·Σ Q·ψ, aux1 and
+    aux2 the plain sums KL(P ‖ M), KL(Q ‖ M)."""
+    return c1 * y1 + (1.0 - c1) * y2, y3, y4, tl.zeros_like(y1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -747,7 +772,7 @@ def second_pass_terms(KIND: tl.constexpr, lp, lq, lpq, c1, c2):
     t2 = tl.zeros_like(lp)
     t3 = tl.zeros_like(lp)
     if KIND == JSD:
-        _, _, _, t1, _, t2 = jsd_terms(lp, lq, lpq, c1)  # KL(P ‖ M), KL(Q ‖ M)
+        _, _, _, t1, _, t2, _, _ = jsd_terms(lp, lq, lpq, c1)  # KL(P ‖ M), KL(Q ‖ M)
     elif KIND == SKEW:
         lm = log_mix(lp, lq, c1)
         _, t1, _ = kl_to_mix(p, q, lp - lm, expm1(-lpq), 1.0 - c1)  # KL(P ‖ M)
@@ -806,7 +831,7 @@ def gradient_terms(KIND: tl.constexpr, lp, lq, lpq, L, aux1, aux2, aux3, c1, c2)
         g_y = exp_diff(q, p, -lpq)  # q − p
     elif KIND == JSD:
         # aux1 = KL(P ‖ M), aux2 = KL(Q ‖ M)
-        p, q, lpm, _, lqm, _ = jsd_terms(lp, lq, lpq, c1)
+        p, q, lpm, _, lqm, _, _, _ = jsd_terms(lp, lq, lpq, c1)
         g_x = tl.where(p > 0, c1 * p * (lpm - aux1), 0.0)
         g_y = tl.where(q > 0, (1.0 - c1) * q * (lqm - aux2), 0.0)
     elif KIND == SKEW:

@@ -13,16 +13,19 @@ so two leading dimensions with arbitrary strides (e.g. `logits[:, :-1]`) need no
 import triton
 import triton.language as tl
 
-from .divergences import FLOAT, INTERPRETED, NEG_INF, in_acc, second_pass_add
+from .divergences import FLOAT, INTERPRETED, NEG_INF, in_acc, jsd_given_finish, second_pass_add
 from .entropy import entropy_of_excess, entropy_store_partial
 from .partials import NUM_PARTIAL, store_partial, store_second_partial
+from .cross_entropy import label_logit_update
 from .passes import (
     NUM_STATS,  # noqa: F401  (re-exported for the launchers)
     first_pass_lanes_init,
     first_pass_lanes_state,
     first_pass_lanes_tile,
     first_pass_results,
+    given_pass_tile,
     gradient_tile,
+    hard_label_part,
     load_labels,
     load_stats,
     one_read_results,
@@ -47,10 +50,12 @@ def load_tile(ptr, row_off, cols, col_ok, ACC: tl.constexpr):
 
 
 # Stages of the forward kernel: the whole loss, or one pass's partial state over this (vocabulary-shard)
-# part of each row, for a merge across ranks (`partials.py`).
+# part of each row, for a merge across ranks (`partials.py`); or, for the two-pass kinds, the whole loss from
+# first-pass statistics computed elsewhere (GIVEN: the logits GEMMs' epilogue, `launchers/epilogue.py`).
 FULL = tl.constexpr(0)
 FIRST_PARTIAL = tl.constexpr(1)
 SECOND_PARTIAL = tl.constexpr(2)
+GIVEN = tl.constexpr(3)
 
 
 @triton.jit
@@ -65,7 +70,11 @@ def kd_logits_forward_kernel(
     """loss[r] = soft·D(teacher_r ‖ student_r at T) + hard·CE(student_r, label_r); stats[r] as in passes.py.
 
     FIRST_PARTIAL stores the rows' first-pass state to partial[r] instead; SECOND_PARTIAL reads the merged
-    statistics from stats[r] and stores the second-pass sums (y1, y2, y3) to partial[r]. PARTS also stores
+    statistics from stats[r] and stores the second-pass sums (y1, y2, y3) to partial[r]. GIVEN (two-pass kinds, no
+    tile transform: the given statistics are of the raw logits) reads the log-normalizers, r and the cross-entropy's
+    (m_c, ls_c) from stats[r], runs the second pass alone, gathering the label's logit on the way, and stores
+    loss[r] and the completed stats[r] as FULL does (in place: each program reads its rows before it writes them).
+    PARTS also stores
     parts[r] = (D, CE, H(student at T), H(target at T)) at FULL, the entropies streamed beside the first pass
     from the sums e^d·d of the terms e^d of the first pass's log-sum-exps (`divergences.first_pass_update_lanes`)
     and CE that of HARD (0 without it), and at FIRST_PARTIAL the entropies' partial states (`entropy_store_partial`:
@@ -83,8 +92,9 @@ def kd_logits_forward_kernel(
     cols = tl.arange(0, BLOCK_V)
     part = partial_ptr + rows.to(tl.int64) * NUM_PARTIAL
 
-    if STAGE == SECOND_PARTIAL:
+    if STAGE == SECOND_PARTIAL or STAGE == GIVEN:
         m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c = load_stats(stats_ptr, safe_rows)
+        s_lab = tl.zeros([BLOCK_R], ACC)  # GIVEN: the label's logit, gathered by the second pass
     else:
         m_x, u_x, n_x, m_y, u_y, n_y, acc1, acc2, acc3, m_c, u_c, n_c, s_lab = first_pass_lanes_init(BLOCK_R, BLOCK_V,
                                                                                                    ACC)
@@ -119,23 +129,38 @@ def kd_logits_forward_kernel(
         y1 = tl.zeros([BLOCK_R, BLOCK_V], ACC)  # in lanes: summed over them once, after the loop
         y2 = tl.zeros([BLOCK_R, BLOCK_V], ACC)
         y3 = tl.zeros([BLOCK_R, BLOCK_V], ACC)
+        y4 = 0.0  # GIVEN: a fourth sum (`jsd_given_terms`)
+        if STAGE == GIVEN:
+            y4 = tl.zeros([BLOCK_R, BLOCK_V], ACC)
         for v0 in range(0, V, BLOCK_V):
             col_ok = v0 + cols < V
             s = load_tile(s_ptr + v0, s_off, cols, col_ok, ACC)
             t = load_tile(t_ptr + v0, t_off, cols, col_ok, ACC)
-            t1, t2, t3 = second_pass_tile(KIND, STUDENT_IS_P, TRANSFORM, s, t, inv_temp, cap_s, cap_t, share, m_x,
-                                          ls_x, m_y, ls_y, r, c1, c2)
-            y1, y2, y3 = second_pass_add(KIND, y1, y2, y3, t1, t2, t3)
+            if STAGE == GIVEN:  # the JSD (`launchers.logits.second_pass_only`)
+                t1, t2, t3, t4 = given_pass_tile(STUDENT_IS_P, s, t, inv_temp, m_x, ls_x, m_y, ls_y, r, c1)
+                y1 += t1
+                y2 += t2
+                y3 += t3
+                y4 += t4
+                if HARD:
+                    s_lab = label_logit_update(s, v0, v0 + cols, labels, s_lab)
+            else:
+                t1, t2, t3 = second_pass_tile(KIND, STUDENT_IS_P, TRANSFORM, s, t, inv_temp, cap_s, cap_t, share, m_x,
+                                              ls_x, m_y, ls_y, r, c1, c2)
+                y1, y2, y3 = second_pass_add(KIND, y1, y2, y3, t1, t2, t3)
         y1 = tl.sum(y1, axis=1)
         y2 = tl.sum(y2, axis=1)
         y3 = tl.sum(y3, axis=1)
         if STAGE == SECOND_PARTIAL:
             store_second_partial(part, row_ok, y1, y2, y3)
+        elif STAGE == GIVEN:
+            L, aux1, aux2, aux3 = jsd_given_finish(y1, y2, y3, tl.sum(y4, axis=1), c1)
+            loss = hard_label_part(HARD, m_c, ls_c, s_lab, labels, V, hard) + soft * L
         else:
             aux1, aux2, aux3, L = second_pass_results(KIND, y1, y2, y3, c1, c2)
             loss += soft * L
 
-    if STAGE == FULL:
+    if STAGE == FULL or STAGE == GIVEN:
         tl.store(loss_ptr + rows, loss, mask=row_ok)
         store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, r, aux1, aux2, aux3, L, m_c, ls_c)
         if PARTS:

@@ -118,11 +118,11 @@ def merge_partials_kernel(
 
 
 @triton.jit
-def tile_log_sum(top_ptr, sums_ptr, rows, row_ok, n_tiles, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
-                 ACC: tl.constexpr):
-    """(M, ls) of `rows` from their per-tile maxima and sums of exponentials [rows, n_tiles] (top_j = max v over the
-    tile, sums_j = Σ e^(v − top_j)): M = max_j top_j and ls = log Σ_j sums_j·e^(top_j − M), both relative to the
-    row's own maximum (ls to the sums' precision); a tile of −inf only (top −inf, sums 0) adds nothing."""
+def tile_sum(top_ptr, sums_ptr, rows, row_ok, n_tiles, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+             ACC: tl.constexpr):
+    """(M, S) of `rows` from their per-tile maxima and sums of exponentials [rows, n_tiles] (top_j = max v over the
+    tile, sums_j = Σ e^(v − top_j)): M = max_j top_j and S = Σ_j sums_j·e^(top_j − M) ≥ 1, relative to the row's own
+    maximum (to the sums' precision); a tile of −inf only (top −inf, sums 0) adds nothing."""
     base = rows.to(tl.int64)[:, None] * n_tiles
     cols = tl.arange(0, BLOCK_T)
     m = tl.full([BLOCK_R], NEG_INF, ACC)
@@ -136,7 +136,7 @@ def tile_log_sum(top_ptr, sums_ptr, rows, row_ok, n_tiles, BLOCK_R: tl.constexpr
         top = tl.load(top_ptr + base + j0 + cols[None, :], mask=ok, other=NEG_INF).to(ACC)
         sums = tl.load(sums_ptr + base + j0 + cols[None, :], mask=ok, other=0.0).to(ACC)
         total += tl.where(top == NEG_INF, 0.0, sums * tl.exp(top - shift))
-    return m, tl.log(tl.sum(total, axis=1))
+    return m, tl.sum(total, axis=1)
 
 
 @triton.jit
@@ -144,14 +144,19 @@ def merge_tile_statistics_kernel(x_top_ptr, x_sums_ptr, y_top_ptr, y_sums_ptr, c
                                  n_rows, n_tiles, CE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
                                  ACC: tl.constexpr):
     """stats[r] (`passes.py`) of the two sides' per-tile statistics (x = P, y = Q; c: the student's at T = 1, CE):
-    (M, ls) of each by `tile_log_sum`, r = ls_y − ls_x; aux1..3 and L are 0 (a one-read gradient reads none)."""
+    (M, S) of each by `tile_sum`, ls = log S, and r = log(S_y / S_x): ls_y − ls_x to the sums' precision, where the
+    difference of the two log-sums, each rounded at its own size (~12), would carry their roundings (5e-7 each;
+    the two-pass kinds' second pass and gradient take r as it is). aux1..3 and L are 0 (the second pass or the
+    one-read kernel writes or needs none)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
-    m_x, ls_x = tile_log_sum(x_top_ptr, x_sums_ptr, rows, row_ok, n_tiles, BLOCK_R, BLOCK_T, ACC)
-    m_y, ls_y = tile_log_sum(y_top_ptr, y_sums_ptr, rows, row_ok, n_tiles, BLOCK_R, BLOCK_T, ACC)
+    m_x, s_x = tile_sum(x_top_ptr, x_sums_ptr, rows, row_ok, n_tiles, BLOCK_R, BLOCK_T, ACC)
+    m_y, s_y = tile_sum(y_top_ptr, y_sums_ptr, rows, row_ok, n_tiles, BLOCK_R, BLOCK_T, ACC)
     zero = tl.zeros([BLOCK_R], ACC)
     m_c = zero
     ls_c = zero
     if CE:
-        m_c, ls_c = tile_log_sum(c_top_ptr, c_sums_ptr, rows, row_ok, n_tiles, BLOCK_R, BLOCK_T, ACC)
-    store_stats(stats_ptr, rows, row_ok, m_x, ls_x, m_y, ls_y, ls_y - ls_x, zero, zero, zero, zero, m_c, ls_c)
+        m_c, s_c = tile_sum(c_top_ptr, c_sums_ptr, rows, row_ok, n_tiles, BLOCK_R, BLOCK_T, ACC)
+        ls_c = tl.log(s_c)
+    store_stats(stats_ptr, rows, row_ok, m_x, tl.log(s_x), m_y, tl.log(s_y), tl.log(s_y / s_x), zero, zero, zero,
+                zero, m_c, ls_c)

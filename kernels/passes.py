@@ -30,6 +30,7 @@ from .divergences import (
     first_pass_lanes_sum,
     first_pass_update,
     first_pass_update_lanes,
+    jsd_given_terms,
     kl_terms,
     lanes_excess,
     gradient_terms,
@@ -159,6 +160,14 @@ def second_pass_tile(KIND: tl.constexpr, STUDENT_IS_P: tl.constexpr, TRANSFORM: 
 
 
 @triton.jit
+def given_pass_tile(STUDENT_IS_P: tl.constexpr, s, t, inv_temp, m_x, ls_x, m_y, ls_y, r, c1):
+    """`jsd_given_terms` [rows, block] of one pair of raw, untransformed tiles, from given statistics."""
+    x, y = scaled_pq(STUDENT_IS_P, s, t, inv_temp)
+    lp, lq, lpq = log_probs(x, y, m_x, ls_x, m_y, ls_y, r)
+    return jsd_given_terms(lp, lq, lpq, c1)
+
+
+@triton.jit
 def second_pass_results(KIND: tl.constexpr, y1, y2, y3, c1, c2):
     """(aux1..3, L) of each row from its summed second-pass terms."""
     L, aux1, aux2, aux3 = second_pass_finish(KIND, y1, y2, y3, c1, c2)
@@ -225,10 +234,17 @@ def one_read_results(HARD: tl.constexpr, p_sum, acc1, acc2, acc3, m_c, ls_c, s_l
     zero = tl.zeros_like(s_x)
     L = first_pass_finish(KL, zero, s_x - 1.0, zero, (s_x - 1.0) + acc2, tl.sum(acc1, axis=1), acc2,
                           tl.sum(acc3, axis=1), c1, c2)[3]
-    loss = soft * L
+    return soft * L + hard_label_part(HARD, m_c, ls_c, s_lab, labels, V, hard)
+
+
+@triton.jit
+def hard_label_part(HARD: tl.constexpr, m_c, ls_c, s_lab, labels, V, hard):
+    """hard·CE of each row from the student's (m_c, ls_c) at T = 1 and its label's logit s_lab; 0 without HARD,
+    and 0 at hard = 0 (the cross-entropy only reported), not the NaN of 0·∞ from a label at a −inf logit."""
+    part = tl.zeros_like(m_c)
     if HARD:
-        loss += tl.where(hard != 0.0, hard * hard_label_loss(m_c, ls_c, s_lab, labels, V), 0.0)
-    return loss
+        part = tl.where(hard != 0.0, hard * hard_label_loss(m_c, ls_c, s_lab, labels, V), 0.0)
+    return part
 
 
 @triton.jit

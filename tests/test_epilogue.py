@@ -2,7 +2,8 @@
 
 Off the GPU the GEMM is its PyTorch definition (`ReferenceGEMM`, KDOPS_EPILOGUE_REFERENCE=<tile width>) and the
 kernels on logits run in Triton's interpreter: the statistics' merge, the one-read kernel (`logits_backward` with
-`loss=`) and the path are checked against the float64 oracle here; the CuTe DSL GEMM itself is compiled for sm_90a
+`loss=`), the second pass from given statistics (`logits_forward` with `stats=`) and the path are checked against
+the float64 oracle here; the CuTe DSL GEMM itself is compiled for sm_90a
 and sm_100a without a launch (`bench.epilogue`, below) and checked against the oracle on a GPU (`gpu_smoke`).
 """
 
@@ -19,8 +20,9 @@ import kdops
 import kdops.launchers.logits
 import kdops.paths.chunked
 from kdops.launchers import epilogue
-from kdops.launchers.logits import logits_backward, logits_forward, one_read
-from oracle import logit_pair
+from kdops.launchers.logits import logits_backward, logits_forward, one_read, second_pass_only
+from kdops import reference
+from oracle import TOLERANCE, logit_pair, rel_error
 from test_fused_linear import assert_matches_oracle, make_inputs
 
 V = 1000
@@ -33,12 +35,14 @@ def reference_gemm(monkeypatch):
 
 
 def count_launches(monkeypatch):
-    """The names of the kernels on logits launched, in order."""
+    """The kernels on logits launched, in order: (name, LOSS (the backward's), STAGE (the forward's))."""
     seen = []
     original = kdops.launchers.logits.launch
 
     def record(kernel, *args, **kwargs):
-        seen.append((kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, kwargs.get("LOSS")))
+        stage = kwargs.get("STAGE")
+        seen.append((kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, kwargs.get("LOSS"),
+                     getattr(stage, "value", stage)))
         return original(kernel, *args, **kwargs)
 
     monkeypatch.setattr(kdops.launchers.logits, "launch", record)
@@ -57,21 +61,46 @@ def test_forward_kl_reads_each_logit_once(dtype, temperature, hard, reference_ge
     assert_matches_oracle(x, teacher_grad=False, divergence="forward_kl", temperature=temperature, hard_weight=hard,
                           impl="epilogue", backend="triton", memory_budget=16 * V * 4 * 3)
     chunks = len(launches)
-    assert chunks >= 3 and launches == [("kd_logits_backward_kernel", True)] * chunks
+    assert chunks >= 3 and launches == [("kd_logits_backward_kernel", True, None)] * chunks
 
 
-@pytest.mark.parametrize("divergence", ["reverse_kl", "generalized_jsd", "tvd"])
+GIVEN = kdops.launchers.logits.kernel_modules().logits.GIVEN.value
+
+
+@pytest.mark.parametrize("teacher_grad", [False, True], ids=["student", "both"])
+@pytest.mark.parametrize("dtype, temperature, hard, beta", [(torch.float32, 1.0, 0.0, 0.5),
+                                                            (torch.bfloat16, 2.0, 0.4, 0.1)],
+                         ids=["fp32-T1", "bf16-T2-hard"])
+def test_jsd_skips_the_statistics_pass(dtype, temperature, hard, beta, teacher_grad, reference_gemm, monkeypatch):
+    """The generalized JSD through the epilogue's statistics: the loss and every gradient, the teacher's too, match
+    the float64 oracle in many chunks with ignored rows and peaked teacher rows, and each chunk runs two passes over
+    its logits, the forward's second pass from the given statistics and the gradient, never the first pass."""
+    monkeypatch.setattr(kdops.paths.chunked, "MIN_CHUNK_ROWS", 8)
+    x = make_inputs(dtype, vt=V, seed=6, bias=False)
+    launches = count_launches(monkeypatch)
+    assert_matches_oracle(x, teacher_grad=teacher_grad, divergence=kdops.GeneralizedJSD(beta=beta),
+                          temperature=temperature, hard_weight=hard, impl="epilogue", backend="triton",
+                          memory_budget=16 * V * 4 * 3)
+    chunks = len(launches) // 2
+    assert chunks >= 3 and launches == [("kd_logits_forward_kernel", None, GIVEN),
+                                        ("kd_logits_backward_kernel", False, None)] * chunks
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "skew_forward_kl", "tvd"])
 def test_other_losses_take_the_chunked_passes(divergence, reference_gemm, monkeypatch):
-    """Losses whose gradient needs more than the log-normalizers, the teacher's gradient and biases: the chunked
-    path as it is, still exact."""
+    """Losses that need more than the log-normalizers (a first pass over both models), forward KL's teacher gradient
+    and biases: the chunked path as it is, still exact."""
     launches = count_launches(monkeypatch)
     assert_matches_oracle(make_inputs(torch.bfloat16, vt=V, seed=4, bias=False), teacher_grad=True,
                           divergence=divergence, temperature=2.0, hard_weight=0.3, impl="epilogue", backend="triton")
-    assert ("kd_logits_backward_kernel", True) not in launches
-    launches.clear()
-    assert_matches_oracle(make_inputs(torch.bfloat16, vt=V, seed=5), teacher_grad=False, divergence="forward_kl",
-                          impl="epilogue", backend="triton")  # biases: cuBLAS and the two passes
-    assert ("kd_logits_forward_kernel", None) in launches
+    assert {(name, stage) for name, _, stage in launches} <= {("kd_logits_forward_kernel", 0),
+                                                              ("kd_logits_backward_kernel", None)}
+    assert all(loss is not True for _, loss, _ in launches)
+    for bias, teacher_grad in ((True, False), (False, True)):  # forward KL: biases; the teacher's gradient
+        launches.clear()
+        assert_matches_oracle(make_inputs(torch.bfloat16, vt=V, seed=5, bias=bias), teacher_grad=teacher_grad,
+                              divergence="forward_kl", impl="epilogue", backend="triton")
+        assert ("kd_logits_forward_kernel", None, 0) in launches
 
 
 @pytest.mark.parametrize("source", ["epilogue", "forward"])
@@ -102,6 +131,57 @@ def test_one_read_kernel(source, hard):
     assert torch.all(g[5] == 0)
 
 
+@pytest.mark.parametrize("hard", [0.0, 0.5])
+def test_second_pass_from_given_statistics(hard):
+    """`logits_forward(..., stats=...)` with the reference epilogue's statistics, on [..., V] logits with −inf entries
+    and peaked rows: the JSD's completed statistics are the two-pass forward's (to float32 roundings of the
+    log-normalizers' size), and its losses and the gradients from them (both models') are as close to the float64
+    oracle as the float32 reference's, within the contract. What the pass writes is poisoned first."""
+    s, t = logit_pair((13, 1003), torch.float32, seed=12)
+    labels = torch.randint(0, 1003, (13,), generator=torch.Generator().manual_seed(2))
+    divergence, temperature = kdops.GeneralizedJSD(beta=0.3), 1.5
+    canon, inv_temp = divergence.canonical(), 1 / temperature
+    _, stats_ref = logits_forward(s, t, labels, canon, inv_temp, 1.0, hard)
+    gemm = epilogue.ReferenceGEMM(TILE)
+    parts = [dict(zip(("top", "sums"), gemm._tiles(z * torch.tensor(inv_temp))))
+             | dict(zip(("top_ce", "sums_ce"), gemm._tiles(z))) for z in (s, t)]
+    stats = epilogue.statistics(parts[0], parts[1], canon.student_is_p, hard > 0)
+    stats[:, 5:9] = float("nan")  # what the second pass writes: aux1..3, L
+    loss, out = logits_forward(s, t, labels, canon, inv_temp, 1.0, hard, stats=stats)
+    assert out is stats
+    read = 11 if hard else 9  # (m_c, ls_c): the hard-label term's, unwritten without it
+    torch.testing.assert_close(stats[:, :read], stats_ref[:, :read], rtol=1e-5, atol=1e-6)
+    scale = torch.rand(13, generator=torch.Generator().manual_seed(3)) + 0.5
+    scale[4] = 0.0
+    grads = logits_backward(s, t, labels, stats, scale, canon, inv_temp, True, True, 1.0, hard)
+
+    def reference_of(dtype):
+        z = [s.to(dtype).requires_grad_(), t.to(dtype).requires_grad_()]
+        rows = reference.kd_loss(*z, divergence=divergence, temperature=temperature, reduction="none")
+        if hard:
+            rows = rows + hard * torch.nn.functional.cross_entropy(z[0], labels, reduction="none")
+        rows.backward(scale.to(dtype))
+        return [rows.detach(), z[0].grad, z[1].grad]
+
+    oracle, float32 = reference_of(torch.float64), reference_of(torch.float32)
+    for i, (ours, o, r) in enumerate(zip([loss, *grads], oracle, float32)):
+        assert rel_error(ours, o) <= rel_error(r, o) + TOLERANCE[torch.float32], i
+
+
+def test_given_statistics_only_where_they_suffice():
+    """The kinds whose second pass needs r to the precision of its own size (skew KL, TVD), the one-pass kinds and
+    transformed tiles refuse given statistics."""
+    s, t = logit_pair((3, 100))
+    assert second_pass_only(kdops.GeneralizedJSD(beta=0.2).canonical())
+    for divergence in (kdops.divergences.ForwardKL(), kdops.divergences.ReverseKL(),
+                       kdops.divergences.SkewForwardKL(), kdops.divergences.TVD()):
+        canon = divergence.canonical()
+        assert not second_pass_only(canon)
+        with pytest.raises(AssertionError, match="given statistics"):
+            logits_forward(s, t, None, canon, 1.0, stats=torch.zeros(3, 11))
+    assert not second_pass_only(kdops.GeneralizedJSD().canonical().with_softcaps(30.0, None))
+
+
 def test_one_read_refuses_what_needs_the_forward():
     s, t = logit_pair((3, 100))
     for canon, grad_t in ((kdops.divergences.ForwardKL().canonical(), True),
@@ -117,7 +197,7 @@ def test_merged_statistics_of_peaked_rows():
     """The tiles' merge (`merged`, and the kernel of `statistics`) keeps the log-sum to a few float32 ulps of its own
     size on rows whose logits are of order 60 (a log-sum-exp of the logits' size would lose 4e-6), with a tile
     holding only −inf (it adds nothing) and a ragged last tile; the statistics put P's and Q's where the kernels
-    read them, with r = ls_y − ls_x and the student's T = 1 pair."""
+    read them, with r = ls_y − ls_x to its own precision and the student's T = 1 pair."""
     g = torch.Generator().manual_seed(1)
     v = torch.randn(3, 5, 1000, generator=g, dtype=torch.float64) * 4 + 60
     v[0, 1, :100] = float("-inf")
@@ -136,7 +216,9 @@ def test_merged_statistics_of_peaked_rows():
     for (m_col, ls_col), side in (((0, 1), 1), ((2, 3), 0), ((9, 10), 2)):  # x = P = teacher, y = Q = student
         assert torch.equal(stats[:, m_col], v[side].amax(-1))
         assert (stats[:, ls_col].double() - exact[side]).abs().max() < eps
-    assert torch.equal(stats[:, 4], stats[:, 3] - stats[:, 1]) and torch.all(stats[:, 5:9] == 0)
+    # r = ls_y − ls_x to the merged sums' precision (~1.5e-7 here), from log(S_y / S_x): no log-sum rounded first
+    exact_r = exact[0] - exact[1]
+    assert (stats[:, 4].double() - exact_r).abs().max() < 2e-7 and torch.all(stats[:, 5:9] == 0)
 
 
 def test_errors(monkeypatch):

@@ -275,13 +275,16 @@ def test_fused_linear(grid_pair, divergence, impl):
                          divergence=DIVERGENCES[divergence])
 
 
-def test_epilogue_path(grid_pair, monkeypatch):
-    """impl="epilogue" (its GEMM's PyTorch definition, `kdops.launchers.epilogue.ReferenceGEMM`, off the GPU): forward
-    KL from the epilogue's per-tile statistics and the one-read kernel, whose loss sums the gradient's own
-    log-probabilities; the student's gradients (the teacher's would take the chunked passes)."""
+@pytest.mark.parametrize("divergence, wrt", [("forward_kl", (0, 1)), ("jsd0.5", None), ("jsd0.1", None)])
+def test_epilogue_path(grid_pair, divergence, wrt, monkeypatch):
+    """impl="epilogue" (its GEMM's PyTorch definition, `kdops.launchers.epilogue.ReferenceGEMM`, off the GPU) from the
+    epilogue's per-tile statistics: forward KL by the one-read kernel, whose loss sums the gradient's own
+    log-probabilities (the student's gradients: the teacher's would take the chunked passes); the JSD by its second
+    pass alone, which an error in the given log-normalizers moves by that error relative to the JSD (every
+    gradient)."""
     monkeypatch.setenv("KDOPS_EPILOGUE_REFERENCE", "64")
-    check_near_identical(fused_impl("epilogue"), ref_fused, list(grid_pair), "fused_linear epilogue forward_kl",
-                         wrt=(0, 1), divergence="forward_kl")
+    check_near_identical(fused_impl("epilogue"), ref_fused, list(grid_pair), f"fused_linear epilogue {divergence}",
+                         **({} if wrt is None else dict(wrt=wrt)), divergence=DIVERGENCES[divergence])
 
 
 # ------------------------------------------------------------------------------------------------------

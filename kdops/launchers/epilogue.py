@@ -115,7 +115,8 @@ def gemm_for(device: torch.device):
 
 def merged(top, sums):
     """(M, ls) per row of per-tile (top, sums) [rows, tiles]: M = max_j top_j, ls = log Σ_j sums_j·e^(top_j − M),
-    in float64, returned in top's dtype: the definition of `merge_tile_statistics_kernel`'s merge (`statistics`)."""
+    in float64, returned in top's dtype: the definition of `merge_tile_statistics_kernel`'s merge (`statistics`;
+    its r is the difference of the two sides' ls before their rounding)."""
     m = top.amax(-1)
     shift = top.double() - torch.where(torch.isfinite(m), m, 0.0).double()[:, None]
     total = (sums.double() * torch.exp(shift)).sum(-1)  # an empty tile (top −inf, sums 0) adds 0
@@ -125,8 +126,9 @@ def merged(top, sums):
 def statistics(student: dict, teacher: dict, student_is_p: bool, ce: bool):
     """The statistics [rows, NUM_STATS] (`kernels/passes.py`: m_x, ls_x, m_y, ls_y, r, aux1..3, L, m_c, ls_c) of a
     chunk from its two GEMMs' per-tile sinks, merged by `merge_tile_statistics_kernel` (`merged` is its definition),
-    for a gradient that needs the log-normalizers only (`logits.one_read`): aux and L are 0. The cross-entropy's
-    (m_c, ls_c), with `ce`, are the student's at T = 1: its own sinks, or (at T = 1) those at T."""
+    with r = log(S_y / S_x) of the merged sums (not the difference of the rounded log-sums), for the kernels that
+    take the log-normalizers only (`logits.one_read`, `logits.second_pass_only`): aux and L are 0. The
+    cross-entropy's (m_c, ls_c), with `ce`, are the student's at T = 1: its own sinks, or (at T = 1) those at T."""
     modules = kernel_modules()
     x, y = (student, teacher) if student_is_p else (teacher, student)
     c = (student["top_ce"], student["sums_ce"]) if "top_ce" in student else (student["top"], student["sums"])

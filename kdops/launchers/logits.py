@@ -67,14 +67,20 @@ def flat_labels(labels, hard: float):
 
 
 def logits_forward(student: torch.Tensor, teacher: torch.Tensor, labels, canon: Canonical, inv_temp: float,
-                   soft: float = 1.0, hard: float = 0.0, shards=None, parts: bool = False):
+                   soft: float = 1.0, hard: float = 0.0, shards=None, parts: bool = False, stats=None):
     """Per-row losses soft·D + hard·CE [rows] and statistics [rows, NUM_STATS] of [..., V] logits; with
     `shards` (`kdops.parallel.VocabShards`), of the group's logits, this rank holding its shard of them. With
     `parts` a third output, parts [rows, 4]: D, CE (0 without labels), H(student at T), H(target at T), from the
-    same pass (under `shards`, the group's)."""
+    same pass (under `shards`, the group's).
+
+    `stats`: the first pass's statistics, computed elsewhere (`launchers.epilogue.statistics`: the log-normalizers,
+    r and the cross-entropy's (m_c, ls_c)), for a kind that `second_pass_only` admits; the kernel then runs the
+    second pass alone and completes `stats` in place."""
     logits = kernel_modules().logits
     student, teacher, tile_labels, args, constexprs, two_pass = logits_args(student, teacher, labels, canon,
                                                                             inv_temp, soft, hard, shards, parts)
+    if stats is not None:
+        assert second_pass_only(canon) and shards is None and not parts, "given statistics: second_pass_only kinds"
     n_rows = student.numel() // student.shape[-1]
     out_dtype = torch_acc(constexprs["ACC"])
     config = logits_config(n_rows, student.shape[-1], targets.of_device(student.device), out_dtype, canon.transform,
@@ -94,13 +100,14 @@ def logits_forward(student: torch.Tensor, teacher: torch.Tensor, labels, canon: 
                               flat_labels(labels, 1.0 if constexprs["HARD"] else 0.0), shards.vocab, constexprs,
                               student.device, shards, parts)
     loss = empty((n_rows,), out_dtype, student.device)
-    stats = empty((n_rows, logits.NUM_STATS.value), out_dtype, student.device)
+    given = stats is not None
+    stats = stats if given else empty((n_rows, logits.NUM_STATS.value), out_dtype, student.device)
     parts_out = empty((n_rows, 4), out_dtype, student.device) if parts else None
     if n_rows:
         launch(
             logits.kd_logits_forward_kernel, grid, student, teacher, loss if tile_labels is None else tile_labels,
             loss, stats, loss, loss if parts_out is None else parts_out, n_rows, *args, TWO_PASS=two_pass,
-            STAGE=logits.FULL, PARTS=parts, **constexprs, **config,
+            STAGE=logits.GIVEN if given else logits.FULL, PARTS=parts, **constexprs, **config,
         )
     return (loss, stats) if parts_out is None else (loss, stats, parts_out)
 
@@ -267,6 +274,18 @@ def logits_backward(student, teacher, labels, stats, row_scale, canon: Canonical
         **constexprs, **config,
     )
     return out_s, out_t
+
+
+def second_pass_only(canon: Canonical) -> bool:
+    """Whether `logits_forward` can take the first pass's statistics from elsewhere — the log-normalizers, each to
+    the precision of its own size (about 1e-6 at ~12), and r = ls_y − ls_x to theirs — and run the second pass
+    alone: the generalized JSD, untransformed. An error ε in r, or in a log-normalizer, scales Q (or P) by e^ε; the
+    JSD then moves by ε·(1 − β)·KL(Q ‖ M) (or ε·β·KL(P ‖ M)), a relative error ε however close the rows are (its
+    gradient's sums are taken so that its projection stays exact: `kernels/divergences.py`, `jsd_given_terms`). Skew
+    KL and TVD move by ε itself, which near-identical rows (a divergence of 1e-4 and less) do not tolerate: they
+    need r to the precision of its own size, which only a pass over both models' logits gives (the first pass's
+    Σ (e^dy − e^dx))."""
+    return canon.kind.name == "JSD" and canon.transform == 0
 
 
 def one_read(canon: Canonical, grad_t: bool = False) -> bool:

@@ -1,14 +1,20 @@
 """fused_linear_kd_loss's impl="epilogue" (experimental): the chunked path (`kdops.paths.chunked`) whose logits
 GEMMs keep each row's maximum and sum of exponentials in their epilogue (`kdops.launchers.epilogue`), so that
-the kernels on logits read each float32 logit once instead of twice.
+the kernels on logits read each float32 logit once less: no statistics pass.
 
 Per chunk: the two GEMMs write the float32 logits and their per-tile statistics; the statistics, merged, give
-each row's log-normalizers at T (and the student's at T = 1, for the hard-label term); one pass of
-`logits_backward(..., loss=...)` then writes the chunk's losses and the student's logit gradient G. That is the
-whole of the kernels' work for the losses whose gradient needs nothing but the log-normalizers
-(`launchers.logits.one_read`: KL(teacher ‖ student), with or without the hard-label term), when neither lm_head
-has a bias and no tile transform applies. Every other loss runs as the chunked path does, cuBLAS's logits included;
-the teacher's gradient and `return_parts` take the chunked passes on the epilogue GEMM's logits.
+each row's log-normalizers at T (and the student's at T = 1, for the hard-label term), which replace the kernels'
+first pass over the logits:
+
+* forward KL (`launchers.logits.one_read`: with or without the hard-label term, the student's gradient only): one
+  pass of `logits_backward(..., loss=...)` writes the chunk's losses and the student's logit gradient G — each
+  float32 logit is read once;
+* the generalized JSD (`launchers.logits.second_pass_only`): its second pass (`logits_forward(..., stats=...)`)
+  and the gradient pass — two reads instead of three, either model's gradient.
+
+Both need neither lm_head to have a bias and no tile transform to apply. Every other loss runs as the chunked path
+does, cuBLAS's logits included; forward KL's teacher gradient and `return_parts` take the chunked passes on the
+epilogue GEMM's logits.
 
 The GEMM is quack-kernels' CuTe DSL on CUDA compute capability 9.x and 10.x with 16-bit operands of one dtype;
 other operands take cuBLAS, as the chunked path does.
@@ -19,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..launchers.epilogue import gemm_for, statistics
-from ..launchers.logits import logits_backward, one_read
+from ..launchers.logits import logits_backward, logits_forward, one_read, second_pass_only
 from .chunked import ChunkedProblem
 
 
@@ -31,13 +37,14 @@ class EpilogueProblem(ChunkedProblem):
         self.gemm = gemm_for(self.device)
         self.canon = self.divergence.canonical().with_softcaps(*self.softcaps)
         self.inv_temp = 1.0 / self.temperature
-        #: whether the epilogue GEMM computes both sides' logits and its statistics replace the statistics pass (one
-        #: read of each logit); else the chunked path runs as it is, cuBLAS's logits included: no statistics are
-        #: kept that nothing reads
-        self.reads_once = (self.engine == "triton" and self.shards is None and one_read(self.canon)
-                           and self.canon.transform == 0
-                           and all(side.bias is None and self.gemm.accepts(side.hidden, side.weight)
-                                   for side in self.sides))
+        #: whether the epilogue GEMM computes both sides' logits and its statistics replace the kernels' first pass
+        #: (`one_read` or `second_pass_only`); else the chunked path runs as it is, cuBLAS's logits included: no
+        #: statistics are kept that nothing reads
+        self.given_statistics = (self.engine == "triton" and self.shards is None
+                                 and (one_read(self.canon) or second_pass_only(self.canon))
+                                 and self.canon.transform == 0
+                                 and all(side.bias is None and self.gemm.accepts(side.hidden, side.weight)
+                                         for side in self.sides))
         self._partials = None
 
     @property
@@ -45,7 +52,7 @@ class EpilogueProblem(ChunkedProblem):
         return self.hard > 0 and self.labels is not None
 
     def _logits(self, r0: int, r1: int, buffers):
-        if not self.reads_once:
+        if not self.given_statistics:
             return super()._logits(r0, r1, buffers)
         logits = tuple(buf[: r1 - r0] for buf in buffers)
         ce = self.hard_term and self.inv_temp != 1.0
@@ -54,9 +61,16 @@ class EpilogueProblem(ChunkedProblem):
         return logits
 
     def _loss_and_logit_grads(self, zs, zt, labels, scale, out_s, out_t, parts=None):
-        if not self.reads_once or out_t is not None or parts is not None:
+        grad_t = out_t is not None
+        if not self.given_statistics or parts is not None or (grad_t and not second_pass_only(self.canon)):
             return super()._loss_and_logit_grads(zs, zt, labels, scale, out_s, out_t, parts)
         stats = statistics(*self._partials, self.canon.student_is_p, self.hard_term)
+        if second_pass_only(self.canon):
+            loss, stats = logits_forward(zs, zt, labels, self.canon, self.inv_temp, self.soft, self.hard, stats=stats)
+            if out_s is not None or grad_t:
+                logits_backward(zs, zt, labels, stats, scale, self.canon, self.inv_temp, out_s is not None, grad_t,
+                                self.soft, self.hard, out_s=out_s, out_t=out_t)
+            return loss, out_s, out_t
         loss = torch.empty(zs.shape[0], dtype=self.acc_dtype, device=zs.device)
         scale = torch.zeros_like(loss) if scale is None else scale
         logits_backward(zs, zt, labels, stats, scale, self.canon, self.inv_temp, out_s is not None, False, self.soft,
