@@ -159,9 +159,6 @@ def calls(quick: bool, dtypes=None, divergences=None, transforms_only: bool = Fa
         taid = divergence == "forward_kl"
         if taid and (not quick or dtype == dtypes[0]):
             out.append(Call("kd_loss", dtype, divergence, grads="all", transform="ensemble"))
-            # impl="epilogue": the merge of its GEMMs' tile statistics and the one-read gradient (LOSS), which
-            # forward KL alone takes; its GEMM is recorded as its PyTorch definition (`ReferenceGEMM`)
-            out += [Call("epilogue", dtype, divergence, hard=h) for h in (False, True)]
         for vp in (False, True):
             out += [Call("kd_loss", dtype, divergence, grads=g, vocab_parallel=vp) for g in ("student", "all")]
             if taid and not quick:
@@ -175,6 +172,15 @@ def calls(quick: bool, dtypes=None, divergences=None, transforms_only: bool = Fa
                     out.append(Call(impl, dtype, divergence, vocab_parallel=vp, **options))
                 if taid and not quick and not vp:
                     out.append(Call(impl, dtype, divergence, **heaviest, transform="softcap+taid"))
+        # impl="epilogue": the merge of its GEMMs' tile statistics, then forward KL's one-read gradient (LOSS) or the
+        # JSD's second pass from them (STAGE=GIVEN); its GEMM is recorded as its PyTorch definition
+        # (`ReferenceGEMM`). After the chunked calls, so that the specializations the two share are theirs. The
+        # quick gate: forward KL's of its first dtype, and the JSD's (not among its divergences) with the
+        # hard-label term and every gradient, in its first dtype
+        if (taid or divergence == "generalized_jsd") and (not quick or dtype == dtypes[0]):
+            out += [Call("epilogue", dtype, divergence, hard=h) for h in (False, True)]
+        if quick and divergence == divergences[0] and dtype == dtypes[0]:
+            out.append(Call("epilogue", dtype, "generalized_jsd", hard=True, grads="all"))
     return [call for call in out if call.transform] if transforms_only else out
 
 
