@@ -107,7 +107,9 @@ def evaluate(model, data: dict) -> dict:
     return {"perplexity": math.exp(float(ce)), "kl_to_teacher_topk": float(kl)}
 
 
-def main(argv=None) -> dict:
+def main(argv=None, teacher=None) -> dict:
+    """Build the top-k dataset, train both students, print and return their results. `teacher`: SmolLM2 already
+    loaded (the tests pass theirs), else loaded here."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small corpus and few steps (the test's form)")
     parser.add_argument("--k", type=int, default=32)
@@ -121,7 +123,8 @@ def main(argv=None) -> dict:
     start = time.time()
     folder = model_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    teacher = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF).eval()
+    if teacher is None:
+        teacher = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF).eval()
     vocab = teacher.lm_head.weight.shape[0]
     stream = torch.tensor(tokenizer(corpus())["input_ids"])
     length, steps = (48, min(args.steps, 12)) if args.quick else (96, args.steps)

