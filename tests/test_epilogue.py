@@ -9,9 +9,6 @@ and sm_100a without a launch (`bench.epilogue`, below) and checked against the o
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -279,21 +276,25 @@ def test_path_on_the_gpu(divergence):
 HAS_QUACK = importlib.util.find_spec("quack") is not None
 
 
+def gemm_plan(arch: str):
+    """A background process (tests/conftest.py) that plans both epilogues for `arch` (`python -m bench.epilogue`)."""
+    return pytest.mark.background(f"epilogue_{arch}", ["{python}", "-m", "bench.epilogue", "--arch", arch, "--rows",
+                                                       "200", "--vocab", "1000", "--hidden", "96", "--json"])
+
+
 @pytest.mark.skipif(not HAS_QUACK, reason='quack-kernels is not installed (pip install "kdops[quack]")')
-def test_gemm_compiles():
-    """Both epilogues compile for sm_90a and sm_100a (a fresh process per architecture, the two at once: the DSL's
-    target is fixed at import): the plan's GEMM tile, its sinks' buffers [rows, ⌈V / tile_n⌉] of float32, a cubin for
-    that architecture with tensor-core instructions, and no more local memory than `bench.epilogue.SPILL_LIMITS`."""
+@gemm_plan("sm_90")
+@gemm_plan("sm_100")
+def test_gemm_compiles(background):
+    """Both epilogues compile for sm_90a and sm_100a (a fresh process per architecture: the DSL's target is fixed at
+    import): the plan's GEMM tile, its sinks' buffers [rows, ⌈V / tile_n⌉] of float32, a cubin for that
+    architecture with tensor-core instructions, and no more local memory than `bench.epilogue.SPILL_LIMITS`."""
     from bench.epilogue import SPILL_LIMITS
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    runs = {arch: subprocess.Popen([sys.executable, "-m", "bench.epilogue", "--arch", arch, "--rows", "200", "--vocab",
-                                    "1000", "--hidden", "96", "--json"], cwd=root, text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for arch in ("sm_90", "sm_100")}
-    for arch, run in runs.items():
-        stdout, stderr = run.communicate(timeout=600)
-        assert run.returncode == 0, stderr[-3000:]
-        report = json.loads(stdout.strip().splitlines()[-1])
+    for arch in ("sm_90", "sm_100"):
+        run = background[f"epilogue_{arch}"]
+        assert run.returncode == 0, run.stderr[-3000:]
+        report = json.loads(run.stdout.strip().splitlines()[-1])
         assert {r["epilogue"] for r in report} == {"logits_statistics", "logits_statistics_ce"}
         for r in report:
             tiles = -(-1000 // r["tile_n"])
