@@ -13,10 +13,10 @@ so two leading dimensions with arbitrary strides (e.g. `logits[:, :-1]`) need no
 import triton
 import triton.language as tl
 
+from .cross_entropy import label_logit_update
 from .divergences import FLOAT, INTERPRETED, NEG_INF, in_acc, jsd_given_finish, second_pass_add
 from .entropy import entropy_of_excess, entropy_store_partial
 from .partials import NUM_PARTIAL, store_partial, store_second_partial
-from .cross_entropy import label_logit_update
 from .passes import (
     NUM_STATS,  # noqa: F401  (re-exported for the launchers)
     first_pass_lanes_init,
@@ -50,8 +50,8 @@ def load_tile(ptr, row_off, cols, col_ok, ACC: tl.constexpr):
 
 
 # Stages of the forward kernel: the whole loss, or one pass's partial state over this (vocabulary-shard)
-# part of each row, for a merge across ranks (`partials.py`); or, for the two-pass kinds, the whole loss from
-# first-pass statistics computed elsewhere (GIVEN: the logits GEMMs' epilogue, `launchers/epilogue.py`).
+# part of each row, for a merge across ranks (`partials.py`); or, for the JSD, the whole loss from first-pass
+# statistics computed elsewhere (GIVEN: the logits GEMMs' epilogue, `launchers/epilogue.py`).
 FULL = tl.constexpr(0)
 FIRST_PARTIAL = tl.constexpr(1)
 SECOND_PARTIAL = tl.constexpr(2)
@@ -70,8 +70,8 @@ def kd_logits_forward_kernel(
     """loss[r] = soft·D(teacher_r ‖ student_r at T) + hard·CE(student_r, label_r); stats[r] as in passes.py.
 
     FIRST_PARTIAL stores the rows' first-pass state to partial[r] instead; SECOND_PARTIAL reads the merged
-    statistics from stats[r] and stores the second-pass sums (y1, y2, y3) to partial[r]. GIVEN (two-pass kinds, no
-    tile transform: the given statistics are of the raw logits) reads the log-normalizers, r and the cross-entropy's
+    statistics from stats[r] and stores the second-pass sums (y1, y2, y3) to partial[r]. GIVEN (KIND = JSD alone,
+    `launchers.logits.second_pass_only`; no tile transform: the given statistics are of the raw logits) reads the log-normalizers, r and the cross-entropy's
     (m_c, ls_c) from stats[r], runs the second pass alone, gathering the label's logit on the way, and stores
     loss[r] and the completed stats[r] as FULL does (in place: each program reads its rows before it writes them).
     PARTS also stores

@@ -278,7 +278,7 @@ def logits_backward(student, teacher, labels, stats, row_scale, canon: Canonical
 
 def second_pass_only(canon: Canonical) -> bool:
     """Whether `logits_forward` can take the first pass's statistics from elsewhere — the log-normalizers, each to
-    the precision of its own size (about 1e-6 at ~12), and r = ls_y − ls_x to theirs — and run the second pass
+    the precision of its own size (about 1e-6 at ~12), and r = ls_y − ls_x to the sums' — and run the second pass
     alone: the generalized JSD, untransformed. An error ε in r, or in a log-normalizer, scales Q (or P) by e^ε; the
     JSD then moves by ε·(1 − β)·KL(Q ‖ M) (or ε·β·KL(P ‖ M)), a relative error ε however close the rows are (its
     gradient's sums are taken so that its projection stays exact: `kernels/divergences.py`, `jsd_given_terms`). Skew

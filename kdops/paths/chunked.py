@@ -205,7 +205,8 @@ class ChunkedProblem:
         if self.engine == "triton":
             canon, inv_temp = self.divergence.canonical().with_softcaps(*self.softcaps), 1.0 / self.temperature
             loss, stats, *chunk_parts = logits_forward(zs, zt, labels, canon, inv_temp, self.soft, self.hard,
-                                                       self.shards, parts=parts is not None)
+                                                       self.shards, parts=parts is not None,
+                                                       stats=self._given_statistics(parts))
             if parts is not None:
                 parts.copy_(chunk_parts[0])
             if need_s or need_t:
@@ -225,6 +226,11 @@ class ChunkedProblem:
         g_s = torch.where(live, grads.pop(0), 0.0) if need_s else None
         g_t = torch.where(live, grads.pop(0), 0.0) if need_t else None
         return loss.detach(), g_s, g_t
+
+    def _given_statistics(self, parts):
+        """The chunk's first-pass statistics where something other than the kernels' first pass computed them
+        (`logits_forward(..., stats=...)`: its second pass alone), else None. The chunked path computes none."""
+        return None
 
     def _torch_rows(self, zs, zt, labels):
         if self.shards is None:

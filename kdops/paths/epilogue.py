@@ -9,8 +9,9 @@ first pass over the logits:
 * forward KL (`launchers.logits.one_read`: with or without the hard-label term, the student's gradient only): one
   pass of `logits_backward(..., loss=...)` writes the chunk's losses and the student's logit gradient G — each
   float32 logit is read once;
-* the generalized JSD (`launchers.logits.second_pass_only`): its second pass (`logits_forward(..., stats=...)`)
-  and the gradient pass — two reads instead of three, either model's gradient.
+* the generalized JSD (`launchers.logits.second_pass_only`): its second pass (`logits_forward(..., stats=...)`,
+  through the chunked path's `_given_statistics`) and the gradient pass — two reads instead of three, either
+  model's gradient.
 
 Both need neither lm_head to have a bias and no tile transform to apply. Every other loss runs as the chunked path
 does, cuBLAS's logits included; forward KL's teacher gradient and `return_parts` take the chunked passes on the
@@ -25,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..launchers.epilogue import gemm_for, statistics
-from ..launchers.logits import logits_backward, logits_forward, one_read, second_pass_only
+from ..launchers.logits import logits_backward, one_read, second_pass_only
 from .chunked import ChunkedProblem
 
 
@@ -60,19 +61,24 @@ class EpilogueProblem(ChunkedProblem):
                           for side, z in zip(self.sides, logits)]
         return logits
 
+    def _statistics(self):
+        """The chunk's statistics from its GEMMs' tile sinks (`launchers.epilogue.statistics`)."""
+        return statistics(*self._partials, self.canon.student_is_p, self.hard_term)
+
+    def _given_statistics(self, parts):
+        """The JSD's first pass (`second_pass_only`): the epilogue's statistics, but for `return_parts`, whose
+        entropies the first pass streams."""
+        if self.given_statistics and parts is None and second_pass_only(self.canon):
+            return self._statistics()
+        return None
+
     def _loss_and_logit_grads(self, zs, zt, labels, scale, out_s, out_t, parts=None):
-        grad_t = out_t is not None
-        if not self.given_statistics or parts is not None or (grad_t and not second_pass_only(self.canon)):
+        """Forward KL's one read (`one_read`: the student's gradient only, no `return_parts`); every other loss as
+        the chunked path runs it, with `_given_statistics`."""
+        if not (self.given_statistics and parts is None and one_read(self.canon, out_t is not None)):
             return super()._loss_and_logit_grads(zs, zt, labels, scale, out_s, out_t, parts)
-        stats = statistics(*self._partials, self.canon.student_is_p, self.hard_term)
-        if second_pass_only(self.canon):
-            loss, stats = logits_forward(zs, zt, labels, self.canon, self.inv_temp, self.soft, self.hard, stats=stats)
-            if out_s is not None or grad_t:
-                logits_backward(zs, zt, labels, stats, scale, self.canon, self.inv_temp, out_s is not None, grad_t,
-                                self.soft, self.hard, out_s=out_s, out_t=out_t)
-            return loss, out_s, out_t
         loss = torch.empty(zs.shape[0], dtype=self.acc_dtype, device=zs.device)
         scale = torch.zeros_like(loss) if scale is None else scale
-        logits_backward(zs, zt, labels, stats, scale, self.canon, self.inv_temp, out_s is not None, False, self.soft,
-                        self.hard, out_s=out_s, loss=loss)
+        logits_backward(zs, zt, labels, self._statistics(), scale, self.canon, self.inv_temp, out_s is not None,
+                        False, self.soft, self.hard, out_s=out_s, loss=loss)
         return loss, out_s, None
