@@ -499,7 +499,7 @@ def run_competitor(competitor: Competitor, preset: Preset, teacher, ids: torch.T
         result = failure(competitor.name, error)
         return {"status": result.status, "message": result.message}
     finally:
-        free_memory(device)  # gc.collect() and, on CUDA, empty_cache()
+        free_memory(device)  # a collection and, on CUDA, empty_cache()
 
 
 def train(competitor: Competitor, preset: Preset, teacher, ids: torch.Tensor, device, max_steps: int, clock) -> list:
