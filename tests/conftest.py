@@ -15,6 +15,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    from triton_interpreter import cache_language_patches
+
+    cache_language_patches()  # triton.language patched once per kernel launch, not per helper call
 
 import pytest  # noqa: E402
 
