@@ -1,7 +1,7 @@
 """Run a test body in several processes joined by a gloo process group (CPU, `torch.multiprocessing`).
 
-The workers are fresh interpreters, CPU-only and with TRITON_INTERPRET=1 on any machine; each poisons kernel outputs and
-lowers the chunked plan's floor like conftest does, seeds torch, and uses one thread (the machine has
+The workers are fresh interpreters, CPU-only and with TRITON_INTERPRET=1 on any machine; each speeds up Triton's
+interpreter, poisons kernel outputs and lowers the chunked plan's floor like conftest does, seeds torch, and uses one thread (the machine has
 two cores for all of them). An exception in any worker fails the test with that worker's traceback.
 """
 
@@ -17,11 +17,13 @@ import torch.multiprocessing as mp
 
 import kdops.launchers.common
 import kdops.paths.chunked
+from triton_interpreter import cache_language_patches
 
 
 def _entry(rank: int, world_size: int, store_path: str, errors, body, args) -> None:
     import torch.distributed as dist
 
+    cache_language_patches()  # as tests/conftest.py: triton.language patched once per kernel launch
     kdops.launchers.common.POISON_OUTPUTS = True
     kdops.paths.chunked.MIN_CHUNK_ROWS = 1  # as tests/conftest.py: small budgets give many chunks at small shapes
     torch.set_num_threads(1)
