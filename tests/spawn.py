@@ -1,8 +1,9 @@
 """Run a test body in several processes joined by a gloo process group (CPU, `torch.multiprocessing`).
 
 The workers are fresh interpreters, CPU-only and with TRITON_INTERPRET=1 on any machine; each speeds up Triton's
-interpreter, poisons kernel outputs and lowers the chunked plan's floor like conftest does, seeds torch, and uses one thread (the machine has
-two cores for all of them). An exception in any worker fails the test with that worker's traceback.
+interpreter, poisons kernel outputs and lowers the chunked plan's floor like conftest does, seeds torch, and uses one
+thread (the machine has two cores for all of them). An exception in any worker fails the test with that worker's
+traceback.
 """
 
 from __future__ import annotations
