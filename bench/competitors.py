@@ -148,6 +148,19 @@ def kdops_loss(**options) -> Callable[[Case, Inputs], Phases]:
 kdops_check = _exists("kdops")
 
 
+def kdops_epilogue_check(case: Case, device) -> str | None:
+    """Why impl="epilogue" cannot run a case on `device` (16-bit operands; a Hopper or Blackwell GPU with
+    quack-kernels: `kdops.launchers.epilogue.unavailable`), or None."""
+    from kdops.launchers.epilogue import unavailable
+
+    if case.torch_dtype not in (torch.bfloat16, torch.float16):
+        return f"16-bit operands only, not {case.dtype}"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():  # a dry run for a GPU, listed elsewhere
+        return "no CUDA device here to ask for its compute capability"
+    return kdops_check(case, device) or unavailable(device)
+
+
 def _kdops_torch_check(case: Case, device) -> str | None:
     if torch.device(device).type != "cuda":
         return "without CUDA, backend auto is torch: same as kdops"

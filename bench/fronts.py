@@ -9,7 +9,9 @@ The points (`points`), each competitor's in knob order (bench/competitors.py say
 none of them leaks into another point's calls):
 * kdops-chunked at memory_budget = its smallest plan (`smallest_plan_bytes`), 2, 4 (the default) and 8 GiB,
   sorted: a budget below the smallest plan is exceeded by it, and its record says by how much (the extra memory
-  measured); kdops-sliced and kdops-fused, a point each (Triton kernels: CUDA only).
+  measured); kdops-epilogue (impl="epilogue", experimental: a Hopper or Blackwell GPU, quack-kernels, 16-bit
+  inputs) at the smallest plan and the default budget; kdops-sliced and kdops-fused, a point each (Triton kernels:
+  CUDA only).
 * liger-chunked-jsd: LigerFusedLinearJSDLoss(chunk_size = 512, 1024 (its default), 2048, 4096).
 * liger-fused-linear-jsd: LigerFusedLinearJSD with each implementation of its inner JSD kernel (jsd_impl), CUDA
   only; an implementation that cannot run there is a skipped point that says why.
@@ -52,8 +54,8 @@ from kdops.paths import chunked
 
 from .campaign.markdown import table_lines
 from .cases import FUSED, Case
-from .competitors import (COMPETITORS, FLOOR, Competitor, kdops_check, kdops_loss, liger_check,
-                          liger_chunked_jsd, liger_fused_linear_jsd, liger_jsd_impl_check, liger_jsd_impls,
+from .competitors import (COMPETITORS, FLOOR, Competitor, kdops_check, kdops_epilogue_check, kdops_loss,
+                          liger_check, liger_chunked_jsd, liger_fused_linear_jsd, liger_jsd_impl_check, liger_jsd_impls,
                           module_constant, orda_check, orda_kd, trl_check, trl_chunked_jsd)
 from .floor import floor_work
 from .measure import PHASES, Inputs, Result, free_memory, make_inputs, measure_in_turn
@@ -86,7 +88,7 @@ SUMMARY_TITLE = "kdops' speed against the best peer at equal or lower memory and
 #: (guesses).
 ROUGH_FLOOR_FACTOR = 2.5
 CPU_FLOPS = 5e10
-SETUP_S = {"liger-chunked-jsd": 20.0, "orda-kd": 10.0}
+SETUP_S = {"liger-chunked-jsd": 20.0, "orda-kd": 10.0, "kdops-epilogue": 30.0}
 
 FRONT_FIELDS = (("kind", "case", "competitor", "point", "knob", "value", "value_text", "knob_order", "detail",
                  "status", "message") + tuple(f"{p}_ms" for p in PHASES) + tuple(f"{p}_iqr_ms" for p in PHASES)
@@ -140,20 +142,28 @@ def smallest_plan_bytes(case: Case, engine: str) -> int:
     return _chunked_plan(case, engine, 1)[1]
 
 
+def _budget_point(case: Case, engine: str, impl: str, budget: int, smallest: int, competitor: Competitor,
+                  how: str) -> Point:
+    """The point of `competitor` (kdops' `impl`) at memory_budget = `budget`, with its chunked plan."""
+    plan, extra = _chunked_plan(case, engine, budget)
+    text = _size(budget) + (" (smallest plan)" if budget == smallest else "") + _default(budget, chunked.MEMORY_BUDGET)
+    detail = f"{how}: chunks of {plan.chunk} rows, groups of {plan.group}; plan {_size(extra)}"
+    return Point(competitor, "memory_budget", budget, text, detail, (impl, budget, None))
+
+
 def kdops_points(case: Case, cuda: bool) -> list[Point]:
-    """kdops-chunked at the smallest plan and BUDGETS (sorted, distinct), then kdops-sliced and kdops-fused."""
+    """kdops-chunked at the smallest plan and BUDGETS (sorted, distinct); kdops-epilogue (experimental) at the
+    smallest plan and the default budget, the two budgets of its targets; then kdops-sliced and kdops-fused."""
     engine = "triton" if cuda else "torch"
     smallest = smallest_plan_bytes(case, engine)
-    found = []
-    for budget in sorted({smallest, *BUDGETS}):
-        plan, extra = _chunked_plan(case, engine, budget)
-        text = _size(budget) + (" (smallest plan)" if budget == smallest else "") + _default(budget,
-                                                                                             chunked.MEMORY_BUDGET)
-        competitor = Competitor("kdops-chunked", (FUSED,), kdops_loss(impl="chunked", memory_budget=budget),
-                                check=kdops_check)
-        found.append(Point(competitor, "memory_budget", budget, text,
-                           f"{engine}: chunks of {plan.chunk} rows, groups of {plan.group}; plan {_size(extra)}",
-                           ("chunked", budget, None)))
+    found = [_budget_point(case, engine, "chunked", budget, smallest,
+                           Competitor("kdops-chunked", (FUSED,), kdops_loss(impl="chunked", memory_budget=budget),
+                                      check=kdops_check), engine)
+             for budget in sorted({smallest, *BUDGETS})]
+    found += [_budget_point(case, engine, "epilogue", budget, smallest,
+                            Competitor("kdops-epilogue", (FUSED,), kdops_loss(impl="epilogue", memory_budget=budget),
+                                       True, kdops_epilogue_check), "CuTe DSL GEMMs (quack-kernels)")
+              for budget in sorted({smallest, chunked.MEMORY_BUDGET})]
     return found + [Point(BY_NAME[name], detail="Triton kernels", model=(path, None, None))
                     for name, path in (("kdops-sliced", "sliced"), ("kdops-fused", "fused"))]
 

@@ -1,6 +1,7 @@
 """Time–memory fronts (bench/fronts.py, bench/campaign/fronts.py): the points and their knobs, a tiny CPU run, a
 missing peer, the summary on hand-made records, the chart, the dry run, the campaign step."""
 
+import importlib.util
 import io
 import json
 import sys
@@ -12,6 +13,7 @@ import torch
 import kdops
 import kdops.paths.chunked
 import kdops.reference
+import kdops.targets
 from bench import competitors, fronts
 from bench.campaign import fronts as fronts_step
 from bench.campaign.runner import Context
@@ -40,6 +42,8 @@ def test_points_are_the_specified_knob_values(monkeypatch):
     assert abs(smallest / GiB - 2.264) < 0.01  # the headline's smallest plan: 256-row chunks, every row's G
     assert budgets == [2 * GiB, smallest, 4 * GiB, 8 * GiB]
     assert "smallest plan" in by["kdops-chunked"][1].text and "default" in by["kdops-chunked"][2].text
+    assert [p.value for p in by["kdops-epilogue"]] == [smallest, 4 * GiB]  # the budgets of its targets
+    assert [p.model for p in by["kdops-epilogue"]] == [("epilogue", smallest, None), ("epilogue", 4 * GiB, None)]
     assert [p.knob for p in by["kdops-sliced"] + by["kdops-fused"]] == [None, None]
     assert [p.value for p in by["liger-chunked-jsd"]] == [512, 1024, 2048, 4096]
     assert {"nvidia-triton", "nvidia-cutedsl", "nvidia-cutile"} <= {p.value for p in by["liger-fused-linear-jsd"]}
@@ -51,6 +55,30 @@ def test_points_are_the_specified_knob_values(monkeypatch):
     chosen = fronts.points(TINY, False, only=["trl*"])
     assert chosen[0].competitor.name == "floor"  # every run times the floor, the ratios' denominator
     assert {p.competitor.name for p in chosen[1:]} == {"trl-chunked-jsd"}
+
+
+def test_epilogue_points_run_where_the_epilogue_path_does(monkeypatch):
+    """kdops-epilogue: skipped, with the path's own reason, off CUDA, on GPUs other than Hopper and Blackwell,
+    without quack-kernels, and on float32 inputs; predicted by the cost model's epilogue path."""
+    point = _by_competitor(fronts.points(HEADLINE, cuda=True))["kdops-epilogue"][0]
+    assert point.competitor.applies(HEADLINE, "cpu") == (False, "needs CUDA")
+    assert point.competitor.check(TINY, "cuda") == f"16-bit operands only, not {TINY.dtype}"
+    if not torch.cuda.is_available():  # a dry run for a GPU, here
+        assert "no CUDA device here" in point.competitor.check(HEADLINE, "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "compute capability 9.x and 10.x; this GPU is 8.x" in point.competitor.check(HEADLINE, "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "quack" else found(name, *a))
+    assert "pip install \"kdops[quack]\"" in point.competitor.check(HEADLINE, "cuda")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: SimpleNamespace() if name == "quack" else
+                        found(name, *a))
+    assert point.competitor.check(HEADLINE, "cuda") is None
+    predicted = fronts.predicted(HEADLINE, point, kdops.targets.H100)["predicted_total_ms"]
+    chunked = _by_competitor(fronts.points(HEADLINE, cuda=True))["kdops-chunked"]
+    same_budget = next(p for p in chunked if p.value == point.value)
+    assert 0 < predicted < fronts.predicted(HEADLINE, same_budget, kdops.targets.H100)["predicted_total_ms"]
 
 
 def test_liger_chunk_size_goes_to_each_points_own_loss(monkeypatch):

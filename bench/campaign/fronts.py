@@ -59,7 +59,8 @@ FRONTS = Step(
     "fronts", "time–memory fronts: every competitor's memory knob at the headline shape", FRONTS_S,
     ("bench.fronts.run_fronts([headline_case(D)]) for D in " + ", ".join(DIVERGENCES)
      + f"; {FRONTS_REPS} reps after {FRONTS_WARMUP} warm-ups, all points in turn",
-     "points: kdops chunked at its smallest plan, 2, 4, 8 GiB, sliced, fused; Liger chunked at chunk_size 512–4096; "
+     "points: kdops chunked at its smallest plan, 2, 4, 8 GiB, epilogue (experimental; Hopper or Blackwell with "
+     "quack-kernels) at its smallest plan and 4 GiB, sliced, fused; Liger chunked at chunk_size 512–4096; "
      "Liger fused-linear per inner JSD implementation; TRL at TOKEN_CHUNK_SIZE 1024–8192; orda-kernel at 512–4096 "
      "rows and its dynamic plan",
      "records to <output>/fronts-<device>.jsonl, tables to fronts-<device>.md, charts fronts-<device>-<case>.png"),
