@@ -23,7 +23,7 @@ from .problem import LossParts
 from .taid import TAIDSchedule
 from .topk import fused_linear_topk_kd_loss, topk_kd_loss, topk_logprobs
 
-__version__ = "0.7.0"
+__version__ = "0.7.1"
 
 __all__ = [
     # losses and their modules
