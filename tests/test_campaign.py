@@ -367,6 +367,7 @@ def test_profile_step_on_a_tiny_case(tmp_path, tiny_headline):
     """The profile's code path on the CPU (no device events there): measured times and the model's phases."""
     text, records = _run_step(tmp_path, "profile", profile.run_profile)
     assert text.count("Measured (CUDA events") == 6  # two divergences × impls fused, chunked, sliced
+    assert text.count("Skipped: the epilogue path runs on CUDA GPUs of compute capability") == 2  # not on a CPU
     assert text.count("| phase | GFLOP |") == 6 or "cost model unavailable" in text
     assert [r["kind"] for r in records].count("profile") == 6
 

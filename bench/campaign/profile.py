@@ -13,10 +13,14 @@ from .runner import Context, Step
 from .timeline import HOST_MARK, host_lead, idle_gaps, kernel_times
 from .timing import median_ms
 
-PROFILE_IMPLS = ("fused", "chunked", "sliced")
+# impl="epilogue" (experimental) where it runs (`kdops.launchers.epilogue.unavailable`): its one-read kernel's time
+# beside the chunked path's two passes is what decides its targets.
+PROFILE_IMPLS = ("fused", "chunked", "sliced", "epilogue")
 PROFILE_ITEM_S = 8.0
 PROFILE_REPS = 3
-PROFILE_S = 35.0  # 25–32 s on an H100 (bench/results/nvidia-h100-80gb-hbm3)
+# 25–32 s on an H100 for the three Triton impls (bench/results/nvidia-h100-80gb-hbm3); the epilogue path's two
+# items and its GEMMs' CuTe DSL compiles not measured yet
+PROFILE_S = 60.0
 SHOWN_KERNELS = 12  # the longest; the others summed in one row
 MiB = 2**20
 
@@ -134,6 +138,16 @@ def prediction_table(ctx: Context, impl, divergence, gpu, forward_ms, backward_m
                 ph.detail] for ph in p.phases])
 
 
+def impl_unavailable(impl: str, device) -> str | None:
+    """Why `impl` cannot run on `device` (the epilogue path's GEMMs: a Hopper or Blackwell GPU, quack-kernels), or
+    None."""
+    if impl != "epilogue":
+        return None
+    from kdops.launchers.epilogue import unavailable
+
+    return unavailable(torch.device(device))
+
+
 def run_profile(ctx: Context) -> None:
     """Each impl and divergence that fits the time left: measured, profiled, next to the model's prediction."""
     from bench.measure import free_memory, make_inputs
@@ -145,6 +159,10 @@ def run_profile(ctx: Context) -> None:
         inputs = make_inputs(case, ctx.device)
         for impl in PROFILE_IMPLS:
             ctx.heading(f"{impl}, {divergence}")
+            reason = impl_unavailable(impl, ctx.device)
+            if reason is not None:
+                ctx.line(f"Skipped: {reason}.")
+                continue
             if not ctx.skip_unless_fits(PROFILE_ITEM_S, "profiles", f"Skipped: {ctx.left():.0f} s left."):
                 continue
             forward_ms, backward_ms = profile_impl(ctx, case, inputs, impl)
@@ -155,8 +173,10 @@ def run_profile(ctx: Context) -> None:
 
 
 PROFILE = Step(
-    "profile", "torch.profiler per kernel of kdops' fused and chunked impls, next to the cost model", PROFILE_S,
-    ("torch.profiler over one forward + backward of kdops.fused_linear_kd_loss(impl='fused' | 'chunked') at "
-     "the headline shape, per divergence; CUDA time and share per kernel",
+    "profile", "torch.profiler per kernel of kdops' fused, chunked, sliced and epilogue impls, next to the cost model",
+    PROFILE_S,
+    ("torch.profiler over one forward + backward of kdops.fused_linear_kd_loss(impl='fused' | 'chunked' | 'sliced' | "
+     "'epilogue') at the headline shape, per divergence; CUDA time and share per kernel (the epilogue path where "
+     "it runs: a Hopper or Blackwell GPU with quack-kernels)",
      "bench.model.predict(impl, Shape(8192, 4096, 4096, 128256), gpu=..., divergence=D, dtype=bf16) per phase"),
     run_profile)
