@@ -71,10 +71,10 @@ def kd_logits_forward_kernel(
 
     FIRST_PARTIAL stores the rows' first-pass state to partial[r] instead; SECOND_PARTIAL reads the merged
     statistics from stats[r] and stores the second-pass sums (y1, y2, y3) to partial[r]. GIVEN (KIND = JSD alone,
-    `launchers.logits.second_pass_only`; no tile transform: the given statistics are of the raw logits) reads the log-normalizers, r and the cross-entropy's
-    (m_c, ls_c) from stats[r], runs the second pass alone, gathering the label's logit on the way, and stores
-    loss[r] and the completed stats[r] as FULL does (in place: each program reads its rows before it writes them).
-    PARTS also stores
+    `launchers.logits.second_pass_only`; no tile transform: the given statistics are of the raw logits) reads the
+    log-normalizers, r and the cross-entropy's (m_c, ls_c) from stats[r], runs the second pass alone, gathering the
+    label's logit on the way, and stores loss[r] and the completed stats[r] as FULL does (in place: each program
+    reads its rows before it writes them). PARTS also stores
     parts[r] = (D, CE, H(student at T), H(target at T)) at FULL, the entropies streamed beside the first pass
     from the sums e^d·d of the terms e^d of the first pass's log-sum-exps (`divergences.first_pass_update_lanes`)
     and CE that of HARD (0 without it), and at FIRST_PARTIAL the entropies' partial states (`entropy_store_partial`:

@@ -64,7 +64,7 @@ def test_epilogue_points_run_where_the_epilogue_path_does(monkeypatch):
     assert point.competitor.applies(HEADLINE, "cpu") == (False, "needs CUDA")
     assert point.competitor.check(TINY, "cuda") == f"16-bit operands only, not {TINY.dtype}"
     if not torch.cuda.is_available():  # a dry run for a GPU, here
-        assert "no CUDA device here" in point.competitor.check(HEADLINE, "cuda")
+        assert "CUDA is not available here" in point.competitor.check(HEADLINE, "cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert "compute capability 9.x and 10.x; this GPU is 8.x" in point.competitor.check(HEADLINE, "cuda")

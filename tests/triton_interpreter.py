@@ -57,8 +57,9 @@ def cache_language_patches() -> bool:
         if used is None:
             used = modules_of[fn] = frozenset(id(v) for v in fn.__globals__.values()
                                               if inspect.ismodule(v) and v in languages)
-        if launches and launches[-1] is not None and used <= launches[-1]:
+        if used and launches and launches[-1] is not None and used <= launches[-1]:
             return _Nothing()  # a helper called inside a launch whose patches cover its modules
+        # (a helper that sees no triton.language module goes to Triton, which refuses it)
         scope = original(fn)
         if launches:  # the launch's own patch (its first), or a helper's, which Triton never restores: in place
             launches[-1] = used | (launches[-1] or frozenset())  # for the rest of the launch either way

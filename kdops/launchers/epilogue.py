@@ -89,9 +89,10 @@ def _plan(h_shape, w_shape, dtype, ce: bool, device_index):
 
 def unavailable(device: torch.device) -> str | None:
     """Why `QuackGEMM` cannot run on `device`, or None."""
-    if device.type != "cuda":
+    if device.type != "cuda" or not torch.cuda.is_available():
+        where = f"not on {device.type}" if device.type != "cuda" else "and CUDA is not available here"
         return f"the epilogue path runs on CUDA GPUs of compute capability {' or '.join(f'{a}.x' for a in ARCHS)}, " \
-               f"not on {device.type}"
+               + where
     major = torch.cuda.get_device_capability(device)[0]
     if major not in ARCHS:
         return f"the epilogue path has GEMMs for compute capability {' and '.join(f'{a}.x' for a in ARCHS)}; " \
